@@ -1,0 +1,35 @@
+# Every target creates .venv and installs pinned dependencies itself; re-runs are fast because the
+# install step is skipped while its stamp file is newer than pyproject.toml and requirements.lock.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+HOST ?= 127.0.0.1
+PORT ?= 7878
+DATA_DIR ?= ./.trio-runtime
+PYTEST_ARGS ?=
+
+.PHONY: serve test soak bench clean lock
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml requirements.lock
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[test]'
+	touch $@
+
+serve: $(VENV)/.installed
+	$(BIN)/trio-runtime serve --host $(HOST) --port $(PORT) --data-dir $(DATA_DIR)
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+soak: $(VENV)/.installed
+	$(BIN)/python -m pytest -q -m soak $(PYTEST_ARGS)
+
+lock: $(BIN)/python
+	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^-e' > requirements.lock.new
+	mv requirements.lock.new requirements.lock
+
+clean:
+	rm -rf $(VENV) .pytest_cache

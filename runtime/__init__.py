@@ -1,0 +1,17 @@
+"""trio-runtime's core: engines, ops, the durable store, events and sessions. Knows nothing of HTTP."""
+
+__version__ = "0.1.0"
+
+from .config import RuntimeConfig
+from .core import Runtime
+from .errors import (
+    Conflict, EngineTimeout, EngineUnavailable, InvalidData, InvalidInput, NotFound, PayloadTooLarge,
+    PreconditionFailed, RuntimeFailure, StorageError,
+)
+from .ops import SessionSnapshot
+
+__all__ = [
+    "Conflict", "EngineTimeout", "EngineUnavailable", "InvalidData", "InvalidInput", "NotFound",
+    "PayloadTooLarge", "PreconditionFailed", "Runtime", "RuntimeConfig", "RuntimeFailure", "SessionSnapshot",
+    "StorageError", "__version__",
+]

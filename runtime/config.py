@@ -1,0 +1,43 @@
+"""Runtime configuration: one frozen dataclass with documented defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Callable
+
+# An op inbox holds this many queued ops before submitters wait (backpressure, never unbounded memory).
+DEFAULT_INBOX_CAPACITY = 32
+# Engines with no op and no running turn for this long are evicted; their state is durable.
+DEFAULT_IDLE_EVICT_SECONDS = 600.0
+# Bound on one engine reply send: the requester is already waiting, so this only trips on a bug.
+DEFAULT_REPLY_SEND_SECONDS = 1.0
+# Live events buffered per subscriber before it is detached and switched to catching up from the store.
+DEFAULT_SUBSCRIBER_BUFFER = 1024
+# Write requests the store's group-commit writer may hold before appenders wait.
+DEFAULT_WRITE_QUEUE = 4096
+# A terminal record (turn interrupted/failed) is written under shield; this bounds that wait.
+DEFAULT_FINAL_WRITE_SECONDS = 10.0
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeConfig:
+    data_dir: Path
+    inbox_capacity: int = DEFAULT_INBOX_CAPACITY
+    idle_evict_seconds: float = DEFAULT_IDLE_EVICT_SECONDS
+    reply_send_seconds: float = DEFAULT_REPLY_SEND_SECONDS
+    subscriber_buffer: int = DEFAULT_SUBSCRIBER_BUFFER
+    write_queue: int = DEFAULT_WRITE_QUEUE
+    final_write_seconds: float = DEFAULT_FINAL_WRITE_SECONDS
+    # Factory for the model backend; None selects the offline scripted model.
+    model_factory: Callable[[], object] | None = None
+    default_model: str = "scripted"
+    default_mode: str = "default"
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "runtime.sqlite3"
+
+    @property
+    def sessions_dir(self) -> Path:
+        return self.data_dir / "sessions"

@@ -1,0 +1,204 @@
+"""Runtime: the one public object of ``runtime/``. It owns the store, the event bus, the engines'
+supervisor nursery and the session store, and offers every operation the server exposes.
+
+Every method that waits on an engine takes ``timeout`` (seconds) and raises EngineTimeout when it
+expires, EngineUnavailable when the engine stops first; the engine itself is never left waiting.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import time
+from typing import Any, AsyncIterator, Callable
+
+import trio
+
+from . import ops, records
+from .clock import new_id, utc_now
+from .config import RuntimeConfig
+from .errors import EngineTimeout, InvalidInput, NotFound
+from .events import EventBus
+from .handle import EngineEvicted
+from .manager import ThreadManager
+from .models.base import ModelBackend
+from .models.scripted import ScriptedModel
+from .store import Event, EventDraft, Store
+
+DEFAULT_TIMEOUT = 10.0
+LIST_LIMIT_MAX = 500
+THREAD_FIELDS = ("model", "workspace", "mode", "system_prompt", "title", "archived")
+
+
+def clamp_limit(limit: int | None, default: int = 50) -> int:
+    return max(1, min(LIST_LIMIT_MAX, default if limit is None else int(limit)))
+
+
+class Runtime:
+    """Open with ``async with Runtime.open(config) as rt:``; leaving the block interrupts running
+    turns (they end ``interrupted``), fails queued ops with EngineUnavailable and flushes the store."""
+
+    def __init__(self, config: RuntimeConfig, store: Store, bus: EventBus, manager: ThreadManager,
+                 backend: ModelBackend) -> None:
+        self.config = config
+        self.store = store
+        self.bus = bus
+        self.manager = manager
+        self.backend = backend
+        self.started_monotonic = time.monotonic()
+        from .sessions import SessionService  # sessions builds on the rest of the runtime
+
+        self.sessions = SessionService(self)
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(cls, config: RuntimeConfig) -> AsyncIterator["Runtime"]:
+        backend: ModelBackend = config.model_factory() if config.model_factory else ScriptedModel()  # type: ignore[assignment]
+        bus = EventBus(config.subscriber_buffer)
+        async with Store.open(config.db_path, bus.publish, config.write_queue) as store:
+            manager = ThreadManager(store, backend, config)
+            runtime = cls(config, store, bus, manager, backend)
+            await runtime.sessions.open()
+            async with trio.open_nursery() as nursery:
+                await nursery.start(manager.run)
+                try:
+                    yield runtime
+                finally:
+                    # Shielded so that a cancelled caller still gets turns recorded as interrupted;
+                    # bounded because every engine's final write is bounded (final_write_seconds).
+                    with trio.CancelScope(shield=True):
+                        await manager.aclose()
+
+    # ---- engine requests -------------------------------------------------------------------
+
+    async def _request(self, thread_id: str, make_op: Callable[[ops.Reply], ops.Op], *, timeout: float,
+                       what: str) -> Any:
+        deadline = trio.current_time() + timeout
+        while True:
+            try:
+                with trio.fail_at(deadline):
+                    handle = await self.manager.handle(thread_id)
+            except trio.TooSlowError as exc:
+                raise EngineTimeout(f"Timed out starting the engine of thread '{thread_id}' to {what}") from exc
+            try:
+                return await handle.request(make_op, deadline=deadline, what=what)
+            except EngineEvicted:
+                continue  # evicted before it accepted the op: nothing happened, ask its successor
+
+    # ---- threads ---------------------------------------------------------------------------
+
+    async def create_thread(self, *, model: str | None = None, workspace: str | None = None,
+                            mode: str | None = None, system_prompt: str | None = None, title: str | None = None,
+                            archived: bool = False, base_messages: list[dict[str, Any]] | None = None,
+                            base_tokens: int = 0, session_id: str | None = None) -> dict[str, Any]:
+        thread_id = new_id("thr")
+        now = utc_now()
+        record = {
+            "id": thread_id, "created_at": now, "updated_at": now, "model": model or self.config.default_model,
+            "workspace": workspace, "mode": mode or self.config.default_mode, "archived": bool(archived),
+            "title": title, "system_prompt": system_prompt, "latest_turn_id": None, "session_id": session_id,
+        }
+        await self.store.write(
+            statements=[(
+                "INSERT INTO threads (id, created_at, updated_at, model, workspace, mode, archived, title,"
+                " system_prompt, session_id, base_messages, base_tokens) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (thread_id, now, now, record["model"], workspace, record["mode"], int(bool(archived)), title,
+                 system_prompt, session_id, json.dumps(base_messages) if base_messages else None, base_tokens),
+            )],
+            events=[EventDraft(thread_id, "thread.started", {"thread": record})],
+        )
+        return record
+
+    async def list_threads(self, *, limit: int | None = None, include_archived: bool = False,
+                           archived_only: bool = False) -> list[dict[str, Any]]:
+        return await self.store.read(functools.partial(
+            records.list_threads, limit=clamp_limit(limit), include_archived=include_archived,
+            archived_only=archived_only))
+
+    async def get_thread(self, thread_id: str) -> dict[str, Any]:
+        detail = await self.store.read(functools.partial(records.thread_detail, thread_id=thread_id))
+        if detail is None:
+            raise NotFound(f"Thread '{thread_id}' not found")
+        return detail
+
+    async def thread_record(self, thread_id: str) -> dict[str, Any]:
+        row = await self.store.read(functools.partial(records.get_thread_row, thread_id=thread_id))
+        if row is None:
+            raise NotFound(f"Thread '{thread_id}' not found")
+        return records.thread_record(row)
+
+    async def update_thread(self, thread_id: str, changes: dict[str, Any], *,
+                            timeout: float = DEFAULT_TIMEOUT) -> dict[str, Any]:
+        if not changes:
+            raise InvalidInput("Give at least one of: archived, model, mode, title, system_prompt")
+        return await self._request(thread_id, lambda r: ops.UpdateThread(changes=changes, reply=r),
+                                   timeout=timeout, what="update the thread")
+
+    # ---- turns -----------------------------------------------------------------------------
+
+    async def start_turn(self, thread_id: str, prompt: str, *, model: str | None = None, mode: str | None = None,
+                         timeout: float = DEFAULT_TIMEOUT) -> dict[str, Any]:
+        if not prompt or not prompt.strip():
+            raise InvalidInput("prompt must not be empty")
+        return await self._request(
+            thread_id, lambda r: ops.StartTurn(prompt=prompt, model=model, mode=mode, reply=r),
+            timeout=timeout, what="start a turn")
+
+    async def _check_turn(self, thread_id: str, turn_id: str) -> dict[str, Any]:
+        turn = await self.store.read(functools.partial(records.get_turn, turn_id=turn_id))
+        if turn is None or turn["thread_id"] != thread_id:
+            # Distinguish an unknown thread from an unknown turn for the error message.
+            await self.thread_record(thread_id)
+            raise NotFound(f"Turn '{turn_id}' not found in thread '{thread_id}'")
+        return turn
+
+    async def steer_turn(self, thread_id: str, turn_id: str, prompt: str, *,
+                         timeout: float = DEFAULT_TIMEOUT) -> dict[str, Any]:
+        if not prompt or not prompt.strip():
+            raise InvalidInput("prompt must not be empty")
+        await self._check_turn(thread_id, turn_id)
+        return await self._request(thread_id, lambda r: ops.Steer(turn_id=turn_id, prompt=prompt, reply=r),
+                                   timeout=timeout, what="steer the turn")
+
+    async def interrupt_turn(self, thread_id: str, turn_id: str, *,
+                             timeout: float = DEFAULT_TIMEOUT) -> dict[str, Any]:
+        await self._check_turn(thread_id, turn_id)
+        return await self._request(thread_id, lambda r: ops.Interrupt(turn_id=turn_id, reply=r),
+                                   timeout=timeout, what="interrupt the turn")
+
+    async def compact(self, thread_id: str, reason: str | None = None, *,
+                      timeout: float = DEFAULT_TIMEOUT) -> dict[str, Any]:
+        return await self._request(thread_id, lambda r: ops.Compact(reason=reason, reply=r),
+                                   timeout=timeout, what="compact the thread")
+
+    async def get_session_snapshot(self, thread_id: str, *, wait_for_idle: bool = False,
+                                   timeout: float = DEFAULT_TIMEOUT) -> ops.SessionSnapshot:
+        return await self._request(
+            thread_id, lambda r: ops.GetSessionSnapshot(wait_for_idle=wait_for_idle, reply=r),
+            timeout=timeout, what="answer a session snapshot")
+
+    async def shutdown_thread(self, thread_id: str, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+        """Stop the thread's engine (its turn ends interrupted); the next use restores a new one."""
+        if self.manager.engine(thread_id) is None:
+            return
+        await self._request(thread_id, lambda r: ops.Shutdown(reply=r), timeout=timeout, what="shut down")
+
+    # ---- events ----------------------------------------------------------------------------
+
+    async def subscribe(self, thread_id: str, since_seq: int = 0) -> AsyncIterator[Event]:
+        """Check the thread exists (NotFound), then return its replay-then-live event stream."""
+        await self.thread_record(thread_id)
+        return self.bus.subscribe(self.store, thread_id, since_seq)
+
+    def info(self) -> dict[str, Any]:
+        from . import __version__
+
+        return {
+            "version": __version__,
+            "data_dir": str(self.config.data_dir),
+            "model_backend": getattr(self.backend, "name", type(self.backend).__name__),
+            "uptime_seconds": round(time.monotonic() - self.started_monotonic, 3),
+            "live_engines": self.manager.live_count,
+            "subscribers": self.bus.subscriber_count,
+        }

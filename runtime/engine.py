@@ -1,0 +1,538 @@
+"""The engine: one long-lived trio task per live thread that owns the thread's state.
+
+Only the engine mutates a thread's messages, usage, model, mode and system prompt. It reads ops from
+its inbox and handles each one synchronously: it changes its state and queues the matching store
+writes in the same step (``Store.submit`` never awaits), so state and log can never be reordered.
+Replies that must be read-your-writes consistent are sent by a small helper task once the writes
+committed, and a turn streams in a child task; so the op loop itself never waits on I/O and keeps
+answering snapshots, steers and interrupts while a turn runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+from typing import Any, Callable
+
+import outcome
+import trio
+
+from . import ops
+from .clock import new_id, utc_now
+from .config import RuntimeConfig
+from .errors import Conflict, InvalidInput, RuntimeFailure
+from .models.base import ItemBreak, ModelBackend, ModelError, ModelRequest, ReasoningDelta, TextDelta, Usage
+from .store import EventDraft, Store, WriteRequest
+from .transcript import apply_items, build_messages, summarize
+
+log = logging.getLogger(__name__)
+
+SUMMARY_CHARS = 120  # item summaries are a one-line preview of the item's text
+UPDATABLE_FIELDS = ("archived", "model", "mode", "title", "system_prompt")
+
+
+def _preview(text: str) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= SUMMARY_CHARS else line[: SUMMARY_CHARS - 1] + "…"
+
+
+@dataclasses.dataclass(eq=False)
+class _Item:
+    id: str
+    kind: str
+    ord: int
+    started_at: str
+    status: str = "in_progress"
+    parts: list[str] = dataclasses.field(default_factory=list)
+    metadata: dict[str, Any] | None = None
+
+    def record(self, turn_id: str, ended_at: str | None = None) -> dict[str, Any]:
+        text = "".join(self.parts)
+        return {"id": self.id, "turn_id": turn_id, "kind": self.kind, "status": self.status,
+                "summary": _preview(text), "detail": text, "metadata": self.metadata,
+                "started_at": self.started_at, "ended_at": ended_at}
+
+
+@dataclasses.dataclass(eq=False)
+class _Turn:
+    id: str
+    ord: int
+    prompt: str
+    model: str
+    mode: str
+    created_at: str
+    started_at: str
+    started_clock: float
+    scope: trio.CancelScope = dataclasses.field(default_factory=trio.CancelScope)
+    steer_tx: trio.MemorySendChannel[str] | None = None
+    steer_rx: trio.MemoryReceiveChannel[str] | None = None
+    items: list[_Item] = dataclasses.field(default_factory=list)
+    open_item: _Item | None = None
+    steer_count: int = 0
+    usage: Usage | None = None
+    # Why the turn's scope was cancelled: decides its final status and error.
+    end_status: str = "interrupted"
+    end_error: str | None = None
+    interrupt_waiters: list[ops.Interrupt] = dataclasses.field(default_factory=list)
+    record: dict[str, Any] | None = None
+
+
+class Engine:
+    def __init__(
+        self,
+        state: dict[str, Any],
+        *,
+        store: Store,
+        backend: ModelBackend,
+        config: RuntimeConfig,
+        inbox: trio.MemoryReceiveChannel[ops.Op],
+        on_idle: Callable[["Engine"], bool],
+    ) -> None:
+        self.thread: dict[str, Any] = state["thread"]
+        self.thread_id: str = self.thread["id"]
+        self.messages = build_messages(state["base_messages"], state["items"])
+        self.total_tokens: int = state["base_tokens"] + state["turn_tokens"]
+        self._turn_ord: int = state["turn_count"]
+        self._item_ord: int = state["item_count"]
+        self._store = store
+        self._backend = backend
+        self._config = config
+        self._inbox = inbox
+        self._on_idle = on_idle
+        self._nursery: trio.Nursery | None = None
+        self.active: _Turn | None = None
+        self._idle_waiters: list[ops.GetSessionSnapshot] = []
+        self._stopping: str | None = None
+        self.crashed = False
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    async def run(self, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve ops until the inbox closes or a Shutdown op arrives. Never raises: a crash is logged,
+        the running turn fails, and every queued requester sees EngineUnavailable at once."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                try:
+                    await self._op_loop()
+                finally:
+                    if self.active is not None:
+                        crashed = self._stopping is None
+                        self._cancel_turn(
+                            "failed" if crashed else "interrupted",
+                            "engine crashed" if crashed else self._stopping,
+                        )
+        except Exception:
+            self.crashed = True
+            log.exception("engine for thread %s crashed", self.thread_id)
+        finally:
+            self._close_inbox()
+
+    def request_stop(self, reason: str) -> None:
+        """Called by the manager at shutdown: interrupt the turn and stop after the ops queued so far."""
+        if self._stopping is None:
+            self._stopping = reason
+        if self.active is not None:
+            self._cancel_turn("interrupted", reason)
+
+    def _close_inbox(self) -> None:
+        """Close every reply still queued, so each requester sees EngineUnavailable now, not at its deadline."""
+        while True:
+            try:
+                op = self._inbox.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                break
+            if op.reply is not None:
+                op.reply.close()
+        for waiter in self._idle_waiters:
+            if waiter.reply is not None:
+                waiter.reply.close()
+        self._idle_waiters.clear()
+        self._inbox.close()
+
+    async def _op_loop(self) -> None:
+        while True:
+            with trio.move_on_after(self._config.idle_evict_seconds) as idle:
+                try:
+                    op = await self._inbox.receive()
+                except trio.EndOfChannel:
+                    return
+            if idle.cancelled_caught:
+                if self.active is None and not self._idle_waiters:
+                    # The manager forgets us and closes our inbox; ops already queued are still served.
+                    self._on_idle(self)
+                continue
+            if self._stopping is not None:
+                if op.reply is not None:
+                    op.reply.close()
+                return
+            if isinstance(op, ops.GetSessionSnapshot) and not (op.wait_for_idle and self.active):
+                # The hot path: answered inline. The requester is already waiting on the oneshot, so
+                # this send completes in one scheduling round (bounded by reply_send_seconds anyway).
+                await self._send_reply(op.reply, outcome.Value(self.snapshot()))
+                continue
+            self._dispatch(op)
+            if self._stopping is not None:  # a Shutdown op
+                return
+            # Yield so a flood of ops cannot starve the turn task and the reply helpers.
+            await trio.lowlevel.cancel_shielded_checkpoint()
+
+    def _dispatch(self, op: ops.Op) -> None:
+        try:
+            if isinstance(op, ops.GetSessionSnapshot):
+                self._on_snapshot(op)
+            elif isinstance(op, ops.StartTurn):
+                self._on_start_turn(op)
+            elif isinstance(op, ops.Steer):
+                self._on_steer(op)
+            elif isinstance(op, ops.Interrupt):
+                self._on_interrupt(op)
+            elif isinstance(op, ops.Compact):
+                self._on_compact(op)
+            elif isinstance(op, ops.UpdateThread):
+                self._on_update(op)
+            elif isinstance(op, ops.Shutdown):
+                self.request_stop(op.reason)
+                self._spawn_reply(op.reply, outcome.Value(None))
+            else:
+                raise InvalidInput(f"unknown op {type(op).__name__}")
+        except RuntimeFailure as exc:
+            self._spawn_reply(op.reply, outcome.Error(exc))
+
+    # ---- replies ---------------------------------------------------------------------------
+
+    async def _send_reply(self, reply: ops.Reply | None, result: outcome.Outcome) -> None:
+        """Send one reply and close the channel. A requester that gave up is normal, not an error."""
+        if reply is None:
+            return
+        try:
+            with trio.move_on_after(self._config.reply_send_seconds):
+                async with reply:
+                    await reply.send(result)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    def _spawn_reply(self, reply: ops.Reply | None, result: outcome.Outcome, after: WriteRequest | None = None,
+                     value: Callable[[], Any] | None = None) -> None:
+        """Reply from a helper task, once ``after`` committed (so the caller can read its own write)."""
+        if reply is None:
+            return
+        assert self._nursery is not None
+        self._nursery.start_soon(self._reply_when_committed, reply, result, after, value)
+
+    async def _reply_when_committed(self, reply: ops.Reply, result: outcome.Outcome,
+                                    after: WriteRequest | None, value: Callable[[], Any] | None) -> None:
+        if after is not None:
+            await after.done.wait()
+            assert after.result is not None
+            if isinstance(after.result, outcome.Error):
+                result = after.result
+            elif value is not None:
+                result = outcome.Value(value())
+        await self._send_reply(reply, result)
+
+    # ---- snapshot --------------------------------------------------------------------------
+
+    def snapshot(self) -> ops.SessionSnapshot:
+        return ops.SessionSnapshot(
+            thread_id=self.thread_id,
+            title=self.thread.get("title"),
+            messages=tuple(self.messages),
+            system_prompt=self.thread.get("system_prompt"),
+            model=self.thread["model"],
+            mode=self.thread["mode"],
+            workspace=self.thread.get("workspace"),
+            total_tokens=self.total_tokens,
+            turn_in_progress=self.active is not None,
+            active_turn_id=self.active.id if self.active else None,
+        )
+
+    def _on_snapshot(self, op: ops.GetSessionSnapshot) -> None:
+        if op.wait_for_idle and self.active is not None:
+            self._idle_waiters.append(op)
+            return
+        self._spawn_reply(op.reply, outcome.Value(self.snapshot()))
+
+    # ---- thread updates --------------------------------------------------------------------
+
+    def _touch(self, now: str) -> tuple[str, tuple[Any, ...]]:
+        self.thread["updated_at"] = now
+        return ("UPDATE threads SET updated_at = ? WHERE id = ?", (now, self.thread_id))
+
+    def _on_update(self, op: ops.UpdateThread) -> None:
+        changes = {k: v for k, v in op.changes.items() if k in UPDATABLE_FIELDS}
+        if not changes:
+            raise InvalidInput("Nothing to update: give at least one of " + ", ".join(UPDATABLE_FIELDS))
+        now = utc_now()
+        self.thread.update(changes)
+        columns = ", ".join(f"{name} = ?" for name in changes)
+        values = tuple(int(v) if isinstance(v, bool) else v for v in changes.values())
+        request = self._store.submit(WriteRequest(
+            statements=[(f"UPDATE threads SET {columns} WHERE id = ?", (*values, self.thread_id)), self._touch(now)],
+            events=[EventDraft(self.thread_id, "thread.updated", {"changes": changes})],
+        ))
+        self._spawn_reply(op.reply, outcome.Value(None), after=request,
+                          value=lambda: {**self.thread})
+
+    # ---- turns -----------------------------------------------------------------------------
+
+    def _next_item(self, turn: _Turn, kind: str) -> _Item:
+        self._item_ord += 1
+        item = _Item(new_id("item"), kind, self._item_ord, utc_now())
+        turn.items.append(item)
+        return item
+
+    @staticmethod
+    def _insert_item(turn: _Turn, item: _Item, thread_id: str, *, detail: str | None = None,
+                     ended_at: str | None = None) -> tuple[str, tuple[Any, ...]]:
+        return (
+            "INSERT INTO items (id, turn_id, thread_id, ord, kind, status, summary, detail, metadata,"
+            " started_at, ended_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (item.id, turn.id, thread_id, item.ord, item.kind, item.status, _preview(detail or ""), detail,
+             json.dumps(item.metadata) if item.metadata else None, item.started_at, ended_at),
+        )
+
+    def _turn_record(self, turn: _Turn, status: str) -> dict[str, Any]:
+        return {
+            "id": turn.id, "thread_id": self.thread_id, "status": status, "input_summary": _preview(turn.prompt),
+            "created_at": turn.created_at, "started_at": turn.started_at, "ended_at": None, "duration_ms": None,
+            "usage": None, "error": None, "item_ids": [i.id for i in turn.items], "steer_count": turn.steer_count,
+        }
+
+    def _on_start_turn(self, op: ops.StartTurn) -> None:
+        if self.active is not None:
+            raise Conflict(f"Thread '{self.thread_id}' already has a turn in progress ('{self.active.id}')")
+        if not op.prompt.strip():
+            raise InvalidInput("prompt must not be empty")
+        now = utc_now()
+        self._turn_ord += 1
+        turn = _Turn(
+            id=new_id("turn"), ord=self._turn_ord, prompt=op.prompt,
+            model=op.model or self.thread["model"], mode=op.mode or self.thread["mode"],
+            created_at=now, started_at=now, started_clock=trio.current_time(),
+        )
+        turn.steer_tx, turn.steer_rx = trio.open_memory_channel[str](float("inf"))
+        user = self._next_item(turn, "user_message")
+        user.status = "completed"
+        user.parts.append(op.prompt)
+        self.thread["latest_turn_id"] = turn.id
+        request = self._store.submit(WriteRequest(
+            statements=[
+                ("INSERT INTO turns (id, thread_id, ord, status, input_summary, created_at, started_at)"
+                 " VALUES (?, ?, ?, 'in_progress', ?, ?, ?)",
+                 (turn.id, self.thread_id, turn.ord, _preview(op.prompt), now, now)),
+                self._insert_item(turn, user, self.thread_id, detail=op.prompt, ended_at=now),
+                ("UPDATE threads SET latest_turn_id = ? WHERE id = ?", (turn.id, self.thread_id)),
+                self._touch(now),
+            ],
+            events=[
+                EventDraft(self.thread_id, "turn.started",
+                           {"prompt": op.prompt, "model": turn.model, "mode": turn.mode}, turn_id=turn.id),
+                EventDraft(self.thread_id, "item.started", {"kind": "user_message"}, turn.id, user.id, now),
+                EventDraft(self.thread_id, "item.completed", {"kind": "user_message", "text": op.prompt},
+                           turn.id, user.id, now),
+            ],
+        ))
+        self.active = turn
+        record = self._turn_record(turn, "in_progress")
+        self._spawn_reply(op.reply, outcome.Value(record), after=request)
+        assert self._nursery is not None
+        self._nursery.start_soon(self._run_turn, turn)
+
+    def _require_active(self, turn_id: str, action: str) -> _Turn:
+        if self.active is None or self.active.id != turn_id:
+            raise Conflict(f"Cannot {action} turn '{turn_id}': it is not in progress")
+        return self.active
+
+    def _on_steer(self, op: ops.Steer) -> None:
+        turn = self._require_active(op.turn_id, "steer")
+        if not op.prompt.strip():
+            raise InvalidInput("prompt must not be empty")
+        self._close_open_item(turn, "completed")
+        item = self._next_item(turn, "user_message")
+        item.status = "completed"
+        item.parts.append(op.prompt)
+        item.metadata = {"steer": True}
+        turn.steer_count += 1
+        now = utc_now()
+        request = self._store.submit(WriteRequest(
+            statements=[
+                self._insert_item(turn, item, self.thread_id, detail=op.prompt, ended_at=now),
+                ("UPDATE turns SET steer_count = ? WHERE id = ?", (turn.steer_count, turn.id)),
+            ],
+            events=[EventDraft(self.thread_id, "turn.steered",
+                               {"prompt": op.prompt, "steer_count": turn.steer_count}, turn.id, item.id, now)],
+        ))
+        assert turn.steer_tx is not None
+        turn.steer_tx.send_nowait(op.prompt)
+        self._spawn_reply(op.reply, outcome.Value(self._turn_record(turn, "in_progress")), after=request)
+
+    def _on_interrupt(self, op: ops.Interrupt) -> None:
+        turn = self._require_active(op.turn_id, "interrupt")
+        if not turn.interrupt_waiters:
+            self._store.submit(WriteRequest(events=[EventDraft(
+                self.thread_id, "turn.interrupt_requested", {}, turn_id=turn.id)]))
+        turn.interrupt_waiters.append(op)
+        self._cancel_turn("interrupted", None, reason="turn interrupted by client")
+
+    def _cancel_turn(self, status: str, error: str | None, reason: str | None = None) -> None:
+        turn = self.active
+        assert turn is not None
+        if not turn.scope.cancel_called:
+            turn.end_status, turn.end_error = status, error
+            turn.scope.cancel(reason=reason or error or status)
+
+    def _on_compact(self, op: ops.Compact) -> None:
+        if self.active is not None:
+            raise Conflict(f"Cannot compact thread '{self.thread_id}' while turn '{self.active.id}' is in progress")
+        if not self.messages:
+            raise InvalidInput(f"Thread '{self.thread_id}' has no messages to compact")
+        now = utc_now()
+        summary = summarize(self.messages)
+        self._turn_ord += 1
+        turn = _Turn(id=new_id("turn"), ord=self._turn_ord, prompt="", model=self.thread["model"],
+                     mode=self.thread["mode"], created_at=now, started_at=now, started_clock=trio.current_time())
+        item = self._next_item(turn, "context_compaction")
+        item.status = "completed"
+        item.parts.append(summary)
+        item.metadata = {"reason": op.reason, "replaced_messages": len(self.messages)}
+        input_summary = f"compact: {op.reason}" if op.reason else "compact"
+        request = self._store.submit(WriteRequest(
+            statements=[
+                ("INSERT INTO turns (id, thread_id, ord, status, input_summary, created_at, started_at, ended_at,"
+                 " duration_ms) VALUES (?, ?, ?, 'completed', ?, ?, ?, ?, 0)",
+                 (turn.id, self.thread_id, turn.ord, input_summary, now, now, now)),
+                self._insert_item(turn, item, self.thread_id, detail=summary, ended_at=now),
+                self._touch(now),
+            ],
+            events=[
+                EventDraft(self.thread_id, "item.started", {"kind": "context_compaction"}, turn.id, item.id, now),
+                EventDraft(self.thread_id, "item.completed", {"kind": "context_compaction", "text": summary},
+                           turn.id, item.id, now),
+            ],
+        ))
+        apply_items(self.messages, [item.record(turn.id, now)])
+        result = {"turn_id": turn.id, "item": item.record(turn.id, now), "summary": summary}
+        self._spawn_reply(op.reply, outcome.Value(result), after=request)
+
+    # ---- the turn task ---------------------------------------------------------------------
+
+    def _open_item(self, turn: _Turn, kind: str) -> _Item:
+        if turn.open_item is not None and turn.open_item.kind == kind:
+            return turn.open_item
+        self._close_open_item(turn, "completed")
+        item = self._next_item(turn, kind)
+        turn.open_item = item
+        self._store.submit(WriteRequest(
+            statements=[self._insert_item(turn, item, self.thread_id)],
+            events=[EventDraft(self.thread_id, "item.started", {"kind": kind}, turn.id, item.id, item.started_at)],
+        ))
+        return item
+
+    def _close_open_item(self, turn: _Turn, status: str) -> None:
+        item = turn.open_item
+        if item is None:
+            return
+        turn.open_item = None
+        item.status = status
+        now = utc_now()
+        text = "".join(item.parts)
+        event = {"completed": "item.completed", "interrupted": "item.interrupted"}.get(status, "item.failed")
+        self._store.submit(WriteRequest(
+            statements=[("UPDATE items SET status = ?, summary = ?, detail = ?, ended_at = ? WHERE id = ?",
+                         (status, _preview(text), text, now, item.id))],
+            events=[EventDraft(self.thread_id, event, {"kind": item.kind, "text": text}, turn.id, item.id, now)],
+        ))
+
+    async def _run_turn(self, turn: _Turn) -> None:
+        """Stream the model's answer. Cancelling ``turn.scope`` (interrupt, shutdown) ends it promptly;
+        whatever streamed so far is kept, marked with the turn's final status."""
+        status, error = "completed", None
+        history = list(self.messages)
+        assert turn.steer_rx is not None
+        request = ModelRequest(
+            thread_id=self.thread_id, turn_id=turn.id, model=turn.model, mode=turn.mode,
+            system_prompt=self.thread.get("system_prompt"), history=history, prompt=turn.prompt,
+            steers=turn.steer_rx,
+        )
+        try:
+            with turn.scope:
+                async with contextlib.aclosing(self._backend.stream(request)) as stream:
+                    async for event in stream:
+                        if isinstance(event, TextDelta):
+                            self._delta(turn, "agent_message", event.text)
+                        elif isinstance(event, ReasoningDelta):
+                            self._delta(turn, "agent_reasoning", event.text)
+                        elif isinstance(event, ItemBreak):
+                            self._close_open_item(turn, "completed")
+                        elif isinstance(event, Usage):
+                            turn.usage = event
+                        await self._store.throttle()
+            if turn.scope.cancelled_caught:
+                status, error = turn.end_status, turn.end_error
+        except ModelError as exc:
+            status, error = "failed", str(exc) or "model error"
+        except Exception as exc:
+            log.exception("model backend failed on turn %s", turn.id)
+            status, error = "failed", f"model backend error: {type(exc).__name__}"
+        finally:
+            # Shielded: the turn's end must be recorded even while the engine is being cancelled.
+            # Bounded by final_write_seconds; the writer only ever waits on SQLite.
+            with trio.CancelScope(shield=True):
+                if status == "completed" and turn.scope.cancel_called:
+                    status, error = turn.end_status, turn.end_error
+                await self._finish_turn(turn, status, error)
+
+    def _delta(self, turn: _Turn, kind: str, text: str) -> None:
+        item = self._open_item(turn, kind)
+        item.parts.append(text)
+        self._store.submit(WriteRequest(events=[EventDraft(
+            self.thread_id, "item.delta", {"delta": text, "kind": kind}, turn.id, item.id)]))
+
+    async def _finish_turn(self, turn: _Turn, status: str, error: str | None) -> None:
+        item_status = "completed" if status == "completed" else ("interrupted" if status == "interrupted" else "failed")
+        self._close_open_item(turn, item_status)
+        now = utc_now()
+        statements = []
+        events = []
+        if status == "failed":
+            err = self._next_item(turn, "error")
+            err.status = "failed"
+            err.parts.append(error or "")
+            statements.append(self._insert_item(turn, err, self.thread_id, detail=error, ended_at=now))
+            events.append(EventDraft(self.thread_id, "item.failed", {"kind": "error", "text": error},
+                                     turn.id, err.id, now))
+        usage = turn.usage or Usage(0, 0)
+        duration_ms = int(round((trio.current_time() - turn.started_clock) * 1000))
+        statements += [
+            ("UPDATE turns SET status = ?, ended_at = ?, duration_ms = ?, input_tokens = ?, output_tokens = ?,"
+             " error = ?, steer_count = ? WHERE id = ?",
+             (status, now, duration_ms, usage.input_tokens, usage.output_tokens, error, turn.steer_count, turn.id)),
+            self._touch(now),
+        ]
+        usage_json = {"input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens}
+        events.append(EventDraft(self.thread_id, "turn.completed",
+                                 {"status": status, "usage": usage_json, "error": error}, turn_id=turn.id))
+        request = self._store.submit(WriteRequest(statements=statements, events=events))
+        # The engine's committed state moves to the new boundary in the same step as the write is queued.
+        apply_items(self.messages, [item.record(turn.id, now) for item in turn.items])
+        self.total_tokens += usage.input_tokens + usage.output_tokens
+        self.active = None
+        record = {**self._turn_record(turn, status), "ended_at": now, "duration_ms": duration_ms,
+                  "usage": usage_json, "error": error}
+        for waiter in turn.interrupt_waiters:
+            self._spawn_reply(waiter.reply, outcome.Value(record), after=request)
+        snapshot = self.snapshot()
+        for waiter in self._idle_waiters:
+            self._spawn_reply(waiter.reply, outcome.Value(snapshot), after=request)
+        self._idle_waiters.clear()
+        with trio.move_on_after(self._config.final_write_seconds) as bound:
+            await request.done.wait()
+        if bound.cancelled_caught:
+            log.error("turn %s: final state not committed within %s s", turn.id, self._config.final_write_seconds)
+        elif isinstance(request.result, outcome.Error):
+            log.error("turn %s: failed to record its end: %s", turn.id, request.result.error)
+

@@ -1,0 +1,72 @@
+"""Typed errors of the runtime, grouped by how a caller reacts to them.
+
+`web/errors.py` maps each class to an HTTP status in one table; nothing else in the runtime knows
+about HTTP. Translate lower-level errors at the boundary with ``raise X(...) from exc`` so the cause
+is never lost.
+"""
+
+from __future__ import annotations
+
+
+class RuntimeFailure(Exception):
+    """Base of every error the runtime raises on purpose. ``code`` is a stable machine name."""
+
+    code = "internal"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class NotFound(RuntimeFailure):
+    """The caller named a thread, turn or session that does not exist."""
+
+    code = "not_found"
+
+
+class InvalidInput(RuntimeFailure):
+    """The caller's input is malformed: a bad id, a blank prompt, a wrong type."""
+
+    code = "invalid_input"
+
+
+class InvalidData(RuntimeFailure):
+    """Stored data could not be understood (for example an unparseable session file)."""
+
+    code = "invalid_data"
+
+
+class Conflict(RuntimeFailure):
+    """The request clashes with current state: a turn already running, a session busy."""
+
+    code = "conflict"
+
+
+class PreconditionFailed(RuntimeFailure):
+    """An ``If-Match`` revision did not match what is stored."""
+
+    code = "precondition_failed"
+
+
+class PayloadTooLarge(RuntimeFailure):
+    """The request body is larger than the configured limit."""
+
+    code = "payload_too_large"
+
+
+class EngineUnavailable(RuntimeFailure):
+    """The thread's engine stopped (shutdown, crash) before it could answer."""
+
+    code = "engine_unavailable"
+
+
+class EngineTimeout(RuntimeFailure):
+    """The engine did not accept or answer a request before the caller's deadline."""
+
+    code = "timeout"
+
+
+class StorageError(RuntimeFailure):
+    """Reading or writing durable state failed (permissions, a directory in the way, a full disk)."""
+
+    code = "storage_error"

@@ -1,0 +1,131 @@
+"""ThreadManager: the supervisor nursery of engines, with lazy spawn and idle eviction.
+
+At most one engine runs per thread. An evicted engine stays registered until it has exited, and a
+request that arrives meanwhile waits for that exit before spawning the successor, so two engines
+never serve one thread. A crashed engine is forgotten the same way; the next request restores a new
+one from the store.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from typing import AsyncIterator
+
+import trio
+
+from . import records
+from .config import RuntimeConfig
+from .engine import Engine
+from .errors import EngineUnavailable, NotFound
+from .handle import EngineHandle
+from .models.base import ModelBackend
+from .ops import Op
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(eq=False)
+class _Entry:
+    handle: EngineHandle
+    engine: Engine
+    exited: trio.Event = dataclasses.field(default_factory=trio.Event)
+
+
+class ThreadManager:
+    def __init__(self, store: Store, backend: ModelBackend, config: RuntimeConfig) -> None:
+        self._store = store
+        self._backend = backend
+        self._config = config
+        self._entries: dict[str, _Entry] = {}
+        self._spawning: dict[str, trio.Event] = {}
+        self._nursery: trio.Nursery | None = None
+        self._closing = False
+        self.spawned = 0
+
+    @property
+    def live_count(self) -> int:
+        return len(self._entries)
+
+    def engine(self, thread_id: str) -> Engine | None:
+        entry = self._entries.get(thread_id)
+        return entry.engine if entry else None
+
+    async def run(self, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    async def handle(self, thread_id: str) -> EngineHandle:
+        """The live engine's handle, spawning (and restoring) the engine if needed. NotFound for an
+        unknown thread; EngineUnavailable once shutdown began."""
+        while True:
+            if self._closing:
+                raise EngineUnavailable("The runtime is shutting down")
+            entry = self._entries.get(thread_id)
+            if entry is not None and not entry.handle.evicted:
+                return entry.handle
+            if entry is not None:
+                await entry.exited.wait()
+                continue
+            spawning = self._spawning.get(thread_id)
+            if spawning is not None:
+                await spawning.wait()
+                continue
+            spawning = self._spawning[thread_id] = trio.Event()
+            try:
+                return await self._spawn(thread_id)
+            finally:
+                del self._spawning[thread_id]
+                spawning.set()
+
+    async def _spawn(self, thread_id: str) -> EngineHandle:
+        state = await self._store.read(functools.partial(records.engine_state, thread_id=thread_id))
+        if state is None:
+            raise NotFound(f"Thread '{thread_id}' not found")
+        if self._closing or self._nursery is None:
+            raise EngineUnavailable("The runtime is shutting down")
+        send, receive = trio.open_memory_channel[Op](self._config.inbox_capacity)
+        engine = Engine(state, store=self._store, backend=self._backend, config=self._config,
+                        inbox=receive, on_idle=self._evict)
+        entry = _Entry(EngineHandle(thread_id, send), engine)
+        await self._nursery.start(self._supervise, entry)
+        return entry.handle
+
+    async def _supervise(self, entry: _Entry, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+        thread_id = entry.handle.thread_id
+        self._entries[thread_id] = entry
+        self.spawned += 1
+        try:
+            await entry.engine.run(task_status=task_status)
+        finally:
+            if self._entries.get(thread_id) is entry:
+                del self._entries[thread_id]
+            entry.handle.close(evicted=entry.handle.evicted)
+            entry.exited.set()
+
+    def _evict(self, engine: Engine) -> bool:
+        """Called by an idle engine. Refuses while anything is queued, so no accepted op is lost."""
+        entry = self._entries.get(engine.thread_id)
+        if entry is None or entry.engine is not engine or self._closing:
+            return False
+        stats = entry.handle._inbox.statistics()
+        if stats.current_buffer_used or stats.tasks_waiting_send:
+            return False
+        log.debug("evicting idle engine of thread %s", engine.thread_id)
+        entry.handle.close(evicted=True)
+        return True
+
+    async def aclose(self, reason: str = "server shutting down") -> None:
+        """Interrupt every running turn, fail queued ops with EngineUnavailable, wait for all engines."""
+        self._closing = True
+        for entry in list(self._entries.values()):
+            entry.engine.request_stop(reason)
+            entry.handle.close(evicted=False)
+        for entry in list(self._entries.values()):
+            await entry.exited.wait()
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel(reason=reason)

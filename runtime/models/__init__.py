@@ -1,0 +1,9 @@
+"""Model backends: the protocol every backend implements, and the offline scripted model."""
+
+from .base import ItemBreak, ModelBackend, ModelError, ModelEvent, ModelRequest, ReasoningDelta, TextDelta, Usage
+from .scripted import ScriptedModel
+
+__all__ = [
+    "ItemBreak", "ModelBackend", "ModelError", "ModelEvent", "ModelRequest", "ReasoningDelta",
+    "ScriptedModel", "TextDelta", "Usage",
+]

@@ -1,0 +1,60 @@
+"""The small protocol between an engine and a model backend.
+
+A backend turns one request into an async stream of events. The engine owns everything else
+(items, events, usage bookkeeping, interrupts): a backend only talks to its model. Cancelling the
+iteration (an interrupt) must stop the backend promptly; it should not catch ``trio.Cancelled``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, AsyncIterator, Protocol, Union
+
+import trio
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelRequest:
+    thread_id: str
+    turn_id: str
+    model: str
+    mode: str
+    system_prompt: str | None
+    history: list[dict[str, Any]]
+    prompt: str
+    # Text the client steered into the running turn; the backend reads it when it can use it.
+    steers: trio.MemoryReceiveChannel[str]
+
+
+@dataclasses.dataclass(frozen=True)
+class TextDelta:
+    text: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ReasoningDelta:
+    text: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ItemBreak:
+    """Ends the item being streamed, so the next delta opens a new one."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Usage:
+    input_tokens: int
+    output_tokens: int
+
+
+ModelEvent = Union[TextDelta, ReasoningDelta, ItemBreak, Usage]
+
+
+class ModelError(Exception):
+    """The model failed the turn; the message is shown to the client as the turn's error."""
+
+
+class ModelBackend(Protocol):
+    name: str
+
+    def stream(self, request: ModelRequest) -> AsyncIterator[ModelEvent]: ...

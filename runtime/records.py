@@ -1,0 +1,145 @@
+"""Read queries and the JSON-ready records they return (ThreadRecord, TurnRecord, TurnItemRecord).
+
+Every function here is synchronous and takes a connection: callers run them through
+``Store.read`` so a whole query costs one thread hop.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from typing import Any
+
+from .store import Event, row_to_event
+
+ACTIVE_TURN_STATUSES = ("queued", "in_progress")
+# Replay reads the log in pages of this many events, so a long history never sits in memory at once.
+EVENT_PAGE = 500
+
+
+def thread_record(row: sqlite3.Row) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "created_at": row["created_at"],
+        "updated_at": row["updated_at"],
+        "model": row["model"],
+        "workspace": row["workspace"],
+        "mode": row["mode"],
+        "archived": bool(row["archived"]),
+        "title": row["title"],
+        "system_prompt": row["system_prompt"],
+        "latest_turn_id": row["latest_turn_id"],
+        "session_id": row["session_id"],
+    }
+
+
+def turn_record(row: sqlite3.Row, item_ids: list[str]) -> dict[str, Any]:
+    usage = None
+    if row["input_tokens"] is not None or row["output_tokens"] is not None:
+        usage = {"input_tokens": row["input_tokens"] or 0, "output_tokens": row["output_tokens"] or 0}
+    return {
+        "id": row["id"],
+        "thread_id": row["thread_id"],
+        "status": row["status"],
+        "input_summary": row["input_summary"],
+        "created_at": row["created_at"],
+        "started_at": row["started_at"],
+        "ended_at": row["ended_at"],
+        "duration_ms": row["duration_ms"],
+        "usage": usage,
+        "error": row["error"],
+        "item_ids": item_ids,
+        "steer_count": row["steer_count"],
+    }
+
+
+def item_record(row: sqlite3.Row) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "turn_id": row["turn_id"],
+        "kind": row["kind"],
+        "status": row["status"],
+        "summary": row["summary"],
+        "detail": row["detail"],
+        "metadata": json.loads(row["metadata"]) if row["metadata"] else None,
+        "started_at": row["started_at"],
+        "ended_at": row["ended_at"],
+    }
+
+
+def get_thread_row(conn: sqlite3.Connection, thread_id: str) -> sqlite3.Row | None:
+    return conn.execute("SELECT * FROM threads WHERE id = ?", (thread_id,)).fetchone()
+
+
+def list_threads(conn: sqlite3.Connection, limit: int, include_archived: bool, archived_only: bool):
+    where = "WHERE archived = 1" if archived_only else ("" if include_archived else "WHERE archived = 0")
+    rows = conn.execute(
+        f"SELECT * FROM threads {where} ORDER BY updated_at DESC, id DESC LIMIT ?", (limit,)
+    ).fetchall()
+    return [thread_record(row) for row in rows]
+
+
+def most_recent_thread_id(conn: sqlite3.Connection) -> str | None:
+    row = conn.execute("SELECT id FROM threads ORDER BY updated_at DESC, id DESC LIMIT 1").fetchone()
+    return row["id"] if row else None
+
+
+def thread_items(conn: sqlite3.Connection, thread_id: str) -> list[dict[str, Any]]:
+    rows = conn.execute("SELECT * FROM items WHERE thread_id = ? ORDER BY ord", (thread_id,)).fetchall()
+    return [item_record(row) for row in rows]
+
+
+def thread_turns(conn: sqlite3.Connection, thread_id: str, items: list[dict[str, Any]]):
+    ids_by_turn: dict[str, list[str]] = {}
+    for item in items:
+        ids_by_turn.setdefault(item["turn_id"], []).append(item["id"])
+    rows = conn.execute("SELECT * FROM turns WHERE thread_id = ? ORDER BY ord", (thread_id,)).fetchall()
+    return [turn_record(row, ids_by_turn.get(row["id"], [])) for row in rows]
+
+
+def get_turn(conn: sqlite3.Connection, turn_id: str) -> dict[str, Any] | None:
+    row = conn.execute("SELECT * FROM turns WHERE id = ?", (turn_id,)).fetchone()
+    if row is None:
+        return None
+    ids = [r["id"] for r in conn.execute("SELECT id FROM items WHERE turn_id = ? ORDER BY ord", (turn_id,))]
+    return turn_record(row, ids)
+
+
+def thread_detail(conn: sqlite3.Connection, thread_id: str) -> dict[str, Any] | None:
+    row = get_thread_row(conn, thread_id)
+    if row is None:
+        return None
+    items = thread_items(conn, thread_id)
+    turns = thread_turns(conn, thread_id, items)
+    latest = conn.execute("SELECT MAX(seq) AS s FROM events WHERE thread_id = ?", (thread_id,)).fetchone()
+    return {"thread": thread_record(row), "turns": turns, "items": items, "latest_seq": latest["s"] or 0}
+
+
+def events_after(conn: sqlite3.Connection, thread_id: str, since_seq: int, limit: int = EVENT_PAGE) -> list[Event]:
+    rows = conn.execute(
+        "SELECT * FROM events WHERE thread_id = ? AND seq > ? ORDER BY seq LIMIT ?", (thread_id, since_seq, limit)
+    ).fetchall()
+    return [row_to_event(row) for row in rows]
+
+
+def engine_state(conn: sqlite3.Connection, thread_id: str) -> dict[str, Any] | None:
+    """Everything an engine needs to restore itself after a spawn or a process restart."""
+    row = get_thread_row(conn, thread_id)
+    if row is None:
+        return None
+    items = thread_items(conn, thread_id)
+    totals = conn.execute(
+        "SELECT COALESCE(SUM(COALESCE(input_tokens, 0) + COALESCE(output_tokens, 0)), 0) AS t,"
+        " COALESCE(MAX(ord), 0) AS n FROM turns WHERE thread_id = ?",
+        (thread_id,),
+    ).fetchone()
+    item_ord = conn.execute("SELECT COALESCE(MAX(ord), 0) AS n FROM items WHERE thread_id = ?", (thread_id,)).fetchone()
+    return {
+        "thread": thread_record(row),
+        "base_messages": json.loads(row["base_messages"]) if row["base_messages"] else [],
+        "base_tokens": row["base_tokens"],
+        "items": items,
+        "turn_tokens": totals["t"],
+        "turn_count": totals["n"],
+        "item_count": item_ord["n"],
+    }

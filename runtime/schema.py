@@ -1,0 +1,108 @@
+"""The SQLite schema and its migrations, versioned with ``PRAGMA user_version``."""
+
+from __future__ import annotations
+
+import sqlite3
+
+# Each entry upgrades the schema from version i to i + 1; never edit a shipped entry, append a new one.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE threads (
+        id TEXT PRIMARY KEY,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL,
+        model TEXT NOT NULL,
+        workspace TEXT,
+        mode TEXT NOT NULL,
+        archived INTEGER NOT NULL DEFAULT 0,
+        title TEXT,
+        system_prompt TEXT,
+        latest_turn_id TEXT,
+        session_id TEXT,
+        base_messages TEXT,
+        base_tokens INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX threads_by_update ON threads (updated_at DESC, id DESC);
+    CREATE TABLE turns (
+        id TEXT PRIMARY KEY,
+        thread_id TEXT NOT NULL REFERENCES threads (id),
+        ord INTEGER NOT NULL,
+        status TEXT NOT NULL,
+        input_summary TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        started_at TEXT,
+        ended_at TEXT,
+        duration_ms INTEGER,
+        input_tokens INTEGER,
+        output_tokens INTEGER,
+        error TEXT,
+        steer_count INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX turns_by_thread ON turns (thread_id, ord);
+    CREATE INDEX turns_active ON turns (status) WHERE status IN ('queued', 'in_progress');
+    CREATE TABLE items (
+        id TEXT PRIMARY KEY,
+        turn_id TEXT NOT NULL REFERENCES turns (id),
+        thread_id TEXT NOT NULL,
+        ord INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        status TEXT NOT NULL,
+        summary TEXT NOT NULL,
+        detail TEXT,
+        metadata TEXT,
+        started_at TEXT,
+        ended_at TEXT
+    );
+    CREATE INDEX items_by_thread ON items (thread_id, ord);
+    CREATE INDEX items_active ON items (status) WHERE status IN ('queued', 'in_progress');
+    CREATE TABLE events (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        thread_id TEXT NOT NULL,
+        turn_id TEXT,
+        item_id TEXT,
+        event TEXT NOT NULL,
+        timestamp TEXT NOT NULL,
+        payload TEXT NOT NULL
+    );
+    CREATE INDEX events_by_thread ON events (thread_id, seq);
+    CREATE TABLE sessions (
+        id TEXT PRIMARY KEY,
+        title TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL,
+        message_count INTEGER NOT NULL,
+        total_tokens TEXT NOT NULL,
+        model TEXT,
+        workspace TEXT,
+        mode TEXT,
+        archived INTEGER NOT NULL DEFAULT 0,
+        revision INTEGER NOT NULL,
+        size INTEGER NOT NULL,
+        file_mtime_ns INTEGER NOT NULL,
+        search_text TEXT NOT NULL
+    );
+    CREATE INDEX sessions_by_update ON sessions (archived, updated_at DESC);
+    """,
+)
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    """Bring the database to SCHEMA_VERSION; refuses a database written by a newer runtime."""
+    (version,) = conn.execute("PRAGMA user_version").fetchone()
+    if version > SCHEMA_VERSION:
+        raise RuntimeError(
+            f"database schema version {version} is newer than this runtime supports ({SCHEMA_VERSION})"
+        )
+    for target in range(version + 1, SCHEMA_VERSION + 1):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in MIGRATIONS[target - 1].split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {target}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise

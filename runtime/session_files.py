@@ -1,0 +1,173 @@
+"""Session files on disk: id validation, atomic writes, and loading with every failure named.
+
+All functions here block; callers run them in a worker thread. ``FileSystem`` is the seam tests use
+to inject failures (permission denied, a full disk, a slow write): CI runs as root, where ``chmod``
+cannot produce them.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import uuid
+from pathlib import Path
+from typing import Any
+
+from .errors import InvalidData, InvalidInput, NotFound, StorageError
+
+SESSION_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}\Z")
+SESSION_SCHEMA_VERSION = 1
+TEMP_SUFFIX = ".tmp"
+
+
+def validate_session_id(session_id: object) -> str:
+    """Checked before any path is built, so ``..``, slashes and NUL never reach the file system."""
+    if not isinstance(session_id, str) or not SESSION_ID_RE.match(session_id):
+        shown = repr(session_id)
+        if len(shown) > 40:
+            shown = shown[:37] + "..."
+        raise InvalidInput(
+            f"Invalid session id {shown}: use 1-128 letters, digits, '_' or '-', starting with a letter or digit"
+        )
+    return session_id
+
+
+class FileSystem:
+    """The file operations sessions need. Override a method in tests to inject a failure."""
+
+    def read_bytes(self, path: Path) -> bytes:
+        with open(path, "rb") as f:
+            return f.read()
+
+    def write_atomic(self, path: Path, data: bytes) -> os.stat_result:
+        """Temp file in the same directory, fsync, ``os.replace``, then fsync the directory: a reader
+        (or a crash) sees the old file or the new one, never a torn one."""
+        tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex}{TEMP_SUFFIX}")
+        try:
+            with open(tmp, "xb") as f:
+                self.write_data(f, data)
+                f.flush()
+                os.fsync(f.fileno())
+            self.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+        self.fsync_dir(path.parent)
+        return os.stat(path)
+
+    def write_data(self, f: Any, data: bytes) -> None:
+        f.write(data)
+
+    def replace(self, src: Path, dst: Path) -> None:
+        os.replace(src, dst)
+
+    def fsync_dir(self, directory: Path) -> None:
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def remove(self, path: Path) -> None:
+        os.unlink(path)
+
+
+def _describe(exc: OSError) -> str:
+    if isinstance(exc, IsADirectoryError):
+        return "a directory is in the way"
+    if isinstance(exc, PermissionError):
+        return "permission denied"
+    if exc.errno == errno.ENOSPC:
+        return "no space left on device"
+    return exc.strerror or type(exc).__name__
+
+
+class SessionFiles:
+    def __init__(self, directory: Path, fs: FileSystem | None = None) -> None:
+        self.directory = directory
+        self.fs = fs or FileSystem()
+
+    def path(self, session_id: str) -> Path:
+        return self.directory / f"{validate_session_id(session_id)}.json"
+
+    def prepare(self) -> int:
+        """Create the directory and remove temp files a crash left behind; returns how many."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        removed = 0
+        for entry in self.directory.iterdir():
+            if entry.name.startswith(".") and entry.name.endswith(TEMP_SUFFIX):
+                entry.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
+    def load(self, session_id: str) -> dict[str, Any] | None:
+        """The parsed document, or None when there is no such file. Every other failure raises:
+        InvalidData for a file that does not parse, StorageError for I/O (never "treat as new")."""
+        path = self.path(session_id)
+        try:
+            data = self.fs.read_bytes(path)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StorageError(f"Failed to load session '{session_id}': {_describe(exc)}") from exc
+        return parse_document(session_id, data)
+
+    def load_existing(self, session_id: str) -> dict[str, Any]:
+        doc = self.load(session_id)
+        if doc is None:
+            raise NotFound(f"Session '{session_id}' not found")
+        return doc
+
+    def write(self, session_id: str, data: bytes, action: str) -> os.stat_result:
+        try:
+            return self.fs.write_atomic(self.path(session_id), data)
+        except OSError as exc:
+            raise StorageError(f"Failed to {action} session '{session_id}': {_describe(exc)}") from exc
+
+    def delete(self, session_id: str) -> None:
+        try:
+            self.fs.remove(self.path(session_id))
+        except FileNotFoundError as exc:
+            raise NotFound(f"Session '{session_id}' not found") from exc
+        except OSError as exc:
+            raise StorageError(f"Failed to delete session '{session_id}': {_describe(exc)}") from exc
+
+
+def parse_document(session_id: str, data: bytes) -> dict[str, Any]:
+    try:
+        doc = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidData(f"Failed to parse session '{session_id}': {exc}") from exc
+    problem = _shape_problem(doc)
+    if problem:
+        raise InvalidData(f"Failed to parse session '{session_id}': {problem}")
+    return doc
+
+
+def _shape_problem(doc: Any) -> str | None:
+    if not isinstance(doc, dict):
+        return "the file does not hold a JSON object"
+    if doc.get("schema_version") != SESSION_SCHEMA_VERSION:
+        return f"unsupported schema_version {doc.get('schema_version')!r}"
+    meta = doc.get("metadata")
+    if not isinstance(meta, dict):
+        return "metadata is missing"
+    for key, kind in (("id", str), ("title", str), ("created_at", str), ("updated_at", str), ("revision", int)):
+        if not isinstance(meta.get(key), kind):
+            return f"metadata.{key} is missing or not a {kind.__name__}"
+    messages = doc.get("messages")
+    if not isinstance(messages, list) or not all(
+        isinstance(m, dict) and m.get("role") in ("user", "assistant") and isinstance(m.get("content"), list)
+        for m in messages
+    ):
+        return "messages must be a list of {role, content} objects"
+    return None
+
+
+def encode_document(doc: dict[str, Any]) -> bytes:
+    return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8")

@@ -1,0 +1,395 @@
+"""Saved sessions: save live engine state, rebuild from the store, list, patch, delete, resume.
+
+Every mutation has two phases. The *wait* phase (lock, load, ask the engine) is cancellable and
+bounded by the caller's timeout; cancelled there, nothing has changed. The *commit* phase is one
+request to the store's writer, run under a shield: the atomic file write, the session index row, the
+thread link and the ``session.saved`` event commit together or not at all, and a cancellation
+(timeout, client disconnect, shutdown) arriving meanwhile waits for it to finish. So every outcome
+is "nothing changed" or "the whole save is durable and linked".
+
+The session files are the source of truth; the ``sessions`` table is an index for listing and
+search, written in the same transaction as each file and reconciled with the directory on start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import sqlite3
+import uuid
+from typing import TYPE_CHECKING, Any, AsyncIterator
+
+import trio
+
+from . import records
+from .clock import utc_now
+from .errors import Conflict, InvalidInput, NotFound, PreconditionFailed
+from .session_files import (
+    SESSION_SCHEMA_VERSION, SessionFiles, encode_document, parse_document, validate_session_id,
+)
+from .store import EventDraft
+from .transcript import build_messages, derive_title, first_user_text, text_of
+
+if TYPE_CHECKING:
+    from .core import Runtime
+
+log = logging.getLogger(__name__)
+
+SORTS = {
+    "recent": "updated_at DESC, id",
+    "name": "title COLLATE NOCASE ASC, id",
+    "size": "size DESC, id",
+}
+# The commit phase is shielded; this bounds it so a wedged disk cannot hold a request forever.
+COMMIT_TIMEOUT = 60.0
+UNTITLED = "Untitled session"
+
+
+def normalize_title(title: object) -> str:
+    if not isinstance(title, str):
+        raise InvalidInput("title must be a string")
+    cleaned = derive_title(title)
+    if not cleaned:
+        raise InvalidInput("title must not be blank")
+    return cleaned
+
+
+def _search_text(title: str, messages: list[dict[str, Any]]) -> str:
+    return "\n".join([title, *(text_of(m) for m in messages)]).lower()
+
+
+def _like_pattern(search: str) -> str:
+    escaped = search.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
+
+
+class SessionService:
+    def __init__(self, runtime: "Runtime") -> None:
+        self._rt = runtime
+        self.files = SessionFiles(runtime.config.sessions_dir)
+        self._locks: dict[str, list[Any]] = {}  # id -> [lock, holders and waiters]; dropped at zero
+        self.commit_timeout = COMMIT_TIMEOUT
+
+    # ---- startup ---------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        removed = await trio.to_thread.run_sync(self.files.prepare)
+        if removed:
+            log.warning("removed %d temp file(s) left by an interrupted session write", removed)
+        await self._rt.store.write(fn=self._reconcile)
+
+    def _reconcile(self, conn: sqlite3.Connection) -> None:
+        """Bring the index in line with the files: (re)index files whose size or mtime changed,
+        drop rows whose file is gone. Runs in the writer thread at start; stats every file but
+        parses only the changed ones."""
+        indexed = {row["id"]: (row["size"], row["file_mtime_ns"])
+                   for row in conn.execute("SELECT id, size, file_mtime_ns FROM sessions")}
+        seen = set()
+        for entry in self.files.directory.iterdir():
+            if entry.suffix != ".json" or entry.name.startswith("."):
+                continue
+            session_id = entry.stem
+            try:
+                validate_session_id(session_id)
+                st = entry.stat()
+            except Exception:
+                continue
+            seen.add(session_id)
+            if indexed.get(session_id) == (st.st_size, st.st_mtime_ns):
+                continue
+            try:
+                doc = parse_document(session_id, self.files.fs.read_bytes(entry))
+            except Exception as exc:
+                log.warning("session file %s is not indexed: %s", entry.name, exc)
+                conn.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
+                continue
+            _upsert_index(conn, doc, st.st_size, st.st_mtime_ns)
+        for session_id in indexed.keys() - seen:
+            conn.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
+
+    # ---- locking ---------------------------------------------------------------------------
+
+    async def _acquire(self, session_id: str, deadline: float) -> trio.Lock:
+        slot = self._locks.setdefault(session_id, [trio.Lock(), 0])
+        slot[1] += 1
+        try:
+            with trio.move_on_at(deadline):
+                await slot[0].acquire()
+                return slot[0]
+            raise Conflict(f"Session '{session_id}' is in use by a live save")
+        except BaseException:
+            self._release_slot(session_id, slot)
+            raise
+
+    def _release(self, session_id: str) -> None:
+        slot = self._locks[session_id]
+        slot[0].release()
+        self._release_slot(session_id, slot)
+
+    def _release_slot(self, session_id: str, slot: list[Any]) -> None:
+        slot[1] -= 1
+        if slot[1] == 0 and self._locks.get(session_id) is slot:
+            del self._locks[session_id]
+
+    @contextlib.asynccontextmanager
+    async def _locked(self, session_id: str, deadline: float) -> AsyncIterator[None]:
+        """Serialise every mutation of one session id (never two writers in one file). Waiting past
+        ``deadline`` is a Conflict: another save holds the session."""
+        await self._acquire(session_id, deadline)
+        try:
+            yield
+        finally:
+            self._release(session_id)
+
+    # ---- commit ----------------------------------------------------------------------------
+
+    async def _commit(self, doc: dict[str, Any], *, action: str, thread_id: str | None,
+                      event: dict[str, Any] | None) -> None:
+        """The shielded commit phase: file, index row, thread link and event in one writer request."""
+        data = encode_document(doc)
+        meta = doc["metadata"]
+        session_id = meta["id"]
+
+        def commit(conn: sqlite3.Connection) -> None:
+            # SQL first: if the file write then fails, the savepoint rolls the SQL back with it.
+            _upsert_index(conn, doc, len(data), 0)
+            if thread_id is not None:
+                conn.execute("UPDATE threads SET session_id = ? WHERE id = ?", (session_id, thread_id))
+            st = self.files.write(session_id, data, action)
+            conn.execute("UPDATE sessions SET size = ?, file_mtime_ns = ? WHERE id = ?",
+                         (st.st_size, st.st_mtime_ns, session_id))
+
+        events = []
+        if event is not None and thread_id is not None:
+            events.append(EventDraft(thread_id, "session.saved", event))
+        await self._rt.store.write_shielded(fn=commit, events=events, timeout=self.commit_timeout)
+
+    # ---- PUT: save live engine state -------------------------------------------------------
+
+    async def save(self, *, thread_id: str | None = None, session_id: str | None = None,
+                   wait_for_idle: bool = False, if_match: int | str | None = None,
+                   timeout: float) -> dict[str, Any]:
+        """Save the thread's live engine state. Waits (lock, load, engine snapshot) under ``timeout``;
+        the commit is shielded. Cancelled or timed out before the commit: nothing was written."""
+        deadline = trio.current_time() + timeout
+        if session_id is not None:
+            validate_session_id(session_id)
+        if thread_id is None:
+            thread_id = await self._rt.store.read(records.most_recent_thread_id)
+            if thread_id is None:
+                raise InvalidInput("No threads to save")
+        target = session_id or str(uuid.uuid4())
+        async with self._locked(target, deadline):
+            existing = None
+            if session_id is not None:
+                existing = await trio.to_thread.run_sync(self.files.load, session_id)
+            _check_if_match(target, existing, if_match)
+            snapshot = await self._rt.get_session_snapshot(
+                thread_id, wait_for_idle=wait_for_idle, timeout=max(0.0, deadline - trio.current_time()))
+            now = utc_now()
+            messages = list(snapshot.messages)
+            if existing is not None:
+                old = existing["metadata"]
+                created_at, title, revision, archived = (
+                    old["created_at"], old["title"], old["revision"] + 1, bool(old.get("archived", False)))
+            else:
+                created_at, revision, archived = now, 1, False
+                title = derive_title(snapshot.title or first_user_text(messages)) or UNTITLED
+            doc = {
+                "schema_version": SESSION_SCHEMA_VERSION,
+                "metadata": {
+                    "id": target, "title": title, "created_at": created_at, "updated_at": now,
+                    "message_count": len(messages), "total_tokens": snapshot.total_tokens,
+                    "model": snapshot.model, "workspace": snapshot.workspace, "mode": snapshot.mode,
+                    "archived": archived, "revision": revision, "thread_id": thread_id,
+                },
+                "messages": messages,
+                "system_prompt": snapshot.system_prompt,
+            }
+            await self._commit(doc, action="save", thread_id=thread_id, event={
+                "session_id": target, "revision": revision, "message_count": len(messages),
+                "turn_in_progress": snapshot.turn_in_progress, "created": existing is None,
+            })
+        return {
+            "session_id": target, "thread_id": thread_id, "turn_in_progress": snapshot.turn_in_progress,
+            "session": {"metadata": doc["metadata"], "messages": messages, "system_prompt": snapshot.system_prompt},
+        }
+
+    # ---- POST: rebuild from stored items ---------------------------------------------------
+
+    async def rebuild(self, *, thread_id: str, title: str | None = None, timeout: float) -> dict[str, Any]:
+        """Rebuild a new session from the thread's stored items (no engine involved)."""
+        if not isinstance(thread_id, str) or not thread_id.strip():
+            raise InvalidInput("thread_id must not be blank")
+        given_title = normalize_title(title) if title is not None else None
+        engine = self._rt.manager.engine(thread_id)
+        if engine is not None and engine.active is not None:
+            raise Conflict(f"Thread '{thread_id}' has a turn in progress ('{engine.active.id}')")
+        state = await self._rt.store.read(functools.partial(_rebuild_state, thread_id=thread_id))
+        if state is None:
+            raise NotFound(f"Thread '{thread_id}' not found")
+        if state["active_turn"]:
+            raise Conflict(f"Thread '{thread_id}' has a turn in progress ('{state['active_turn']}')")
+        messages = build_messages(state["base_messages"], state["items"])
+        if not messages:
+            raise InvalidInput(f"Thread '{thread_id}' has no messages to save")
+        thread = state["thread"]
+        final_title = given_title or derive_title(thread["title"] or "") or derive_title(
+            first_user_text(messages)) or UNTITLED
+        session_id = str(uuid.uuid4())
+        now = utc_now()
+        doc = {
+            "schema_version": SESSION_SCHEMA_VERSION,
+            "metadata": {
+                "id": session_id, "title": final_title, "created_at": now, "updated_at": now,
+                "message_count": len(messages), "total_tokens": state["total_tokens"], "model": thread["model"],
+                "workspace": thread["workspace"], "mode": thread["mode"], "archived": False, "revision": 1,
+                "thread_id": thread_id,
+            },
+            "messages": messages,
+            "system_prompt": thread["system_prompt"],
+        }
+        await self._commit(doc, action="save", thread_id=thread_id, event={
+            "session_id": session_id, "revision": 1, "message_count": len(messages),
+            "turn_in_progress": False, "created": True,
+        })
+        return {"session_id": session_id, "thread_id": thread_id, "message_count": len(messages),
+                "title": final_title}
+
+    # ---- reads -----------------------------------------------------------------------------
+
+    async def list(self, *, limit: int, search: str | None = None, include_archived: bool = False,
+                   archived_only: bool = False, sort: str = "recent") -> list[dict[str, Any]]:
+        if sort not in SORTS:
+            raise InvalidInput(f"sort must be one of: {', '.join(SORTS)}")
+        where, params = [], []
+        if archived_only:
+            where.append("archived = 1")
+        elif not include_archived:
+            where.append("archived = 0")
+        if search:
+            where.append("search_text LIKE ? ESCAPE '\\'")
+            params.append(_like_pattern(search))
+        sql = (f"SELECT * FROM sessions {'WHERE ' + ' AND '.join(where) if where else ''}"
+               f" ORDER BY {SORTS[sort]} LIMIT ?")
+        params.append(limit)
+
+        def query(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+            return [_index_metadata(row) for row in conn.execute(sql, params)]
+
+        return await self._rt.store.read(query)
+
+    async def get(self, session_id: str) -> dict[str, Any]:
+        validate_session_id(session_id)
+        doc = await trio.to_thread.run_sync(self.files.load_existing, session_id)
+        return {"metadata": doc["metadata"], "messages": doc["messages"], "system_prompt": doc.get("system_prompt")}
+
+    # ---- PATCH / DELETE --------------------------------------------------------------------
+
+    async def patch(self, session_id: str, *, title: str | None = None, archived: bool | None = None,
+                    if_match: int | str | None = None, timeout: float) -> dict[str, Any]:
+        validate_session_id(session_id)
+        if title is None and archived is None:
+            raise InvalidInput("Give at least one of: title, archived")
+        new_title = normalize_title(title) if title is not None else None
+        deadline = trio.current_time() + timeout
+        async with self._locked(session_id, deadline):
+            doc = await trio.to_thread.run_sync(self.files.load_existing, session_id)
+            _check_if_match(session_id, doc, if_match)
+            meta = dict(doc["metadata"])
+            changes: dict[str, Any] = {}
+            if new_title is not None and new_title != meta["title"]:
+                changes["title"] = new_title
+            if archived is not None and bool(archived) != bool(meta.get("archived", False)):
+                changes["archived"] = bool(archived)
+            if changes:
+                meta.update(changes)
+                meta["revision"] += 1
+                meta["updated_at"] = utc_now()
+                doc = {**doc, "metadata": meta}
+                await self._commit(doc, action="update", thread_id=None, event=None)
+        return {"session": meta, "changes": changes}
+
+    async def delete(self, session_id: str, *, timeout: float) -> None:
+        validate_session_id(session_id)
+        deadline = trio.current_time() + timeout
+        async with self._locked(session_id, deadline):
+
+            def commit(conn: sqlite3.Connection) -> None:
+                conn.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
+                conn.execute("UPDATE threads SET session_id = NULL WHERE session_id = ?", (session_id,))
+                self.files.delete(session_id)  # last: a failure rolls the SQL back
+
+            await self._rt.store.write_shielded(fn=commit, timeout=self.commit_timeout)
+
+    # ---- resume ----------------------------------------------------------------------------
+
+    async def resume(self, session_id: str, *, model: str | None = None, mode: str | None = None) -> dict[str, Any]:
+        """A new thread whose engine starts from the session's messages (its next turn sees them all)."""
+        validate_session_id(session_id)
+        doc = await trio.to_thread.run_sync(self.files.load_existing, session_id)
+        meta = doc["metadata"]
+        messages = doc["messages"]
+        total = meta.get("total_tokens", 0)
+        with trio.CancelScope(shield=True):  # one bounded store write; the caller always learns its id
+            thread = await self._rt.create_thread(
+                model=model or meta.get("model"), mode=mode or meta.get("mode"), workspace=meta.get("workspace"),
+                system_prompt=doc.get("system_prompt"), title=meta["title"], base_messages=messages,
+                base_tokens=total if isinstance(total, int) else 0, session_id=session_id)
+        return {
+            "thread_id": thread["id"], "session_id": session_id, "message_count": len(messages),
+            "summary": f"Resumed {len(messages)} message(s) from session '{meta['title']}'",
+        }
+
+
+def _check_if_match(session_id: str, doc: dict[str, Any] | None, if_match: int | str | None) -> None:
+    if if_match is None:
+        return
+    current = doc["metadata"]["revision"] if doc is not None else None
+    if if_match == "*":
+        if current is None:
+            raise PreconditionFailed(f"Session '{session_id}' does not exist (If-Match: *)")
+        return
+    if current != if_match:
+        raise PreconditionFailed(
+            f"Session '{session_id}' is at revision {current if current is not None else 'none'}, not {if_match}")
+
+
+def _upsert_index(conn: sqlite3.Connection, doc: dict[str, Any], size: int, mtime_ns: int) -> None:
+    meta = doc["metadata"]
+    conn.execute(
+        "INSERT INTO sessions (id, title, created_at, updated_at, message_count, total_tokens, model, workspace,"
+        " mode, archived, revision, size, file_mtime_ns, search_text) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        " ON CONFLICT (id) DO UPDATE SET title = excluded.title, created_at = excluded.created_at,"
+        " updated_at = excluded.updated_at, message_count = excluded.message_count,"
+        " total_tokens = excluded.total_tokens, model = excluded.model, workspace = excluded.workspace,"
+        " mode = excluded.mode, archived = excluded.archived, revision = excluded.revision, size = excluded.size,"
+        " file_mtime_ns = excluded.file_mtime_ns, search_text = excluded.search_text",
+        (meta["id"], meta["title"], meta["created_at"], meta["updated_at"], len(doc["messages"]),
+         str(meta.get("total_tokens", 0)), meta.get("model"), meta.get("workspace"), meta.get("mode"),
+         int(bool(meta.get("archived", False))), meta["revision"], size, mtime_ns,
+         _search_text(meta["title"], doc["messages"])),
+    )
+
+
+def _index_metadata(row: sqlite3.Row) -> dict[str, Any]:
+    return {
+        "id": row["id"], "title": row["title"], "created_at": row["created_at"], "updated_at": row["updated_at"],
+        "message_count": row["message_count"], "total_tokens": int(row["total_tokens"]), "model": row["model"],
+        "workspace": row["workspace"], "mode": row["mode"], "archived": bool(row["archived"]),
+        "revision": row["revision"], "size": row["size"],
+    }
+
+
+def _rebuild_state(conn: sqlite3.Connection, thread_id: str) -> dict[str, Any] | None:
+    state = records.engine_state(conn, thread_id)
+    if state is None:
+        return None
+    active = conn.execute(
+        "SELECT id FROM turns WHERE thread_id = ? AND status IN ('queued', 'in_progress') LIMIT 1", (thread_id,)
+    ).fetchone()
+    state["active_turn"] = active["id"] if active else None
+    state["total_tokens"] = state["base_tokens"] + state["turn_tokens"]
+    return state

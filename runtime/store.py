@@ -1,0 +1,319 @@
+"""Durable state in SQLite (WAL): threads, turns, items, the event log and the session index.
+
+All writes go through one writer task that group-commits: it takes every write request queued while
+the previous transaction ran and applies them in one thread hop and one transaction, each inside its
+own savepoint so one failing request never undoes another. A streaming turn therefore pays neither a
+thread hop nor a commit per token. Reads use a second connection (WAL lets it read while the writer
+writes) and never wait for the writer.
+
+Events are published to the EventBus only after their transaction committed, so a client that saw
+``seq`` N will find N after any crash.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import sqlite3
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import outcome
+import trio
+
+from . import schema
+from .clock import utc_now
+from .errors import StorageError
+
+log = logging.getLogger(__name__)
+
+# Requests folded into one transaction at most; bounds the latency a huge backlog adds to the first one.
+MAX_BATCH = 512
+RESTART_ERROR = "interrupted by process restart"
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    seq: int
+    timestamp: str
+    thread_id: str
+    turn_id: str | None
+    item_id: str | None
+    event: str
+    payload: dict[str, Any]
+
+    def envelope(self) -> dict[str, Any]:
+        env: dict[str, Any] = {"seq": self.seq, "timestamp": self.timestamp, "thread_id": self.thread_id}
+        if self.turn_id is not None:
+            env["turn_id"] = self.turn_id
+        if self.item_id is not None:
+            env["item_id"] = self.item_id
+        env["event"] = self.event
+        env["payload"] = self.payload
+        return env
+
+
+@dataclasses.dataclass
+class EventDraft:
+    """An event not yet in the log; the writer gives it its ``seq``."""
+
+    thread_id: str
+    event: str
+    payload: dict[str, Any]
+    turn_id: str | None = None
+    item_id: str | None = None
+    timestamp: str = dataclasses.field(default_factory=utc_now)
+
+
+Statement = tuple[str, Sequence[Any]]
+
+
+@dataclasses.dataclass(eq=False)
+class WriteRequest:
+    statements: Sequence[Statement] = ()
+    events: Sequence[EventDraft] = ()
+    # Runs first inside the request's savepoint, in the writer thread; its return value is the result.
+    fn: Callable[[sqlite3.Connection], Any] | None = None
+    done: trio.Event = dataclasses.field(default_factory=trio.Event)
+    result: outcome.Outcome | None = None
+    committed: list[Event] = dataclasses.field(default_factory=list)
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    # isolation_level=None: we issue BEGIN/COMMIT ourselves, so a batch is exactly one transaction.
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA journal_mode=WAL")
+    # NORMAL in WAL mode: a commit survives a process crash; only an OS crash can lose the last ones.
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA busy_timeout=5000")
+    return conn
+
+
+class Store:
+    """Open with ``async with Store.open(path, publish=...) as store``."""
+
+    def __init__(self, path: Path, publish: Callable[[list[Event]], None], write_queue: int) -> None:
+        self.path = path
+        self._publish = publish
+        # Unbounded so that submission never awaits: an engine can queue writes and mutate its state in
+        # one synchronous step, which keeps their order. Producers that stream (turns) call
+        # ``throttle`` so the backlog stays near ``write_queue`` (backpressure, bounded memory).
+        self._write_tx, self._write_rx = trio.open_memory_channel[WriteRequest](math.inf)
+        self._write_queue = write_queue
+        self._batch_done = trio.Event()
+        self._read_limiter = trio.CapacityLimiter(1)
+        self._wconn: sqlite3.Connection | None = None
+        self._rconn: sqlite3.Connection | None = None
+        self.recovered_turns = 0
+
+    @classmethod
+    def open(cls, path: Path, publish: Callable[[list[Event]], None], write_queue: int = 4096):
+        return _StoreContext(cls(path, publish, write_queue))
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def _open_sync(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._wconn = _connect(self.path)
+        schema.migrate(self._wconn)
+        self.recovered_turns = self._recover(self._wconn)
+        self._rconn = _connect(self.path)
+
+    @staticmethod
+    def _recover(conn: sqlite3.Connection) -> int:
+        """Turns and items a crash left queued/in_progress become interrupted, with an event each."""
+        now = utc_now()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            rows = conn.execute(
+                "SELECT id, thread_id, input_tokens, output_tokens FROM turns"
+                " WHERE status IN ('queued', 'in_progress')"
+            ).fetchall()
+            items = conn.execute(
+                "SELECT id, turn_id, thread_id, kind FROM items WHERE status IN ('queued', 'in_progress')"
+            ).fetchall()
+            for item in items:
+                conn.execute(
+                    "UPDATE items SET status = 'interrupted', ended_at = ? WHERE id = ?", (now, item["id"])
+                )
+                _insert_event(conn, EventDraft(
+                    item["thread_id"], "item.interrupted", {"kind": item["kind"], "reason": RESTART_ERROR},
+                    turn_id=item["turn_id"], item_id=item["id"], timestamp=now))
+            for row in rows:
+                conn.execute(
+                    "UPDATE turns SET status = 'interrupted', error = ?, ended_at = ? WHERE id = ?",
+                    (RESTART_ERROR, now, row["id"]),
+                )
+                _insert_event(conn, EventDraft(
+                    row["thread_id"], "turn.completed",
+                    {"status": "interrupted", "error": RESTART_ERROR,
+                     "usage": {"input_tokens": row["input_tokens"] or 0,
+                               "output_tokens": row["output_tokens"] or 0}},
+                    turn_id=row["id"], timestamp=now))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        if rows:
+            log.warning("marked %d turn(s) interrupted after an unclean stop", len(rows))
+        return len(rows)
+
+    def _close_sync(self) -> None:
+        for conn in (self._rconn, self._wconn):
+            if conn is not None:
+                conn.close()
+
+    # ---- writes ----------------------------------------------------------------------------
+
+    def submit(self, request: WriteRequest) -> WriteRequest:
+        """Queue a write without waiting (never a scheduling point). Once queued, the write happens."""
+        try:
+            self._write_tx.send_nowait(request)
+        except trio.ClosedResourceError as exc:
+            raise StorageError("the store is closed") from exc
+        return request
+
+    async def throttle(self) -> None:
+        """Wait while the writer's backlog exceeds the configured queue size (backpressure)."""
+        while self._write_rx.statistics().current_buffer_used > self._write_queue:
+            await self._batch_done.wait()
+
+    async def write(
+        self,
+        statements: Sequence[Statement] = (),
+        events: Sequence[EventDraft] = (),
+        fn: Callable[[sqlite3.Connection], Any] | None = None,
+    ) -> tuple[Any, list[Event]]:
+        """Queue a write and wait until it committed; returns ``(fn result, committed events)``.
+
+        A cancellation after queuing does not undo the write: callers that must know the outcome
+        wait under a shield (see ``write_shielded``).
+        """
+        request = self.submit(WriteRequest(statements, events, fn))
+        await request.done.wait()
+        assert request.result is not None
+        return request.result.unwrap(), request.committed
+
+    async def write_shielded(
+        self,
+        statements: Sequence[Statement] = (),
+        events: Sequence[EventDraft] = (),
+        fn: Callable[[sqlite3.Connection], Any] | None = None,
+        *,
+        timeout: float,
+    ) -> tuple[Any, list[Event]]:
+        """``write`` that a cancellation cannot interrupt: the caller always learns the outcome.
+
+        The shield is safe because the writer never blocks on anything but SQLite and the file
+        system; ``timeout`` bounds it anyway, and expiry raises StorageError (outcome unknown).
+        """
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(timeout):
+                return await self.write(statements, events, fn)
+        raise StorageError(f"the store did not commit within {timeout:g} s")
+
+    async def _writer(self, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        async with self._write_rx:
+            async for first in self._write_rx:
+                batch = [first]
+                while len(batch) < MAX_BATCH:
+                    try:
+                        batch.append(self._write_rx.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                # Not abandonable: the thread owns the connection until the transaction ends, and
+                # the requests' done events must only fire once their outcome is known.
+                await trio.to_thread.run_sync(self._apply_batch, batch)
+                for request in batch:
+                    if request.committed:
+                        try:
+                            self._publish(request.committed)
+                        except Exception:  # a subscriber bug must not stop durability
+                            log.exception("event publication failed")
+                    request.done.set()
+                self._batch_done.set()
+                self._batch_done = trio.Event()
+
+    def _apply_batch(self, batch: list[WriteRequest]) -> None:
+        conn = self._wconn
+        assert conn is not None
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            for request in batch:
+                request.result = outcome.Error(StorageError(f"Failed to begin a store transaction: {exc}"))
+            return
+        for request in batch:
+            conn.execute("SAVEPOINT req")
+            try:
+                value = request.fn(conn) if request.fn is not None else None
+                for sql, params in request.statements:
+                    conn.execute(sql, params)
+                request.committed = [_insert_event(conn, draft) for draft in request.events]
+                conn.execute("RELEASE req")
+                request.result = outcome.Value(value)
+            except Exception as exc:
+                conn.execute("ROLLBACK TO req")
+                conn.execute("RELEASE req")
+                request.committed = []
+                request.result = outcome.Error(exc)
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            conn.execute("ROLLBACK")
+            log.error("store commit failed: %s", exc)
+            for request in batch:
+                request.committed = []
+                request.result = outcome.Error(StorageError(f"Failed to commit to the store: {exc}"))
+
+    # ---- reads -----------------------------------------------------------------------------
+
+    async def read(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        """Run ``fn(conn)`` on the read connection in a worker thread (one hop)."""
+        assert self._rconn is not None
+        conn = self._rconn
+        return await trio.to_thread.run_sync(fn, conn, limiter=self._read_limiter)
+
+
+def _insert_event(conn: sqlite3.Connection, draft: EventDraft) -> Event:
+    payload = json.dumps(draft.payload, separators=(",", ":"))
+    cur = conn.execute(
+        "INSERT INTO events (thread_id, turn_id, item_id, event, timestamp, payload) VALUES (?, ?, ?, ?, ?, ?)",
+        (draft.thread_id, draft.turn_id, draft.item_id, draft.event, draft.timestamp, payload),
+    )
+    return Event(cur.lastrowid, draft.timestamp, draft.thread_id, draft.turn_id, draft.item_id,
+                 draft.event, draft.payload)
+
+
+def row_to_event(row: sqlite3.Row) -> Event:
+    return Event(row["seq"], row["timestamp"], row["thread_id"], row["turn_id"], row["item_id"],
+                 row["event"], json.loads(row["payload"]))
+
+
+class _StoreContext:
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._nursery_cm = trio.open_nursery()
+
+    async def __aenter__(self) -> Store:
+        try:
+            await trio.to_thread.run_sync(self._store._open_sync)
+        except (sqlite3.Error, OSError) as exc:
+            self._store._close_sync()
+            raise StorageError(f"Failed to open the store at {self._store.path}: {exc}") from exc
+        nursery = await self._nursery_cm.__aenter__()
+        await nursery.start(self._store._writer)
+        return self._store
+
+    async def __aexit__(self, *exc_info: Any) -> bool | None:
+        # Closing the send side lets the writer drain everything already queued, then stop.
+        self._store._write_tx.close()
+        try:
+            return await self._nursery_cm.__aexit__(*exc_info)
+        finally:
+            with trio.CancelScope(shield=True):  # closing connections is quick and must happen
+                await trio.to_thread.run_sync(self._store._close_sync)
