@@ -19,7 +19,7 @@ from . import ops, records
 from .clock import new_id, utc_now
 from .config import RuntimeConfig
 from .errors import EngineTimeout, InvalidInput, NotFound
-from .events import EventBus
+from .events import EventBus, EventStream
 from .handle import EngineEvicted
 from .manager import ThreadManager
 from .models.base import ModelBackend
@@ -186,7 +186,7 @@ class Runtime:
 
     # ---- events ----------------------------------------------------------------------------
 
-    async def subscribe(self, thread_id: str, since_seq: int = 0) -> AsyncIterator[Event]:
+    async def subscribe(self, thread_id: str, since_seq: int = 0) -> EventStream:
         """Check the thread exists (NotFound), then return its replay-then-live event stream."""
         await self.thread_record(thread_id)
         return self.bus.subscribe(self.store, thread_id, since_seq)

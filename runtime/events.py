@@ -2,14 +2,14 @@
 
 ``publish`` is called by the store's writer after each commit and never blocks: every subscriber has
 a bounded buffer, and one that falls behind is detached rather than allowed to slow the writer, the
-engines or other subscribers. ``subscribe`` hides that from its consumer: a detached subscription
-catches up from the store and re-attaches, so the stream has no gap and no duplicate either way.
+engines or other subscribers. ``EventStream`` hides that from its consumer: a detached stream
+catches up from the store and re-attaches, so it has no gap and no duplicate either way.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
-from typing import AsyncIterator
 
 import trio
 
@@ -64,30 +64,65 @@ class EventBus:
                 except trio.BrokenResourceError:
                     self.detach(sub)
 
-    async def subscribe(self, store: Store, thread_id: str, since_seq: int) -> AsyncIterator[Event]:
-        """Yield every event of ``thread_id`` with ``seq > since_seq``: stored ones, then live ones.
+    def subscribe(self, store: Store, thread_id: str, since_seq: int) -> "EventStream":
+        return EventStream(self, store, thread_id, since_seq)
 
-        Attaching before reading the store is what closes the gap: anything committed after the
-        attach is in the buffer, anything before it is in the store, and seqs already yielded are
-        skipped. Cancelling the consumer detaches the subscription at once.
-        """
-        last = since_seq
+
+class EventStream:
+    """Every event of one thread with ``seq > since_seq``: stored ones, then live ones.
+
+    Attaching to the bus before reading the store is what closes the gap: anything committed after
+    the attach is in the buffer, anything before it is in the store, and seqs already returned are
+    skipped. ``next`` is cancellation-safe (a cancelled call loses nothing; the next call resumes),
+    so callers may wrap it in timeouts. Use as an async iterator, and ``close`` it when done.
+    """
+
+    def __init__(self, bus: EventBus, store: Store, thread_id: str, since_seq: int) -> None:
+        self._bus = bus
+        self._store = store
+        self.thread_id = thread_id
+        self.last_seq = since_seq
+        self._sub = bus.attach(thread_id)
+        self._pending: collections.deque[Event] = collections.deque()
+        self._replaying = True
+        self.catch_ups = 0
+
+    async def next(self) -> Event:
         while True:
-            sub = self.attach(thread_id)
+            if self._pending:
+                event = self._pending.popleft()
+                self.last_seq = event.seq
+                return event
+            if self._replaying:
+                page = await self._store.read(functools.partial(
+                    records.events_after, thread_id=self.thread_id, since_seq=self.last_seq))
+                self._pending.extend(page)
+                if len(page) < records.EVENT_PAGE:
+                    self._replaying = False
+                continue
             try:
-                while True:
-                    page = await store.read(functools.partial(records.events_after, thread_id=thread_id,
-                                                              since_seq=last))
-                    for event in page:
-                        yield event
-                        last = event.seq
-                    if len(page) < records.EVENT_PAGE:
-                        break
-                async for event in sub.receive:
-                    if event.seq > last:
-                        yield event
-                        last = event.seq
-            finally:
-                self.detach(sub)
-            if not sub.overflowed:
-                return
+                event = await self._sub.receive.receive()
+            except (trio.EndOfChannel, trio.ClosedResourceError):
+                if not self._sub.overflowed:
+                    raise StopAsyncIteration from None
+                # Detached for falling behind: catch up from the store, then go live again.
+                self.catch_ups += 1
+                self._sub = self._bus.attach(self.thread_id)
+                self._replaying = True
+                continue
+            if event.seq > self.last_seq:
+                self.last_seq = event.seq
+                return event
+
+    def close(self) -> None:
+        self._bus.detach(self._sub)
+        self._sub.overflowed = False
+
+    def __aiter__(self) -> "EventStream":
+        return self
+
+    async def __anext__(self) -> Event:
+        return await self.next()
+
+    async def aclose(self) -> None:
+        self.close()

@@ -1,0 +1,133 @@
+"""``trio-runtime serve``: the Runtime and hypercorn's trio worker in one trio run.
+
+Shutdown order on SIGINT/SIGTERM: end open SSE streams, stop accepting and give in-flight requests
+``graceful_seconds``, then leave the Runtime (running turns end ``interrupted``, the store flushes),
+then exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from functools import partial
+from pathlib import Path
+
+import trio
+from hypercorn.config import Config as HyperConfig
+from hypercorn.trio import serve as hypercorn_serve
+
+from runtime import Runtime, RuntimeConfig, __version__
+
+from .app import create_app
+from .auth import TOKEN_FILE, load_or_create_token
+from .settings import (
+    DEFAULT_DATA_DIR, DEFAULT_HOST, DEFAULT_MAX_BODY, DEFAULT_PORT, DEFAULT_REQUEST_TIMEOUT, DEFAULT_SSE_KEEPALIVE,
+    ServerSettings, is_loopback,
+)
+
+log = logging.getLogger("trio_runtime")
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    value = os.environ.get(name)
+    return value if value not in (None, "") else default
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="trio-runtime", description="A local agent runtime server.")
+    parser.add_argument("--version", action="version", version=f"trio-runtime {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the HTTP server")
+    serve.add_argument("--host", default=DEFAULT_HOST, help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (0 picks a free one; default 7878)")
+    serve.add_argument("--data-dir", type=Path, default=Path(_env("TRIO_RUNTIME_DATA_DIR", str(DEFAULT_DATA_DIR))),
+                       help="where the database and sessions live [TRIO_RUNTIME_DATA_DIR]")
+    auth = serve.add_mutually_exclusive_group()
+    auth.add_argument("--auth-token", default=_env("TRIO_RUNTIME_TOKEN"),
+                      help="bearer token clients must send [TRIO_RUNTIME_TOKEN]; default: generated")
+    auth.add_argument("--insecure-no-auth", action="store_true", help="no auth (loopback hosts only)")
+    serve.add_argument("--request-timeout", type=float,
+                       default=float(_env("TRIO_RUNTIME_REQUEST_TIMEOUT", str(DEFAULT_REQUEST_TIMEOUT))),
+                       help="seconds a request may wait on an engine [TRIO_RUNTIME_REQUEST_TIMEOUT]")
+    serve.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                       help="allow this browser origin (repeatable); CORS is off without it")
+    serve.add_argument("--max-body", type=int, default=DEFAULT_MAX_BODY, help="largest request body in bytes")
+    serve.add_argument("--sse-keepalive", type=float, default=DEFAULT_SSE_KEEPALIVE,
+                       help="seconds between SSE keepalive comments")
+    serve.add_argument("--idle-evict", type=float, default=None,
+                       help="seconds before an idle engine is evicted (default 600)")
+    serve.add_argument("--model", choices=("scripted",), default="scripted", help="model backend")
+    serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> ServerSettings:
+    return ServerSettings(
+        host=args.host, port=args.port, data_dir=args.data_dir, auth_token=args.auth_token,
+        insecure_no_auth=args.insecure_no_auth, request_timeout=args.request_timeout,
+        cors_origins=tuple(args.cors_origin), max_body=args.max_body, sse_keepalive=args.sse_keepalive,
+        log_level=args.log_level,
+    )
+
+
+async def serve(settings: ServerSettings, runtime_config: RuntimeConfig,
+                task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+    token = settings.auth_token
+    if token is None and not settings.insecure_no_auth:
+        token, created = load_or_create_token(settings.data_dir)
+        where = settings.data_dir / TOKEN_FILE
+        if created:
+            print(f"trio-runtime auth token: {token} (saved to {where})", flush=True)
+        else:
+            print(f"trio-runtime auth token: read from {where}", flush=True)
+    hyper = HyperConfig()
+    hyper.bind = [f"[{settings.host}]:{settings.port}" if ":" in settings.host else f"{settings.host}:{settings.port}"]
+    hyper.accesslog = None
+    hyper.errorlog = logging.getLogger("hypercorn.error")
+    hyper.graceful_timeout = settings.graceful_seconds
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with Runtime.open(runtime_config) as rt:
+            app = create_app(rt, settings, token)
+            stop = trio.Event()
+
+            async def on_signal() -> None:
+                async for signum in signals:
+                    log.info("received %s, shutting down", signal.Signals(signum).name)
+                    app.config["TRIO_RUNTIME_STREAMS"].close_all()
+                    stop.set()
+                    return
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(on_signal)
+                binds = await nursery.start(partial(hypercorn_serve, app, hyper, shutdown_trigger=stop.wait))
+                url = binds[0] if binds else f"http://{settings.host}:{settings.port}"
+                print(f"trio-runtime listening on {url}", flush=True)
+                task_status.started(url)
+                # hypercorn returns once stop is set and in-flight requests finished (or the grace ran out)
+                await stop.wait()
+            log.info("stopped accepting; interrupting running turns and flushing the store")
+    log.info("shutdown complete")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    settings = settings_from_args(args)
+    if settings.insecure_no_auth and not is_loopback(settings.host):
+        parser.error(f"--insecure-no-auth is refused on the non-loopback host {settings.host!r}: "
+                     "anyone on the network could drive your agents. Use --auth-token instead.")
+    if settings.request_timeout <= 0:
+        parser.error("--request-timeout must be positive")
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    config = RuntimeConfig(data_dir=settings.data_dir,
+                           **({"idle_evict_seconds": args.idle_evict} if args.idle_evict else {}))
+    trio.run(serve, settings, config)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

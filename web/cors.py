@@ -1,0 +1,42 @@
+"""CORS: off by default; ``--cors-origin`` allows exactly the listed origins, preflight included."""
+
+from __future__ import annotations
+
+from quart import Quart, Response, request
+
+from .errors import error_response
+
+ALLOW_METHODS = "GET, POST, PUT, PATCH, DELETE, OPTIONS"
+ALLOW_HEADERS = "Authorization, Content-Type, If-Match, Last-Event-ID"
+EXPOSE_HEADERS = "ETag"
+PREFLIGHT_MAX_AGE = "600"  # seconds a browser may cache a preflight answer
+
+
+def install(app: Quart, origins: tuple[str, ...]) -> None:
+    allowed = frozenset(origins)
+
+    @app.before_request
+    async def preflight():
+        if request.method != "OPTIONS" or "Access-Control-Request-Method" not in request.headers:
+            return None
+        origin = request.headers.get("Origin")
+        if origin not in allowed:
+            return error_response(403, "forbidden", f"Origin {origin!r} is not allowed (see --cors-origin)")
+        response = Response("", status=204)
+        response.headers.update({
+            "Access-Control-Allow-Origin": origin,
+            "Access-Control-Allow-Methods": ALLOW_METHODS,
+            "Access-Control-Allow-Headers": ALLOW_HEADERS,
+            "Access-Control-Max-Age": PREFLIGHT_MAX_AGE,
+            "Vary": "Origin",
+        })
+        return response
+
+    @app.after_request
+    async def allow_origin(response: Response) -> Response:
+        origin = request.headers.get("Origin")
+        if origin is not None and origin in allowed:
+            response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers["Access-Control-Expose-Headers"] = EXPOSE_HEADERS
+            response.headers["Vary"] = "Origin"
+        return response

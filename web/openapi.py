@@ -1,0 +1,102 @@
+"""``/openapi.json`` built from the route registry, and ``/docs`` that renders it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from quart import Blueprint, Response, jsonify
+
+from runtime import __version__
+
+from .api import ROUTES, route
+from .schemas import ErrorResponse, json_schema
+
+bp = Blueprint("openapi", __name__)
+
+ERROR_TEXT = {400: "Invalid input", 401: "Missing or wrong token", 404: "Not found", 409: "Conflict with current state",
+              412: "Revision precondition failed", 413: "Body too large", 500: "Storage or internal error",
+              503: "Engine stopped", 504: "Timed out waiting for the engine"}
+
+
+def build_spec() -> dict[str, Any]:
+    components: dict[str, Any] = {}
+    error_ref = json_schema(ErrorResponse, components)
+    paths: dict[str, Any] = {}
+    for spec in ROUTES:
+        op: dict[str, Any] = {"summary": spec.summary, "tags": [spec.tag],
+                              "operationId": f"{spec.method.lower()}_{spec.path.strip('/').replace('/', '_')}"}
+        params = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+                  for name in _path_params(spec.path)]
+        for q in spec.query:
+            schema: dict[str, Any] = {"type": q.kind}
+            if q.enum:
+                schema["enum"] = list(q.enum)
+            params.append({"name": q.name, "in": "query", "required": False, "description": q.description,
+                           "schema": schema})
+        for name, description in spec.headers:
+            params.append({"name": name, "in": "header", "required": False, "description": description,
+                           "schema": {"type": "string"}})
+        if params:
+            op["parameters"] = params
+        if spec.body is not None:
+            op["requestBody"] = {"required": False,
+                                 "content": {"application/json": {"schema": json_schema(spec.body, components)}}}
+        ok: dict[str, Any] = {"description": "Success"}
+        if spec.response is not None:
+            ok["content"] = {spec.content_type: {"schema": json_schema(spec.response, components)}}
+        elif spec.content_type == "text/event-stream":
+            ok["content"] = {"text/event-stream": {"schema": {"type": "string"}}}
+        responses: dict[str, Any] = {str(spec.status): ok}
+        codes = set(spec.errors) | ({413} if spec.body is not None else set())
+        if not spec.public:
+            codes.add(401)
+            op["security"] = [{"bearer": []}]
+        for code in sorted(codes):
+            responses[str(code)] = {"description": ERROR_TEXT.get(code, "Error"),
+                                    "content": {"application/json": {"schema": error_ref}}}
+        op["responses"] = responses
+        paths.setdefault(spec.path, {})[spec.method.lower()] = op
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "trio-runtime", "version": __version__,
+                 "description": "Local agent runtime: threads, turns, items, events (SSE) and saved sessions."},
+        "paths": paths,
+        "components": {"schemas": components,
+                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+    }
+
+
+def _path_params(path: str) -> list[str]:
+    return [part[1:-1] for part in path.split("/") if part.startswith("{")]
+
+
+@route(bp, "/openapi.json", "GET", summary="This API's OpenAPI 3.1 description", public=True)
+async def openapi_json():
+    return jsonify(build_spec())
+
+
+DOCS_HTML = """<!doctype html>
+<html><head><meta charset="utf-8"><title>trio-runtime API</title>
+<style>body{font:14px/1.4 system-ui,sans-serif;margin:2em;max-width:60em}code{background:#eee;padding:0 .2em}
+h2{margin-top:1.5em}.m{display:inline-block;width:4.5em;font-weight:bold}</style></head>
+<body><h1>trio-runtime API</h1><p>Rendered from <a href="/openapi.json">/openapi.json</a>.</p><div id="r"></div>
+<script>
+fetch('/openapi.json').then(r => r.json()).then(spec => {
+  const out = document.getElementById('r');
+  for (const [path, ops] of Object.entries(spec.paths)) {
+    for (const [method, op] of Object.entries(ops)) {
+      const div = document.createElement('div');
+      const codes = Object.keys(op.responses).join(', ');
+      div.innerHTML = `<h2><span class="m">${method.toUpperCase()}</span><code>${path}</code></h2>` +
+        `<p>${op.summary}</p><p>Responses: ${codes}</p>`;
+      out.appendChild(div);
+    }
+  }
+});
+</script></body></html>
+"""
+
+
+@route(bp, "/docs", "GET", summary="Human-readable API docs", content_type="text/html", public=True)
+async def docs():
+    return Response(DOCS_HTML, content_type="text/html; charset=utf-8")

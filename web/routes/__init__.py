@@ -1,0 +1,1 @@
+"""HTTP routes, one module per resource. Each view parses input, calls the runtime, shapes output."""

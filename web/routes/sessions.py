@@ -1,0 +1,98 @@
+from __future__ import annotations
+
+from quart import Blueprint, Response, jsonify, request
+
+from runtime.core import clamp_limit
+from runtime.errors import InvalidInput
+
+from ..api import LIMIT, QueryParam, query_bool, query_int, read_body, route, runtime, settings
+from ..schemas import (
+    PatchSessionBody, PatchSessionResult, RebuildSessionBody, RebuildSessionResult, ResumeResult, ResumeSessionBody,
+    SaveSessionBody, SaveSessionResult, SessionDocument, SessionList,
+)
+
+bp = Blueprint("sessions", __name__, url_prefix="/v1/sessions")
+IF_MATCH = (("If-Match", "Optional revision precondition, e.g. \"3\" (412 when it differs)"),)
+
+
+def _if_match() -> int | str | None:
+    raw = request.headers.get("If-Match")
+    if raw is None:
+        return None
+    value = raw.strip()
+    if value == "*":
+        return "*"
+    if value.startswith("W/"):
+        value = value[2:]
+    value = value.strip('"')
+    if not value.isdigit():
+        raise InvalidInput('If-Match must be a session revision such as "3"')
+    return int(value)
+
+
+@route(bp, "", "PUT", summary="Save a thread's live engine state as a session (create or update in place)",
+       body=SaveSessionBody, response=SaveSessionResult, errors=(400, 404, 409, 412, 500, 503, 504), headers=IF_MATCH)
+async def save_session():
+    body = await read_body(SaveSessionBody)
+    result = await runtime().sessions.save(thread_id=body.thread_id, session_id=body.session_id,
+                                           wait_for_idle=body.wait_for_idle, if_match=_if_match(),
+                                           timeout=settings().request_timeout)
+    response = jsonify(result)
+    response.headers["ETag"] = f'"{result["session"]["metadata"]["revision"]}"'
+    return response
+
+
+@route(bp, "", "POST", summary="Rebuild a new session from a thread's stored turn items",
+       body=RebuildSessionBody, response=RebuildSessionResult, status=201, errors=(400, 404, 409, 500))
+async def rebuild_session():
+    body = await read_body(RebuildSessionBody)
+    result = await runtime().sessions.rebuild(thread_id=body.thread_id, title=body.title,
+                                              timeout=settings().request_timeout)
+    return jsonify(result), 201
+
+
+@route(bp, "", "GET", summary="List saved sessions", response=SessionList,
+       query=(LIMIT, QueryParam("search", "string", "Case-insensitive match on title and message text"),
+              QueryParam("include_archived", "boolean", "Include archived sessions"),
+              QueryParam("archived_only", "boolean", "Only archived sessions"),
+              QueryParam("sort", "string", "Order", enum=("recent", "name", "size"))), errors=(400,))
+async def list_sessions():
+    sessions = await runtime().sessions.list(
+        limit=clamp_limit(query_int("limit")), search=request.args.get("search") or None,
+        include_archived=query_bool("include_archived"), archived_only=query_bool("archived_only"),
+        sort=request.args.get("sort") or "recent")
+    return jsonify({"sessions": sessions})
+
+
+@route(bp, "/<session_id>", "GET", summary="A saved session (ETag: its revision)", response=SessionDocument,
+       errors=(400, 404, 500))
+async def get_session(session_id: str):
+    doc = await runtime().sessions.get(session_id)
+    response = jsonify(doc)
+    response.headers["ETag"] = f'"{doc["metadata"]["revision"]}"'
+    return response
+
+
+@route(bp, "/<session_id>", "PATCH", summary="Rename or (un)archive a session", body=PatchSessionBody,
+       response=PatchSessionResult, errors=(400, 404, 409, 412, 500), headers=IF_MATCH)
+async def patch_session(session_id: str):
+    body = await read_body(PatchSessionBody)
+    result = await runtime().sessions.patch(session_id, title=body.title, archived=body.archived,
+                                            if_match=_if_match(), timeout=settings().request_timeout)
+    response = jsonify(result)
+    response.headers["ETag"] = f'"{result["session"]["revision"]}"'
+    return response
+
+
+@route(bp, "/<session_id>", "DELETE", summary="Delete a session", status=204, errors=(400, 404, 409, 500))
+async def delete_session(session_id: str):
+    await runtime().sessions.delete(session_id, timeout=settings().request_timeout)
+    return Response("", status=204)
+
+
+@route(bp, "/<session_id>/resume-thread", "POST", summary="Start a new thread from a session's messages",
+       body=ResumeSessionBody, response=ResumeResult, status=201, errors=(400, 404, 500))
+async def resume_thread(session_id: str):
+    body = await read_body(ResumeSessionBody)
+    result = await runtime().sessions.resume(session_id, model=body.model, mode=body.mode)
+    return jsonify(result), 201

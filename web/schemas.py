@@ -1,0 +1,346 @@
+"""Request bodies and response records as dataclasses: the one source for validation and OpenAPI.
+
+``parse_body`` validates a decoded JSON value against a body dataclass (exact types, unknown fields
+rejected so a typo is never silently ignored) and ``json_schema`` turns any of these dataclasses into
+the JSON Schema that ``/openapi.json`` publishes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, Union
+
+from runtime.errors import InvalidInput
+
+MISSING = dataclasses.MISSING
+
+
+# ---- request bodies ------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class CreateThreadBody:
+    model: str | None = None
+    workspace: str | None = None
+    mode: str | None = None
+    system_prompt: str | None = None
+    title: str | None = None
+    archived: bool = False
+
+
+@dataclasses.dataclass
+class UpdateThreadBody:
+    archived: bool | None = None
+    model: str | None = None
+    mode: str | None = None
+    title: str | None = None
+    system_prompt: str | None = None
+
+
+@dataclasses.dataclass
+class StartTurnBody:
+    prompt: str
+    model: str | None = None
+    mode: str | None = None
+
+
+@dataclasses.dataclass
+class SteerBody:
+    prompt: str
+
+
+@dataclasses.dataclass
+class EmptyBody:
+    pass
+
+
+@dataclasses.dataclass
+class CompactBody:
+    reason: str | None = None
+
+
+@dataclasses.dataclass
+class SaveSessionBody:
+    thread_id: str | None = None
+    session_id: str | None = None
+    wait_for_idle: bool = False
+
+
+@dataclasses.dataclass
+class RebuildSessionBody:
+    thread_id: str
+    title: str | None = None
+
+
+@dataclasses.dataclass
+class PatchSessionBody:
+    title: str | None = None
+    archived: bool | None = None
+
+
+@dataclasses.dataclass
+class ResumeSessionBody:
+    model: str | None = None
+    mode: str | None = None
+
+
+# ---- response records (documentation only: the runtime builds these as dicts) -----------------
+
+
+@dataclasses.dataclass
+class ErrorDetail:
+    status: int
+    code: str
+    message: str
+
+
+@dataclasses.dataclass
+class ErrorResponse:
+    error: ErrorDetail
+
+
+@dataclasses.dataclass
+class Health:
+    status: str
+    service: str
+    mode: str
+
+
+@dataclasses.dataclass
+class RuntimeInfo:
+    version: str
+    data_dir: str
+    model_backend: str
+    uptime_seconds: float
+    live_engines: int
+    subscribers: int
+
+
+@dataclasses.dataclass
+class ThreadRecord:
+    id: str
+    created_at: str
+    updated_at: str
+    model: str
+    workspace: str | None
+    mode: str
+    archived: bool
+    title: str | None
+    system_prompt: str | None
+    latest_turn_id: str | None
+    session_id: str | None
+
+
+@dataclasses.dataclass
+class Usage:
+    input_tokens: int
+    output_tokens: int
+
+
+@dataclasses.dataclass
+class TurnRecord:
+    id: str
+    thread_id: str
+    status: str
+    input_summary: str
+    created_at: str
+    started_at: str | None
+    ended_at: str | None
+    duration_ms: int | None
+    usage: Usage | None
+    error: str | None
+    item_ids: list[str]
+    steer_count: int
+
+
+@dataclasses.dataclass
+class TurnItemRecord:
+    id: str
+    turn_id: str
+    kind: str
+    status: str
+    summary: str
+    detail: str | None
+    metadata: dict[str, Any] | None
+    started_at: str | None
+    ended_at: str | None
+
+
+@dataclasses.dataclass
+class ThreadDetail:
+    thread: ThreadRecord
+    turns: list[TurnRecord]
+    items: list[TurnItemRecord]
+    latest_seq: int
+
+
+@dataclasses.dataclass
+class CompactResult:
+    turn_id: str
+    item: TurnItemRecord
+    summary: str
+
+
+@dataclasses.dataclass
+class SessionMetadata:
+    id: str
+    title: str
+    created_at: str
+    updated_at: str
+    message_count: int
+    total_tokens: int
+    model: str | None
+    workspace: str | None
+    mode: str | None
+    archived: bool
+    revision: int
+
+
+@dataclasses.dataclass
+class SessionDocument:
+    metadata: SessionMetadata
+    messages: list[dict[str, Any]]
+    system_prompt: str | None
+
+
+@dataclasses.dataclass
+class SaveSessionResult:
+    session_id: str
+    thread_id: str
+    turn_in_progress: bool
+    session: SessionDocument
+
+
+@dataclasses.dataclass
+class RebuildSessionResult:
+    session_id: str
+    thread_id: str
+    message_count: int
+    title: str
+
+
+@dataclasses.dataclass
+class SessionList:
+    sessions: list[SessionMetadata]
+
+
+@dataclasses.dataclass
+class PatchSessionResult:
+    session: SessionMetadata
+    changes: dict[str, Any]
+
+
+@dataclasses.dataclass
+class ResumeResult:
+    thread_id: str
+    session_id: str
+    message_count: int
+    summary: str
+
+
+# ---- validation ----------------------------------------------------------------------------
+
+_NAMES = {str: "a string", bool: "a boolean", int: "an integer", float: "a number", dict: "an object",
+          list: "an array"}
+
+
+def _unwrap_optional(hint: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return hint, False
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    base = typing.get_origin(hint) or hint
+    if base is bool:
+        return isinstance(value, bool)
+    if base is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if base is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, base)
+
+
+def parse_body(cls: type, data: Any) -> Any:
+    """Validate decoded JSON against ``cls``; InvalidInput names the offending field."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise InvalidInput("The request body must be a JSON object")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        allowed = ", ".join(fields) or "none"
+        raise InvalidInput(f"Unknown field '{unknown[0]}' (allowed: {allowed})")
+    kwargs = {}
+    for name, field in fields.items():
+        hint, optional = _unwrap_optional(hints[name])
+        if name not in data:
+            if field.default is MISSING and field.default_factory is MISSING:
+                raise InvalidInput(f"Missing required field '{name}'")
+            continue
+        value = data[name]
+        if value is None:
+            if not optional:
+                raise InvalidInput(f"Field '{name}' must be {_NAMES.get(hint, hint)}, not null")
+        elif not _matches(value, hint):
+            raise InvalidInput(f"Field '{name}' must be {_NAMES.get(typing.get_origin(hint) or hint, hint)}")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def provided(body: Any) -> dict[str, Any]:
+    """The fields of a parsed PATCH-style body that the client actually set (non-null)."""
+    return {k: v for k, v in dataclasses.asdict(body).items() if v is not None}
+
+
+# ---- JSON Schema ---------------------------------------------------------------------------
+
+
+def json_schema(hint: Any, components: dict[str, Any]) -> dict[str, Any]:
+    """JSON Schema for a type hint; dataclasses become ``#/components/schemas`` references."""
+    hint, optional = _unwrap_optional(hint)
+    schema: dict[str, Any]
+    if dataclasses.is_dataclass(hint):
+        name = hint.__name__
+        if name not in components:
+            components[name] = {}  # placeholder against recursion
+            hints = typing.get_type_hints(hint)
+            props = {f.name: json_schema(hints[f.name], components) for f in dataclasses.fields(hint)}
+            required = [f.name for f in dataclasses.fields(hint)
+                        if f.default is MISSING and f.default_factory is MISSING]
+            body: dict[str, Any] = {"type": "object", "properties": props}
+            if name.endswith("Body"):  # request bodies reject unknown fields; responses may grow
+                body["additionalProperties"] = False
+            if required:
+                body["required"] = required
+            components[name] = body
+        schema = {"$ref": f"#/components/schemas/{name}"}
+        if optional:
+            schema = {"anyOf": [schema, {"type": "null"}]}
+        return schema
+    origin = typing.get_origin(hint) or hint
+    if origin is list:
+        (item,) = typing.get_args(hint) or (Any,)
+        schema = {"type": "array", "items": json_schema(item, components) if item is not Any else {}}
+    elif origin is dict:
+        schema = {"type": "object"}
+    elif origin is bool:
+        schema = {"type": "boolean"}
+    elif origin is int:
+        schema = {"type": "integer"}
+    elif origin is float:
+        schema = {"type": "number"}
+    elif origin is str:
+        schema = {"type": "string"}
+    else:
+        schema = {}
+    if optional and "type" in schema:
+        schema = {**schema, "type": [schema["type"], "null"]}
+    return schema

@@ -1,0 +1,59 @@
+"""Server-sent events: frames, keepalive comments, and closing every stream at shutdown."""
+
+from __future__ import annotations
+
+import json
+from typing import AsyncIterator
+
+import trio
+
+from runtime.events import EventStream
+from runtime.store import Event
+
+
+def frame(event: Event) -> bytes:
+    data = json.dumps(event.envelope(), separators=(",", ":"), ensure_ascii=False)
+    return f"id: {event.seq}\nevent: {event.event}\ndata: {data}\n\n".encode()
+
+
+KEEPALIVE = b": keepalive\n\n"
+
+
+class StreamRegistry:
+    """The cancel scopes of open streams, so shutdown can end them instead of waiting them out."""
+
+    def __init__(self) -> None:
+        self._scopes: set[trio.CancelScope] = set()
+        self.closed = False
+
+    def __len__(self) -> int:
+        return len(self._scopes)
+
+    def close_all(self) -> None:
+        self.closed = True
+        for scope in self._scopes:
+            scope.cancel(reason="server shutting down")
+
+    async def frames(self, stream: EventStream, keepalive: float) -> AsyncIterator[bytes]:
+        """Yield frames until the client goes away (this generator is cancelled) or shutdown.
+
+        Each wait gets a fresh scope whose deadline is the keepalive and which shutdown can cancel;
+        ``stream.next`` is cancellation-safe, so neither loses an event. No yield happens inside a
+        cancel scope (that would leak the scope into the consumer's task).
+        """
+        try:
+            while not self.closed:
+                scope = trio.CancelScope(deadline=trio.current_time() + keepalive)
+                self._scopes.add(scope)
+                event = None
+                try:
+                    with scope:
+                        event = await stream.next()
+                finally:
+                    self._scopes.discard(scope)
+                if event is not None:
+                    yield frame(event)
+                elif not self.closed:
+                    yield KEEPALIVE
+        finally:
+            stream.close()
