@@ -31,22 +31,34 @@ class EventBus:
         self._buffer = buffer
         self._subs: dict[str, set[Subscription]] = {}
         self.overflows = 0
+        self._changed = trio.Event()
 
     @property
     def subscriber_count(self) -> int:
         return sum(len(s) for s in self._subs.values())
 
+    async def wait_for_subscribers(self, predicate) -> None:
+        """Wait until ``predicate(subscriber_count)`` holds (lets shutdown and tests wait without polling)."""
+        while not predicate(self.subscriber_count):
+            await self._changed.wait()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
     def attach(self, thread_id: str) -> Subscription:
         sub = Subscription(thread_id, self._buffer)
         self._subs.setdefault(thread_id, set()).add(sub)
+        self._notify()
         return sub
 
     def detach(self, sub: Subscription) -> None:
         subs = self._subs.get(sub.thread_id)
-        if subs is not None:
+        if subs is not None and sub in subs:
             subs.discard(sub)
             if not subs:
                 del self._subs[sub.thread_id]
+            self._notify()
         sub.send.close()
 
     def publish(self, events: list[Event]) -> None:

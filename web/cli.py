@@ -8,12 +8,14 @@ then exit 0.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import signal
 import sys
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import trio
 from hypercorn.config import Config as HyperConfig
@@ -24,7 +26,7 @@ from runtime import Runtime, RuntimeConfig, __version__
 from .app import create_app
 from .auth import TOKEN_FILE, load_or_create_token
 from .settings import (
-    DEFAULT_DATA_DIR, DEFAULT_HOST, DEFAULT_MAX_BODY, DEFAULT_PORT, DEFAULT_REQUEST_TIMEOUT, DEFAULT_SSE_KEEPALIVE,
+    DEFAULT_DATA_DIR, DEFAULT_GRACEFUL_SECONDS, DEFAULT_HOST, DEFAULT_MAX_BODY, DEFAULT_PORT, DEFAULT_REQUEST_TIMEOUT, DEFAULT_SSE_KEEPALIVE,
     ServerSettings, is_loopback,
 )
 
@@ -57,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-body", type=int, default=DEFAULT_MAX_BODY, help="largest request body in bytes")
     serve.add_argument("--sse-keepalive", type=float, default=DEFAULT_SSE_KEEPALIVE,
                        help="seconds between SSE keepalive comments")
+    serve.add_argument("--graceful-timeout", type=float, default=DEFAULT_GRACEFUL_SECONDS,
+                       help="seconds in-flight requests get to finish after SIGINT/SIGTERM (default 3)")
     serve.add_argument("--idle-evict", type=float, default=None,
                        help="seconds before an idle engine is evicted (default 600)")
     serve.add_argument("--model", choices=("scripted",), default="scripted", help="model backend")
@@ -69,12 +73,22 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         host=args.host, port=args.port, data_dir=args.data_dir, auth_token=args.auth_token,
         insecure_no_auth=args.insecure_no_auth, request_timeout=args.request_timeout,
         cors_origins=tuple(args.cors_origin), max_body=args.max_body, sse_keepalive=args.sse_keepalive,
-        log_level=args.log_level,
+        graceful_seconds=args.graceful_timeout, log_level=args.log_level,
     )
 
 
-async def serve(settings: ServerSettings, runtime_config: RuntimeConfig,
-                task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+@dataclasses.dataclass(frozen=True)
+class RunningServer:
+    url: str
+    token: str | None
+    runtime: Runtime
+    app: Any
+
+
+async def run_server(settings: ServerSettings, runtime_config: RuntimeConfig, *, shutdown: trio.Event,
+                     task_status: trio.TaskStatus[RunningServer] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve until ``shutdown`` is set, then shut down in order (see the module docstring).
+    Reports a RunningServer (real URL, token) through ``task_status`` once it accepts connections."""
     token = settings.auth_token
     if token is None and not settings.insecure_no_auth:
         token, created = load_or_create_token(settings.data_dir)
@@ -88,28 +102,38 @@ async def serve(settings: ServerSettings, runtime_config: RuntimeConfig,
     hyper.accesslog = None
     hyper.errorlog = logging.getLogger("hypercorn.error")
     hyper.graceful_timeout = settings.graceful_seconds
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with Runtime.open(runtime_config) as rt:
-            app = create_app(rt, settings, token)
-            stop = trio.Event()
+    async with Runtime.open(runtime_config) as rt:
+        app = create_app(rt, settings, token)
 
-            async def on_signal() -> None:
-                async for signum in signals:
-                    log.info("received %s, shutting down", signal.Signals(signum).name)
-                    app.config["TRIO_RUNTIME_STREAMS"].close_all()
-                    stop.set()
-                    return
+        async def stop_serving() -> None:
+            await shutdown.wait()
+            app.config["TRIO_RUNTIME_STREAMS"].close_all()  # SSE streams would otherwise run out the grace
 
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(on_signal)
-                binds = await nursery.start(partial(hypercorn_serve, app, hyper, shutdown_trigger=stop.wait))
-                url = binds[0] if binds else f"http://{settings.host}:{settings.port}"
-                print(f"trio-runtime listening on {url}", flush=True)
-                task_status.started(url)
-                # hypercorn returns once stop is set and in-flight requests finished (or the grace ran out)
-                await stop.wait()
-            log.info("stopped accepting; interrupting running turns and flushing the store")
+        # hypercorn returns once stop_serving returned and in-flight requests finished (or the grace ran out)
+        async with trio.open_nursery() as nursery:
+            binds = await nursery.start(partial(hypercorn_serve, app, hyper, shutdown_trigger=stop_serving))
+            url = binds[0] if binds else f"http://{settings.host}:{settings.port}"
+            print(f"trio-runtime listening on {url}", flush=True)
+            task_status.started(RunningServer(url, token, rt, app))
+        log.info("stopped accepting; interrupting running turns and flushing the store")
     log.info("shutdown complete")
+
+
+async def serve(settings: ServerSettings, runtime_config: RuntimeConfig) -> None:
+    """``run_server`` until SIGINT or SIGTERM."""
+    shutdown = trio.Event()
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+
+        async def on_signal() -> None:
+            async for signum in signals:
+                log.info("received %s, shutting down", signal.Signals(signum).name)
+                shutdown.set()
+                return
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(on_signal)
+            await run_server(settings, runtime_config, shutdown=shutdown)
+            nursery.cancel_scope.cancel()
 
 
 def main(argv: list[str] | None = None) -> int:

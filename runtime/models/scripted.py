@@ -28,8 +28,9 @@ def parse_directive(prompt: str) -> tuple[str | None, str, str]:
 
 
 async def _words(text: str, delay: float, kind: type) -> AsyncIterator[ModelEvent]:
+    """One delta per word; the first comes at once, then one every ``delay`` seconds."""
     for index, word in enumerate(text.split()):
-        if delay:
+        if delay and index:
             await trio.sleep(delay)
         else:
             await trio.lowlevel.checkpoint()

@@ -1,0 +1,64 @@
+"""Shared fixtures. Test policy: anything timed runs on trio's MockClock (``autojump_clock``); the
+end-to-end tests use a real server on a real loopback socket (real clock), with a hard ``fail_after``
+on every wait so a bug fails the test instead of hanging the suite."""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from pathlib import Path
+
+import pytest
+import trio
+
+from runtime import RuntimeConfig
+from web.cli import RunningServer, run_server
+from web.client import AsyncClient
+from web.settings import ServerSettings
+
+# Upper bound for any single e2e wait; generous because CI machines are busy, never a sync device.
+E2E_LIMIT = 20.0
+
+
+@dataclasses.dataclass
+class LiveServer:
+    running: RunningServer
+    data_dir: Path
+    shutdown: trio.Event
+
+    @property
+    def url(self) -> str:
+        return self.running.url
+
+    @property
+    def token(self) -> str | None:
+        return self.running.token
+
+    @property
+    def runtime(self):
+        return self.running.runtime
+
+    def client(self, token: str | None | bool = True) -> AsyncClient:
+        return AsyncClient(self.url, self.token if token is True else (token or None))
+
+
+async def start_server(nursery: trio.Nursery, data_dir: Path, **settings_overrides) -> LiveServer:
+    settings = ServerSettings(**{"host": "127.0.0.1", "port": 0, "data_dir": data_dir, "auth_token": "test-token",
+                                 **settings_overrides})
+    shutdown = trio.Event()
+    running = await nursery.start(partial(run_server, settings, RuntimeConfig(data_dir=data_dir),
+                                          shutdown=shutdown))
+    return LiveServer(running, data_dir, shutdown)
+
+
+@pytest.fixture
+async def server(nursery, tmp_path):
+    live = await start_server(nursery, tmp_path / "data")
+    yield live
+    live.shutdown.set()
+
+
+@pytest.fixture
+async def client(server):
+    async with server.client() as c:
+        yield c

@@ -1,0 +1,56 @@
+"""Run ``trio-runtime serve`` as a real subprocess and read its startup line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import trio
+
+from tests.conftest import E2E_LIMIT
+
+
+class ServerProcess:
+    def __init__(self, data_dir: Path, *extra: str, token: str = "proc-token") -> None:
+        self.data_dir = data_dir
+        self.token = token
+        self.args = [sys.executable, "-m", "web.cli", "serve", "--port", "0", "--data-dir", str(data_dir),
+                     "--auth-token", token, "--log-level", "warning", *extra]
+        self.process: trio.Process | None = None
+        self.url: str | None = None
+        self.output: list[str] = []
+
+    async def start(self) -> "ServerProcess":
+        self.process = await trio.lowlevel.open_process(
+            self.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        buffer = b""
+        with trio.fail_after(E2E_LIMIT):
+            while self.url is None:
+                chunk = await self.process.stdout.receive_some(4096)
+                if not chunk:
+                    raise AssertionError(f"server exited before listening: {buffer.decode(errors='replace')}")
+                buffer += chunk
+                for line in buffer.decode(errors="replace").splitlines():
+                    if line.startswith("trio-runtime listening on "):
+                        self.url = line.split(" on ", 1)[1].strip()
+        self.output.append(buffer.decode(errors="replace"))
+        return self
+
+    async def drain(self) -> str:
+        """Read the rest of the output until the process closes it."""
+        assert self.process is not None
+        with trio.fail_after(E2E_LIMIT):
+            while chunk := await self.process.stdout.receive_some(4096):
+                self.output.append(chunk.decode(errors="replace"))
+        return "".join(self.output)
+
+    async def wait(self) -> int:
+        assert self.process is not None
+        with trio.fail_after(E2E_LIMIT):
+            return await self.process.wait()
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.process.kill()

@@ -1,0 +1,250 @@
+"""A small typed HTTP client for trio-runtime, sync (``Client``) and async (``AsyncClient``).
+
+The examples and the end-to-end tests share it, so URL building, auth and error handling live in one
+place. Every method is defined once in ``_Api``; the sync and async classes differ only in how they
+send. Errors raise ``ApiError`` carrying the server's JSON error body.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Iterator
+
+import httpx
+
+DEFAULT_URL = "http://127.0.0.1:7878"
+DEFAULT_TOKEN_FILE = Path(".trio-runtime") / "runtime.token"
+
+
+class ApiError(Exception):
+    """The server answered with an error status; ``body`` is its JSON error object when it sent one."""
+
+    def __init__(self, status: int, code: str, message: str, body: Any = None) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+        self.body = body
+
+
+class ServerUnreachable(Exception):
+    """No server answered at the URL (connection refused, DNS failure, timeout)."""
+
+
+def default_url() -> str:
+    return os.environ.get("TRIO_RUNTIME_URL") or DEFAULT_URL
+
+
+def default_token(data_dir: Path | None = None) -> str | None:
+    """``TRIO_RUNTIME_TOKEN``, else the token file the server wrote in its data dir."""
+    token = os.environ.get("TRIO_RUNTIME_TOKEN")
+    if token:
+        return token
+    data = data_dir or Path(os.environ.get("TRIO_RUNTIME_DATA_DIR") or DEFAULT_TOKEN_FILE.parent)
+    try:
+        return (data / DEFAULT_TOKEN_FILE.name).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _raise_for(response: httpx.Response) -> None:
+    if response.status_code < 400:
+        return
+    try:
+        body = response.json()
+        err = body["error"]
+        raise ApiError(err["status"], err["code"], err["message"], body)
+    except (ValueError, KeyError, TypeError):
+        raise ApiError(response.status_code, "http_error", response.text[:200]) from None
+
+
+def _decode(response: httpx.Response) -> Any:
+    _raise_for(response)
+    if response.status_code == 204 or not response.content:
+        return None
+    return response.json()
+
+
+class SseParser:
+    """Feed it lines of a ``text/event-stream``; it returns each event's JSON envelope when complete."""
+
+    def __init__(self) -> None:
+        self._data: list[str] = []
+        self.keepalives = 0
+
+    def feed(self, line: str) -> dict[str, Any] | None:
+        if line == "":
+            if not self._data:
+                return None
+            data, self._data = "\n".join(self._data), []
+            return json.loads(data)
+        if line.startswith(":"):
+            self.keepalives += 1
+        elif line.startswith("data:"):
+            self._data.append(line[5:].lstrip(" "))
+        return None
+
+
+class _Api:
+    """Every endpoint, once. ``_call`` returns a value (sync) or an awaitable (async)."""
+
+    def _call(self, method: str, path: str, *, json_body: Any = None, params: dict[str, Any] | None = None,
+              headers: dict[str, str] | None = None, transform: Callable[[Any], Any] | None = None) -> Any:
+        raise NotImplementedError
+
+    # health
+    def health(self):
+        return self._call("GET", "/health")
+
+    def info(self):
+        return self._call("GET", "/v1/runtime/info")
+
+    # threads
+    def create_thread(self, **fields: Any):
+        return self._call("POST", "/v1/threads", json_body=fields)
+
+    def list_threads(self, *, limit: int | None = None, include_archived: bool = False, archived_only: bool = False):
+        return self._call("GET", "/v1/threads", params=_params(limit=limit, include_archived=include_archived,
+                                                               archived_only=archived_only))
+
+    def get_thread(self, thread_id: str):
+        return self._call("GET", f"/v1/threads/{thread_id}")
+
+    def update_thread(self, thread_id: str, **changes: Any):
+        return self._call("PATCH", f"/v1/threads/{thread_id}", json_body=changes)
+
+    # turns
+    def start_turn(self, thread_id: str, prompt: str, **options: Any):
+        return self._call("POST", f"/v1/threads/{thread_id}/turns", json_body={"prompt": prompt, **options})
+
+    def steer(self, thread_id: str, turn_id: str, prompt: str):
+        return self._call("POST", f"/v1/threads/{thread_id}/turns/{turn_id}/steer", json_body={"prompt": prompt})
+
+    def interrupt(self, thread_id: str, turn_id: str):
+        return self._call("POST", f"/v1/threads/{thread_id}/turns/{turn_id}/interrupt")
+
+    def compact(self, thread_id: str, reason: str | None = None):
+        return self._call("POST", f"/v1/threads/{thread_id}/compact", json_body=_params(reason=reason))
+
+    # sessions
+    def save_session(self, *, thread_id: str | None = None, session_id: str | None = None,
+                     wait_for_idle: bool = False, if_match: int | None = None):
+        body = _params(thread_id=thread_id, session_id=session_id)
+        if wait_for_idle:
+            body["wait_for_idle"] = True
+        return self._call("PUT", "/v1/sessions", json_body=body, headers=_if_match(if_match))
+
+    def rebuild_session(self, thread_id: str, title: str | None = None):
+        return self._call("POST", "/v1/sessions", json_body=_params(thread_id=thread_id, title=title))
+
+    def list_sessions(self, *, limit: int | None = None, search: str | None = None, include_archived: bool = False,
+                      archived_only: bool = False, sort: str | None = None):
+        return self._call("GET", "/v1/sessions", transform=lambda body: body["sessions"], params=_params(
+            limit=limit, search=search, include_archived=include_archived, archived_only=archived_only, sort=sort))
+
+    def get_session(self, session_id: str):
+        return self._call("GET", f"/v1/sessions/{session_id}")
+
+    def patch_session(self, session_id: str, *, title: str | None = None, archived: bool | None = None,
+                      if_match: int | None = None):
+        return self._call("PATCH", f"/v1/sessions/{session_id}", json_body=_params(title=title, archived=archived),
+                          headers=_if_match(if_match))
+
+    def delete_session(self, session_id: str):
+        return self._call("DELETE", f"/v1/sessions/{session_id}")
+
+    def resume_thread(self, session_id: str, **options: Any):
+        return self._call("POST", f"/v1/sessions/{session_id}/resume-thread", json_body=options)
+
+
+def _params(**values: Any) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if v is not None and v is not False}
+
+
+def _if_match(revision: int | None) -> dict[str, str] | None:
+    return {"If-Match": f'"{revision}"'} if revision is not None else None
+
+
+def _headers(token: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+class Client(_Api):
+    def __init__(self, url: str | None = None, token: str | None = None, *, timeout: float = 30.0) -> None:
+        self.url = (url or default_url()).rstrip("/")
+        self._http = httpx.Client(base_url=self.url, headers=_headers(token), timeout=timeout)
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _call(self, method, path, *, json_body=None, params=None, headers=None, transform=None):
+        try:
+            response = self._http.request(method, path, json=json_body, params=params, headers=headers)
+        except httpx.TransportError as exc:
+            raise ServerUnreachable(f"Cannot reach trio-runtime at {self.url}: {exc}") from exc
+        value = _decode(response)
+        return transform(value) if transform else value
+
+    def events(self, thread_id: str, since_seq: int = 0) -> Iterator[dict[str, Any]]:
+        """Yield event envelopes (replay, then live) until the caller stops iterating."""
+        parser = SseParser()
+        try:
+            with self._http.stream("GET", f"/v1/threads/{thread_id}/events", params={"since_seq": since_seq},
+                                   timeout=httpx.Timeout(None, connect=10.0)) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    _raise_for(response)
+                for line in response.iter_lines():
+                    event = parser.feed(line)
+                    if event is not None:
+                        yield event
+        except httpx.TransportError as exc:
+            raise ServerUnreachable(f"Lost the event stream from {self.url}: {exc}") from exc
+
+
+class AsyncClient(_Api):
+    """The same API for trio (or asyncio) code: every method returns an awaitable."""
+
+    def __init__(self, url: str | None = None, token: str | None = None, *, timeout: float = 30.0) -> None:
+        self.url = (url or default_url()).rstrip("/")
+        self._http = httpx.AsyncClient(base_url=self.url, headers=_headers(token), timeout=timeout)
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _call(self, method, path, *, json_body=None, params=None, headers=None, transform=None):
+        try:
+            response = await self._http.request(method, path, json=json_body, params=params, headers=headers)
+        except httpx.TransportError as exc:
+            raise ServerUnreachable(f"Cannot reach trio-runtime at {self.url}: {exc}") from exc
+        value = _decode(response)
+        return transform(value) if transform else value
+
+    async def events(self, thread_id: str, since_seq: int = 0) -> AsyncIterator[dict[str, Any]]:
+        parser = SseParser()
+        try:
+            async with self._http.stream("GET", f"/v1/threads/{thread_id}/events", params={"since_seq": since_seq},
+                                         timeout=httpx.Timeout(None, connect=10.0)) as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    _raise_for(response)
+                async for line in response.aiter_lines():
+                    event = parser.feed(line)
+                    if event is not None:
+                        yield event
+        except httpx.TransportError as exc:
+            raise ServerUnreachable(f"Lost the event stream from {self.url}: {exc}") from exc
