@@ -23,7 +23,9 @@ from . import ops
 from .clock import new_id, utc_now
 from .config import RuntimeConfig
 from .errors import Conflict, InvalidInput, RuntimeFailure
-from .models.base import ItemBreak, ModelBackend, ModelError, ModelRequest, ReasoningDelta, TextDelta, Usage
+from .models.base import (
+    ItemBreak, ModelBackend, ModelError, ModelRequest, ReasoningDelta, Retrying, TextDelta, ToolCall, ToolResult, Usage,
+)
 from .store import EventDraft, Store, WriteRequest
 from .transcript import apply_items, build_messages, summarize
 
@@ -72,6 +74,7 @@ class _Turn:
     open_item: _Item | None = None
     steer_count: int = 0
     usage: Usage | None = None
+    retries: int = 0
     # Why the turn's scope was cancelled: decides its final status and error.
     end_status: str = "interrupted"
     end_error: str | None = None
@@ -420,17 +423,36 @@ class Engine:
 
     # ---- the turn task ---------------------------------------------------------------------
 
-    def _open_item(self, turn: _Turn, kind: str) -> _Item:
-        if turn.open_item is not None and turn.open_item.kind == kind:
+    def _open_item(self, turn: _Turn, kind: str, metadata: dict[str, Any] | None = None) -> _Item:
+        if turn.open_item is not None and turn.open_item.kind == kind and metadata is None:
             return turn.open_item
         self._close_open_item(turn, "completed")
         item = self._next_item(turn, kind)
+        if turn.retries:
+            metadata = {**(metadata or {}), "retries": turn.retries}
+        item.metadata = metadata
         turn.open_item = item
         self._store.submit(WriteRequest(
             statements=[self._insert_item(turn, item, self.thread_id)],
-            events=[EventDraft(self.thread_id, "item.started", {"kind": kind}, turn.id, item.id, item.started_at)],
+            events=[EventDraft(self.thread_id, "item.started", {"kind": kind, **(metadata or {})}, turn.id, item.id,
+                               item.started_at)],
         ))
         return item
+
+    def _tool_call(self, turn: _Turn, call: ToolCall) -> None:
+        self._open_item(turn, "tool_call", {"tool_use_id": call.id, "name": call.name, "input": call.input})
+
+    def _tool_result(self, turn: _Turn, result: ToolResult) -> None:
+        item = turn.open_item
+        if item is None or item.kind != "tool_call" or (item.metadata or {}).get("tool_use_id") != result.id:
+            item = next((i for i in reversed(turn.items) if i.kind == "tool_call"
+                         and (i.metadata or {}).get("tool_use_id") == result.id), None)
+            if item is None:
+                raise ModelError(f"tool result for unknown call {result.id!r}")
+            turn.open_item = item
+        item.metadata = {**(item.metadata or {}), "result": result.content, "is_error": result.is_error}
+        item.parts[:] = [result.content]
+        self._close_open_item(turn, "completed")
 
     def _close_open_item(self, turn: _Turn, status: str) -> None:
         item = turn.open_item
@@ -441,10 +463,15 @@ class Engine:
         now = utc_now()
         text = "".join(item.parts)
         event = {"completed": "item.completed", "interrupted": "item.interrupted"}.get(status, "item.failed")
+        payload: dict[str, Any] = {"kind": item.kind, "text": text}
+        if item.metadata:
+            payload["metadata"] = item.metadata
         self._store.submit(WriteRequest(
-            statements=[("UPDATE items SET status = ?, summary = ?, detail = ?, ended_at = ? WHERE id = ?",
-                         (status, _preview(text), text, now, item.id))],
-            events=[EventDraft(self.thread_id, event, {"kind": item.kind, "text": text}, turn.id, item.id, now)],
+            statements=[("UPDATE items SET status = ?, summary = ?, detail = ?, metadata = ?, ended_at = ?"
+                         " WHERE id = ?",
+                         (status, _preview(text), text, json.dumps(item.metadata) if item.metadata else None, now,
+                          item.id))],
+            events=[EventDraft(self.thread_id, event, payload, turn.id, item.id, now)],
         ))
 
     async def _run_turn(self, turn: _Turn) -> None:
@@ -468,6 +495,15 @@ class Engine:
                             self._delta(turn, "agent_reasoning", event.text)
                         elif isinstance(event, ItemBreak):
                             self._close_open_item(turn, "completed")
+                        elif isinstance(event, ToolCall):
+                            self._tool_call(turn, event)
+                        elif isinstance(event, ToolResult):
+                            self._tool_result(turn, event)
+                        elif isinstance(event, Retrying):
+                            turn.retries = event.attempt
+                            self._store.submit(WriteRequest(events=[EventDraft(
+                                self.thread_id, "turn.retrying", {"attempt": event.attempt, "reason": event.reason},
+                                turn_id=turn.id)]))
                         elif isinstance(event, Usage):
                             turn.usage = event
                         await self._store.throttle()

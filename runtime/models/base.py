@@ -42,12 +42,38 @@ class ItemBreak:
 
 
 @dataclasses.dataclass(frozen=True)
+class ToolCall:
+    """The model asked for a tool; becomes a ``tool_call`` item (a ``tool_use`` block)."""
+
+    id: str
+    name: str
+    input: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class ToolResult:
+    """The tool's answer to the ToolCall with the same ``id``; completes that item (a ``tool_result`` block)."""
+
+    id: str
+    content: str
+    is_error: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Retrying:
+    """The backend is retrying the model request (before any output); recorded in item metadata."""
+
+    attempt: int
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
 class Usage:
     input_tokens: int
     output_tokens: int
 
 
-ModelEvent = Union[TextDelta, ReasoningDelta, ItemBreak, Usage]
+ModelEvent = Union[TextDelta, ReasoningDelta, ItemBreak, ToolCall, ToolResult, Retrying, Usage]
 
 
 class ModelError(Exception):
