@@ -174,6 +174,7 @@ def _headers(token: str | None) -> dict[str, str]:
 class Client(_Api):
     def __init__(self, url: str | None = None, token: str | None = None, *, timeout: float = 30.0) -> None:
         self.url = (url or default_url()).rstrip("/")
+        self.token = token
         self._http = httpx.Client(base_url=self.url, headers=_headers(token), timeout=timeout)
 
     def __enter__(self) -> "Client":
@@ -215,6 +216,7 @@ class AsyncClient(_Api):
 
     def __init__(self, url: str | None = None, token: str | None = None, *, timeout: float = 30.0) -> None:
         self.url = (url or default_url()).rstrip("/")
+        self.token = token
         self._http = httpx.AsyncClient(base_url=self.url, headers=_headers(token), timeout=timeout)
 
     async def __aenter__(self) -> "AsyncClient":

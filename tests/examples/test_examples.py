@@ -1,0 +1,80 @@
+"""Every example runs against a real server and prints what its README section promises."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+
+from tests.conftest import E2E_LIMIT, start_server
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+@pytest.fixture
+async def live(nursery, tmp_path):
+    server = await start_server(nursery, tmp_path / "data", request_timeout=1.0)
+    yield server
+    server.shutdown.set()
+
+
+async def run_example(name: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    with trio.fail_after(E2E_LIMIT):
+        return await trio.run_process([sys.executable, str(EXAMPLES / name), *args], capture_stdout=True,
+                                      capture_stderr=True, check=False, env={**os.environ, **(env or {})})
+
+
+def lines(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 0, result.stderr.decode()
+    return result.stdout.decode()
+
+
+async def test_quickstart(live):
+    out = lines(await run_example("quickstart.py", "--url", live.url, "--token", live.token))
+    assert "reply   You said: Hello! Please say something back." in out
+    assert "status  completed, 5 input + 7 output tokens" in out
+    assert "revision 1, 2 messages, 12 tokens" in out
+    assert "'quickstart'  rev 1  2 msgs" in out
+
+
+async def test_save_during_turn(live):
+    out = lines(await run_example("save_during_turn.py", "--url", live.url, "--token", live.token))
+    assert "saved mid-turn:  revision 1, turn_in_progress=True, 2 messages" in out
+    assert "saved after it:  revision 2, turn_in_progress=False, 4 messages" in out
+    assert "last message:    assistant: You said: this answer takes two seconds" in out
+
+
+async def test_resume_session(live):
+    # URL and token from the environment, as a user would set them.
+    out = lines(await run_example("resume_session.py",
+                                  env={"TRIO_RUNTIME_URL": live.url, "TRIO_RUNTIME_TOKEN": live.token}))
+    assert "Resumed 2 message(s) from session 'resume demo'" in out
+    assert "reply: You said: what did I say?" in out
+    assert "input tokens 16 (history + the new prompt)" in out
+
+
+async def test_timeouts_and_cancellation(live):
+    out = lines(await run_example("timeouts_and_cancellation.py", "--url", live.url, "--token", live.token))
+    assert "second turn:       409 conflict" in out
+    assert "client deadline:   gave up after 0.5 s (ReadTimeout)" in out
+    assert "server deadline:   504 timeout" in out
+    assert "save without wait: 200, turn_in_progress=True" in out
+    assert "interrupt:         turn is now interrupted" in out
+    assert "interrupt again:   409 conflict" in out
+    assert "engine healthy:    new turn in_progress" in out
+
+
+async def test_examples_exit_nonzero_when_no_server_answers():
+    result = await run_example("quickstart.py", "--url", "http://127.0.0.1:9", "--token", "x")
+    assert result.returncode == 1
+    assert "no trio-runtime server answers at http://127.0.0.1:9" in result.stderr.decode()
+
+
+async def test_examples_report_a_wrong_token_clearly(live):
+    result = await run_example("quickstart.py", "--url", live.url, "--token", "wrong")
+    assert result.returncode == 1
+    assert "the server said 401 unauthorized" in result.stderr.decode()
