@@ -17,6 +17,7 @@ import trio
 
 from . import ops, records
 from .clock import new_id, utc_now
+from .blocking import BlockingIO
 from .config import RuntimeConfig
 from .errors import EngineTimeout, InvalidInput, NotFound
 from .events import EventBus, EventStream
@@ -56,7 +57,8 @@ class Runtime:
     async def open(cls, config: RuntimeConfig) -> AsyncIterator["Runtime"]:
         backend: ModelBackend = config.model_factory() if config.model_factory else ScriptedModel()  # type: ignore[assignment]
         bus = EventBus(config.subscriber_buffer)
-        async with Store.open(config.db_path, bus.publish, config.write_queue) as store:
+        blocking = BlockingIO(config.blocking_io_in_thread)
+        async with Store.open(config.db_path, bus.publish, config.write_queue, blocking) as store:
             manager = ThreadManager(store, backend, config)
             runtime = cls(config, store, bus, manager, backend)
             await runtime.sessions.open()

@@ -24,6 +24,7 @@ import outcome
 import trio
 
 from . import schema
+from .blocking import BlockingIO
 from .clock import utc_now
 from .errors import StorageError
 
@@ -95,8 +96,10 @@ def _connect(path: Path) -> sqlite3.Connection:
 class Store:
     """Open with ``async with Store.open(path, publish=...) as store``."""
 
-    def __init__(self, path: Path, publish: Callable[[list[Event]], None], write_queue: int) -> None:
+    def __init__(self, path: Path, publish: Callable[[list[Event]], None], write_queue: int,
+                 blocking: BlockingIO) -> None:
         self.path = path
+        self.blocking = blocking
         self._publish = publish
         # Unbounded so that submission never awaits: an engine can queue writes and mutate its state in
         # one synchronous step, which keeps their order. Producers that stream (turns) call
@@ -110,8 +113,9 @@ class Store:
         self.recovered_turns = 0
 
     @classmethod
-    def open(cls, path: Path, publish: Callable[[list[Event]], None], write_queue: int = 4096):
-        return _StoreContext(cls(path, publish, write_queue))
+    def open(cls, path: Path, publish: Callable[[list[Event]], None], write_queue: int = 4096,
+             blocking: BlockingIO | None = None):
+        return _StoreContext(cls(path, publish, write_queue, blocking or BlockingIO()))
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -225,9 +229,10 @@ class Store:
                         batch.append(self._write_rx.receive_nowait())
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
-                # Not abandonable: the thread owns the connection until the transaction ends, and
-                # the requests' done events must only fire once their outcome is known.
-                await trio.to_thread.run_sync(self._apply_batch, batch)
+                # Shielded: once taken off the queue a batch must be applied and its waiters told,
+                # or they would wait forever. Bounded by SQLite's own work (busy_timeout 5 s).
+                with trio.CancelScope(shield=True):
+                    await self.blocking.run(self._apply_batch, batch)
                 for request in batch:
                     if request.committed:
                         try:
@@ -276,7 +281,7 @@ class Store:
         """Run ``fn(conn)`` on the read connection in a worker thread (one hop)."""
         assert self._rconn is not None
         conn = self._rconn
-        return await trio.to_thread.run_sync(fn, conn, limiter=self._read_limiter)
+        return await self.blocking.run(fn, conn, limiter=self._read_limiter)
 
 
 def _insert_event(conn: sqlite3.Connection, draft: EventDraft) -> Event:
@@ -301,7 +306,7 @@ class _StoreContext:
 
     async def __aenter__(self) -> Store:
         try:
-            await trio.to_thread.run_sync(self._store._open_sync)
+            await self._store.blocking.run(self._store._open_sync)
         except (sqlite3.Error, OSError) as exc:
             self._store._close_sync()
             raise StorageError(f"Failed to open the store at {self._store.path}: {exc}") from exc
@@ -316,4 +321,4 @@ class _StoreContext:
             return await self._nursery_cm.__aexit__(*exc_info)
         finally:
             with trio.CancelScope(shield=True):  # closing connections is quick and must happen
-                await trio.to_thread.run_sync(self._store._close_sync)
+                await self._store.blocking.run(self._store._close_sync)
