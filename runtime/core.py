@@ -181,10 +181,13 @@ class Runtime:
             timeout=timeout, what="answer a session snapshot")
 
     async def shutdown_thread(self, thread_id: str, *, timeout: float = DEFAULT_TIMEOUT) -> None:
-        """Stop the thread's engine (its turn ends interrupted); the next use restores a new one."""
-        if self.manager.engine(thread_id) is None:
-            return
-        await self._request(thread_id, lambda r: ops.Shutdown(reply=r), timeout=timeout, what="shut down")
+        """Stop the thread's engine: its turn ends interrupted, ops queued behind fail with
+        EngineUnavailable at once, and the next use restores a new engine from the store."""
+        try:
+            with trio.fail_after(timeout):
+                await self.manager.shutdown(thread_id)
+        except trio.TooSlowError as exc:
+            raise EngineTimeout(f"Timed out shutting down the engine of thread '{thread_id}'") from exc
 
     # ---- events ----------------------------------------------------------------------------
 

@@ -107,6 +107,10 @@ class Engine:
         self._nursery: trio.Nursery | None = None
         self.active: _Turn | None = None
         self._idle_waiters: list[ops.GetSessionSnapshot] = []
+        # The last write that moved what a snapshot shows (turn end, compaction, update): snapshots wait
+        # for it to commit, so a snapshot never runs ahead of the store.
+        self._boundary: WriteRequest | None = None
+        self._idle_since = trio.current_time()
         self._stopping: str | None = None
         self.crashed = False
 
@@ -158,21 +162,27 @@ class Engine:
 
     async def _op_loop(self) -> None:
         while True:
-            with trio.move_on_after(self._config.idle_evict_seconds) as idle:
+            with trio.move_on_at(self._idle_since + self._config.idle_evict_seconds) as idle:
                 try:
                     op = await self._inbox.receive()
                 except trio.EndOfChannel:
                     return
             if idle.cancelled_caught:
+                # Compare with the very deadline just reached (not now - since: floats would disagree).
+                if trio.current_time() < self._idle_since + self._config.idle_evict_seconds:
+                    continue  # a turn ended meanwhile and moved the deadline: wait out the rest
                 if self.active is None and not self._idle_waiters:
                     # The manager forgets us and closes our inbox; ops already queued are still served.
                     self._on_idle(self)
+                self._idle_since = trio.current_time()
                 continue
+            self._idle_since = trio.current_time()
             if self._stopping is not None:
                 if op.reply is not None:
                     op.reply.close()
                 return
-            if isinstance(op, ops.GetSessionSnapshot) and not (op.wait_for_idle and self.active):
+            if (isinstance(op, ops.GetSessionSnapshot) and not (op.wait_for_idle and self.active)
+                    and (self._boundary is None or self._boundary.done.is_set())):
                 # The hot path: answered inline. The requester is already waiting on the oneshot, so
                 # this send completes in one scheduling round (bounded by reply_send_seconds anyway).
                 await self._send_reply(op.reply, outcome.Value(self.snapshot()))
@@ -204,6 +214,12 @@ class Engine:
                 raise InvalidInput(f"unknown op {type(op).__name__}")
         except RuntimeFailure as exc:
             self._spawn_reply(op.reply, outcome.Error(exc))
+        except BaseException:
+            # A bug: the engine is about to crash. This op already left the inbox, so close its
+            # oneshot here or its requester would wait out its whole deadline.
+            if op.reply is not None:
+                op.reply.close()
+            raise
 
     # ---- replies ---------------------------------------------------------------------------
 
@@ -228,14 +244,17 @@ class Engine:
 
     async def _reply_when_committed(self, reply: ops.Reply, result: outcome.Outcome,
                                     after: WriteRequest | None, value: Callable[[], Any] | None) -> None:
-        if after is not None:
-            await after.done.wait()
-            assert after.result is not None
-            if isinstance(after.result, outcome.Error):
-                result = after.result
-            elif value is not None:
-                result = outcome.Value(value())
-        await self._send_reply(reply, result)
+        try:
+            if after is not None:
+                await after.done.wait()
+                assert after.result is not None
+                if isinstance(after.result, outcome.Error):
+                    result = after.result
+                elif value is not None:
+                    result = outcome.Value(value())
+            await self._send_reply(reply, result)
+        finally:
+            reply.close()  # cancelled before sending (engine crash): the requester sees EngineUnavailable now
 
     # ---- snapshot --------------------------------------------------------------------------
 
@@ -255,9 +274,12 @@ class Engine:
 
     def _on_snapshot(self, op: ops.GetSessionSnapshot) -> None:
         if op.wait_for_idle and self.active is not None:
+            # Forget waiters whose requester already gave up, so abandoned waits cannot pile up.
+            self._idle_waiters = [w for w in self._idle_waiters
+                                  if w.reply is not None and w.reply.statistics().open_receive_channels]
             self._idle_waiters.append(op)
             return
-        self._spawn_reply(op.reply, outcome.Value(self.snapshot()))
+        self._spawn_reply(op.reply, outcome.Value(self.snapshot()), after=self._boundary)
 
     # ---- thread updates --------------------------------------------------------------------
 
@@ -277,6 +299,7 @@ class Engine:
             statements=[(f"UPDATE threads SET {columns} WHERE id = ?", (*values, self.thread_id)), self._touch(now)],
             events=[EventDraft(self.thread_id, "thread.updated", {"changes": changes})],
         ))
+        self._boundary = request
         self._spawn_reply(op.reply, outcome.Value(None), after=request,
                           value=lambda: {**self.thread})
 
@@ -418,6 +441,7 @@ class Engine:
             ],
         ))
         apply_items(self.messages, [item.record(turn.id, now)])
+        self._boundary = request
         result = {"turn_id": turn.id, "item": item.record(turn.id, now), "summary": summary}
         self._spawn_reply(op.reply, outcome.Value(result), after=request)
 
@@ -557,13 +581,20 @@ class Engine:
         apply_items(self.messages, [item.record(turn.id, now) for item in turn.items])
         self.total_tokens += usage.input_tokens + usage.output_tokens
         self.active = None
+        self._boundary = request
+        self._idle_since = trio.current_time()
         record = {**self._turn_record(turn, status), "ended_at": now, "duration_ms": duration_ms,
                   "usage": usage_json, "error": error}
         for waiter in turn.interrupt_waiters:
             self._spawn_reply(waiter.reply, outcome.Value(record), after=request)
         snapshot = self.snapshot()
         for waiter in self._idle_waiters:
-            self._spawn_reply(waiter.reply, outcome.Value(snapshot), after=request)
+            if self._stopping is not None:
+                # The engine is going away: a wait for idle is not answered with a turn cut short.
+                if waiter.reply is not None:
+                    waiter.reply.close()
+            else:
+                self._spawn_reply(waiter.reply, outcome.Value(snapshot), after=request)
         self._idle_waiters.clear()
         with trio.move_on_after(self._config.final_write_seconds) as bound:
             await request.done.wait()

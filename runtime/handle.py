@@ -34,6 +34,11 @@ class EngineHandle:
         self.evicted = evicted
         self._inbox.close()
 
+    def busy(self) -> bool:
+        """Ops are queued, or submitters are waiting for room."""
+        stats = self._inbox.statistics()
+        return bool(stats.current_buffer_used or stats.tasks_waiting_send)
+
     async def submit(self, op: ops.Op) -> None:
         """Queue ``op``, waiting for room in the inbox (backpressure). A cancellation while waiting
         leaves nothing queued, and ``op.reply`` still belongs to the caller."""

@@ -112,12 +112,21 @@ class ThreadManager:
         entry = self._entries.get(engine.thread_id)
         if entry is None or entry.engine is not engine or self._closing:
             return False
-        stats = entry.handle._inbox.statistics()
-        if stats.current_buffer_used or stats.tasks_waiting_send:
+        if entry.handle.busy():
             return False
         log.debug("evicting idle engine of thread %s", engine.thread_id)
         entry.handle.close(evicted=True)
         return True
+
+    async def shutdown(self, thread_id: str, reason: str = "engine shut down") -> None:
+        """Stop one thread's engine (its turn ends interrupted) and wait until it has exited. Requests
+        arriving meanwhile wait for the exit and then restore a successor from the store."""
+        entry = self._entries.get(thread_id)
+        if entry is None:
+            return
+        entry.engine.request_stop(reason)
+        entry.handle.close(evicted=True)
+        await entry.exited.wait()
 
     async def aclose(self, reason: str = "server shutting down") -> None:
         """Interrupt every running turn, fail queued ops with EngineUnavailable, wait for all engines."""

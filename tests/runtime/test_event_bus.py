@@ -1,0 +1,117 @@
+"""EventBus subscriptions: replay then live with no gap and no duplicate, since_seq, isolation between
+threads, and slow subscribers that are detached instead of slowing the turn."""
+
+from __future__ import annotations
+
+import contextlib
+
+import trio
+
+from .helpers import collect_events, nth, stored_events, turn_completed
+
+REAL_LIMIT = 10.0  # bound for the real-clock tests below
+
+
+async def test_subscribers_joining_while_events_stream_get_every_event_exactly_once(rt, thread_id):
+    # Real clock on purpose: subscribers attach and replay while the turn and the store's writer thread
+    # keep appending, which virtual time would serialise.
+    prompt = " ".join(f"w{i}" for i in range(1200))  # > 2 replay pages of events
+    turn = await rt.start_turn(thread_id, prompt)
+    streams: list[list] = []
+
+    async def late_subscriber() -> None:
+        streams.append(await collect_events(rt, thread_id, turn_completed(turn["id"]), limit=REAL_LIMIT))
+
+    with trio.fail_after(REAL_LIMIT):
+        async with trio.open_nursery() as nursery:
+            main: list = []
+            deltas = 0
+            async with contextlib.aclosing(await rt.subscribe(thread_id, 0)) as stream:
+                async for event in stream:
+                    main.append(event)
+                    if event.event == "item.delta":
+                        deltas += 1
+                        if deltas in (1, 50, 400, 900):
+                            nursery.start_soon(late_subscriber)
+                    if turn_completed(turn["id"])(event):
+                        break
+            streams.append(main)
+
+    expected = [e.seq for e in await stored_events(rt, thread_id)]
+    assert len(expected) > 2 * 500 and expected == sorted(set(expected))
+    assert len(streams) == 5
+    for events in streams:
+        assert [e.seq for e in events] == expected
+    assert rt.bus.subscriber_count == 0  # every subscription detached when its consumer left
+
+
+async def test_events_committed_between_attach_and_replay_are_delivered_once(rt, thread_id, autojump_clock):
+    turn = await rt.start_turn(thread_id, "/slow 10\none two three four five six seven eight")
+    await collect_events(rt, thread_id, nth("item.delta", 2, turn["id"]))
+    late = await rt.subscribe(thread_id, 0)
+    # Two more deltas are committed before `late` reads anything: they reach it both from the store
+    # replay and from its live buffer (if it attached already), and must come out once, in order.
+    await collect_events(rt, thread_id, nth("item.delta", 4, turn["id"]))
+
+    events = []
+    async with contextlib.aclosing(late) as stream:
+        async for event in stream:
+            events.append(event)
+            if turn_completed(turn["id"])(event):
+                break
+
+    assert [e.seq for e in events] == [e.seq for e in await stored_events(rt, thread_id)]
+    assert sum(e.event == "item.delta" for e in events) == 10
+
+
+async def test_since_seq_replays_only_later_events(rt, thread_id):
+    turn = await rt.start_turn(thread_id, "one two three four five")
+    everything = await collect_events(rt, thread_id, turn_completed(turn["id"]), limit=REAL_LIMIT)
+    mid = everything[len(everything) // 2].seq
+
+    later = await collect_events(rt, thread_id, turn_completed(turn["id"]), since_seq=mid, limit=REAL_LIMIT)
+
+    assert [e.seq for e in later] == [e.seq for e in everything if e.seq > mid]
+    assert len(later) < len(everything)
+
+
+async def test_subscription_only_carries_its_own_threads_events(rt, thread_id):
+    other = (await rt.create_thread())["id"]
+    mine = await rt.start_turn(thread_id, "mine")
+    theirs = await rt.start_turn(other, "theirs")
+
+    events = await collect_events(rt, thread_id, turn_completed(mine["id"]), limit=REAL_LIMIT)
+    await collect_events(rt, other, turn_completed(theirs["id"]), limit=REAL_LIMIT)
+
+    assert {e.thread_id for e in events} == {thread_id}
+    assert theirs["id"] not in {e.turn_id for e in events}
+
+
+async def test_slow_subscriber_is_detached_without_blocking_the_turn_and_then_catches_up(
+        open_runtime, autojump_clock):
+    async with open_runtime(subscriber_buffer=4) as rt:
+        tid = (await rt.create_thread())["id"]
+        prompt = " ".join(f"word{i}" for i in range(48))  # a 50-word reply: > 50 events into a 4-event buffer
+        async with contextlib.aclosing(await rt.subscribe(tid, 0)) as stalled:
+            first = await stalled.__anext__()  # attached; now it stops reading
+            assert first.event == "thread.started"
+            assert rt.bus.subscriber_count == 1
+
+            turn = await rt.start_turn(tid, prompt)
+            # Another (reading) subscriber sees the turn finish while `stalled` reads nothing.
+            end = (await collect_events(rt, tid, turn_completed(turn["id"])))[-1]
+
+            assert end.payload["status"] == "completed"
+            assert rt.bus.overflows > 0
+            assert rt.bus.subscriber_count == 0  # stalled was detached, not allowed to block the writer
+
+            rest = []
+            with trio.fail_after(5):
+                async for event in stalled:
+                    rest.append(event)
+                    if turn_completed(turn["id"])(event):
+                        break
+
+        expected = [e.seq for e in await stored_events(rt, tid)]
+        assert [first.seq] + [e.seq for e in rest] == expected
+        assert sum(e.event == "item.delta" for e in rest) == 50
