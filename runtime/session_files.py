@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import re
 import uuid
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InvalidData, InvalidInput, NotFound, StorageError
+
+log = logging.getLogger(__name__)
 
 SESSION_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}\Z")
 SESSION_SCHEMA_VERSION = 1
@@ -57,7 +60,13 @@ class FileSystem:
             except FileNotFoundError:
                 pass
             raise
-        self.fsync_dir(path.parent)
+        try:
+            self.fsync_dir(path.parent)
+        except OSError as exc:
+            # The new file is already in place and whole (the replace is atomic); failing here would
+            # report "nothing changed" for a change that happened. Only the rename's durability
+            # across a power loss is in doubt, so say so and go on.
+            log.warning("could not fsync %s after replacing %s: %s", path.parent, path.name, exc)
         return os.stat(path)
 
     def write_data(self, f: Any, data: bytes) -> None:
@@ -144,6 +153,9 @@ def parse_document(session_id: str, data: bytes) -> dict[str, Any]:
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidData(f"Failed to parse session '{session_id}': {exc}") from exc
     problem = _shape_problem(doc)
+    if problem is None and doc["metadata"]["id"] != session_id:
+        # A copied or renamed file must never speak for (and overwrite) the session it came from.
+        problem = f"metadata.id {doc['metadata']['id']!r} does not match the file name"
     if problem:
         raise InvalidData(f"Failed to parse session '{session_id}': {problem}")
     return doc
@@ -160,6 +172,16 @@ def _shape_problem(doc: Any) -> str | None:
     for key, kind in (("id", str), ("title", str), ("created_at", str), ("updated_at", str), ("revision", int)):
         if not isinstance(meta.get(key), kind):
             return f"metadata.{key} is missing or not a {kind.__name__}"
+    total = meta.get("total_tokens", 0)
+    if not isinstance(total, int) or isinstance(total, bool) or total < 0:
+        return "metadata.total_tokens must be a non-negative integer"
+    for key in ("model", "workspace", "mode"):
+        if meta.get(key) is not None and not isinstance(meta[key], str):
+            return f"metadata.{key} must be a string or null"
+    if not isinstance(meta.get("archived", False), bool):
+        return "metadata.archived must be a boolean"
+    if doc.get("system_prompt") is not None and not isinstance(doc["system_prompt"], str):
+        return "system_prompt must be a string or null"
     messages = doc.get("messages")
     if not isinstance(messages, list) or not all(
         isinstance(m, dict) and m.get("role") in ("user", "assistant") and isinstance(m.get("content"), list)

@@ -101,11 +101,10 @@ class SessionService:
                 continue
             try:
                 doc = parse_document(session_id, self.files.fs.read_bytes(entry))
-            except Exception as exc:
+                _upsert_index(conn, doc, st.st_size, st.st_mtime_ns)
+            except Exception as exc:  # one bad file must never stop the server from starting
                 log.warning("session file %s is not indexed: %s", entry.name, exc)
                 conn.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
-                continue
-            _upsert_index(conn, doc, st.st_size, st.st_mtime_ns)
         for session_id in indexed.keys() - seen:
             conn.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
 
@@ -196,7 +195,7 @@ class SessionService:
                     old["created_at"], old["title"], old["revision"] + 1, bool(old.get("archived", False)))
             else:
                 created_at, revision, archived = now, 1, False
-                title = derive_title(snapshot.title or first_user_text(messages)) or UNTITLED
+                title = derive_title(snapshot.title or "") or derive_title(first_user_text(messages)) or UNTITLED
             doc = {
                 "schema_version": SESSION_SCHEMA_VERSION,
                 "metadata": {

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from urllib.parse import quote
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Iterator
 
@@ -110,23 +111,23 @@ class _Api:
                                                                archived_only=archived_only))
 
     def get_thread(self, thread_id: str):
-        return self._call("GET", f"/v1/threads/{thread_id}")
+        return self._call("GET", f"/v1/threads/{_q(thread_id)}")
 
     def update_thread(self, thread_id: str, **changes: Any):
-        return self._call("PATCH", f"/v1/threads/{thread_id}", json_body=changes)
+        return self._call("PATCH", f"/v1/threads/{_q(thread_id)}", json_body=changes)
 
     # turns
     def start_turn(self, thread_id: str, prompt: str, **options: Any):
-        return self._call("POST", f"/v1/threads/{thread_id}/turns", json_body={"prompt": prompt, **options})
+        return self._call("POST", f"/v1/threads/{_q(thread_id)}/turns", json_body={"prompt": prompt, **options})
 
     def steer(self, thread_id: str, turn_id: str, prompt: str):
-        return self._call("POST", f"/v1/threads/{thread_id}/turns/{turn_id}/steer", json_body={"prompt": prompt})
+        return self._call("POST", f"/v1/threads/{_q(thread_id)}/turns/{_q(turn_id)}/steer", json_body={"prompt": prompt})
 
     def interrupt(self, thread_id: str, turn_id: str):
-        return self._call("POST", f"/v1/threads/{thread_id}/turns/{turn_id}/interrupt")
+        return self._call("POST", f"/v1/threads/{_q(thread_id)}/turns/{_q(turn_id)}/interrupt")
 
     def compact(self, thread_id: str, reason: str | None = None):
-        return self._call("POST", f"/v1/threads/{thread_id}/compact", json_body=_params(reason=reason))
+        return self._call("POST", f"/v1/threads/{_q(thread_id)}/compact", json_body=_params(reason=reason))
 
     # sessions
     def save_session(self, *, thread_id: str | None = None, session_id: str | None = None,
@@ -145,18 +146,23 @@ class _Api:
             limit=limit, search=search, include_archived=include_archived, archived_only=archived_only, sort=sort))
 
     def get_session(self, session_id: str):
-        return self._call("GET", f"/v1/sessions/{session_id}")
+        return self._call("GET", f"/v1/sessions/{_q(session_id)}")
 
     def patch_session(self, session_id: str, *, title: str | None = None, archived: bool | None = None,
                       if_match: int | None = None):
-        return self._call("PATCH", f"/v1/sessions/{session_id}", json_body=_params(title=title, archived=archived),
+        return self._call("PATCH", f"/v1/sessions/{_q(session_id)}", json_body=_params(title=title, archived=archived),
                           headers=_if_match(if_match))
 
     def delete_session(self, session_id: str):
-        return self._call("DELETE", f"/v1/sessions/{session_id}")
+        return self._call("DELETE", f"/v1/sessions/{_q(session_id)}")
 
     def resume_thread(self, session_id: str, **options: Any):
-        return self._call("POST", f"/v1/sessions/{session_id}/resume-thread", json_body=options)
+        return self._call("POST", f"/v1/sessions/{_q(session_id)}/resume-thread", json_body=options)
+
+
+def _q(segment: str) -> str:
+    """Quote an id as one path segment, so no id can reach another route ('../threads')."""
+    return quote(segment, safe="")
 
 
 def _params(**values: Any) -> dict[str, Any]:
@@ -198,7 +204,7 @@ class Client(_Api):
         """Yield event envelopes (replay, then live) until the caller stops iterating."""
         parser = SseParser()
         try:
-            with self._http.stream("GET", f"/v1/threads/{thread_id}/events", params={"since_seq": since_seq},
+            with self._http.stream("GET", f"/v1/threads/{_q(thread_id)}/events", params={"since_seq": since_seq},
                                    timeout=httpx.Timeout(None, connect=10.0)) as response:
                 if response.status_code >= 400:
                     response.read()
@@ -239,7 +245,7 @@ class AsyncClient(_Api):
     async def events(self, thread_id: str, since_seq: int = 0) -> AsyncIterator[dict[str, Any]]:
         parser = SseParser()
         try:
-            async with self._http.stream("GET", f"/v1/threads/{thread_id}/events", params={"since_seq": since_seq},
+            async with self._http.stream("GET", f"/v1/threads/{_q(thread_id)}/events", params={"since_seq": since_seq},
                                          timeout=httpx.Timeout(None, connect=10.0)) as response:
                 if response.status_code >= 400:
                     await response.aread()

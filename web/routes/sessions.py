@@ -12,6 +12,8 @@ from ..schemas import (
 )
 
 bp = Blueprint("sessions", __name__, url_prefix="/v1/sessions")
+# Ids are matched as paths so that an id with an (encoded) slash reaches validate_session_id and gets
+# a clear 400, instead of falling through to "no such route".
 IF_MATCH = (("If-Match", "Optional revision precondition, e.g. \"3\" (412 when it differs)"),)
 
 
@@ -64,7 +66,7 @@ async def list_sessions():
     return jsonify({"sessions": sessions})
 
 
-@route(bp, "/<session_id>", "GET", summary="A saved session (ETag: its revision)", response=SessionDocument,
+@route(bp, "/<path:session_id>", "GET", summary="A saved session (ETag: its revision)", response=SessionDocument,
        errors=(400, 404, 500))
 async def get_session(session_id: str):
     doc = await runtime().sessions.get(session_id)
@@ -73,7 +75,7 @@ async def get_session(session_id: str):
     return response
 
 
-@route(bp, "/<session_id>", "PATCH", summary="Rename or (un)archive a session", body=PatchSessionBody,
+@route(bp, "/<path:session_id>", "PATCH", summary="Rename or (un)archive a session", body=PatchSessionBody,
        response=PatchSessionResult, errors=(400, 404, 409, 412, 500), headers=IF_MATCH)
 async def patch_session(session_id: str):
     body = await read_body(PatchSessionBody)
@@ -84,13 +86,13 @@ async def patch_session(session_id: str):
     return response
 
 
-@route(bp, "/<session_id>", "DELETE", summary="Delete a session", status=204, errors=(400, 404, 409, 500))
+@route(bp, "/<path:session_id>", "DELETE", summary="Delete a session", status=204, errors=(400, 404, 409, 500))
 async def delete_session(session_id: str):
     await runtime().sessions.delete(session_id, timeout=settings().request_timeout)
     return Response("", status=204)
 
 
-@route(bp, "/<session_id>/resume-thread", "POST", summary="Start a new thread from a session's messages",
+@route(bp, "/<path:session_id>/resume-thread", "POST", summary="Start a new thread from a session's messages",
        body=ResumeSessionBody, response=ResumeResult, status=201, errors=(400, 404, 500))
 async def resume_thread(session_id: str):
     body = await read_body(ResumeSessionBody)

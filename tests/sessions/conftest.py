@@ -1,0 +1,180 @@
+"""Fixtures and helpers for the sessions tests.
+
+Unit tests drive ``Runtime`` directly on ``tmp_path``. Tests that need virtual time request
+``autojump_clock``; ``open_rt`` then installs ``ThreadGuard``, which stops the MockClock from
+autojumping while a worker thread (SQLite, session file I/O) is busy, so virtual time only moves when
+the program is truly idle. (Same technique as tests/runtime/conftest.py, kept local so this suite does
+not depend on a file other people are editing.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import math
+import threading
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import pytest
+import trio
+import trio.testing
+
+from runtime import Runtime, RuntimeConfig
+from runtime import records
+
+# Upper bound on any single real-clock wait in these tests: a bug fails the test instead of hanging.
+LIMIT = 10.0
+
+
+class ThreadGuard(trio.abc.Instrument):
+    def __init__(self, clock: trio.testing.MockClock) -> None:
+        self.clock = clock
+        self.threshold = clock.autojump_threshold
+        self.limiters: list[trio.CapacityLimiter] = [trio.to_thread.current_default_thread_limiter()]
+
+    def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        busy = any(limiter.borrowed_tokens for limiter in self.limiters)
+        wanted = math.inf if busy else self.threshold
+        if self.clock.autojump_threshold != wanted:
+            self.clock.autojump_threshold = wanted
+
+
+@pytest.fixture
+def data_dir(tmp_path) -> Path:
+    return tmp_path / "data"
+
+
+@pytest.fixture
+def open_rt(data_dir):
+    """``async with open_rt(**config_overrides) as rt``: a Runtime on ``data_dir`` (reopenable)."""
+
+    @contextlib.asynccontextmanager
+    async def opener(**overrides) -> AsyncIterator[Runtime]:
+        config = RuntimeConfig(**{"data_dir": data_dir, **overrides})
+        clock = trio.lowlevel.current_clock()
+        guard = None
+        if isinstance(clock, trio.testing.MockClock) and clock.autojump_threshold < math.inf:
+            guard = ThreadGuard(clock)
+            trio.lowlevel.add_instrument(guard)
+        try:
+            async with Runtime.open(config) as rt:
+                if guard is not None:
+                    guard.limiters.append(rt.store._read_limiter)
+                yield rt
+        finally:
+            if guard is not None:
+                trio.lowlevel.remove_instrument(guard)
+                clock.autojump_threshold = guard.threshold
+
+    return opener
+
+
+@pytest.fixture
+async def rt(open_rt) -> AsyncIterator[Runtime]:
+    async with open_rt() as runtime:
+        yield runtime
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+
+
+def sessions_dir(rt_or_dir: Any) -> Path:
+    if isinstance(rt_or_dir, Path):
+        return rt_or_dir / "sessions"
+    return rt_or_dir.config.sessions_dir
+
+
+def dir_snapshot(directory: Path) -> dict[str, Any]:
+    """Every entry of ``directory`` (recursively): file name -> bytes, directory name -> nested dict."""
+    result: dict[str, Any] = {}
+    for entry in sorted(directory.iterdir()):
+        result[entry.name] = dir_snapshot(entry) if entry.is_dir() else entry.read_bytes()
+    return result
+
+
+def temp_files(directory: Path) -> list[str]:
+    return sorted(entry.name for entry in directory.iterdir() if entry.name.startswith("."))
+
+
+def read_session_file(rt: Runtime, session_id: str) -> dict[str, Any]:
+    return json.loads((sessions_dir(rt) / f"{session_id}.json").read_bytes())
+
+
+async def events_of(rt: Runtime, thread_id: str, name: str | None = None) -> list[Any]:
+    events, since = [], 0
+    while True:
+        page = await rt.store.read(functools.partial(records.events_after, thread_id=thread_id, since_seq=since))
+        if not page:
+            break
+        events += page
+        since = page[-1].seq
+    return [e for e in events if name is None or e.event == name]
+
+
+async def wait_turn_end(rt: Runtime, thread_id: str, turn_id: str) -> dict[str, Any]:
+    """Read the thread's event stream (replay, then live) until the turn's ``turn.completed``."""
+    stream = await rt.subscribe(thread_id)
+    try:
+        with trio.fail_after(LIMIT):
+            async for event in stream:
+                if event.event == "turn.completed" and event.turn_id == turn_id:
+                    return event.payload
+    finally:
+        stream.close()
+    raise AssertionError("event stream ended early")
+
+
+async def run_turn(rt: Runtime, thread_id: str, prompt: str) -> dict[str, Any]:
+    """Start a turn and wait for it to end; returns the ``turn.completed`` payload."""
+    turn = await rt.start_turn(thread_id, prompt)
+    payload = await wait_turn_end(rt, thread_id, turn["id"])
+    payload["turn_id"] = turn["id"]
+    return payload
+
+
+async def session_ids_listed(rt: Runtime, **kw: Any) -> list[str]:
+    return [m["id"] for m in await rt.sessions.list(limit=kw.pop("limit", 500), **kw)]
+
+
+@pytest.fixture
+def fake_now(monkeypatch):
+    """A strictly increasing wall clock (1 ms per call) for every module that stamps records, so
+    orderings by ``updated_at`` are deterministic however fast the machine is."""
+    import datetime as dt
+    import itertools
+
+    base = dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc)
+    counter = itertools.count(1)
+
+    def now() -> str:
+        t = base + dt.timedelta(milliseconds=next(counter))
+        return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond // 1000:03d}Z"
+
+    for module in ("runtime.core", "runtime.engine", "runtime.sessions"):
+        monkeypatch.setattr(f"{module}.utc_now", now)
+    return now
+
+
+@contextlib.contextmanager
+def real_time_limit(seconds: float):
+    """Fail the block after ``seconds`` of *real* time. Under a MockClock, ``fail_after`` cannot fire
+    while some task spins (virtual time only moves when every task is blocked), so a live-lock would
+    hang the suite instead of failing the test."""
+    token = trio.lowlevel.current_trio_token()
+    with trio.CancelScope() as scope:
+        def fire() -> None:
+            try:
+                token.run_sync_soon(scope.cancel)
+            except trio.RunFinishedError:
+                pass
+
+        timer = threading.Timer(seconds, fire)
+        timer.start()
+        try:
+            yield
+        finally:
+            timer.cancel()
+    if scope.cancelled_caught:
+        raise AssertionError(f"did not finish within {seconds} s of real time (is a task spinning?)")

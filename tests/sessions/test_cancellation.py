@@ -1,0 +1,328 @@
+"""Cancellation safety of session mutations: a cancel (timeout, client disconnect, shutdown) lands at
+any scheduling point and leaves either nothing changed or the whole save durable and linked.
+
+Runtime level: cancel each operation at its k-th task step for every k (an Instrument counts the
+steps of the calling task and cancels its scope), as DESIGN.md asks. End to end: start PUT requests
+over real sockets and drop the connection after a seeded-random number of checkpoints or when the
+server reaches a chosen phase of the save.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from typing import Any, Awaitable, Callable
+
+import httpx
+import pytest
+import trio
+import trio.testing
+
+from runtime.session_files import parse_document
+from tests.conftest import E2E_LIMIT
+from tests.e2e.helpers import wait_turn_end
+
+from .conftest import LIMIT, events_of, run_turn, sessions_dir, temp_files
+
+MAX_STEPS = 400
+
+
+class CancelAtStep(trio.abc.Instrument):
+    """Cancels ``scope`` just before ``task`` runs its ``k``-th step (counted from installation)."""
+
+    def __init__(self, task: trio.lowlevel.Task, k: int, scope: trio.CancelScope) -> None:
+        self.task, self.k, self.scope, self.steps = task, k, scope, 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task is self.task:
+            self.steps += 1
+            if self.steps == self.k:
+                self.scope.cancel()
+
+
+async def cancelled_at(k: int, fn: Callable[[], Awaitable[Any]]) -> tuple[bool, Any, int]:
+    """Run ``fn`` in the current task, cancelling it at its k-th step.
+    Returns (completed, value or exception, steps taken)."""
+    scope = trio.CancelScope()
+    instrument = CancelAtStep(trio.lowlevel.current_task(), k, scope)
+    trio.lowlevel.add_instrument(instrument)
+    completed, value = False, None
+    try:
+        with scope:
+            value = await fn()
+            completed = True
+    finally:
+        trio.lowlevel.remove_instrument(instrument)
+    return completed, value, instrument.steps
+
+
+def files_on_disk(directory) -> dict[str, dict[str, Any]]:
+    docs = {}
+    for path in directory.glob("*.json"):
+        doc = parse_document(path.stem, path.read_bytes())  # every file is whole and well-formed
+        assert doc["metadata"]["id"] == path.stem
+        docs[path.stem] = doc
+    return docs
+
+
+async def assert_consistent(rt) -> dict[str, dict[str, Any]]:
+    """Files, index, thread links and session.saved events agree; no temp file; no leaked lock."""
+    directory = sessions_dir(rt)
+    assert temp_files(directory) == []
+    docs = files_on_disk(directory)
+    listed = {m["id"]: m for m in await rt.sessions.list(limit=500, include_archived=True)}
+    assert set(listed) == set(docs)
+    for sid, doc in docs.items():
+        assert listed[sid]["revision"] == doc["metadata"]["revision"]
+        assert listed[sid]["title"] == doc["metadata"]["title"]
+        assert listed[sid]["size"] == (directory / f"{sid}.json").stat().st_size
+    for thread in await rt.list_threads(include_archived=True, limit=500):
+        if thread["session_id"] is not None:
+            assert thread["session_id"] in docs, thread
+    assert rt.sessions._locks == {}
+    return docs
+
+
+async def saved_revisions(rt, thread_ids, session_id) -> list[int]:
+    revisions = []
+    for tid in thread_ids:
+        revisions += [e.payload["revision"] for e in await events_of(rt, tid, "session.saved")
+                      if e.payload["session_id"] == session_id]
+    return sorted(revisions)
+
+
+# ---- runtime level: every k ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("hang", [False, True], ids=["idle", "mid-turn"])
+async def test_save_cancelled_at_every_step_is_all_or_nothing(rt, hang):
+    tid = (await rt.create_thread())["id"]
+    await run_turn(rt, tid, "hello there")
+    if hang:
+        hang_turn = await rt.start_turn(tid, "/hang")
+    await rt.sessions.save(thread_id=tid, session_id="target", timeout=LIMIT)
+    revision = 1
+    for k in range(1, MAX_STEPS):
+        completed, value, steps = await cancelled_at(
+            k, lambda: rt.sessions.save(thread_id=tid, session_id="target", timeout=LIMIT))
+        docs = await assert_consistent(rt)
+        now = docs["target"]["metadata"]["revision"]
+        assert now in (revision, revision + 1), (k, now, revision)
+        if completed:
+            assert value["session"]["metadata"]["revision"] == now == revision + 1
+        revision = now
+        assert await saved_revisions(rt, [tid], "target") == list(range(1, revision + 1))
+        assert (await rt.thread_record(tid))["session_id"] == "target"
+        if steps < k:  # ran to the end without reaching step k: every step has been tried
+            assert completed
+            break
+    else:
+        raise AssertionError(f"save did not finish within {MAX_STEPS} steps")
+    assert k > 3
+    if hang:
+        assert (await rt.interrupt_turn(tid, hang_turn["id"]))["status"] == "interrupted"
+
+
+async def test_create_rebuild_patch_and_delete_cancelled_at_every_step_are_all_or_nothing(rt):
+    tid = (await rt.create_thread())["id"]
+    await run_turn(rt, tid, "hello there")
+
+    async def create():
+        return await rt.sessions.save(thread_id=tid, timeout=LIMIT)
+
+    async def rebuild():
+        return await rt.sessions.rebuild(thread_id=tid, timeout=LIMIT)
+
+    for fn in (create, rebuild):
+        for k in range(1, MAX_STEPS):
+            before = set(files_on_disk(sessions_dir(rt)))
+            completed, value, steps = await cancelled_at(k, fn)
+            after = set(await assert_consistent(rt))
+            new = after - before
+            assert before <= after and len(new) <= 1
+            if completed:
+                assert new == {value["session_id"]}
+            if new:
+                [sid] = new
+                assert (await rt.thread_record(tid))["session_id"] == sid
+                assert await saved_revisions(rt, [tid], sid) == [1]
+            if steps < k:
+                break
+        else:
+            raise AssertionError(f"{fn.__name__} did not finish within {MAX_STEPS} steps")
+
+    sid = (await create())["session_id"]
+    for k in range(1, MAX_STEPS):
+        before = (await assert_consistent(rt))[sid]["metadata"]
+        completed, value, steps = await cancelled_at(
+            k, lambda: rt.sessions.patch(sid, title=f"title {k}", timeout=LIMIT))
+        after = (await assert_consistent(rt))[sid]["metadata"]
+        assert after["revision"] in (before["revision"], before["revision"] + 1)
+        assert (after["title"] == f"title {k}") == (after["revision"] == before["revision"] + 1)
+        if completed:
+            assert value["session"] == after
+        if steps < k:
+            break
+    else:
+        raise AssertionError(f"patch did not finish within {MAX_STEPS} steps")
+
+    victims = [(await create())["session_id"] for _ in range(3)]
+    k = 1
+    while victims:
+        sid = victims[0]
+        completed, _, steps = await cancelled_at(k, lambda: rt.sessions.delete(sid, timeout=LIMIT))
+        docs = await assert_consistent(rt)
+        if completed:
+            assert sid not in docs
+        if sid not in docs:
+            victims.pop(0)
+            for thread in await rt.list_threads(include_archived=True):
+                assert thread["session_id"] != sid
+        k += 1
+        assert k < MAX_STEPS
+
+
+# ---- end to end: client disconnects during PUT -----------------------------------------------
+
+
+class InFlight:
+    """Counts HTTP requests inside the app (Quart's documented ``app.asgi_app`` wrapping)."""
+
+    def __init__(self, app) -> None:
+        self.count = 0
+        self.changed = trio.Event()
+        self._inner = app.asgi_app
+        app.asgi_app = self
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self._inner(scope, receive, send)
+        self.count += 1
+        try:
+            await self._inner(scope, receive, send)
+        finally:
+            self.count -= 1
+            self.changed.set()
+            self.changed = trio.Event()
+
+    async def settle(self) -> None:
+        """Wait until the server has read everything the client sent and has no request in flight."""
+        with trio.fail_after(E2E_LIMIT):
+            while True:
+                await trio.testing.wait_all_tasks_blocked(cushion=0.01)
+                if self.count == 0:
+                    return
+                await self.changed.wait()
+
+
+class Phases:
+    """trio.Events set as the server's save reaches each phase (wrapping the in-process runtime)."""
+
+    NAMES = ("entered", "snapshot", "commit")
+
+    def __init__(self, rt) -> None:
+        self.reset()
+        save, snapshot, write_shielded = rt.sessions.save, rt.get_session_snapshot, rt.store.write_shielded
+
+        async def traced_save(*args, **kwargs):
+            self.events["entered"].set()
+            return await save(*args, **kwargs)
+
+        async def traced_snapshot(*args, **kwargs):
+            self.events["snapshot"].set()
+            return await snapshot(*args, **kwargs)
+
+        async def traced_write(*args, **kwargs):
+            self.events["commit"].set()
+            return await write_shielded(*args, **kwargs)
+
+        rt.sessions.save = traced_save
+        rt.get_session_snapshot = traced_snapshot
+        rt.store.write_shielded = traced_write
+
+    def reset(self) -> None:
+        self.events = {name: trio.Event() for name in self.NAMES}
+
+
+async def test_client_disconnects_during_put_never_leave_a_partial_or_unlinked_save(server, client):
+    rt = server.runtime
+    inflight = InFlight(server.running.app)
+    phases = Phases(rt)
+    rng = random.Random(20240611)
+
+    idle = (await client.create_thread(title="idle"))["id"]
+    busy = (await client.create_thread(title="busy"))["id"]
+    for tid in (idle, busy):
+        turn = await client.start_turn(tid, "hello there")
+        await wait_turn_end(client, tid, turn["id"])
+    hang = await client.start_turn(busy, "/hang")
+    threads = (idle, busy)
+    revisions = {"sess-a": 0, "sess-b": 0}
+    tally = {"completed": 0, "cancelled": 0}
+
+    for iteration in range(30):
+        sid = rng.choice(sorted(revisions))
+        tid = rng.choice(threads)
+        wait_for_idle = tid == busy and rng.random() < 0.3
+        # Waiting for the busy thread's turn never reaches the commit: cancel it earlier.
+        triggers = ["checkpoints", "checkpoints", "entered", "snapshot"] + (
+            [] if wait_for_idle else ["commit", "never"])
+        trigger = rng.choice(triggers)
+        checkpoints = rng.randint(0, 250) if rng.random() < 0.8 else rng.randint(0, 8)
+        phases.reset()
+        result: dict[str, Any] = {}
+
+        async with trio.open_nursery() as nursery:
+            async def request():
+                async with httpx.AsyncClient(base_url=server.url, headers={"Authorization": "Bearer test-token"},
+                                             timeout=E2E_LIMIT) as http:
+                    response = await http.put("/v1/sessions", json={
+                        "thread_id": tid, "session_id": sid, "wait_for_idle": wait_for_idle})
+                result["status"], result["body"] = response.status_code, response.json()
+                nursery.cancel_scope.cancel()
+
+            async def disconnect():
+                if trigger == "never":  # a control: the request runs to its response
+                    return
+                if trigger == "checkpoints":
+                    for _ in range(checkpoints):
+                        await trio.lowlevel.checkpoint()
+                else:
+                    await phases.events[trigger].wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(request)
+            nursery.start_soon(disconnect)
+
+        await inflight.settle()
+        docs = await assert_consistent(rt)
+        context = (iteration, sid, tid == busy, wait_for_idle, trigger, checkpoints, result.get("status"))
+        now = docs[sid]["metadata"]["revision"] if sid in docs else 0
+        assert now in (revisions[sid], revisions[sid] + 1), context
+        if "status" in result:
+            tally["completed"] += 1
+            assert result["status"] == 200, (context, result)
+            assert result["body"]["session"]["metadata"]["revision"] == now == revisions[sid] + 1, context
+            assert result["body"]["turn_in_progress"] is (tid == busy)
+        else:
+            tally["cancelled"] += 1
+        revisions[sid] = now
+        assert await saved_revisions(rt, threads, sid) == list(range(1, now + 1)), context
+
+    # The loop really exercised disconnects, and some requests completed.
+    assert tally["cancelled"] >= 10 and tally["completed"] >= 1, tally
+
+    # The engines still answer: snapshots and saves work on both threads, and the hanging turn
+    # (which had waiters that gave up) still ends on request.
+    for tid in threads:
+        saved = await client.save_session(thread_id=tid, session_id="after")
+        assert saved["session"]["messages"][:2] == [
+            {"role": "user", "content": [{"type": "text", "text": "hello there"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "You said: hello there"}]}]
+    assert (await client.interrupt(busy, hang["id"]))["status"] == "interrupted"
+    final = await client.save_session(thread_id=busy, session_id="after", wait_for_idle=True)
+    assert final["turn_in_progress"] is False and len(final["session"]["messages"]) == 3
+    await inflight.settle()
+    docs = await assert_consistent(rt)
+    for sid, doc in docs.items():
+        assert json.loads((server.data_dir / "sessions" / f"{sid}.json").read_bytes()) == doc
