@@ -31,8 +31,6 @@ class RuntimeConfig:
     final_write_seconds: float = DEFAULT_FINAL_WRITE_SECONDS
     # Factory for the model backend; None selects the offline scripted model.
     model_factory: Callable[[], object] | None = None
-    # False runs SQLite and file work inline on the trio thread: for MockClock tests only (see blocking.py).
-    blocking_io_in_thread: bool = True
     default_model: str = "scripted"
     default_mode: str = "default"
 

@@ -17,7 +17,6 @@ import trio
 
 from . import ops, records
 from .clock import new_id, utc_now
-from .blocking import BlockingIO
 from .config import RuntimeConfig
 from .errors import EngineTimeout, InvalidInput, NotFound
 from .events import EventBus, EventStream
@@ -25,7 +24,7 @@ from .handle import EngineEvicted
 from .manager import ThreadManager
 from .models.base import ModelBackend
 from .models.scripted import ScriptedModel
-from .store import Event, EventDraft, Store
+from .store import EventDraft, Store
 
 DEFAULT_TIMEOUT = 10.0
 LIST_LIMIT_MAX = 500
@@ -57,8 +56,7 @@ class Runtime:
     async def open(cls, config: RuntimeConfig) -> AsyncIterator["Runtime"]:
         backend: ModelBackend = config.model_factory() if config.model_factory else ScriptedModel()  # type: ignore[assignment]
         bus = EventBus(config.subscriber_buffer)
-        blocking = BlockingIO(config.blocking_io_in_thread)
-        async with Store.open(config.db_path, bus.publish, config.write_queue, blocking) as store:
+        async with Store.open(config.db_path, bus.publish, config.write_queue) as store:
             manager = ThreadManager(store, backend, config)
             runtime = cls(config, store, bus, manager, backend)
             await runtime.sessions.open()

@@ -91,7 +91,7 @@ class Engine:
         backend: ModelBackend,
         config: RuntimeConfig,
         inbox: trio.MemoryReceiveChannel[ops.Op],
-        on_idle: Callable[["Engine"], bool],
+        retire: Callable[["Engine", bool], bool],
     ) -> None:
         self.thread: dict[str, Any] = state["thread"]
         self.thread_id: str = self.thread["id"]
@@ -103,7 +103,9 @@ class Engine:
         self._backend = backend
         self._config = config
         self._inbox = inbox
-        self._on_idle = on_idle
+        # Asks the manager to stop routing requests here: (engine, idle) -> accepted. An idle retirement
+        # is refused while ops are queued; a stopping engine is always retired.
+        self._retire = retire
         self._nursery: trio.Nursery | None = None
         self.active: _Turn | None = None
         self._idle_waiters: list[ops.GetSessionSnapshot] = []
@@ -126,6 +128,9 @@ class Engine:
                 try:
                     await self._op_loop()
                 finally:
+                    # New requests now wait for this engine to exit and go to its successor,
+                    # instead of queueing behind an engine that will never serve them.
+                    self._retire(self, False)
                     if self.active is not None:
                         crashed = self._stopping is None
                         self._cancel_turn(
@@ -173,7 +178,7 @@ class Engine:
                     continue  # a turn ended meanwhile and moved the deadline: wait out the rest
                 if self.active is None and not self._idle_waiters:
                     # The manager forgets us and closes our inbox; ops already queued are still served.
-                    self._on_idle(self)
+                    self._retire(self, True)
                 self._idle_since = trio.current_time()
                 continue
             self._idle_since = trio.current_time()

@@ -11,8 +11,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-from typing import AsyncIterator
-
 import trio
 
 from . import records
@@ -90,7 +88,7 @@ class ThreadManager:
             raise EngineUnavailable("The runtime is shutting down")
         send, receive = trio.open_memory_channel[Op](self._config.inbox_capacity)
         engine = Engine(state, store=self._store, backend=self._backend, config=self._config,
-                        inbox=receive, on_idle=self._evict)
+                        inbox=receive, retire=self._retire)
         entry = _Entry(EngineHandle(thread_id, send), engine)
         await self._nursery.start(self._supervise, entry)
         return entry.handle
@@ -107,14 +105,15 @@ class ThreadManager:
             entry.handle.close(evicted=entry.handle.evicted)
             entry.exited.set()
 
-    def _evict(self, engine: Engine) -> bool:
-        """Called by an idle engine. Refuses while anything is queued, so no accepted op is lost."""
+    def _retire(self, engine: Engine, idle: bool) -> bool:
+        """Stop routing requests to ``engine``; they wait for its exit and then spawn a successor.
+        An idle retirement (eviction) is refused while anything is queued, so no accepted op is lost."""
         entry = self._entries.get(engine.thread_id)
-        if entry is None or entry.engine is not engine or self._closing:
+        if entry is None or entry.engine is not engine or entry.handle.evicted or self._closing:
             return False
-        if entry.handle.busy():
+        if idle and entry.handle.busy():
             return False
-        log.debug("evicting idle engine of thread %s", engine.thread_id)
+        log.debug("retiring the engine of thread %s (%s)", engine.thread_id, "idle" if idle else "stopping")
         entry.handle.close(evicted=True)
         return True
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
 import sqlite3
 import uuid
@@ -75,7 +74,7 @@ class SessionService:
     # ---- startup ---------------------------------------------------------------------------
 
     async def open(self) -> None:
-        removed = await self._rt.store.blocking.run(self.files.prepare)
+        removed = await trio.to_thread.run_sync(self.files.prepare)
         if removed:
             log.warning("removed %d temp file(s) left by an interrupted session write", removed)
         await self._rt.store.write(fn=self._reconcile)
@@ -183,7 +182,7 @@ class SessionService:
         async with self._locked(target, deadline):
             existing = None
             if session_id is not None:
-                existing = await self._rt.store.blocking.run(self.files.load, session_id)
+                existing = await trio.to_thread.run_sync(self.files.load, session_id)
             _check_if_match(target, existing, if_match)
             snapshot = await self._rt.get_session_snapshot(
                 thread_id, wait_for_idle=wait_for_idle, timeout=max(0.0, deadline - trio.current_time()))
@@ -282,7 +281,7 @@ class SessionService:
 
     async def get(self, session_id: str) -> dict[str, Any]:
         validate_session_id(session_id)
-        doc = await self._rt.store.blocking.run(self.files.load_existing, session_id)
+        doc = await trio.to_thread.run_sync(self.files.load_existing, session_id)
         return {"metadata": doc["metadata"], "messages": doc["messages"], "system_prompt": doc.get("system_prompt")}
 
     # ---- PATCH / DELETE --------------------------------------------------------------------
@@ -295,7 +294,7 @@ class SessionService:
         new_title = normalize_title(title) if title is not None else None
         deadline = trio.current_time() + timeout
         async with self._locked(session_id, deadline):
-            doc = await self._rt.store.blocking.run(self.files.load_existing, session_id)
+            doc = await trio.to_thread.run_sync(self.files.load_existing, session_id)
             _check_if_match(session_id, doc, if_match)
             meta = dict(doc["metadata"])
             changes: dict[str, Any] = {}
@@ -328,7 +327,7 @@ class SessionService:
     async def resume(self, session_id: str, *, model: str | None = None, mode: str | None = None) -> dict[str, Any]:
         """A new thread whose engine starts from the session's messages (its next turn sees them all)."""
         validate_session_id(session_id)
-        doc = await self._rt.store.blocking.run(self.files.load_existing, session_id)
+        doc = await trio.to_thread.run_sync(self.files.load_existing, session_id)
         meta = doc["metadata"]
         messages = doc["messages"]
         total = meta.get("total_tokens", 0)

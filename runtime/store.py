@@ -24,7 +24,6 @@ import outcome
 import trio
 
 from . import schema
-from .blocking import BlockingIO
 from .clock import utc_now
 from .errors import StorageError
 
@@ -96,10 +95,8 @@ def _connect(path: Path) -> sqlite3.Connection:
 class Store:
     """Open with ``async with Store.open(path, publish=...) as store``."""
 
-    def __init__(self, path: Path, publish: Callable[[list[Event]], None], write_queue: int,
-                 blocking: BlockingIO) -> None:
+    def __init__(self, path: Path, publish: Callable[[list[Event]], None], write_queue: int) -> None:
         self.path = path
-        self.blocking = blocking
         self._publish = publish
         # Unbounded so that submission never awaits: an engine can queue writes and mutate its state in
         # one synchronous step, which keeps their order. Producers that stream (turns) call
@@ -113,9 +110,8 @@ class Store:
         self.recovered_turns = 0
 
     @classmethod
-    def open(cls, path: Path, publish: Callable[[list[Event]], None], write_queue: int = 4096,
-             blocking: BlockingIO | None = None):
-        return _StoreContext(cls(path, publish, write_queue, blocking or BlockingIO()))
+    def open(cls, path: Path, publish: Callable[[list[Event]], None], write_queue: int = 4096):
+        return _StoreContext(cls(path, publish, write_queue))
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -232,7 +228,7 @@ class Store:
                 # Shielded: once taken off the queue a batch must be applied and its waiters told,
                 # or they would wait forever. Bounded by SQLite's own work (busy_timeout 5 s).
                 with trio.CancelScope(shield=True):
-                    await self.blocking.run(self._apply_batch, batch)
+                    await trio.to_thread.run_sync(self._apply_batch, batch)
                 for request in batch:
                     if request.committed:
                         try:
@@ -277,11 +273,16 @@ class Store:
 
     # ---- reads -----------------------------------------------------------------------------
 
+    @property
+    def read_limiter(self) -> trio.CapacityLimiter:
+        """The limiter store reads hop through (tests that drive a MockClock watch it)."""
+        return self._read_limiter
+
     async def read(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
         """Run ``fn(conn)`` on the read connection in a worker thread (one hop)."""
         assert self._rconn is not None
         conn = self._rconn
-        return await self.blocking.run(fn, conn, limiter=self._read_limiter)
+        return await trio.to_thread.run_sync(fn, conn, limiter=self._read_limiter)
 
 
 def _insert_event(conn: sqlite3.Connection, draft: EventDraft) -> Event:
@@ -306,7 +307,7 @@ class _StoreContext:
 
     async def __aenter__(self) -> Store:
         try:
-            await self._store.blocking.run(self._store._open_sync)
+            await trio.to_thread.run_sync(self._store._open_sync)
         except (sqlite3.Error, OSError) as exc:
             self._store._close_sync()
             raise StorageError(f"Failed to open the store at {self._store.path}: {exc}") from exc
@@ -321,4 +322,4 @@ class _StoreContext:
             return await self._nursery_cm.__aexit__(*exc_info)
         finally:
             with trio.CancelScope(shield=True):  # closing connections is quick and must happen
-                await self._store.blocking.run(self._store._close_sync)
+                await trio.to_thread.run_sync(self._store._close_sync)

@@ -16,8 +16,9 @@ from web.cli import RunningServer, run_server
 from web.client import AsyncClient
 from web.settings import ServerSettings
 
-# Upper bound for any single e2e wait; generous because CI machines are busy, never a sync device.
-E2E_LIMIT = 20.0
+from tests.support import E2E_LIMIT
+
+__all__ = ["E2E_LIMIT", "LiveServer", "start_server"]
 
 
 @dataclasses.dataclass

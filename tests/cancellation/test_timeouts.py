@@ -1,8 +1,8 @@
 """Timeouts on trio's MockClock (tests request ``autojump_clock`` themselves: pytest-trio picks the clock
 from the test's own arguments): exact virtual times, and the engine keeps serving afterwards.
 
-SQLite and file work run inline here (``blocking_io_in_thread=False``): with autojump, a worker thread
-makes the loop look idle and the clock would leap to the next deadline (see runtime/blocking.py).
+The runtime is opened with ``tests.support.open_runtime``, which keeps autojump from leaping while a
+worker thread (SQLite, file I/O) is busy.
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ import pytest
 import trio
 
 from runtime import EngineTimeout, EngineUnavailable, Runtime, RuntimeConfig, StorageError, ops
+from tests.support import open_runtime
 
 
 @pytest.fixture
 async def rt(tmp_path):
-    config = RuntimeConfig(data_dir=tmp_path, blocking_io_in_thread=False, inbox_capacity=1, reply_send_seconds=30)
-    async with Runtime.open(config) as runtime:
+    async with open_runtime(tmp_path, inbox_capacity=1, reply_send_seconds=30) as runtime:
         yield runtime
 
 
@@ -84,12 +84,11 @@ async def test_engine_crash_fails_waiting_requests_at_once(rt, monkeypatch, auto
         with pytest.raises(EngineUnavailable):
             await rt.compact(thread_id, timeout=60)
     assert errors and errors[0][1] == start  # no timeout was waited out
-    await trio.testing.wait_all_tasks_blocked()  # let the crashed engine finish its shielded cleanup
-    assert engine.crashed and rt.manager.engine(thread_id) is None
-    # The next request restores a fresh engine; the crashed turn ended `failed`.
+    # The next request waits for the crashed engine to finish its cleanup and gets a fresh engine.
+    assert not (await rt.get_session_snapshot(thread_id, timeout=1)).turn_in_progress
+    assert engine.crashed and rt.manager.engine(thread_id) is not engine
     detail = await rt.get_thread(thread_id)
     assert detail["turns"][-1]["status"] == "failed" and detail["turns"][-1]["error"] == "engine crashed"
-    assert not (await rt.get_session_snapshot(thread_id, timeout=1)).turn_in_progress
 
 
 async def test_shutdown_fails_waiting_requests_at_once(rt, autojump_clock):

@@ -9,7 +9,7 @@ import pytest
 import trio
 
 from tests.conftest import E2E_LIMIT, start_server
-from tests.e2e.helpers import collect_until, wait_turn_end
+from tests.e2e.helpers import collect_until
 from web.client import ApiError, AsyncClient, SseParser
 
 

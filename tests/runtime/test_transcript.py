@@ -3,7 +3,6 @@ session rebuilt from the store (POST /v1/sessions) and a live save (PUT /v1/sess
 
 from __future__ import annotations
 
-import trio
 
 from runtime.transcript import SUMMARY_PREFIX, apply_items, build_messages
 

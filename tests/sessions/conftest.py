@@ -1,10 +1,7 @@
 """Fixtures and helpers for the sessions tests.
 
 Unit tests drive ``Runtime`` directly on ``tmp_path``. Tests that need virtual time request
-``autojump_clock``; ``open_rt`` then installs ``ThreadGuard``, which stops the MockClock from
-autojumping while a worker thread (SQLite, session file I/O) is busy, so virtual time only moves when
-the program is truly idle. (Same technique as tests/runtime/conftest.py, kept local so this suite does
-not depend on a file other people are editing.)
+``autojump_clock``; ``open_rt`` then keeps the MockClock honest (see tests/support.py).
 """
 
 from __future__ import annotations
@@ -12,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import math
 import threading
 from pathlib import Path
 from typing import Any, AsyncIterator
@@ -21,24 +17,12 @@ import pytest
 import trio
 import trio.testing
 
-from runtime import Runtime, RuntimeConfig
+from runtime import Runtime
 from runtime import records
+from tests import support
 
 # Upper bound on any single real-clock wait in these tests: a bug fails the test instead of hanging.
 LIMIT = 10.0
-
-
-class ThreadGuard(trio.abc.Instrument):
-    def __init__(self, clock: trio.testing.MockClock) -> None:
-        self.clock = clock
-        self.threshold = clock.autojump_threshold
-        self.limiters: list[trio.CapacityLimiter] = [trio.to_thread.current_default_thread_limiter()]
-
-    def after_task_step(self, task: trio.lowlevel.Task) -> None:
-        busy = any(limiter.borrowed_tokens for limiter in self.limiters)
-        wanted = math.inf if busy else self.threshold
-        if self.clock.autojump_threshold != wanted:
-            self.clock.autojump_threshold = wanted
 
 
 @pytest.fixture
@@ -49,26 +33,7 @@ def data_dir(tmp_path) -> Path:
 @pytest.fixture
 def open_rt(data_dir):
     """``async with open_rt(**config_overrides) as rt``: a Runtime on ``data_dir`` (reopenable)."""
-
-    @contextlib.asynccontextmanager
-    async def opener(**overrides) -> AsyncIterator[Runtime]:
-        config = RuntimeConfig(**{"data_dir": data_dir, **overrides})
-        clock = trio.lowlevel.current_clock()
-        guard = None
-        if isinstance(clock, trio.testing.MockClock) and clock.autojump_threshold < math.inf:
-            guard = ThreadGuard(clock)
-            trio.lowlevel.add_instrument(guard)
-        try:
-            async with Runtime.open(config) as rt:
-                if guard is not None:
-                    guard.limiters.append(rt.store._read_limiter)
-                yield rt
-        finally:
-            if guard is not None:
-                trio.lowlevel.remove_instrument(guard)
-                clock.autojump_threshold = guard.threshold
-
-    return opener
+    return functools.partial(support.open_runtime, data_dir)
 
 
 @pytest.fixture

@@ -18,6 +18,8 @@ import pytest
 import trio
 import trio.testing
 
+from tests import support
+
 from runtime.session_files import parse_document
 from tests.conftest import E2E_LIMIT
 from tests.e2e.helpers import wait_turn_end
@@ -185,36 +187,6 @@ async def test_create_rebuild_patch_and_delete_cancelled_at_every_step_are_all_o
 # ---- end to end: client disconnects during PUT -----------------------------------------------
 
 
-class InFlight:
-    """Counts HTTP requests inside the app (Quart's documented ``app.asgi_app`` wrapping)."""
-
-    def __init__(self, app) -> None:
-        self.count = 0
-        self.changed = trio.Event()
-        self._inner = app.asgi_app
-        app.asgi_app = self
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            return await self._inner(scope, receive, send)
-        self.count += 1
-        try:
-            await self._inner(scope, receive, send)
-        finally:
-            self.count -= 1
-            self.changed.set()
-            self.changed = trio.Event()
-
-    async def settle(self) -> None:
-        """Wait until the server has read everything the client sent and has no request in flight."""
-        with trio.fail_after(E2E_LIMIT):
-            while True:
-                await trio.testing.wait_all_tasks_blocked(cushion=0.01)
-                if self.count == 0:
-                    return
-                await self.changed.wait()
-
-
 class Phases:
     """trio.Events set as the server's save reaches each phase (wrapping the in-process runtime)."""
 
@@ -246,7 +218,7 @@ class Phases:
 
 async def test_client_disconnects_during_put_never_leave_a_partial_or_unlinked_save(server, client):
     rt = server.runtime
-    inflight = InFlight(server.running.app)
+    inflight = support.InFlight(server.running.app)
     phases = Phases(rt)
     rng = random.Random(20240611)
 

@@ -1,0 +1,96 @@
+"""Test support shared by the suites: a Runtime opener that keeps MockClock honest, and a counter of
+requests in flight inside a live server.
+
+Virtual time and worker threads
+-------------------------------
+pytest-trio's ``autojump_clock`` jumps to the next deadline as soon as every task is blocked, and a
+task waiting on ``trio.to_thread.run_sync`` counts as blocked. The store runs SQLite (and sessions
+run file I/O) in worker threads, so the bare clock would race ahead while they work, firing timeouts
+that real time never would. ``ThreadGuard`` switches autojump off while any watched limiter has a
+token out and back on when all are returned, so virtual time only moves when the program is truly
+idle, and the production code path (real threads) is what the tests run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+from typing import AsyncIterator
+
+import trio
+import trio.testing
+
+from runtime import Runtime, RuntimeConfig
+
+# Upper bound for any single real-clock wait; generous because CI machines are busy, never a sync device.
+E2E_LIMIT = 20.0
+
+
+class ThreadGuard(trio.abc.Instrument):
+    """Keeps a MockClock from autojumping while a thread holds a token of a watched limiter.
+
+    A thread's token is taken in the step that starts it and released in the same step that
+    reschedules its waiting task, so checking after every task step never leaves a window where the
+    program looks idle but a thread is about to wake it."""
+
+    def __init__(self, clock: trio.testing.MockClock) -> None:
+        self.clock = clock
+        self.threshold = clock.autojump_threshold
+        self.limiters: list[trio.CapacityLimiter] = [trio.to_thread.current_default_thread_limiter()]
+
+    def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        busy = any(limiter.borrowed_tokens for limiter in self.limiters)
+        wanted = math.inf if busy else self.threshold
+        if self.clock.autojump_threshold != wanted:
+            self.clock.autojump_threshold = wanted
+
+
+@contextlib.asynccontextmanager
+async def open_runtime(data_dir: Path, **overrides) -> AsyncIterator[Runtime]:
+    """``Runtime.open`` on ``data_dir``; under an autojumping MockClock it installs ThreadGuard."""
+    config = RuntimeConfig(**{"data_dir": data_dir, **overrides})
+    clock = trio.lowlevel.current_clock()
+    guard = None
+    if isinstance(clock, trio.testing.MockClock) and clock.autojump_threshold < math.inf:
+        guard = ThreadGuard(clock)
+        trio.lowlevel.add_instrument(guard)
+    try:
+        async with Runtime.open(config) as rt:
+            if guard is not None:
+                guard.limiters.append(rt.store.read_limiter)
+            yield rt
+    finally:
+        if guard is not None:
+            trio.lowlevel.remove_instrument(guard)
+            clock.autojump_threshold = guard.threshold
+
+
+class InFlight:
+    """Counts HTTP requests inside the app (Quart's documented ``app.asgi_app`` wrapping)."""
+
+    def __init__(self, app) -> None:
+        self.count = 0
+        self.changed = trio.Event()
+        self._inner = app.asgi_app
+        app.asgi_app = self
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self._inner(scope, receive, send)
+        self.count += 1
+        try:
+            await self._inner(scope, receive, send)
+        finally:
+            self.count -= 1
+            self.changed.set()
+            self.changed = trio.Event()
+
+    async def settle(self) -> None:
+        """Wait until the server has read everything clients sent and has no request in flight."""
+        with trio.fail_after(E2E_LIMIT):
+            while True:
+                await trio.testing.wait_all_tasks_blocked(cushion=0.01)
+                if self.count == 0:
+                    return
+                await self.changed.wait()
