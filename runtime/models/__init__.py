@@ -4,9 +4,11 @@ from .base import (
     ItemBreak, ModelBackend, ModelError, ModelEvent, ModelRequest, ReasoningDelta, Retrying, TextDelta, ToolCall,
     ToolResult, Usage,
 )
+from .openai_compat import OpenAICompatModel
 from .scripted import ScriptedModel
+from .tools import Tool, ToolRegistry
 
 __all__ = [
     "ItemBreak", "ModelBackend", "ModelError", "ModelEvent", "ModelRequest", "ReasoningDelta", "Retrying",
-    "ScriptedModel", "TextDelta", "ToolCall", "ToolResult", "Usage",
+    "OpenAICompatModel", "ScriptedModel", "TextDelta", "Tool", "ToolCall", "ToolRegistry", "ToolResult", "Usage",
 ]

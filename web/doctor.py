@@ -1,0 +1,173 @@
+"""``trio-runtime doctor``: check that the configured model backend can serve turns, and say exactly
+what is wrong when it cannot.
+
+For the ``openai`` backend it asks ``GET {base_url}/models`` (one request, bounded by ``timeout``) and
+reads the answer as a list of checks: the configuration is complete, the server is reachable, the API
+key is accepted, the URL is an OpenAI-compatible API, and the configured model is listed. Each failed
+check names the thing and the fix. Exit code 0 when every check passed, 1 otherwise. The API key is sent
+in the Authorization header only and never printed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import sys
+from typing import Any, Callable, TextIO
+
+import httpx
+import trio
+
+from runtime.models.openai_compat import DEFAULT_CONNECT_TIMEOUT, describe_connect_error, error_text
+
+# Environment variables of the model options (the CLI flags' defaults).
+API_KEY_ENV = "TRIO_RUNTIME_MODEL_API_KEY"
+BASE_URL_ENV = "TRIO_RUNTIME_MODEL_BASE_URL"
+MODEL_NAME_ENV = "TRIO_RUNTIME_MODEL_NAME"
+# The whole doctor request (connect + answer) gets this long: a healthy server lists its models at once.
+DEFAULT_DOCTOR_TIMEOUT = 10.0
+# At most this many served model names are quoted when the configured one is missing.
+MAX_LISTED_MODELS = 20
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    message: str
+
+
+async def diagnose(base_url: str | None, model_name: str | None, api_key: str | None, *,
+                   timeout: float = DEFAULT_DOCTOR_TIMEOUT,
+                   http_client: Callable[[], httpx.AsyncClient] | None = None) -> list[Check]:
+    """The checks for an OpenAI-compatible backend, in order; stops at the first one that makes the
+    rest meaningless. One HTTP request, bounded by ``timeout``; cancelling it leaves nothing behind."""
+    checks: list[Check] = []
+    missing = [flag for flag, value in (("--model-base-url", base_url), ("--model-name", model_name)) if not value]
+    if missing:
+        checks.append(Check("configuration", False, f"{' and '.join(missing)} must be given with --model openai"
+                                                    f" (or set {BASE_URL_ENV} / {MODEL_NAME_ENV})"))
+        return checks
+    assert base_url is not None and model_name is not None
+    base = base_url.rstrip("/")
+    try:
+        url = httpx.URL(base)
+    except httpx.InvalidURL as exc:
+        checks.append(Check("configuration", False, f"the base URL {base_url!r} is not a valid URL: {exc}"))
+        return checks
+    if url.scheme not in ("http", "https") or not url.host:
+        checks.append(Check("configuration", False, f"the base URL {base_url!r} must start with http:// or https://"
+                                                    " and name a host, e.g. http://127.0.0.1:8080/v1"))
+        return checks
+    checks.append(Check("configuration", True, f"model '{model_name}' at {base}"
+                                               f" ({'with' if api_key else 'without'} an API key)"))
+
+    models_url = f"{base}/models"
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    started = trio.current_time()
+    try:
+        async with (http_client or httpx.AsyncClient)() as client:
+            response = await client.get(models_url, headers=headers,
+                                        timeout=httpx.Timeout(timeout, connect=min(timeout, DEFAULT_CONNECT_TIMEOUT)))
+    except httpx.HTTPError as exc:
+        problem = describe_connect_error(exc, base, min(timeout, DEFAULT_CONNECT_TIMEOUT))
+        if problem is None:
+            problem = f"GET {models_url} failed: {type(exc).__name__}: {exc}"
+            if isinstance(exc, httpx.ReadTimeout):
+                problem = f"GET {models_url} got no answer within {timeout:g} s"
+        checks.append(Check("server reachable", False, _scrub(problem, api_key)))
+        return checks
+    elapsed_ms = round((trio.current_time() - started) * 1000)
+    checks.append(Check("server reachable", True, f"GET {models_url} answered HTTP {response.status_code}"
+                                                  f" in {elapsed_ms} ms"))
+    detail = _scrub(_detail(response), api_key)
+    quoted = f" ({detail})" if detail else ""
+
+    if response.status_code in (401, 403):
+        fix = (f"check the key in {API_KEY_ENV}" if api_key
+               else f"the server needs one: set {API_KEY_ENV}")
+        checks.append(Check("API key", False, f"rejected with HTTP {response.status_code}{quoted}; {fix}"))
+        return checks
+    checks.append(Check("API key", True, "accepted" if api_key else "none set, and the server asked for none"))
+
+    if response.status_code == 404:
+        checks.append(Check("OpenAI-compatible API", False,
+                            f"GET {models_url} answered HTTP 404{quoted}: the base URL is probably wrong; it is"
+                            " the part before /chat/completions and usually ends in /v1"
+                            " (e.g. http://127.0.0.1:8080/v1)"))
+        return checks
+    if response.status_code != 200:
+        checks.append(Check("OpenAI-compatible API", False,
+                            f"GET {models_url} answered HTTP {response.status_code}{quoted}"))
+        return checks
+    served = _model_ids(response)
+    if served is None:
+        checks.append(Check("OpenAI-compatible API", False,
+                            f"GET {models_url} did not answer with an OpenAI model list"
+                            f" ({{\"data\": [{{\"id\": ...}}]}}); is this the API's base URL?"))
+        return checks
+    checks.append(Check("OpenAI-compatible API", True, f"{len(served)} model(s) listed"))
+
+    if model_name in served:
+        checks.append(Check("model listed", True, f"'{model_name}' is served"))
+    else:
+        shown = ", ".join(repr(m) for m in served[:MAX_LISTED_MODELS]) or "none"
+        more = f" and {len(served) - MAX_LISTED_MODELS} more" if len(served) > MAX_LISTED_MODELS else ""
+        checks.append(Check("model listed", False,
+                            f"'{model_name}' is not served at {base}; it serves {shown}{more}. Pass one of those"
+                            " with --model-name (a llama.cpp server lists its model under its alias or file name)"))
+    return checks
+
+
+def _scrub(text: str, api_key: str | None) -> str:
+    return text.replace(api_key, "***") if api_key else text
+
+
+def _detail(response: httpx.Response) -> str:
+    if response.status_code == 200:
+        return ""
+    try:
+        text = error_text(response.json())
+    except ValueError:
+        text = response.text
+    text = " ".join(text.split())
+    return text[:300]
+
+
+def _model_ids(response: httpx.Response) -> list[str] | None:
+    """The ids of an OpenAI model list, or None if the body is not one."""
+    try:
+        body: Any = response.json()
+    except ValueError:
+        return None
+    data = body.get("data") if isinstance(body, dict) else None
+    if not isinstance(data, list):
+        return None
+    ids = [entry.get("id") for entry in data if isinstance(entry, dict)]
+    return [i for i in ids if isinstance(i, str)]
+
+
+def format_report(backend: str, checks: list[Check]) -> str:
+    lines = [f"trio-runtime doctor: model backend '{backend}'"]
+    lines += [f"  {'ok  ' if c.ok else 'FAIL'}  {c.name}: {c.message}" for c in checks]
+    problems = sum(not c.ok for c in checks)
+    lines.append("All checks passed." if not problems else
+                 f"{problems} problem{'s' if problems != 1 else ''} found.")
+    return "\n".join(lines)
+
+
+def run_doctor(*, model: str, base_url: str | None = None, model_name: str | None = None,
+               api_key: str | None = None, timeout: float = DEFAULT_DOCTOR_TIMEOUT,
+               out: TextIO | None = None) -> int:
+    """The ``doctor`` command: print the report, return the exit code (0 all good, 1 a problem)."""
+    out = out or sys.stdout
+    if model == "scripted":
+        print(format_report(model, [Check("backend", True, "the built-in offline scripted model; nothing to"
+                                                           " reach")]), file=out)
+        return 0
+    if model != "openai":
+        print(format_report(model, [Check("backend", False, f"unknown model backend {model!r}")]), file=out)
+        return 1
+    checks = trio.run(functools.partial(diagnose, base_url, model_name, api_key, timeout=timeout))
+    print(format_report(model, checks), file=out)
+    return 0 if all(c.ok for c in checks) else 1
