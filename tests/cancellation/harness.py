@@ -134,6 +134,7 @@ async def check_invariants(rt: Runtime, data_dir: Path) -> State:
     await settle(rt)
     state = capture(data_dir)
     assert state.temp_files == [], f"temp files left behind: {state.temp_files}"
+    assert rt.sessions._locks == {}, "a per-session lock outlived its operation"
     on_disk = {name[:-5] for name in state.files}
     assert on_disk == set(state.sessions), f"index {set(state.sessions)} != files {on_disk}"
     for name, data in state.files.items():

@@ -90,6 +90,11 @@ async def _save_setup(ctx: Ctx) -> None:
     await _ensure_session(ctx)
 
 
+async def _save_mid_turn_setup(ctx: Ctx) -> None:
+    await _ensure_session(ctx)
+    await _ensure_hanging(ctx)
+
+
 def _check_save_update(before: State, after: State, ctx: Ctx) -> bool:
     old, new = _doc(before, SESSION), _doc(after, SESSION)
     if new["metadata"]["revision"] == old["metadata"]["revision"]:
@@ -215,6 +220,9 @@ def _check_compact(before: State, after: State, ctx: Ctx) -> bool:
 CASES = [
     Case("PUT session (update)", lambda c: c.rt.sessions.save(thread_id=c.thread_id, session_id=SESSION, timeout=10),
          _check_save_update, _save_setup, final_at_return=True),
+    Case("PUT session (mid-turn)", lambda c: c.rt.sessions.save(thread_id=c.thread_id, session_id=SESSION,
+                                                                  timeout=10),
+         _check_save_update, _save_mid_turn_setup, final_at_return=True),
     Case("PUT session (create)", lambda c: c.rt.sessions.save(thread_id=c.thread_id, session_id=f"new-{c.k}",
                                                                timeout=10),
          _check_save_create, _rebuild_setup, final_at_return=True),
