@@ -132,8 +132,10 @@ class Runtime:
                             timeout: float = DEFAULT_TIMEOUT) -> dict[str, Any]:
         if not changes:
             raise InvalidInput("Give at least one of: archived, model, mode, title, system_prompt")
-        return await self._request(thread_id, lambda r: ops.UpdateThread(changes=changes, reply=r),
-                                   timeout=timeout, what="update the thread")
+        await self._request(thread_id, lambda r: ops.UpdateThread(changes=changes, reply=r),
+                            timeout=timeout, what="update the thread")
+        # Read back from the store: the engine does not track links that sessions write (session_id).
+        return await self.thread_record(thread_id)
 
     # ---- turns -----------------------------------------------------------------------------
 

@@ -239,24 +239,22 @@ class Engine:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
 
-    def _spawn_reply(self, reply: ops.Reply | None, result: outcome.Outcome, after: WriteRequest | None = None,
-                     value: Callable[[], Any] | None = None) -> None:
+    def _spawn_reply(self, reply: ops.Reply | None, result: outcome.Outcome,
+                     after: WriteRequest | None = None) -> None:
         """Reply from a helper task, once ``after`` committed (so the caller can read its own write)."""
         if reply is None:
             return
         assert self._nursery is not None
-        self._nursery.start_soon(self._reply_when_committed, reply, result, after, value)
+        self._nursery.start_soon(self._reply_when_committed, reply, result, after)
 
     async def _reply_when_committed(self, reply: ops.Reply, result: outcome.Outcome,
-                                    after: WriteRequest | None, value: Callable[[], Any] | None) -> None:
+                                    after: WriteRequest | None) -> None:
         try:
             if after is not None:
                 await after.done.wait()
                 assert after.result is not None
                 if isinstance(after.result, outcome.Error):
                     result = after.result
-                elif value is not None:
-                    result = outcome.Value(value())
             await self._send_reply(reply, result)
         finally:
             reply.close()  # cancelled before sending (engine crash): the requester sees EngineUnavailable now
@@ -305,8 +303,7 @@ class Engine:
             events=[EventDraft(self.thread_id, "thread.updated", {"changes": changes})],
         ))
         self._boundary = request
-        self._spawn_reply(op.reply, outcome.Value(None), after=request,
-                          value=lambda: {**self.thread})
+        self._spawn_reply(op.reply, outcome.Value(None), after=request)
 
     # ---- turns -----------------------------------------------------------------------------
 

@@ -126,3 +126,12 @@ async def test_unknown_thread_and_turn_are_404(client):
         with pytest.raises(ApiError) as info:
             await call
         assert info.value.status == 404 and info.value.code == "not_found"
+
+
+async def test_patch_after_a_save_reports_the_session_link(client):
+    thread = await client.create_thread()
+    turn = await client.start_turn(thread["id"], "hello")
+    await wait_turn_end(client, thread["id"], turn["id"])
+    saved = await client.save_session(thread_id=thread["id"])
+    updated = await client.update_thread(thread["id"], title="linked")
+    assert updated["session_id"] == saved["session_id"] and updated["title"] == "linked"
