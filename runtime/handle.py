@@ -49,6 +49,19 @@ class EngineHandle:
                 raise EngineEvicted() from exc
             raise EngineUnavailable(f"The engine for thread '{self.thread_id}' is not running") from exc
 
+    async def _submit_read(self, op: ops.Op) -> None:
+        """``submit`` for an op that changes nothing (a snapshot): with room in the inbox, queue it
+        without the scheduling round a blocking send costs; the reply's receive is the checkpoint."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            self._inbox.send_nowait(op)
+        except trio.WouldBlock:
+            await self.submit(op)
+        except (trio.ClosedResourceError, trio.BrokenResourceError) as exc:
+            if self.evicted:
+                raise EngineEvicted() from exc
+            raise EngineUnavailable(f"The engine for thread '{self.thread_id}' is not running") from exc
+
     async def request(self, make_op: Callable[[ops.Reply], ops.Op], *, deadline: float, what: str) -> object:
         """Submit an op and wait for its one reply before ``deadline`` (trio clock).
 
@@ -62,7 +75,10 @@ class EngineHandle:
             try:
                 with trio.fail_at(deadline):
                     try:
-                        await self.submit(op)
+                        if isinstance(op, ops.GetSessionSnapshot):
+                            await self._submit_read(op)
+                        else:
+                            await self.submit(op)
                     except BaseException:
                         reply_tx.close()  # never handed over: ours to close
                         raise

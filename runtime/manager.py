@@ -57,6 +57,13 @@ class ThreadManager:
             task_status.started()
             await trio.sleep_forever()
 
+    def live_handle(self, thread_id: str) -> EngineHandle | None:
+        """The running engine's handle when there is one to route to right now (no spawn, no wait)."""
+        entry = self._entries.get(thread_id)
+        if entry is None or entry.handle.evicted or self._closing:
+            return None
+        return entry.handle
+
     async def handle(self, thread_id: str) -> EngineHandle:
         """The live engine's handle, spawning (and restoring) the engine if needed. NotFound for an
         unknown thread; EngineUnavailable once shutdown began."""

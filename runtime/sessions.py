@@ -175,7 +175,7 @@ class SessionService:
         if session_id is not None:
             validate_session_id(session_id)
         if thread_id is None:
-            thread_id = await self._rt.store.read(records.most_recent_thread_id)
+            thread_id = await self._rt.store.read(records.most_recent_thread_id, inline=True)
             if thread_id is None:
                 raise InvalidInput("No threads to save")
         target = session_id or str(uuid.uuid4())
@@ -277,7 +277,8 @@ class SessionService:
         def query(conn: sqlite3.Connection) -> list[dict[str, Any]]:
             return [_index_metadata(row) for row in conn.execute(sql, params)]
 
-        return await self._rt.store.read(query)
+        # A page of index rows is a small read; a search scans search_text, so it stays off the loop.
+        return await self._rt.store.read(query, inline=not search)
 
     async def get(self, session_id: str) -> dict[str, Any]:
         validate_session_id(session_id)
