@@ -180,7 +180,7 @@ async def test_the_shielded_commit_has_its_own_bound(tmp_path):
         fs.write_data = stuck_write.__get__(fs)
         try:
             with trio.fail_after(30):
-                with pytest.raises(StorageError, match="did not commit within 0.2 s"):
+                with pytest.raises(StorageError, match="did not finish writing within 0.2 s; nothing was saved"):
                     await rt.sessions.save(thread_id=thread["id"], session_id="stuck", timeout=5)
         finally:
             release.set()
