@@ -9,7 +9,7 @@ DATA_DIR ?= ./.trio-runtime
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: serve test soak test-llm bench clean lock
+.PHONY: serve test soak reliability test-llm bench clean lock
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ test: $(VENV)/.installed
 
 soak: $(VENV)/.installed
 	$(BIN)/python -m pytest -q -m soak $(PYTEST_ARGS)
+
+# Not part of `make test` (which runs the short versions): the full reliability suite, about 5 minutes on
+# 2 cores (25 kill -9 restarts, 1,000 dropped requests, long schemathesis runs, 300 slowloris clients).
+reliability: $(VENV)/.installed
+	$(BIN)/python -m pytest -q -s -m reliability tests/reliability $(PYTEST_ARGS)
 
 # Not part of `make test`: benchmarks against raw baselines measured in the same run (README, Performance).
 # Installs wrk with apt when it is missing and apt is there; otherwise the Python load generator is used.

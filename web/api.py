@@ -24,6 +24,7 @@ class QueryParam:
     kind: str  # "integer" | "boolean" | "string"
     description: str
     enum: tuple[str, ...] = ()
+    minimum: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +40,7 @@ class RouteSpec:
     errors: tuple[int, ...]
     content_type: str = "application/json"
     public: bool = False
-    headers: tuple[tuple[str, str], ...] = ()
+    headers: tuple[tuple[str, ...], ...] = ()  # (name, description[, pattern])
 
 
 ROUTES: list[RouteSpec] = []
@@ -52,7 +53,7 @@ def openapi_path(path: str) -> str:
 def route(bp: Blueprint, path: str, method: str, *, summary: str, body: type | None = None, response: Any = None,
           status: int = 200, query: tuple[QueryParam, ...] = (), errors: tuple[int, ...] = (),
           content_type: str = "application/json", public: bool = False,
-          headers: tuple[tuple[str, str], ...] = ()) -> Callable:
+          headers: tuple[tuple[str, ...], ...] = ()) -> Callable:
     def decorator(fn: Callable) -> Callable:
         prefix = bp.url_prefix or ""
         ROUTES.append(RouteSpec(method, openapi_path(prefix + path), summary, bp.name, body, response, status,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import trio
 from quart_trio import QuartTrio
+from quart_trio.asgi import TrioASGIHTTPConnection
 
 from runtime import Runtime
 
@@ -13,9 +15,30 @@ from .settings import ServerSettings
 from .sse import StreamRegistry
 
 
+class HTTPConnection(TrioASGIHTTPConnection):
+    """quart-trio's HTTP connection, with every ``send`` to the server shielded from cancellation.
+
+    hypercorn recycles a keep-alive connection (or closes it) inside the ``send`` of a response's last
+    message, and that same step hands the app ``http.disconnect``, on which quart-trio cancels the
+    request's nursery. The cancel used to land in the middle of the recycle: the keep-alive timer was
+    never restarted (an idle client's connection stayed open for good), and a connection whose request
+    body arrived after the response (a 401, 404 or 405 sent before the body was read) was neither closed
+    nor reusable, so the client's next request on it hung. hypercorn already shields the socket write;
+    what the shield adds is its bookkeeping, which does not block.
+    """
+
+    async def handle_request(self, nursery, request, send):  # type: ignore[override]
+        async def send_whole(message):
+            with trio.CancelScope(shield=True):
+                await send(message)
+
+        await super().handle_request(nursery, request, send_whole)
+
+
 def create_app(rt: Runtime, settings: ServerSettings, token: str | None) -> QuartTrio:
     """``token`` None means no auth (only with ``--insecure-no-auth``)."""
     app = QuartTrio("trio_runtime")
+    app.asgi_http_class = HTTPConnection
     app.config.update(
         MAX_CONTENT_LENGTH=settings.max_body,
         RESPONSE_TIMEOUT=None,  # SSE streams are long-lived; engine waits carry their own timeouts

@@ -9,7 +9,7 @@ from quart import Blueprint, Response, jsonify
 from runtime import __version__
 
 from .api import ROUTES, route
-from .schemas import ErrorResponse, json_schema
+from .schemas import PATH_PARAMS, ErrorResponse, json_schema, required_fields
 
 bp = Blueprint("openapi", __name__)
 
@@ -25,22 +25,30 @@ def build_spec() -> dict[str, Any]:
     for spec in ROUTES:
         op: dict[str, Any] = {"summary": spec.summary, "tags": [spec.tag],
                               "operationId": f"{spec.method.lower()}_{spec.path.strip('/').replace('/', '_')}"}
-        params = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+        params = [{"name": name, "in": "path", "required": True,
+                   "schema": {"type": "string", "minLength": 1, **PATH_PARAMS.get(name, {})}}
                   for name in _path_params(spec.path)]
         for q in spec.query:
             schema: dict[str, Any] = {"type": q.kind}
             if q.enum:
                 schema["enum"] = list(q.enum)
+            if q.minimum is not None:
+                schema["minimum"] = q.minimum
+            # An empty value (``?sort=``) means "not given" for every query parameter.
             params.append({"name": q.name, "in": "query", "required": False, "description": q.description,
-                           "schema": schema})
-        for name, description in spec.headers:
+                           "allowEmptyValue": True, "schema": schema})
+        for name, description, *pattern in spec.headers:
             params.append({"name": name, "in": "header", "required": False, "description": description,
-                           "schema": {"type": "string"}})
+                           "schema": {"type": "string", **({"pattern": pattern[0]} if pattern else {})}})
         if params:
             op["parameters"] = params
         if spec.body is not None:
-            op["requestBody"] = {"required": False,
-                                 "content": {"application/json": {"schema": json_schema(spec.body, components)}}}
+            body_schema = json_schema(spec.body, components)
+            # A body with nothing required may be left out, and JSON null counts as {} (see parse_body).
+            needed = bool(required_fields(spec.body)) or getattr(spec.body, "at_least_one", False)
+            if not needed:
+                body_schema = {"anyOf": [body_schema, {"type": "null"}]}
+            op["requestBody"] = {"required": needed, "content": {"application/json": {"schema": body_schema}}}
         ok: dict[str, Any] = {"description": "Success"}
         if spec.response is not None:
             ok["content"] = {spec.content_type: {"schema": json_schema(spec.response, components)}}

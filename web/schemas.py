@@ -10,11 +10,24 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from typing import Any, Union
+from typing import Any, ClassVar, Union
 
 from runtime.errors import InvalidInput
+from runtime.session_files import SESSION_ID_RE
 
 MISSING = dataclasses.MISSING
+
+# Constraints a field documents in /openapi.json (``field(metadata={"schema": ...})``). The runtime enforces
+# them with its own messages; the schema says what a client may send. ``\S``: not blank (Python's ``str.isspace``
+# and ``re``'s ``\s`` agree on what blank means, and so does the runtime's ``strip``/``split``).
+NON_BLANK = {"pattern": r"\S"}
+SESSION_ID = {"pattern": SESSION_ID_RE.pattern.replace("\\Z", "$")}
+# Path parameters documented beyond "a string", by name.
+PATH_PARAMS: dict[str, dict[str, Any]] = {"session_id": SESSION_ID}
+
+
+def _documented(default: Any = MISSING, **schema: Any) -> Any:
+    return dataclasses.field(default=default, metadata={"schema": schema})
 
 
 # ---- request bodies ------------------------------------------------------------------------
@@ -32,6 +45,7 @@ class CreateThreadBody:
 
 @dataclasses.dataclass
 class UpdateThreadBody:
+    at_least_one: ClassVar[bool] = True  # a body that sets nothing is 400
     archived: bool | None = None
     model: str | None = None
     mode: str | None = None
@@ -41,14 +55,14 @@ class UpdateThreadBody:
 
 @dataclasses.dataclass
 class StartTurnBody:
-    prompt: str
+    prompt: str = _documented(**NON_BLANK)
     model: str | None = None
     mode: str | None = None
 
 
 @dataclasses.dataclass
 class SteerBody:
-    prompt: str
+    prompt: str = _documented(**NON_BLANK)
 
 
 @dataclasses.dataclass
@@ -64,19 +78,20 @@ class CompactBody:
 @dataclasses.dataclass
 class SaveSessionBody:
     thread_id: str | None = None
-    session_id: str | None = None
+    session_id: str | None = _documented(None, **SESSION_ID)
     wait_for_idle: bool = False
 
 
 @dataclasses.dataclass
 class RebuildSessionBody:
-    thread_id: str
-    title: str | None = None
+    thread_id: str = _documented(**NON_BLANK)
+    title: str | None = _documented(None, **NON_BLANK)
 
 
 @dataclasses.dataclass
 class PatchSessionBody:
-    title: str | None = None
+    at_least_one: ClassVar[bool] = True
+    title: str | None = _documented(None, **NON_BLANK)
     archived: bool | None = None
 
 
@@ -291,8 +306,19 @@ def parse_body(cls: type, data: Any) -> Any:
                 raise InvalidInput(f"Field '{name}' must be {_NAMES.get(hint, hint)}, not null")
         elif not _matches(value, hint):
             raise InvalidInput(f"Field '{name}' must be {_NAMES.get(typing.get_origin(hint) or hint, hint)}")
+        elif isinstance(value, str) and not _is_unicode(value):
+            # JSON may escape a lone surrogate (\ud800); such a string cannot be stored (SQLite, UTF-8 files).
+            raise InvalidInput(f"Field '{name}' must be valid Unicode text (it holds a lone surrogate)")
         kwargs[name] = value
     return cls(**kwargs)
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def provided(body: Any) -> dict[str, Any]:
@@ -301,6 +327,19 @@ def provided(body: Any) -> dict[str, Any]:
 
 
 # ---- JSON Schema ---------------------------------------------------------------------------
+
+
+def required_fields(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+
+
+def _constrained(schema: dict[str, Any], extra: dict[str, Any] | None) -> dict[str, Any]:
+    """``schema`` of a field plus its documented constraints (which apply to its non-null values)."""
+    if not extra:
+        return schema
+    if schema.get("type") in ("string", ["string", "null"]):
+        return {**schema, **extra}
+    return schema
 
 
 def json_schema(hint: Any, components: dict[str, Any]) -> dict[str, Any]:
@@ -312,14 +351,17 @@ def json_schema(hint: Any, components: dict[str, Any]) -> dict[str, Any]:
         if name not in components:
             components[name] = {}  # placeholder against recursion
             hints = typing.get_type_hints(hint)
-            props = {f.name: json_schema(hints[f.name], components) for f in dataclasses.fields(hint)}
-            required = [f.name for f in dataclasses.fields(hint)
-                        if f.default is MISSING and f.default_factory is MISSING]
+            props = {f.name: _constrained(json_schema(hints[f.name], components), f.metadata.get("schema"))
+                     for f in dataclasses.fields(hint)}
+            required = required_fields(hint)
             body: dict[str, Any] = {"type": "object", "properties": props}
             if name.endswith("Body"):  # request bodies reject unknown fields; responses may grow
                 body["additionalProperties"] = False
             if required:
                 body["required"] = required
+            if getattr(hint, "at_least_one", False):  # at least one field present and not null
+                body["anyOf"] = [{"required": [f.name], "properties": {f.name: {"not": {"type": "null"}}}}
+                                 for f in dataclasses.fields(hint)]
             components[name] = body
         schema = {"$ref": f"#/components/schemas/{name}"}
         if optional:

@@ -105,8 +105,9 @@ def capture(data_dir: Path) -> State:
 
 
 # Tasks an operation may legitimately add or end: a turn it started or interrupted; and hypercorn's
-# per-connection tasks, which outlive a dropped client until hypercorn's keep-alive timeout closes the
-# socket (the server notices the EOF only then). Request handlers (the app's own tasks) are counted.
+# per-connection tasks, which live as long as the client's socket (or until hypercorn's 5 s keep-alive
+# timeout closes an idle one). The app's request handlers run under those connection tasks, so they are
+# not counted here: tests/reliability/support.app_tasks counts them.
 LEGITIMATE = ("Engine._run_turn", "serve_listeners._run_handler")
 
 

@@ -13,9 +13,10 @@ from tests.conftest import E2E_LIMIT
 
 
 class ServerProcess:
-    def __init__(self, data_dir: Path, *extra: str, token: str = "proc-token") -> None:
+    def __init__(self, data_dir: Path, *extra: str, token: str = "proc-token", cwd: Path | None = None) -> None:
         self.data_dir = data_dir
         self.token = token
+        self.cwd = cwd
         self.args = [sys.executable, "-m", "web.cli", "serve", "--port", "0", "--data-dir", str(data_dir),
                      "--auth-token", token, "--log-level", "warning", *extra]
         self.process: trio.Process | None = None
@@ -24,7 +25,8 @@ class ServerProcess:
 
     async def start(self) -> "ServerProcess":
         self.process = await trio.lowlevel.open_process(
-            self.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            self.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            cwd=self.cwd)
         buffer = b""
         with trio.fail_after(E2E_LIMIT):
             while self.url is None:

@@ -7,6 +7,7 @@ from runtime.errors import InvalidInput
 from ..api import QueryParam, query_int, route, runtime, settings
 
 bp = Blueprint("events", __name__, url_prefix="/v1/threads")
+MAX_SEQ = 2**63 - 1
 
 
 def _since_seq() -> int:
@@ -19,12 +20,13 @@ def _since_seq() -> int:
             raise InvalidInput("Last-Event-ID must be an event seq (an integer)") from exc
     if since < 0:
         raise InvalidInput("since_seq must not be negative")
-    return since
+    # seqs are SQLite integers: anything larger than the largest one means "nothing stored yet".
+    return min(since, MAX_SEQ)
 
 
 @route(bp, "/<thread_id>/events", "GET",
        summary="Server-sent events: stored events after since_seq (or Last-Event-ID), then live ones",
-       query=(QueryParam("since_seq", "integer", "Replay events with a greater seq (default 0: all)"),),
+       query=(QueryParam("since_seq", "integer", "Replay events with a greater seq (default 0: all)", minimum=0),),
        content_type="text/event-stream", errors=(400, 404))
 async def stream_events(thread_id: str):
     stream = await runtime().subscribe(thread_id, _since_seq())  # 404 before any byte is sent

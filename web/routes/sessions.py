@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from quart import Blueprint, Response, jsonify, request
+from werkzeug.routing import PathConverter
 
 from runtime.core import clamp_limit
 from runtime.errors import InvalidInput
@@ -14,20 +15,32 @@ from ..schemas import (
 bp = Blueprint("sessions", __name__, url_prefix="/v1/sessions")
 # Ids are matched as paths so that an id with an (encoded) slash reaches validate_session_id and gets
 # a clear 400, instead of falling through to "no such route".
-IF_MATCH = (("If-Match", "Optional revision precondition, e.g. \"3\" (412 when it differs)"),)
+IF_MATCH = (("If-Match", "Optional revision precondition, e.g. \"3\" (412 when it differs)",
+             r'^[ \t]*(\*|(W/)?"*[0-9]+"*)[ \t]*$'),)
+
+
+class SessionIdConverter(PathConverter):
+    """A path (slashes included, for the 400 above) that does not end in ``/resume-thread``: that URL
+    belongs to the POST-only resume route, so GET/PATCH/DELETE on it are 405, not a bad id."""
+
+    regex = r"[^/].*?(?<!/resume-thread)"
+
+
+bp.record_once(lambda state: state.app.url_map.converters.setdefault("session_id", SessionIdConverter))
 
 
 def _if_match() -> int | str | None:
     raw = request.headers.get("If-Match")
     if raw is None:
         return None
-    value = raw.strip()
+    value = raw.strip(" \t")  # HTTP's optional whitespace
     if value == "*":
         return "*"
     if value.startswith("W/"):
         value = value[2:]
     value = value.strip('"')
-    if not value.isdigit():
+    # isascii: str.isdigit also accepts digits such as '²' that int() refuses.
+    if not (value.isascii() and value.isdigit()):
         raise InvalidInput('If-Match must be a session revision such as "3"')
     return int(value)
 
@@ -66,7 +79,7 @@ async def list_sessions():
     return jsonify({"sessions": sessions})
 
 
-@route(bp, "/<path:session_id>", "GET", summary="A saved session (ETag: its revision)", response=SessionDocument,
+@route(bp, "/<session_id:session_id>", "GET", summary="A saved session (ETag: its revision)", response=SessionDocument,
        errors=(400, 404, 500))
 async def get_session(session_id: str):
     doc = await runtime().sessions.get(session_id)
@@ -75,7 +88,7 @@ async def get_session(session_id: str):
     return response
 
 
-@route(bp, "/<path:session_id>", "PATCH", summary="Rename or (un)archive a session", body=PatchSessionBody,
+@route(bp, "/<session_id:session_id>", "PATCH", summary="Rename or (un)archive a session", body=PatchSessionBody,
        response=PatchSessionResult, errors=(400, 404, 409, 412, 500), headers=IF_MATCH)
 async def patch_session(session_id: str):
     body = await read_body(PatchSessionBody)
@@ -86,7 +99,7 @@ async def patch_session(session_id: str):
     return response
 
 
-@route(bp, "/<path:session_id>", "DELETE", summary="Delete a session", status=204, errors=(400, 404, 409, 500))
+@route(bp, "/<session_id:session_id>", "DELETE", summary="Delete a session", status=204, errors=(400, 404, 409, 500))
 async def delete_session(session_id: str):
     await runtime().sessions.delete(session_id, timeout=settings().request_timeout)
     return Response("", status=204)

@@ -1,0 +1,150 @@
+"""A full or failing disk during a save, over HTTP: the ``FileSystem`` seam of runtime/session_files.py
+raises ``OSError(ENOSPC)`` or ``OSError(EIO)`` in the commit phase (writing the temp file, renaming it
+over the old one). Every request gets a 500 whose message names the action; the previous file is
+intact, the index, the thread links and the event log are unchanged (no link to a missing file), no
+temp file is left, and once the disk recovers the next save gets the very next revision.
+
+tests/sessions/test_save.py and tests/cancellation/test_timeouts.py cover ENOSPC (and EACCES on
+delete) on the runtime directly; this file adds the HTTP answers and EIO everywhere, a failing
+directory fsync after the rename, and EIO while loading.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import httpx
+import pytest
+
+from tests.cancellation.harness import check_invariants
+from tests.conftest import E2E_LIMIT
+from tests.e2e.helpers import wait_turn_end
+from tests.sessions.conftest import dir_snapshot
+from tests.support import InFlight
+
+from .support import AUTH
+
+FAULTS = {"ENOSPC": (errno.ENOSPC, "no space left on device"), "EIO": (errno.EIO, os.strerror(errno.EIO))}
+
+
+def failing(code: int):
+    def fail(*args, **kwargs):
+        raise OSError(code, os.strerror(code))
+
+    return fail
+
+
+async def _setup(server, client, http):
+    """Two threads with a finished turn each; the first is saved as session 'kept' (revision 1)."""
+    threads = []
+    for prompt in ("hello there", "another conversation"):
+        thread = await client.create_thread()
+        turn = await client.start_turn(thread["id"], prompt)
+        await wait_turn_end(client, thread["id"], turn["id"])
+        threads.append(thread["id"])
+    saved = await http.put("/v1/sessions", json={"thread_id": threads[0], "session_id": "kept"})
+    assert saved.status_code == 200 and saved.json()["session"]["metadata"]["revision"] == 1
+    return threads
+
+
+async def _observe(server, http, threads):
+    """Everything a failed save must leave as it was."""
+    details = [(await http.get(f"/v1/threads/{tid}")).json() for tid in threads]
+    return {
+        "files": dir_snapshot(server.data_dir / "sessions"),
+        "listed": (await http.get("/v1/sessions", params={"include_archived": "true", "limit": 500})).json(),
+        "links": [d["thread"]["session_id"] for d in details],
+        "latest_seq": [d["latest_seq"] for d in details],  # no session.saved event (nor any other)
+    }
+
+
+def _assert_storage_error(response: httpx.Response, prefix: str, reason: str) -> None:
+    assert response.status_code == 500, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    error = response.json()["error"]
+    assert error["status"] == 500 and error["code"] == "storage_error", error
+    assert error["message"].startswith(prefix) and error["message"].endswith(f": {reason}"), error
+
+
+@pytest.mark.parametrize("stage", ["write_data", "replace"])
+@pytest.mark.parametrize("fault", sorted(FAULTS))
+async def test_a_full_or_failing_disk_during_the_commit_is_a_500_naming_the_action_and_changes_nothing(
+        server, monkeypatch, fault, stage):
+    code, reason = FAULTS[fault]
+    inflight = InFlight(server.running.app)
+    async with server.client() as client, httpx.AsyncClient(base_url=server.url, headers=AUTH,
+                                                              timeout=E2E_LIMIT) as http:
+        tid, other = await _setup(server, client, http)
+        before = await _observe(server, http, [tid, other])
+        monkeypatch.setattr(server.runtime.sessions.files.fs, stage, failing(code))
+
+        for prefix, method, path, body in (
+            ("Failed to save session 'kept'", "PUT", "/v1/sessions", {"thread_id": other, "session_id": "kept"}),
+            ("Failed to save session 'fresh'", "PUT", "/v1/sessions", {"thread_id": other, "session_id": "fresh"}),
+            ("Failed to save session '", "PUT", "/v1/sessions", {"thread_id": other}),
+            ("Failed to save session '", "POST", "/v1/sessions", {"thread_id": other, "title": "rebuilt"}),
+            ("Failed to update session 'kept'", "PATCH", "/v1/sessions/kept", {"title": "renamed"}),
+        ):
+            _assert_storage_error(await http.request(method, path, json=body), prefix, reason)
+
+        assert await _observe(server, http, [tid, other]) == before
+        assert (await http.get("/v1/sessions/fresh")).status_code == 404  # never linked, never listed
+        monkeypatch.undo()
+        # The disk is back: the next save is the very next revision, and everything agrees again.
+        again = await http.put("/v1/sessions", json={"thread_id": other, "session_id": "kept"})
+        assert again.status_code == 200 and again.json()["session"]["metadata"]["revision"] == 2
+        assert (await http.get(f"/v1/threads/{other}")).json()["thread"]["session_id"] == "kept"
+    await inflight.settle()
+    await check_invariants(server.runtime, server.data_dir)
+
+
+async def test_a_failing_disk_during_a_delete_keeps_the_file_index_and_links(server, monkeypatch):
+    async with server.client() as client, httpx.AsyncClient(base_url=server.url, headers=AUTH,
+                                                              timeout=E2E_LIMIT) as http:
+        tid, other = await _setup(server, client, http)
+        before = await _observe(server, http, [tid, other])
+        monkeypatch.setattr(server.runtime.sessions.files.fs, "remove", failing(errno.EIO))
+        _assert_storage_error(await http.delete("/v1/sessions/kept"), "Failed to delete session 'kept'",
+                              os.strerror(errno.EIO))
+        assert await _observe(server, http, [tid, other]) == before
+        monkeypatch.undo()
+        assert (await http.delete("/v1/sessions/kept")).status_code == 204
+        assert (await http.get(f"/v1/threads/{tid}")).json()["thread"]["session_id"] is None
+    await check_invariants(server.runtime, server.data_dir)
+
+
+async def test_a_failing_disk_while_loading_is_a_500_naming_the_load_and_writes_nothing(server, monkeypatch):
+    async with server.client() as client, httpx.AsyncClient(base_url=server.url, headers=AUTH,
+                                                              timeout=E2E_LIMIT) as http:
+        tid, other = await _setup(server, client, http)
+        before = await _observe(server, http, [tid, other])
+        fs = server.runtime.sessions.files.fs
+        monkeypatch.setattr(fs, "read_bytes", failing(errno.EIO))
+        reason = os.strerror(errno.EIO)
+        for method, path, body in (("GET", "/v1/sessions/kept", None),
+                                   ("PUT", "/v1/sessions", {"thread_id": other, "session_id": "kept"}),
+                                   ("PATCH", "/v1/sessions/kept", {"archived": True}),
+                                   ("POST", "/v1/sessions/kept/resume-thread", {})):
+            _assert_storage_error(await http.request(method, path, json=body), "Failed to load session 'kept'",
+                                  reason)
+        assert await _observe(server, http, [tid, other]) == before
+    await check_invariants(server.runtime, server.data_dir)
+
+
+async def test_a_failing_directory_fsync_after_the_rename_still_reports_the_save_it_made(server, monkeypatch):
+    """After ``os.replace`` the new file is in place: failing the request then would report "nothing
+    changed" for a change that happened. The save succeeds, linked and indexed (the rename's durability
+    across a power loss is what is in doubt, and the server logs that)."""
+    async with server.client() as client, httpx.AsyncClient(base_url=server.url, headers=AUTH,
+                                                              timeout=E2E_LIMIT) as http:
+        tid, other = await _setup(server, client, http)
+        monkeypatch.setattr(server.runtime.sessions.files.fs, "fsync_dir", failing(errno.EIO))
+        response = await http.put("/v1/sessions", json={"thread_id": other, "session_id": "kept"})
+        assert response.status_code == 200 and response.json()["session"]["metadata"]["revision"] == 2
+        monkeypatch.undo()
+        assert (await http.get("/v1/sessions/kept")).json()["metadata"]["revision"] == 2
+        assert (await http.get(f"/v1/threads/{other}")).json()["thread"]["session_id"] == "kept"
+        listed = (await http.get("/v1/sessions")).json()["sessions"]
+        assert [s["revision"] for s in listed if s["id"] == "kept"] == [2]
+    await check_invariants(server.runtime, server.data_dir)
