@@ -380,7 +380,7 @@ class Engine:
         record = self._turn_record(turn, "in_progress")
         self._spawn_reply(op.reply, outcome.Value(record), after=request)
         assert self._nursery is not None
-        self._nursery.start_soon(self._run_turn, turn)
+        self._nursery.start_soon(self._run_turn, turn, request)
 
     def _require_active(self, turn_id: str, action: str) -> _Turn:
         if self.active is None or self.active.id != turn_id:
@@ -512,9 +512,22 @@ class Engine:
             events=[EventDraft(self.thread_id, event, payload, turn.id, item.id, now)],
         ))
 
-    async def _run_turn(self, turn: _Turn) -> None:
+    async def _run_turn(self, turn: _Turn, started: WriteRequest) -> None:
         """Stream the model's answer. Cancelling ``turn.scope`` (interrupt, shutdown) ends it promptly;
         whatever streamed so far is kept, marked with the turn's final status."""
+        with trio.CancelScope(shield=True):  # a commit is bounded by SQLite's own work
+            await started.done.wait()
+        if isinstance(started.result, outcome.Error):
+            # The turn was never recorded (the requester gets the storage error): forget it, so the
+            # engine never holds state the store does not have.
+            log.error("turn %s was not recorded: %s", turn.id, started.result.error)
+            self.active = None
+            for waiter in turn.interrupt_waiters:
+                self._spawn_reply(waiter.reply, started.result)
+            for idle_waiter in self._idle_waiters:
+                self._spawn_reply(idle_waiter.reply, outcome.Value(self.snapshot()))
+            self._idle_waiters.clear()
+            return
         status, error = "completed", None
         history = list(self.messages)
         assert turn.steer_rx is not None

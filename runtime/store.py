@@ -223,6 +223,13 @@ class Store:
 
     async def _writer(self, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
+        # Shielded: the writer stops when the store closes its queue (always, on leaving the store's
+        # context), never by an outside cancellation, because shielded waiters (a turn recording its
+        # end, a save's commit) rely on it until then. Bounded: each batch only waits on SQLite.
+        with trio.CancelScope(shield=True):
+            await self._write_loop()
+
+    async def _write_loop(self) -> None:
         async with self._write_rx:
             async for first in self._write_rx:
                 batch = [first]
@@ -231,10 +238,7 @@ class Store:
                         batch.append(self._write_rx.receive_nowait())
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
-                # Shielded: once taken off the queue a batch must be applied and its waiters told,
-                # or they would wait forever. Bounded by SQLite's own work (busy_timeout 5 s).
-                with trio.CancelScope(shield=True):
-                    await trio.to_thread.run_sync(self._apply_batch, batch)
+                await trio.to_thread.run_sync(self._apply_batch, batch)
                 for index, request in enumerate(batch):
                     if request.committed:
                         try:
@@ -271,6 +275,10 @@ class Store:
                 conn.execute("ROLLBACK TO req")
                 conn.execute("RELEASE req")
                 request.committed = []
+                if isinstance(exc, sqlite3.Error):  # translated once, here, with the cause kept
+                    wrapped = StorageError(f"Failed to write to the store: {exc}")
+                    wrapped.__cause__ = exc
+                    exc = wrapped
                 request.result = outcome.Error(exc)
         try:
             conn.execute("COMMIT")

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import sqlite3
 
+import pytest
 import trio
 
+from runtime import StorageError
 from runtime.store import RESTART_ERROR
 from runtime.transcript import build_messages
 
@@ -110,3 +112,23 @@ async def test_restart_after_a_crash_interrupts_queued_turns_too(open_runtime, t
         assert (event.event, event.turn_id, event.payload["status"]) == ("turn.completed", "turn_queued",
                                                                          "interrupted")
         assert event.seq > last_seq
+
+
+async def test_a_turn_the_store_refused_is_forgotten_by_the_engine(open_runtime, tmp_path):
+    async with open_runtime() as rt:
+        tid = (await rt.create_thread())["id"]
+        await rt.get_session_snapshot(tid, timeout=10)  # the engine is live
+        outside = sqlite3.connect(tmp_path / "runtime.sqlite3")
+        outside.execute("CREATE TRIGGER refuse BEFORE INSERT ON turns BEGIN SELECT RAISE(ABORT, 'disk says no'); END")
+        outside.commit()
+        with pytest.raises(StorageError, match="Failed to write to the store: disk says no"):
+            await rt.start_turn(tid, "never recorded", timeout=10)
+        snapshot = await rt.get_session_snapshot(tid, timeout=10)
+        assert not snapshot.turn_in_progress and snapshot.messages == ()
+        outside.execute("DROP TRIGGER refuse")
+        outside.commit()
+        outside.close()
+        turn = await rt.start_turn(tid, "recorded now", timeout=10)
+        after = await rt.get_session_snapshot(tid, wait_for_idle=True, timeout=10)
+        assert [m["role"] for m in after.messages] == ["user", "assistant"]
+        assert (await rt.get_thread(tid))["turns"][-1]["id"] == turn["id"]
