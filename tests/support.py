@@ -66,6 +66,19 @@ async def open_runtime(data_dir: Path, **overrides) -> AsyncIterator[Runtime]:
             clock.autojump_threshold = guard.threshold
 
 
+async def run_clients(count: int, concurrency: int, client) -> None:
+    """Run ``client(index)`` for every index in ``range(count)``, at most ``concurrency`` at once."""
+    limiter = trio.CapacityLimiter(concurrency)
+
+    async def limited(index: int) -> None:
+        async with limiter:
+            await client(index)
+
+    async with trio.open_nursery() as nursery:
+        for index in range(count):
+            nursery.start_soon(limited, index)
+
+
 class InFlight:
     """Counts HTTP requests inside the app (Quart's documented ``app.asgi_app`` wrapping)."""
 

@@ -15,7 +15,7 @@ import pytest
 import trio
 
 from tests.conftest import start_server
-from tests.support import E2E_LIMIT, InFlight
+from tests.support import E2E_LIMIT, InFlight, run_clients
 
 from .harness import check_invariants, task_count
 
@@ -71,16 +71,8 @@ async def storm(nursery: trio.Nursery, tmp_path, *, clients: int, concurrency: i
                     assert response.status_code in (200, 409, 504), response.text
             tally["dropped" if scope.cancelled_caught else "completed"] += 1
 
-        limiter = trio.CapacityLimiter(concurrency)
-
-        async def limited(index: int) -> None:
-            async with limiter:
-                await one_client(index)
-
         with trio.fail_after(E2E_LIMIT * 6):
-            async with trio.open_nursery() as clients_nursery:
-                for index in range(clients):
-                    clients_nursery.start_soon(limited, index)
+            await run_clients(clients, concurrency, one_client)
             await inflight.settle()
         # The streaming turns are still running: stop them so the counts compare like with like.
         for thread_id in threads[:2]:

@@ -28,7 +28,7 @@ from tests.cancellation.harness import check_invariants, task_count
 from tests.cancellation.test_disconnect_storm import open_fds
 from tests.conftest import start_server
 from tests.e2e.helpers import wait_turn_end
-from tests.support import E2E_LIMIT, InFlight
+from tests.support import E2E_LIMIT, InFlight, run_clients
 
 from .support import AUTH, SEED, app_tasks, session_files
 
@@ -131,16 +131,8 @@ async def _storm(live, *, requests: int, concurrency: int, seed: int):
                         assert status in allowed, (kind, response.text)
             tally[f"{kind}: {'answered ' + str(status) if status is not None else 'dropped'}"] += 1
 
-        limiter = trio.CapacityLimiter(concurrency)
-
-        async def limited(index: int) -> None:
-            async with limiter:
-                await one_client(index)
-
         with trio.fail_after(E2E_LIMIT * 6):
-            async with trio.open_nursery() as clients:
-                for index in range(requests):
-                    clients.start_soon(limited, index)
+            await run_clients(requests, concurrency, one_client)
             await inflight.settle()
 
         # No partial save, whatever the moment of each drop.
