@@ -143,7 +143,7 @@ async def test_a_turn_streams_an_answer_from_the_real_model(ours):
 
     events = await events_until(ours.client, thread["id"], turn_end(turn["id"]))
 
-    assert events[-1]["payload"]["status"] == "completed", events[-1]
+    assert events[-1]["payload"]["status"] == "completed", events[-1]["payload"]
     deltas = [e["payload"]["delta"] for e in events if e["event"] == "item.delta"]
     assert deltas and "".join(deltas).strip()
     usage = events[-1]["payload"]["usage"]
