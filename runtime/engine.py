@@ -119,7 +119,7 @@ class Engine:
     # ---- lifecycle -------------------------------------------------------------------------
 
     async def run(self, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
-        """Serve ops until the inbox closes or a Shutdown op arrives. Never raises: a crash is logged,
+        """Serve ops until the inbox closes (eviction, ``request_stop``). Never raises: a crash is logged,
         the running turn fails, and every queued requester sees EngineUnavailable at once."""
         try:
             async with trio.open_nursery() as nursery:
@@ -193,8 +193,6 @@ class Engine:
                 await self._send_reply(op.reply, outcome.Value(self.snapshot()))
                 continue
             self._dispatch(op)
-            if self._stopping is not None:  # a Shutdown op
-                return
             # Yield so a flood of ops cannot starve the turn task and the reply helpers.
             await trio.lowlevel.cancel_shielded_checkpoint()
 
@@ -212,9 +210,6 @@ class Engine:
                 self._on_compact(op)
             elif isinstance(op, ops.UpdateThread):
                 self._on_update(op)
-            elif isinstance(op, ops.Shutdown):
-                self.request_stop(op.reason)
-                self._spawn_reply(op.reply, outcome.Value(None))
             else:
                 raise InvalidInput(f"unknown op {type(op).__name__}")
         except RuntimeFailure as exc:

@@ -55,13 +55,6 @@ class UpdateThread(Op):
     changes: dict[str, Any]
 
 
-@dataclasses.dataclass(eq=False, kw_only=True)
-class Shutdown(Op):
-    """Interrupt the running turn, fail queued ops with EngineUnavailable, and stop."""
-
-    reason: str = "engine shut down"
-
-
 @dataclasses.dataclass(frozen=True)
 class SessionSnapshot:
     """An engine's committed state: consistent even when taken mid-turn (it excludes the running turn)."""
