@@ -54,6 +54,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tools offered to the model: none (default), or demo (get_time, reads the clock)")
     parser.add_argument("--model-read-timeout", type=float, default=DEFAULT_READ_TIMEOUT, metavar="SECONDS",
                         help="a turn fails when the model server sends nothing for this long (default 60)")
+    parser.add_argument("--model-max-tokens", type=int, default=None, metavar="N",
+                        help="ask the server to stop each answer after N tokens (default: the server's limit)")
 
 
 def model_factory_from_args(parser: argparse.ArgumentParser,
@@ -67,12 +69,16 @@ def model_factory_from_args(parser: argparse.ArgumentParser,
         parser.error(f"--model openai needs {' and '.join(missing)} (or {BASE_URL_ENV} / {MODEL_NAME_ENV})")
     if args.model_read_timeout <= 0:
         parser.error("--model-read-timeout must be positive")
+    if args.model_max_tokens is not None and args.model_max_tokens <= 0:
+        parser.error("--model-max-tokens must be a positive number of tokens")
     api_key = _env(API_KEY_ENV)
     tools = demo_registry() if args.model_tools == "demo" else ToolRegistry()
-    log.info("model backend: openai at %s, model %r, API key %s, tools: %s", args.model_base_url, args.model_name,
-             "set" if api_key else "not set", ", ".join(tools.names) or "none")
+    log.info("model backend: openai at %s, model %r, API key %s, tools: %s, max tokens: %s", args.model_base_url,
+             args.model_name, "set" if api_key else "not set", ", ".join(tools.names) or "none",
+             args.model_max_tokens or "server's limit")
     return lambda: OpenAICompatModel(args.model_base_url, args.model_name, api_key,
-                                     read_timeout=args.model_read_timeout, tools=tools)
+                                     read_timeout=args.model_read_timeout, max_tokens=args.model_max_tokens,
+                                     tools=tools)
 
 
 def build_parser() -> argparse.ArgumentParser:

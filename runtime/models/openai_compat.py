@@ -15,6 +15,10 @@ Streaming: the body is parsed as server-sent events as the bytes arrive; each ``
 TextDelta at once, ``reasoning_content`` (or ``reasoning``, as some servers name it) a ReasoningDelta, with
 an ItemBreak wherever the stream switches between the two.
 
+Length: with ``max_tokens`` set, every round asks the server to stop after that many tokens (its
+``finish_reason`` is then ``length`` and the turn completes with the text so far); unset, the server's own
+limit applies, which for llama.cpp is the context window.
+
 Usage: the server's own counts from its final usage chunk, summed over the turn's rounds. A server that
 sends no usage (older llama.cpp builds, some proxies) gets an estimate for that round instead: one token
 per ``ESTIMATE_CHARS_PER_TOKEN`` (4) characters, rounded up, of the text sent (message contents and tool
@@ -239,6 +243,7 @@ class OpenAICompatModel:
         backoff_base: float = DEFAULT_BACKOFF_BASE,
         backoff_max: float = DEFAULT_BACKOFF_MAX,
         max_tool_rounds: int = DEFAULT_MAX_TOOL_ROUNDS,
+        max_tokens: int | None = None,
         tools: ToolRegistry | None = None,
         http_client: Callable[[], httpx.AsyncClient] | None = None,
     ) -> None:
@@ -251,6 +256,7 @@ class OpenAICompatModel:
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
         self.max_tool_rounds = max_tool_rounds
+        self.max_tokens = max_tokens
         self.tools = tools if tools is not None else ToolRegistry()
         self._http_client = http_client or httpx.AsyncClient
 
@@ -319,6 +325,10 @@ class OpenAICompatModel:
             "stream": True,
             "stream_options": {"include_usage": True},
         }
+        if self.max_tokens is not None:
+            # ``max_tokens`` rather than OpenAI's newer ``max_completion_tokens``: it is the one every local
+            # server (llama.cpp, vLLM, Ollama) reads, and OpenAI still accepts it for chat models.
+            body["max_tokens"] = self.max_tokens
         if len(self.tools):
             body["tools"] = self.tools.openai_tools()
         return body

@@ -47,6 +47,16 @@ async def test_text_streams_as_deltas_and_usage_comes_from_the_usage_chunk(fake)
     assert sent.headers["accept"] == "text/event-stream"
 
 
+async def test_max_tokens_is_asked_for_and_an_answer_cut_at_the_limit_completes(fake):
+    fake.queue(Reply(steps=[chunk("One, two,"), chunk(finish="length"), usage_chunk(9, 4)]))
+
+    events = await run_stream(make_model(fake, max_tokens=4), make_request("Count."))
+
+    assert events == [TextDelta("One, two,"), Usage(9, 4)]
+    [sent] = fake.chat_requests
+    assert sent.body["max_tokens"] == 4
+
+
 async def test_each_delta_is_yielded_before_the_rest_of_the_stream_arrives(fake):
     release = trio.Event()
     fake.queue(Reply(steps=[chunk("first"), Wait(release), chunk(" second"), chunk(finish="stop")]))
