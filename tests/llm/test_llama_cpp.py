@@ -21,11 +21,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 from functools import partial
+from pathlib import Path
 from typing import Any, AsyncIterator, Iterator
 
 import httpx
@@ -62,9 +64,19 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+@dataclasses.dataclass
+class LlamaServer:
+    url: str
+    process: subprocess.Popen
+    log_path: Path
+
+    def log_tail(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+
 @pytest.fixture(scope="module")
-def llama_server(tmp_path_factory) -> Iterator[str]:
-    """Start ``python -m llama_cpp.server`` on 127.0.0.1 and yield its base URL (…/v1)."""
+def llama_process(tmp_path_factory) -> Iterator[LlamaServer]:
+    """Start ``python -m llama_cpp.server`` on 127.0.0.1 and yield it once it lists its model."""
     model_path = gguf_package.assemble()
     port = free_port()
     log_path = tmp_path_factory.mktemp("llama") / "server.log"
@@ -75,13 +87,14 @@ def llama_server(tmp_path_factory) -> Iterator[str]:
              "--n_threads", str(os.cpu_count() or 2)],
             stdout=log, stderr=subprocess.STDOUT)
         base_url = f"http://127.0.0.1:{port}/v1"
+        server = LlamaServer(base_url, process, log_path)
         try:
             deadline = time.monotonic() + SERVER_START_LIMIT
             # An external process has no readiness channel to us: poll its /models, bounded by the deadline.
             while True:
                 if process.poll() is not None:
                     raise RuntimeError(f"llama.cpp server exited with {process.returncode}:\n"
-                                       + log_path.read_text(errors="replace")[-4000:])
+                                       + server.log_tail())
                 try:
                     if httpx.get(f"{base_url}/models", timeout=2.0).status_code == 200:
                         break
@@ -89,9 +102,9 @@ def llama_server(tmp_path_factory) -> Iterator[str]:
                     pass
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"llama.cpp server not ready after {SERVER_START_LIMIT:g} s:\n"
-                                       + log_path.read_text(errors="replace")[-4000:])
+                                       + server.log_tail())
                 time.sleep(0.5)
-            yield base_url
+            yield server
         finally:
             process.terminate()
             try:
@@ -99,6 +112,18 @@ def llama_server(tmp_path_factory) -> Iterator[str]:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+@pytest.fixture
+def llama_server(llama_process) -> Iterator[str]:
+    """The llama.cpp server's base URL (…/v1). After the test, a server that died says so with its log:
+    otherwise its crash (e.g. a CPU fault in a badly built llama.cpp) shows only as refused connections."""
+    yield llama_process.url
+    code = llama_process.process.poll()
+    if code is not None:
+        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+        pytest.fail(f"the llama.cpp server died during the test ({how}); its log ends with:\n"
+                    f"{llama_process.log_tail()}", pytrace=False)
 
 
 @dataclasses.dataclass
