@@ -24,7 +24,8 @@ from .clock import new_id, utc_now
 from .config import RuntimeConfig
 from .errors import Conflict, InvalidInput, RuntimeFailure
 from .models.base import (
-    ItemBreak, ModelBackend, ModelError, ModelRequest, ReasoningDelta, Retrying, TextDelta, ToolCall, ToolResult, Usage,
+    ItemBreak, ModelBackend, ModelError, ModelRequest, ReasoningDelta, Retrying, TextDelta, ToolCall, ToolResult,
+    Truncated, Usage,
 )
 from .store import EventDraft, Store, WriteRequest
 from .transcript import apply_items, build_messages, summarize
@@ -550,6 +551,10 @@ class Engine:
                             self._store.submit(WriteRequest(events=[EventDraft(
                                 self.thread_id, "turn.retrying", {"attempt": event.attempt, "reason": event.reason},
                                 turn_id=turn.id)]))
+                        elif isinstance(event, Truncated):
+                            if turn.open_item is not None:  # written with the item when it closes
+                                item = turn.open_item
+                                item.metadata = {**(item.metadata or {}), "truncated": True}
                         elif isinstance(event, Usage):
                             turn.usage = event
                         await self._store.throttle()

@@ -2,7 +2,7 @@
 
 from .base import (
     ItemBreak, ModelBackend, ModelError, ModelEvent, ModelRequest, ReasoningDelta, Retrying, TextDelta, ToolCall,
-    ToolResult, Usage,
+    ToolResult, Truncated, Usage,
 )
 from .openai_compat import OpenAICompatModel
 from .scripted import ScriptedModel
@@ -10,5 +10,6 @@ from .tools import Tool, ToolRegistry
 
 __all__ = [
     "ItemBreak", "ModelBackend", "ModelError", "ModelEvent", "ModelRequest", "ReasoningDelta", "Retrying",
-    "OpenAICompatModel", "ScriptedModel", "TextDelta", "Tool", "ToolCall", "ToolRegistry", "ToolResult", "Usage",
+    "OpenAICompatModel", "ScriptedModel", "TextDelta", "Tool", "ToolCall", "ToolRegistry", "ToolResult", "Truncated",
+    "Usage",
 ]

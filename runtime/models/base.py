@@ -68,12 +68,18 @@ class Retrying:
 
 
 @dataclasses.dataclass(frozen=True)
+class Truncated:
+    """The model stopped at its token limit, not because it had finished; the item it cut off is
+    recorded with ``metadata.truncated = true`` so a client can tell a short answer from a cut one."""
+
+
+@dataclasses.dataclass(frozen=True)
 class Usage:
     input_tokens: int
     output_tokens: int
 
 
-ModelEvent = Union[TextDelta, ReasoningDelta, ItemBreak, ToolCall, ToolResult, Retrying, Usage]
+ModelEvent = Union[TextDelta, ReasoningDelta, ItemBreak, ToolCall, ToolResult, Retrying, Truncated, Usage]
 
 
 class ModelError(Exception):

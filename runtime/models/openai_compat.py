@@ -16,8 +16,9 @@ TextDelta at once, ``reasoning_content`` (or ``reasoning``, as some servers name
 an ItemBreak wherever the stream switches between the two.
 
 Length: with ``max_tokens`` set, every round asks the server to stop after that many tokens (its
-``finish_reason`` is then ``length`` and the turn completes with the text so far); unset, the server's own
-limit applies, which for llama.cpp is the context window.
+``finish_reason`` is then ``length``); unset, the server's own limit applies, which for llama.cpp is the
+context window. Either way a ``length`` finish is announced with a Truncated event and the turn completes
+with the text so far.
 
 Usage: the server's own counts from its final usage chunk, summed over the turn's rounds. A server that
 sends no usage (older llama.cpp builds, some proxies) gets an estimate for that round instead: one token
@@ -58,7 +59,8 @@ import httpx
 import trio
 
 from .base import (
-    ItemBreak, ModelError, ModelEvent, ModelRequest, ReasoningDelta, Retrying, TextDelta, ToolCall, ToolResult, Usage,
+    ItemBreak, ModelError, ModelEvent, ModelRequest, ReasoningDelta, Retrying, TextDelta, ToolCall, ToolResult,
+    Truncated, Usage,
 )
 from .tools import ToolOutcome, ToolRegistry
 
@@ -282,6 +284,8 @@ class OpenAICompatModel:
                 async with contextlib.aclosing(self._exchange(client, messages, rnd, turn)) as events:
                     async for event in events:
                         yield event
+                if rnd.finish_reason == "length":
+                    yield Truncated()
                 turn.input_tokens += rnd.usage.input_tokens if rnd.usage else estimate_tokens(input_chars)
                 turn.output_tokens += rnd.usage.output_tokens if rnd.usage else estimate_tokens(rnd.output_chars)
                 yield Usage(turn.input_tokens, turn.output_tokens)

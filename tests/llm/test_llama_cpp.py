@@ -204,6 +204,17 @@ async def test_a_turn_streams_an_answer_from_the_real_model(ours):
     assert usage["input_tokens"] > 0 and usage["output_tokens"] > 0
 
 
+async def test_an_answer_cut_at_max_tokens_is_marked_truncated(ours):
+    thread = await ours.client.create_thread()
+    # A thousand numbers cannot fit in ANSWER_TOKENS: the server stops with finish_reason "length".
+    turn = await run_turn(ours.client, thread["id"], "Count from 1 to 1000, one number per line.")
+
+    assert turn["status"] == "completed", turn
+    detail = await ours.client.get_thread(thread["id"])
+    [answer] = [i for i in detail["items"] if i["turn_id"] == turn["id"] and i["kind"] == "agent_message"]
+    assert answer["detail"] and answer["metadata"] == {"truncated": True}
+
+
 async def test_an_interrupt_stops_a_long_answer_and_the_next_turn_works(ours_long):
     client = ours_long.client
     thread = await client.create_thread()

@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from runtime.models.base import (
-    ItemBreak, ReasoningDelta, Retrying, TextDelta, ToolCall, ToolResult, Usage,
+    ItemBreak, ReasoningDelta, Retrying, TextDelta, ToolCall, ToolResult, Truncated, Usage,
 )
 from runtime.models.openai_compat import INTERRUPTED_TOOL_RESULT, OpenAICompatModel, openai_messages
 from runtime.models.tools import Tool, ToolRegistry, demo_registry
@@ -52,7 +52,7 @@ async def test_max_tokens_is_asked_for_and_an_answer_cut_at_the_limit_completes(
 
     events = await run_stream(make_model(fake, max_tokens=4), make_request("Count."))
 
-    assert events == [TextDelta("One, two,"), Usage(9, 4)]
+    assert events == [TextDelta("One, two,"), Truncated(), Usage(9, 4)]
     [sent] = fake.chat_requests
     assert sent.body["max_tokens"] == 4
 

@@ -81,6 +81,25 @@ async def test_a_turn_streams_item_deltas_and_records_the_servers_usage(rt, fake
     assert rt.info()["model_backend"] == "openai"
 
 
+async def test_an_answer_cut_at_the_token_limit_is_marked_truncated(rt, fake):
+    fake.queue(Reply(steps=[chunk("One, two,"), chunk(" three"), chunk(finish="length")]))
+    fake.queue(text_reply("Done."))
+    thread = await rt.create_thread()
+
+    cut, cut_events = await run_turn(rt, thread["id"], "Count to ten.")
+    whole, whole_events = await run_turn(rt, thread["id"], "Thanks.")
+
+    assert cut["status"] == "completed" and whole["status"] == "completed"
+    [completed] = [e.payload for e in cut_events if e.event == "item.completed" and e.payload["kind"] == "agent_message"]
+    assert completed == {"kind": "agent_message", "text": "One, two, three", "metadata": {"truncated": True}}
+    [answer] = [i for i in await items_of(rt, thread["id"], cut["id"]) if i["kind"] == "agent_message"]
+    assert answer["metadata"] == {"truncated": True}
+    [answer] = [i for i in await items_of(rt, thread["id"], whole["id"]) if i["kind"] == "agent_message"]
+    assert not answer.get("metadata")
+    assert "metadata" not in next(e.payload for e in whole_events if e.event == "item.completed"
+                                  and e.payload["kind"] == "agent_message")
+
+
 async def test_reasoning_becomes_an_agent_reasoning_item_before_the_message(rt, fake):
     fake.queue(text_reply("42", reasoning=("Six", " times seven")))
     thread = await rt.create_thread()
