@@ -94,24 +94,30 @@ async def test_wait_for_idle_timeout_raises_at_the_deadline_and_engine_keeps_ser
     assert after.turn_in_progress is False
 
 
+async def cancel_once_queued(rt, tid: str, request) -> None:
+    """Run ``request()`` against a blocked engine and cancel its requester once its op sits in the inbox:
+    what a client disconnect does to a route."""
+    async with trio.open_nursery() as nursery:
+        scope = trio.CancelScope()
+
+        async def requester() -> None:
+            with scope:
+                await request()
+                raise AssertionError("answered while the engine was blocked")
+
+        nursery.start_soon(requester)
+        await trio.testing.wait_all_tasks_blocked()
+        assert inbox_used(rt, tid) == 1  # its op is queued
+        scope.cancel()
+    assert inbox_used(rt, tid) == 1  # ... and still queued after the requester left
+
+
 async def test_requester_cancelled_after_its_op_was_queued_does_not_wedge_the_engine(open_runtime, autojump_clock):
     # A huge reply bound: if the engine waited on the dead requester's oneshot, the next request would time out.
     async with open_runtime(reply_send_seconds=1000) as rt:
         tid = (await rt.create_thread())["id"]
         blocker = await block_engine(rt, tid)
-        async with trio.open_nursery() as nursery:
-            scope = trio.CancelScope()
-
-            async def requester() -> None:
-                with scope:
-                    await rt.get_session_snapshot(tid, timeout=50)
-                    raise AssertionError("answered while the engine was wedged")
-
-            nursery.start_soon(requester)
-            await trio.testing.wait_all_tasks_blocked()
-            assert inbox_used(rt, tid) == 1  # its op is queued
-            scope.cancel()
-        assert inbox_used(rt, tid) == 1  # ... and still queued after the requester left
+        await cancel_once_queued(rt, tid, lambda: rt.get_session_snapshot(tid, timeout=50))
         t0 = trio.current_time()
         async with blocker:
             await blocker.receive()  # release: the engine now meets the dead requester's oneshot
@@ -126,16 +132,7 @@ async def test_start_turn_requester_cancelled_after_queueing_still_gets_its_turn
     async with open_runtime(reply_send_seconds=1000) as rt:
         tid = (await rt.create_thread())["id"]
         blocker = await block_engine(rt, tid)
-        async with trio.open_nursery() as nursery:
-            scope = trio.CancelScope()
-
-            async def requester() -> None:
-                with scope:
-                    await rt.start_turn(tid, "accepted anyway", timeout=50)
-
-            nursery.start_soon(requester)
-            await trio.testing.wait_all_tasks_blocked()
-            scope.cancel()
+        await cancel_once_queued(rt, tid, lambda: rt.start_turn(tid, "accepted anyway", timeout=50))
         async with blocker:
             await blocker.receive()
 
