@@ -104,6 +104,13 @@ async def snapshots(args: dict) -> dict:
 # ---- 6: idle engines ------------------------------------------------------------------------------
 
 
+async def settled_rss() -> int:
+    """RSS once every task is parked and garbage is collected, so two readings differ only by what lives."""
+    await trio.testing.wait_all_tasks_blocked()
+    gc.collect()
+    return rss_bytes()
+
+
 async def bare_tasks(args: dict) -> dict:
     """The baseline: ``n`` idle trio tasks, each blocked on its own memory channel."""
     n = args["n"]
@@ -117,20 +124,17 @@ async def bare_tasks(args: dict) -> dict:
 
     channels = []
     async with trio.open_nursery() as nursery:
-        for _ in range(50):  # warm up allocator pools the same way as the measured run
-            tx, rx = trio.open_memory_channel(32)
-            channels.append(tx)
-            nursery.start_soon(idle, rx)
-        await trio.testing.wait_all_tasks_blocked()
-        gc.collect()
-        before = rss_bytes()
-        for _ in range(n):
-            tx, rx = trio.open_memory_channel(32)
-            channels.append(tx)
-            nursery.start_soon(idle, rx)
-        await trio.testing.wait_all_tasks_blocked()
-        gc.collect()
-        after = rss_bytes()
+
+        async def spawn(count: int) -> int:
+            """Start ``count`` idle tasks; the RSS once they are all parked."""
+            for _ in range(count):
+                tx, rx = trio.open_memory_channel(32)
+                channels.append(tx)
+                nursery.start_soon(idle, rx)
+            return await settled_rss()
+
+        before = await spawn(50)  # warm up allocator pools the same way as the measured run
+        after = await spawn(n)
         for tx in channels:
             tx.close()
     return {"per_task_bytes": (after - before) / n, "n": n}
@@ -147,16 +151,12 @@ async def idle_engines(args: dict) -> dict:
         async with Runtime.open(RuntimeConfig(data_dir=d)) as rt:
             for tid in ids[:50]:  # warm-up: caches, pools, the read connection's page cache
                 await rt.get_session_snapshot(tid)
-            await trio.testing.wait_all_tasks_blocked()
-            gc.collect()
-            before = rss_bytes()
+            before = await settled_rss()
             t0 = time.perf_counter()
             for tid in ids[50:]:
                 await rt.get_session_snapshot(tid)
             spawn_s = time.perf_counter() - t0
-            await trio.testing.wait_all_tasks_blocked()
-            gc.collect()
-            after = rss_bytes()
+            after = await settled_rss()
             live = rt.manager.live_count
             # every engine still answers
             await rt.get_session_snapshot(ids[-1])
