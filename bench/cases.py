@@ -16,7 +16,7 @@ import trio
 
 from bench import datagen
 from bench.util import (
-    HOST, PYTHON, ROOT, TOKEN, Conn, bare, build_request, call, free_port, latencies,
+    HOST, PYTHON, ROOT, TOKEN, Conn, HealthProbe, bare, build_request, call, free_port, latencies,
     load, median, ours, ours_argv, pct, temp_dir,
 )
 
@@ -578,6 +578,111 @@ def bench_thread_detail(sz: Sizes) -> list[Row]:
                 True, generator=detail.generator, notes=f"{detail.errors} errors; p50 {detail.p50_ms:.1f} ms")]
 
 
+# ---- 13: /health while big documents move -------------------------------------------------------------
+
+# Issue 11's done-when: /health p99 stays under this while big sessions are saved, read, resumed, listed.
+HEALTH_P99_TARGET_MS = 50.0
+# How long an idle server is probed for the baseline p99 of each row.
+IDLE_PROBE_SECONDS = 1.0
+
+
+def idle_health_p99(port: int) -> float:
+    with HealthProbe(port) as probe:
+        time.sleep(IDLE_PROBE_SECONDS)
+    return pct(probe.latencies, 99) * 1000
+
+
+def health_while(port: int, raws: list[bytes], seconds: float, min_ops: int, check: Callable[[int, bytes], None]
+                 ) -> tuple[list[float], list[float]]:
+    """Send ``raws`` in turn, back to back on one connection, for ``seconds`` (and at least ``min_ops``)
+    while bench/probe.py measures /health from its own process. Returns (health latencies, op latencies)."""
+    ops: list[float] = []
+
+    async def drive() -> None:
+        conn = await Conn.open(port)
+        try:
+            deadline = time.perf_counter() + seconds
+            with trio.fail_after(seconds + 300):
+                while len(ops) < min_ops or time.perf_counter() < deadline:
+                    raw = raws[len(ops) % len(raws)]
+                    t0 = time.perf_counter()
+                    status, body = await conn.request(raw)
+                    ops.append(time.perf_counter() - t0)
+                    check(status, body)
+        finally:
+            await conn.aclose()
+
+    with HealthProbe(port) as probe:
+        trio.run(drive)
+    return probe.latencies, ops
+
+
+def health_row(row_id: str, name: str, idle_p99: float, health: list[float], ops: list[float], what: str) -> Row:
+    return Row(row_id, name, "idle /health p99", idle_p99, pct(health, 99) * 1000, "ms", 0, False,
+               generator="probe process + python, 1 conn", absolute_target=HEALTH_P99_TARGET_MS,
+               notes=f"/health every 5 ms from its own process, latency from its scheduled time; max"
+                     f" {max(health) * 1000:.0f} ms over {len(health)} probes; {len(ops)} {what},"
+                     f" p50 {pct(ops, 50) * 1000:.0f} ms each")
+
+
+def expect(status: int, *, size: int = 0) -> Callable[[int, bytes], None]:
+    def check(got: int, body: bytes) -> None:
+        if got != status or len(body) < size:
+            raise RuntimeError(f"expected HTTP {status} with at least {size} bytes, got {got}: {body[:200]!r}")
+
+    return check
+
+
+def bench_health_big_session(sz: Sizes) -> list[Row]:
+    seconds, min_ops = sz.pick(4.0, 2.0), 3
+    msgs = datagen.big_messages(12 * 1024 * 1024)
+    with temp_dir("bigdoc") as d:
+        conn = datagen.open_db(d)
+        (tid,) = datagen.add_threads(conn, 1, turns=0, events_per_thread=1)
+        datagen.set_base_messages(conn, tid, msgs)
+        conn.close()
+        with ours(d) as srv:
+            put = build_request("PUT", "/v1/sessions",
+                                body=json.dumps({"thread_id": tid, "session_id": "big"}).encode())
+            created = trio.run(lambda: call(srv.port, "PUT", "/v1/sessions", {"thread_id": tid, "session_id": "big"}))
+            assert created["session"]["metadata"]["message_count"] == len(msgs)
+            size = (d / "sessions" / "big.json").stat().st_size
+            idle = idle_health_p99(srv.port)
+            rows = []
+            h, ops = health_while(srv.port, [put], seconds, min_ops, expect(200, size=size))
+            rows.append(health_row("13a", f"/health p99 while PUT saves a {size / 1e6:.1f} MB session", idle, h, ops,
+                                   "saves in place"))
+            get = build_request("GET", "/v1/sessions/big")
+            h, ops = health_while(srv.port, [get], seconds, min_ops, expect(200, size=size))
+            rows.append(health_row("13b", f"/health p99 while GET reads a {size / 1e6:.1f} MB session", idle, h, ops,
+                                   "reads"))
+            resume = build_request("POST", "/v1/sessions/big/resume-thread", body=b"{}")
+            h, ops = health_while(srv.port, [resume], seconds, min_ops, expect(201))
+            rows.append(health_row("13c", f"/health p99 while resume-thread loads a {size / 1e6:.1f} MB session", idle,
+                                   h, ops, "resumes"))
+    return rows
+
+
+def bench_health_list(sz: Sizes) -> list[Row]:
+    seconds, min_ops, count = sz.pick(4.0, 2.0), 6, 50
+    with temp_dir("biglist") as d:
+        conn = datagen.open_db(d)
+        # 20 messages of ~8,500 words: about 1 MB of text per session, all of it in the search index.
+        datagen.add_sessions(conn, d, count, needle_every=10, words=8500)
+        conn.close()
+        size = sum(p.stat().st_size for p in (d / "sessions").iterdir()) / count
+        with ours(d) as srv:
+            idle = idle_health_p99(srv.port)
+            listed = trio.run(call, srv.port, "GET", "/v1/sessions")
+            assert len(listed["sessions"]) == count, len(listed["sessions"])
+            found = trio.run(call, srv.port, "GET", "/v1/sessions?search=needle")
+            assert len(found["sessions"]) == count // 10, len(found["sessions"])
+            raws = [build_request("GET", "/v1/sessions"), build_request("GET", "/v1/sessions?search=needle")]
+            h, ops = health_while(srv.port, raws, seconds, min_ops, expect(200))
+    return [health_row("13d", f"/health p99 while listing and searching {count} x {size / 1e6:.1f} MB sessions",
+                       idle, h, ops, "lists and searches (alternating)")]
+
+
 BENCHMARKS: dict[str, Callable[[Sizes], list[Row]]] = {
     "snapshot": bench_snapshot,
     "put_sessions": bench_put_sessions,
@@ -590,4 +695,6 @@ BENCHMARKS: dict[str, Callable[[Sizes], list[Row]]] = {
     "turn_round_trip": bench_turn_round_trip,
     "store_scale": bench_store_scale,
     "thread_detail": bench_thread_detail,
+    "health_big_session": bench_health_big_session,
+    "health_list": bench_health_list,
 }

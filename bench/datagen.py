@@ -98,21 +98,30 @@ def set_base_messages(conn: sqlite3.Connection, thread_id: str, messages: list[d
     conn.execute("UPDATE threads SET base_messages = ? WHERE id = ?", (json.dumps(messages), thread_id))
 
 
+def big_messages(total_bytes: int, per_message: int = 5000) -> list[dict[str, Any]]:
+    """Messages of ``per_message`` characters (a little non-ASCII in each) adding up to ``total_bytes``
+    of text, alternating user and assistant: the shape of a long saved conversation."""
+    count = total_bytes // per_message
+    return [{"role": "user" if i % 2 == 0 else "assistant",
+             "content": [{"type": "text", "text": ("café ☕ " + text(per_message // 6 + 10, i))[:per_message]}]}
+            for i in range(count)]
+
+
 def messages(count: int, words: int = 12) -> list[dict[str, Any]]:
     return [{"role": "user" if i % 2 == 0 else "assistant", "content": [{"type": "text", "text": text(words, i)}]}
             for i in range(count)]
 
 
 def add_sessions(conn: sqlite3.Connection, data_dir: Path, count: int, *, message_count: int = 20,
-                 needle_every: int = 0) -> list[str]:
+                 needle_every: int = 0, words: int = 12) -> list[str]:
     """``count`` session files (no fsync: bench data) and their index rows, with the size and mtime
     the start-up reconcile compares, so the server indexes nothing again. Every ``needle_every``-th
-    session mentions the word ``needle``."""
+    session mentions the word ``needle``; each message has ``words`` words (about 6 bytes each)."""
     ids = []
     directory = data_dir / "sessions"
     directory.mkdir(parents=True, exist_ok=True)
     conn.execute("BEGIN")
-    base = messages(message_count)
+    base = messages(message_count, words)
     for n in range(count):
         sid = str(uuid.uuid4())
         msgs = base

@@ -357,6 +357,38 @@ class ServerProcess:
         self.stop()
 
 
+class HealthProbe:
+    """``with HealthProbe(port) as probe:`` runs bench/probe.py (its own process) for the block; then
+    ``probe.latencies`` holds every /health latency in seconds, from each request's scheduled time."""
+
+    def __init__(self, port: int, interval_ms: float = 5.0) -> None:
+        self.argv = [PYTHON, "-m", "bench.probe", str(port), str(interval_ms)]
+        self.latencies: list[float] = []
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> "HealthProbe":
+        self.proc = subprocess.Popen(self.argv, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if line.strip() != "ready":
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+            raise RuntimeError(f"health probe did not start: {line!r}")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        assert self.proc is not None and self.proc.stdin is not None
+        try:
+            out, _ = self.proc.communicate(timeout=60)  # closes stdin: the probe stops and reports
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+            raise
+        if self.proc.returncode != 0:
+            raise RuntimeError(f"health probe failed with exit code {self.proc.returncode}")
+        self.latencies = json.loads(out.strip().splitlines()[-1])["latencies"]
+
+
 def ours_argv(data_dir: Path, port: int = 0, *extra: str) -> list[str]:
     return [PYTHON, "-m", "web.cli", "serve", "--host", HOST, "--port", str(port), "--data-dir", str(data_dir),
             "--auth-token", TOKEN, "--log-level", "warning", "--graceful-timeout", "1", *extra]
