@@ -297,19 +297,26 @@ class Store:
         return self._read_limiter
 
     async def read(self, fn: Callable[[sqlite3.Connection], Any], *, inline: bool = False) -> Any:
-        """Run ``fn(conn)`` on the read connection in a worker thread (one hop).
+        """Run ``fn(conn)`` on the read connection in a worker thread (one hop), inside one read
+        transaction: every SELECT ``fn`` makes sees the same snapshot of the database, so a read that
+        combines tables (a thread's items and its ``latest_seq``, a rebuild's items, token totals and
+        active-turn check) can never see a write that landed between two of its statements.
 
         ``inline=True`` is for small indexed reads whose result the caller encodes on the event loop
         anyway (one row, one thread's detail, one bounded page): it runs ``fn`` right here on its own
         connection. Under load the thread hop costs far more than such a read (GIL hand-offs on every
         SQLite step and syscall: GET /v1/threads/{id} went from ~470 to ~1,100 req/s). A WAL reader
         never waits for the writer; if SQLite still reports the database busy, the read goes to a
-        worker thread instead of sleeping on the loop.
+        worker thread instead of sleeping on the loop (its transaction is rolled back first, and
+        ``fn`` runs again from the start there).
+
+        A cancellation never leaves a transaction open: the inline read is synchronous, and the worker
+        thread always runs to its end (trio does not abandon it), ending the transaction itself.
         """
         if inline and self._iconn is not None:
             await trio.lowlevel.checkpoint_if_cancelled()
             try:
-                result = fn(self._iconn)
+                result = read_snapshot(self._iconn, fn)
             except sqlite3.OperationalError as exc:
                 if "locked" not in str(exc) and "busy" not in str(exc):
                     raise
@@ -317,7 +324,34 @@ class Store:
                 await trio.lowlevel.cancel_shielded_checkpoint()
                 return result
         assert self._rconn is not None
-        return await trio.to_thread.run_sync(fn, self._rconn, limiter=self._read_limiter)
+        return await trio.to_thread.run_sync(read_snapshot, self._rconn, fn, limiter=self._read_limiter)
+
+
+def read_snapshot(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+    """``fn(conn)`` inside one read transaction (``BEGIN`` ... ``COMMIT``; the connections run with
+    isolation_level=None, where each bare SELECT would be its own snapshot). In WAL mode the snapshot is
+    taken at the first SELECT and held until the end. Whatever ``fn`` does or raises, the connection
+    leaves here outside any transaction, so no later read is pinned to an old snapshot."""
+    if conn.in_transaction:  # never expected; a stale snapshot must not outlive whatever left it
+        conn.execute("ROLLBACK")
+    conn.execute("BEGIN")
+    try:
+        result = fn(conn)
+    except BaseException:
+        _end_read(conn, "ROLLBACK")
+        raise
+    _end_read(conn, "COMMIT")
+    return result
+
+
+def _end_read(conn: sqlite3.Connection, statement: str) -> None:
+    """End the read transaction. A read-only transaction has nothing to lose: if ending it fails and
+    the connection is still inside it, roll back (a ROLLBACK that fails too propagates)."""
+    try:
+        conn.execute(statement)
+    except sqlite3.Error:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
 
 
 def _insert_event(conn: sqlite3.Connection, draft: EventDraft) -> Event:
