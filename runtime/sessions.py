@@ -41,6 +41,10 @@ SORTS = {
     "name": "title COLLATE NOCASE ASC, id",
     "size": "size DESC, id",
 }
+# What the index's readers select: never ``search_text`` (a session's whole text, 1 MB for a 1 MB
+# session), which only the WHERE of a search reads, inside SQLite.
+INDEX_COLUMNS = ("id, title, created_at, updated_at, message_count, total_tokens, model, workspace, mode,"
+                 " archived, revision, size, file_mtime_ns")
 # The commit phase is shielded; this bounds it so a wedged disk cannot hold a request forever.
 COMMIT_TIMEOUT = 60.0
 UNTITLED = "Untitled session"
@@ -320,7 +324,7 @@ class SessionService:
         if search:
             where.append("search_text LIKE ? ESCAPE '\\'")
             params.append(_like_pattern(search))
-        sql = (f"SELECT * FROM sessions {'WHERE ' + ' AND '.join(where) if where else ''}"
+        sql = (f"SELECT {INDEX_COLUMNS} FROM sessions {'WHERE ' + ' AND '.join(where) if where else ''}"
                f" ORDER BY {SORTS[sort]} LIMIT ?")
         params.append(limit)
 
@@ -435,7 +439,7 @@ def _index_metadata(row: sqlite3.Row) -> dict[str, Any]:
 
 
 def _index_row(conn: sqlite3.Connection, session_id: str) -> sqlite3.Row | None:
-    return conn.execute("SELECT * FROM sessions WHERE id = ?", (session_id,)).fetchone()
+    return conn.execute(f"SELECT {INDEX_COLUMNS} FROM sessions WHERE id = ?", (session_id,)).fetchone()
 
 
 def _rebuild_state(conn: sqlite3.Connection, thread_id: str) -> dict[str, Any] | None:

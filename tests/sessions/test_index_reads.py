@@ -1,0 +1,73 @@
+"""Reads of the session index never fetch its search text (issue 11, defect 7).
+
+``sessions.search_text`` holds every message's text (1 MB for a 1 MB session). A ``SELECT *`` brought
+it into Python for every listed row, on the event loop for a plain listing. The test records every
+statement the store's read connections run (SQLite's trace callback gives them with their values
+bound), runs each SELECT again on a connection of its own and checks the columns it returns: search
+may still match in SQL (``WHERE search_text LIKE``), but no row may carry the text back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from typing import Iterator
+
+from .conftest import LIMIT, run_turn
+
+
+@contextlib.contextmanager
+def traced_reads(rt) -> Iterator[list[str]]:
+    statements: list[str] = []
+    connections = (rt.store._iconn, rt.store._rconn)
+    for conn in connections:
+        conn.set_trace_callback(statements.append)
+    try:
+        yield statements
+    finally:
+        for conn in connections:
+            conn.set_trace_callback(None)
+
+
+def session_selects(rt, statements: list[str]) -> list[tuple[str, list[str]]]:
+    """Each traced SELECT on the sessions table with the names of the columns it returns."""
+    out = []
+    check = sqlite3.connect(rt.config.db_path)
+    try:
+        for sql in statements:
+            if sql.lstrip().upper().startswith("SELECT") and " sessions" in sql:
+                out.append((sql, [d[0] for d in check.execute(sql).description]))
+    finally:
+        check.close()
+    return out
+
+
+async def test_listing_searching_and_saving_fetch_no_search_text(rt):
+    tid = (await rt.create_thread())["id"]
+    await run_turn(rt, tid, "the haystack has a needle in it")
+    with_needle = (await rt.sessions.save(thread_id=tid, session_id="with-needle", timeout=LIMIT))["session_id"]
+    other = (await rt.create_thread())["id"]
+    await run_turn(rt, other, "nothing to find here")
+    plain = (await rt.sessions.save(thread_id=other, session_id="plain", timeout=LIMIT))["session_id"]
+
+    operations = {}
+    with traced_reads(rt) as statements:
+        listed = await rt.sessions.list(limit=50)
+        operations["list"] = session_selects(rt, statements)
+        statements.clear()
+        found = await rt.sessions.list(limit=50, search="NEEDLE")
+        operations["search"] = session_selects(rt, statements)
+        statements.clear()
+        saved = await rt.sessions.save(thread_id=tid, session_id=with_needle, timeout=LIMIT)
+        operations["save in place"] = session_selects(rt, statements)
+
+    assert sorted(m["id"] for m in listed) == sorted([with_needle, plain])
+    assert {m["id"]: m["message_count"] for m in listed} == {with_needle: 2, plain: 2}
+    assert [m["id"] for m in found] == [with_needle]  # matched in the message text, not the title
+    assert saved["session"]["metadata"]["revision"] == 2
+    for name, selects in operations.items():
+        assert selects, f"{name}: no read of the session index was traced"
+        for sql, columns in selects:
+            assert "search_text" not in columns, f"{name} fetched the search text: {sql}"
+    # The search still filters in SQL.
+    assert any("search_text LIKE '%needle%'" in sql for sql, _ in operations["search"])
