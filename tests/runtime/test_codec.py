@@ -1,0 +1,167 @@
+"""runtime.codec: the same JSON as the stdlib, without one long GIL hold per big document (defect 8).
+
+Results are compared with the stdlib's on the same input (bytes for ``dumps``, values and error
+messages for ``loads``); that ``loads`` really slices is checked by counting the decoder's calls and
+the span each one covers, not by timing.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from runtime import codec
+
+STDLIB = {"ensure_ascii": False, "separators": (",", ":")}
+
+
+def stdlib_bytes(value) -> bytes:
+    return json.dumps(value, **STDLIB).encode("utf-8")
+
+
+def big_document(messages: int = 400, text_len: int = 4000) -> dict:
+    """Over codec.SLICE_ABOVE: a session-shaped document with non-ASCII, escapes and numbers."""
+    text = ("naïve café ☕ 😀 \"quoted\" back\\slash tab\t line\n sep\u2028 ctrl\x01 " * 200)[:text_len]
+    return {
+        "schema_version": 1,
+        "metadata": {"id": "big", "title": "Grüße", "revision": 3, "total_tokens": 2**40, "archived": False},
+        "messages": [{"role": "user" if i % 2 == 0 else "assistant",
+                      "content": [{"type": "text", "text": f"{i} {text}"},
+                                  {"type": "tool_use", "id": f"t{i}", "input": {"x": 1.5, "n": None, "ok": True}}]}
+                     for i in range(messages)],
+        "system_prompt": None,
+    }
+
+
+@pytest.mark.parametrize("value", [
+    big_document(),
+    {"text": "ascii only"},
+    ["é", "😀", "\u2028\u2029"],
+    ["\x00\x1f\x7f", '"\\/'],
+    {"int": -(2**63), "max": 2**64 - 1, "nested": [[[]], {}], "bool": [True, False, None]},
+], ids=["session", "ascii", "unicode", "controls", "ints"])
+def test_dumps_writes_the_stdlib_bytes(value):
+    assert codec.dumps(value) == stdlib_bytes(value)
+
+
+def test_dumps_writes_floats_that_read_back_exactly():
+    # orjson spells some exponents differently (1e-05 -> 0.00001), the value read back is the same float.
+    value = {"floats": [0.1, -2.5e-8, 1e300, 1e-5, 123456789.0, 5e-324, 1.7976931348623157e308, -0.0]}
+    assert json.loads(codec.dumps(value)) == value
+    assert [repr(x) for x in json.loads(codec.dumps(value))["floats"]] == [repr(x) for x in value["floats"]]
+
+
+@pytest.mark.parametrize("value", [
+    {"big_int": 2**70, "neg": -(2**65)},
+    {1: "int key", "nested": {2: [3]}},
+], ids=["ints-beyond-64-bits", "non-string-keys"])
+def test_dumps_falls_back_to_the_stdlib_for_what_orjson_refuses(value):
+    assert codec.dumps(value) == stdlib_bytes(value)
+    assert json.loads(codec.dumps(value)) == json.loads(stdlib_bytes(value))
+
+
+def test_dumps_refuses_a_lone_surrogate_as_the_stdlib_encoding_does():
+    with pytest.raises(UnicodeEncodeError):
+        stdlib_bytes({"text": "\ud83d"})
+    with pytest.raises(UnicodeEncodeError):
+        codec.dumps({"text": "\ud83d"})
+
+
+@pytest.mark.parametrize("make", [
+    lambda doc: stdlib_bytes(doc),
+    lambda doc: json.dumps(doc, indent=2).encode(),  # ASCII escapes, whitespace everywhere
+    lambda doc: stdlib_bytes(doc).decode("utf-8"),  # str input
+    lambda doc: b" \n\t" + stdlib_bytes(doc) + b"\r\n ",
+], ids=["compact-bytes", "indented-ascii", "str", "surrounding-whitespace"])
+def test_loads_of_a_big_document_equals_json_loads(make):
+    data = make(big_document())
+    assert len(data) > codec.SLICE_ABOVE
+    assert codec.loads(data) == json.loads(data) == big_document()
+
+
+def test_loads_keeps_what_only_the_stdlib_keeps():
+    doc = big_document()
+    doc["metadata"]["huge"] = 10**30  # beyond 64 bits: stays an exact int
+    raw = stdlib_bytes(doc)
+    # NaN, a lone surrogate escape and a UTF-8-encoded surrogate (json.loads decodes with surrogatepass)
+    raw = raw.replace(b'"n":null', b'"n":NaN', 1).replace(b'"ok":true', b'"ok":"\\ud800"', 1)
+    raw = raw.replace(b'"archived":false', b'"archived":"\xed\xa0\x80"', 1)
+    got, expected = codec.loads(raw), json.loads(raw)
+    assert got["metadata"]["huge"] == 10**30 and isinstance(got["metadata"]["huge"], int)
+    assert got["metadata"]["archived"] == "\ud800"
+    assert got["messages"][0]["content"][1]["input"]["ok"] == "\ud800"
+    assert got["messages"][0]["content"][1]["input"]["n"] != got["messages"][0]["content"][1]["input"]["n"]  # NaN
+    assert json.dumps(got) == json.dumps(expected)
+
+
+def test_loads_of_an_empty_object_and_array_values():
+    data = b'{"a":[],"b":{},"c":[ ],"pad":"' + b"x" * codec.SLICE_ABOVE + b'"}'
+    assert codec.loads(data) == json.loads(data)
+
+
+@pytest.mark.parametrize("damage", [
+    lambda raw: raw[:-10],  # truncated
+    lambda raw: raw + b"{}",  # extra data
+    lambda raw: raw.replace(b'}]},{"role"', b'}],},{"role"', 1),  # trailing comma in an object
+    lambda raw: raw.replace(b'],"system_prompt"', b',],"system_prompt"', 1),  # trailing comma in an array
+    lambda raw: raw.replace(b'"metadata":', b'"metadata"', 1),  # missing colon
+    lambda raw: raw.replace(b'"role":"user"', b'"role":"us\xffer"', 1),  # invalid UTF-8
+    lambda raw: b"\xef\xbb\xbf" + raw,  # UTF-8 BOM (the stdlib accepts it on bytes)
+    lambda raw: b'"' + raw.replace(b'"', b"'") + b'"',  # a string at the top
+    lambda raw: b"[" + raw + b",]",  # a trailing comma in a top-level array
+], ids=["truncated", "extra-data", "object-comma", "array-comma", "colon", "bad-utf8", "bom", "top-level-string",
+        "top-array-comma"])
+def test_loads_of_a_damaged_big_document_behaves_exactly_like_json_loads(damage):
+    raw = damage(stdlib_bytes(big_document()))
+    try:
+        expected = json.loads(raw)
+    except ValueError as exc:
+        with pytest.raises(type(exc)) as got:
+            codec.loads(raw)
+        assert str(got.value) == str(exc)
+    else:
+        assert codec.loads(raw) == expected
+
+
+def test_loads_decodes_a_big_document_one_array_element_at_a_time(monkeypatch):
+    doc = big_document(messages=300)
+    raw = stdlib_bytes(doc)
+    spans: list[int] = []
+    real = codec._DECODER.raw_decode
+
+    class Spy:
+        def raw_decode(self, s, idx=0):
+            value, end = real(s, idx)
+            spans.append(end - idx)
+            return value, end
+
+    monkeypatch.setattr(codec, "_DECODER", Spy())
+    assert codec.loads(raw) == doc
+    largest_message = max(len(json.dumps(m, ensure_ascii=False, separators=(",", ":"))) for m in doc["messages"])
+    assert len(spans) == 300 + 3  # each message, then metadata, schema_version and system_prompt whole
+    assert max(spans) == largest_message < len(raw) // 100
+
+
+def test_a_big_top_level_array_is_decoded_one_element_at_a_time(monkeypatch):
+    messages = big_document(messages=300)["messages"]
+    raw = stdlib_bytes(messages)
+    spans: list[int] = []
+    real = codec._DECODER.raw_decode
+
+    class Spy:
+        def raw_decode(self, s, idx=0):
+            value, end = real(s, idx)
+            spans.append(end - idx)
+            return value, end
+
+    monkeypatch.setattr(codec, "_DECODER", Spy())
+    assert codec.loads(raw) == messages
+    assert len(spans) == 300 and max(spans) < len(raw) // 100
+
+
+def test_a_small_document_is_decoded_in_one_call(monkeypatch):
+    calls = []
+    monkeypatch.setattr(codec, "_sliced", calls.append)
+    assert codec.loads(b'{"messages":[1,2]}') == {"messages": [1, 2]}
+    assert calls == []
