@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import time
 from typing import Any, AsyncIterator, Callable
 
 import trio
 
-from . import ops, records
+from . import codec, ops, records
 from .clock import new_id, utc_now
 from .config import RuntimeConfig
 from .errors import EngineTimeout, InvalidInput, NotFound
@@ -104,9 +103,12 @@ class Runtime:
         await self.store.write(
             statements=[(
                 "INSERT INTO threads (id, created_at, updated_at, model, workspace, mode, archived, title,"
-                " system_prompt, session_id, base_messages, base_tokens) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " system_prompt, session_id, base_messages, base_tokens)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, CAST(? AS TEXT), ?)",
+                # orjson: ~1 ms for a resumed 12 MB session (the stdlib took ~40 ms on the event loop); the
+                # UTF-8 bytes become TEXT inside SQLite, in the writer thread.
                 (thread_id, now, now, record["model"], workspace, record["mode"], int(bool(archived)), title,
-                 system_prompt, session_id, json.dumps(base_messages) if base_messages else None, base_tokens),
+                 system_prompt, session_id, codec.dumps(base_messages) if base_messages else None, base_tokens),
             )],
             events=[EventDraft(thread_id, "thread.started", {"thread": record})],
         )

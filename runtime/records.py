@@ -10,9 +10,14 @@ import json
 import sqlite3
 from typing import Any
 
+from . import codec
 from .store import Event, row_to_event
 
 ACTIVE_TURN_STATUSES = ("queued", "in_progress")
+# A thread row without ``base_messages`` (a resumed session's messages: 12 MB for a 12 MB session), which
+# only an engine's restore reads. Thread reads run inline on the event loop.
+THREAD_COLUMNS = ("id, created_at, updated_at, model, workspace, mode, archived, title, system_prompt,"
+                  " latest_turn_id, session_id, base_tokens")
 # Replay reads the log in pages of this many events, so a long history never sits in memory at once.
 EVENT_PAGE = 500
 
@@ -68,13 +73,13 @@ def item_record(row: sqlite3.Row) -> dict[str, Any]:
 
 
 def get_thread_row(conn: sqlite3.Connection, thread_id: str) -> sqlite3.Row | None:
-    return conn.execute("SELECT * FROM threads WHERE id = ?", (thread_id,)).fetchone()
+    return conn.execute(f"SELECT {THREAD_COLUMNS} FROM threads WHERE id = ?", (thread_id,)).fetchone()
 
 
 def list_threads(conn: sqlite3.Connection, limit: int, include_archived: bool, archived_only: bool):
     where = "WHERE archived = 1" if archived_only else ("" if include_archived else "WHERE archived = 0")
     rows = conn.execute(
-        f"SELECT * FROM threads {where} ORDER BY updated_at DESC, id DESC LIMIT ?", (limit,)
+        f"SELECT {THREAD_COLUMNS} FROM threads {where} ORDER BY updated_at DESC, id DESC LIMIT ?", (limit,)
     ).fetchall()
     return [thread_record(row) for row in rows]
 
@@ -123,10 +128,13 @@ def events_after(conn: sqlite3.Connection, thread_id: str, since_seq: int, limit
 
 
 def engine_state(conn: sqlite3.Connection, thread_id: str) -> dict[str, Any] | None:
-    """Everything an engine needs to restore itself after a spawn or a process restart."""
+    """Everything an engine needs to restore itself after a spawn or a process restart. Runs in a worker
+    thread; the base messages come as bytes and are decoded in slices (see runtime.codec), so a 12 MB
+    resumed session does not hold the GIL, and with it the event loop, for one long call."""
     row = get_thread_row(conn, thread_id)
     if row is None:
         return None
+    (base,) = conn.execute("SELECT CAST(base_messages AS BLOB) FROM threads WHERE id = ?", (thread_id,)).fetchone()
     items = thread_items(conn, thread_id)
     totals = conn.execute(
         "SELECT COALESCE(SUM(COALESCE(input_tokens, 0) + COALESCE(output_tokens, 0)), 0) AS t,"
@@ -136,7 +144,7 @@ def engine_state(conn: sqlite3.Connection, thread_id: str) -> dict[str, Any] | N
     item_ord = conn.execute("SELECT COALESCE(MAX(ord), 0) AS n FROM items WHERE thread_id = ?", (thread_id,)).fetchone()
     return {
         "thread": thread_record(row),
-        "base_messages": json.loads(row["base_messages"]) if row["base_messages"] else [],
+        "base_messages": codec.loads(base) if base else [],
         "base_tokens": row["base_tokens"],
         "items": items,
         "turn_tokens": totals["t"],

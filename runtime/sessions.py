@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator
 
 import trio
 
-from . import records
+from . import codec, records
 from .clock import utc_now
 from .errors import Conflict, InvalidInput, NotFound, PreconditionFailed, StorageError
 from .session_files import (
@@ -59,13 +59,32 @@ def normalize_title(title: object) -> str:
     return cleaned
 
 
-def _search_text(title: str, messages: list[dict[str, Any]]) -> str:
-    return "\n".join([title, *(text_of(m) for m in messages)]).lower()
+def _search_text(title: str, messages: list[dict[str, Any]]) -> bytes:
+    """The lower-cased text search matches, UTF-8 encoded (stored with ``CAST(? AS TEXT)``). Built a
+    message at a time: lower-casing or encoding 12 MB in one call holds the GIL for ~60 ms, which stalls
+    the event loop even from the staging thread. (Joined by newlines, the parts lower-case exactly as
+    the whole would: no letter meets a letter across a boundary.)"""
+    return b"\n".join([title.lower().encode("utf-8"), *(text_of(m).lower().encode("utf-8") for m in messages)])
 
 
 def _like_pattern(search: str) -> str:
     escaped = search.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
     return f"%{escaped}%"
+
+
+class _Document(dict):
+    """A session document that keeps the bytes it was saved as, so that PUT's response, which repeats
+    the whole session, reuses the file's bytes instead of encoding 12 MB again on the event loop."""
+
+    encoded: bytes | None = None
+
+
+def _encode(doc: dict[str, Any]) -> bytes:
+    """The document's file bytes (runs in the commit's staging thread); a ``_Document`` keeps them."""
+    data = encode_document(doc)
+    if isinstance(doc, _Document):
+        doc.encoded = data
+    return data
 
 
 class SessionService:
@@ -163,7 +182,7 @@ class SessionService:
         abandoned = False
 
         def stage() -> tuple[Any, int, str]:
-            data = encode_document(doc)
+            data = _encode(doc)
             staged = self.files.stage(session_id, data, action)
             if abandoned:  # the request gave up on a stuck disk meanwhile: leave nothing behind
                 self.files.fs.discard(staged)
@@ -249,7 +268,7 @@ class SessionService:
             else:
                 created_at, revision, archived = now, 1, False
                 title = derive_title(snapshot.title or "") or derive_title(first_user_text(messages)) or UNTITLED
-            doc = {
+            doc = _Document({
                 "schema_version": SESSION_SCHEMA_VERSION,
                 "metadata": {
                     "id": target, "title": title, "created_at": created_at, "updated_at": now,
@@ -259,15 +278,15 @@ class SessionService:
                 },
                 "messages": messages,
                 "system_prompt": snapshot.system_prompt,
-            }
+            })
             await self._commit(doc, action="save", thread_id=thread_id, event={
                 "session_id": target, "revision": revision, "message_count": len(messages),
                 "turn_in_progress": snapshot.turn_in_progress, "created": existing is None,
             })
-        return {
-            "session_id": target, "thread_id": thread_id, "turn_in_progress": snapshot.turn_in_progress,
-            "session": {"metadata": doc["metadata"], "messages": messages, "system_prompt": snapshot.system_prompt},
-        }
+        # ``session`` is the saved document itself (its ``schema_version`` too); ``session.encoded`` holds
+        # the file's bytes, which the HTTP layer sends as they are.
+        return {"session_id": target, "thread_id": thread_id, "turn_in_progress": snapshot.turn_in_progress,
+                "session": doc}
 
     # ---- POST: rebuild from stored items ---------------------------------------------------
 
@@ -334,9 +353,34 @@ class SessionService:
         # A page of index rows is a small read; a search scans search_text, so it stays off the loop.
         return await self._rt.store.read(query, inline=not search)
 
-    async def get(self, session_id: str) -> dict[str, Any]:
+    async def read_document(self, session_id: str) -> tuple[bytes, int]:
+        """The session file's bytes, to be sent as they are, and its revision (for the ETag).
+
+        The bytes are trusted without parsing when the file's size and mtime still match what the index
+        recorded when it was last validated (at its save, or at start-up reconcile): decoding 12 MB only
+        to encode it again held the event loop for ~400 ms. A file changed behind the index (or not in
+        it) is parsed and validated first, in a worker thread; a bad one is InvalidData, as always.
+        The stat is taken after the read, so matching bytes are the indexed file's (a replace in between
+        changes the mtime and sends the read down the validating path)."""
         validate_session_id(session_id)
-        doc = await trio.to_thread.run_sync(self.files.load_existing, session_id)
+        row = await self._rt.store.read(functools.partial(_index_row, session_id=session_id), inline=True)
+
+        def load() -> tuple[bytes, int]:
+            found = self.files.read(session_id)
+            if found is None:
+                raise NotFound(f"Session '{session_id}' not found")
+            data, st = found
+            if (row is not None and len(data) == st.st_size
+                    and (row["size"], row["file_mtime_ns"]) == (st.st_size, st.st_mtime_ns)):
+                return data, row["revision"]
+            return data, parse_document(session_id, data)["metadata"]["revision"]
+
+        return await trio.to_thread.run_sync(load)
+
+    async def get(self, session_id: str) -> dict[str, Any]:
+        """The session document as Python values (what ``read_document``'s bytes decode to)."""
+        data, _ = await self.read_document(session_id)
+        doc = await trio.to_thread.run_sync(codec.loads, data)
         return {"metadata": doc["metadata"], "messages": doc["messages"], "system_prompt": doc.get("system_prompt")}
 
     # ---- PATCH / DELETE --------------------------------------------------------------------
@@ -411,13 +455,14 @@ def _check_if_match(session_id: str, current: int | None, if_match: int | str | 
 
 
 def _upsert_index(conn: sqlite3.Connection, doc: dict[str, Any], size: int, mtime_ns: int,
-                  search_text: str | None = None) -> None:
+                  search_text: bytes | None = None) -> None:
     meta = doc["metadata"]
     if search_text is None:
         search_text = _search_text(meta["title"], doc["messages"])
     conn.execute(
         "INSERT INTO sessions (id, title, created_at, updated_at, message_count, total_tokens, model, workspace,"
-        " mode, archived, revision, size, file_mtime_ns, search_text) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        " mode, archived, revision, size, file_mtime_ns, search_text)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, CAST(? AS TEXT))"
         " ON CONFLICT (id) DO UPDATE SET title = excluded.title, created_at = excluded.created_at,"
         " updated_at = excluded.updated_at, message_count = excluded.message_count,"
         " total_tokens = excluded.total_tokens, model = excluded.model, workspace = excluded.workspace,"

@@ -218,6 +218,7 @@ class SessionDocument:
     metadata: SessionMetadata
     messages: list[dict[str, Any]]
     system_prompt: str | None
+    schema_version: int = 1  # the stored file's bytes are served as they are, its schema_version too
 
 
 @dataclasses.dataclass

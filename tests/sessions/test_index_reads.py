@@ -71,3 +71,40 @@ async def test_listing_searching_and_saving_fetch_no_search_text(rt):
             assert "search_text" not in columns, f"{name} fetched the search text: {sql}"
     # The search still filters in SQL.
     assert any("search_text LIKE '%needle%'" in sql for sql, _ in operations["search"])
+
+
+def thread_selects(rt, statements: list[str]) -> list[tuple[str, list[str]]]:
+    out = []
+    check = sqlite3.connect(rt.config.db_path)
+    try:
+        for sql in statements:
+            if sql.lstrip().upper().startswith("SELECT") and " FROM threads" in sql:
+                out.append((sql, [d[0] for d in check.execute(sql).description]))
+    finally:
+        check.close()
+    return out
+
+
+async def test_thread_reads_on_the_event_loop_fetch_no_base_messages(rt):
+    """A resumed thread's row holds the session's messages (12 MB for a 12 MB session); the thread
+    detail, the thread list and the thread record run inline on the event loop and must leave them."""
+    tid = (await rt.create_thread())["id"]
+    await run_turn(rt, tid, "hello there")
+    sid = (await rt.sessions.save(thread_id=tid, session_id="base", timeout=LIMIT))["session_id"]
+    resumed = (await rt.sessions.resume(sid))["thread_id"]
+
+    with traced_reads(rt) as statements:
+        detail = await rt.get_thread(resumed)
+        listed = await rt.list_threads(limit=10)
+        record = await rt.thread_record(resumed)
+        selects = thread_selects(rt, statements)
+
+    assert detail["thread"]["session_id"] == record["session_id"] == sid
+    assert [t["id"] for t in listed] == [resumed, tid]
+    assert len(selects) == 3
+    for sql, columns in selects:
+        assert "base_messages" not in columns, sql
+        assert "session_id" in columns and "title" in columns
+    # The engine's restore still reads them: the resumed thread's next turn sees the session's messages.
+    snapshot = await rt.get_session_snapshot(resumed, timeout=LIMIT)
+    assert [m["content"][0]["text"] for m in snapshot.messages] == ["hello there", "You said: hello there"]
