@@ -1,10 +1,13 @@
 """A /health prober in its own process: ``python -m bench.probe PORT INTERVAL_MS``.
 
-It prints ``ready`` once connected, then sends ``GET /health`` on a fixed schedule (one every INTERVAL_MS,
-open loop: each request goes out at its time on a free keep-alive connection, a new one if all are busy)
-until its standard input closes, and prints the latencies as one JSON object on its last line. So a
-request due while the server's event loop is stalled waits for the stall like any client arriving at that
-moment would, and the latencies show how much of the time the loop was unavailable, and for how long.
+It prints ``ready`` once connected, then sends ``GET /health`` on a fixed schedule (one every INTERVAL_MS)
+until its standard input closes, and prints the latencies as one JSON object on its last line. Each
+request goes out at its time on a free keep-alive connection of a pool opened beforehand, and its latency
+is counted from that scheduled time: a request due while the server's event loop is stalled waits for the
+stall like any client arriving at that moment would (the coordinated-omission correction of wrk2), so the
+latencies show how much of the time the loop was unavailable, and for how long. When every connection
+is busy the next request waits for one (still timed from its schedule), so a stalled server is never
+flooded with new connections.
 
 A process of its own, so that the load generator's work (reading 12 MB bodies) never delays the probe.
 Talks to 127.0.0.1 only; bounded by its input closing and by MAX_SECONDS.
@@ -18,19 +21,18 @@ import time
 
 import trio
 
-from bench.util import Conn, build_request, raise_fd_limit
+from bench.util import Conn, build_request
 
 # Upper bound on one probe run, whatever the parent does: benchmarks load for a few seconds.
 MAX_SECONDS = 300.0
-# Upper bound on connections: at 5 ms a probe, 800 connections cover a 4 s stall.
-MAX_CONNECTIONS = 800
+# Connections opened before probing: at 5 ms a probe, 20 cover a 100 ms stall before requests queue.
+POOL = 20
 
 
 async def main(port: int, interval: float) -> None:
-    raise_fd_limit()
     raw = build_request("GET", "/health", token=None)
-    free: list[Conn] = [await Conn.open(port)]
-    opened = 1
+    send_free, free = trio.open_memory_channel[Conn](POOL)
+    conns = [await Conn.open(port) for _ in range(POOL)]
     stop = trio.Event()
     out: list[float] = []
 
@@ -41,23 +43,18 @@ async def main(port: int, interval: float) -> None:
         stop.set()
 
     async def probe(due: float) -> None:
-        nonlocal opened
-        if free:
-            conn = free.pop()
-        elif opened < MAX_CONNECTIONS:
-            opened += 1
-            conn = await Conn.open(port)
-        else:
-            raise RuntimeError(f"more than {MAX_CONNECTIONS} /health probes outstanding")
+        conn = await free.receive()
         status, _ = await conn.request(raw)
         out.append(time.perf_counter() - due)
-        free.append(conn)
+        send_free.send_nowait(conn)
         if status != 200:
             raise RuntimeError(f"/health answered {status}")
 
     try:
-        status, _ = await free[0].request(raw)  # warm-up, not counted
-        assert status == 200, status
+        for conn in conns:
+            status, _ = await conn.request(raw)  # warm-up, not counted
+            assert status == 200, status
+            send_free.send_nowait(conn)
         print("ready", flush=True)
         with trio.move_on_after(MAX_SECONDS):
             async with trio.open_nursery() as nursery:
@@ -69,7 +66,7 @@ async def main(port: int, interval: float) -> None:
                     await trio.sleep(max(0.0, due - time.perf_counter()))
                 # the probes still out finish (or fail), bounded by MAX_SECONDS
     finally:
-        for conn in free:
+        for conn in conns:
             await conn.aclose()
     print(json.dumps({"latencies": out}), flush=True)
 
