@@ -12,11 +12,10 @@ while another thread holds the GIL. So:
 - ``loads`` keeps the stdlib decoder (orjson silently turns integers beyond 64 bits into floats, and is
   no faster on text-heavy documents) but runs it in slices: a big document's top-level array (a
   thread's base messages), or the arrays at the top of a big object (a session's ``messages``), are
-  decoded one element at a time, and the bytes are turned into text a
-  megabyte at a time, so no single C call holds the GIL for more than about a millisecond; the
-  interpreter hands the GIL to the event loop between slices. Anything the sliced walk does not
-  expect is decoded again by ``json.loads`` as a whole, so results and error messages are exactly
-  the stdlib's.
+  decoded one element at a time, and the bytes are turned into text a megabyte at a time as the walk
+  reaches them, so no single C call holds the GIL for more than about a millisecond, and the GIL is
+  handed to the event loop between slices (``let_others_run``). Anything the sliced walk does not expect is decoded
+  again by ``json.loads`` as a whole, so results and error messages are exactly the stdlib's.
 
 Both block; callers that handle big documents run them in a worker thread.
 """
@@ -26,17 +25,40 @@ from __future__ import annotations
 import codecs
 import json
 import re
+import threading
+import time
 from typing import Any
 
 import orjson
 
 # Below this a document is decoded in one call (~3 ms per MB): slicing would only add overhead.
 SLICE_ABOVE = 1 << 20
-# Bytes turned into text per call while slicing (~1 ms each).
+# Bytes turned into text per call while slicing (~1 ms each); also about the most text held at once.
 TEXT_CHUNK = 1 << 20
 
+# How often a worker thread slicing a big document hands the GIL over (see let_others_run).
+LET_OTHERS_RUN_EVERY = 0.001
+
 _DECODER = json.JSONDecoder()
+_yielded = threading.local()
 _WS = re.compile(r"[ \t\n\r]*")  # JSON's whitespace, as json.decoder skips it
+
+
+def let_others_run() -> None:
+    """Between two slices of work in a worker thread: hand the GIL to a thread that waits for it (the
+    event loop), at most every LET_OTHERS_RUN_EVERY.
+
+    A thread that runs Python steadily keeps the GIL until the interpreter's switch interval (5 ms)
+    forces a hand-over, and the event loop needs the GIL back after every system call (each socket
+    read, write and poll): a socket echo on the loop answered in ~25 ms (p99) while a 12 MB session was
+    decoded in a worker thread, against ~2-6 ms with these hand-overs (``make bench`` rows 13a-c
+    measure /health the same way). ``time.sleep(0)`` releases the GIL and sleeps the kernel's timer
+    slack (~50-90 µs here), long enough for the waiting loop to take it; a hand-over every 1 ms costs
+    the worker at most ~10 % of its speed."""
+    now = time.perf_counter()
+    if now - getattr(_yielded, "at", 0.0) >= LET_OTHERS_RUN_EVERY:
+        time.sleep(0)
+        _yielded.at = time.perf_counter()
 
 
 def dumps(value: Any) -> bytes:
@@ -48,87 +70,131 @@ def dumps(value: Any) -> bytes:
         return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
+def dumps_array(values: list[Any]) -> bytes:
+    """``dumps`` of a list, one element at a time with ``let_others_run`` in between (for a worker
+    thread encoding a big list: one orjson call on 12 MB held the GIL for 10-35 ms in the server, most
+    of it page faults of its growing buffer). Only the final join is one call, a plain copy."""
+    parts = []
+    for value in values:
+        let_others_run()
+        parts.append(dumps(value))
+    return b"[" + b",".join(parts) + b"]"
+
+
 def loads(data: bytes | str) -> Any:
     """``json.loads(data)``, decoded in slices when the document is big (see the module docstring)."""
     if len(data) <= SLICE_ABOVE:
         return json.loads(data)
-    if isinstance(data, (bytes, bytearray)):
-        if data[:3] == codecs.BOM_UTF8 or 0 in data[:4]:  # not plain UTF-8: leave it to json.loads
-            return json.loads(data)
-        text = _text(data)
-    else:
-        text = data
+    if isinstance(data, (bytes, bytearray)) and (data[:3] == codecs.BOM_UTF8 or 0 in data[:4]):
+        return json.loads(data)  # not plain UTF-8 (a BOM, UTF-16 or -32): the stdlib detects and decodes it
     try:
-        return _sliced(text)
-    except (ValueError, IndexError, RecursionError):
+        return _Walk(data).document()
+    except (ValueError, IndexError, RecursionError):  # UnicodeDecodeError and JSONDecodeError included
         return json.loads(data)  # raises the stdlib's own error for it (or decodes what we did not expect)
 
 
-def _text(data: bytes | bytearray) -> str:
-    """``data.decode("utf-8", "surrogatepass")`` (what json.loads does with UTF-8 bytes), a chunk at a time."""
-    decoder = codecs.getincrementaldecoder("utf-8")("surrogatepass")
-    view = memoryview(data)
-    parts = [decoder.decode(view[start:start + TEXT_CHUNK]) for start in range(0, len(view), TEXT_CHUNK)]
-    parts.append(decoder.decode(b"", final=True))
-    return "".join(parts)
+class _Walk:
+    """A document's top levels walked by hand, every value below them decoded by the stdlib's decoder.
 
+    Bytes are turned into text a chunk at a time, as the walk reaches them (never one 12 MB string:
+    building it is one long call too), and text already walked is dropped when the next chunk comes.
+    A value that runs past the decoded text is decoded again once more text is there (a number that
+    ends exactly at the end of the text, too: it might go on)."""
 
-def _sliced(text: str) -> Any:
-    """Decode ``text`` whose top level is an array (element by element) or an object (each of its
-    array values element by element)."""
-    i = _WS.match(text, 0).end()
-    if text[i] == "[":
-        value, i = _array(text, i)
-    elif text[i] == "{":
-        value, i = _object(text, i)
-    else:
-        raise ValueError("neither an object nor an array")
-    if _WS.match(text, i).end() != len(text):
-        raise ValueError("extra data")
-    return value
-
-
-def _object(text: str, i: int) -> tuple[dict[str, Any], int]:
-    result: dict[str, Any] = {}
-    i = _WS.match(text, i + 1).end()
-    if text[i] == "}":
-        i += 1
-    else:
-        while True:
-            if text[i] != '"':
-                raise ValueError("expected a key")
-            key, i = json.decoder.scanstring(text, i + 1)
-            i = _WS.match(text, i).end()
-            if text[i] != ":":
-                raise ValueError("expected ':'")
-            i = _WS.match(text, i + 1).end()
-            if text[i] == "[":
-                result[key], i = _array(text, i)
-            else:
-                result[key], i = _DECODER.raw_decode(text, i)
-            i = _WS.match(text, i).end()
-            if text[i] == ",":
-                i = _WS.match(text, i + 1).end()
-            elif text[i] == "}":
-                i += 1
-                break
-            else:
-                raise ValueError("expected ',' or '}'")
-    return result, i
-
-
-def _array(text: str, i: int) -> tuple[list[Any], int]:
-    items: list[Any] = []
-    i = _WS.match(text, i + 1).end()
-    if text[i] == "]":
-        return items, i + 1
-    while True:
-        value, i = _DECODER.raw_decode(text, i)
-        items.append(value)
-        i = _WS.match(text, i).end()
-        if text[i] == ",":
-            i = _WS.match(text, i + 1).end()
-        elif text[i] == "]":
-            return items, i + 1
+    def __init__(self, data: bytes | bytearray | str) -> None:
+        self.i = 0
+        if isinstance(data, str):
+            self.text, self.data, self.eof = data, memoryview(b""), True
         else:
-            raise ValueError("expected ',' or ']'")
+            self.text, self.data, self.eof = "", memoryview(data), False
+        self.pos = 0
+        self.decoder = codecs.getincrementaldecoder("utf-8")("surrogatepass")  # as json.loads decodes bytes
+
+    def more(self) -> bool:
+        """Decode the next chunk (dropping the text before ``i``); False at the end of the document."""
+        if self.eof:
+            return False
+        chunk = self.data[self.pos:self.pos + TEXT_CHUNK]
+        self.pos += len(chunk)
+        self.eof = self.pos >= len(self.data)
+        self.text = self.text[self.i:] + self.decoder.decode(chunk, self.eof)
+        self.i = 0
+        return True
+
+    def peek(self) -> str:
+        """The next character that is not whitespace (``i`` moves to it)."""
+        while True:
+            self.i = _WS.match(self.text, self.i).end()
+            if self.i < len(self.text):
+                return self.text[self.i]
+            if not self.more():
+                raise ValueError("unexpected end of the document")
+
+    def decoded(self, decode) -> Any:
+        """``decode(text, i) -> (value, end)`` at ``i``, with more text until the value is whole."""
+        let_others_run()
+        while True:
+            try:
+                value, end = decode(self.text, self.i)
+            except ValueError:
+                if self.more():
+                    continue
+                raise
+            if end == len(self.text) and self.more():
+                continue
+            self.i = end
+            return value
+
+    def document(self) -> Any:
+        first = self.peek()
+        if first == "[":
+            value = self.array()
+        elif first == "{":
+            value = self.object()
+        else:
+            raise ValueError("neither an object nor an array")
+        while True:
+            self.i = _WS.match(self.text, self.i).end()
+            if self.i < len(self.text):
+                raise ValueError("extra data")
+            if not self.more():
+                return value
+
+    def object(self) -> dict[str, Any]:
+        """An object at ``i``: each array value element by element, other values whole."""
+        result: dict[str, Any] = {}
+        self.i += 1
+        if self.peek() == "}":
+            self.i += 1
+            return result
+        while True:
+            if self.peek() != '"':
+                raise ValueError("expected a key")
+            key = self.decoded(lambda text, i: json.decoder.scanstring(text, i + 1))
+            if self.peek() != ":":
+                raise ValueError("expected ':'")
+            self.i += 1
+            result[key] = self.array() if self.peek() == "[" else self.decoded(_DECODER.raw_decode)
+            after = self.peek()
+            self.i += 1
+            if after == "}":
+                return result
+            if after != ",":
+                raise ValueError("expected ',' or '}'")
+
+    def array(self) -> list[Any]:
+        """An array at ``i``, element by element."""
+        items: list[Any] = []
+        self.i += 1
+        if self.peek() == "]":
+            self.i += 1
+            return items
+        while True:
+            self.peek()
+            items.append(self.decoded(_DECODER.raw_decode))
+            after = self.peek()
+            self.i += 1
+            if after == "]":
+                return items
+            if after != ",":
+                raise ValueError("expected ',' or ']'")

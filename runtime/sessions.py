@@ -61,10 +61,15 @@ def normalize_title(title: object) -> str:
 
 def _search_text(title: str, messages: list[dict[str, Any]]) -> bytes:
     """The lower-cased text search matches, UTF-8 encoded (stored with ``CAST(? AS TEXT)``). Built a
-    message at a time: lower-casing or encoding 12 MB in one call holds the GIL for ~60 ms, which stalls
-    the event loop even from the staging thread. (Joined by newlines, the parts lower-case exactly as
-    the whole would: no letter meets a letter across a boundary.)"""
-    return b"\n".join([title.lower().encode("utf-8"), *(text_of(m).lower().encode("utf-8") for m in messages)])
+    message at a time, handing the GIL to the event loop in between: lower-casing or encoding 12 MB in
+    one call holds the GIL for ~60 ms, which stalls the event loop even from the staging thread.
+    (Joined by newlines, the parts lower-case exactly as the whole would: no letter meets a letter
+    across a boundary.)"""
+    def lowered(message: dict[str, Any]) -> bytes:
+        codec.let_others_run()
+        return text_of(message).lower().encode("utf-8")
+
+    return b"\n".join([title.lower().encode("utf-8"), *(lowered(m) for m in messages)])
 
 
 def _like_pattern(search: str) -> str:
@@ -423,10 +428,16 @@ class SessionService:
 
     # ---- resume ----------------------------------------------------------------------------
 
+    def _load_for_resume(self, session_id: str) -> tuple[dict[str, Any], bytes | None]:
+        """The validated document and its messages encoded for ``threads.base_messages``, both made in
+        this worker thread in slices (runtime.codec), so a 12 MB session never holds the loop."""
+        doc = self.files.load_existing(session_id)
+        return doc, codec.dumps_array(doc["messages"]) if doc["messages"] else None
+
     async def resume(self, session_id: str, *, model: str | None = None, mode: str | None = None) -> dict[str, Any]:
         """A new thread whose engine starts from the session's messages (its next turn sees them all)."""
         validate_session_id(session_id)
-        doc = await trio.to_thread.run_sync(self.files.load_existing, session_id)
+        doc, base_json = await trio.to_thread.run_sync(self._load_for_resume, session_id)
         meta = doc["metadata"]
         messages = doc["messages"]
         total = meta.get("total_tokens", 0)
@@ -434,7 +445,8 @@ class SessionService:
             thread = await self._rt.create_thread(
                 model=model or meta.get("model"), mode=mode or meta.get("mode"), workspace=meta.get("workspace"),
                 system_prompt=doc.get("system_prompt"), title=meta["title"], base_messages=messages,
-                base_tokens=total if isinstance(total, int) else 0, session_id=session_id)
+                base_tokens=total if isinstance(total, int) else 0, session_id=session_id,
+                base_messages_json=base_json)
         return {
             "thread_id": thread["id"], "session_id": session_id, "message_count": len(messages),
             "summary": f"Resumed {len(messages)} message(s) from session '{meta['title']}'",

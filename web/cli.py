@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import logging
 import os
 import signal
@@ -202,6 +203,12 @@ def main(argv: list[str] | None = None) -> int:
     config = RuntimeConfig(data_dir=settings.data_dir, model_factory=model_factory,
                            default_model=args.model_name if model_factory else "scripted",
                            **({"idle_evict_seconds": args.idle_evict} if args.idle_evict else {}))
+    # A full garbage collection walks every tracked object, and what start-up made (modules, classes,
+    # the parser) lives as long as the process: move it out of the collector's reach once. A 12 MB
+    # session's parse makes thousands of containers and so triggers full collections; each held the
+    # GIL, and with it the event loop, for 30-60 ms before (docs/design.md, big sessions).
+    gc.collect()
+    gc.freeze()
     trio.run(serve, settings, config)
     return 0
 

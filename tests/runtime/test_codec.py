@@ -161,7 +161,93 @@ def test_a_big_top_level_array_is_decoded_one_element_at_a_time(monkeypatch):
 
 
 def test_a_small_document_is_decoded_in_one_call(monkeypatch):
-    calls = []
-    monkeypatch.setattr(codec, "_sliced", calls.append)
+    walks = []
+    monkeypatch.setattr(codec, "_Walk", walks.append)
     assert codec.loads(b'{"messages":[1,2]}') == {"messages": [1, 2]}
-    assert calls == []
+    assert walks == []
+
+
+SMALL_DOCS = [
+    {"schema_version": 1, "metadata": {"id": "x", "n": 12345678901234567890123, "f": -1.25e-7},
+     "messages": [{"role": "user", "content": [{"type": "text", "text": "héllo ☕ 😀 \"q\" \\ \n"}]},
+                  12345, -0.5, 1e300, True, None, "ünïcode", [], {}, [[1, [2]], {"a": [3]}]],
+     "empty": [], "obj": {}, "last": 987654321},
+    [1, 22, 333, "é😀", {"k": [1, 2]}, [], 4444, -55555, 6.5e-5, False, None],
+]
+
+
+@pytest.mark.parametrize("doc", SMALL_DOCS, ids=["object", "array"])
+@pytest.mark.parametrize("layout", ["compact", "indented", "ascii"])
+def test_every_chunk_boundary_decodes_like_json_loads(monkeypatch, doc, layout):
+    """Tiny chunks put a boundary inside every multi-byte character, number, key and escape."""
+    raw = {"compact": stdlib_bytes(doc), "indented": json.dumps(doc, indent=3, ensure_ascii=False).encode(),
+           "ascii": json.dumps(doc).encode()}[layout]
+    monkeypatch.setattr(codec, "SLICE_ABOVE", 8)
+    for chunk in range(1, 14):
+        monkeypatch.setattr(codec, "TEXT_CHUNK", chunk)
+        assert codec.loads(raw) == json.loads(raw), chunk
+
+
+@pytest.mark.parametrize("damage", [
+    lambda raw: raw[:-3], lambda raw: raw + b" x", lambda raw: raw.replace(b",", b",,", 1),
+    lambda raw: raw.replace(b":", b" ", 1), lambda raw: raw.replace(b"\xc3\xa9", b"\xc3", 1),
+    lambda raw: raw.replace(b'"k"', b"k", 1), lambda raw: raw.replace(b"12345", b"12a45", 1),
+], ids=["truncated", "extra", "double-comma", "no-colon", "cut-utf8", "bare-key", "bad-number"])
+def test_damage_at_any_chunk_boundary_raises_what_json_loads_raises(monkeypatch, damage):
+    raw = damage(stdlib_bytes({**SMALL_DOCS[0], "obj": {"k": 1}}))
+    with pytest.raises(ValueError) as expected:
+        json.loads(raw)
+    monkeypatch.setattr(codec, "SLICE_ABOVE", 8)
+    for chunk in (1, 2, 3, 5, 8, 13, 64):
+        monkeypatch.setattr(codec, "TEXT_CHUNK", chunk)
+        with pytest.raises(type(expected.value)) as got:
+            codec.loads(raw)
+        assert str(got.value) == str(expected.value), chunk
+
+
+def test_a_big_document_is_never_held_as_one_text(monkeypatch):
+    raw = stdlib_bytes(big_document(messages=600))
+    assert len(raw) > 2 * codec.TEXT_CHUNK
+    held: list[int] = []
+    real_more = codec._Walk.more
+
+    def more(self):
+        grew = real_more(self)
+        held.append(len(self.text))
+        return grew
+
+    monkeypatch.setattr(codec._Walk, "more", more)
+    assert codec.loads(raw) == big_document(messages=600)
+    largest = max(len(stdlib_bytes(m)) for m in big_document(messages=600)["messages"])
+    assert len(held) > 2 and max(held) <= codec.TEXT_CHUNK + largest
+
+
+@pytest.mark.parametrize("values", [big_document(messages=50)["messages"], [], [1, "é", None, [2**70]]],
+                         ids=["messages", "empty", "fallback-element"])
+def test_dumps_array_writes_what_dumps_writes(values):
+    assert codec.dumps_array(values) == codec.dumps(values) == stdlib_bytes(values)
+
+
+def test_big_work_hands_the_gil_over_between_slices(monkeypatch):
+    calls: list[str] = []
+    monkeypatch.setattr(codec, "let_others_run", lambda: calls.append("yield"))
+    doc = big_document(messages=300)
+    codec.loads(stdlib_bytes(doc))
+    assert len(calls) >= 300  # once per element at least
+    calls.clear()
+    codec.dumps_array(doc["messages"])
+    assert len(calls) == 300
+
+
+def test_let_others_run_sleeps_at_most_once_per_interval(monkeypatch):
+    sleeps: list[float] = []
+    monkeypatch.setattr(codec.time, "sleep", sleeps.append)
+    monkeypatch.setattr(codec, "LET_OTHERS_RUN_EVERY", 3600.0)
+    codec._yielded.at = 0.0
+    for _ in range(1000):
+        codec.let_others_run()
+    assert sleeps == [0]  # time.sleep(0): releases the GIL
+    monkeypatch.setattr(codec, "LET_OTHERS_RUN_EVERY", 0.0)
+    for _ in range(5):
+        codec.let_others_run()
+    assert sleeps == [0] * 6

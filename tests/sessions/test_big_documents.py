@@ -6,7 +6,8 @@ pin the mechanisms that keep it away, by counting the big encodes and decodes a 
 - PUT answers with the file's own bytes, encoded once, for the file;
 - GET sends the file's bytes without decoding them while the index vouches for the file (its size and
   mtime match what was validated at save or start-up), and validates a file that changed behind it;
-- resume stores the base messages as TEXT built from orjson's bytes, and a thread's reads leave them out.
+- resume decodes and encodes off the event loop, stores the base messages as TEXT built from orjson's
+  bytes, and a thread's reads leave them out.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import threading
 
 import httpx
 import pytest
@@ -40,6 +42,7 @@ def big_codecs(monkeypatch):
     """Counts every encode and decode of a session-sized value (anything holding ``messages``) by the
     runtime's codec and by the stdlib (which Quart's jsonify uses)."""
     seen: list[str] = []
+    loop_thread = threading.current_thread()
 
     def holds_messages(value) -> bool:
         if isinstance(value, (bytes, bytearray, str)):
@@ -48,12 +51,14 @@ def big_codecs(monkeypatch):
 
     def spy(name, real):
         def wrapper(value, *args, **kwargs):
-            if holds_messages(value):
-                seen.append(name)
+            if holds_messages(value) or (isinstance(value, list) and value and isinstance(value[0], dict)
+                                         and "content" in value[0]):
+                seen.append(name + (" ON THE EVENT LOOP" if threading.current_thread() is loop_thread else ""))
             return real(value, *args, **kwargs)
         return wrapper
 
     monkeypatch.setattr(codec, "dumps", spy("codec.dumps", codec.dumps))
+    monkeypatch.setattr(codec, "dumps_array", spy("codec.dumps_array", codec.dumps_array))
     monkeypatch.setattr(codec, "loads", spy("codec.loads", codec.loads))
     monkeypatch.setattr(json, "dumps", spy("json.dumps", json.dumps))
     monkeypatch.setattr(json, "loads", spy("json.loads", json.loads))
@@ -122,7 +127,7 @@ async def test_get_sends_the_indexed_file_as_stored_and_validates_a_file_changed
 
 
 async def test_a_big_session_resumes_whole_and_its_thread_reads_leave_the_base_messages_out(
-        server, client, http):
+        server, client, http, big_codecs):
     tid = await saved_thread(client)
     assert (await http.put("/v1/sessions", json={"thread_id": tid, "session_id": "big"})).status_code == 200
     path = server.data_dir / "sessions" / "big.json"
@@ -134,8 +139,11 @@ async def test_a_big_session_resumes_whole_and_its_thread_reads_leave_the_base_m
     path.write_bytes(codec.dumps(doc))
     assert path.stat().st_size > codec.SLICE_ABOVE
 
+    big_codecs.clear()
     resumed = await http.post("/v1/sessions/big/resume-thread", json={})
     assert resumed.status_code == 201, resumed.text
+    # Decoded and encoded again for threads.base_messages, both in the worker thread, never on the loop.
+    assert big_codecs == ["codec.loads", "codec.dumps_array"]
     new_tid = resumed.json()["thread_id"]
     assert resumed.json()["message_count"] == 200
 
