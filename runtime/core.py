@@ -56,7 +56,8 @@ class Runtime:
     async def open(cls, config: RuntimeConfig) -> AsyncIterator["Runtime"]:
         backend: ModelBackend = config.model_factory() if config.model_factory else ScriptedModel()  # type: ignore[assignment]
         bus = EventBus(config.subscriber_buffer)
-        async with Store.open(config.db_path, bus.publish, config.write_queue) as store:
+        async with Store.open(config.db_path, bus.publish, config.write_queue,
+                              config.sqlite_connection_factory) as store:
             manager = ThreadManager(store, backend, config)
             runtime = cls(config, store, bus, manager, backend)
             await runtime.sessions.open()

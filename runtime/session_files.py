@@ -55,7 +55,7 @@ class FileSystem:
             with open(tmp, "xb") as f:
                 self.write_data(f, data)
                 f.flush()
-                os.fsync(f.fileno())
+                self.fsync_file(f)
         except BaseException:
             self.discard(tmp)
             raise
@@ -85,6 +85,9 @@ class FileSystem:
 
     def write_data(self, f: Any, data: bytes) -> None:
         f.write(data)
+
+    def fsync_file(self, f: Any) -> None:
+        os.fsync(f.fileno())
 
     def replace(self, src: Path, dst: Path) -> None:
         os.replace(src, dst)

@@ -67,7 +67,7 @@ def _like_pattern(search: str) -> str:
 class SessionService:
     def __init__(self, runtime: "Runtime") -> None:
         self._rt = runtime
-        self.files = SessionFiles(runtime.config.sessions_dir)
+        self.files = SessionFiles(runtime.config.sessions_dir, runtime.config.session_fs)  # type: ignore[arg-type]
         self._locks: dict[str, list[Any]] = {}  # id -> [lock, holders and waiters]; dropped at zero
         self.commit_timeout = COMMIT_TIMEOUT
 

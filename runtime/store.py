@@ -83,9 +83,11 @@ class WriteRequest:
     committed: list[Event] = dataclasses.field(default_factory=list)
 
 
-def _connect(path: Path) -> sqlite3.Connection:
+def _connect(path: Path, factory: type[sqlite3.Connection] = sqlite3.Connection) -> sqlite3.Connection:
     # isolation_level=None: we issue BEGIN/COMMIT ourselves, so a batch is exactly one transaction.
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    # ``factory`` is the fault-injection seam (RuntimeConfig.sqlite_connection_factory): a subclass of
+    # sqlite3.Connection whose ``execute`` can fail the k-th statement the way a full or broken disk does.
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, factory=factory)
     conn.row_factory = sqlite3.Row
     conn.execute("PRAGMA journal_mode=WAL")
     # NORMAL in WAL mode: a commit survives a process crash; only an OS crash can lose the last ones.
@@ -97,8 +99,10 @@ def _connect(path: Path) -> sqlite3.Connection:
 class Store:
     """Open with ``async with Store.open(path, publish=...) as store``."""
 
-    def __init__(self, path: Path, publish: Callable[[list[Event]], None], write_queue: int) -> None:
+    def __init__(self, path: Path, publish: Callable[[list[Event]], None], write_queue: int,
+                 connection_factory: type[sqlite3.Connection] = sqlite3.Connection) -> None:
         self.path = path
+        self._connection_factory = connection_factory
         self._publish = publish
         # Unbounded so that submission never awaits: an engine can queue writes and mutate its state in
         # one synchronous step, which keeps their order. Producers that stream (turns) call
@@ -113,18 +117,19 @@ class Store:
         self.recovered_turns = 0
 
     @classmethod
-    def open(cls, path: Path, publish: Callable[[list[Event]], None], write_queue: int = 4096):
-        return _StoreContext(cls(path, publish, write_queue))
+    def open(cls, path: Path, publish: Callable[[list[Event]], None], write_queue: int = 4096,
+             connection_factory: type[sqlite3.Connection] = sqlite3.Connection):
+        return _StoreContext(cls(path, publish, write_queue, connection_factory))
 
     # ---- lifecycle -------------------------------------------------------------------------
 
     def _open_sync(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._wconn = _connect(self.path)
+        self._wconn = _connect(self.path, self._connection_factory)
         schema.migrate(self._wconn)
         self.recovered_turns = self._recover(self._wconn)
-        self._rconn = _connect(self.path)
-        self._iconn = _connect(self.path)
+        self._rconn = _connect(self.path, self._connection_factory)
+        self._iconn = _connect(self.path, self._connection_factory)
         # Never sleep on a lock on the event loop: a busy inline read falls back to a worker thread.
         self._iconn.execute("PRAGMA busy_timeout=0")
 
