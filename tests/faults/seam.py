@@ -49,12 +49,13 @@ class FaultPlan:
     rollback: bool = False  # SQLite faults at a statement also roll the transaction back
     sql_only_writes: bool = True  # count only statements of the writer connection (not reads)
     armed: bool = False
-    count: int = 0
+    counts: dict[str, int] = dataclasses.field(default_factory=lambda: {"sqlite": 0, "file": 0})
     fired: str | None = None  # the step that failed, once it did
     log: list[str] = dataclasses.field(default_factory=list)
 
     def arm(self, fail_at: int | None, kind: str | None = None, *, rollback: bool | None = None) -> None:
-        self.fail_at, self.count, self.fired, self.armed = fail_at, 0, None, True
+        self.fail_at, self.fired, self.armed = fail_at, None, True
+        self.counts = {"sqlite": 0, "file": 0}
         self.log = []
         if kind is not None:
             self.kind = kind
@@ -68,13 +69,18 @@ class FaultPlan:
     def layer(self) -> str:
         return "sqlite" if self.kind in SQLITE_FAULTS else "file"
 
+    @property
+    def count(self) -> int:
+        """Steps of the fault's own layer so far (``fail_at`` counts these)."""
+        return self.counts[self.layer]
+
     def step(self, layer: str, name: str) -> bool:
         """Count one step of ``layer``; True when this step must fail."""
         if not self.armed:
             return False
-        self.count += 1
+        self.counts[layer] += 1
         self.log.append(f"{layer}:{name}")
-        if self.count == self.fail_at and layer == self.layer:
+        if layer == self.layer and self.counts[layer] == self.fail_at:
             self.fired = f"{layer}:{name}"
             return True
         return False
