@@ -15,6 +15,11 @@ Streaming: the body is parsed as server-sent events as the bytes arrive; each ``
 TextDelta at once, ``reasoning_content`` (or ``reasoning``, as some servers name it) a ReasoningDelta, with
 an ItemBreak wherever the stream switches between the two.
 
+Unicode: ``json.loads`` accepts a lone surrogate escape (``"\\ud83d"``), and a server may send an emoji's
+two UTF-16 halves in two chunks. Deltas are yielded as decoded (the engine's ``ValidText`` joins the halves
+or replaces a lone one with U+FFFD); what this backend keeps itself (the round's text, tool call names
+and arguments, tool results) is repaired once whole, before it is sent back to the server.
+
 Length: with ``max_tokens`` set, every round asks the server to stop after that many tokens (its
 ``finish_reason`` is then ``length``); unset, the server's own limit applies, which for llama.cpp is the
 context window. Either way a ``length`` finish is announced with a Truncated event and the turn completes
@@ -58,6 +63,7 @@ from typing import Any, AsyncIterator, Callable, Iterable
 import httpx
 import trio
 
+from ..text import valid_text, valid_value
 from .base import (
     ItemBreak, ModelError, ModelEvent, ModelRequest, ReasoningDelta, Retrying, TextDelta, ToolCall, ToolResult,
     Truncated, Usage,
@@ -289,7 +295,8 @@ class OpenAICompatModel:
                 turn.input_tokens += rnd.usage.input_tokens if rnd.usage else estimate_tokens(input_chars)
                 turn.output_tokens += rnd.usage.output_tokens if rnd.usage else estimate_tokens(rnd.output_chars)
                 yield Usage(turn.input_tokens, turn.output_tokens)
-                text = "".join(rnd.text)
+                # Joined before repair: a pair split across two chunks is one character again.
+                text = valid_text("".join(rnd.text))
                 if rnd.calls:
                     tool_rounds += 1
                     if tool_rounds > self.max_tool_rounds:
@@ -500,6 +507,9 @@ class OpenAICompatModel:
         for call in calls:
             if not call.id:  # some servers omit ids; the transcript needs one to pair call and result
                 call.id = f"call_{uuid.uuid4().hex[:16]}"
+            # Streamed in fragments like the text: repaired once whole (see runtime.text).
+            call.id, call.name = valid_text(call.id), valid_text(call.name)
+            call.arguments = valid_text(call.arguments)
         messages.append({
             "role": "assistant", "content": text or None,
             "tool_calls": [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments
@@ -507,6 +517,7 @@ class OpenAICompatModel:
         })
         for call in calls:
             arguments, problem = _parse_arguments(call.arguments)
+            arguments = valid_value(arguments)  # the JSON may itself escape a lone surrogate
             yield ToolCall(call.id, call.name, arguments)
             if problem is not None:
                 outcome = ToolOutcome(f"Tool '{call.name}' was not run: {problem}", is_error=True)
