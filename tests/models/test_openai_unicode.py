@@ -100,7 +100,8 @@ async def test_what_the_backend_sends_back_to_the_server_is_valid_unicode(rt, fa
     assert items[2]["metadata"]["input"] == {"why": f"{SMILE} {FFFD}"}
     second = fake.chat_requests[1].messages
     assert second[-2] == {"role": "assistant", "content": f"Checking {SMILE}", "tool_calls": [
-        {"id": "call_1", "type": "function", "function": {"name": "get_time", "arguments": f'{{"why": "{SMILE} {FFFD}"}}'}}]}
+        {"id": "call_1", "type": "function",
+         "function": {"name": "get_time", "arguments": f'{{"why": "{SMILE} {FFFD}"}}'}}]}
     assert second[-1]["role"] == "tool" and second[-1]["tool_call_id"] == "call_1"
 
 
