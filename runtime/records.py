@@ -138,7 +138,8 @@ def engine_state(conn: sqlite3.Connection, thread_id: str) -> dict[str, Any] | N
     return {
         "thread": thread_record(row),
         # Stored by resume; an older version stored them without validation (see readable_messages).
-        "base_messages": readable_messages(json.loads(row["base_messages"])) if row["base_messages"] else [],
+        "base_messages": (readable_messages(json.loads(row["base_messages"]), f"thread {thread_id}: base_messages")
+                          if row["base_messages"] else []),
         "base_tokens": row["base_tokens"],
         "items": items,
         "turn_tokens": totals["t"],

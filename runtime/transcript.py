@@ -121,7 +121,7 @@ def _as_text(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
 
 
-def readable_messages(messages: Any) -> list[Message]:
+def readable_messages(messages: Any, source: str = "stored messages") -> list[Message]:
     """``messages`` as valid messages, for data stored without validation by an older version (a
     thread resumed from a file like ``content: ["hello"]``). Valid messages come back as they are.
     Otherwise nothing readable is dropped: a block without its type's shape becomes a text block with
@@ -129,7 +129,8 @@ def readable_messages(messages: Any) -> list[Message]:
     user/assistant role becomes a user message of its text, and every lone surrogate becomes U+FFFD."""
     if messages_problem(messages) is None and not has_surrogate_in(messages):
         return list(messages)
-    log.warning("repairing stored messages that are not valid: %s", messages_problem(messages) or "lone surrogate")
+    log.warning("%s: not valid (%s); read leniently, nothing readable dropped", source,
+                messages_problem(messages) or "a lone surrogate")
     if not isinstance(messages, list):
         messages = [] if messages is None else [messages]
     out: list[Message] = []
@@ -165,6 +166,8 @@ def text_of(message: Message) -> str:
     """All text a person would read in a message (text, thinking and tool results)."""
     parts = []
     for block in message.get("content", ()):
+        if not isinstance(block, dict):  # messages are validated; this keeps text_of total anyway
+            continue
         kind = block.get("type")
         if kind in ("text", "thinking"):
             parts.append(block.get("text", ""))

@@ -261,10 +261,11 @@ def store_legacy_thread(data_dir: Path, thread_id: str) -> None:
     conn.close()
 
 
-async def test_an_old_thread_with_bad_base_messages_runs_a_turn_compacts_and_saves(open_rt, data_dir):
+async def test_an_old_thread_with_bad_base_messages_runs_a_turn_compacts_and_saves(open_rt, data_dir, caplog):
     async with open_rt() as rt:
         tid = (await rt.create_thread(title="Old thread"))["id"]
     store_legacy_thread(data_dir, tid)
+    caplog.set_level(logging.WARNING, logger="runtime.transcript")
 
     async with open_rt() as rt:
         end = await run_turn(rt, tid, "still there?")
@@ -285,6 +286,8 @@ async def test_an_old_thread_with_bad_base_messages_runs_a_turn_compacts_and_sav
         assert (await rt.sessions.get(saved["session_id"]))["messages"] == saved["session"]["messages"]
         assert (await run_turn(rt, tid, "after compaction"))["status"] == "completed"
         assert rt.manager.engine(tid) is not None and not rt.manager.engine(tid).crashed
+    assert f"thread {tid}: base_messages: not valid (messages[0].content[0]: expected an object, got a string);" \
+        " read leniently, nothing readable dropped" in [r.getMessage() for r in caplog.records]
 
 
 async def test_an_old_thread_with_bad_base_messages_over_http(nursery, tmp_path):
