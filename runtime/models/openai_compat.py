@@ -64,6 +64,7 @@ import httpx
 import trio
 
 from ..text import valid_text, valid_value
+from ..transcript import result_text
 from .base import (
     ItemBreak, ModelError, ModelEvent, ModelRequest, ReasoningDelta, Retrying, TextDelta, ToolCall, ToolResult,
     Truncated, Usage,
@@ -103,14 +104,6 @@ def _blocks(message: dict[str, Any]) -> list[dict[str, Any]]:
     if isinstance(content, str):
         return [{"type": "text", "text": content}]
     return [b for b in content or () if isinstance(b, dict)]
-
-
-def _result_text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):  # a list of content blocks, as some clients store tool results
-        return "\n".join(b.get("text", "") if isinstance(b, dict) else str(b) for b in content)
-    return json.dumps(content, default=str)
 
 
 def openai_messages(system_prompt: str | None, history: Iterable[dict[str, Any]],
@@ -158,7 +151,7 @@ def openai_messages(system_prompt: str | None, history: Iterable[dict[str, Any]]
                     texts.append(block["text"])
                 elif kind == "tool_result":
                     use_id = str(block.get("tool_use_id"))
-                    content = _result_text(block.get("content"))
+                    content = result_text(block.get("content"))
                     if use_id in pending:
                         pending.remove(use_id)
                         out.append({"role": "tool", "tool_call_id": use_id, "content": content})
