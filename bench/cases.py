@@ -15,6 +15,7 @@ from typing import Any, Callable
 import trio
 
 from bench import datagen
+from bench.validation import bench_session_validation
 from bench.util import (
     HOST, PYTHON, ROOT, TOKEN, Conn, bare, build_request, call, free_port, latencies,
     load, median, ours, ours_argv, pct, temp_dir,
@@ -590,4 +591,5 @@ BENCHMARKS: dict[str, Callable[[Sizes], list[Row]]] = {
     "turn_round_trip": bench_turn_round_trip,
     "store_scale": bench_store_scale,
     "thread_detail": bench_thread_detail,
+    "session_validation": bench_session_validation,
 }

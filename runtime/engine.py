@@ -25,7 +25,7 @@ from .config import RuntimeConfig
 from .errors import Conflict, InvalidInput, RuntimeFailure
 from .models.base import (
     ItemBreak, ModelBackend, ModelError, ModelRequest, ReasoningDelta, Retrying, TextDelta, ToolCall, ToolResult,
-    Truncated, Usage,
+    Truncated, Usage, ValidText,
 )
 from .store import EventDraft, Store, WriteRequest
 from .transcript import apply_items, build_messages, summarize
@@ -532,9 +532,11 @@ class Engine:
             system_prompt=self.thread.get("system_prompt"), history=history, prompt=turn.prompt,
             steers=turn.steer_rx,
         )
+        # Every text the backend sends passes ValidText: valid Unicode before it is stored or sent.
+        stream = ValidText(self._backend.stream(request))
         try:
             with turn.scope:
-                async with contextlib.aclosing(self._backend.stream(request)) as stream:
+                async with contextlib.aclosing(stream):
                     async for event in stream:
                         if isinstance(event, TextDelta):
                             self._delta(turn, "agent_message", event.text)
@@ -571,6 +573,10 @@ class Engine:
             with trio.CancelScope(shield=True):
                 if status == "completed" and turn.scope.cancel_called:
                     status, error = turn.end_status, turn.end_error
+                held = stream.flush()  # half a surrogate pair the interrupt or failure cut off: U+FFFD
+                if held is not None:
+                    self._delta(turn, "agent_message" if isinstance(held, TextDelta) else "agent_reasoning",
+                                held.text)
                 await self._finish_turn(turn, status, error)
 
     def _delta(self, turn: _Turn, kind: str, text: str) -> None:

@@ -11,6 +11,7 @@ import sqlite3
 from typing import Any
 
 from .store import Event, row_to_event
+from .transcript import readable_messages
 
 ACTIVE_TURN_STATUSES = ("queued", "in_progress")
 # Replay reads the log in pages of this many events, so a long history never sits in memory at once.
@@ -136,7 +137,9 @@ def engine_state(conn: sqlite3.Connection, thread_id: str) -> dict[str, Any] | N
     item_ord = conn.execute("SELECT COALESCE(MAX(ord), 0) AS n FROM items WHERE thread_id = ?", (thread_id,)).fetchone()
     return {
         "thread": thread_record(row),
-        "base_messages": json.loads(row["base_messages"]) if row["base_messages"] else [],
+        # Stored by resume; an older version stored them without validation (see readable_messages).
+        "base_messages": (readable_messages(json.loads(row["base_messages"]), f"thread {thread_id}: base_messages")
+                          if row["base_messages"] else []),
         "base_tokens": row["base_tokens"],
         "items": items,
         "turn_tokens": totals["t"],

@@ -83,6 +83,11 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX sessions_by_update ON sessions (archived, updated_at DESC);
     """,
+    # 2: session files are now validated block by block (issue 11). Forget the recorded mtimes so the
+    # start-up reconcile parses every file once more and drops from the index those it now refuses.
+    """
+    UPDATE sessions SET file_mtime_ns = -1;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

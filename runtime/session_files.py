@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InvalidData, InvalidInput, NotFound, StorageError
+from .text import surrogate_path
+from .transcript import messages_problem
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +178,14 @@ class SessionFiles:
             raise StorageError(f"Failed to delete session '{session_id}': {_describe(exc)}") from exc
 
 
+# A JSON escape of a UTF-16 surrogate (``\ud83d``). Files we write hold none (they are UTF-8 with
+# ensure_ascii off), so finding one is rare and only then are the decoded strings searched.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
 def parse_document(session_id: str, data: bytes) -> dict[str, Any]:
+    """The session document in ``data``, checked in depth (every message and block, see
+    ``transcript.messages_problem``). Raises InvalidData naming the file and the first bad path."""
     try:
         doc = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -185,6 +194,11 @@ def parse_document(session_id: str, data: bytes) -> dict[str, Any]:
     if problem is None and doc["metadata"]["id"] != session_id:
         # A copied or renamed file must never speak for (and overwrite) the session it came from.
         problem = f"metadata.id {doc['metadata']['id']!r} does not match the file name"
+    if problem is None and _SURROGATE_ESCAPE.search(data):
+        # json.loads joins an escaped pair into its character; only a lone half survives as a surrogate.
+        where = surrogate_path(doc)
+        if where is not None:
+            problem = f"{where}: holds a lone UTF-16 surrogate, which is not valid Unicode text"
     if problem:
         raise InvalidData(f"Failed to parse session '{session_id}': {problem}")
     return doc
@@ -211,13 +225,7 @@ def _shape_problem(doc: Any) -> str | None:
         return "metadata.archived must be a boolean"
     if doc.get("system_prompt") is not None and not isinstance(doc["system_prompt"], str):
         return "system_prompt must be a string or null"
-    messages = doc.get("messages")
-    if not isinstance(messages, list) or not all(
-        isinstance(m, dict) and m.get("role") in ("user", "assistant") and isinstance(m.get("content"), list)
-        for m in messages
-    ):
-        return "messages must be a list of {role, content} objects"
-    return None
+    return messages_problem(doc.get("messages"))
 
 
 def encode_document(doc: dict[str, Any]) -> bytes:

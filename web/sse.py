@@ -13,7 +13,16 @@ from runtime.store import Event
 
 def frame(event: Event) -> bytes:
     data = json.dumps(event.envelope(), separators=(",", ":"), ensure_ascii=False)
-    return f"id: {event.seq}\nevent: {event.event}\ndata: {data}\n\n".encode()
+    text = f"id: {event.seq}\nevent: {event.event}\ndata: {data}\n\n"
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        # Defence in depth: the engine already repairs model text, but an event stored by an older
+        # version may hold a lone surrogate. Repair it (never 'surrogatepass': invalid UTF-8) so no
+        # stored event can make a frame, or every later replay of it, fail.
+        from runtime.text import valid_text  # only this rare path needs it
+
+        return valid_text(text).encode()
 
 
 KEEPALIVE = b": keepalive\n\n"
