@@ -367,8 +367,10 @@ class Store:
                 request.skipped = True
                 self._fail(request, storage_error(request.action, lane.failed, "an earlier write of its thread failed"))
                 continue
+            savepoint = False
             try:
                 conn.execute("SAVEPOINT req")
+                savepoint = True
                 value = request.fn(conn) if request.fn is not None else None
                 drafts = [*request.events, *(value or ())] if request.fn_events else request.events
                 for sql, params in request.statements:
@@ -379,7 +381,7 @@ class Store:
                 applied.append(request)
             except Exception as exc:
                 error = storage_error(request.action, exc) if isinstance(exc, sqlite3.Error) else exc
-                if conn.in_transaction and self._rollback_savepoint(conn):
+                if conn.in_transaction and (not savepoint or self._rollback_savepoint(conn)):
                     self._fail(request, error)  # only this request is undone; the others go on
                     continue
                 # The transaction is gone: SQLite rolled it back by itself (it may on SQLITE_FULL or

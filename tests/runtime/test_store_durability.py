@@ -243,6 +243,17 @@ async def test_a_failing_statement_that_sqlite_did_not_roll_back_fails_only_its_
     assert _stored_threads(tmp_path / "db.sqlite3") == ["a", "c"] == [e.thread_id for e in published]
 
 
+async def test_a_savepoint_that_cannot_open_fails_only_its_own_write(faulty_store, tmp_path):
+    store, plan, published = faulty_store
+    plan.arm(BEGIN + STEPS_PER_REQUEST + 1, "sqlite_full")  # b's SAVEPOINT: nothing of b ran
+    a, b, c = await _batch(store, _thread_write("a"), _thread_write("b"), _thread_write("c"))
+    plan.disarm()
+    assert plan.fired == "sqlite:SAVEPOINT"
+    assert _error(b).message == "Failed to create thread 'b': database or disk is full"
+    assert a.result == c.result == outcome.Value(None)
+    assert _stored_threads(tmp_path / "db.sqlite3") == ["a", "c"] == [e.thread_id for e in published]
+
+
 async def test_a_failing_begin_fails_its_batch_and_the_next_batch_commits(faulty_store, tmp_path):
     store, plan, published = faulty_store
     plan.arm(BEGIN, "sqlite_ioerr")
