@@ -129,7 +129,7 @@ async def test_a_turn_the_store_refused_is_forgotten_by_the_engine(open_runtime,
         outside = sqlite3.connect(tmp_path / "runtime.sqlite3")
         outside.execute("CREATE TRIGGER refuse BEFORE INSERT ON turns BEGIN SELECT RAISE(ABORT, 'disk says no'); END")
         outside.commit()
-        with pytest.raises(StorageError, match="Failed to write to the store: disk says no"):
+        with pytest.raises(StorageError, match=f"^Failed to start a turn on thread '{tid}': disk says no$"):
             await rt.start_turn(tid, "never recorded", timeout=10)
         snapshot = await rt.get_session_snapshot(tid, timeout=10)
         assert not snapshot.turn_in_progress and snapshot.messages == ()
