@@ -23,16 +23,19 @@ import threading
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
+import httpx
 import pytest
 import trio
 import trio.testing
 
-from runtime import Runtime, StorageError, StorageFull, records
+from runtime import Runtime, RuntimeConfig, StorageError, StorageFull, records
 from runtime.manager import REPAIR_MAX_DELAY
 from runtime.transcript import build_messages
 from tests.cancellation.harness import State, capture, check_invariants, settle, task_count
+from tests.e2e.helpers import collect_until
 from tests.runtime.helpers import collect_events, turn_completed, wait_turn_end
 from tests.support import E2E_LIMIT, open_runtime
+from web.client import AsyncClient
 
 from .harness import FaultRun, every_step
 from .seam import SQLITE_FAULTS, SQLITE_NAMES, FaultPlan
@@ -564,3 +567,58 @@ async def test_a_fault_at_every_step_changes_all_or_nothing(tmp_path, case: Case
         n = await every_step(plan, lambda: case.action(ctx), fault, judge, rollback=rollback)
         print(f"\n{case.name} ({kind}): N={n} SQLite steps, each failed once")
         assert n >= 5, f"{case.name} took only {n} steps: the plan is not counting"
+
+
+# ---- a slow disk never blocks the event loop --------------------------------------------------
+
+
+async def test_health_and_reads_answer_while_each_operations_commit_is_held(tmp_path):
+    """Every COMMIT parked on an Event (a disk that takes as long as the test wants to fsync): while
+    each operation's commit waits, /health and the read routes answer over a real socket, and the
+    operation itself completes once the disk goes on. Nothing here is timed."""
+    from web.cli import run_server
+    from web.settings import ServerSettings
+
+    disk = Disk()
+    config = RuntimeConfig(data_dir=tmp_path, sqlite_connection_factory=disk.factory())
+    settings = ServerSettings(host="127.0.0.1", port=0, data_dir=tmp_path, auth_token="slow-disk")
+    async with trio.open_nursery() as nursery:
+        shutdown = trio.Event()
+        running = await nursery.start(functools.partial(run_server, settings, config, shutdown=shutdown))
+        headers = {"Authorization": "Bearer slow-disk"}
+        async with httpx.AsyncClient(base_url=running.url, headers=headers, timeout=E2E_LIMIT) as http:
+            tid = (await http.post("/v1/threads", json={"title": "slow"})).json()["id"]
+            hanging = (await http.post(f"/v1/threads/{tid}/turns", json={"prompt": "/hang"})).json()["id"]
+
+            async def held(method: str, path: str, body: dict[str, Any] | None, status: int) -> None:
+                disk.release.clear()
+                disk.hold = True
+                answers: list[httpx.Response] = []
+
+                async def operation() -> None:
+                    answers.append(await http.request(method, path, json=body))
+
+                async with trio.open_nursery() as inner:
+                    inner.start_soon(operation)
+                    await trio.to_thread.run_sync(disk.held.wait, E2E_LIMIT)
+                    health = await http.get("/health")
+                    detail = await http.get(f"/v1/threads/{tid}")
+                    listed = await http.get("/v1/threads")
+                    assert disk.held.is_set() and answers == [], f"{method} {path}: its commit was not held"
+                    assert (health.status_code, health.json()["status"]) == (200, "ok")
+                    assert detail.status_code == 200 and listed.status_code == 200
+                    disk.hold = False
+                    disk.release.set()
+                assert answers[0].status_code == status, (method, path, answers[0].text)
+
+            await held("POST", "/v1/threads", {"title": "created on a slow disk"}, 201)
+            await held("PATCH", f"/v1/threads/{tid}", {"title": "renamed"}, 200)
+            await held("POST", f"/v1/threads/{tid}/turns/{hanging}/steer", {"prompt": "and this"}, 200)
+            await held("POST", f"/v1/threads/{tid}/turns/{hanging}/interrupt", None, 200)
+            await held("POST", f"/v1/threads/{tid}/turns", {"prompt": "one two three"}, 201)
+            async with AsyncClient(running.url, "slow-disk") as client:
+                await collect_until(client, tid, lambda e: e["event"] == "turn.completed" and e["turn_id"] != hanging)
+            await held("POST", f"/v1/threads/{tid}/compact", {"reason": "slow"}, 200)
+            turns = (await http.get(f"/v1/threads/{tid}")).json()["turns"]
+            assert [t["status"] for t in turns] == ["interrupted", "completed", "completed"]
+        shutdown.set()
