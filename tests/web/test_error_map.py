@@ -67,3 +67,13 @@ async def test_routes_round_trip_in_process(app):
     assert missing.status_code == 404
     assert (await client.get("/v1/threads")).status_code == 401
     assert (await client.get("/health")).status_code == 200
+
+
+async def test_every_route_that_can_fail_on_storage_documents_a_full_disk(app):
+    spec = await (await app.test_client().get("/openapi.json")).get_json()
+    for path, method in [("/v1/threads", "post"), ("/v1/threads/{thread_id}", "patch"),
+                         ("/v1/threads/{thread_id}/turns", "post"), ("/v1/threads/{thread_id}/compact", "post"),
+                         ("/v1/sessions", "put")]:
+        responses = spec["paths"][path][method]["responses"]
+        assert {"500", "507"} <= set(responses), (path, method, sorted(responses))
+        assert responses["507"]["description"] == "The disk is full: nothing was written"
