@@ -42,7 +42,7 @@ REPAIR_MAX_DELAY = 5.0
 
 @dataclasses.dataclass(eq=False)
 class _Unended:
-    turn_id: str
+    thread_id: str
     end: Callable[[sqlite3.Connection], list[EventDraft]]
 
 
@@ -63,7 +63,7 @@ class ThreadManager:
         self._nursery: trio.Nursery | None = None
         self._closing = False
         self.spawned = 0
-        # thread id -> the end of its turn that its engine could not record; retried until it commits.
+        # turn id -> the end its engine could not record; retried until it commits.
         self._unended: dict[str, _Unended] = {}
         self._repair_wanted = trio.Event()
 
@@ -87,24 +87,24 @@ class ThreadManager:
     @property
     def unended_turns(self) -> list[str]:
         """Turns whose end an engine could not record and that are not ended yet (for tests and info)."""
-        return [pending.turn_id for pending in self._unended.values()]
+        return list(self._unended)
 
     def _end_later(self, thread_id: str, turn_id: str, end: Callable[[sqlite3.Connection], list[EventDraft]]) -> None:
         """Called by an engine, before it exits, for a turn whose end it could not record."""
-        self._unended[thread_id] = _Unended(turn_id, end)
+        self._unended[turn_id] = _Unended(thread_id, end)
         self._repair_wanted.set()
 
     async def _end_unended(self, thread_id: str) -> None:
-        """Write the end of the thread's unrecorded turn, if it has one. StorageError if it still fails."""
-        pending = self._unended.get(thread_id)
-        if pending is None:
-            return
-        events, _ = await self._store.write(fn=pending.end, fn_events=True,
-                                            action=f"record the end of turn '{pending.turn_id}' after a storage error")
-        if self._unended.get(thread_id) is pending:
-            del self._unended[thread_id]
-        if events:  # empty when another attempt (or the engine's own late write) ended it first
-            log.warning("turn %s ended failed after a storage error", pending.turn_id)
+        """Write the end of every unrecorded turn of the thread. StorageError if one still fails."""
+        for turn_id, pending in list(self._unended.items()):
+            if pending.thread_id != thread_id:
+                continue
+            events, _ = await self._store.write(fn=pending.end, fn_events=True,
+                                                action=f"record the end of turn '{turn_id}' after a storage error")
+            if self._unended.get(turn_id) is pending:
+                del self._unended[turn_id]
+            if events:  # empty when another attempt (or the engine's own late write) ended it first
+                log.warning("turn %s ended failed after a storage error", turn_id)
 
     async def _repair_loop(self) -> None:
         """Retry every unrecorded turn end with capped backoff until all have committed. Stops with the
@@ -112,7 +112,7 @@ class ThreadManager:
         delay = REPAIR_FIRST_DELAY
         while True:
             await self._repair_wanted.wait()
-            for thread_id in list(self._unended):
+            for thread_id in {pending.thread_id for pending in self._unended.values()}:
                 try:
                     await self._end_unended(thread_id)
                 except Exception as exc:  # the disk is still failing: try again later; never stop the manager
