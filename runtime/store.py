@@ -408,7 +408,7 @@ class Store:
         request.result = outcome.Error(error)
         request.committed = []
         if request.lane is not None and request.lane.failed is None:
-            request.lane.failed = error
+            request.lane.failed = error if isinstance(error, RuntimeFailure) else storage_error(request.action, error)
 
     @staticmethod
     def _rollback_savepoint(conn: sqlite3.Connection) -> bool:

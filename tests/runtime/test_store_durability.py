@@ -337,3 +337,20 @@ async def test_a_recovery_that_cannot_commit_reports_the_disk_error_itself(open_
     async with open_runtime() as rt:  # the disk has room again: recovery runs, nothing was half-done
         assert rt.store.recovered_turns == 1
         assert (await turn_record(rt, tid, "turn_open"))["status"] == "interrupted"
+
+
+async def test_a_lane_told_of_a_failure_that_is_not_sqlite_gets_it_as_a_storage_error(faulty_store, tmp_path):
+    store, _plan, published = faulty_store
+    heard = []
+    lane = WriteLane(on_failure=heard.append)
+
+    def broken(conn):
+        raise ValueError("a bug in the request")
+
+    bad = WriteRequest(fn=broken, action="apply a broken request", lane=lane)
+    later = _thread_write("after", lane)
+    await _batch(store, bad, later)
+    assert isinstance(_error(bad), ValueError)  # the request itself sees its own exception
+    assert [type(e) for e in heard] == [StorageError]
+    assert heard[0].message == "Failed to apply a broken request: a bug in the request"
+    assert later.skipped and _stored_threads(tmp_path / "db.sqlite3") == [] and published == []
