@@ -95,7 +95,10 @@ class ThreadManager:
         self._repair_wanted.set()
 
     async def _end_unended(self, thread_id: str) -> None:
-        """Write the end of every unrecorded turn of the thread. StorageError if one still fails."""
+        """Write the end of every unrecorded turn of the thread. StorageError if one still fails.
+
+        A cancellation after a write was queued does not undo it; the turn then stays listed until the
+        next attempt, which finds it ended and writes nothing (the end is idempotent)."""
         for turn_id, pending in list(self._unended.items()):
             if pending.thread_id != thread_id:
                 continue
