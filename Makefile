@@ -29,9 +29,10 @@ soak: $(VENV)/.installed
 	$(BIN)/python -m pytest -q -m soak $(PYTEST_ARGS)
 
 # Not part of `make test` (which runs the short versions): the full reliability suite, about 5 minutes on
-# 2 cores (25 kill -9 restarts, 1,000 dropped requests, long schemathesis runs, 300 slowloris clients).
+# 2 cores (25 kill -9 restarts, 1,000 dropped requests, long schemathesis runs, 300 slowloris clients,
+# every engine operation failed at each SQLite step with every fault kind).
 reliability: $(VENV)/.installed
-	$(BIN)/python -m pytest -q -s -m reliability tests/reliability $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -s -m reliability tests/reliability tests/faults $(PYTEST_ARGS)
 
 # Not part of `make test`: benchmarks against raw baselines measured in the same run (README, Performance).
 # Installs wrk with apt when it is missing and apt is there; otherwise the Python load generator is used.

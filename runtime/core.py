@@ -110,6 +110,7 @@ class Runtime:
                  system_prompt, session_id, json.dumps(base_messages) if base_messages else None, base_tokens),
             )],
             events=[EventDraft(thread_id, "thread.started", {"thread": record})],
+            action="create a thread",
         )
         return record
 

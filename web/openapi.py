@@ -15,7 +15,8 @@ bp = Blueprint("openapi", __name__)
 
 ERROR_TEXT = {400: "Invalid input", 401: "Missing or wrong token", 404: "Not found", 409: "Conflict with current state",
               412: "Revision precondition failed", 413: "Body too large", 500: "Storage or internal error",
-              503: "Engine stopped", 504: "Timed out waiting for the engine"}
+              503: "Engine stopped", 504: "Timed out waiting for the engine",
+              507: "The disk is full: nothing was written"}
 
 
 def build_spec() -> dict[str, Any]:
@@ -56,6 +57,8 @@ def build_spec() -> dict[str, Any]:
             ok["content"] = {"text/event-stream": {"schema": {"type": "string"}}}
         responses: dict[str, Any] = {str(spec.status): ok}
         codes = set(spec.errors) | ({413} if spec.body is not None else set())
+        if 500 in codes:  # a route that can meet a storage failure can meet a full disk (StorageFull)
+            codes.add(507)
         if not spec.public:
             codes.add(401)
             op["security"] = [{"bearer": []}]
