@@ -34,6 +34,7 @@ async def app(tmp_path):
     ("NotFound", 404, "not_found"), ("InvalidInput", 400, "invalid_input"), ("InvalidData", 400, "invalid_data"),
     ("Conflict", 409, "conflict"), ("PreconditionFailed", 412, "precondition_failed"),
     ("PayloadTooLarge", 413, "payload_too_large"), ("StorageError", 500, "storage_error"),
+    ("StorageFull", 507, "insufficient_storage"),
     ("EngineUnavailable", 503, "engine_unavailable"), ("EngineTimeout", 504, "timeout"),
 ])
 async def test_each_runtime_error_maps_to_its_status(app, name, status, code):
