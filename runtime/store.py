@@ -25,7 +25,7 @@ import trio
 
 from . import schema
 from .clock import utc_now
-from .errors import StorageError
+from .errors import StorageError, StorageFull
 
 log = logging.getLogger(__name__)
 
@@ -265,11 +265,13 @@ class Store:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
             for request in batch:
-                request.result = outcome.Error(StorageError(f"Failed to begin a store transaction: {exc}"))
+                request.result = outcome.Error(_storage_error(f"Failed to begin a store transaction: {exc}", exc))
             return
         for request in batch:
-            conn.execute("SAVEPOINT req")
+            savepoint = False
             try:
+                conn.execute("SAVEPOINT req")
+                savepoint = True
                 value = request.fn(conn) if request.fn is not None else None
                 for sql, params in request.statements:
                     conn.execute(sql, params)
@@ -277,22 +279,42 @@ class Store:
                 conn.execute("RELEASE req")
                 request.result = outcome.Value(value)
             except Exception as exc:
-                conn.execute("ROLLBACK TO req")
-                conn.execute("RELEASE req")
                 request.committed = []
                 if isinstance(exc, sqlite3.Error):  # translated once, here, with the cause kept
-                    wrapped = StorageError(f"Failed to write to the store: {exc}")
-                    wrapped.__cause__ = exc
-                    exc = wrapped
+                    exc = _storage_error(f"Failed to write to the store: {exc}", exc)
                 request.result = outcome.Error(exc)
+                # (temporary, A1 owns the writer) SQLite may have rolled the whole transaction back by
+                # itself (SQLITE_FULL, SQLITE_IOERR): then there is no savepoint left to roll back to,
+                # and the earlier requests of the batch were lost with it.
+                try:
+                    if savepoint and conn.in_transaction:
+                        conn.execute("ROLLBACK TO req")
+                        conn.execute("RELEASE req")
+                except sqlite3.Error as undo:
+                    self._fail_batch(conn, batch, _storage_error(f"Failed to write to the store: {undo}", undo))
+                    return
+                if not conn.in_transaction:
+                    self._fail_batch(conn, batch, exc)
+                    return
         try:
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
-            conn.execute("ROLLBACK")
             log.error("store commit failed: %s", exc)
-            for request in batch:
-                request.committed = []
-                request.result = outcome.Error(StorageError(f"Failed to commit to the store: {exc}"))
+            self._fail_batch(conn, batch, _storage_error(f"Failed to commit to the store: {exc}", exc))
+
+    @staticmethod
+    def _fail_batch(conn: sqlite3.Connection, batch: list[WriteRequest], error: Exception) -> None:
+        """(temporary, A1 owns the writer) Nothing of the batch committed: every request gets ``error``
+        (the one that failed keeps its own), and the transaction is rolled back if SQLite has not."""
+        if conn.in_transaction:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                log.exception("store rollback failed")
+        for request in batch:
+            request.committed = []
+            if request.result is None or not isinstance(request.result, outcome.Error):
+                request.result = outcome.Error(error)
 
     # ---- reads -----------------------------------------------------------------------------
 
@@ -323,6 +345,14 @@ class Store:
                 return result
         assert self._rconn is not None
         return await trio.to_thread.run_sync(fn, self._rconn, limiter=self._read_limiter)
+
+
+def _storage_error(message: str, cause: BaseException) -> StorageError:
+    """(temporary, A1 owns the writer) StorageFull for SQLITE_FULL, StorageError otherwise; cause kept."""
+    full = getattr(cause, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+    error = (StorageFull if full else StorageError)(message)
+    error.__cause__ = cause
+    return error
 
 
 def _insert_event(conn: sqlite3.Connection, draft: EventDraft) -> Event:
