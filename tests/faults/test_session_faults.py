@@ -1,11 +1,13 @@
-"""Session files stay all-or-nothing under every storage failure.
+"""Session files stay all-or-nothing under every storage failure, and under a kill -9 at any step.
 
 Real SQLite and real files; the faults come through the seam (tests/faults/seam.py): the k-th SQLite
 statement of the store's writer fails like a full or broken disk (at COMMIT SQLite has already rolled
-back), or the k-th file operation fails with ENOSPC, EIO or EROFS. Each run is judged from the database
-and the files (tests/cancellation/harness.capture and check_invariants), never from the answer alone.
-Here: the defects this suite was built on, the order of file operations (the fsyncs a kill -9 cannot
-see), and failures while settling a change.
+back; with ``rollback`` it has at any statement), or the k-th file operation fails with ENOSPC, EIO or
+EROFS. The operations and how each run is judged: tests/faults/session_cases.py. Here: the defects
+this suite was built on, the order of file operations (the fsyncs a kill -9 cannot see), failures
+while settling, and the short every-step runs (two fault kinds per operation, a kill before every
+step of the file-changing operations). The full runs are in tests/reliability/test_disk_faults.py.
+Run with ``-s`` to see each case's N.
 """
 
 from __future__ import annotations
@@ -15,52 +17,21 @@ import errno
 import functools
 import os
 import threading
-from pathlib import Path
-from typing import AsyncIterator
 
 import pytest
 import trio
 import trio.testing
 
-from runtime import Runtime, StorageError, StorageFull
+from runtime import StorageError, StorageFull
 from runtime.session_files import FileSystem
-from tests.cancellation.harness import State, capture, check_invariants
+from tests.cancellation.harness import capture, check_invariants
 from tests.support import open_runtime
 
 from .seam import FaultPlan
-
-LIMIT = 10.0
-SESSION = "kept"
-
-
-@contextlib.asynccontextmanager
-async def faulty_runtime(data_dir: Path, plan: FaultPlan) -> AsyncIterator[Runtime]:
-    """A Runtime whose store connections and session file operations all report to ``plan``."""
-    async with open_runtime(data_dir, sqlite_connection_factory=plan.connection_factory(),
-                            session_fs=plan.file_system()) as rt:
-        yield rt
-
-
-async def thread_with_history(rt: Runtime, *prompts: str) -> str:
-    thread = await rt.create_thread(title="faults")
-    for prompt in prompts:
-        await rt.start_turn(thread["id"], prompt, timeout=LIMIT)
-        await rt.get_session_snapshot(thread["id"], wait_for_idle=True, timeout=LIMIT)
-    return thread["id"]
-
-
-def step_of(plan: FaultPlan, name: str) -> int:
-    """The k (counted in ``name``'s layer) at which the last run reached step ``name`` first."""
-    layer = name.split(":", 1)[0]
-    steps = [entry for entry in plan.log if entry.startswith(layer + ":")]
-    return steps.index(name) + 1
-
-
-def assert_unchanged(before: State, after: State) -> None:
-    assert after.files == before.files
-    assert after.sessions == before.sessions
-    assert after.threads == before.threads
-    assert after.event_counts == before.event_counts
+from .session_cases import (
+    CASES, CRASH_SHORT, LIMIT, SESSION, SHORT_KINDS, Case, assert_unchanged, faulty_runtime, run_every_crash,
+    run_every_step, step_of, thread_with_history,
+)
 
 
 # ---- defect 1, session side: the file changed before the COMMIT that failed -------------------
@@ -347,3 +318,16 @@ async def test_a_change_whose_commit_outlives_the_bound_is_settled_from_the_jour
         assert rt.sessions._unsettled == set()
         state = await check_invariants(rt, data_dir)
         assert state.event_counts["session.saved"] == 3
+
+
+# ---- fault at every step, kill at every step (short versions) ---------------------------------
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+async def test_a_fault_at_every_step_changes_all_or_nothing(tmp_path, case: Case):
+    await run_every_step(tmp_path, case, SHORT_KINDS[case.name])
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.name in CRASH_SHORT], ids=list(CRASH_SHORT))
+async def test_a_kill_at_every_step_restarts_before_or_after(tmp_path, case: Case):
+    await run_every_crash(tmp_path, case)

@@ -22,6 +22,7 @@ import pytest
 from tests.cancellation.harness import check_invariants
 from tests.conftest import E2E_LIMIT
 from tests.e2e.helpers import wait_turn_end
+from tests.faults.session_cases import CASES, KINDS, Case, run_every_crash, run_every_step
 from tests.sessions.conftest import dir_snapshot
 from tests.support import InFlight
 
@@ -167,3 +168,20 @@ async def test_a_failing_directory_fsync_after_the_rename_is_a_500_and_puts_the_
         assert (await http.get(f"/v1/threads/{other}")).json()["thread"]["session_id"] == "kept"
     await check_invariants(server.runtime, server.data_dir)
 
+
+# ---- the full fault-at-every-step and kill-at-every-step runs (make reliability) --------------
+# The operations, the drivers and how each run is judged: tests/faults/session_cases.py; the short
+# versions run in make test (tests/faults/test_session_faults.py).
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+async def test_a_session_fault_of_every_kind_at_every_step_changes_all_or_nothing(tmp_path, case: Case):
+    counts = await run_every_step(tmp_path, case, KINDS)
+    assert set(counts) == set(KINDS)
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+async def test_a_kill_at_every_step_of_every_session_operation_restarts_before_or_after(tmp_path, case: Case):
+    await run_every_crash(tmp_path, case)
