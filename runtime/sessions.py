@@ -640,7 +640,12 @@ def _named(exc: Exception, action: str, session_id: str) -> Exception:
     prefix = f"Failed to {action} session '{session_id}'"
     if exc.message.startswith(prefix):
         return exc
-    reason = str(exc.__cause__) if isinstance(exc.__cause__, sqlite3.Error) else exc.message
+    reason, cause = exc.message, exc.__cause__
+    while cause is not None:  # the store keeps SQLite's own error as the cause: it is the reason
+        if isinstance(cause, sqlite3.Error):
+            reason = str(cause)
+            break
+        cause = cause.__cause__
     return type(exc)(f"{prefix}: {reason}")
 
 
