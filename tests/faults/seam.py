@@ -39,7 +39,7 @@ SQLITE_NAMES = {sqlite3.SQLITE_FULL: "SQLITE_FULL", sqlite3.SQLITE_IOERR: "SQLIT
                 sqlite3.SQLITE_READONLY: "SQLITE_READONLY"}
 FILE_FAULTS = {"enospc": errno.ENOSPC, "eio": errno.EIO, "erofs": errno.EROFS}
 # The FileSystem methods that touch the disk; each call is one step.
-FILE_STEPS = ("read_bytes", "write_data", "fsync_file", "replace", "fsync_dir", "remove", "discard")
+FILE_STEPS = ("read_bytes", "write_data", "fsync_file", "link", "replace", "fsync_dir", "remove", "discard")
 
 
 @dataclasses.dataclass

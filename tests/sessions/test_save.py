@@ -10,7 +10,9 @@ import uuid
 import pytest
 import trio
 
-from runtime import Conflict, EngineTimeout, InvalidData, InvalidInput, NotFound, PreconditionFailed, StorageError
+from runtime import (
+    Conflict, EngineTimeout, InvalidData, InvalidInput, NotFound, PreconditionFailed, StorageError, StorageFull,
+)
 from runtime.session_files import FileSystem
 
 from .conftest import (
@@ -515,7 +517,7 @@ async def test_a_failed_session_write_changes_nothing(rt, monkeypatch, fault):
     other_events = len(await events_of(rt, other, "session.saved"))
     monkeypatch.setattr(rt.sessions.files.fs, fault, _enospc)
 
-    with pytest.raises(StorageError) as info:  # update in place, from another thread
+    with pytest.raises(StorageFull) as info:  # update in place, from another thread
         await rt.sessions.save(thread_id=other, session_id=sid, timeout=LIMIT)
     assert info.value.message == f"Failed to save session '{sid}': no space left on device"
     with pytest.raises(StorageError, match="Failed to save session"):  # create
@@ -536,45 +538,68 @@ async def test_a_failed_session_write_changes_nothing(rt, monkeypatch, fault):
     assert again["session"]["metadata"]["revision"] == 2
 
 
-async def test_a_directory_fsync_failure_after_the_replace_is_all_or_nothing(rt, monkeypatch):
-    """``fsync_dir`` runs after ``os.replace``: the new file is already in place. The save must then
-    either report the error with the previous file restored, or succeed with file, index, link and
-    event all committed; never an error with the file changed but index and link rolled back."""
+class FailNth:
+    """Stands in for one FileSystem operation: its ``n``-th call fails with EIO, the others run."""
+
+    def __init__(self, fs: FileSystem, name: str, n: int) -> None:
+        self.fs, self.name, self.n, self.calls = fs, name, n, 0
+
+    def __call__(self, *args):
+        self.calls += 1
+        if self.calls == self.n:
+            raise OSError(errno.EIO, "Input/output error")
+        return getattr(FileSystem, self.name)(self.fs, *args)
+
+
+async def test_a_directory_fsync_failure_after_the_replace_changes_nothing(rt, monkeypatch):
+    """``fsync_dir`` after ``os.replace`` decides whether the rename is durable, and the COMMIT comes
+    after it: failing there, the save puts the previous file back (create: removes the new one) and
+    reports that nothing was saved."""
     tid, sid = await _linked_session(rt)
     other = (await rt.create_thread())["id"]
     await run_turn(rt, other, "a different conversation")
     before = await _observable_state(rt, tid)
-    monkeypatch.setattr(rt.sessions.files.fs, "fsync_dir", _enospc)
+    files_before = dir_snapshot(sessions_dir(rt))
 
-    for session_id in (sid, None):  # update in place, then create
-        try:
-            result = await rt.sessions.save(thread_id=other, session_id=session_id, timeout=LIMIT)
-        except StorageError:
-            assert await _observable_state(rt, tid) == before
-            assert (await rt.thread_record(other))["session_id"] is None
-            assert temp_files(sessions_dir(rt)) == []
-        else:
-            saved = result["session_id"]
-            assert read_session_file(rt, saved) == {"schema_version": 1, **result["session"]}
-            [listed] = [m for m in await rt.sessions.list(limit=50) if m["id"] == saved]
-            assert listed["revision"] == result["session"]["metadata"]["revision"]
-            assert (await rt.thread_record(other))["session_id"] == saved
-            assert [e.payload["revision"] for e in await events_of(rt, other, "session.saved")
-                    if e.payload["session_id"] == saved] == [result["session"]["metadata"]["revision"]]
+    for session_id in (sid, "created"):  # update in place, then create
+        fs = rt.sessions.files.fs
+        fail = FailNth(fs, "fsync_dir", 2)  # 1: after staging (undo file durable), 2: after the replace
+        monkeypatch.setattr(fs, "fsync_dir", fail)
+        with pytest.raises(StorageError) as info:
+            await rt.sessions.save(thread_id=other, session_id=session_id, timeout=LIMIT)
+        assert info.value.message == f"Failed to save session '{session_id}': Input/output error"
+        assert fail.calls >= 2  # the failing call was reached
+        assert await _observable_state(rt, tid) == before
+        assert dir_snapshot(sessions_dir(rt)) == files_before  # no new file, no undo or temp file left
+        assert (await rt.thread_record(other))["session_id"] is None
+        assert await events_of(rt, other, "session.saved") == []
+    monkeypatch.undo()
+    again = await rt.sessions.save(thread_id=other, session_id=sid, timeout=LIMIT)
+    assert again["session"]["metadata"]["revision"] == 2
 
 
 async def test_a_failed_delete_changes_nothing(rt, monkeypatch):
     tid, sid = await _linked_session(rt)
     before = await _observable_state(rt, tid)
+    files_before = dir_snapshot(sessions_dir(rt))
 
-    def remove(path):
-        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+    def replace(src, dst):  # DELETE moves the file aside before its COMMIT
+        raise PermissionError(errno.EACCES, "Permission denied", str(src))
 
-    monkeypatch.setattr(rt.sessions.files.fs, "remove", remove)
+    monkeypatch.setattr(rt.sessions.files.fs, "replace", replace)
     with pytest.raises(StorageError) as info:
         await rt.sessions.delete(sid, timeout=LIMIT)
     assert info.value.message == f"Failed to delete session '{sid}': permission denied"
     assert await _observable_state(rt, tid) == before
+    assert dir_snapshot(sessions_dir(rt)) == files_before
+
+    monkeypatch.undo()
+    fs = rt.sessions.files.fs
+    monkeypatch.setattr(fs, "fsync_dir", FailNth(fs, "fsync_dir", 1))  # after moving the file aside
+    with pytest.raises(StorageError, match=f"Failed to delete session '{sid}': Input/output error"):
+        await rt.sessions.delete(sid, timeout=LIMIT)
+    assert await _observable_state(rt, tid) == before
+    assert dir_snapshot(sessions_dir(rt)) == files_before  # the file is back under its own name
 
 
 async def test_temp_files_left_by_a_crash_are_removed_on_open(open_rt, data_dir):
