@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 
 SUMMARY_CHARS = 120  # item summaries are a one-line preview of the item's text
 UPDATABLE_FIELDS = ("archived", "model", "mode", "title", "system_prompt")
+# The error of a turn whose engine was cancelled from outside without a stop reason (the runtime around
+# it cancelled): the turn ends interrupted, as at a shutdown; "engine crashed" is kept for real crashes.
+STOPPED = "engine stopped"
 
 
 def _preview(text: str) -> str:
@@ -128,16 +131,15 @@ class Engine:
                 task_status.started()
                 try:
                     await self._op_loop()
+                except Exception:
+                    if self.active is not None:
+                        self._cancel_turn("failed", "engine crashed")
+                    raise
                 finally:
                     # New requests now wait for this engine to exit and go to its successor,
                     # instead of queueing behind an engine that will never serve them.
                     self._retire(self, False)
-                    if self.active is not None:
-                        crashed = self._stopping is None
-                        self._cancel_turn(
-                            "failed" if crashed else "interrupted",
-                            "engine crashed" if crashed else self._stopping,
-                        )
+                    self.request_stop(STOPPED)  # a turn not ended above (stopped, cancelled) is interrupted
         except Exception:
             self.crashed = True
             log.exception("engine for thread %s crashed", self.thread_id)
@@ -145,11 +147,12 @@ class Engine:
             self._close_inbox()
 
     def request_stop(self, reason: str) -> None:
-        """Called by the manager at shutdown: interrupt the turn and stop after the ops queued so far."""
+        """Called by the manager at shutdown (and by the engine itself when it is going away): interrupt the
+        turn and stop after the ops queued so far. The first reason given is the one recorded."""
         if self._stopping is None:
             self._stopping = reason
         if self.active is not None:
-            self._cancel_turn("interrupted", reason)
+            self._cancel_turn("interrupted", self._stopping)
 
     def _close_inbox(self) -> None:
         """Close every reply still queued, so each requester sees EngineUnavailable now, not at its deadline."""
@@ -565,6 +568,12 @@ class Engine:
         except Exception as exc:
             log.exception("model backend failed on turn %s", turn.id)
             status, error = "failed", f"model backend error: {type(exc).__name__}"
+        except BaseException:
+            # Cancelled from outside the turn (the engine's nursery, or a cancelled runtime around it),
+            # possibly before run() could say why, which it does in the same scheduling batch: the engine
+            # is going away and the turn did not finish, so it ends as run() would end it, never "completed".
+            self.request_stop(STOPPED)
+            raise
         finally:
             # Shielded: the turn's end must be recorded even while the engine is being cancelled.
             # Bounded by final_write_seconds; the writer only ever waits on SQLite.
