@@ -22,7 +22,7 @@ import trio
 from . import ops
 from .clock import new_id, utc_now
 from .config import RuntimeConfig
-from .errors import Conflict, InvalidInput, RuntimeFailure
+from .errors import Conflict, InvalidInput, RuntimeFailure, StorageError
 from .models.base import (
     ItemBreak, ModelBackend, ModelError, ModelRequest, ReasoningDelta, Retrying, TextDelta, ToolCall, ToolResult,
     Truncated, Usage,
@@ -260,15 +260,23 @@ class Engine:
 
     async def _reply_when_committed(self, reply: ops.Reply, result: outcome.Outcome,
                                     after: WriteRequest | None) -> None:
-        try:
-            if after is not None:
-                await after.done.wait()
-                assert after.result is not None
-                if isinstance(after.result, outcome.Error):
-                    result = after.result
-            await self._send_reply(reply, result)
-        finally:
-            reply.close()  # cancelled before sending (engine crash): the requester sees EngineUnavailable now
+        # Shielded: the op was applied and its write queued, so its requester must hear how that ended even
+        # when the engine is torn down meanwhile (a crash, a cancelled runtime); EngineUnavailable would say
+        # that nothing happened. Bounded by final_write_seconds (the writer only waits on SQLite) and by
+        # reply_send_seconds (in _send_reply).
+        with trio.CancelScope(shield=True):
+            try:
+                if after is not None:
+                    with trio.move_on_after(self._config.final_write_seconds):
+                        await after.done.wait()
+                    if not after.done.is_set():
+                        result = outcome.Error(StorageError(
+                            f"the store did not commit within {self._config.final_write_seconds:g} s"))
+                    elif isinstance(after.result, outcome.Error):
+                        result = after.result
+                await self._send_reply(reply, result)
+            finally:
+                reply.close()
 
     # ---- snapshot --------------------------------------------------------------------------
 

@@ -351,6 +351,50 @@ async def test_ops_queued_behind_an_op_that_crashes_the_engine_fail_unavailable_
         assert (await rt.thread_record(tid))["title"] == "crashing"
 
 
+async def test_an_op_applied_before_its_engine_crashes_still_answers_with_its_committed_outcome(
+        open_runtime, tmp_path, monkeypatch):
+    # The update is applied and its write queued, but the write cannot commit yet (SQLite's write lock is
+    # held from outside); then another op crashes the engine. The update happened, so its requester must
+    # hear so: a 503 says "nothing happened", and a client retrying on it would apply it twice.
+    async with open_runtime() as rt:
+        tid = (await rt.create_thread(title="before"))["id"]
+        engine = (await rt.manager.handle(tid)) and rt.manager.engine(tid)
+
+        def crash(op: ops.Compact) -> None:
+            raise RuntimeError("bug in an op handler")
+
+        monkeypatch.setattr(engine, "_on_compact", crash)
+        lock = sqlite3.connect(tmp_path / "runtime.sqlite3", isolation_level=None)
+        results: dict[str, object] = {}
+
+        async def update() -> None:
+            try:
+                results["update"] = await rt.update_thread(tid, {"title": "applied"}, timeout=10)
+            except EngineUnavailable as exc:
+                results["update"] = exc
+
+        try:
+            lock.execute("BEGIN IMMEDIATE")  # the store's writer now waits (busy_timeout) on every commit
+            with trio.fail_after(3):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(update)
+                    await trio.testing.wait_all_tasks_blocked()  # applied; its reply waits for the commit
+                    assert engine.thread["title"] == "applied" and "update" not in results
+                    with pytest.raises(EngineUnavailable):
+                        await rt.compact(tid, timeout=10)
+                    lock.execute("ROLLBACK")  # let the writer commit
+        finally:
+            if lock.in_transaction:
+                lock.execute("ROLLBACK")
+            lock.close()
+
+        assert engine.crashed
+        assert not isinstance(results["update"], EngineUnavailable), results["update"]
+        assert results["update"]["title"] == "applied"
+        assert (await rt.thread_record(tid))["title"] == "applied"
+        assert (await rt.get_session_snapshot(tid, timeout=5)).title == "applied"  # the successor agrees
+
+
 async def test_shutdown_thread_interrupts_the_running_turn(rt, thread_id, autojump_clock):
     running = await rt.start_turn(thread_id, "/hang")
 
