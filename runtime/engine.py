@@ -31,7 +31,7 @@ import trio
 from . import ops
 from .clock import new_id, utc_now
 from .config import RuntimeConfig
-from .errors import Conflict, InvalidInput, RuntimeFailure
+from .errors import Conflict, InvalidInput, RuntimeFailure, StorageError
 from .handle import EngineEvicted
 from .models.base import (
     ItemBreak, ModelBackend, ModelError, ModelRequest, ReasoningDelta, Retrying, TextDelta, ToolCall, ToolResult,
@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 
 SUMMARY_CHARS = 120  # item summaries are a one-line preview of the item's text
 UPDATABLE_FIELDS = ("archived", "model", "mode", "title", "system_prompt")
+# The error of a turn whose engine was cancelled from outside without a stop reason (the runtime around
+# it cancelled): the turn ends interrupted, as at a shutdown; "engine crashed" is kept for real crashes.
+STOPPED = "engine stopped"
 
 
 def _preview(text: str) -> str:
@@ -146,16 +149,15 @@ class Engine:
                 task_status.started()
                 try:
                     await self._op_loop()
+                except Exception:
+                    if self.active is not None:
+                        self._cancel_turn("failed", "engine crashed")
+                    raise
                 finally:
                     # New requests now wait for this engine to exit and go to its successor,
                     # instead of queueing behind an engine that will never serve them.
                     self._retire(self, False)
-                    if self.active is not None:
-                        crashed = self._stopping is None
-                        self._cancel_turn(
-                            "failed" if crashed else "interrupted",
-                            "engine crashed" if crashed else self._stopping,
-                        )
+                    self.request_stop(STOPPED)  # a turn not ended above (stopped, cancelled) is interrupted
         except Exception:
             self.crashed = True
             log.exception("engine for thread %s crashed", self.thread_id)
@@ -163,11 +165,12 @@ class Engine:
             self._close_inbox()
 
     def request_stop(self, reason: str) -> None:
-        """Called by the manager at shutdown: interrupt the turn and stop after the ops queued so far."""
+        """Called by the manager at shutdown (and by the engine itself when it is going away): interrupt the
+        turn and stop after the ops queued so far. The first reason given is the one recorded."""
         if self._stopping is None:
             self._stopping = reason
         if self.active is not None:
-            self._cancel_turn("interrupted", reason)
+            self._cancel_turn("interrupted", self._stopping)
 
     def _write_failed(self, error: RuntimeFailure) -> None:
         """The lane's first failed write (called by the store's writer, on the event loop, before anyone
@@ -313,20 +316,28 @@ class Engine:
 
     async def _reply_when_committed(self, reply: ops.Reply, result: outcome.Outcome,
                                     after: WriteRequest | None, if_failed: str = "own") -> None:
-        try:
-            if after is not None:
-                await after.done.wait()
-                assert after.result is not None
-                if isinstance(after.result, outcome.Error):
-                    if if_failed == "lane" and self.diverged is not None:
-                        result = outcome.Error(self._failure())
-                    elif if_failed == "own" and not after.skipped:
-                        result = after.result
-                    else:
-                        result = outcome.Error(EngineEvicted())
-            await self._send_reply(reply, result)
-        finally:
-            reply.close()  # cancelled before sending (engine crash): the requester sees EngineUnavailable now
+        # Shielded: the op was applied and its write queued, so its requester must hear how that ended even
+        # when the engine is torn down meanwhile (a crash, a cancelled runtime); EngineUnavailable would say
+        # that nothing happened. Bounded by final_write_seconds (the writer only waits on SQLite) and by
+        # reply_send_seconds (in _send_reply).
+        with trio.CancelScope(shield=True):
+            try:
+                if after is not None:
+                    with trio.move_on_after(self._config.final_write_seconds):
+                        await after.done.wait()
+                    if not after.done.is_set():
+                        result = outcome.Error(StorageError(
+                            f"the store did not commit within {self._config.final_write_seconds:g} s"))
+                    elif isinstance(after.result, outcome.Error):
+                        if if_failed == "lane" and self.diverged is not None:
+                            result = outcome.Error(self._failure())
+                        elif if_failed == "own" and not after.skipped:
+                            result = after.result
+                        else:
+                            result = outcome.Error(EngineEvicted())
+                await self._send_reply(reply, result)
+            finally:
+                reply.close()
 
     # ---- snapshot --------------------------------------------------------------------------
 
@@ -634,6 +645,12 @@ class Engine:
         except Exception as exc:
             log.exception("model backend failed on turn %s", turn.id)
             status, error = "failed", f"model backend error: {type(exc).__name__}"
+        except BaseException:
+            # Cancelled from outside the turn (the engine's nursery, or a cancelled runtime around it),
+            # possibly before run() could say why, which it does in the same scheduling batch: the engine
+            # is going away and the turn did not finish, so it ends as run() would end it, never "completed".
+            self.request_stop(STOPPED)
+            raise
         finally:
             # Shielded: the turn's end must be recorded even while the engine is being cancelled.
             # Bounded by final_write_seconds; the writer only ever waits on SQLite.
@@ -706,13 +723,14 @@ class Engine:
             self._spawn_reply(waiter.reply, answer, after=request, if_failed="lane")
         snapshot = self.snapshot()
         for waiter in self._idle_waiters:
-            if self._stopping is not None:
+            if self.diverged is not None:
+                # Memory is ahead of the store: the successor answers, from the store (also when the
+                # engine is stopping by now: its retirement after the failed write is what stops it).
+                self._spawn_reply(waiter.reply, outcome.Error(EngineEvicted()))
+            elif self._stopping is not None:
                 # The engine is going away: a wait for idle is not answered with a turn cut short.
                 if waiter.reply is not None:
                     waiter.reply.close()
-            elif self.diverged is not None:
-                # Memory is ahead of the store: the successor answers, from the store.
-                self._spawn_reply(waiter.reply, outcome.Error(EngineEvicted()))
             else:
                 self._spawn_reply(waiter.reply, outcome.Value(snapshot), after=request, if_failed="successor")
         self._idle_waiters.clear()
