@@ -9,41 +9,16 @@ transaction that simply waits), and ThreadGuard keeps the MockClock still while 
 from __future__ import annotations
 
 import contextlib
-import functools
 import sqlite3
-import threading
-from typing import Iterator
 
-import pytest
 import trio
 import trio.testing
 
-from runtime import Runtime, records
 from runtime.errors import EngineUnavailable
 from runtime.manager import ThreadManager
-from runtime.store import WriteRequest
+from tests.support import held_writer
 
 from .helpers import stored_events, turn_record
-
-# Real-time bound on a held writer: a test that forgets to let it go fails instead of hanging.
-HOLD_LIMIT = 20.0
-
-
-@contextlib.contextmanager
-def held_writer(rt: Runtime) -> Iterator[threading.Event]:
-    """Hold the store's single writer inside a real transaction until the yielded event is set (at the
-    latest when the block ends). Every write queued meanwhile commits after it, in order."""
-    release = threading.Event()
-    rt.store.submit(WriteRequest(fn=lambda conn: release.wait(HOLD_LIMIT)))
-    try:
-        yield release
-    finally:
-        release.set()
-
-
-async def turns_of(rt: Runtime, thread_id: str) -> list[dict]:
-    detail = await rt.store.read(functools.partial(records.thread_detail, thread_id=thread_id))
-    return detail["turns"]
 
 
 # ---- manager.aclose and an engine spawned while it runs ------------------------------------------
