@@ -18,7 +18,7 @@ from runtime.errors import EngineUnavailable
 from runtime.manager import ThreadManager
 from tests.support import held_writer
 
-from .helpers import stored_events, turn_record
+from .helpers import collect_events, items_of, nth, run_turn, stored_events, turn_completed, turn_record, words
 
 
 # ---- manager.aclose and an engine spawned while it runs ------------------------------------------
@@ -71,3 +71,67 @@ async def test_an_engine_spawned_while_aclose_runs_is_stopped_before_it_takes_a_
     # What the store holds once the runtime has closed: the late thread never got a turn.
     with contextlib.closing(sqlite3.connect(tmp_path / "runtime.sqlite3")) as db:
         assert db.execute("SELECT status, error FROM turns WHERE thread_id = ?", (late,)).fetchall() == []
+
+
+# ---- the scripted model after a steer, and when interrupted ----------------------------------------
+
+
+async def test_scripted_text_after_a_steer_starts_a_new_item_without_a_leading_space(rt, thread_id, autojump_clock):
+    """Suspicion: the steer closes the item being streamed, and the rest of the reply came in a new item
+    whose text began with the space that separated it from the previous word."""
+    turn = await rt.start_turn(thread_id, "/slow 5\nalpha beta gamma")
+    await collect_events(rt, thread_id, nth("item.delta", 2, turn["id"]))  # "You", " said:"
+    await rt.steer_turn(thread_id, turn["id"], "change course now")
+    events = await collect_events(rt, thread_id, turn_completed(turn["id"]))
+
+    items = [i for i in items_of(await rt.get_thread(thread_id), turn["id"]) if i["kind"] == "agent_message"]
+    assert [i["detail"] for i in items] == ["You said:", "alpha beta gamma", "You said: change course now"]
+    first_deltas = {}
+    for event in events:
+        if event.event == "item.delta":
+            first_deltas.setdefault(event.item_id, event.payload["delta"])
+    assert [first_deltas[i["id"]] for i in items] == ["You", "alpha", "You"]
+    # A session keeps the reply readable: the split parts join with the one space between them.
+    snapshot = await rt.get_session_snapshot(thread_id)
+    assert [b["text"] for m in snapshot.messages if m["role"] == "assistant" for b in m["content"]] == [
+        "You said:", "alpha beta gamma", "You said: change course now"]
+
+
+async def test_an_interrupted_scripted_turn_reports_the_words_sent_and_streamed_so_far(rt, thread_id, autojump_clock):
+    """Suspicion: the scripted model reported usage only at its end, so an interrupted turn said 0/0."""
+    history = await run_turn(rt, thread_id, "some history first")
+    prompt = "/slow 100\none two three four five six seven eight nine ten"
+    turn = await rt.start_turn(thread_id, prompt)
+    await collect_events(rt, thread_id, nth("item.delta", 3, turn["id"]))  # "You", " said:", " one"
+
+    record = await rt.interrupt_turn(thread_id, turn["id"])
+
+    sent = words("some history first") + words("You said: some history first") + words(prompt)
+    expected = {"input_tokens": sent, "output_tokens": 3}
+    assert record["usage"] == expected
+    assert (await turn_record(rt, thread_id, turn["id"]))["usage"] == expected
+    end = (await collect_events(rt, thread_id, turn_completed(turn["id"])))[-1]
+    assert end.payload["usage"] == expected
+    snapshot = await rt.get_session_snapshot(thread_id)
+    assert snapshot.total_tokens == sum(history["usage"].values()) + sent + 3
+
+
+async def test_an_interrupted_hanging_turn_reports_its_prompt_as_sent_and_nothing_streamed(
+        rt, thread_id, autojump_clock):
+    turn = await rt.start_turn(thread_id, "/hang\nwait for me")
+
+    record = await rt.interrupt_turn(thread_id, turn["id"])
+
+    assert record["usage"] == {"input_tokens": words("/hang\nwait for me"), "output_tokens": 0}
+
+
+async def test_an_interrupted_steered_turn_counts_the_steer_as_sent(rt, thread_id, autojump_clock):
+    prompt, steer = "/slow 100\nalpha beta gamma delta", "and also this"
+    turn = await rt.start_turn(thread_id, prompt)
+    await collect_events(rt, thread_id, nth("item.delta", 1, turn["id"]))
+    await rt.steer_turn(thread_id, turn["id"], steer)
+    await collect_events(rt, thread_id, nth("item.delta", 2, turn["id"]))  # one more word after the steer
+
+    record = await rt.interrupt_turn(thread_id, turn["id"])
+
+    assert record["usage"] == {"input_tokens": words(prompt) + words(steer), "output_tokens": 2}
