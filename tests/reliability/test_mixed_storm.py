@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import random
+import ssl
 
 import httpx
 import pytest
@@ -36,6 +37,11 @@ KINDS = ("put", "post", "sse", "turn", "raw")
 WEIGHTS = (30, 15, 25, 20, 10)
 DROPS = (0.0, 0.0005, 0.001, 0.003, 0.01, 0.05, None)  # seconds until the client drops; None: never
 SLOW = "/slow 30\n" + " ".join(f"w{i}" for i in range(300))
+# One TLS context for every client of the storm (they speak plain HTTP; httpx builds a context anyway).
+# Built per client it loads the CA bundle on the event loop, ~30 ms of CPU each (measured), and these
+# clients share the loop with the in-process server: 25-50 of them starting together stalled it for over
+# a second (loop lag p99 1.4 s), which is what made turn starts answer 504 at the 1 s request timeout.
+CLIENT_TLS = ssl.create_default_context()
 
 
 async def raw_partial(url: str, rng: random.Random, body: bytes) -> None:
@@ -68,7 +74,7 @@ async def _storm(live, *, requests: int, concurrency: int, seed: int):
     rng = random.Random(seed)
     tally: collections.Counter = collections.Counter()
 
-    async with httpx.AsyncClient(base_url=live.url, headers=AUTH, timeout=E2E_LIMIT) as http:
+    async with httpx.AsyncClient(base_url=live.url, headers=AUTH, timeout=E2E_LIMIT, verify=CLIENT_TLS) as http:
         async with live.client() as client:
             threads = [(await client.create_thread(title=f"storm {i}"))["id"] for i in range(4)]
             # Threads 0-1 stream a long turn the whole time; 2-3 get a finished turn (something to rebuild)
@@ -98,7 +104,8 @@ async def _storm(live, *, requests: int, concurrency: int, seed: int):
                 drop_after = rng.choice((0.02, 0.1, 0.3))
             status = None
             # Every client has its own connection, so dropping it really closes a socket.
-            async with httpx.AsyncClient(base_url=live.url, headers=AUTH, timeout=E2E_LIMIT) as own:
+            async with httpx.AsyncClient(base_url=live.url, headers=AUTH, timeout=E2E_LIMIT,
+                                         verify=CLIENT_TLS) as own:
                 with trio.move_on_after(drop_after if drop_after is not None else E2E_LIMIT):
                     if kind == "put":
                         body = {"thread_id": thread_id, "session_id": f"s{rng.randrange(6)}"}
@@ -113,9 +120,9 @@ async def _storm(live, *, requests: int, concurrency: int, seed: int):
                     elif kind == "turn":
                         prompt = rng.choice(("hi there", "/slow 0.2\nsome words to stream"))
                         response = await own.post(f"/v1/threads/{thread_id}/turns", json={"prompt": prompt})
-                        # 504: the engine did not answer within the (1 s) request timeout: under this load
-                        # a start can wait that long for its write to commit. Consistency is checked below.
-                        status, allowed = response.status_code, (201, 409, 504)
+                        # Never 504: a start waits for its commit, and the writer's batches take
+                        # milliseconds here (p99 ~18 ms with session saves in them), far below the 1 s timeout.
+                        status, allowed = response.status_code, (201, 409)
                     else:
                         wanted = rng.randrange(1, 40)
                         since = rng.choice((0, 0, 5, 50))
