@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import collections
 import random
-import ssl
 
 import httpx
 import pytest
@@ -29,7 +28,7 @@ from tests.cancellation.harness import check_invariants, task_count
 from tests.cancellation.test_disconnect_storm import open_fds
 from tests.conftest import start_server
 from tests.e2e.helpers import wait_turn_end
-from tests.support import E2E_LIMIT, InFlight, run_clients
+from tests.support import CLIENT_TLS, E2E_LIMIT, InFlight, run_clients
 
 from .support import AUTH, SEED, app_tasks, session_files
 
@@ -37,11 +36,6 @@ KINDS = ("put", "post", "sse", "turn", "raw")
 WEIGHTS = (30, 15, 25, 20, 10)
 DROPS = (0.0, 0.0005, 0.001, 0.003, 0.01, 0.05, None)  # seconds until the client drops; None: never
 SLOW = "/slow 30\n" + " ".join(f"w{i}" for i in range(300))
-# One TLS context for every client of the storm (they speak plain HTTP; httpx builds a context anyway).
-# Built per client it loads the CA bundle on the event loop, ~30 ms of CPU each (measured), and these
-# clients share the loop with the in-process server: 25-50 of them starting together stalled it for over
-# a second (loop lag p99 1.4 s), which is what made turn starts answer 504 at the 1 s request timeout.
-CLIENT_TLS = ssl.create_default_context()
 
 
 async def raw_partial(url: str, rng: random.Random, body: bytes) -> None:
