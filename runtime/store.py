@@ -90,7 +90,7 @@ def _connect(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA journal_mode=WAL")
     # FULL: every COMMIT syncs the WAL, so events are on disk before they are published and a seq a client
     # saw is never reused, even after an OS crash (NORMAL synced only at checkpoints). Cost measured in
-    # docs/design.md ("Durability of events"); group commit pays it once per batch, not per event.
+    # docs/design.md (Store, "Events are durable before they are published"); paid once per batch.
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA busy_timeout=5000")
     return conn
