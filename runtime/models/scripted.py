@@ -5,10 +5,12 @@ It answers ``You said: <prompt>`` word by word. A first prompt line may hold one
 main reply with ``You said: <steer>``. Usage counts words: input is the history plus the prompt and
 any steers, output is every word streamed (reasoning included).
 
-Usage is reported as it grows (after the prompt is "sent", and after every word and every steer taken
-in), not only at the end: an interrupted turn is cancelled at the model's next checkpoint, and its
-usage is then the words sent and streamed until that point. A steer closes the item being streamed
-(the engine does that), so the word after a steer starts the new item without its separating space.
+Usage is reported as it grows, after every word (and before a ``/hang`` waits), not only at the end:
+an interrupted turn is cancelled at the model's next checkpoint, and its usage is then the words sent
+(history, prompt, the steers taken in) and streamed until that point. The first event of a reply is
+its first word, so wrappers that act "after the first word" still can. A steer closes the item being
+streamed (the engine does that), so the word after a steer starts the new item without its separating
+space.
 """
 
 from __future__ import annotations
@@ -85,8 +87,8 @@ class ScriptedModel:
                 delay = max(0.0, float(arg)) / max(1, len(text.split()))
             except ValueError as exc:
                 raise ModelError(f"/slow needs a number of seconds, got {arg!r}") from exc
-        yield reply.usage()  # the prompt has been sent
         if directive == "/hang":
+            yield reply.usage()  # the prompt was sent; nothing will come back until the turn is interrupted
             await trio.sleep_forever()
         if directive == "/think" and arg:
             async for event in reply.words(arg, 0.0, ReasoningDelta):
@@ -103,4 +105,3 @@ class ScriptedModel:
             async for event in reply.words(f"You said: {steer.strip()}", 0.0, TextDelta):
                 yield event
             reply.take_steers()  # a steer that came while answering one is answered too
-        yield reply.usage()
