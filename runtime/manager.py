@@ -62,6 +62,7 @@ class ThreadManager:
         self._spawning: dict[str, trio.Event] = {}
         self._nursery: trio.Nursery | None = None
         self._closing = False
+        self._close_reason = "server shutting down"
         self.spawned = 0
         # turn id -> the end its engine could not record; retried until it commits.
         self._unended: dict[str, _Unended] = {}
@@ -178,6 +179,11 @@ class ThreadManager:
         thread_id = entry.handle.thread_id
         self._entries[thread_id] = entry
         self.spawned += 1
+        if self._closing:
+            # Spawned in the step between _spawn's "closing?" check and this registration, after aclose
+            # took its list: stop before the first op, so it never takes work it would not finish.
+            entry.engine.request_stop(self._close_reason)
+            entry.handle.close(evicted=False)
         try:
             await entry.engine.run(task_status=task_status)
         finally:
@@ -209,12 +215,24 @@ class ThreadManager:
         await entry.exited.wait()
 
     async def aclose(self, reason: str = "server shutting down") -> None:
-        """Interrupt every running turn, fail queued ops with EngineUnavailable, wait for all engines."""
+        """Interrupt every running turn, fail queued ops with EngineUnavailable, wait for all engines.
+
+        An engine can still register after this begins: a spawn that passed its "closing?" check
+        registers on the next step (and stops itself at once, see ``_supervise``). So this waits until
+        no engine and no spawn is left, and only then cancels the nursery: every turn is recorded
+        ``interrupted`` by its own engine, never cut short by that cancel. Bounded by the engines'
+        final writes (``final_write_seconds``) and by a spawn's one store read. Cancelled (the Runtime
+        calls it shielded), engines already told to stop still stop; the nursery is not cancelled.
+        """
         self._closing = True
-        for entry in list(self._entries.values()):
-            entry.engine.request_stop(reason)
-            entry.handle.close(evicted=False)
-        for entry in list(self._entries.values()):
-            await entry.exited.wait()
+        self._close_reason = reason
+        while self._entries or self._spawning:
+            for entry in list(self._entries.values()):
+                entry.engine.request_stop(reason)
+                entry.handle.close(evicted=False)
+            for entry in list(self._entries.values()):
+                await entry.exited.wait()
+            for spawning in list(self._spawning.values()):
+                await spawning.wait()
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel(reason=reason)

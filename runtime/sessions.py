@@ -50,6 +50,9 @@ SORTS = {
 # The commit phase is shielded; this bounds it so a wedged disk cannot hold a request forever.
 COMMIT_TIMEOUT = 60.0
 UNTITLED = "Untitled session"
+# Resume's wait for the session's lock when the caller gives no timeout (the server passes its request
+# timeout); the same default as every Runtime request.
+RESUME_TIMEOUT = 10.0
 
 
 def normalize_title(title: object) -> str:
@@ -555,18 +558,29 @@ class SessionService:
 
     # ---- resume ----------------------------------------------------------------------------
 
-    async def resume(self, session_id: str, *, model: str | None = None, mode: str | None = None) -> dict[str, Any]:
-        """A new thread whose engine starts from the session's messages (its next turn sees them all)."""
+    async def resume(self, session_id: str, *, model: str | None = None, mode: str | None = None,
+                     timeout: float = RESUME_TIMEOUT) -> dict[str, Any]:
+        """A new thread whose engine starts from the session's messages (its next turn sees them all).
+
+        Holds the session's lock from the load to the thread's commit, so a DELETE, save or PATCH of the
+        same session comes wholly before the resume or wholly after it: the new thread is never linked to
+        a session deleted meanwhile (a DELETE after it unlinks it, as it unlinks every thread). Waiting for
+        the lock counts against ``timeout`` (past it: Conflict); cancelled while waiting or loading, nothing
+        was created. The thread's create is one shielded store write: once it started, the caller learns
+        its id.
+        """
         validate_session_id(session_id)
-        doc = await trio.to_thread.run_sync(self.files.load_existing, session_id)
-        meta = doc["metadata"]
-        messages = doc["messages"]
-        total = meta.get("total_tokens", 0)
-        with trio.CancelScope(shield=True):  # one bounded store write; the caller always learns its id
-            thread = await self._rt.create_thread(
-                model=model or meta.get("model"), mode=mode or meta.get("mode"), workspace=meta.get("workspace"),
-                system_prompt=doc.get("system_prompt"), title=meta["title"], base_messages=messages,
-                base_tokens=total if isinstance(total, int) else 0, session_id=session_id)
+        deadline = trio.current_time() + timeout
+        async with self._locked(session_id, deadline):
+            doc = await trio.to_thread.run_sync(self.files.load_existing, session_id)
+            meta = doc["metadata"]
+            messages = doc["messages"]
+            total = meta.get("total_tokens", 0)
+            with trio.CancelScope(shield=True):  # one bounded store write; the caller always learns its id
+                thread = await self._rt.create_thread(
+                    model=model or meta.get("model"), mode=mode or meta.get("mode"), workspace=meta.get("workspace"),
+                    system_prompt=doc.get("system_prompt"), title=meta["title"], base_messages=messages,
+                    base_tokens=total if isinstance(total, int) else 0, session_id=session_id)
         return {
             "thread_id": thread["id"], "session_id": session_id, "message_count": len(messages),
             "summary": f"Resumed {len(messages)} message(s) from session '{meta['title']}'",

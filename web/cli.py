@@ -188,8 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "doctor":
+        if args.model_max_tokens is not None and args.model_max_tokens <= 0:
+            parser.error("--model-max-tokens must be a positive number of tokens")
         return run_doctor(model=args.model, base_url=args.model_base_url, model_name=args.model_name,
-                          api_key=_env(API_KEY_ENV), timeout=args.timeout)
+                          api_key=_env(API_KEY_ENV), timeout=args.timeout, max_tokens=args.model_max_tokens)
     settings = settings_from_args(args)
     if settings.insecure_no_auth and not is_loopback(settings.host):
         parser.error(f"--insecure-no-auth is refused on the non-loopback host {settings.host!r}: "
