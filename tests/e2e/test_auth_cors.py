@@ -110,3 +110,15 @@ async def test_openapi_lists_every_route_and_docs_render(server):
     assert body_schema["additionalProperties"] is False and body_schema["properties"]["archived"] == {
         "type": "boolean"}
     assert "201" in create["responses"] and "401" in create["responses"]
+
+    # The event stream is described event by event (OpenAPI 3.2 sequential media): each event's fields,
+    # and the JSON envelope in its data.
+    assert spec["openapi"] == "3.2.0"
+    stream = spec["paths"]["/v1/threads/{thread_id}/events"]["get"]["responses"]["200"]["content"]
+    assert list(stream) == ["text/event-stream"] and "schema" not in stream["text/event-stream"]
+    item = stream["text/event-stream"]["itemSchema"]
+    assert item["required"] == ["id", "event", "data"]
+    assert item["properties"]["data"] == {"type": "string", "contentMediaType": "application/json",
+                                          "contentSchema": {"$ref": "#/components/schemas/EventEnvelope"}}
+    envelope = spec["components"]["schemas"]["EventEnvelope"]
+    assert envelope["required"] == ["seq", "timestamp", "thread_id", "event", "payload"]
