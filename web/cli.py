@@ -1,8 +1,10 @@
 """``trio-runtime serve``: the Runtime and hypercorn's trio worker in one trio run.
 
 Shutdown order on SIGINT/SIGTERM: end open SSE streams, stop accepting and give in-flight requests
-``graceful_seconds``, then leave the Runtime (running turns end ``interrupted``, the store flushes),
-then exit 0.
+``graceful_seconds`` (writes to clients included: see web/server.py), then leave the Runtime (running
+turns end ``interrupted``, the store flushes), then exit 0. A second signal during that exits at once
+with ``128 + signal number`` (130 for SIGINT, 143 for SIGTERM), as a kill would: the store and the
+session files are crash-safe, so nothing is left half-written.
 """
 
 from __future__ import annotations
@@ -18,19 +20,19 @@ from pathlib import Path
 from typing import Any, Callable
 
 import trio
-from hypercorn.config import Config as HyperConfig
 from hypercorn.trio import serve as hypercorn_serve
 
 from runtime import Runtime, RuntimeConfig, __version__
 from runtime.models.openai_compat import DEFAULT_READ_TIMEOUT, OpenAICompatModel
 from runtime.models.tools import ToolRegistry, demo_registry
 
+from . import server
 from .app import create_app
 from .auth import TOKEN_FILE, load_or_create_token
 from .doctor import API_KEY_ENV, BASE_URL_ENV, DEFAULT_DOCTOR_TIMEOUT, MODEL_NAME_ENV, run_doctor
 from .settings import (
     DEFAULT_DATA_DIR, DEFAULT_GRACEFUL_SECONDS, DEFAULT_HOST, DEFAULT_MAX_BODY, DEFAULT_PORT, DEFAULT_REQUEST_TIMEOUT, DEFAULT_SSE_KEEPALIVE,
-    ServerSettings, is_loopback,
+    DEFAULT_SSE_SEND_TIMEOUT, ServerSettings, is_loopback,
 )
 
 log = logging.getLogger("trio_runtime")
@@ -102,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-body", type=int, default=DEFAULT_MAX_BODY, help="largest request body in bytes")
     serve.add_argument("--sse-keepalive", type=float, default=DEFAULT_SSE_KEEPALIVE,
                        help="seconds between SSE keepalive comments")
+    serve.add_argument("--sse-send-timeout", type=float, default=DEFAULT_SSE_SEND_TIMEOUT,
+                       help="a client that takes no data for this many seconds is dropped, e.g. an SSE client that "
+                            "stopped reading (default 10)")
     serve.add_argument("--graceful-timeout", type=float, default=DEFAULT_GRACEFUL_SECONDS,
                        help="seconds in-flight requests get to finish after SIGINT/SIGTERM (default 3)")
     serve.add_argument("--idle-evict", type=float, default=None,
@@ -121,7 +126,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         host=args.host, port=args.port, data_dir=args.data_dir, auth_token=args.auth_token,
         insecure_no_auth=args.insecure_no_auth, request_timeout=args.request_timeout,
         cors_origins=tuple(args.cors_origin), max_body=args.max_body, sse_keepalive=args.sse_keepalive,
-        graceful_seconds=args.graceful_timeout, log_level=args.log_level,
+        sse_send_timeout=args.sse_send_timeout, graceful_seconds=args.graceful_timeout, log_level=args.log_level,
     )
 
 
@@ -136,7 +141,10 @@ class RunningServer:
 async def run_server(settings: ServerSettings, runtime_config: RuntimeConfig, *, shutdown: trio.Event,
                      task_status: trio.TaskStatus[RunningServer] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve until ``shutdown`` is set, then shut down in order (see the module docstring).
-    Reports a RunningServer (real URL, token) through ``task_status`` once it accepts connections."""
+    Reports a RunningServer (real URL, token) through ``task_status`` once it accepts connections.
+
+    Once ``shutdown`` is set it returns within ``settings.graceful_seconds`` plus the Runtime's own close,
+    whatever clients do: every write to a client is cut at the end of the grace (web/server.py)."""
     token = settings.auth_token
     if token is None and not settings.insecure_no_auth:
         token, created = load_or_create_token(settings.data_dir)
@@ -145,16 +153,21 @@ async def run_server(settings: ServerSettings, runtime_config: RuntimeConfig, *,
             print(f"trio-runtime auth token: {token} (saved to {where})", flush=True)
         else:
             print(f"trio-runtime auth token: read from {where}", flush=True)
-    hyper = HyperConfig()
+    server.install()
+    hyper = server.ServerConfig()
     hyper.bind = [f"[{settings.host}]:{settings.port}" if ":" in settings.host else f"{settings.host}:{settings.port}"]
     hyper.accesslog = None
     hyper.errorlog = logging.getLogger("hypercorn.error")
     hyper.graceful_timeout = settings.graceful_seconds
+    hyper.send_bounds = bounds = server.SendBounds(settings.sse_send_timeout)
     async with Runtime.open(runtime_config) as rt:
         app = create_app(rt, settings, token)
 
         async def stop_serving() -> None:
             await shutdown.wait()
+            # hypercorn gives in-flight requests the grace from now, but cannot stop a write that waits on
+            # a client (its writes are shielded): cut those at the same moment.
+            bounds.cut_off(trio.current_time() + settings.graceful_seconds)
             app.config["TRIO_RUNTIME_STREAMS"].close_all()  # SSE streams would otherwise run out the grace
 
         # hypercorn returns once stop_serving returned and in-flight requests finished (or the grace ran out)
@@ -168,15 +181,26 @@ async def run_server(settings: ServerSettings, runtime_config: RuntimeConfig, *,
 
 
 async def serve(settings: ServerSettings, runtime_config: RuntimeConfig) -> None:
-    """``run_server`` until SIGINT or SIGTERM."""
+    """``run_server`` until SIGINT or SIGTERM; a second signal while it shuts down exits at once."""
     shutdown = trio.Event()
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
 
         async def on_signal() -> None:
+            # Keeps reading signals for the whole shutdown: a signal nobody reads is swallowed, and
+            # "press Ctrl-C again" is how people stop a server whose shutdown takes too long.
             async for signum in signals:
-                log.info("received %s, shutting down", signal.Signals(signum).name)
-                shutdown.set()
-                return
+                name = signal.Signals(signum).name
+                if not shutdown.is_set():
+                    log.info("received %s, shutting down (send it again to exit at once)", name)
+                    shutdown.set()
+                    continue
+                code = 128 + signum  # the shell's code for "killed by this signal"
+                log.warning("received %s again during shutdown: exiting at once with code %d", name, code)
+                sys.stdout.flush()
+                sys.stderr.flush()
+                # Like a kill: no cleanup runs. Safe for the data: SQLite (WAL) and the atomic session
+                # writes are built to survive kill -9 at any point (tests/reliability/test_kill9.py).
+                os._exit(code)
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(on_signal)

@@ -15,6 +15,9 @@ DEFAULT_MAX_BODY = 8 * 1024 * 1024
 DEFAULT_SSE_KEEPALIVE = 15.0
 # After SIGINT/SIGTERM, in-flight requests get this long to finish before they are cancelled.
 DEFAULT_GRACEFUL_SECONDS = 3.0
+# A write to a client that takes nothing for this long drops the connection (API.md v1.1, hardening
+# rules: "an SSE client that stops reading is dropped after --sse-send-timeout (default 10 s)").
+DEFAULT_SSE_SEND_TIMEOUT = 10.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +31,7 @@ class ServerSettings:
     cors_origins: tuple[str, ...] = ()
     max_body: int = DEFAULT_MAX_BODY
     sse_keepalive: float = DEFAULT_SSE_KEEPALIVE
+    sse_send_timeout: float = DEFAULT_SSE_SEND_TIMEOUT
     graceful_seconds: float = DEFAULT_GRACEFUL_SECONDS
     log_level: str = "info"
 
