@@ -28,7 +28,7 @@ from runtime.models.tools import ToolRegistry, demo_registry
 
 from . import server
 from .app import create_app
-from .auth import TOKEN_FILE, load_or_create_token
+from .auth import TOKEN_FILE, load_or_create_token, token_problem
 from .doctor import API_KEY_ENV, BASE_URL_ENV, DEFAULT_DOCTOR_TIMEOUT, MODEL_NAME_ENV, run_doctor
 from .settings import (
     DEFAULT_DATA_DIR, DEFAULT_GRACEFUL_SECONDS, DEFAULT_HOST, DEFAULT_MAX_BODY, DEFAULT_PORT, DEFAULT_REQUEST_TIMEOUT, DEFAULT_SSE_KEEPALIVE,
@@ -37,10 +37,27 @@ from .settings import (
 
 log = logging.getLogger("trio_runtime")
 
+TOKEN_ENV = "TRIO_RUNTIME_TOKEN"
+
 
 def _env(name: str, default: str | None = None) -> str | None:
+    """An environment variable; set but empty counts as unset (except the token: see ``auth_token_from``)."""
     value = os.environ.get(name)
     return value if value not in (None, "") else default
+
+
+def auth_token_from(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str | None:
+    """``--auth-token``, else TRIO_RUNTIME_TOKEN, else None (a token is generated). A token that is empty or
+    only whitespace is refused wherever it comes from: ``--auth-token "$UNSET"`` in a script used to turn
+    auth off. An empty variable is refused too rather than read as unset: set on purpose, it is the same
+    script bug; to use the generated token, unset it."""
+    source, token = "--auth-token", args.auth_token
+    if token is None and os.environ.get(TOKEN_ENV) is not None:
+        source, token = TOKEN_ENV, os.environ[TOKEN_ENV]
+    if token is not None and (problem := token_problem(token)):
+        parser.error(f"{source} {problem}. Give a real token, or leave {TOKEN_ENV} unset and --auth-token out "
+                     "to use the generated one.")
+    return token
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -93,8 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--data-dir", type=Path, default=Path(_env("TRIO_RUNTIME_DATA_DIR", str(DEFAULT_DATA_DIR))),
                        help="where the database and sessions live [TRIO_RUNTIME_DATA_DIR]")
     auth = serve.add_mutually_exclusive_group()
-    auth.add_argument("--auth-token", default=_env("TRIO_RUNTIME_TOKEN"),
-                      help="bearer token clients must send [TRIO_RUNTIME_TOKEN]; default: generated")
+    auth.add_argument("--auth-token", default=None,
+                      help=f"bearer token clients must send [{TOKEN_ENV}]; default: generated")
     auth.add_argument("--insecure-no-auth", action="store_true", help="no auth (loopback hosts only)")
     serve.add_argument("--request-timeout", type=float,
                        default=float(_env("TRIO_RUNTIME_REQUEST_TIMEOUT", str(DEFAULT_REQUEST_TIMEOUT))),
@@ -121,9 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def settings_from_args(args: argparse.Namespace) -> ServerSettings:
+def settings_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> ServerSettings:
+    """The serve flags and their environment variables, each checked (exit 2 with the reason otherwise)."""
     return ServerSettings(
-        host=args.host, port=args.port, data_dir=args.data_dir, auth_token=args.auth_token,
+        host=args.host, port=args.port, data_dir=args.data_dir, auth_token=auth_token_from(parser, args),
         insecure_no_auth=args.insecure_no_auth, request_timeout=args.request_timeout,
         cors_origins=tuple(args.cors_origin), max_body=args.max_body, sse_keepalive=args.sse_keepalive,
         sse_send_timeout=args.sse_send_timeout, graceful_seconds=args.graceful_timeout, log_level=args.log_level,
@@ -214,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "doctor":
         return run_doctor(model=args.model, base_url=args.model_base_url, model_name=args.model_name,
                           api_key=_env(API_KEY_ENV), timeout=args.timeout)
-    settings = settings_from_args(args)
+    settings = settings_from_args(parser, args)
     if settings.insecure_no_auth and not is_loopback(settings.host):
         parser.error(f"--insecure-no-auth is refused on the non-loopback host {settings.host!r}: "
                      "anyone on the network could drive your agents. Use --auth-token instead.")

@@ -24,6 +24,9 @@ async def test_v1_needs_the_token_and_health_does_not(server):
             assert response.json()["error"]["code"] == "unauthorized"
             assert response.headers["WWW-Authenticate"].startswith("Bearer")
         assert (await http.get("/v1/threads", params={"token": "wrong"})).status_code == 401
+        # An empty token never authorizes (issue 11, defect 3).
+        assert (await http.get("/v1/threads", params={"token": ""})).status_code == 401
+        assert (await http.get("/v1/threads?token")).status_code == 401
         assert (await http.get("/v1/threads", params={"token": "test-token"})).status_code == 200
         assert (await http.get("/v1/threads", headers={"Authorization": "Bearer test-token"})).status_code == 200
         # An unauthenticated write changes nothing.
