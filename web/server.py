@@ -45,7 +45,6 @@ class SendBounds:
     def __init__(self, timeout: float) -> None:
         self.timeout = timeout
         self.cutoff = math.inf
-        self.dropped = 0  # connections aborted because their client took nothing within the bound
         self._waiting: set[trio.CancelScope] = set()
 
     def cut_off(self, deadline: float) -> None:
@@ -101,7 +100,6 @@ class BoundedTCPServer(TCPServer):
                     delivered = False  # the client went away: hypercorn's own handling, below
                 else:
                     if not delivered:
-                        bounds.dropped += 1
                         why = ("the server is shutting down" if trio.current_time() >= bounds.cutoff
                                else f"it took no data for {bounds.timeout:g} s (--sse-send-timeout)")
                         log.warning("dropped the connection of %s: %s", _peer(self), why)
