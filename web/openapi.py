@@ -8,6 +8,7 @@ from quart import Blueprint, Response, jsonify
 
 from runtime import __version__
 
+from . import sse
 from .api import ROUTES, route
 from .schemas import PATH_PARAMS, ErrorResponse, json_schema, required_fields
 
@@ -54,7 +55,7 @@ def build_spec() -> dict[str, Any]:
         if spec.response is not None:
             ok["content"] = {spec.content_type: {"schema": json_schema(spec.response, components)}}
         elif spec.content_type == "text/event-stream":
-            ok["content"] = {"text/event-stream": {"schema": {"type": "string"}}}
+            ok["content"] = {"text/event-stream": {"itemSchema": sse.item_schema(components)}}
         responses: dict[str, Any] = {str(spec.status): ok}
         codes = set(spec.errors) | ({413} if spec.body is not None else set())
         if 500 in codes:  # a route that can meet a storage failure can meet a full disk (StorageFull)
@@ -68,7 +69,7 @@ def build_spec() -> dict[str, Any]:
         op["responses"] = responses
         paths.setdefault(spec.path, {})[spec.method.lower()] = op
     return {
-        "openapi": "3.1.0",
+        "openapi": "3.2.0",
         "info": {"title": "trio-runtime", "version": __version__,
                  "description": "Local agent runtime: threads, turns, items, events (SSE) and saved sessions."},
         "paths": paths,
@@ -81,7 +82,7 @@ def _path_params(path: str) -> list[str]:
     return [part[1:-1] for part in path.split("/") if part.startswith("{")]
 
 
-@route(bp, "/openapi.json", "GET", summary="This API's OpenAPI 3.1 description", public=True)
+@route(bp, "/openapi.json", "GET", summary="This API's OpenAPI 3.2 description", public=True)
 async def openapi_json():
     return jsonify(build_spec())
 

@@ -43,6 +43,17 @@ class ServerProcess:
         self.output.append(buffer.decode(errors="replace"))
         return self
 
+    async def read_until(self, text: str) -> str:
+        """Read the output until ``text`` appears in it (keeps what it read for ``drain``)."""
+        assert self.process is not None
+        with trio.fail_after(E2E_LIMIT):
+            while text not in "".join(self.output):
+                chunk = await self.process.stdout.receive_some(4096)
+                if not chunk:
+                    raise AssertionError(f"output ended without {text!r}: {''.join(self.output)}")
+                self.output.append(chunk.decode(errors="replace"))
+        return "".join(self.output)
+
     async def drain(self) -> str:
         """Read the rest of the output until the process closes it."""
         assert self.process is not None

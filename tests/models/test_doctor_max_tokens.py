@@ -87,7 +87,7 @@ def test_a_limit_below_one_is_refused_before_anything_is_asked(capsys):
         main(["doctor", "--model", "openai", "--model-base-url", "http://127.0.0.1:9/v1", "--model-name", "m",
               "--model-max-tokens", "0"])
     assert exit_.value.code == 2
-    assert "--model-max-tokens must be a positive number of tokens" in capsys.readouterr().err
+    assert "--model-max-tokens must be between 1 and 1000000 tokens: got 0" in capsys.readouterr().err
 
 
 def test_the_scripted_backend_says_it_has_no_limit_to_check():
