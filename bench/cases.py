@@ -15,6 +15,7 @@ from typing import Any, Callable
 import trio
 
 from bench import datagen
+from bench.validation import bench_session_validation
 from bench.util import (
     HOST, PYTHON, ROOT, TOKEN, Conn, HealthProbe, bare, build_request, call, free_port, latencies,
     load, median, ours, ours_argv, pct, temp_dir,
@@ -578,7 +579,7 @@ def bench_thread_detail(sz: Sizes) -> list[Row]:
                 True, generator=detail.generator, notes=f"{detail.errors} errors; p50 {detail.p50_ms:.1f} ms")]
 
 
-# ---- 13: /health while big documents move -------------------------------------------------------------
+# ---- 14: /health while big documents move -------------------------------------------------------------
 
 # Issue 11's done-when: /health p99 stays under this while big sessions are saved, read, resumed, listed.
 HEALTH_P99_TARGET_MS = 50.0
@@ -651,15 +652,15 @@ def bench_health_big_session(sz: Sizes) -> list[Row]:
             idle = idle_health_p99(srv.port)
             rows = []
             h, ops = health_while(srv.port, [put], seconds, min_ops, expect(200, size=size))
-            rows.append(health_row("13a", f"/health p99 while PUT saves a {size / 1e6:.1f} MB session", idle, h, ops,
+            rows.append(health_row("14a", f"/health p99 while PUT saves a {size / 1e6:.1f} MB session", idle, h, ops,
                                    "saves in place"))
             get = build_request("GET", "/v1/sessions/big")
             h, ops = health_while(srv.port, [get], seconds, min_ops, expect(200, size=size))
-            rows.append(health_row("13b", f"/health p99 while GET reads a {size / 1e6:.1f} MB session", idle, h, ops,
+            rows.append(health_row("14b", f"/health p99 while GET reads a {size / 1e6:.1f} MB session", idle, h, ops,
                                    "reads"))
             resume = build_request("POST", "/v1/sessions/big/resume-thread", body=b"{}")
             h, ops = health_while(srv.port, [resume], seconds, min_ops, expect(201))
-            rows.append(health_row("13c", f"/health p99 while resume-thread loads a {size / 1e6:.1f} MB session", idle,
+            rows.append(health_row("14c", f"/health p99 while resume-thread loads a {size / 1e6:.1f} MB session", idle,
                                    h, ops, "resumes"))
     return rows
 
@@ -680,7 +681,7 @@ def bench_health_list(sz: Sizes) -> list[Row]:
             assert len(found["sessions"]) == count // 10, len(found["sessions"])
             raws = [build_request("GET", "/v1/sessions"), build_request("GET", "/v1/sessions?search=needle")]
             h, ops = health_while(srv.port, raws, seconds, min_ops, expect(200))
-    return [health_row("13d", f"/health p99 while listing and searching {count} x {size / 1e6:.1f} MB sessions",
+    return [health_row("14d", f"/health p99 while listing and searching {count} x {size / 1e6:.1f} MB sessions",
                        idle, h, ops, "lists and searches (alternating)")]
 
 
@@ -698,4 +699,5 @@ BENCHMARKS: dict[str, Callable[[Sizes], list[Row]]] = {
     "thread_detail": bench_thread_detail,
     "health_big_session": bench_health_big_session,
     "health_list": bench_health_list,
+    "session_validation": bench_session_validation,
 }

@@ -6,12 +6,12 @@ from .config import RuntimeConfig
 from .core import Runtime
 from .errors import (
     Conflict, EngineTimeout, EngineUnavailable, InvalidData, InvalidInput, NotFound, PayloadTooLarge,
-    PreconditionFailed, RuntimeFailure, StorageError,
+    PreconditionFailed, RuntimeFailure, StorageError, StorageFull,
 )
 from .ops import SessionSnapshot
 
 __all__ = [
     "Conflict", "EngineTimeout", "EngineUnavailable", "InvalidData", "InvalidInput", "NotFound",
     "PayloadTooLarge", "PreconditionFailed", "Runtime", "RuntimeConfig", "RuntimeFailure", "SessionSnapshot",
-    "StorageError", "__version__",
+    "StorageError", "StorageFull", "__version__",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sqlite3
 from pathlib import Path
 from typing import Callable
 
@@ -33,6 +34,10 @@ class RuntimeConfig:
     model_factory: Callable[[], object] | None = None
     default_model: str = "scripted"
     default_mode: str = "default"
+    # Test seams for fault injection (tests/faults): the class of every SQLite connection the store
+    # opens, and the file-operation layer of session files (None: the real one).
+    sqlite_connection_factory: type[sqlite3.Connection] = sqlite3.Connection
+    session_fs: object | None = None
 
     @property
     def db_path(self) -> Path:

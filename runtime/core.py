@@ -55,7 +55,8 @@ class Runtime:
     async def open(cls, config: RuntimeConfig) -> AsyncIterator["Runtime"]:
         backend: ModelBackend = config.model_factory() if config.model_factory else ScriptedModel()  # type: ignore[assignment]
         bus = EventBus(config.subscriber_buffer)
-        async with Store.open(config.db_path, bus.publish, config.write_queue) as store:
+        async with Store.open(config.db_path, bus.publish, config.write_queue,
+                              config.sqlite_connection_factory) as store:
             manager = ThreadManager(store, backend, config)
             runtime = cls(config, store, bus, manager, backend)
             await runtime.sessions.open()
@@ -115,6 +116,7 @@ class Runtime:
                  system_prompt, session_id, base_messages_json, base_tokens),
             )],
             events=[EventDraft(thread_id, "thread.started", {"thread": record})],
+            action="create a thread",
         )
         return record
 

@@ -6,14 +6,23 @@ writes in the same step (``Store.submit`` never awaits), so state and log can ne
 Replies that must be read-your-writes consistent are sent by a small helper task once the writes
 committed, and a turn streams in a child task; so the op loop itself never waits on I/O and keeps
 answering snapshots, steers and interrupts while a turn runs.
+
+The store is the truth. Every write goes through the engine's ``WriteLane``, so the store holds a
+prefix of them; when one fails (a full disk, an I/O error) the engine's memory has run ahead of the
+store, so the engine retires at once: its running turn ends ``failed`` with the storage error (written
+by one idempotent write that does not depend on the lost ones, retried by the manager until it commits),
+ops it had not handled go to a successor restored from the store, and nothing is answered from the
+stale memory meanwhile. A snapshot waits until the last write that moved what it shows has committed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
+import sqlite3
 from typing import Any, Callable
 
 import outcome
@@ -22,18 +31,22 @@ import trio
 from . import ops
 from .clock import new_id, utc_now
 from .config import RuntimeConfig
-from .errors import Conflict, InvalidInput, RuntimeFailure
+from .errors import Conflict, InvalidInput, RuntimeFailure, StorageError
+from .handle import EngineEvicted
 from .models.base import (
     ItemBreak, ModelBackend, ModelError, ModelRequest, ReasoningDelta, Retrying, TextDelta, ToolCall, ToolResult,
-    Truncated, Usage,
+    Truncated, Usage, ValidText,
 )
-from .store import EventDraft, Store, WriteRequest
+from .store import EventDraft, Store, WriteLane, WriteRequest
 from .transcript import apply_items, build_messages, summarize
 
 log = logging.getLogger(__name__)
 
 SUMMARY_CHARS = 120  # item summaries are a one-line preview of the item's text
 UPDATABLE_FIELDS = ("archived", "model", "mode", "title", "system_prompt")
+# The error of a turn whose engine was cancelled from outside without a stop reason (the runtime around
+# it cancelled): the turn ends interrupted, as at a shutdown; "engine crashed" is kept for real crashes.
+STOPPED = "engine stopped"
 
 
 def _preview(text: str) -> str:
@@ -93,6 +106,7 @@ class Engine:
         config: RuntimeConfig,
         inbox: trio.MemoryReceiveChannel[ops.Op],
         retire: Callable[["Engine", bool], bool],
+        end_later: Callable[[str, str, Callable[[sqlite3.Connection], list[EventDraft]]], None] | None = None,
     ) -> None:
         self.thread: dict[str, Any] = state["thread"]
         self.thread_id: str = self.thread["id"]
@@ -107,11 +121,18 @@ class Engine:
         # Asks the manager to stop routing requests here: (engine, idle) -> accepted. An idle retirement
         # is refused while ops are queued; a stopping engine is always retired.
         self._retire = retire
+        # Hands the manager the write that ends a turn whose end could not be recorded: (thread id,
+        # turn id, idempotent closing fn); the manager retries it until it commits.
+        self._end_later = end_later
+        # Every write of this engine, in order; the writer stops the lane at its first failure.
+        self._lane = WriteLane(on_failure=self._write_failed)
+        # The first storage failure of the lane: from then on the engine only winds down.
+        self.diverged: RuntimeFailure | None = None
         self._nursery: trio.Nursery | None = None
         self.active: _Turn | None = None
         self._idle_waiters: list[ops.GetSessionSnapshot] = []
-        # The last write that moved what a snapshot shows (turn end, compaction, update): snapshots wait
-        # for it to commit, so a snapshot never runs ahead of the store.
+        # The last write that moved what a snapshot shows (turn start and end, compaction, update):
+        # snapshots wait for it to commit, so a snapshot never runs ahead of the store.
         self._boundary: WriteRequest | None = None
         self._idle_since = trio.current_time()
         self._stopping: str | None = None
@@ -128,16 +149,15 @@ class Engine:
                 task_status.started()
                 try:
                     await self._op_loop()
+                except Exception:
+                    if self.active is not None:
+                        self._cancel_turn("failed", "engine crashed")
+                    raise
                 finally:
                     # New requests now wait for this engine to exit and go to its successor,
                     # instead of queueing behind an engine that will never serve them.
                     self._retire(self, False)
-                    if self.active is not None:
-                        crashed = self._stopping is None
-                        self._cancel_turn(
-                            "failed" if crashed else "interrupted",
-                            "engine crashed" if crashed else self._stopping,
-                        )
+                    self.request_stop(STOPPED)  # a turn not ended above (stopped, cancelled) is interrupted
         except Exception:
             self.crashed = True
             log.exception("engine for thread %s crashed", self.thread_id)
@@ -145,11 +165,38 @@ class Engine:
             self._close_inbox()
 
     def request_stop(self, reason: str) -> None:
-        """Called by the manager at shutdown: interrupt the turn and stop after the ops queued so far."""
+        """Called by the manager at shutdown (and by the engine itself when it is going away): interrupt the
+        turn and stop after the ops queued so far. The first reason given is the one recorded."""
         if self._stopping is None:
             self._stopping = reason
         if self.active is not None:
-            self._cancel_turn("interrupted", reason)
+            self._cancel_turn("interrupted", self._stopping)
+
+    def _write_failed(self, error: RuntimeFailure) -> None:
+        """The lane's first failed write (called by the store's writer, on the event loop, before anyone
+        waiting on that write wakes). Memory has run ahead of the store: retire now, so new requests
+        wait for a successor restored from the store, and end the running turn ``failed`` with the error.
+        Ops still queued are handed to the successor unhandled (see ``_op_loop``)."""
+        if self.diverged is not None:
+            return
+        self.diverged = error
+        log.error("thread %s: a write failed, the engine retires and a successor restores from the store: %s",
+                  self.thread_id, error)
+        self._retire(self, False)
+        if self.active is not None:
+            self._cancel_turn("failed", str(error), reason="a write of the turn failed")
+
+    def _failure(self) -> RuntimeFailure:
+        """A fresh copy of the lane's failure, to raise in a requester (one instance per raise)."""
+        assert self.diverged is not None
+        copy = type(self.diverged)(self.diverged.message)
+        copy.__cause__ = self.diverged.__cause__
+        return copy
+
+    def _submit(self, action: str, statements: list[tuple[str, tuple[Any, ...]]] | tuple[()] = (),
+                events: list[EventDraft] | tuple[()] = ()) -> WriteRequest:
+        """Queue one write on the engine's lane (never awaits, so state and log keep their order)."""
+        return self._store.submit(WriteRequest(statements, events, action=action, lane=self._lane))
 
     def _close_inbox(self) -> None:
         """Close every reply still queued, so each requester sees EngineUnavailable now, not at its deadline."""
@@ -187,6 +234,11 @@ class Engine:
                 if op.reply is not None:
                     op.reply.close()
                 return
+            if self.diverged is not None:
+                # Not handled: this engine's memory is ahead of the store. The requester retries on the
+                # successor (EngineEvicted means "nothing happened"), which restores from the store.
+                await self._send_reply(op.reply, outcome.Error(EngineEvicted()))
+                continue
             if (isinstance(op, ops.GetSessionSnapshot) and not (op.wait_for_idle and self.active)
                     and (self._boundary is None or self._boundary.done.is_set())):
                 # The hot path: answered inline. The requester is already waiting on the oneshot, so
@@ -248,24 +300,44 @@ class Engine:
             pass
 
     def _spawn_reply(self, reply: ops.Reply | None, result: outcome.Outcome,
-                     after: WriteRequest | None = None) -> None:
-        """Reply from a helper task, once ``after`` committed (so the caller can read its own write)."""
+                     after: WriteRequest | None = None, *, if_failed: str = "own") -> None:
+        """Reply from a helper task, once ``after`` committed (so the caller can read its own write).
+
+        If ``after`` failed, ``if_failed`` says what the requester gets instead of ``result``:
+        ``"own"`` (it was the op's own write): its storage error, or EngineEvicted if it never ran
+        (``skipped``: an earlier write had failed, so nothing of the op happened and the successor
+        can do it); ``"successor"`` (a snapshot waiting for a boundary, answered from memory the store
+        does not have): EngineEvicted, so the requester asks the successor; ``"lane"`` (an interrupt
+        waiting for the turn's end, which then ended failed): the storage failure that ended it."""
         if reply is None:
             return
         assert self._nursery is not None
-        self._nursery.start_soon(self._reply_when_committed, reply, result, after)
+        self._nursery.start_soon(self._reply_when_committed, reply, result, after, if_failed)
 
     async def _reply_when_committed(self, reply: ops.Reply, result: outcome.Outcome,
-                                    after: WriteRequest | None) -> None:
-        try:
-            if after is not None:
-                await after.done.wait()
-                assert after.result is not None
-                if isinstance(after.result, outcome.Error):
-                    result = after.result
-            await self._send_reply(reply, result)
-        finally:
-            reply.close()  # cancelled before sending (engine crash): the requester sees EngineUnavailable now
+                                    after: WriteRequest | None, if_failed: str = "own") -> None:
+        # Shielded: the op was applied and its write queued, so its requester must hear how that ended even
+        # when the engine is torn down meanwhile (a crash, a cancelled runtime); EngineUnavailable would say
+        # that nothing happened. Bounded by final_write_seconds (the writer only waits on SQLite) and by
+        # reply_send_seconds (in _send_reply).
+        with trio.CancelScope(shield=True):
+            try:
+                if after is not None:
+                    with trio.move_on_after(self._config.final_write_seconds):
+                        await after.done.wait()
+                    if not after.done.is_set():
+                        result = outcome.Error(StorageError(
+                            f"the store did not commit within {self._config.final_write_seconds:g} s"))
+                    elif isinstance(after.result, outcome.Error):
+                        if if_failed == "lane" and self.diverged is not None:
+                            result = outcome.Error(self._failure())
+                        elif if_failed == "own" and not after.skipped:
+                            result = after.result
+                        else:
+                            result = outcome.Error(EngineEvicted())
+                await self._send_reply(reply, result)
+            finally:
+                reply.close()
 
     # ---- snapshot --------------------------------------------------------------------------
 
@@ -290,7 +362,7 @@ class Engine:
                                   if w.reply is not None and w.reply.statistics().open_receive_channels]
             self._idle_waiters.append(op)
             return
-        self._spawn_reply(op.reply, outcome.Value(self.snapshot()), after=self._boundary)
+        self._spawn_reply(op.reply, outcome.Value(self.snapshot()), after=self._boundary, if_failed="successor")
 
     # ---- thread updates --------------------------------------------------------------------
 
@@ -306,10 +378,11 @@ class Engine:
         self.thread.update(changes)
         columns = ", ".join(f"{name} = ?" for name in changes)
         values = tuple(int(v) if isinstance(v, bool) else v for v in changes.values())
-        request = self._store.submit(WriteRequest(
+        request = self._submit(
+            f"update thread '{self.thread_id}'",
             statements=[(f"UPDATE threads SET {columns} WHERE id = ?", (*values, self.thread_id)), self._touch(now)],
             events=[EventDraft(self.thread_id, "thread.updated", {"changes": changes})],
-        ))
+        )
         self._boundary = request
         self._spawn_reply(op.reply, outcome.Value(None), after=request)
 
@@ -355,7 +428,8 @@ class Engine:
         user.status = "completed"
         user.parts.append(op.prompt)
         self.thread["latest_turn_id"] = turn.id
-        request = self._store.submit(WriteRequest(
+        request = self._submit(
+            f"start a turn on thread '{self.thread_id}'",
             statements=[
                 ("INSERT INTO turns (id, thread_id, ord, status, input_summary, created_at, started_at)"
                  " VALUES (?, ?, ?, 'in_progress', ?, ?, ?)",
@@ -371,8 +445,9 @@ class Engine:
                 EventDraft(self.thread_id, "item.completed", {"kind": "user_message", "text": op.prompt},
                            turn.id, user.id, now),
             ],
-        ))
+        )
         self.active = turn
+        self._boundary = request  # a snapshot shows this turn only once the store has it
         record = self._turn_record(turn, "in_progress")
         self._spawn_reply(op.reply, outcome.Value(record), after=request)
         assert self._nursery is not None
@@ -394,14 +469,15 @@ class Engine:
         item.metadata = {"steer": True}
         turn.steer_count += 1
         now = utc_now()
-        request = self._store.submit(WriteRequest(
+        request = self._submit(
+            f"steer turn '{turn.id}'",
             statements=[
                 self._insert_item(turn, item, self.thread_id, detail=op.prompt, ended_at=now),
                 ("UPDATE turns SET steer_count = ? WHERE id = ?", (turn.steer_count, turn.id)),
             ],
             events=[EventDraft(self.thread_id, "turn.steered",
                                {"prompt": op.prompt, "steer_count": turn.steer_count}, turn.id, item.id, now)],
-        ))
+        )
         assert turn.steer_tx is not None
         turn.steer_tx.send_nowait(op.prompt)
         self._spawn_reply(op.reply, outcome.Value(self._turn_record(turn, "in_progress")), after=request)
@@ -409,8 +485,8 @@ class Engine:
     def _on_interrupt(self, op: ops.Interrupt) -> None:
         turn = self._require_active(op.turn_id, "interrupt")
         if not turn.interrupt_waiters:
-            self._store.submit(WriteRequest(events=[EventDraft(
-                self.thread_id, "turn.interrupt_requested", {}, turn_id=turn.id)]))
+            self._submit(f"record the interrupt request of turn '{turn.id}'", events=[EventDraft(
+                self.thread_id, "turn.interrupt_requested", {}, turn_id=turn.id)])
         turn.interrupt_waiters.append(op)
         self._cancel_turn("interrupted", None, reason="turn interrupted by client")
 
@@ -436,7 +512,8 @@ class Engine:
         item.parts.append(summary)
         item.metadata = {"reason": op.reason, "replaced_messages": len(self.messages)}
         input_summary = f"compact: {op.reason}" if op.reason else "compact"
-        request = self._store.submit(WriteRequest(
+        request = self._submit(
+            f"compact thread '{self.thread_id}'",
             statements=[
                 ("INSERT INTO turns (id, thread_id, ord, status, input_summary, created_at, started_at, ended_at,"
                  " duration_ms) VALUES (?, ?, ?, 'completed', ?, ?, ?, ?, 0)",
@@ -449,7 +526,7 @@ class Engine:
                 EventDraft(self.thread_id, "item.completed", {"kind": "context_compaction", "text": summary},
                            turn.id, item.id, now),
             ],
-        ))
+        )
         apply_items(self.messages, [item.record(turn.id, now)])
         self._boundary = request
         result = {"turn_id": turn.id, "item": item.record(turn.id, now), "summary": summary}
@@ -466,11 +543,12 @@ class Engine:
             metadata = {**(metadata or {}), "retries": turn.retries}
         item.metadata = metadata
         turn.open_item = item
-        self._store.submit(WriteRequest(
+        self._submit(
+            f"record the output of turn '{turn.id}'",
             statements=[self._insert_item(turn, item, self.thread_id)],
             events=[EventDraft(self.thread_id, "item.started", {"kind": kind, **(metadata or {})}, turn.id, item.id,
                                item.started_at)],
-        ))
+        )
         return item
 
     def _tool_call(self, turn: _Turn, call: ToolCall) -> None:
@@ -500,13 +578,14 @@ class Engine:
         payload: dict[str, Any] = {"kind": item.kind, "text": text}
         if item.metadata:
             payload["metadata"] = item.metadata
-        self._store.submit(WriteRequest(
+        self._submit(
+            f"record the output of turn '{turn.id}'",
             statements=[("UPDATE items SET status = ?, summary = ?, detail = ?, metadata = ?, ended_at = ?"
                          " WHERE id = ?",
                          (status, _preview(text), text, json.dumps(item.metadata) if item.metadata else None, now,
                           item.id))],
             events=[EventDraft(self.thread_id, event, payload, turn.id, item.id, now)],
-        ))
+        )
 
     async def _run_turn(self, turn: _Turn, started: WriteRequest) -> None:
         """Stream the model's answer. Cancelling ``turn.scope`` (interrupt, shutdown) ends it promptly;
@@ -514,14 +593,13 @@ class Engine:
         with trio.CancelScope(shield=True):  # a commit is bounded by SQLite's own work
             await started.done.wait()
         if isinstance(started.result, outcome.Error):
-            # The turn was never recorded (the requester gets the storage error): forget it, so the
-            # engine never holds state the store does not have.
+            # The turn was never recorded (the requester gets the storage error, and the lane's failure
+            # has retired this engine): forget it. Whoever waits on it asks the successor instead,
+            # which knows from the store that there is no such turn.
             log.error("turn %s was not recorded: %s", turn.id, started.result.error)
             self.active = None
-            for waiter in turn.interrupt_waiters:
-                self._spawn_reply(waiter.reply, started.result)
-            for idle_waiter in self._idle_waiters:
-                self._spawn_reply(idle_waiter.reply, outcome.Value(self.snapshot()))
+            for waiter in [*turn.interrupt_waiters, *self._idle_waiters]:
+                self._spawn_reply(waiter.reply, outcome.Error(EngineEvicted()))
             self._idle_waiters.clear()
             return
         status, error = "completed", None
@@ -532,9 +610,11 @@ class Engine:
             system_prompt=self.thread.get("system_prompt"), history=history, prompt=turn.prompt,
             steers=turn.steer_rx,
         )
+        # Every text the backend sends passes ValidText: valid Unicode before it is stored or sent.
+        stream = ValidText(self._backend.stream(request))
         try:
             with turn.scope:
-                async with contextlib.aclosing(self._backend.stream(request)) as stream:
+                async with contextlib.aclosing(stream):
                     async for event in stream:
                         if isinstance(event, TextDelta):
                             self._delta(turn, "agent_message", event.text)
@@ -548,9 +628,9 @@ class Engine:
                             self._tool_result(turn, event)
                         elif isinstance(event, Retrying):
                             turn.retries = event.attempt
-                            self._store.submit(WriteRequest(events=[EventDraft(
+                            self._submit(f"record the output of turn '{turn.id}'", events=[EventDraft(
                                 self.thread_id, "turn.retrying", {"attempt": event.attempt, "reason": event.reason},
-                                turn_id=turn.id)]))
+                                turn_id=turn.id)])
                         elif isinstance(event, Truncated):
                             if turn.open_item is not None:  # written with the item when it closes
                                 item = turn.open_item
@@ -565,68 +645,158 @@ class Engine:
         except Exception as exc:
             log.exception("model backend failed on turn %s", turn.id)
             status, error = "failed", f"model backend error: {type(exc).__name__}"
+        except BaseException:
+            # Cancelled from outside the turn (the engine's nursery, or a cancelled runtime around it),
+            # possibly before run() could say why, which it does in the same scheduling batch: the engine
+            # is going away and the turn did not finish, so it ends as run() would end it, never "completed".
+            self.request_stop(STOPPED)
+            raise
         finally:
             # Shielded: the turn's end must be recorded even while the engine is being cancelled.
             # Bounded by final_write_seconds; the writer only ever waits on SQLite.
             with trio.CancelScope(shield=True):
                 if status == "completed" and turn.scope.cancel_called:
                     status, error = turn.end_status, turn.end_error
+                held = stream.flush()  # half a surrogate pair the interrupt or failure cut off: U+FFFD
+                if held is not None:
+                    self._delta(turn, "agent_message" if isinstance(held, TextDelta) else "agent_reasoning",
+                                held.text)
                 await self._finish_turn(turn, status, error)
 
     def _delta(self, turn: _Turn, kind: str, text: str) -> None:
         item = self._open_item(turn, kind)
         item.parts.append(text)
-        self._store.submit(WriteRequest(events=[EventDraft(
-            self.thread_id, "item.delta", {"delta": text, "kind": kind}, turn.id, item.id)]))
+        self._submit(f"record the output of turn '{turn.id}'", events=[EventDraft(
+            self.thread_id, "item.delta", {"delta": text, "kind": kind}, turn.id, item.id)])
 
     async def _finish_turn(self, turn: _Turn, status: str, error: str | None) -> None:
-        item_status = "completed" if status == "completed" else ("interrupted" if status == "interrupted" else "failed")
-        self._close_open_item(turn, item_status)
+        """Record the turn's end in one write and answer whoever waits for it; runs shielded, bounded by
+        ``final_write_seconds``.
+
+        After a failed write of the lane (now or earlier) the normal end cannot be trusted to fit what
+        the store holds, so the turn ends ``failed`` with the storage error through
+        ``end_unrecorded_turn`` (idempotent, outside the lane). Whenever the end is not known to have
+        committed, the manager gets that same write to retry until it does; if the process stops first,
+        restart recovery ends the turn ``interrupted``."""
         now = utc_now()
-        statements = []
-        events = []
-        if status == "failed":
-            err = self._next_item(turn, "error")
-            err.status = "failed"
-            err.parts.append(error or "")
-            statements.append(self._insert_item(turn, err, self.thread_id, detail=error, ended_at=now))
-            events.append(EventDraft(self.thread_id, "item.failed", {"kind": "error", "text": error},
-                                     turn.id, err.id, now))
         usage = turn.usage or Usage(0, 0)
-        duration_ms = int(round((trio.current_time() - turn.started_clock) * 1000))
-        statements += [
-            ("UPDATE turns SET status = ?, ended_at = ?, duration_ms = ?, input_tokens = ?, output_tokens = ?,"
-             " error = ?, steer_count = ? WHERE id = ?",
-             (status, now, duration_ms, usage.input_tokens, usage.output_tokens, error, turn.steer_count, turn.id)),
-            self._touch(now),
-        ]
         usage_json = {"input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens}
-        events.append(EventDraft(self.thread_id, "turn.completed",
-                                 {"status": status, "usage": usage_json, "error": error}, turn_id=turn.id))
-        request = self._store.submit(WriteRequest(statements=statements, events=events))
-        # The engine's committed state moves to the new boundary in the same step as the write is queued.
-        apply_items(self.messages, [item.record(turn.id, now) for item in turn.items])
-        self.total_tokens += usage.input_tokens + usage.output_tokens
+        duration_ms = int(round((trio.current_time() - turn.started_clock) * 1000))
+        if self.diverged is None:
+            item_status = "completed" if status == "completed" else (
+                "interrupted" if status == "interrupted" else "failed")
+            self._close_open_item(turn, item_status)
+            statements = []
+            events = []
+            if status == "failed":
+                err = self._next_item(turn, "error")
+                err.status = "failed"
+                err.parts.append(error or "")
+                statements.append(self._insert_item(turn, err, self.thread_id, detail=error, ended_at=now))
+                events.append(EventDraft(self.thread_id, "item.failed", {"kind": "error", "text": error},
+                                         turn.id, err.id, now))
+            statements += [
+                ("UPDATE turns SET status = ?, ended_at = ?, duration_ms = ?, input_tokens = ?, output_tokens = ?,"
+                 " error = ?, steer_count = ? WHERE id = ?",
+                 (status, now, duration_ms, usage.input_tokens, usage.output_tokens, error, turn.steer_count,
+                  turn.id)),
+                self._touch(now),
+            ]
+            events.append(EventDraft(self.thread_id, "turn.completed",
+                                     {"status": status, "usage": usage_json, "error": error}, turn_id=turn.id))
+            request = self._submit(f"record the end of turn '{turn.id}'", statements=statements, events=events)
+            # The engine's committed state moves to the new boundary in the same step as the write is queued.
+            apply_items(self.messages, [item.record(turn.id, now) for item in turn.items])
+            self.total_tokens += usage.input_tokens + usage.output_tokens
+        else:
+            status, error = "failed", str(self.diverged)
+            request = self._store.submit(self._end_after_failure(turn, error, now, usage, duration_ms))
         self.active = None
         self._boundary = request
         self._idle_since = trio.current_time()
         record = {**self._turn_record(turn, status), "ended_at": now, "duration_ms": duration_ms,
                   "usage": usage_json, "error": error}
         for waiter in turn.interrupt_waiters:
-            self._spawn_reply(waiter.reply, outcome.Value(record), after=request)
+            # After a storage failure the turn ends failed, not interrupted: the interrupt did not
+            # happen as asked, and its requester learns why.
+            answer = outcome.Value(record) if self.diverged is None else outcome.Error(self._failure())
+            self._spawn_reply(waiter.reply, answer, after=request, if_failed="lane")
         snapshot = self.snapshot()
         for waiter in self._idle_waiters:
-            if self._stopping is not None:
+            if self.diverged is not None:
+                # Memory is ahead of the store: the successor answers, from the store (also when the
+                # engine is stopping by now: its retirement after the failed write is what stops it).
+                self._spawn_reply(waiter.reply, outcome.Error(EngineEvicted()))
+            elif self._stopping is not None:
                 # The engine is going away: a wait for idle is not answered with a turn cut short.
                 if waiter.reply is not None:
                     waiter.reply.close()
             else:
-                self._spawn_reply(waiter.reply, outcome.Value(snapshot), after=request)
+                self._spawn_reply(waiter.reply, outcome.Value(snapshot), after=request, if_failed="successor")
         self._idle_waiters.clear()
         with trio.move_on_after(self._config.final_write_seconds) as bound:
             await request.done.wait()
+        if isinstance(request.result, outcome.Value):
+            return
         if bound.cancelled_caught:
             log.error("turn %s: final state not committed within %s s", turn.id, self._config.final_write_seconds)
-        elif isinstance(request.result, outcome.Error):
+        else:
             log.error("turn %s: failed to record its end: %s", turn.id, request.result.error)
+        if self._end_later is not None:
+            # A failed write has made this engine diverge (its lane told it before ``done``); an
+            # unfinished one may still commit, and then the retried end finds the turn ended and does nothing.
+            reason = str(self.diverged) if self.diverged is not None else (
+                f"the store did not record the end of turn '{turn.id}' within {self._config.final_write_seconds:g} s")
+            self._end_later(self.thread_id, turn.id, self._ending(turn, reason, now, usage, duration_ms))
 
+    def _ending(self, turn: _Turn, error: str, now: str, usage: Usage,
+                duration_ms: int) -> Callable[[sqlite3.Connection], list[EventDraft]]:
+        """``end_unrecorded_turn`` bound to ``turn`` and what the engine knows of it."""
+        texts = {item.id: (_preview(text), text) for item in turn.items for text in ["".join(item.parts)]}
+        return functools.partial(end_unrecorded_turn, thread_id=self.thread_id, turn_id=turn.id, error=error,
+                                 now=now, usage=usage, duration_ms=duration_ms, texts=texts)
+
+    def _end_after_failure(self, turn: _Turn, error: str, now: str, usage: Usage, duration_ms: int) -> WriteRequest:
+        """The write that ends ``turn`` ``failed`` with ``error`` whatever of its writes were lost; outside
+        the lane, so a failed lane does not stop it."""
+        return WriteRequest(fn=self._ending(turn, error, now, usage, duration_ms), fn_events=True,
+                            action=f"record the end of turn '{turn.id}' after a storage error")
+
+
+def end_unrecorded_turn(conn: sqlite3.Connection, *, thread_id: str, turn_id: str, error: str, now: str,
+                        usage: Usage, duration_ms: int, texts: dict[str, tuple[str, str]]) -> list[EventDraft]:
+    """End a turn whose engine could not record its end: ``failed`` with ``error``, like a turn that
+    failed normally (its open items ``failed`` with the text the engine had streamed, an ``error``
+    item, the turn's usage), and return the events that say so. Runs in the store's writer thread.
+
+    Idempotent: a turn already ended (its normal end committed after all, or an earlier attempt did)
+    is left alone and no event is written, so retries and races never end a turn twice. Only rows the
+    store has are touched: an item whose start was lost is not invented."""
+    row = conn.execute("SELECT status FROM turns WHERE id = ?", (turn_id,)).fetchone()
+    if row is None or row["status"] not in ("queued", "in_progress"):
+        return []
+    events = []
+    open_items = conn.execute(
+        "SELECT id, kind, summary, detail FROM items WHERE turn_id = ? AND status IN ('queued', 'in_progress')"
+        " ORDER BY ord", (turn_id,)).fetchall()
+    for item in open_items:
+        summary, text = texts.get(item["id"], (item["summary"], item["detail"] or ""))
+        conn.execute("UPDATE items SET status = 'failed', summary = ?, detail = ?, ended_at = ? WHERE id = ?",
+                     (summary, text, now, item["id"]))
+        events.append(EventDraft(thread_id, "item.failed", {"kind": item["kind"], "text": text}, turn_id,
+                                 item["id"], now))
+    (last_ord,) = conn.execute("SELECT COALESCE(MAX(ord), 0) FROM items WHERE thread_id = ?", (thread_id,)).fetchone()
+    error_id = new_id("item")
+    conn.execute(
+        "INSERT INTO items (id, turn_id, thread_id, ord, kind, status, summary, detail, metadata, started_at,"
+        " ended_at) VALUES (?, ?, ?, ?, 'error', 'failed', ?, ?, NULL, ?, ?)",
+        (error_id, turn_id, thread_id, last_ord + 1, _preview(error), error, now, now))
+    events.append(EventDraft(thread_id, "item.failed", {"kind": "error", "text": error}, turn_id, error_id, now))
+    conn.execute("UPDATE turns SET status = 'failed', ended_at = ?, duration_ms = ?, input_tokens = ?,"
+                 " output_tokens = ?, error = ? WHERE id = ?",
+                 (now, duration_ms, usage.input_tokens, usage.output_tokens, error, turn_id))
+    conn.execute("UPDATE threads SET updated_at = ? WHERE id = ?", (now, thread_id))
+    usage_json = {"input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens}
+    events.append(EventDraft(thread_id, "turn.completed", {"status": "failed", "usage": usage_json, "error": error},
+                             turn_id=turn_id, timestamp=now))
+    return events

@@ -70,3 +70,9 @@ class StorageError(RuntimeFailure):
     """Reading or writing durable state failed (permissions, a directory in the way, a full disk)."""
 
     code = "storage_error"
+
+
+class StorageFull(StorageError):
+    """The disk is full: nothing was written."""
+
+    code = "insufficient_storage"

@@ -4,6 +4,11 @@ At most one engine runs per thread. An evicted engine stays registered until it 
 request that arrives meanwhile waits for that exit before spawning the successor, so two engines
 never serve one thread. A crashed engine is forgotten the same way; the next request restores a new
 one from the store.
+
+An engine whose write failed could not always record its turn's end; it hands the manager the
+(idempotent) write that ends the turn ``failed``. The manager retries it with capped backoff until it
+commits, and a successor engine for that thread is only started once it has: an engine never starts
+on a store that still shows its predecessor's turn in progress.
 """
 
 from __future__ import annotations
@@ -11,6 +16,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import sqlite3
+from typing import Callable
+
 import trio
 
 from . import records
@@ -20,9 +28,22 @@ from .errors import EngineUnavailable, NotFound
 from .handle import EngineHandle
 from .models.base import ModelBackend
 from .ops import Op
-from .store import Store
+from .store import EventDraft, Store
 
 log = logging.getLogger(__name__)
+
+# Retrying a turn's end that did not commit (a full or failing disk): the first retry comes after
+# REPAIR_FIRST_DELAY, then the delay doubles up to REPAIR_MAX_DELAY. Each attempt is one small write; a
+# disk rarely recovers within milliseconds, and a few seconds' delay after it has is what "as soon as
+# the store can write again" costs. A request for the thread tries at once anyway (see ``_spawn``).
+REPAIR_FIRST_DELAY = 0.1
+REPAIR_MAX_DELAY = 5.0
+
+
+@dataclasses.dataclass(eq=False)
+class _Unended:
+    thread_id: str
+    end: Callable[[sqlite3.Connection], list[EventDraft]]
 
 
 @dataclasses.dataclass(eq=False)
@@ -41,7 +62,11 @@ class ThreadManager:
         self._spawning: dict[str, trio.Event] = {}
         self._nursery: trio.Nursery | None = None
         self._closing = False
+        self._close_reason = "server shutting down"
         self.spawned = 0
+        # turn id -> the end its engine could not record; retried until it commits.
+        self._unended: dict[str, _Unended] = {}
+        self._repair_wanted = trio.Event()
 
     @property
     def live_count(self) -> int:
@@ -54,8 +79,54 @@ class ThreadManager:
     async def run(self, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            nursery.start_soon(self._repair_loop)
             task_status.started()
             await trio.sleep_forever()
+
+    # ---- turns whose end was not recorded ---------------------------------------------------
+
+    @property
+    def unended_turns(self) -> list[str]:
+        """Turns whose end an engine could not record and that are not ended yet (for tests and info)."""
+        return list(self._unended)
+
+    def _end_later(self, thread_id: str, turn_id: str, end: Callable[[sqlite3.Connection], list[EventDraft]]) -> None:
+        """Called by an engine, before it exits, for a turn whose end it could not record."""
+        self._unended[turn_id] = _Unended(thread_id, end)
+        self._repair_wanted.set()
+
+    async def _end_unended(self, thread_id: str) -> None:
+        """Write the end of every unrecorded turn of the thread. StorageError if one still fails.
+
+        A cancellation after a write was queued does not undo it; the turn then stays listed until the
+        next attempt, which finds it ended and writes nothing (the end is idempotent)."""
+        for turn_id, pending in list(self._unended.items()):
+            if pending.thread_id != thread_id:
+                continue
+            events, _ = await self._store.write(fn=pending.end, fn_events=True,
+                                                action=f"record the end of turn '{turn_id}' after a storage error")
+            if self._unended.get(turn_id) is pending:
+                del self._unended[turn_id]
+            if events:  # empty when another attempt (or the engine's own late write) ended it first
+                log.warning("turn %s ended failed after a storage error", turn_id)
+
+    async def _repair_loop(self) -> None:
+        """Retry every unrecorded turn end with capped backoff until all have committed. Stops with the
+        manager; whatever is still unended then, restart recovery ends (``interrupted``)."""
+        delay = REPAIR_FIRST_DELAY
+        while True:
+            await self._repair_wanted.wait()
+            for thread_id in {pending.thread_id for pending in self._unended.values()}:
+                try:
+                    await self._end_unended(thread_id)
+                except Exception as exc:  # the disk is still failing: try again later; never stop the manager
+                    log.info("turn end of thread %s still not recorded: %s", thread_id, exc)
+            if not self._unended:
+                self._repair_wanted = trio.Event()
+                delay = REPAIR_FIRST_DELAY
+                continue
+            await trio.sleep(delay)
+            delay = min(delay * 2, REPAIR_MAX_DELAY)
 
     def live_handle(self, thread_id: str) -> EngineHandle | None:
         """The running engine's handle when there is one to route to right now (no spawn, no wait)."""
@@ -88,6 +159,10 @@ class ThreadManager:
                 spawning.set()
 
     async def _spawn(self, thread_id: str) -> EngineHandle:
+        # The predecessor's turn must be ended in the store before a successor restores from it (else
+        # the successor would see a turn in progress that nobody runs). Fails with the StorageError
+        # (naming the turn) while the disk still refuses it; nothing else happened then.
+        await self._end_unended(thread_id)
         state = await self._store.read(functools.partial(records.engine_state, thread_id=thread_id))
         if state is None:
             raise NotFound(f"Thread '{thread_id}' not found")
@@ -95,7 +170,7 @@ class ThreadManager:
             raise EngineUnavailable("The runtime is shutting down")
         send, receive = trio.open_memory_channel[Op](self._config.inbox_capacity)
         engine = Engine(state, store=self._store, backend=self._backend, config=self._config,
-                        inbox=receive, retire=self._retire)
+                        inbox=receive, retire=self._retire, end_later=self._end_later)
         entry = _Entry(EngineHandle(thread_id, send), engine)
         await self._nursery.start(self._supervise, entry)
         return entry.handle
@@ -104,6 +179,11 @@ class ThreadManager:
         thread_id = entry.handle.thread_id
         self._entries[thread_id] = entry
         self.spawned += 1
+        if self._closing:
+            # Spawned in the step between _spawn's "closing?" check and this registration, after aclose
+            # took its list: stop before the first op, so it never takes work it would not finish.
+            entry.engine.request_stop(self._close_reason)
+            entry.handle.close(evicted=False)
         try:
             await entry.engine.run(task_status=task_status)
         finally:
@@ -135,12 +215,24 @@ class ThreadManager:
         await entry.exited.wait()
 
     async def aclose(self, reason: str = "server shutting down") -> None:
-        """Interrupt every running turn, fail queued ops with EngineUnavailable, wait for all engines."""
+        """Interrupt every running turn, fail queued ops with EngineUnavailable, wait for all engines.
+
+        An engine can still register after this begins: a spawn that passed its "closing?" check
+        registers on the next step (and stops itself at once, see ``_supervise``). So this waits until
+        no engine and no spawn is left, and only then cancels the nursery: every turn is recorded
+        ``interrupted`` by its own engine, never cut short by that cancel. Bounded by the engines'
+        final writes (``final_write_seconds``) and by a spawn's one store read. Cancelled (the Runtime
+        calls it shielded), engines already told to stop still stop; the nursery is not cancelled.
+        """
         self._closing = True
-        for entry in list(self._entries.values()):
-            entry.engine.request_stop(reason)
-            entry.handle.close(evicted=False)
-        for entry in list(self._entries.values()):
-            await entry.exited.wait()
+        self._close_reason = reason
+        while self._entries or self._spawning:
+            for entry in list(self._entries.values()):
+                entry.engine.request_stop(reason)
+                entry.handle.close(evicted=False)
+            for entry in list(self._entries.values()):
+                await entry.exited.wait()
+            for spawning in list(self._spawning.values()):
+                await spawning.wait()
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel(reason=reason)

@@ -12,6 +12,7 @@ from typing import Any
 
 from . import codec
 from .store import Event, row_to_event
+from .transcript import readable_messages
 
 ACTIVE_TURN_STATUSES = ("queued", "in_progress")
 # A thread row without ``base_messages`` (a resumed session's messages: 12 MB for a 12 MB session), which
@@ -144,7 +145,8 @@ def engine_state(conn: sqlite3.Connection, thread_id: str) -> dict[str, Any] | N
     item_ord = conn.execute("SELECT COALESCE(MAX(ord), 0) AS n FROM items WHERE thread_id = ?", (thread_id,)).fetchone()
     return {
         "thread": thread_record(row),
-        "base_messages": codec.loads(base) if base else [],
+        # Stored by resume; an older version stored them without validation (see readable_messages).
+        "base_messages": readable_messages(codec.loads(base), f"thread {thread_id}: base_messages") if base else [],
         "base_tokens": row["base_tokens"],
         "items": items,
         "turn_tokens": totals["t"],

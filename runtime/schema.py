@@ -83,6 +83,21 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX sessions_by_update ON sessions (archived, updated_at DESC);
     """,
+    # 2: session files are now validated block by block (issue 11). Forget the recorded mtimes so the
+    # start-up reconcile parses every file once more and drops from the index those it now refuses.
+    """
+    UPDATE sessions SET file_mtime_ns = -1;
+    """,
+    # 3: the session change journal (runtime/session_files.py): a row, committed in the same transaction
+    # as a session file change's index row and thread link, says that change committed. Recovery keeps
+    # a change whose row exists and rolls back any other; rows are deleted once their undo file is gone.
+    """
+    CREATE TABLE session_commits (
+        token TEXT PRIMARY KEY,
+        session_id TEXT NOT NULL
+    );
+    CREATE INDEX session_commits_by_session ON session_commits (session_id);
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -1,4 +1,19 @@
-"""Session files on disk: id validation, atomic writes, and loading with every failure named.
+"""Session files on disk: id validation, the all-or-nothing change protocol, and loading with every
+failure named.
+
+A change of a session file (save, PATCH, DELETE) keeps the previous state beside the file until the
+store's COMMIT has decided, so that a failed COMMIT, a failed file step or a kill -9 at any point ends in
+"before" or "after", never in between (docs/design.md, "Sessions", has the whole protocol):
+
+- ``.<id>.<token>.tmp``: the new content, written and fsynced before anything else changes;
+- ``.<id>.<token>.bak``: the previous file (a hard link to it during a save, the file itself moved aside
+  by a delete);
+- ``.<id>.<token>.new``: there was no previous file (a save that creates); a hard link to the new
+  content, so a rollback removes the session's file only if it is the one this change put there.
+
+The token also names the change's row in the store's ``session_commits`` journal, written in the same
+transaction as the index row and the thread link: a change whose row is committed is finished (its undo
+file is dropped), any other is rolled back from its undo file (``settle``).
 
 All functions here block; callers run them in a worker thread. ``FileSystem`` is the seam tests use
 to inject failures (permission denied, a full disk, a slow write): CI runs as root, where ``chmod``
@@ -7,6 +22,7 @@ cannot produce them.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import logging
@@ -17,13 +33,20 @@ from pathlib import Path
 from typing import Any
 
 from . import codec
-from .errors import InvalidData, InvalidInput, NotFound, StorageError
+from .errors import InvalidData, InvalidInput, NotFound, StorageError, StorageFull
+from .text import surrogate_path
+from .transcript import messages_problem
 
 log = logging.getLogger(__name__)
 
 SESSION_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}\Z")
 SESSION_SCHEMA_VERSION = 1
 TEMP_SUFFIX = ".tmp"
+BACKUP_SUFFIX = ".bak"
+ABSENT_SUFFIX = ".new"
+WORK_SUFFIXES = (TEMP_SUFFIX, BACKUP_SUFFIX, ABSENT_SUFFIX)
+# errno values that mean "the disk is full" (StorageFull, HTTP 507) rather than "the disk failed".
+FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
 def validate_session_id(session_id: object) -> str:
@@ -38,57 +61,57 @@ def validate_session_id(session_id: object) -> str:
     return session_id
 
 
+def is_work_file(name: str) -> bool:
+    """True for the temp and undo files of an in-flight change (never a session's own file)."""
+    return name.startswith(".") and name.endswith(WORK_SUFFIXES)
+
+
 class FileSystem:
-    """The file operations sessions need. Override a method in tests to inject a failure."""
+    """The file operations sessions need, one method per disk operation. Override a method in tests to
+    inject a failure; the protocol in ``SessionFiles`` only calls these."""
 
     def read_bytes(self, path: Path) -> bytes:
         with open(path, "rb") as f:
             return f.read()
 
-    # An atomic write is ``stage`` (temp file in the same directory, fsync) then ``publish``
-    # (``os.replace``, fsync the directory): a reader, or a crash, sees the old file or the new one,
-    # never a torn one. Split so the slow half runs in parallel, outside the store's single writer.
-
-    def stage(self, path: Path, data: bytes) -> Path:
-        """Write ``data`` to a fresh temp file beside ``path`` and fsync it; returns the temp path."""
-        tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex}{TEMP_SUFFIX}")
+    def stage(self, path: Path, data: bytes, tmp: Path | None = None) -> Path:
+        """Write ``data`` to a fresh temp file beside ``path`` (``tmp`` when given) and fsync it;
+        returns the temp path. On failure the temp file is removed."""
+        if tmp is None:
+            tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex}{TEMP_SUFFIX}")
         try:
             with open(tmp, "xb") as f:
                 self.write_data(f, data)
                 f.flush()
-                os.fsync(f.fileno())
+                self.fsync_file(f)
         except BaseException:
             self.discard(tmp)
             raise
         return tmp
 
-    def publish(self, tmp: Path, path: Path) -> os.stat_result:
-        """``os.replace`` a staged temp file over ``path``, then fsync the directory."""
-        try:
-            self.replace(tmp, path)
-        except BaseException:
-            self.discard(tmp)
-            raise
-        try:
-            self.fsync_dir(path.parent)
-        except OSError as exc:
-            # The new file is already in place and whole (the replace is atomic); failing here would
-            # report "nothing changed" for a change that happened. Only the rename's durability
-            # across a power loss is in doubt, so say so and go on.
-            log.warning("could not fsync %s after replacing %s: %s", path.parent, path.name, exc)
-        return os.stat(path)
+    def publish(self, tmp: Path, path: Path) -> None:
+        """``os.replace`` a staged temp file over ``path``, then fsync the directory so the rename is
+        durable (the caller commits only after that)."""
+        self.replace(tmp, path)
+        self.fsync_dir(path.parent)
 
-    def discard(self, tmp: Path) -> None:
+    def discard(self, path: Path) -> None:
         try:
-            os.unlink(tmp)
+            os.unlink(path)
         except FileNotFoundError:
             pass
 
     def write_data(self, f: Any, data: bytes) -> None:
         f.write(data)
 
+    def fsync_file(self, f: Any) -> None:
+        os.fsync(f.fileno())
+
     def replace(self, src: Path, dst: Path) -> None:
         os.replace(src, dst)
+
+    def link(self, src: Path, dst: Path) -> None:
+        os.link(src, dst)
 
     def fsync_dir(self, directory: Path) -> None:
         fd = os.open(directory, os.O_RDONLY)
@@ -111,6 +134,49 @@ def _describe(exc: OSError) -> str:
     return exc.strerror or type(exc).__name__
 
 
+def storage_error(action: str, session_id: str, exc: OSError) -> StorageError:
+    """The error for a failed file operation, naming the action: StorageFull for a full disk."""
+    cls = StorageFull if exc.errno in FULL_ERRNOS else StorageError
+    error = cls(f"Failed to {action} session '{session_id}': {_describe(exc)}")
+    error.__cause__ = exc
+    return error
+
+
+@dataclasses.dataclass(frozen=True)
+class Change:
+    """One change of one session file, named by ``token`` (its file names and its journal row)."""
+
+    session_id: str
+    token: str
+    directory: Path
+    undo: str = ""  # the suffix of the undo file this change made (BACKUP_SUFFIX or ABSENT_SUFFIX)
+    size: int = 0  # of the staged file (a rename keeps size and mtime, so the index can hold them)
+    mtime_ns: int = 0
+
+    def _work(self, suffix: str) -> Path:
+        return self.directory / f".{self.session_id}.{self.token}{suffix}"
+
+    @property
+    def path(self) -> Path:
+        return self.directory / f"{self.session_id}.json"
+
+    @property
+    def tmp(self) -> Path:
+        return self._work(TEMP_SUFFIX)
+
+    @property
+    def backup(self) -> Path:
+        return self._work(BACKUP_SUFFIX)
+
+    @property
+    def absent(self) -> Path:
+        return self._work(ABSENT_SUFFIX)
+
+    @property
+    def undo_path(self) -> Path:
+        return self._work(self.undo)
+
+
 class SessionFiles:
     def __init__(self, directory: Path, fs: FileSystem | None = None) -> None:
         self.directory = directory
@@ -119,15 +185,9 @@ class SessionFiles:
     def path(self, session_id: str) -> Path:
         return self.directory / f"{validate_session_id(session_id)}.json"
 
-    def prepare(self) -> int:
-        """Create the directory and remove temp files a crash left behind; returns how many."""
+    def prepare(self) -> None:
+        """Create the directory. Work files a crash left behind are settled by ``settle``."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        removed = 0
-        for entry in self.directory.iterdir():
-            if entry.name.startswith(".") and entry.name.endswith(TEMP_SUFFIX):
-                entry.unlink(missing_ok=True)
-                removed += 1
-        return removed
 
     def read(self, session_id: str) -> tuple[bytes, os.stat_result] | None:
         """The file's bytes and stat, or None when there is no such file; any other failure is a
@@ -139,7 +199,7 @@ class SessionFiles:
         except FileNotFoundError:
             return None
         except OSError as exc:
-            raise StorageError(f"Failed to load session '{session_id}': {_describe(exc)}") from exc
+            raise storage_error("load", session_id, exc) from exc
 
     def load(self, session_id: str) -> dict[str, Any] | None:
         """The parsed document, or None when there is no such file. Every other failure raises:
@@ -153,28 +213,124 @@ class SessionFiles:
             raise NotFound(f"Session '{session_id}' not found")
         return doc
 
-    def stage(self, session_id: str, data: bytes, action: str) -> Path:
-        try:
-            return self.fs.stage(self.path(session_id), data)
-        except OSError as exc:
-            raise StorageError(f"Failed to {action} session '{session_id}': {_describe(exc)}") from exc
+    # ---- the change protocol (docs/design.md, "Sessions") ------------------------------------
 
-    def publish(self, tmp: Path, session_id: str, action: str) -> os.stat_result:
-        try:
-            return self.fs.publish(tmp, self.path(session_id))
-        except OSError as exc:
-            raise StorageError(f"Failed to {action} session '{session_id}': {_describe(exc)}") from exc
+    def change(self, session_id: str) -> Change:
+        """A new change of ``session_id`` (names only; nothing touches the disk)."""
+        return Change(validate_session_id(session_id), uuid.uuid4().hex, self.directory)
 
-    def delete(self, session_id: str) -> None:
+    def stage(self, change: Change, data: bytes, action: str, *, replacing: bool) -> Change:
+        """Step 1, outside the store's writer: write and fsync the new content, keep the previous file
+        (``replacing``: a hard link to it; else the "absent" marker, a hard link to the new content),
+        fsync the directory so the undo file is durable before the session's file can change. Failing,
+        it removes what it made (nothing changed); the caller settles the change anyway, in case that
+        cleanup failed too."""
+        undo = BACKUP_SUFFIX if replacing else ABSENT_SUFFIX
+        change = dataclasses.replace(change, undo=undo)
         try:
-            self.fs.remove(self.path(session_id))
+            self.fs.stage(change.path, data, change.tmp)
+            try:
+                if replacing:
+                    self.fs.link(change.path, change.backup)
+                else:
+                    self.fs.link(change.tmp, change.absent)
+                self.fs.fsync_dir(self.directory)
+            except BaseException:
+                self.fs.discard(change.undo_path)
+                self.fs.discard(change.tmp)
+                raise
+            st = os.stat(change.tmp)
+        except OSError as exc:
+            raise storage_error(action, change.session_id, exc) from exc
+        return dataclasses.replace(change, size=st.st_size, mtime_ns=st.st_mtime_ns)
+
+    def publish(self, change: Change, action: str) -> None:
+        """Step 2, in the writer's transaction before COMMIT: the staged file replaces the session's
+        file, and the directory is fsynced (the COMMIT must never be durable before the rename)."""
+        try:
+            self.fs.publish(change.tmp, change.path)
+        except OSError as exc:
+            raise storage_error(action, change.session_id, exc) from exc
+
+    def set_aside(self, change: Change, action: str = "delete") -> Change:
+        """A delete's step, in the writer's transaction before COMMIT: the file is renamed to the
+        change's backup name (one atomic step: gone, and kept for a rollback), then the directory is
+        fsynced. NotFound when there is no file."""
+        try:
+            if os.path.isdir(change.path):  # rename would move a directory; unlink refuses it, so do we
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(change.path))
+            self.fs.replace(change.path, change.backup)
         except FileNotFoundError as exc:
-            raise NotFound(f"Session '{session_id}' not found") from exc
+            raise NotFound(f"Session '{change.session_id}' not found") from exc
         except OSError as exc:
-            raise StorageError(f"Failed to delete session '{session_id}': {_describe(exc)}") from exc
+            raise storage_error(action, change.session_id, exc) from exc
+        try:
+            self.fs.fsync_dir(self.directory)
+        except OSError as exc:
+            raise storage_error(action, change.session_id, exc) from exc
+        return dataclasses.replace(change, undo=BACKUP_SUFFIX)
+
+    def finish(self, change: Change) -> None:
+        """Step 3, after COMMIT: drop the undo file. Not fsynced: the journal row that makes a leftover
+        undo file harmless is deleted only after a later directory fsync (SessionService._retired)."""
+        try:
+            self.fs.discard(change.undo_path)
+        except OSError as exc:
+            raise storage_error("clean up after changing", change.session_id, exc) from exc
+
+    def pending(self, session_id: str | None = None) -> list[Change]:
+        """Changes with work files on disk (of ``session_id``, or of every session), in name order."""
+        found = set()
+        try:
+            names = os.listdir(self.directory)
+        except OSError as exc:
+            raise storage_error("recover", session_id or "*", exc) from exc
+        for name in names:
+            if not is_work_file(name):
+                continue
+            parts = name[1:].split(".")
+            if len(parts) != 3 or not SESSION_ID_RE.match(parts[0]):
+                continue
+            if session_id is None or parts[0] == session_id:
+                found.add((parts[0], parts[1]))
+        return [Change(sid, token, self.directory) for sid, token in sorted(found)]
+
+    def settle(self, change: Change, committed: bool) -> bool:
+        """Finish a change the store committed, or roll back one it did not; idempotent, so a crash
+        while settling is settled again at the next start. Returns True when the change had committed
+        and its undo file is gone (its journal row may go after the next directory fsync).
+
+        Rolling back: the backup goes back over the file in one rename (none is needed when the file
+        was never replaced: both names are links to one inode), or, for a change that created the file,
+        the file is removed if it is the one this change put there; the directory is fsynced before the
+        undo files go, so a crash in between settles again the same way."""
+        fs = self.fs
+        try:
+            if not committed:
+                if change.backup.exists():
+                    if not (change.path.exists() and os.path.samefile(change.backup, change.path)):
+                        fs.replace(change.backup, change.path)
+                        fs.fsync_dir(self.directory)
+                elif change.absent.exists() and change.path.exists() and os.path.samefile(
+                        change.absent, change.path):
+                    fs.remove(change.path)
+                    fs.fsync_dir(self.directory)
+            for path in (change.tmp, change.backup, change.absent):
+                if path.exists():
+                    fs.discard(path)
+        except OSError as exc:
+            raise storage_error("recover", change.session_id, exc) from exc
+        return committed
+
+
+# A JSON escape of a UTF-16 surrogate (``\ud83d``). Files we write hold none (they are UTF-8 with
+# ensure_ascii off), so finding one is rare and only then are the decoded strings searched.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 def parse_document(session_id: str, data: bytes) -> dict[str, Any]:
+    """The session document in ``data``, checked in depth (every message and block, see
+    ``transcript.messages_problem``). Raises InvalidData naming the file and the first bad path."""
     try:
         doc = codec.loads(data)  # the stdlib decoder in slices; raises exactly what json.loads raises
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -183,6 +339,11 @@ def parse_document(session_id: str, data: bytes) -> dict[str, Any]:
     if problem is None and doc["metadata"]["id"] != session_id:
         # A copied or renamed file must never speak for (and overwrite) the session it came from.
         problem = f"metadata.id {doc['metadata']['id']!r} does not match the file name"
+    if problem is None and _SURROGATE_ESCAPE.search(data):
+        # json.loads joins an escaped pair into its character; only a lone half survives as a surrogate.
+        where = surrogate_path(doc)
+        if where is not None:
+            problem = f"{where}: holds a lone UTF-16 surrogate, which is not valid Unicode text"
     if problem:
         raise InvalidData(f"Failed to parse session '{session_id}': {problem}")
     return doc
@@ -209,13 +370,7 @@ def _shape_problem(doc: Any) -> str | None:
         return "metadata.archived must be a boolean"
     if doc.get("system_prompt") is not None and not isinstance(doc["system_prompt"], str):
         return "system_prompt must be a string or null"
-    messages = doc.get("messages")
-    if not isinstance(messages, list) or not all(
-        isinstance(m, dict) and m.get("role") in ("user", "assistant") and isinstance(m.get("content"), list)
-        for m in messages
-    ):
-        return "messages must be a list of {role, content} objects"
-    return None
+    return messages_problem(doc.get("messages"))
 
 
 def encode_document(doc: dict[str, Any]) -> bytes:

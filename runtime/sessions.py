@@ -1,11 +1,13 @@
 """Saved sessions: save live engine state, rebuild from the store, list, patch, delete, resume.
 
 Every mutation has two phases. The *wait* phase (lock, load, ask the engine) is cancellable and
-bounded by the caller's timeout; cancelled there, nothing has changed. The *commit* phase is one
-request to the store's writer, run under a shield: the atomic file write, the session index row, the
-thread link and the ``session.saved`` event commit together or not at all, and a cancellation
-(timeout, client disconnect, shutdown) arriving meanwhile waits for it to finish. So every outcome
-is "nothing changed" or "the whole save is durable and linked".
+bounded by the caller's timeout; cancelled there, nothing has changed. The *commit* phase runs under a
+shield: stage the new file beside the old one (kept as an undo file), then one request to the store's
+writer puts the file in place and writes the index row, the thread link, the ``session.saved`` event
+and a journal row in one transaction; after it the undo file is dropped, or, when the transaction did
+not commit, put back. A cancellation (timeout, client disconnect, shutdown) arriving meanwhile waits
+for it to finish; a kill -9 at any point is settled at the next start from the journal. So every
+outcome is "nothing changed" or "the whole save is durable and linked" (docs/design.md, "Sessions").
 
 The session files are the source of truth; the ``sessions`` table is an index for listing and
 search, written in the same transaction as each file and reconciled with the directory on start.
@@ -14,9 +16,12 @@ search, written in the same transaction as each file and reconciled with the dir
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import json
 import logging
 import sqlite3
+import threading
 import uuid
 from typing import TYPE_CHECKING, Any, AsyncIterator
 
@@ -26,7 +31,8 @@ from . import codec, records
 from .clock import utc_now
 from .errors import Conflict, InvalidInput, NotFound, PreconditionFailed, StorageError
 from .session_files import (
-    SESSION_SCHEMA_VERSION, SessionFiles, encode_document, parse_document, validate_session_id,
+    BACKUP_SUFFIX, SESSION_SCHEMA_VERSION, Change, SessionFiles, encode_document, parse_document,
+    validate_session_id,
 )
 from .store import EventDraft
 from .transcript import build_messages, derive_title, first_user_text, text_of
@@ -48,6 +54,9 @@ INDEX_COLUMNS = ("id, title, created_at, updated_at, message_count, total_tokens
 # The commit phase is shielded; this bounds it so a wedged disk cannot hold a request forever.
 COMMIT_TIMEOUT = 60.0
 UNTITLED = "Untitled session"
+# Resume's wait for the session's lock when the caller gives no timeout (the server passes its request
+# timeout); the same default as every Runtime request.
+RESUME_TIMEOUT = 10.0
 
 
 def normalize_title(title: object) -> str:
@@ -95,25 +104,63 @@ def _encode(doc: dict[str, Any]) -> bytes:
 class SessionService:
     def __init__(self, runtime: "Runtime") -> None:
         self._rt = runtime
-        self.files = SessionFiles(runtime.config.sessions_dir)
+        self.files = SessionFiles(runtime.config.sessions_dir, runtime.config.session_fs)  # type: ignore[arg-type]
         self._locks: dict[str, list[Any]] = {}  # id -> [lock, holders and waiters]; dropped at zero
         self.commit_timeout = COMMIT_TIMEOUT
+        # Sessions whose last change may have left work files: its outcome is unknown (the writer did
+        # not answer in time) or settling it failed. Their next change settles them first (_settle).
+        self._unsettled: set[str] = set()
+        # Staging threads that a timed-out request abandoned, by session: the next change waits for
+        # them, so two changes of one session never have undo files at the same time.
+        self._staging: dict[str, trio.Event] = {}
+        # Tokens of committed changes whose undo file is gone. Their journal rows are deleted by a later
+        # change's transaction, which commits after a directory fsync made those removals durable.
+        self._retired: set[str] = set()
 
     # ---- startup ---------------------------------------------------------------------------
 
     async def open(self) -> None:
-        removed = await trio.to_thread.run_sync(self.files.prepare)
-        if removed:
-            log.warning("removed %d temp file(s) left by an interrupted session write", removed)
+        await trio.to_thread.run_sync(self.files.prepare)
         await self._rt.store.write(fn=self._reconcile)
 
+    def _recover(self, conn: sqlite3.Connection) -> None:
+        """Settle every change a crash left in flight: the journal says which committed (keep it,
+        drop its undo file) and which did not (put the previous file back). Then, after a directory
+        fsync made those removals durable, empty the journal. A session that cannot be settled is
+        logged, keeps its journal rows and is settled again at its next change."""
+        committed = {row[0] for row in conn.execute("SELECT token FROM session_commits")}
+        pending = self.files.pending()
+        kept = rolled_back = 0
+        for change in pending:
+            try:
+                if self.files.settle(change, change.token in committed):
+                    kept += 1
+                else:
+                    rolled_back += 1
+            except StorageError as exc:
+                log.error("%s; it is settled again at its next change", exc.message)
+                self._unsettled.add(change.session_id)
+        if pending:
+            log.warning("settled %d session change(s) left in flight by an unclean stop: %d committed, "
+                        "%d rolled back", len(pending), kept, rolled_back)
+        if committed:
+            try:
+                self.files.fs.fsync_dir(self.files.directory)
+            except OSError as exc:
+                log.error("could not fsync %s; the session journal is kept: %s", self.files.directory, exc)
+                return
+            conn.execute("DELETE FROM session_commits WHERE session_id NOT IN (SELECT value FROM json_each(?))",
+                         (json.dumps(sorted(self._unsettled)),))
+
     def _reconcile(self, conn: sqlite3.Connection) -> None:
-        """Bring the index in line with the files: (re)index files whose size or mtime changed,
-        drop rows whose file is gone. Runs in the writer thread at start; stats every file but
-        parses only the changed ones."""
+        """Settle changes left in flight (``_recover``), then bring the index in line with the files:
+        (re)index files whose size or mtime changed, drop rows whose file is gone. Runs in the writer
+        thread at start; stats every file but parses only the changed ones. A session that could not be
+        settled keeps its index row as it is."""
+        self._recover(conn)
         indexed = {row["id"]: (row["size"], row["file_mtime_ns"])
                    for row in conn.execute("SELECT id, size, file_mtime_ns FROM sessions")}
-        seen = set()
+        seen = set(self._unsettled)
         for entry in self.files.directory.iterdir():
             if entry.suffix != ".json" or entry.name.startswith("."):
                 continue
@@ -122,6 +169,8 @@ class SessionService:
                 validate_session_id(session_id)
                 st = entry.stat()
             except Exception:
+                continue
+            if session_id in self._unsettled:
                 continue
             seen.add(session_id)
             if indexed.get(session_id) == (st.st_size, st.st_mtime_ns):
@@ -162,9 +211,21 @@ class SessionService:
     @contextlib.asynccontextmanager
     async def _locked(self, session_id: str, deadline: float) -> AsyncIterator[None]:
         """Serialise every mutation of one session id (never two writers in one file). Waiting past
-        ``deadline`` is a Conflict: another save holds the session."""
+        ``deadline`` is a Conflict: another save holds the session. Inside, the session's earlier
+        change is settled first if it may have left work files (``_settle``)."""
         await self._acquire(session_id, deadline)
         try:
+            staging = self._staging.get(session_id)
+            if staging is not None:
+                with trio.move_on_at(deadline):
+                    await staging.wait()
+                if not staging.is_set():
+                    raise StorageError(f"Failed to change session '{session_id}': the disk has not finished "
+                                       f"an earlier write of it")
+                if self._staging.get(session_id) is staging:
+                    del self._staging[session_id]
+            if session_id in self._unsettled:
+                await self._settle(session_id)
             yield
         finally:
             self._release(session_id)
@@ -172,56 +233,169 @@ class SessionService:
     # ---- commit ----------------------------------------------------------------------------
 
     async def _commit(self, doc: dict[str, Any], *, action: str, thread_id: str | None,
-                      event: dict[str, Any] | None) -> None:
+                      event: dict[str, Any] | None, replacing: bool) -> None:
         """The commit phase, shielded as a whole: once it starts it runs to its end, so the caller
         always learns the outcome and never releases the session's lock early.
 
-        It has two steps. Encoding the document and writing + fsyncing the temp file run in a worker
-        thread of their own, so saves of different sessions overlap (and the event loop never encodes
-        a 10 MB document). Then one writer request does the rest in one transaction: index row and
-        thread link first, the ``os.replace`` last, so a failing replace rolls the SQL back. A temp file
-        that never got published is removed.
+        Encoding the document, writing + fsyncing the temp file and keeping the previous file as an
+        undo file run in a worker thread of their own, so saves of different sessions overlap (and the
+        event loop never encodes a 10 MB document). Then one writer request writes index row, thread
+        link and journal row, and last puts the file in place (``replacing``: over the previous one);
+        ``_apply`` settles what follows. Raises StorageError (StorageFull for a full disk) naming
+        ``action`` when nothing was saved.
         """
         session_id = doc["metadata"]["id"]
+        change = self.files.change(session_id)
+        # The staging thread can be abandoned (a stuck disk): ``guard`` makes "the thread finished" and
+        # "the request gave up" one decision, so exactly one of them cleans up.
+        guard, flags, staged_or_abandoned = threading.Lock(), {"done": False, "abandoned": False}, trio.Event()
+        token = trio.lowlevel.current_trio_token()
 
-        abandoned = False
-
-        def stage() -> tuple[Any, int, str]:
-            data = _encode(doc)
-            staged = self.files.stage(session_id, data, action)
-            if abandoned:  # the request gave up on a stuck disk meanwhile: leave nothing behind
-                self.files.fs.discard(staged)
-            return staged, len(data), _search_text(doc["metadata"]["title"], doc["messages"])
-
-        def commit(conn: sqlite3.Connection) -> None:
-            _upsert_index(conn, doc, size, 0, search_text)
-            if thread_id is not None:
-                conn.execute("UPDATE threads SET session_id = ? WHERE id = ?", (session_id, thread_id))
-            st = self.files.publish(tmp, session_id, action)
-            conn.execute("UPDATE sessions SET size = ?, file_mtime_ns = ? WHERE id = ?",
-                         (st.st_size, st.st_mtime_ns, session_id))
+        def stage() -> tuple[Change, str]:
+            try:
+                data = _encode(doc)
+                staged = self.files.stage(change, data, action, replacing=replacing)
+                return staged, _search_text(doc["metadata"]["title"], doc["messages"])
+            finally:
+                with guard:
+                    flags["done"] = True
+                    abandoned = flags["abandoned"]
+                if abandoned:  # the request gave up on a stuck disk meanwhile: leave nothing behind
+                    with contextlib.suppress(StorageError):
+                        self.files.settle(change, committed=False)
+                    with contextlib.suppress(trio.RunFinishedError):
+                        token.run_sync_soon(staged_or_abandoned.set)
 
         events = []
         if event is not None and thread_id is not None:
             events.append(EventDraft(thread_id, "session.saved", event))
-        # Shielded: see the docstring. Bounded by the writer's own bound (commit_timeout); the staging
-        # thread only writes one file.
+        # Shielded: see the docstring. Bounded by commit_timeout for the staging thread, then by
+        # ``_apply``'s own bound on the writer.
         with trio.CancelScope(shield=True):
+            failure: Exception | None = None
             with trio.move_on_after(self.commit_timeout) as bound:
                 # Abandonable: if the disk is stuck, give up (nothing was published) and let the
                 # thread clean up after itself when it finishes.
-                tmp, size, search_text = await trio.to_thread.run_sync(stage, abandon_on_cancel=True)
+                try:
+                    staged, search_text = await trio.to_thread.run_sync(stage, abandon_on_cancel=True)
+                except Exception as exc:
+                    failure = exc
+            if failure is not None:
+                await self._settle_change(change)  # nothing was published; in case the stage's cleanup failed
+                raise failure
             if bound.cancelled_caught:
-                abandoned = True
+                with guard:
+                    flags["abandoned"] = True
+                    finished = flags["done"]
+                self._unsettled.add(session_id)  # its next change settles whatever the thread leaves
+                if not finished:
+                    self._staging[session_id] = staged_or_abandoned
                 raise StorageError(f"Failed to {action} session '{session_id}': the disk did not finish "
                                    f"writing within {self.commit_timeout:g} s; nothing was saved")
+            retired = tuple(self._retired)
+
+            def commit(conn: sqlite3.Connection) -> None:
+                _upsert_index(conn, doc, staged.size, staged.mtime_ns, search_text)
+                if thread_id is not None:
+                    conn.execute("UPDATE threads SET session_id = ? WHERE id = ?", (session_id, thread_id))
+                _journal(conn, staged, retired)
+                self.files.publish(staged, action)  # last: every failure before it changed no file
+
+            await self._apply(staged, commit, events, retired, action)
+
+    async def _apply(self, change: Change, fn: Any, events: list[EventDraft], retired: tuple[str, ...],
+                     action: str) -> None:
+        """Run a change's writer request, then settle the change: committed, its undo file goes;
+        not committed, the previous file comes back; the journal decides either way. Called
+        shielded; the writer wait has its own bound (commit_timeout). Past it, a request the writer
+        has not begun is refused when the writer reaches it (nothing was saved); one it has begun has
+        an unknown outcome: nothing is undone (the writer may still commit), and the session is
+        settled before its next change."""
+        session_id = change.session_id
+        # "The writer began the request" and "the request gave up" are one decision (see above).
+        guard, state = threading.Lock(), {"begun": False, "gave_up": False}
+
+        def guarded(conn: sqlite3.Connection) -> Any:
+            with guard:
+                if state["gave_up"]:
+                    raise StorageError(f"Failed to {action} session '{session_id}': the request gave up")
+                state["begun"] = True
+            return fn(conn)
+
+        failure: Exception | None = None
+        with trio.move_on_after(self.commit_timeout) as bound:
             try:
-                await self._rt.store.write_shielded(fn=commit, events=events, timeout=self.commit_timeout)
-            except BaseException:
-                # Not published (or the outcome is unknown and the writer will find no temp file to
-                # publish, which rolls that request back): the temp file must not outlive the save.
-                await trio.to_thread.run_sync(self.files.fs.discard, tmp)
-                raise
+                await self._rt.store.write(fn=guarded, events=events)
+            except Exception as exc:  # any failure of the request: the journal below says what happened
+                failure = exc
+        if bound.cancelled_caught:
+            with guard:
+                state["gave_up"] = True
+                begun = state["begun"]
+            if not begun:
+                await self._settle_change(change)  # the writer will refuse it: nothing changes, clean up
+                raise StorageError(f"Failed to {action} session '{session_id}': the store did not begin the "
+                                   f"change within {self.commit_timeout:g} s; nothing was saved")
+            self._unsettled.add(session_id)
+            raise StorageError(f"Failed to {action} session '{session_id}': the store did not finish within "
+                               f"{self.commit_timeout:g} s; the change is kept or undone before the next one")
+        if failure is not None:
+            if not await self._settle_change(change):
+                named = _named(failure, action, session_id)
+                if named is failure:
+                    raise failure
+                raise named from failure
+            log.error("the store reported %r for a change of session '%s' that committed", failure, session_id)
+        self._retired.difference_update(retired)
+        try:
+            await trio.to_thread.run_sync(self.files.finish, change)
+        except StorageError as exc:
+            log.warning("%s; it is removed before the session's next change", exc.message)
+            self._unsettled.add(session_id)
+        else:
+            self._retired.add(change.token)
+
+    async def _settle_change(self, change: Change) -> bool:
+        """Settle one change whose writer request has finished: True when the journal says it committed.
+        A failure to settle is logged and leaves the session unsettled (settled before its next change
+        and at the next start); the caller's own error is what the client hears."""
+        try:
+            committed = await self._rt.store.read(
+                functools.partial(_is_committed, token=change.token), inline=True)
+            if await trio.to_thread.run_sync(self.files.settle, change, committed):
+                self._retired.add(change.token)
+            return committed
+        except (StorageError, sqlite3.Error) as exc:
+            log.error("could not settle a change of session '%s': %s; it is settled before the session's "
+                      "next change", change.session_id, exc)
+            self._unsettled.add(change.session_id)
+            return False
+
+    async def _settle(self, session_id: str) -> None:
+        """Settle every change of ``session_id`` left in flight, from the committed journal, before the
+        session changes again. First an empty write: once it is done, every write queued before it has
+        committed or failed. Shielded, because it moves files; bounded by commit_timeout and one worker
+        thread. Raises StorageError when the session cannot be settled (nothing else was changed)."""
+        # Shielded: a settle cut short would leave the session half put back for its own next change;
+        # bounded by commit_timeout for the barrier, then one read and one thread that moves few files.
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(self.commit_timeout) as bound:
+                with contextlib.suppress(StorageError):  # a failed empty batch is a barrier all the same
+                    await self._rt.store.write()
+            if bound.cancelled_caught:
+                raise StorageError(f"Failed to recover session '{session_id}': the store did not answer within "
+                                   f"{self.commit_timeout:g} s")
+            try:
+                committed = await self._rt.store.read(functools.partial(_committed_tokens, session_id=session_id))
+            except sqlite3.Error as exc:
+                raise StorageError(f"Failed to recover session '{session_id}': {exc}") from exc
+
+            def settle() -> list[str]:
+                return [change.token for change in self.files.pending(session_id)
+                        if self.files.settle(change, change.token in committed)]
+
+            self._retired.update(await trio.to_thread.run_sync(settle))
+            self._unsettled.discard(session_id)
 
     async def _stored_metadata(self, session_id: str) -> dict[str, Any] | None:
         """The stored session's metadata, or None when there is none. The file is always read, so any
@@ -287,7 +461,7 @@ class SessionService:
             await self._commit(doc, action="save", thread_id=thread_id, event={
                 "session_id": target, "revision": revision, "message_count": len(messages),
                 "turn_in_progress": snapshot.turn_in_progress, "created": existing is None,
-            })
+            }, replacing=existing is not None)
         # ``session`` is the saved document itself (its ``schema_version`` too); ``session.encoded`` holds
         # the file's bytes, which the HTTP layer sends as they are.
         return {"session_id": target, "thread_id": thread_id, "turn_in_progress": snapshot.turn_in_progress,
@@ -330,7 +504,7 @@ class SessionService:
         await self._commit(doc, action="save", thread_id=thread_id, event={
             "session_id": session_id, "revision": 1, "message_count": len(messages),
             "turn_in_progress": False, "created": True,
-        })
+        }, replacing=False)
         return {"session_id": session_id, "thread_id": thread_id, "message_count": len(messages),
                 "title": final_title}
 
@@ -411,20 +585,29 @@ class SessionService:
                 meta["revision"] += 1
                 meta["updated_at"] = utc_now()
                 doc = {**doc, "metadata": meta}
-                await self._commit(doc, action="update", thread_id=None, event=None)
+                await self._commit(doc, action="update", thread_id=None, event=None, replacing=True)
         return {"session": meta, "changes": changes}
 
     async def delete(self, session_id: str, *, timeout: float) -> None:
+        """Delete the file, its index row and the threads' links as one change: the file is moved to
+        an undo name inside the writer's transaction and dropped once it committed (put back if not).
+        The lock wait is bounded by ``timeout``; the commit phase is shielded (see ``_commit``)."""
         validate_session_id(session_id)
         deadline = trio.current_time() + timeout
         async with self._locked(session_id, deadline):
+            change = dataclasses.replace(self.files.change(session_id), undo=BACKUP_SUFFIX)
+            retired = tuple(self._retired)
 
             def commit(conn: sqlite3.Connection) -> None:
                 conn.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
                 conn.execute("UPDATE threads SET session_id = NULL WHERE session_id = ?", (session_id,))
-                self.files.delete(session_id)  # last: a failure rolls the SQL back
+                _journal(conn, change, retired)
+                self.files.set_aside(change)  # last: every failure before it changed no file
 
-            await self._rt.store.write_shielded(fn=commit, timeout=self.commit_timeout)
+            # Shielded like _commit: once the file may have moved, the change must be settled before
+            # the lock is released; bounded by _apply's commit_timeout and one settling thread.
+            with trio.CancelScope(shield=True):
+                await self._apply(change, commit, [], retired, "delete")
 
     # ---- resume ----------------------------------------------------------------------------
 
@@ -434,19 +617,30 @@ class SessionService:
         doc = self.files.load_existing(session_id)
         return doc, codec.dumps_array(doc["messages"]) if doc["messages"] else None
 
-    async def resume(self, session_id: str, *, model: str | None = None, mode: str | None = None) -> dict[str, Any]:
-        """A new thread whose engine starts from the session's messages (its next turn sees them all)."""
+    async def resume(self, session_id: str, *, model: str | None = None, mode: str | None = None,
+                     timeout: float = RESUME_TIMEOUT) -> dict[str, Any]:
+        """A new thread whose engine starts from the session's messages (its next turn sees them all).
+
+        Holds the session's lock from the load to the thread's commit, so a DELETE, save or PATCH of the
+        same session comes wholly before the resume or wholly after it: the new thread is never linked to
+        a session deleted meanwhile (a DELETE after it unlinks it, as it unlinks every thread). Waiting for
+        the lock counts against ``timeout`` (past it: Conflict); cancelled while waiting or loading, nothing
+        was created. The thread's create is one shielded store write: once it started, the caller learns
+        its id.
+        """
         validate_session_id(session_id)
-        doc, base_json = await trio.to_thread.run_sync(self._load_for_resume, session_id)
-        meta = doc["metadata"]
-        messages = doc["messages"]
-        total = meta.get("total_tokens", 0)
-        with trio.CancelScope(shield=True):  # one bounded store write; the caller always learns its id
-            thread = await self._rt.create_thread(
-                model=model or meta.get("model"), mode=mode or meta.get("mode"), workspace=meta.get("workspace"),
-                system_prompt=doc.get("system_prompt"), title=meta["title"], base_messages=messages,
-                base_tokens=total if isinstance(total, int) else 0, session_id=session_id,
-                base_messages_json=base_json)
+        deadline = trio.current_time() + timeout
+        async with self._locked(session_id, deadline):
+            doc, base_json = await trio.to_thread.run_sync(self._load_for_resume, session_id)
+            meta = doc["metadata"]
+            messages = doc["messages"]
+            total = meta.get("total_tokens", 0)
+            with trio.CancelScope(shield=True):  # one bounded store write; the caller always learns its id
+                thread = await self._rt.create_thread(
+                    model=model or meta.get("model"), mode=mode or meta.get("mode"), workspace=meta.get("workspace"),
+                    system_prompt=doc.get("system_prompt"), title=meta["title"], base_messages=messages,
+                    base_tokens=total if isinstance(total, int) else 0, session_id=session_id,
+                    base_messages_json=base_json)
         return {
             "thread_id": thread["id"], "session_id": session_id, "message_count": len(messages),
             "summary": f"Resumed {len(messages)} message(s) from session '{meta['title']}'",
@@ -493,6 +687,41 @@ def _index_metadata(row: sqlite3.Row) -> dict[str, Any]:
         "workspace": row["workspace"], "mode": row["mode"], "archived": bool(row["archived"]),
         "revision": row["revision"], "size": row["size"],
     }
+
+
+def _journal(conn: sqlite3.Connection, change: Change, retired: tuple[str, ...]) -> None:
+    """Record ``change`` as committed (the row commits with the change or not at all), and forget
+    ``retired`` changes: their undo files were removed before this request was queued, and this
+    transaction commits only after a directory fsync made that durable."""
+    conn.execute("INSERT INTO session_commits (token, session_id) VALUES (?, ?)", (change.token, change.session_id))
+    if retired:
+        conn.execute("DELETE FROM session_commits WHERE token IN (SELECT value FROM json_each(?))",
+                     (json.dumps(retired),))
+
+
+def _is_committed(conn: sqlite3.Connection, token: str) -> bool:
+    return conn.execute("SELECT 1 FROM session_commits WHERE token = ?", (token,)).fetchone() is not None
+
+
+def _committed_tokens(conn: sqlite3.Connection, session_id: str) -> set[str]:
+    return {row[0] for row in conn.execute("SELECT token FROM session_commits WHERE session_id = ?", (session_id,))}
+
+
+def _named(exc: Exception, action: str, session_id: str) -> Exception:
+    """A store error names the session action it broke (``Failed to save session 'x': disk I/O error``),
+    keeping its class (StorageFull stays StorageFull); other errors pass unchanged."""
+    if not isinstance(exc, StorageError):
+        return exc
+    prefix = f"Failed to {action} session '{session_id}'"
+    if exc.message.startswith(prefix):
+        return exc
+    reason, cause = exc.message, exc.__cause__
+    while cause is not None:  # the store keeps SQLite's own error as the cause: it is the reason
+        if isinstance(cause, sqlite3.Error):
+            reason = str(cause)
+            break
+        cause = cause.__cause__
+    return type(exc)(f"{prefix}: {reason}")
 
 
 def _index_row(conn: sqlite3.Connection, session_id: str) -> sqlite3.Row | None:

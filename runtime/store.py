@@ -8,11 +8,21 @@ writes) and never wait for the writer.
 
 Events are published to the EventBus only after their transaction committed, so a client that saw
 ``seq`` N will find N after any crash.
+
+A storage failure (any SQLite error at any statement, at BEGIN or at COMMIT; a full disk; an I/O error)
+fails the requests it touched and never the writer: each of them gets a StorageError (StorageFull for a
+full disk) naming its action, none of them is reported committed, none of their events is published,
+and the next batch starts on a clean connection. When SQLite rolls a whole transaction back by itself
+(it may on SQLITE_FULL / SQLITE_IOERR, and always does when COMMIT fails that way), the requests whose
+savepoints had already succeeded are lost with it, so they fail too; requests not yet applied go on in
+a new transaction. A ``WriteLane`` keeps one producer's writes (an engine's) a prefix: after one of
+them fails, the later ones fail without running, and the producer hears of it once (``on_failure``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import math
@@ -25,7 +35,7 @@ import trio
 
 from . import schema
 from .clock import utc_now
-from .errors import StorageError
+from .errors import RuntimeFailure, StorageError, StorageFull
 
 log = logging.getLogger(__name__)
 
@@ -73,23 +83,69 @@ Statement = tuple[str, Sequence[Any]]
 
 
 @dataclasses.dataclass(eq=False)
+class WriteLane:
+    """One producer's writes in submission order (an engine's): a write of the lane is applied only
+    if every earlier one committed, so the store always holds a prefix of them, never a later write
+    without an earlier one (an item's end without its start, a turn's end after a lost item).
+
+    The writer sets ``failed`` at the lane's first failure; every later write of the lane then fails
+    at once without running (``WriteRequest.skipped``). ``on_failure(error)`` is called once, on the
+    event loop, before the failed write's ``done`` is set: whoever waits on that write finds the
+    producer already told. A lane never recovers; its producer is expected to retire."""
+
+    on_failure: Callable[[RuntimeFailure], None] | None = None
+    failed: RuntimeFailure | None = None
+    notified: bool = False
+
+
+@dataclasses.dataclass(eq=False)
 class WriteRequest:
     statements: Sequence[Statement] = ()
     events: Sequence[EventDraft] = ()
     # Runs first inside the request's savepoint, in the writer thread; its return value is the result.
     fn: Callable[[sqlite3.Connection], Any] | None = None
+    # What the request does, for error messages: "Failed to <action>: <cause>".
+    action: str = "write to the store"
+    lane: WriteLane | None = None
+    # ``fn`` returns EventDrafts (events that depend on what it found); they are appended after it.
+    fn_events: bool = False
     done: trio.Event = dataclasses.field(default_factory=trio.Event)
     result: outcome.Outcome | None = None
     committed: list[Event] = dataclasses.field(default_factory=list)
+    # Failed without running because an earlier write of its lane had failed (nothing of it happened).
+    skipped: bool = False
 
 
-def _connect(path: Path) -> sqlite3.Connection:
+def is_disk_full(exc: BaseException) -> bool:
+    """A full disk: SQLITE_FULL (any extended code), ENOSPC, EDQUOT, or EFBIG (a file size limit)."""
+    if isinstance(exc, StorageFull):
+        return True
+    if isinstance(exc, sqlite3.Error):
+        return (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF == sqlite3.SQLITE_FULL
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def storage_error(action: str, cause: BaseException, how: str | None = None) -> StorageError:
+    """The one translation of a low-level storage failure met while doing ``action``: StorageFull for
+    a full disk, StorageError otherwise; the message names the action, and ``cause`` is kept."""
+    detail = cause.message if isinstance(cause, RuntimeFailure) else str(cause)
+    cls = StorageFull if is_disk_full(cause) else StorageError
+    error = cls(f"Failed to {action}: {how} ({detail})" if how else f"Failed to {action}: {detail}")
+    error.__cause__ = cause
+    return error
+
+
+def _connect(path: Path, factory: type[sqlite3.Connection] = sqlite3.Connection) -> sqlite3.Connection:
     # isolation_level=None: we issue BEGIN/COMMIT ourselves, so a batch is exactly one transaction.
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    # ``factory`` is the fault-injection seam (RuntimeConfig.sqlite_connection_factory): a subclass of
+    # sqlite3.Connection whose ``execute`` can fail the k-th statement the way a full or broken disk does.
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, factory=factory)
     conn.row_factory = sqlite3.Row
     conn.execute("PRAGMA journal_mode=WAL")
-    # NORMAL in WAL mode: a commit survives a process crash; only an OS crash can lose the last ones.
-    conn.execute("PRAGMA synchronous=NORMAL")
+    # FULL: every COMMIT syncs the WAL, so events are on disk before they are published and a seq a client
+    # saw is never reused, even after an OS crash (NORMAL synced only at checkpoints). Cost measured in
+    # docs/design.md (Store, "Events are durable before they are published"); paid once per batch.
+    conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA busy_timeout=5000")
     return conn
 
@@ -97,8 +153,10 @@ def _connect(path: Path) -> sqlite3.Connection:
 class Store:
     """Open with ``async with Store.open(path, publish=...) as store``."""
 
-    def __init__(self, path: Path, publish: Callable[[list[Event]], None], write_queue: int) -> None:
+    def __init__(self, path: Path, publish: Callable[[list[Event]], None], write_queue: int,
+                 connection_factory: type[sqlite3.Connection] = sqlite3.Connection) -> None:
         self.path = path
+        self._connection_factory = connection_factory
         self._publish = publish
         # Unbounded so that submission never awaits: an engine can queue writes and mutate its state in
         # one synchronous step, which keeps their order. Producers that stream (turns) call
@@ -113,18 +171,19 @@ class Store:
         self.recovered_turns = 0
 
     @classmethod
-    def open(cls, path: Path, publish: Callable[[list[Event]], None], write_queue: int = 4096):
-        return _StoreContext(cls(path, publish, write_queue))
+    def open(cls, path: Path, publish: Callable[[list[Event]], None], write_queue: int = 4096,
+             connection_factory: type[sqlite3.Connection] = sqlite3.Connection):
+        return _StoreContext(cls(path, publish, write_queue, connection_factory))
 
     # ---- lifecycle -------------------------------------------------------------------------
 
     def _open_sync(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._wconn = _connect(self.path)
+        self._wconn = _connect(self.path, self._connection_factory)
         schema.migrate(self._wconn)
         self.recovered_turns = self._recover(self._wconn)
-        self._rconn = _connect(self.path)
-        self._iconn = _connect(self.path)
+        self._rconn = _connect(self.path, self._connection_factory)
+        self._iconn = _connect(self.path, self._connection_factory)
         # Never sleep on a lock on the event loop: a busy inline read falls back to a worker thread.
         self._iconn.execute("PRAGMA busy_timeout=0")
 
@@ -161,7 +220,10 @@ class Store:
                     turn_id=row["id"], timestamp=now))
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            # SQLite may have rolled back by itself (a full disk at COMMIT always does): a second
+            # ROLLBACK would raise "no transaction is active" and hide the real error.
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
             raise
         if rows:
             log.warning("marked %d turn(s) interrupted after an unclean stop", len(rows))
@@ -179,7 +241,7 @@ class Store:
         try:
             self._write_tx.send_nowait(request)
         except trio.ClosedResourceError as exc:
-            raise StorageError("the store is closed") from exc
+            raise StorageError(f"Failed to {request.action}: the store is closed") from exc
         return request
 
     async def throttle(self) -> None:
@@ -192,13 +254,17 @@ class Store:
         statements: Sequence[Statement] = (),
         events: Sequence[EventDraft] = (),
         fn: Callable[[sqlite3.Connection], Any] | None = None,
+        *,
+        action: str = "write to the store",
+        fn_events: bool = False,
     ) -> tuple[Any, list[Event]]:
         """Queue a write and wait until it committed; returns ``(fn result, committed events)``.
 
-        A cancellation after queuing does not undo the write: callers that must know the outcome
-        wait under a shield (see ``write_shielded``).
+        Raises StorageError (StorageFull for a full disk) naming ``action`` when it did not commit;
+        nothing of it is then in the store. A cancellation after queuing does not undo the write:
+        callers that must know the outcome wait under a shield (see ``write_shielded``).
         """
-        request = self.submit(WriteRequest(statements, events, fn))
+        request = self.submit(WriteRequest(statements, events, fn, action=action, fn_events=fn_events))
         await request.done.wait()
         assert request.result is not None
         return request.result.unwrap(), request.committed
@@ -210,6 +276,8 @@ class Store:
         fn: Callable[[sqlite3.Connection], Any] | None = None,
         *,
         timeout: float,
+        action: str = "write to the store",
+        fn_events: bool = False,
     ) -> tuple[Any, list[Event]]:
         """``write`` that a cancellation cannot interrupt: the caller always learns the outcome.
 
@@ -218,8 +286,8 @@ class Store:
         """
         with trio.CancelScope(shield=True):
             with trio.move_on_after(timeout):
-                return await self.write(statements, events, fn)
-        raise StorageError(f"the store did not commit within {timeout:g} s")
+                return await self.write(statements, events, fn, action=action, fn_events=fn_events)
+        raise StorageError(f"Failed to {action}: the store did not commit within {timeout:g} s")
 
     async def _writer(self, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -238,6 +306,7 @@ class Store:
                         batch.append(self._write_rx.receive_nowait())
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
+                # Never raises: every storage failure becomes the result of the requests it touched.
                 await trio.to_thread.run_sync(self._apply_batch, batch)
                 for index, request in enumerate(batch):
                     if request.committed:
@@ -245,6 +314,8 @@ class Store:
                             self._publish(request.committed)
                         except Exception:  # a subscriber bug must not stop durability
                             log.exception("event publication failed")
+                    elif isinstance(request.result, outcome.Error):
+                        self._notify_lane(request)
                     request.done.set()
                     if index % PUBLISH_SLICE == PUBLISH_SLICE - 1:
                         # A big batch is published in slices so other tasks (snapshots, replies) run
@@ -253,41 +324,132 @@ class Store:
                 self._batch_done.set()
                 self._batch_done = trio.Event()
 
-    def _apply_batch(self, batch: list[WriteRequest]) -> None:
-        conn = self._wconn
-        assert conn is not None
+    @staticmethod
+    def _notify_lane(request: WriteRequest) -> None:
+        """Tell a lane's producer of its first failure, before anyone waiting on the write wakes."""
+        lane = request.lane
+        if lane is None or lane.notified or lane.on_failure is None or lane.failed is None:
+            return
+        lane.notified = True
         try:
+            lane.on_failure(lane.failed)
+        except Exception:  # a producer's bug must not stop the writer
+            log.exception("a write lane's failure handler failed")
+
+    def _apply_batch(self, batch: list[WriteRequest]) -> None:
+        """Apply ``batch`` in one transaction, or in several when SQLite rolls one back by itself mid-batch
+        (the requests not yet applied go on in a new one). Runs in a worker thread and never raises: every
+        request ends with a result, and the write connection is left outside any transaction."""
+        pending = batch
+        while pending:
+            try:
+                pending = self._apply_transaction(pending)
+            except Exception as exc:  # not an SQLite error (a bug): fail what is left, start clean
+                log.exception("the store's writer failed unexpectedly; failing %d write(s)", len(pending))
+                for request in pending:
+                    self._fail(request, storage_error(request.action, exc, "the store's writer failed"))
+                self._drop_connection()
+                pending = []
+
+    def _apply_transaction(self, requests: list[WriteRequest]) -> list[WriteRequest]:
+        """One transaction, each request in its own savepoint. Returns the requests not attempted
+        because the transaction was lost before their turn (empty when all were settled)."""
+        try:
+            conn = self._writer_connection()
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
-            for request in batch:
-                request.result = outcome.Error(StorageError(f"Failed to begin a store transaction: {exc}"))
-            return
-        for request in batch:
-            conn.execute("SAVEPOINT req")
+            self._abort()
+            for request in requests:
+                self._fail(request, storage_error(request.action, exc, "the store could not begin a transaction"))
+            return []
+        applied: list[WriteRequest] = []
+        for index, request in enumerate(requests):
+            lane = request.lane
+            if lane is not None and lane.failed is not None:
+                request.skipped = True
+                self._fail(request, storage_error(request.action, lane.failed, "an earlier write of its thread failed"))
+                continue
+            savepoint = False
             try:
+                conn.execute("SAVEPOINT req")
+                savepoint = True
                 value = request.fn(conn) if request.fn is not None else None
+                drafts = [*request.events, *(value or ())] if request.fn_events else request.events
                 for sql, params in request.statements:
                     conn.execute(sql, params)
-                request.committed = [_insert_event(conn, draft) for draft in request.events]
+                request.committed = [_insert_event(conn, draft) for draft in drafts]
                 conn.execute("RELEASE req")
                 request.result = outcome.Value(value)
+                applied.append(request)
             except Exception as exc:
-                conn.execute("ROLLBACK TO req")
-                conn.execute("RELEASE req")
-                request.committed = []
-                if isinstance(exc, sqlite3.Error):  # translated once, here, with the cause kept
-                    wrapped = StorageError(f"Failed to write to the store: {exc}")
-                    wrapped.__cause__ = exc
-                    exc = wrapped
-                request.result = outcome.Error(exc)
+                error = storage_error(request.action, exc) if isinstance(exc, sqlite3.Error) else exc
+                if conn.in_transaction and (not savepoint or self._rollback_savepoint(conn)):
+                    self._fail(request, error)  # only this request is undone; the others go on
+                    continue
+                # The transaction is gone: SQLite rolled it back by itself (it may on SQLITE_FULL or
+                # SQLITE_IOERR), or the savepoint could not be undone. Everything applied in it is lost.
+                self._abort()
+                self._fail(request, error)
+                for earlier in applied:
+                    self._fail(earlier, storage_error(
+                        earlier.action, exc, "the transaction was rolled back after another write failed"))
+                return requests[index + 1:]
         try:
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
-            conn.execute("ROLLBACK")
+            # On SQLITE_FULL / SQLITE_IOERR at COMMIT SQLite has already rolled back; _abort checks
+            # ``in_transaction`` instead of assuming (a blind ROLLBACK raised and killed the writer).
             log.error("store commit failed: %s", exc)
-            for request in batch:
-                request.committed = []
-                request.result = outcome.Error(StorageError(f"Failed to commit to the store: {exc}"))
+            self._abort()
+            for request in applied:
+                self._fail(request, storage_error(request.action, exc, "the store could not commit"))
+        return []
+
+    @staticmethod
+    def _fail(request: WriteRequest, error: Exception) -> None:
+        request.result = outcome.Error(error)
+        request.committed = []
+        if request.lane is not None and request.lane.failed is None:
+            request.lane.failed = error if isinstance(error, RuntimeFailure) else storage_error(request.action, error)
+
+    @staticmethod
+    def _rollback_savepoint(conn: sqlite3.Connection) -> bool:
+        """Undo the current request's savepoint; False when that is impossible (the transaction is lost)."""
+        try:
+            conn.execute("ROLLBACK TO req")
+            conn.execute("RELEASE req")
+        except sqlite3.Error as exc:
+            log.error("store savepoint rollback failed: %s", exc)
+            return False
+        return True
+
+    def _writer_connection(self) -> sqlite3.Connection:
+        if self._wconn is None:  # dropped after a failure it could not recover from: open a fresh one
+            self._wconn = _connect(self.path, self._connection_factory)
+        return self._wconn
+
+    def _abort(self) -> None:
+        """Leave the write connection outside any transaction, whatever state a failure left it in."""
+        conn = self._wconn
+        if conn is None:
+            return
+        try:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            if not conn.in_transaction:
+                return
+        except sqlite3.Error as exc:
+            log.error("store rollback failed: %s", exc)
+        self._drop_connection()
+
+    def _drop_connection(self) -> None:
+        """Close the write connection (which rolls back whatever it holds); the next batch opens a new one."""
+        conn, self._wconn = self._wconn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except sqlite3.Error as exc:
+                log.error("closing the store's write connection failed: %s", exc)
 
     # ---- reads -----------------------------------------------------------------------------
 
@@ -328,28 +490,18 @@ class Store:
 
 
 def read_snapshot(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], Any]) -> Any:
-    """``fn(conn)`` inside one read transaction (``BEGIN`` ... ``COMMIT``; the connections run with
+    """``fn(conn)`` inside one read transaction (``BEGIN`` ... ``ROLLBACK``; the connections run with
     isolation_level=None, where each bare SELECT would be its own snapshot). In WAL mode the snapshot is
-    taken at the first SELECT and held until the end. Whatever ``fn`` does or raises, the connection
-    leaves here outside any transaction, so no later read is pinned to an old snapshot."""
+    taken at the first SELECT and held until the end. A read has nothing to commit, so it always ends
+    with ROLLBACK, which also works after an error (and never looks like a write's COMMIT to the
+    store's fault seams). Whatever ``fn`` does or raises, the connection leaves here outside any
+    transaction, so no later read is pinned to an old snapshot."""
     if conn.in_transaction:  # never expected; a stale snapshot must not outlive whatever left it
         conn.execute("ROLLBACK")
     conn.execute("BEGIN")
     try:
-        result = fn(conn)
-    except BaseException:
-        _end_read(conn, "ROLLBACK")
-        raise
-    _end_read(conn, "COMMIT")
-    return result
-
-
-def _end_read(conn: sqlite3.Connection, statement: str) -> None:
-    """End the read transaction. A read-only transaction has nothing to lose: if ending it fails and
-    the connection is still inside it, roll back (a ROLLBACK that fails too propagates)."""
-    try:
-        conn.execute(statement)
-    except sqlite3.Error:
+        return fn(conn)
+    finally:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
 

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import ssl
+import threading
 from pathlib import Path
-from typing import AsyncIterator
+from typing import AsyncIterator, Iterator
 
 import trio
 import trio.testing
@@ -25,6 +27,11 @@ from runtime import Runtime, RuntimeConfig
 
 # Upper bound for any single real-clock wait; generous because CI machines are busy, never a sync device.
 E2E_LIMIT = 20.0
+# One TLS context for tests that open many httpx clients (they speak plain HTTP, but httpx builds a
+# context per client anyway): built per client it loads the CA bundle on the event loop, ~30 ms of CPU
+# each (measured), and an in-process server shares that loop. 25-50 clients starting together stalled it
+# for over a second (loop lag p99 1.4 s), and requests ended 504/408 at a 1 s request timeout.
+CLIENT_TLS = ssl.create_default_context()
 
 
 class ThreadGuard(trio.abc.Instrument):
@@ -64,6 +71,25 @@ async def open_runtime(data_dir: Path, **overrides) -> AsyncIterator[Runtime]:
         if guard is not None:
             trio.lowlevel.remove_instrument(guard)
             clock.autojump_threshold = guard.threshold
+
+
+# Real-time bound on a held store writer: a test that forgets to let it go fails instead of hanging.
+HOLD_LIMIT = 20.0
+
+
+@contextlib.contextmanager
+def held_writer(rt: Runtime) -> Iterator[threading.Event]:
+    """Hold the store's single writer inside a real transaction until the yielded event is set (at the
+    latest when the block ends): every write queued meanwhile commits after it, in order. Under an
+    autojumping MockClock, ThreadGuard keeps virtual time still while the writer is held."""
+    release = threading.Event()
+    from runtime.store import WriteRequest
+
+    rt.store.submit(WriteRequest(fn=lambda conn: release.wait(HOLD_LIMIT)))
+    try:
+        yield release
+    finally:
+        release.set()
 
 
 async def run_clients(count: int, concurrency: int, client) -> None:

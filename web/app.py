@@ -29,6 +29,8 @@ class HTTPConnection(TrioASGIHTTPConnection):
 
     async def handle_request(self, nursery, request, send):  # type: ignore[override]
         async def send_whole(message):
+            # Safe: bounded by the socket write under it, which web/server.py gives a deadline (the send
+            # timeout, or the end of the grace at shutdown); a client that stopped reading is dropped.
             with trio.CancelScope(shield=True):
                 await send(message)
 

@@ -14,9 +14,24 @@ from .errors import error_response
 TOKEN_FILE = "runtime.token"
 
 
+def token_problem(token: str) -> str | None:
+    """Why ``token`` cannot be a bearer token, or None. Blank: every client that sends nothing would match
+    (``?token=``). Whitespace at either end: clients' Authorization headers are stripped, so it would never
+    match there."""
+    if not token.strip():
+        return "is empty" if token == "" else "is only whitespace"
+    if token != token.strip():
+        return "starts or ends with whitespace"
+    return None
+
+
 def install(app: Quart, token: str | None) -> None:
+    """``token`` None: no auth (the CLI allows that only with ``--insecure-no-auth`` on loopback). Any other
+    token must pass ``token_problem``: an empty one would authorize every request that sends an empty one."""
     if token is None:
         return
+    if problem := token_problem(token):
+        raise ValueError(f"refusing to serve with this auth token: it {problem}")
     expected = token.encode()
 
     @app.before_request
@@ -25,8 +40,9 @@ def install(app: Quart, token: str | None) -> None:
             return None
         header = request.headers.get("Authorization", "")
         supplied = header[7:].strip() if header[:7].lower() == "bearer " else request.args.get("token")
-        # compare_digest: the time taken does not reveal how much of a guess was right.
-        if supplied is None or not hmac.compare_digest(supplied.encode(), expected):
+        # compare_digest: the time taken does not reveal how much of a guess was right. An empty token never
+        # authorizes (install refused an empty expected one; this says so again where the decision is made).
+        if not supplied or not hmac.compare_digest(supplied.encode(), expected):
             response = error_response(401, "unauthorized",
                                       "Missing or wrong token: send 'Authorization: Bearer TOKEN' or ?token=TOKEN")
             response.headers["WWW-Authenticate"] = 'Bearer realm="trio-runtime"'
@@ -35,8 +51,9 @@ def install(app: Quart, token: str | None) -> None:
 
 
 def load_or_create_token(data_dir: Path) -> tuple[str, bool]:
-    """The token in ``<data-dir>/runtime.token``, created (mode 0600, atomically) if missing.
-    Returns ``(token, created)``; reusing it keeps existing clients working across restarts."""
+    """The token in ``<data-dir>/runtime.token``, created (mode 0600, atomically) if missing or blank.
+    Returns ``(token, created)``; reusing it keeps existing clients working across restarts. A file holding
+    only whitespace (truncated by hand, or by a full disk) is replaced, never read as an empty token."""
     path = data_dir / TOKEN_FILE
     try:
         token = path.read_text().strip()

@@ -1,8 +1,10 @@
 """``trio-runtime serve``: the Runtime and hypercorn's trio worker in one trio run.
 
 Shutdown order on SIGINT/SIGTERM: end open SSE streams, stop accepting and give in-flight requests
-``graceful_seconds``, then leave the Runtime (running turns end ``interrupted``, the store flushes),
-then exit 0.
+``graceful_seconds`` (writes to clients included: see web/server.py), then leave the Runtime (running
+turns end ``interrupted``, the store flushes), then exit 0. A second signal during that exits at once
+with ``128 + signal number`` (130 for SIGINT, 143 for SIGTERM), as a kill would: the store and the
+session files are crash-safe, so nothing is left half-written.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import argparse
 import dataclasses
 import gc
 import logging
+import math
 import os
 import signal
 import sys
@@ -19,27 +22,89 @@ from pathlib import Path
 from typing import Any, Callable
 
 import trio
-from hypercorn.config import Config as HyperConfig
 from hypercorn.trio import serve as hypercorn_serve
 
 from runtime import Runtime, RuntimeConfig, __version__
 from runtime.models.openai_compat import DEFAULT_READ_TIMEOUT, OpenAICompatModel
 from runtime.models.tools import ToolRegistry, demo_registry
 
+from . import server
 from .app import create_app
-from .auth import TOKEN_FILE, load_or_create_token
+from .auth import TOKEN_FILE, load_or_create_token, token_problem
 from .doctor import API_KEY_ENV, BASE_URL_ENV, DEFAULT_DOCTOR_TIMEOUT, MODEL_NAME_ENV, run_doctor
 from .settings import (
-    DEFAULT_DATA_DIR, DEFAULT_GRACEFUL_SECONDS, DEFAULT_HOST, DEFAULT_MAX_BODY, DEFAULT_PORT, DEFAULT_REQUEST_TIMEOUT, DEFAULT_SSE_KEEPALIVE,
-    ServerSettings, is_loopback,
+    DEFAULT_DATA_DIR, DEFAULT_GRACEFUL_SECONDS, DEFAULT_HOST, DEFAULT_MAX_BODY, DEFAULT_PORT, DEFAULT_REQUEST_TIMEOUT,
+    DEFAULT_SSE_KEEPALIVE, DEFAULT_SSE_SEND_TIMEOUT, IDLE_EVICT, MAX_BODY, MAX_TOKENS, PORT, SECONDS, Bound,
+    ServerSettings, is_loopback, show,
 )
 
 log = logging.getLogger("trio_runtime")
 
+TOKEN_ENV = "TRIO_RUNTIME_TOKEN"
+REQUEST_TIMEOUT_ENV = "TRIO_RUNTIME_REQUEST_TIMEOUT"
+
+# The numeric flags and the values they accept: (flag, its argparse dest, the Bound). Checked after
+# parsing (``check_numbers``) so that every refusal names the flag and the range in one format.
+SERVE_NUMBERS = (
+    ("--port", "port", PORT),
+    ("--request-timeout", "request_timeout", SECONDS),
+    ("--max-body", "max_body", MAX_BODY),
+    ("--sse-keepalive", "sse_keepalive", SECONDS),
+    ("--sse-send-timeout", "sse_send_timeout", SECONDS),
+    ("--graceful-timeout", "graceful_timeout", SECONDS),
+    ("--idle-evict", "idle_evict", IDLE_EVICT),
+)
+MODEL_NUMBERS = (
+    ("--model-read-timeout", "model_read_timeout", SECONDS),
+    ("--model-max-tokens", "model_max_tokens", MAX_TOKENS),
+)
+DOCTOR_NUMBERS = (("--timeout", "timeout", SECONDS),)
+
 
 def _env(name: str, default: str | None = None) -> str | None:
+    """An environment variable; set but empty counts as unset (except the token: see ``auth_token_from``)."""
     value = os.environ.get(name)
     return value if value not in (None, "") else default
+
+
+def check_numbers(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                  flags: tuple[tuple[str, str, Bound], ...]) -> None:
+    """``parser.error`` (exit 2) naming the first flag whose value is outside its range; None is "not given"."""
+    for flag, dest, bound in flags:
+        value = getattr(args, dest, None)
+        if value is not None and value not in bound:
+            parser.error(f"{flag} must be {bound}: got {show(value)}")
+
+
+def request_timeout_from(parser: argparse.ArgumentParser, args: argparse.Namespace) -> float:
+    """``--request-timeout``, else TRIO_RUNTIME_REQUEST_TIMEOUT, else the default; a bad variable is refused
+    by name (it is read here, not as the flag's default, so that the message can say where it came from)."""
+    if args.request_timeout is not None:
+        return args.request_timeout
+    raw = _env(REQUEST_TIMEOUT_ENV)
+    if raw is None:
+        return DEFAULT_REQUEST_TIMEOUT
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if value not in SECONDS:
+        parser.error(f"{REQUEST_TIMEOUT_ENV} must be {SECONDS}: got {raw!r}")
+    return value
+
+
+def auth_token_from(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str | None:
+    """``--auth-token``, else TRIO_RUNTIME_TOKEN, else None (a token is generated). A token that is empty or
+    only whitespace is refused wherever it comes from: ``--auth-token "$UNSET"`` in a script used to turn
+    auth off. An empty variable is refused too rather than read as unset: set on purpose, it is the same
+    script bug; to use the generated token, unset it."""
+    source, token = "--auth-token", args.auth_token
+    if token is None and os.environ.get(TOKEN_ENV) is not None:
+        source, token = TOKEN_ENV, os.environ[TOKEN_ENV]
+    if token is not None and (problem := token_problem(token)):
+        parser.error(f"{source} {problem}. Give a real token, or leave {TOKEN_ENV} unset and --auth-token out "
+                     "to use the generated one.")
+    return token
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,17 +126,15 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def model_factory_from_args(parser: argparse.ArgumentParser,
                             args: argparse.Namespace) -> Callable[[], OpenAICompatModel] | None:
-    """The RuntimeConfig.model_factory for the chosen backend (None: the scripted model)."""
+    """The RuntimeConfig.model_factory for the chosen backend (None: the scripted model). Refuses (exit 2)
+    model flags outside their range, whichever backend is chosen."""
+    check_numbers(parser, args, MODEL_NUMBERS)
     if args.model == "scripted":
         return None
     missing = [flag for flag, value in (("--model-base-url", args.model_base_url), ("--model-name", args.model_name))
                if not value]
     if missing:
         parser.error(f"--model openai needs {' and '.join(missing)} (or {BASE_URL_ENV} / {MODEL_NAME_ENV})")
-    if args.model_read_timeout <= 0:
-        parser.error("--model-read-timeout must be positive")
-    if args.model_max_tokens is not None and args.model_max_tokens <= 0:
-        parser.error("--model-max-tokens must be a positive number of tokens")
     api_key = _env(API_KEY_ENV)
     tools = demo_registry() if args.model_tools == "demo" else ToolRegistry()
     log.info("model backend: openai at %s, model %r, API key %s, tools: %s, max tokens: %s", args.model_base_url,
@@ -88,25 +151,28 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the HTTP server")
     serve.add_argument("--host", default=DEFAULT_HOST, help="address to bind (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (0 picks a free one; default 7878)")
+    serve.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (0 picks a free one; default 7878; {PORT})")
     serve.add_argument("--data-dir", type=Path, default=Path(_env("TRIO_RUNTIME_DATA_DIR", str(DEFAULT_DATA_DIR))),
                        help="where the database and sessions live [TRIO_RUNTIME_DATA_DIR]")
     auth = serve.add_mutually_exclusive_group()
-    auth.add_argument("--auth-token", default=_env("TRIO_RUNTIME_TOKEN"),
-                      help="bearer token clients must send [TRIO_RUNTIME_TOKEN]; default: generated")
+    auth.add_argument("--auth-token", default=None,
+                      help=f"bearer token clients must send [{TOKEN_ENV}]; default: generated")
     auth.add_argument("--insecure-no-auth", action="store_true", help="no auth (loopback hosts only)")
-    serve.add_argument("--request-timeout", type=float,
-                       default=float(_env("TRIO_RUNTIME_REQUEST_TIMEOUT", str(DEFAULT_REQUEST_TIMEOUT))),
-                       help="seconds a request may wait on an engine [TRIO_RUNTIME_REQUEST_TIMEOUT]")
+    serve.add_argument("--request-timeout", type=float, default=None,
+                       help=f"seconds a request may wait on an engine [{REQUEST_TIMEOUT_ENV}] (default 10; {SECONDS})")
     serve.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                        help="allow this browser origin (repeatable); CORS is off without it")
-    serve.add_argument("--max-body", type=int, default=DEFAULT_MAX_BODY, help="largest request body in bytes")
+    serve.add_argument("--max-body", type=int, default=DEFAULT_MAX_BODY,
+                       help=f"largest request body in bytes (default 8 MiB; {MAX_BODY})")
     serve.add_argument("--sse-keepalive", type=float, default=DEFAULT_SSE_KEEPALIVE,
-                       help="seconds between SSE keepalive comments")
+                       help=f"seconds between SSE keepalive comments (default 15; {SECONDS})")
+    serve.add_argument("--sse-send-timeout", type=float, default=DEFAULT_SSE_SEND_TIMEOUT,
+                       help="a client that takes no data for this many seconds is dropped, e.g. an SSE client that "
+                            f"stopped reading (default 10; {SECONDS})")
     serve.add_argument("--graceful-timeout", type=float, default=DEFAULT_GRACEFUL_SECONDS,
-                       help="seconds in-flight requests get to finish after SIGINT/SIGTERM (default 3)")
+                       help=f"seconds in-flight requests get to finish after SIGINT/SIGTERM (default 3; {SECONDS})")
     serve.add_argument("--idle-evict", type=float, default=None,
-                       help="seconds before an idle engine is evicted (default 600)")
+                       help=f"seconds before an idle engine is evicted (default 600; {IDLE_EVICT})")
     add_model_arguments(serve)
     serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     doctor = commands.add_parser("doctor", help="check that the configured model backend is reachable and serves"
@@ -117,12 +183,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def settings_from_args(args: argparse.Namespace) -> ServerSettings:
+def settings_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> ServerSettings:
+    """The serve flags and their environment variables, each checked (exit 2 with the reason otherwise)."""
+    check_numbers(parser, args, SERVE_NUMBERS)
     return ServerSettings(
-        host=args.host, port=args.port, data_dir=args.data_dir, auth_token=args.auth_token,
-        insecure_no_auth=args.insecure_no_auth, request_timeout=args.request_timeout,
+        host=args.host, port=args.port, data_dir=args.data_dir, auth_token=auth_token_from(parser, args),
+        insecure_no_auth=args.insecure_no_auth, request_timeout=request_timeout_from(parser, args),
         cors_origins=tuple(args.cors_origin), max_body=args.max_body, sse_keepalive=args.sse_keepalive,
-        graceful_seconds=args.graceful_timeout, log_level=args.log_level,
+        sse_send_timeout=args.sse_send_timeout, graceful_seconds=args.graceful_timeout, log_level=args.log_level,
     )
 
 
@@ -137,7 +205,10 @@ class RunningServer:
 async def run_server(settings: ServerSettings, runtime_config: RuntimeConfig, *, shutdown: trio.Event,
                      task_status: trio.TaskStatus[RunningServer] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve until ``shutdown`` is set, then shut down in order (see the module docstring).
-    Reports a RunningServer (real URL, token) through ``task_status`` once it accepts connections."""
+    Reports a RunningServer (real URL, token) through ``task_status`` once it accepts connections.
+
+    Once ``shutdown`` is set it returns within ``settings.graceful_seconds`` plus the Runtime's own close,
+    whatever clients do: every write to a client is cut at the end of the grace (web/server.py)."""
     token = settings.auth_token
     if token is None and not settings.insecure_no_auth:
         token, created = load_or_create_token(settings.data_dir)
@@ -146,16 +217,21 @@ async def run_server(settings: ServerSettings, runtime_config: RuntimeConfig, *,
             print(f"trio-runtime auth token: {token} (saved to {where})", flush=True)
         else:
             print(f"trio-runtime auth token: read from {where}", flush=True)
-    hyper = HyperConfig()
+    server.install()
+    hyper = server.ServerConfig()
     hyper.bind = [f"[{settings.host}]:{settings.port}" if ":" in settings.host else f"{settings.host}:{settings.port}"]
     hyper.accesslog = None
     hyper.errorlog = logging.getLogger("hypercorn.error")
     hyper.graceful_timeout = settings.graceful_seconds
+    hyper.send_bounds = bounds = server.SendBounds(settings.sse_send_timeout)
     async with Runtime.open(runtime_config) as rt:
         app = create_app(rt, settings, token)
 
         async def stop_serving() -> None:
             await shutdown.wait()
+            # hypercorn gives in-flight requests the grace from now, but cannot stop a write that waits on
+            # a client (its writes are shielded): cut those at the same moment.
+            bounds.cut_off(trio.current_time() + settings.graceful_seconds)
             app.config["TRIO_RUNTIME_STREAMS"].close_all()  # SSE streams would otherwise run out the grace
 
         # hypercorn returns once stop_serving returned and in-flight requests finished (or the grace ran out)
@@ -169,15 +245,26 @@ async def run_server(settings: ServerSettings, runtime_config: RuntimeConfig, *,
 
 
 async def serve(settings: ServerSettings, runtime_config: RuntimeConfig) -> None:
-    """``run_server`` until SIGINT or SIGTERM."""
+    """``run_server`` until SIGINT or SIGTERM; a second signal while it shuts down exits at once."""
     shutdown = trio.Event()
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
 
         async def on_signal() -> None:
+            # Keeps reading signals for the whole shutdown: a signal nobody reads is swallowed, and
+            # "press Ctrl-C again" is how people stop a server whose shutdown takes too long.
             async for signum in signals:
-                log.info("received %s, shutting down", signal.Signals(signum).name)
-                shutdown.set()
-                return
+                name = signal.Signals(signum).name
+                if not shutdown.is_set():
+                    log.info("received %s, shutting down (send it again to exit at once)", name)
+                    shutdown.set()
+                    continue
+                code = 128 + signum  # the shell's code for "killed by this signal"
+                log.warning("received %s again during shutdown: exiting at once with code %d", name, code)
+                sys.stdout.flush()
+                sys.stderr.flush()
+                # Like a kill: no cleanup runs. Safe for the data: SQLite (WAL) and the atomic session
+                # writes are built to survive kill -9 at any point (tests/reliability/test_kill9.py).
+                os._exit(code)
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(on_signal)
@@ -189,20 +276,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "doctor":
+        check_numbers(parser, args, MODEL_NUMBERS + DOCTOR_NUMBERS)
         return run_doctor(model=args.model, base_url=args.model_base_url, model_name=args.model_name,
-                          api_key=_env(API_KEY_ENV), timeout=args.timeout)
-    settings = settings_from_args(args)
+                          api_key=_env(API_KEY_ENV), timeout=args.timeout, max_tokens=args.model_max_tokens)
+    settings = settings_from_args(parser, args)
     if settings.insecure_no_auth and not is_loopback(settings.host):
         parser.error(f"--insecure-no-auth is refused on the non-loopback host {settings.host!r}: "
                      "anyone on the network could drive your agents. Use --auth-token instead.")
-    if settings.request_timeout <= 0:
-        parser.error("--request-timeout must be positive")
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     model_factory = model_factory_from_args(parser, args)
     config = RuntimeConfig(data_dir=settings.data_dir, model_factory=model_factory,
                            default_model=args.model_name if model_factory else "scripted",
-                           **({"idle_evict_seconds": args.idle_evict} if args.idle_evict else {}))
+                           **({"idle_evict_seconds": args.idle_evict} if args.idle_evict is not None else {}))
     # A full garbage collection walks every tracked object, and what start-up made (modules, classes,
     # the parser) lives as long as the process: move it out of the collector's reach once. A 12 MB
     # session's parse makes thousands of containers and so triggers full collections; each held the

@@ -3,9 +3,13 @@ what is wrong when it cannot.
 
 For the ``openai`` backend it asks ``GET {base_url}/models`` (one request, bounded by ``timeout``) and
 reads the answer as a list of checks: the configuration is complete, the server is reachable, the API
-key is accepted, the URL is an OpenAI-compatible API, and the configured model is listed. Each failed
-check names the thing and the fix. Exit code 0 when every check passed, 1 otherwise. The API key is sent
-in the Authorization header only and never printed.
+key is accepted, the URL is an OpenAI-compatible API, and the configured model is listed. With
+``--model-max-tokens N`` it then asks for one streamed completion with ``max_tokens: N``, as ``serve``
+would, and reads only its status: servers refuse a limit they cannot honour (larger than the context
+window, or a model that only takes ``max_completion_tokens``) before they generate anything, and
+closing the stream at once keeps the check from waiting for N tokens. Each failed check names the thing
+and the fix. Exit code 0 when every check passed, 1 otherwise. The API key is sent in the Authorization
+header only and never printed.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ MODEL_NAME_ENV = "TRIO_RUNTIME_MODEL_NAME"
 DEFAULT_DOCTOR_TIMEOUT = 10.0
 # At most this many served model names are quoted when the configured one is missing.
 MAX_LISTED_MODELS = 20
+# The one message of the max_tokens check: short, so the server's prompt processing costs nothing.
+MAX_TOKENS_PROBE = "Say OK."
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,10 +44,11 @@ class Check:
 
 
 async def diagnose(base_url: str | None, model_name: str | None, api_key: str | None, *,
-                   timeout: float = DEFAULT_DOCTOR_TIMEOUT,
+                   timeout: float = DEFAULT_DOCTOR_TIMEOUT, max_tokens: int | None = None,
                    http_client: Callable[[], httpx.AsyncClient] | None = None) -> list[Check]:
     """The checks for an OpenAI-compatible backend, in order; stops at the first one that makes the
-    rest meaningless. One HTTP request, bounded by ``timeout``; cancelling it leaves nothing behind."""
+    rest meaningless. One HTTP request (two with ``max_tokens``), each bounded by ``timeout``;
+    cancelling it leaves nothing behind (a started completion is closed, not drained)."""
     checks: list[Check] = []
     missing = [flag for flag, value in (("--model-base-url", base_url), ("--model-name", model_name)) if not value]
     if missing:
@@ -110,6 +117,8 @@ async def diagnose(base_url: str | None, model_name: str | None, api_key: str | 
 
     if model_name in served:
         checks.append(Check("model listed", True, f"'{model_name}' is served"))
+        if max_tokens is not None:
+            checks.append(await _check_max_tokens(base, model_name, headers, max_tokens, timeout, http_client))
     else:
         shown = ", ".join(repr(m) for m in served[:MAX_LISTED_MODELS]) or "none"
         more = f" and {len(served) - MAX_LISTED_MODELS} more" if len(served) > MAX_LISTED_MODELS else ""
@@ -117,6 +126,34 @@ async def diagnose(base_url: str | None, model_name: str | None, api_key: str | 
                             f"'{model_name}' is not served at {base}; it serves {shown}{more}. Pass one of those"
                             " with --model-name (a llama.cpp server lists its model under its alias or file name)"))
     return checks
+
+
+async def _check_max_tokens(base: str, model_name: str, headers: dict[str, str], max_tokens: int, timeout: float,
+                            http_client: Callable[[], httpx.AsyncClient] | None) -> Check:
+    """One streamed completion with ``max_tokens``; only its status (and an error's body) is read."""
+    url = f"{base}/chat/completions"
+    body = {"model": model_name, "messages": [{"role": "user", "content": MAX_TOKENS_PROBE}], "stream": True,
+            "max_tokens": max_tokens}
+    api_key = headers.get("Authorization", "").removeprefix("Bearer ") or None
+    try:
+        async with (http_client or httpx.AsyncClient)() as client:
+            async with client.stream("POST", url, json=body, headers=headers,
+                                     timeout=httpx.Timeout(timeout, connect=min(timeout, DEFAULT_CONNECT_TIMEOUT))
+                                     ) as response:
+                if response.status_code == 200:
+                    # Accepted: leaving the block closes the stream before the model writes N tokens.
+                    return Check("max_tokens", True, f"the server accepts max_tokens {max_tokens} for '{model_name}'")
+                await response.aread()
+    except httpx.HTTPError as exc:
+        problem = f"POST {url} with max_tokens {max_tokens} failed: {type(exc).__name__}: {exc}"
+        if isinstance(exc, httpx.ReadTimeout):
+            problem = f"POST {url} with max_tokens {max_tokens} got no answer within {timeout:g} s"
+        return Check("max_tokens", False, _scrub(problem, api_key))
+    detail = _scrub(_detail(response), api_key)
+    quoted = f" ({detail})" if detail else ""
+    return Check("max_tokens", False, f"POST {url} with max_tokens {max_tokens} answered HTTP {response.status_code}"
+                                      f"{quoted}; lower --model-max-tokens, or leave it unset to use the server's"
+                                      " own limit")
 
 
 def _scrub(text: str, api_key: str | None) -> str:
@@ -157,17 +194,19 @@ def format_report(backend: str, checks: list[Check]) -> str:
 
 
 def run_doctor(*, model: str, base_url: str | None = None, model_name: str | None = None,
-               api_key: str | None = None, timeout: float = DEFAULT_DOCTOR_TIMEOUT,
+               api_key: str | None = None, timeout: float = DEFAULT_DOCTOR_TIMEOUT, max_tokens: int | None = None,
                out: TextIO | None = None) -> int:
     """The ``doctor`` command: print the report, return the exit code (0 all good, 1 a problem)."""
     out = out or sys.stdout
     if model == "scripted":
+        unused = f"; --model-max-tokens {max_tokens} does not apply to it" if max_tokens is not None else ""
         print(format_report(model, [Check("backend", True, "the built-in offline scripted model; nothing to"
-                                                           " reach")]), file=out)
+                                                           f" reach{unused}")]), file=out)
         return 0
     if model != "openai":
         print(format_report(model, [Check("backend", False, f"unknown model backend {model!r}")]), file=out)
         return 1
-    checks = trio.run(functools.partial(diagnose, base_url, model_name, api_key, timeout=timeout))
+    checks = trio.run(functools.partial(diagnose, base_url, model_name, api_key, timeout=timeout,
+                                        max_tokens=max_tokens))
     print(format_report(model, checks), file=out)
     return 0 if all(c.ok for c in checks) else 1

@@ -23,6 +23,7 @@ STATUS_BY_ERROR: dict[type[rt.RuntimeFailure], int] = {
     rt.PreconditionFailed: 412,
     rt.PayloadTooLarge: 413,
     rt.StorageError: 500,
+    rt.StorageFull: 507,  # RFC 4918 Insufficient Storage: the disk is full, nothing was written
     rt.EngineUnavailable: 503,
     rt.EngineTimeout: 504,
 }

@@ -8,6 +8,7 @@ from quart import Blueprint, Response, jsonify
 
 from runtime import __version__
 
+from . import sse
 from .api import ROUTES, route
 from .schemas import PATH_PARAMS, ErrorResponse, json_schema, required_fields
 
@@ -15,7 +16,8 @@ bp = Blueprint("openapi", __name__)
 
 ERROR_TEXT = {400: "Invalid input", 401: "Missing or wrong token", 404: "Not found", 409: "Conflict with current state",
               412: "Revision precondition failed", 413: "Body too large", 500: "Storage or internal error",
-              503: "Engine stopped", 504: "Timed out waiting for the engine"}
+              503: "Engine stopped", 504: "Timed out waiting for the engine",
+              507: "The disk is full: nothing was written"}
 
 
 def build_spec() -> dict[str, Any]:
@@ -53,9 +55,11 @@ def build_spec() -> dict[str, Any]:
         if spec.response is not None:
             ok["content"] = {spec.content_type: {"schema": json_schema(spec.response, components)}}
         elif spec.content_type == "text/event-stream":
-            ok["content"] = {"text/event-stream": {"schema": {"type": "string"}}}
+            ok["content"] = {"text/event-stream": {"itemSchema": sse.item_schema(components)}}
         responses: dict[str, Any] = {str(spec.status): ok}
         codes = set(spec.errors) | ({413} if spec.body is not None else set())
+        if 500 in codes:  # a route that can meet a storage failure can meet a full disk (StorageFull)
+            codes.add(507)
         if not spec.public:
             codes.add(401)
             op["security"] = [{"bearer": []}]
@@ -65,7 +69,7 @@ def build_spec() -> dict[str, Any]:
         op["responses"] = responses
         paths.setdefault(spec.path, {})[spec.method.lower()] = op
     return {
-        "openapi": "3.1.0",
+        "openapi": "3.2.0",
         "info": {"title": "trio-runtime", "version": __version__,
                  "description": "Local agent runtime: threads, turns, items, events (SSE) and saved sessions."},
         "paths": paths,
@@ -78,7 +82,7 @@ def _path_params(path: str) -> list[str]:
     return [part[1:-1] for part in path.split("/") if part.startswith("{")]
 
 
-@route(bp, "/openapi.json", "GET", summary="This API's OpenAPI 3.1 description", public=True)
+@route(bp, "/openapi.json", "GET", summary="This API's OpenAPI 3.2 description", public=True)
 async def openapi_json():
     return jsonify(build_spec())
 

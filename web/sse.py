@@ -12,11 +12,55 @@ from runtime.store import Event
 
 
 def frame(event: Event) -> bytes:
+    """One SSE frame: ``id`` (the seq), ``event`` (the name) and ``data`` (the JSON envelope); ``item_schema``
+    describes exactly this shape."""
     data = json.dumps(event.envelope(), separators=(",", ":"), ensure_ascii=False)
-    return f"id: {event.seq}\nevent: {event.event}\ndata: {data}\n\n".encode()
+    text = f"id: {event.seq}\nevent: {event.event}\ndata: {data}\n\n"
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        # Defence in depth: the engine already repairs model text, but an event stored by an older
+        # version may hold a lone surrogate. Repair it (never 'surrogatepass': invalid UTF-8) so no
+        # stored event can make a frame, or every later replay of it, fail.
+        from runtime.text import valid_text  # only this rare path needs it
+
+        return valid_text(text).encode()
 
 
 KEEPALIVE = b": keepalive\n\n"
+
+# The JSON in each frame's ``data`` (runtime.store.Event.envelope). Names are not an enum: new events
+# may be added (docs/API.md lists them), and a client should skip the ones it does not know.
+ENVELOPE_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "seq": {"type": "integer", "minimum": 1, "description": "Global, strictly increasing; the frame's id"},
+        "timestamp": {"type": "string", "format": "date-time"},
+        "thread_id": {"type": "string", "minLength": 1},
+        "turn_id": {"type": "string", "minLength": 1},
+        "item_id": {"type": "string", "minLength": 1},
+        "event": {"type": "string", "minLength": 1, "description": "The frame's event name, e.g. turn.completed"},
+        "payload": {"type": "object"},
+    },
+    "required": ["seq", "timestamp", "thread_id", "event", "payload"],
+}
+
+
+def item_schema(components: dict) -> dict:
+    """The schema of one event of the stream, for OpenAPI's ``itemSchema`` of ``text/event-stream`` (sequential
+    media, OpenAPI 3.2): an object of the frame's fields, ``data`` being JSON described by ``contentSchema``.
+    Adds the envelope to ``components`` as ``EventEnvelope``. Comments (``: keepalive``) are not events."""
+    components["EventEnvelope"] = ENVELOPE_SCHEMA
+    return {
+        "type": "object",
+        "properties": {
+            "id": {"type": "string", "pattern": "^[1-9][0-9]*$", "description": "The event's seq"},
+            "event": {"type": "string", "minLength": 1},
+            "data": {"type": "string", "contentMediaType": "application/json",
+                     "contentSchema": {"$ref": "#/components/schemas/EventEnvelope"}},
+        },
+        "required": ["id", "event", "data"],
+    }
 
 
 class StreamRegistry:

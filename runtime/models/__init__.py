@@ -2,7 +2,7 @@
 
 from .base import (
     ItemBreak, ModelBackend, ModelError, ModelEvent, ModelRequest, ReasoningDelta, Retrying, TextDelta, ToolCall,
-    ToolResult, Truncated, Usage,
+    ToolResult, Truncated, Usage, ValidText,
 )
 from .openai_compat import OpenAICompatModel
 from .scripted import ScriptedModel
@@ -11,5 +11,5 @@ from .tools import Tool, ToolRegistry
 __all__ = [
     "ItemBreak", "ModelBackend", "ModelError", "ModelEvent", "ModelRequest", "ReasoningDelta", "Retrying",
     "OpenAICompatModel", "ScriptedModel", "TextDelta", "Tool", "ToolCall", "ToolRegistry", "ToolResult", "Truncated",
-    "Usage",
+    "Usage", "ValidText",
 ]

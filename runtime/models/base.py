@@ -3,14 +3,20 @@
 A backend turns one request into an async stream of events. The engine owns everything else
 (items, events, usage bookkeeping, interrupts): a backend only talks to its model. Cancelling the
 iteration (an interrupt) must stop the backend promptly; it should not catch ``trio.Cancelled``.
+
+Every backend's stream reaches the engine through ``ValidText``, so the rule "text from any model is
+valid Unicode before it is stored or sent" (API.md) is kept in this one place, whatever the backend.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from typing import Any, AsyncIterator, Protocol, Union
 
 import trio
+
+from ..text import REPLACEMENT, has_surrogate, is_high_surrogate, valid_text, valid_value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,3 +96,85 @@ class ModelBackend(Protocol):
     name: str
 
     def stream(self, request: ModelRequest) -> AsyncIterator[ModelEvent]: ...
+
+
+class ValidText:
+    """A backend's event stream in which every text is valid Unicode (see ``runtime.text``).
+
+    A delta that ends in a high surrogate is held back until the next event: when that event is a
+    delta of the same kind starting with the low half, the two are joined into one character (a server
+    that splits an emoji's UTF-16 pair across two chunks); when it is anything else, or the stream
+    ends, the held half is yielded as U+FFFD first. Every other lone surrogate, in deltas, tool call
+    names and inputs, tool results, retry reasons and ModelError messages, becomes U+FFFD.
+
+    Cancellation (an interrupt) or a ModelError can end the stream while a half is held; the engine
+    then calls ``flush`` and appends what it returns to the item the half belonged to. Closing this
+    iterator closes the backend's stream.
+    """
+
+    def __init__(self, events: AsyncIterator[ModelEvent]) -> None:
+        self._events = events
+        self._ready: collections.deque[ModelEvent] = collections.deque()
+        self._held: TextDelta | ReasoningDelta | None = None
+        self._ended = False
+
+    def __aiter__(self) -> "ValidText":
+        return self
+
+    async def __anext__(self) -> ModelEvent:
+        while not self._ready:
+            if self._ended:
+                raise StopAsyncIteration
+            try:
+                event = await self._events.__anext__()
+            except StopAsyncIteration:
+                self._ended = True
+                held = self.flush()
+                if held is None:
+                    raise
+                return held
+            except ModelError as exc:
+                message = str(exc)
+                if has_surrogate(message):
+                    raise ModelError(valid_text(message)) from exc
+                raise
+            self._take(event)
+        return self._ready.popleft()
+
+    def flush(self) -> TextDelta | ReasoningDelta | None:
+        """The held first half of a pair, as a U+FFFD delta of its kind; None when nothing is held."""
+        held, self._held = self._held, None
+        return None if held is None else type(held)(REPLACEMENT)
+
+    async def aclose(self) -> None:
+        aclose = getattr(self._events, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+    def _take(self, event: ModelEvent) -> None:
+        if isinstance(event, (TextDelta, ReasoningDelta)):
+            text = event.text
+            if self._held is not None:
+                if type(self._held) is type(event):
+                    text = self._held.text + text
+                    self._held = None
+                else:
+                    self._ready.append(self.flush())  # type: ignore[arg-type]
+            if text and is_high_surrogate(text[-1]):
+                # Possibly the first half of a pair whose second half is in the next chunk.
+                self._held = type(event)(text[-1])
+                text = text[:-1]
+            if text:
+                fixed = valid_text(text)
+                self._ready.append(event if fixed is event.text else type(event)(fixed))
+            return
+        held = self.flush()
+        if held is not None:
+            self._ready.append(held)
+        if isinstance(event, ToolCall):
+            event = ToolCall(valid_text(event.id), valid_text(event.name), valid_value(event.input))
+        elif isinstance(event, ToolResult):
+            event = ToolResult(valid_text(event.id), valid_text(event.content), event.is_error)
+        elif isinstance(event, Retrying):
+            event = Retrying(event.attempt, valid_text(event.reason))
+        self._ready.append(event)

@@ -15,6 +15,11 @@ Streaming: the body is parsed as server-sent events as the bytes arrive; each ``
 TextDelta at once, ``reasoning_content`` (or ``reasoning``, as some servers name it) a ReasoningDelta, with
 an ItemBreak wherever the stream switches between the two.
 
+Unicode: ``json.loads`` accepts a lone surrogate escape (``"\\ud83d"``), and a server may send an emoji's
+two UTF-16 halves in two chunks. Deltas are yielded as decoded (the engine's ``ValidText`` joins the halves
+or replaces a lone one with U+FFFD); what this backend keeps itself (the round's text, tool call names
+and arguments, tool results) is repaired once whole, before it is sent back to the server.
+
 Length: with ``max_tokens`` set, every round asks the server to stop after that many tokens (its
 ``finish_reason`` is then ``length``); unset, the server's own limit applies, which for llama.cpp is the
 context window. Either way a ``length`` finish is announced with a Truncated event and the turn completes
@@ -58,6 +63,8 @@ from typing import Any, AsyncIterator, Callable, Iterable
 import httpx
 import trio
 
+from ..text import valid_text, valid_value
+from ..transcript import result_text
 from .base import (
     ItemBreak, ModelError, ModelEvent, ModelRequest, ReasoningDelta, Retrying, TextDelta, ToolCall, ToolResult,
     Truncated, Usage,
@@ -97,14 +104,6 @@ def _blocks(message: dict[str, Any]) -> list[dict[str, Any]]:
     if isinstance(content, str):
         return [{"type": "text", "text": content}]
     return [b for b in content or () if isinstance(b, dict)]
-
-
-def _result_text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):  # a list of content blocks, as some clients store tool results
-        return "\n".join(b.get("text", "") if isinstance(b, dict) else str(b) for b in content)
-    return json.dumps(content, default=str)
 
 
 def openai_messages(system_prompt: str | None, history: Iterable[dict[str, Any]],
@@ -152,7 +151,7 @@ def openai_messages(system_prompt: str | None, history: Iterable[dict[str, Any]]
                     texts.append(block["text"])
                 elif kind == "tool_result":
                     use_id = str(block.get("tool_use_id"))
-                    content = _result_text(block.get("content"))
+                    content = result_text(block.get("content"))
                     if use_id in pending:
                         pending.remove(use_id)
                         out.append({"role": "tool", "tool_call_id": use_id, "content": content})
@@ -289,7 +288,8 @@ class OpenAICompatModel:
                 turn.input_tokens += rnd.usage.input_tokens if rnd.usage else estimate_tokens(input_chars)
                 turn.output_tokens += rnd.usage.output_tokens if rnd.usage else estimate_tokens(rnd.output_chars)
                 yield Usage(turn.input_tokens, turn.output_tokens)
-                text = "".join(rnd.text)
+                # Joined before repair: a pair split across two chunks is one character again.
+                text = valid_text("".join(rnd.text))
                 if rnd.calls:
                     tool_rounds += 1
                     if tool_rounds > self.max_tool_rounds:
@@ -500,6 +500,9 @@ class OpenAICompatModel:
         for call in calls:
             if not call.id:  # some servers omit ids; the transcript needs one to pair call and result
                 call.id = f"call_{uuid.uuid4().hex[:16]}"
+            # Streamed in fragments like the text: repaired once whole (see runtime.text).
+            call.id, call.name = valid_text(call.id), valid_text(call.name)
+            call.arguments = valid_text(call.arguments)
         messages.append({
             "role": "assistant", "content": text or None,
             "tool_calls": [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments
@@ -507,6 +510,7 @@ class OpenAICompatModel:
         })
         for call in calls:
             arguments, problem = _parse_arguments(call.arguments)
+            arguments = valid_value(arguments)  # the JSON may itself escape a lone surrogate
             yield ToolCall(call.id, call.name, arguments)
             if problem is not None:
                 outcome = ToolOutcome(f"Tool '{call.name}' was not run: {problem}", is_error=True)

@@ -15,6 +15,8 @@ from typing import Any, Awaitable, Callable, Iterable
 
 import trio
 
+from ..text import valid_text
+
 # A tool call gets this long before its result becomes an error; generous for local tools, and it keeps
 # a wedged tool from holding a turn forever (an interrupt cancels it sooner).
 DEFAULT_TOOL_TIMEOUT = 30.0
@@ -85,7 +87,8 @@ class ToolRegistry:
             return ToolOutcome(f"Tool '{name}' did not finish within {self.timeout:g} s", is_error=True)
         except Exception as exc:  # a tool's bug is the model's problem to read about, not the turn's
             return ToolOutcome(f"Tool '{name}' failed: {type(exc).__name__}: {exc}", is_error=True)
-        content = value if isinstance(value, str) else json.dumps(value, default=str)
+        # A tool's text goes back to the model and into the transcript: valid Unicode (runtime.text).
+        content = valid_text(value) if isinstance(value, str) else json.dumps(value, default=str)
         if len(content) > MAX_RESULT_CHARS:
             content = content[: MAX_RESULT_CHARS - 1] + "…"
         return ToolOutcome(content)

@@ -1,9 +1,20 @@
-"""Cancel an operation at its k-th scheduling step, and check the runtime's invariants afterwards.
+"""Cancel an operation at the k-th scheduling step of one of three targets, and check the runtime's
+invariants afterwards.
 
-``StepCanceller`` is a trio Instrument that counts ``before_task_step`` for one task and cancels that
-task's scope when the count reaches k. Running an operation once uncancelled gives N; running it again
-for every k in 1..N proves the wait/commit split at every point where a timeout, a client disconnect
-or a shutdown could land.
+``StepCanceller`` is a trio Instrument that counts ``before_task_step`` for the tasks a target picks and
+cancels that target's scope when the count reaches k (and records that it did: a k past the last step
+would otherwise pass without cancelling anything). Running an operation once uncancelled gives N;
+running it again for every k in 1..N proves the wait/commit split at every point where a timeout, a
+client disconnect, an engine's death or a shutdown could land. The targets:
+
+- ``requester``: the task that called the operation (a timeout, a client disconnect);
+- ``engine``: any task of the thread's engine (its op loop, its turn, its reply helpers); the cancel is
+  the engine's nursery scope, which is what an engine crash or a stop from outside does. The engine goes;
+  the next request restores a successor from the store, and the two must agree;
+- ``writer``: the store's writer task. Trio cancels a task only through a scope around it, and the one
+  around the writer is the whole runtime's, so this is a shutdown by cancellation (of the server task)
+  landing at that step of the writer. The writer is shielded: everything queued before must commit, the
+  runtime closes cleanly, and a runtime reopened on the same files finds nothing to repair.
 """
 
 from __future__ import annotations
@@ -17,55 +28,242 @@ from typing import Any, Awaitable, Callable
 import trio
 import trio.testing
 
-from runtime import Runtime
+from runtime import Runtime, RuntimeConfig
 from runtime.errors import RuntimeFailure
+from runtime.models.base import ModelRequest, TextDelta
+from runtime.models.scripted import ScriptedModel
 from runtime.transcript import build_messages
+
+# Real-clock bound on any one wait of the harness: a hang fails the case instead of the suite.
+LIMIT = 20.0
+TARGETS = ("requester", "engine", "writer")
 
 
 class StepCanceller(trio.abc.Instrument):
+    """Counts the steps of the tasks ``picks`` accepts; at the ``cancel_at``-th it calls ``cancel`` (which
+    returns the scope it cancelled) once, and records the step in ``fired_at``."""
+
     def __init__(self) -> None:
-        self.task: trio.lowlevel.Task | None = None
-        self.steps = 0
+        self.picks: Callable[[trio.lowlevel.Task], bool] | None = None
+        self.cancel: Callable[[str], trio.CancelScope | None] | None = None
         self.cancel_at: int | None = None
-        self.scope: trio.CancelScope | None = None
+        self.steps = 0
+        self.fired_at: int | None = None
+        self.cancelled: trio.CancelScope | None = None
+
+    def arm(self, picks: Callable[[trio.lowlevel.Task], bool], cancel: Callable[[str], trio.CancelScope | None],
+            cancel_at: int | None) -> None:
+        self.picks, self.cancel, self.cancel_at = picks, cancel, cancel_at
+        self.steps, self.fired_at, self.cancelled = 0, None, None
+
+    def disarm(self) -> None:
+        self.picks = self.cancel = None
 
     def before_task_step(self, task: trio.lowlevel.Task) -> None:
-        if task is self.task:
-            self.steps += 1
-            if self.steps == self.cancel_at and self.scope is not None:
-                self.scope.cancel(reason=f"cancelled at step {self.steps}")
+        if self.picks is None or not self.picks(task):
+            return
+        self.steps += 1
+        if self.steps == self.cancel_at and self.fired_at is None:
+            assert self.cancel is not None
+            self.fired_at = self.steps
+            self.cancelled = self.cancel(f"harness: cancelled at step {self.steps}")
+
+
+def descends_from(task: trio.lowlevel.Task, root: trio.lowlevel.Task) -> bool:
+    current: trio.lowlevel.Task | None = task
+    while current is not None:
+        if current is root:
+            return True
+        nursery = current.parent_nursery
+        current = nursery.parent_task if nursery is not None else None
+    return False
+
+
+def find_task(suffix: str) -> trio.lowlevel.Task:
+    """The one live task whose name ends with ``suffix``."""
+
+    def walk(task: trio.lowlevel.Task):
+        yield task
+        for nursery in task.child_nurseries:
+            for child in nursery.child_tasks:
+                yield from walk(child)
+
+    [found] = [t for t in walk(trio.lowlevel.current_root_task()) if t.name.endswith(suffix)]
+    return found
+
+
+# ---- the model and the runtime under test ---------------------------------------------------
+
+HELD = "/held"
+PARTIAL = "Partial answer so far. "
+
+
+class HeldModel:
+    """The scripted model, plus one directive of the harness's own: a prompt whose first line is ``/held``
+    streams PARTIAL at once, waits for ``release_now()`` (or an interrupt), then answers the rest of the
+    prompt as the scripted model does. So a running turn always has streamed text that is in no finished
+    turn: a snapshot that leaked it would differ from the store's finished turns."""
+
+    name = "held-scripted"
+
+    def __init__(self) -> None:
+        self.inner = ScriptedModel()
+        self._release = trio.Event()
+
+    def release_now(self) -> None:
+        self._release.set()
+        self._release = trio.Event()
+
+    async def stream(self, request: ModelRequest):
+        first, _, rest = request.prompt.partition("\n")
+        if first.strip() == HELD:
+            release = self._release
+            yield TextDelta(PARTIAL)
+            await release.wait()
+            request = dataclasses.replace(request, prompt=rest)
+        async for event in self.inner.stream(request):
+            yield event
+
+
+class ReleaseWhenParked(trio.abc.Instrument):
+    """Releases the held turn of ``thread_id`` in the step in which a ``wait_for_idle`` snapshot request
+    (whose requester still waits) is parked on its engine: a wait-for-idle save then always waits for a
+    turn end, at the same point of every run, without a timer."""
+
+    def __init__(self, model: HeldModel) -> None:
+        self.model = model
+        self.rt: Runtime | None = None
+        self.thread_id: str | None = None
+
+    def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        if self.rt is None:
+            return
+        engine = self.rt.manager.engine(self.thread_id)
+        if engine is not None and engine.active is not None and any(
+                w.reply is not None and w.reply.statistics().open_receive_channels for w in engine._idle_waiters):
+            self.rt = None
+            self.model.release_now()
+
+
+class Server:
+    """A Runtime in a task of its own, as ``serve`` runs it: operations run in ``nursery`` inside it, so
+    cancelling ``scope`` cancels the whole server (requesters, engines, and the scope around the writer)."""
+
+    def __init__(self, config: RuntimeConfig) -> None:
+        self.config = config
+        self.scope = trio.CancelScope()
+        self.closed = trio.Event()
+        self.rt: Runtime | None = None
+        self.nursery: trio.Nursery | None = None
+
+    async def run(self, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            with self.scope:
+                async with Runtime.open(self.config) as rt:
+                    async with trio.open_nursery() as nursery:
+                        self.rt, self.nursery = rt, nursery
+                        task_status.started(self)
+                        await trio.sleep_forever()
+        finally:
+            self.closed.set()
+
+    def cancel(self, reason: str) -> trio.CancelScope:
+        self.scope.cancel(reason=reason)
+        return self.scope
+
+    async def close(self) -> None:
+        self.scope.cancel(reason="harness: closing the runtime")
+        with trio.fail_after(LIMIT):
+            await self.closed.wait()
+
+
+async def start_server(nursery: trio.Nursery, config: RuntimeConfig) -> Server:
+    return await nursery.start(Server(config).run)
+
+
+# ---- running one operation ------------------------------------------------------------------
 
 
 @dataclasses.dataclass
 class RunResult:
-    steps: int
+    steps: int = 0
     value: Any = None
     error: RuntimeFailure | None = None
+    # The operation did not finish: its own scope, or the server's, was cancelled.
     cancelled: bool = False
+    fired_at: int | None = None
+    cancelled_scope: trio.CancelScope | None = None
+    engine: Any = None  # the engine whose nursery was cancelled (engine target)
 
 
-async def run_op(canceller: StepCanceller, action: Callable[[], Awaitable[Any]],
-                 cancel_at: int | None = None) -> RunResult:
-    """Run ``action`` in a task of its own, cancelled at its ``cancel_at``-th step (None: never)."""
-    result = RunResult(steps=0)
+async def run_op(server: Server, canceller: StepCanceller, target: str, thread_id: str,
+                 action: Callable[[], Awaitable[Any]], cancel_at: int | None = None) -> RunResult:
+    """Run ``action`` in a requester task inside the server, cancelling ``target`` at its ``cancel_at``-th
+    step (None: never). Returns once everything the operation set going is done: for the writer target,
+    when the cancelled runtime has closed."""
+    rt = server.rt
+    assert rt is not None and server.nursery is not None
+    result = RunResult()
     scope = trio.CancelScope()
+    done = trio.Event()
 
-    async def body() -> None:
-        canceller.task = trio.lowlevel.current_task()
-        canceller.steps = 0
-        canceller.cancel_at = cancel_at
-        canceller.scope = scope
-        with scope:
-            try:
-                result.value = await action()
-            except RuntimeFailure as exc:
-                result.error = exc
-        result.cancelled = scope.cancelled_caught
-        result.steps = canceller.steps
-        canceller.task = None
+    def cancel_engine(reason: str) -> trio.CancelScope | None:
+        engine = rt.manager.engine(thread_id)
+        if engine is None or engine._nursery is None:
+            return None
+        result.engine = engine
+        engine._nursery.cancel_scope.cancel(reason=reason)
+        return engine._nursery.cancel_scope
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(body)
+    def engine_tasks(task: trio.lowlevel.Task) -> bool:
+        engine = rt.manager.engine(thread_id)
+        return engine is not None and engine._nursery is not None and descends_from(
+            task, engine._nursery.parent_task)
+
+    async def requester() -> None:
+        if target == "requester":
+            me = trio.lowlevel.current_task()
+
+            def cancel_me(reason: str) -> trio.CancelScope:
+                scope.cancel(reason=reason)
+                return scope
+
+            canceller.arm(lambda task: task is me, cancel_me, cancel_at)
+        try:
+            with scope:
+                try:
+                    # Step 1 is the step in which the action starts: a cancel before its first checkpoint.
+                    await trio.lowlevel.checkpoint()
+                    result.value = await action()
+                except RuntimeFailure as exc:
+                    result.error = exc
+            result.cancelled = scope.cancelled_caught
+        except trio.Cancelled:
+            result.cancelled = True  # the server's scope: a shutdown
+            raise
+        finally:
+            if target == "requester":
+                canceller.disarm()
+            done.set()
+
+    if target == "engine":
+        canceller.arm(engine_tasks, cancel_engine, cancel_at)
+    elif target == "writer":
+        writer = find_task("Store._writer")
+        canceller.arm(lambda task: task is writer, server.cancel, cancel_at)
+    try:
+        server.nursery.start_soon(requester)
+        with trio.fail_after(LIMIT):
+            await done.wait()
+            if target == "engine":
+                await settle(rt)
+            elif target == "writer":
+                await quiesce(server)
+                if canceller.fired_at is not None:
+                    await server.closed.wait()
+    finally:
+        result.steps, result.fired_at, result.cancelled_scope = canceller.steps, canceller.fired_at, canceller.cancelled
+        canceller.disarm()
     return result
 
 
@@ -81,6 +279,12 @@ class State:
     items: dict[str, dict[str, Any]]
     sessions: dict[str, dict[str, Any]]
     event_counts: dict[str, int]
+    # turn id -> {"turn.started": n, "turn.completed": n}
+    turn_events: dict[str, dict[str, int]]
+
+    def durable(self) -> tuple[Any, ...]:
+        """What a restart must find unchanged after a clean stop."""
+        return self.files, self.threads, self.turns, self.items, self.sessions, self.event_counts
 
 
 def capture(data_dir: Path) -> State:
@@ -99,7 +303,12 @@ def capture(data_dir: Path) -> State:
             return {row["id"]: dict(row) for row in conn.execute(f"SELECT * FROM {name}")}
 
         counts = {row[0]: row[1] for row in conn.execute("SELECT event, COUNT(*) FROM events GROUP BY event")}
-        return State(files, temps, table("threads"), table("turns"), table("items"), table("sessions"), counts)
+        turn_events: dict[str, dict[str, int]] = {}
+        for row in conn.execute("SELECT turn_id, event, COUNT(*) FROM events WHERE event IN"
+                                " ('turn.started', 'turn.completed') GROUP BY turn_id, event"):
+            turn_events.setdefault(row[0], {})[row[1]] = row[2]
+        return State(files, temps, table("threads"), table("turns"), table("items"), table("sessions"), counts,
+                     turn_events)
     finally:
         conn.close()
 
@@ -130,12 +339,46 @@ async def settle(rt: Runtime) -> None:
     await trio.testing.wait_all_tasks_blocked(cushion=0.002)
 
 
-async def check_invariants(rt: Runtime, data_dir: Path) -> State:
-    """What must hold after any operation, cancelled or not."""
-    await settle(rt)
-    state = capture(data_dir)
+async def quiesce(server: Server) -> None:
+    """``settle`` without writing anything (an empty write would add writer steps of its own): wait until
+    every task is blocked, no worker thread runs and the writer waits for work; or the server closed."""
+    rt = server.rt
+    assert rt is not None
+    limiters = (trio.to_thread.current_default_thread_limiter(), rt.store.read_limiter)
+    while not server.closed.is_set():
+        await trio.testing.wait_all_tasks_blocked(cushion=0.002)
+        stats = rt.store._write_rx.statistics()
+        if (stats.tasks_waiting_receive and not stats.current_buffer_used
+                and not any(limiter.borrowed_tokens for limiter in limiters)):
+            return
+
+
+# ---- invariants ----------------------------------------------------------------------------
+
+FINISHED = ("completed", "failed", "interrupted")
+
+
+def finished_turn_ids(state: State, thread_id: str) -> set[str]:
+    return {tid for tid, t in state.turns.items() if t["thread_id"] == thread_id and t["status"] in FINISHED}
+
+
+def rebuild(state: State, thread_id: str, turn_ids: set[str]) -> tuple[list[dict[str, Any]], int]:
+    """The messages and total tokens of ``thread_id`` made from the stored items of ``turn_ids`` only."""
+    thread = state.threads[thread_id]
+    items = sorted((dict(i) for i in state.items.values() if i["thread_id"] == thread_id and i["turn_id"] in turn_ids),
+                   key=lambda i: i["ord"])
+    for item in items:
+        item["metadata"] = json.loads(item["metadata"]) if item["metadata"] else None
+    base = json.loads(thread["base_messages"]) if thread["base_messages"] else []
+    tokens = thread["base_tokens"] + sum((state.turns[t]["input_tokens"] or 0) + (state.turns[t]["output_tokens"] or 0)
+                                         for t in turn_ids)
+    return build_messages(base, items), tokens
+
+
+def check_stored(state: State) -> None:
+    """What must hold of the files and the database alone: files and index agree, links resolve, and no
+    turn is half-recorded (a finished turn has no open item and exactly one ``turn.completed``)."""
     assert state.temp_files == [], f"temp files left behind: {state.temp_files}"
-    assert rt.sessions._locks == {}, "a per-session lock outlived its operation"
     on_disk = {name[:-5] for name in state.files}
     assert on_disk == set(state.sessions), f"index {set(state.sessions)} != files {on_disk}"
     for name, data in state.files.items():
@@ -144,21 +387,44 @@ async def check_invariants(rt: Runtime, data_dir: Path) -> State:
     for thread in state.threads.values():
         if thread["session_id"] is not None:
             assert thread["session_id"] in on_disk, f"thread {thread['id']} links a missing session"
-    for thread_id, thread in state.threads.items():
-        engine = rt.manager.engine(thread_id)
-        active = [t for t in state.turns.values() if t["thread_id"] == thread_id and t["status"] == "in_progress"]
-        if engine is None:
-            continue
-        assert (engine.active is not None) == bool(active), f"engine and store disagree on {thread_id}"
-        snapshot = await rt.get_session_snapshot(thread_id, timeout=10)
-        if not snapshot.turn_in_progress:
-            items = sorted((i for i in state.items.values() if i["thread_id"] == thread_id), key=lambda i: i["ord"])
-            for item in items:
-                item["metadata"] = json.loads(item["metadata"]) if item["metadata"] else None
-            base = json.loads(thread["base_messages"]) if thread["base_messages"] else []
-            assert list(snapshot.messages) == build_messages(base, items), "engine messages diverged from store"
-            tokens = thread["base_tokens"] + sum((t["input_tokens"] or 0) + (t["output_tokens"] or 0)
-                                                 for t in state.turns.values() if t["thread_id"] == thread_id)
-            assert snapshot.total_tokens == tokens
-    return state
+    for turn_id, turn in state.turns.items():
+        events = state.turn_events.get(turn_id, {})
+        if turn["status"] in FINISHED:
+            open_items = [i["id"] for i in state.items.values() if i["turn_id"] == turn_id
+                          and i["status"] in ("queued", "in_progress")]
+            assert open_items == [], f"turn {turn_id} is {turn['status']} with open items {open_items}"
+            if events.get("turn.started"):
+                assert events.get("turn.completed") == 1, f"turn {turn_id} is {turn['status']}: events {events}"
+        else:
+            assert not events.get("turn.completed"), f"turn {turn_id} is {turn['status']}: events {events}"
 
+
+async def check_invariants(rt: Runtime, data_dir: Path, thread_ids: tuple[str, ...] = ()) -> State:
+    """What must hold after any operation, cancelled or not. Each thread with a live engine, and each of
+    ``thread_ids`` (its engine restored from the store if it is gone), must agree with the store: its
+    snapshot, taken while a turn runs or not, equals the rebuild from the finished turns only."""
+    await settle(rt)
+    state = capture(data_dir)
+    check_stored(state)
+    assert rt.sessions._locks == {}, "a per-session lock outlived its operation"
+    for thread_id in state.threads:
+        engine = rt.manager.engine(thread_id)
+        active = [t for t, row in state.turns.items() if row["thread_id"] == thread_id and row["status"] not in FINISHED]
+        if engine is None:
+            assert active == [], f"no engine runs thread {thread_id}, but the store has turns {active} running"
+            if thread_id not in thread_ids:
+                continue
+        else:
+            assert ([engine.active.id] if engine.active else []) == active, f"engine and store disagree on {thread_id}"
+        snapshot = await rt.get_session_snapshot(thread_id, timeout=LIMIT)
+        assert snapshot.active_turn_id == (active[0] if active else None)
+        assert snapshot.turn_in_progress == bool(active)
+        messages, tokens = rebuild(state, thread_id, finished_turn_ids(state, thread_id))
+        assert list(snapshot.messages) == messages, (
+            f"engine messages of {thread_id} differ from the store's finished turns"
+            + (" while a turn runs" if active else ""))
+        assert snapshot.total_tokens == tokens
+        row = state.threads[thread_id]
+        assert (snapshot.title, snapshot.model, snapshot.mode, snapshot.system_prompt, snapshot.workspace) == (
+            row["title"], row["model"], row["mode"], row["system_prompt"], row["workspace"])
+    return state

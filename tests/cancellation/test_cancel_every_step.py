@@ -1,10 +1,14 @@
-"""Cancel every mutating operation at each of its scheduling steps; after each run, either nothing
-changed or the whole change is durable and consistent, no temp file is left, the engine answers, and
-no task leaked.
+"""Cancel every mutating operation at each scheduling step of its requester, of the thread's engine and
+of the store's writer (see harness.py for what each means); after each run, either nothing changed or the
+whole change is durable and consistent, no temp file is left, the engine (or its successor, or a reopened
+runtime) agrees with the store, and no task leaked.
+
+Every k in 1..N must really cancel: the run at k must reach step k and the cancel must fire there, so a
+step count that shrank (or a cancel that never landed) fails instead of passing silently.
 
 Real worker threads and the real clock are used on purpose: the cancellation is injected by the
 instrument, not by time, so the code under test is exactly the production path. Each case prints its
-N (the steps of one uncancelled run) so coverage is visible with ``pytest -s``.
+N per target so coverage is visible with ``pytest -s``.
 """
 
 from __future__ import annotations
@@ -19,18 +23,30 @@ import trio
 
 from runtime import Runtime, RuntimeConfig
 
-from .harness import State, StepCanceller, capture, check_invariants, run_op, settle, task_count
+from .harness import (
+    HELD, TARGETS, HeldModel, ReleaseWhenParked, RunResult, Server, State, StepCanceller, capture,
+    check_invariants, check_stored, finished_turn_ids, rebuild, run_op, settle, start_server, task_count,
+)
 
 SESSION = "keep"
 
 
 @dataclasses.dataclass
 class Ctx:
-    rt: Runtime
+    server: Server
     data_dir: Path
     thread_id: str
+    model: HeldModel
+    target: str
     k: int = 0
+    run: int = 0  # counts runs, for names that must differ from one run to the next
+    fired: bool = False  # the run's cancel landed (engine and writer targets end running turns)
     memo: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def rt(self) -> Runtime:
+        assert self.server.rt is not None
+        return self.server.rt
 
 
 @dataclasses.dataclass
@@ -44,6 +60,10 @@ class Case:
     # then (nothing lands later, the per-session lock was held to the end). Engine ops may legitimately
     # go on after a cancelled requester: the op was queued and the engine carries it out.
     final_at_return: bool = False
+    # The operation asks the thread's engine for something (else the engine target has no step to cancel).
+    uses_engine: bool = True
+    # A wait-for-idle save: the held turn is released when the save's request is parked on the engine.
+    release_when_parked: bool = False
 
 
 # ---- helpers -------------------------------------------------------------------------------
@@ -55,10 +75,11 @@ async def _ensure_idle(ctx: Ctx) -> None:
         await ctx.rt.interrupt_turn(ctx.thread_id, engine.active.id, timeout=10)
 
 
-async def _ensure_hanging(ctx: Ctx) -> None:
+async def _ensure_running(ctx: Ctx) -> None:
+    """A held turn runs, with PARTIAL already streamed (so a snapshot that leaked it would show)."""
     engine = ctx.rt.manager.engine(ctx.thread_id)
     if engine is None or engine.active is None:
-        turn = await ctx.rt.start_turn(ctx.thread_id, "/hang", timeout=10)
+        turn = await ctx.rt.start_turn(ctx.thread_id, f"{HELD}\nheld answer {ctx.run}", timeout=10)
         ctx.memo["turn_id"] = turn["id"]
     else:
         ctx.memo["turn_id"] = engine.active.id
@@ -83,6 +104,27 @@ def _events(before: State, after: State, name: str) -> int:
     return after.event_counts.get(name, 0) - before.event_counts.get(name, 0)
 
 
+def _ended_by_the_cancel(ctx: Ctx) -> set[tuple[str, str | None]]:
+    """How a turn that was running may end when this run's cancel lands: (status, error)."""
+    if not ctx.fired or ctx.target == "requester":
+        return {("in_progress", None)}
+    if ctx.target == "engine":
+        return {("interrupted", "engine stopped")}
+    # The cancelled runtime's shutdown and the cancel itself reach the engine in one step, in either order.
+    return {("interrupted", "server shutting down"), ("interrupted", "engine stopped")}
+
+
+def _assert_saved_content(doc: dict[str, Any], before: State, after: State, ctx: Ctx) -> None:
+    """A save holds finished turns only: those finished before it, and a turn it waited for. Never any
+    part of a turn still running (the held turn's PARTIAL), whatever ended that turn afterwards."""
+    turn_ids = finished_turn_ids(before, ctx.thread_id) | {
+        t for t in finished_turn_ids(after, ctx.thread_id) if after.turns[t]["status"] == "completed"}
+    messages, tokens = rebuild(after, ctx.thread_id, turn_ids)
+    assert doc["messages"] == messages
+    assert doc["metadata"]["total_tokens"] == tokens
+    assert doc["metadata"]["message_count"] == len(messages)
+
+
 # ---- the cases -----------------------------------------------------------------------------
 
 
@@ -90,9 +132,14 @@ async def _save_setup(ctx: Ctx) -> None:
     await _ensure_session(ctx)
 
 
+async def _save_idle_setup(ctx: Ctx) -> None:
+    await _ensure_session(ctx)
+    await _ensure_idle(ctx)
+
+
 async def _save_mid_turn_setup(ctx: Ctx) -> None:
     await _ensure_session(ctx)
-    await _ensure_hanging(ctx)
+    await _ensure_running(ctx)
 
 
 def _check_save_update(before: State, after: State, ctx: Ctx) -> bool:
@@ -101,17 +148,17 @@ def _check_save_update(before: State, after: State, ctx: Ctx) -> bool:
         assert after.files == before.files and after.sessions == before.sessions
         assert _events(before, after, "session.saved") == 0
         return False
-    else:
-        assert new["metadata"]["revision"] == old["metadata"]["revision"] + 1
-        assert new["metadata"]["created_at"] == old["metadata"]["created_at"]
-        assert after.sessions[SESSION]["revision"] == new["metadata"]["revision"]
-        assert after.threads[ctx.thread_id]["session_id"] == SESSION
-        assert _events(before, after, "session.saved") == 1
-        return True
+    assert new["metadata"]["revision"] == old["metadata"]["revision"] + 1
+    assert new["metadata"]["created_at"] == old["metadata"]["created_at"]
+    assert after.sessions[SESSION]["revision"] == new["metadata"]["revision"]
+    assert after.threads[ctx.thread_id]["session_id"] == SESSION
+    assert _events(before, after, "session.saved") == 1
+    _assert_saved_content(new, before, after, ctx)
+    return True
 
 
 def _check_save_create(before: State, after: State, ctx: Ctx) -> bool:
-    session_id = f"new-{ctx.k}"
+    session_id = f"new-{ctx.run}"
     doc = _doc(after, session_id)
     if doc is None:
         assert session_id not in after.sessions and _events(before, after, "session.saved") == 0
@@ -120,6 +167,7 @@ def _check_save_create(before: State, after: State, ctx: Ctx) -> bool:
     assert doc["metadata"]["revision"] == 1 and after.sessions[session_id]["revision"] == 1
     assert after.threads[ctx.thread_id]["session_id"] == session_id
     assert _events(before, after, "session.saved") == 1
+    _assert_saved_content(doc, before, after, ctx)
     return True
 
 
@@ -134,6 +182,7 @@ def _check_rebuild(before: State, after: State, ctx: Ctx) -> bool:
     if added:
         session_id = next(iter(added))[:-5]
         assert session_id in after.sessions and after.threads[ctx.thread_id]["session_id"] == session_id
+        _assert_saved_content(json.loads(after.files[f"{session_id}.json"]), before, after, ctx)
     return bool(added)
 
 
@@ -143,7 +192,7 @@ def _check_patch(before: State, after: State, ctx: Ctx) -> bool:
         assert after.sessions[SESSION] == before.sessions[SESSION]
         return False
     assert new["metadata"]["revision"] == old["metadata"]["revision"] + 1
-    assert new["metadata"]["title"] == f"title {ctx.k}" == after.sessions[SESSION]["title"]
+    assert new["metadata"]["title"] == f"title {ctx.run}" == after.sessions[SESSION]["title"]
     return True
 
 
@@ -174,6 +223,25 @@ def _check_resume(before: State, after: State, ctx: Ctx) -> bool:
     return bool(added)
 
 
+def _check_create_thread(before: State, after: State, ctx: Ctx) -> bool:
+    added = [t for tid, t in after.threads.items() if tid not in before.threads]
+    assert len(added) <= 1 and _events(before, after, "thread.started") == len(added)
+    if added:
+        assert (added[0]["title"], added[0]["mode"], added[0]["session_id"]) == (f"created {ctx.run}", "plan", None)
+    return bool(added)
+
+
+def _check_update_thread(before: State, after: State, ctx: Ctx) -> bool:
+    old, new = before.threads[ctx.thread_id], after.threads[ctx.thread_id]
+    changed = _events(before, after, "thread.updated")
+    assert changed in (0, 1)
+    if not changed:
+        assert (new["title"], new["mode"]) == (old["title"], old["mode"])
+        return False
+    assert (new["title"], new["mode"]) == (f"renamed {ctx.run}", "plan")
+    return True
+
+
 async def _start_setup(ctx: Ctx) -> None:
     await _ensure_idle(ctx)
 
@@ -183,25 +251,39 @@ def _check_start(before: State, after: State, ctx: Ctx) -> bool:
     assert len(new) <= 1 and _events(before, after, "turn.started") == len(new)
     if new:
         user_items = [i for i in after.items.values() if i["turn_id"] == new[0]["id"] and i["kind"] == "user_message"]
-        assert [i["detail"] for i in user_items] == ["/hang"]
+        assert [i["detail"] for i in user_items] == [f"{HELD}\nstarted {ctx.run}"]
+        assert (new[0]["status"], new[0]["error"]) in _ended_by_the_cancel(ctx)
     return bool(new)
+
+
+def _check_running_turn(before: State, after: State, ctx: Ctx) -> dict[str, Any]:
+    """The held turn the op acted on: still running, or ended the one way this run's cancel ends it."""
+    turn = after.turns[ctx.memo["turn_id"]]
+    assert before.turns[ctx.memo["turn_id"]]["status"] == "in_progress"
+    # Interrupted by the client (no error), or not: then still running, or ended by this run's cancel.
+    assert (turn["status"], turn["error"]) in _ended_by_the_cancel(ctx) | {("interrupted", None)}, (
+        turn["status"], turn["error"])
+    return turn
 
 
 def _check_steer(before: State, after: State, ctx: Ctx) -> bool:
     turn_id = ctx.memo["turn_id"]
+    _check_running_turn(before, after, ctx)
     steers = [i for i in after.items.values() if i["turn_id"] == turn_id and i["kind"] == "user_message"
               and i["metadata"] and json.loads(i["metadata"]).get("steer")]
     delta = after.turns[turn_id]["steer_count"] - before.turns[turn_id]["steer_count"]
     assert delta in (0, 1) and after.turns[turn_id]["steer_count"] == len(steers)
     assert _events(before, after, "turn.steered") == delta
+    if delta:
+        assert steers[-1]["detail"] == f"steer {ctx.run}"
     return delta == 1
 
 
 def _check_interrupt(before: State, after: State, ctx: Ctx) -> bool:
-    status = after.turns[ctx.memo["turn_id"]]["status"]
-    assert status in ("in_progress", "interrupted")
-    assert _events(before, after, "turn.completed") == (status == "interrupted")
-    return status == "interrupted"
+    turn = _check_running_turn(before, after, ctx)
+    assert _events(before, after, "turn.completed") == (turn["status"] != "in_progress")
+    # Changed by the interrupt itself: ended "interrupted" by the client (no error).
+    return (turn["status"], turn["error"]) == ("interrupted", None)
 
 
 async def _compact_setup(ctx: Ctx) -> None:
@@ -213,82 +295,171 @@ def _check_compact(before: State, after: State, ctx: Ctx) -> bool:
     assert len(new) <= 1
     if new:
         kinds = [i["kind"] for i in after.items.values() if i["turn_id"] == new[0]["id"]]
-        assert kinds == ["context_compaction"]
+        assert kinds == ["context_compaction"] and new[0]["status"] == "completed"
     return bool(new)
 
 
+def _save(session_id: Callable[[Ctx], str], **kwargs: Any) -> Callable[[Ctx], Awaitable[Any]]:
+    return lambda c: c.rt.sessions.save(thread_id=c.thread_id, session_id=session_id(c), timeout=10, **kwargs)
+
+
 CASES = [
-    Case("PUT session (update)", lambda c: c.rt.sessions.save(thread_id=c.thread_id, session_id=SESSION, timeout=10),
-         _check_save_update, _save_setup, final_at_return=True),
-    Case("PUT session (mid-turn)", lambda c: c.rt.sessions.save(thread_id=c.thread_id, session_id=SESSION,
-                                                                  timeout=10),
-         _check_save_update, _save_mid_turn_setup, final_at_return=True),
-    Case("PUT session (create)", lambda c: c.rt.sessions.save(thread_id=c.thread_id, session_id=f"new-{c.k}",
-                                                               timeout=10),
-         _check_save_create, _rebuild_setup, final_at_return=True),
+    Case("PUT session (update)", _save(lambda c: SESSION), _check_save_update, _save_setup, final_at_return=True),
+    Case("PUT session (mid-turn)", _save(lambda c: SESSION), _check_save_update, _save_mid_turn_setup,
+         final_at_return=True),
+    Case("PUT session (create)", _save(lambda c: f"new-{c.run}"), _check_save_create, _rebuild_setup,
+         final_at_return=True),
+    Case("PUT session (wait_for_idle, idle)", _save(lambda c: SESSION, wait_for_idle=True), _check_save_update,
+         _save_idle_setup, final_at_return=True),
+    Case("PUT session (wait_for_idle, mid-turn)", _save(lambda c: SESSION, wait_for_idle=True), _check_save_update,
+         _save_mid_turn_setup, final_at_return=True, release_when_parked=True),
     Case("POST session (rebuild)", lambda c: c.rt.sessions.rebuild(thread_id=c.thread_id, timeout=10),
-         _check_rebuild, _rebuild_setup, final_at_return=True),
-    Case("PATCH session", lambda c: c.rt.sessions.patch(SESSION, title=f"title {c.k}", timeout=10),
-         _check_patch, _save_setup, final_at_return=True),
+         _check_rebuild, _rebuild_setup, final_at_return=True, uses_engine=False),
+    Case("PATCH session", lambda c: c.rt.sessions.patch(SESSION, title=f"title {c.run}", timeout=10),
+         _check_patch, _save_setup, final_at_return=True, uses_engine=False),
     Case("DELETE session", lambda c: c.rt.sessions.delete("doomed", timeout=10), _check_delete, _delete_setup,
-         final_at_return=True),
+         final_at_return=True, uses_engine=False),
     Case("resume-thread", lambda c: c.rt.sessions.resume(SESSION), _check_resume, _resume_setup,
-         final_at_return=True),
-    Case("start turn", lambda c: c.rt.start_turn(c.thread_id, "/hang", timeout=10), _check_start, _start_setup),
-    Case("steer turn", lambda c: c.rt.steer_turn(c.thread_id, c.memo["turn_id"], f"steer {c.k}", timeout=10),
-         _check_steer, _ensure_hanging),
+         final_at_return=True, uses_engine=False),
+    Case("create thread", lambda c: c.rt.create_thread(title=f"created {c.run}", mode="plan"), _check_create_thread,
+         uses_engine=False),
+    Case("update thread", lambda c: c.rt.update_thread(c.thread_id, {"title": f"renamed {c.run}", "mode": "plan"},
+                                                       timeout=10),
+         _check_update_thread, _ensure_idle),
+    Case("start turn", lambda c: c.rt.start_turn(c.thread_id, f"{HELD}\nstarted {c.run}", timeout=10), _check_start,
+         _start_setup),
+    Case("steer turn", lambda c: c.rt.steer_turn(c.thread_id, c.memo["turn_id"], f"steer {c.run}", timeout=10),
+         _check_steer, _ensure_running),
     Case("interrupt turn", lambda c: c.rt.interrupt_turn(c.thread_id, c.memo["turn_id"], timeout=10),
-         _check_interrupt, _ensure_hanging),
+         _check_interrupt, _ensure_running),
     Case("compact", lambda c: c.rt.compact(c.thread_id, "cancel test", timeout=10), _check_compact,
          _compact_setup),
 ]
+PARAMS = [pytest.param(case, target, id=f"{case.name} [{target}]")
+          for case in CASES for target in TARGETS if target != "engine" or case.uses_engine]
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-async def test_cancelled_at_every_step_changes_all_or_nothing(tmp_path, case: Case):
+# Writer target only: group commit folds the writes an op sets going into one batch or two, depending on
+# which of two tasks woken in one step trio runs first (it reverses a batch half of the time), so the
+# writer's step count varies from run to run. N is the most steps of WRITER_PROBES uncancelled runs; a
+# run that ends before its step k is checked like any other, then k is tried again: 20 tries leave a 1 in
+# a million chance that a k is never reached.
+WRITER_PROBES = 8
+WRITER_TRIES = 20
+
+
+async def _fresh_runtime(ctx: Ctx, nursery: trio.Nursery, closed: State) -> None:
+    """After a shutdown: reopen on the same files. A clean stop leaves recovery nothing to repair."""
+    ctx.server = await start_server(nursery, ctx.server.config)
+    assert ctx.rt.store.recovered_turns == 0, "the shutdown left a turn for recovery to end"
+    assert capture(ctx.data_dir).durable() == closed.durable(), "reopening changed what the shutdown left"
+
+
+async def _run_and_check(ctx: Ctx, case: Case, canceller: StepCanceller, release: ReleaseWhenParked,
+                         nursery: trio.Nursery, n: int | None) -> RunResult:
+    """One run of ``case`` cancelled at step ``ctx.k`` of ``ctx.target`` (0: never), and every check."""
+    k, target = ctx.k, ctx.target
+    ctx.run += 1
+    if case.setup:
+        await case.setup(ctx)
+    await ctx.rt.manager.handle(ctx.thread_id)  # a live engine for the engine target to cancel
+    await settle(ctx.rt)
+    tasks_before = task_count()
+    before = capture(ctx.data_dir)
+    if case.release_when_parked:
+        release.rt, release.thread_id = ctx.rt, ctx.thread_id
+    result = await run_op(ctx.server, canceller, target, ctx.thread_id, lambda: case.action(ctx),
+                          cancel_at=k or None)
+    release.rt = None
+    ctx.fired = result.fired_at is not None
+    where = f"{case.name} [{target}] cancelled at step k={k} of {n}"
+    if ctx.fired:
+        # The run at k really was cancelled, at its k-th step.
+        assert result.steps >= k and result.fired_at == k, f"{where}: fired at {result.fired_at}"
+        assert result.cancelled_scope is not None and result.cancelled_scope.cancel_called, where
+    at_return = capture(ctx.data_dir)
+    if target == "writer" and ctx.fired:
+        assert ctx.server.closed.is_set(), f"{where}: the runtime did not close"
+        after = capture(ctx.data_dir)
+        try:
+            check_stored(after)
+        except AssertionError as exc:
+            raise AssertionError(f"{where}: the shutdown left a torn store") from exc
+        await _fresh_runtime(ctx, nursery, after)
+        await check_invariants(ctx.rt, ctx.data_dir, (ctx.thread_id,))
+    else:
+        try:
+            after = await check_invariants(ctx.rt, ctx.data_dir, (ctx.thread_id,))
+        except AssertionError as exc:
+            raise AssertionError(f"{where}: invariant broken") from exc
+        if target == "engine" and ctx.fired:  # the cancelled engine is gone; a successor answered
+            assert result.engine is not None and ctx.rt.manager.engine(ctx.thread_id) is not result.engine
+    if case.final_at_return and target == "requester":
+        assert (at_return.files, at_return.sessions, at_return.threads) == (
+            after.files, after.sessions, after.threads), f"{where}: changed after returning"
+    try:
+        changed = case.check(before, after, ctx)
+        # The caller's view matches the durable outcome: success means it happened, an error (a 503
+        # from an engine that went away, say) means it did not; only a cancelled caller may not know.
+        if not result.cancelled:
+            assert changed == (result.error is None), f"reported {result.error!r}, changed={changed}"
+    except AssertionError as exc:
+        raise AssertionError(f"{where}: all-or-nothing broken") from exc
+    await settle(ctx.rt)
+    assert task_count() == tasks_before, f"{where}: a task leaked"
+    return result
+
+
+@pytest.mark.parametrize("case,target", PARAMS)
+async def test_cancelled_at_every_step_changes_all_or_nothing(tmp_path, case: Case, target: str):
     data_dir = tmp_path / "data"
+    model = HeldModel()
+    config = RuntimeConfig(data_dir=data_dir, model_factory=lambda: model)
     canceller = StepCanceller()
-    async with Runtime.open(RuntimeConfig(data_dir=data_dir)) as rt:
-        thread = await rt.create_thread(title="cancellation")
-        ctx = Ctx(rt, data_dir, thread["id"])
+    release = ReleaseWhenParked(model)
+    async with trio.open_nursery() as nursery:
+        server = await start_server(nursery, config)
+        assert server.rt is not None
+        thread = await server.rt.create_thread(title="cancellation")
+        ctx = Ctx(server, data_dir, thread["id"], model, target)
         # A history with thinking and two turns, so saves and compactions have real content.
         for prompt in ("/think weighing it\nfirst question", "second question"):
-            turn = await rt.start_turn(ctx.thread_id, prompt, timeout=10)
-            await rt.get_session_snapshot(ctx.thread_id, wait_for_idle=True, timeout=10)
+            turn = await ctx.rt.start_turn(ctx.thread_id, prompt, timeout=10)
+            await ctx.rt.get_session_snapshot(ctx.thread_id, wait_for_idle=True, timeout=10)
             assert turn["status"] == "in_progress"
         trio.lowlevel.add_instrument(canceller)
+        trio.lowlevel.add_instrument(release)
         try:
-            n = None
-            k = 0
-            while n is None or k <= n:
-                ctx.k = k
-                if case.setup:
-                    await case.setup(ctx)
-                await settle(rt)
-                tasks_before = task_count()
-                before = capture(data_dir)
-                result = await run_op(canceller, lambda: case.action(ctx), cancel_at=k or None)
-                at_return = capture(data_dir)
-                if k == 0:
-                    n = result.steps
-                    assert result.error is None and not result.cancelled, result.error
-                    print(f"\n{case.name}: N={n} scheduling steps")
-                after = await check_invariants(rt, data_dir)
-                if case.final_at_return:
-                    assert (at_return.files, at_return.sessions, at_return.threads) == (
-                        after.files, after.sessions, after.threads), f"{case.name}: changed after returning (k={k})"
-                try:
-                    changed = case.check(before, after, ctx)
-                    # The caller's view matches the durable outcome: success means it happened, an
-                    # error means it did not; only a cancelled caller may not know which.
-                    if not result.cancelled:
-                        assert changed == (result.error is None), f"reported {result.error!r}, changed={changed}"
-                except AssertionError as exc:
-                    raise AssertionError(f"{case.name}: invariant broken when cancelled at step k={k} of {n}") \
-                        from exc
-                await settle(rt)
-                assert task_count() == tasks_before, f"{case.name}: a task leaked when cancelled at k={k}"
-                k += 1
-            assert n >= 2, f"{case.name} passed only {n} steps: the harness is not counting"
+            counts = []
+            for _ in range(WRITER_PROBES if target == "writer" else 1):
+                result = await _run_and_check(ctx, case, canceller, release, nursery, None)
+                assert result.error is None and not result.cancelled, result.error
+                counts.append(result.steps)
+            n = max(counts)
+            shown = f" (most of {len(counts)} runs: {sorted(set(counts))})" if len(set(counts)) > 1 else ""
+            print(f"\n{case.name} [{target}]: N={n} scheduling steps{shown}", end="")
+            ctx.k, tries, retried = 1, 0, 0
+            while ctx.k <= n:
+                result = await _run_and_check(ctx, case, canceller, release, nursery, n)
+                if result.fired_at is None:
+                    # The op finished before step k: only the writer's count varies (see WRITER_TRIES).
+                    assert target == "writer" and tries < WRITER_TRIES, (
+                        f"{case.name} [{target}]: the run for k={ctx.k} took only {result.steps} steps "
+                        f"of {n}; its cancel never landed")
+                    n = max(n, result.steps)
+                    tries, retried = tries + 1, retried + 1
+                    continue
+                ctx.k, tries = ctx.k + 1, 0
+            print(f", every k cancelled{f' ({retried} runs ended before their k and were retried)' if retried else ''}")
+            assert n >= (2 if target == "requester" else 1), f"{case.name} [{target}] passed only {n} steps"
         finally:
             trio.lowlevel.remove_instrument(canceller)
+            trio.lowlevel.remove_instrument(release)
+            await _ensure_closed(ctx)
+        nursery.cancel_scope.cancel()
+
+
+async def _ensure_closed(ctx: Ctx) -> None:
+    if not ctx.server.closed.is_set():
+        with trio.CancelScope(shield=True):  # closing the runtime is bounded by Server.close's own limit
+            await ctx.server.close()

@@ -15,7 +15,7 @@ import pytest
 import trio
 
 from tests.conftest import start_server
-from tests.support import E2E_LIMIT, InFlight, run_clients
+from tests.support import CLIENT_TLS, E2E_LIMIT, InFlight, run_clients
 
 from .harness import check_invariants, task_count
 
@@ -45,7 +45,7 @@ async def storm(nursery: trio.Nursery, tmp_path, *, clients: int, concurrency: i
     headers = {"Authorization": f"Bearer {live.token}"}
     tally = {"completed": 0, "dropped": 0}
 
-    async with httpx.AsyncClient(base_url=live.url, headers=headers, timeout=E2E_LIMIT) as http:
+    async with httpx.AsyncClient(base_url=live.url, headers=headers, timeout=E2E_LIMIT, verify=CLIENT_TLS) as http:
         threads = [(await http.post("/v1/threads", json={"title": f"t{i}"})).json()["id"] for i in range(3)]
         # Streaming turns keep the engines and the writer busy the whole time.
         for thread_id in threads[:2]:
@@ -64,7 +64,8 @@ async def storm(nursery: trio.Nursery, tmp_path, *, clients: int, concurrency: i
                 body["wait_for_idle"] = True
             drop_after = rng.choice([0.0, 0.0005, 0.001, 0.003, 0.01, 0.05, None])
             # Every client has its own connection, so dropping it really closes a socket.
-            async with httpx.AsyncClient(base_url=live.url, headers=headers, timeout=E2E_LIMIT) as own:
+            async with httpx.AsyncClient(base_url=live.url, headers=headers, timeout=E2E_LIMIT,
+                                         verify=CLIENT_TLS) as own:
                 with trio.move_on_after(drop_after if drop_after is not None else E2E_LIMIT) as scope:
                     response = await own.put("/v1/sessions", json=body)
                     # 504: waited for an idle engine; 409: queued behind such a save past the timeout.

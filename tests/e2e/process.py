@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import trio
 
@@ -13,10 +14,12 @@ from tests.conftest import E2E_LIMIT
 
 
 class ServerProcess:
-    def __init__(self, data_dir: Path, *extra: str, token: str = "proc-token", cwd: Path | None = None) -> None:
+    def __init__(self, data_dir: Path, *extra: str, token: str = "proc-token", cwd: Path | None = None,
+                 preexec_fn: Callable[[], None] | None = None) -> None:
         self.data_dir = data_dir
         self.token = token
         self.cwd = cwd
+        self.preexec_fn = preexec_fn  # runs in the child before exec (e.g. a resource limit)
         self.args = [sys.executable, "-m", "web.cli", "serve", "--port", "0", "--data-dir", str(data_dir),
                      "--auth-token", token, "--log-level", "warning", *extra]
         self.process: trio.Process | None = None
@@ -26,7 +29,7 @@ class ServerProcess:
     async def start(self) -> "ServerProcess":
         self.process = await trio.lowlevel.open_process(
             self.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            cwd=self.cwd)
+            cwd=self.cwd, preexec_fn=self.preexec_fn)
         buffer = b""
         with trio.fail_after(E2E_LIMIT):
             while self.url is None:
@@ -39,6 +42,17 @@ class ServerProcess:
                         self.url = line.split(" on ", 1)[1].strip()
         self.output.append(buffer.decode(errors="replace"))
         return self
+
+    async def read_until(self, text: str) -> str:
+        """Read the output until ``text`` appears in it (keeps what it read for ``drain``)."""
+        assert self.process is not None
+        with trio.fail_after(E2E_LIMIT):
+            while text not in "".join(self.output):
+                chunk = await self.process.stdout.receive_some(4096)
+                if not chunk:
+                    raise AssertionError(f"output ended without {text!r}: {''.join(self.output)}")
+                self.output.append(chunk.decode(errors="replace"))
+        return "".join(self.output)
 
     async def drain(self) -> str:
         """Read the rest of the output until the process closes it."""

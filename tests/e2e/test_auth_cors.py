@@ -24,6 +24,9 @@ async def test_v1_needs_the_token_and_health_does_not(server):
             assert response.json()["error"]["code"] == "unauthorized"
             assert response.headers["WWW-Authenticate"].startswith("Bearer")
         assert (await http.get("/v1/threads", params={"token": "wrong"})).status_code == 401
+        # An empty token never authorizes (issue 11, defect 3).
+        assert (await http.get("/v1/threads", params={"token": ""})).status_code == 401
+        assert (await http.get("/v1/threads?token")).status_code == 401
         assert (await http.get("/v1/threads", params={"token": "test-token"})).status_code == 200
         assert (await http.get("/v1/threads", headers={"Authorization": "Bearer test-token"})).status_code == 200
         # An unauthenticated write changes nothing.
@@ -110,3 +113,15 @@ async def test_openapi_lists_every_route_and_docs_render(server):
     assert body_schema["additionalProperties"] is False and body_schema["properties"]["archived"] == {
         "type": "boolean"}
     assert "201" in create["responses"] and "401" in create["responses"]
+
+    # The event stream is described event by event (OpenAPI 3.2 sequential media): each event's fields,
+    # and the JSON envelope in its data.
+    assert spec["openapi"] == "3.2.0"
+    stream = spec["paths"]["/v1/threads/{thread_id}/events"]["get"]["responses"]["200"]["content"]
+    assert list(stream) == ["text/event-stream"] and "schema" not in stream["text/event-stream"]
+    item = stream["text/event-stream"]["itemSchema"]
+    assert item["required"] == ["id", "event", "data"]
+    assert item["properties"]["data"] == {"type": "string", "contentMediaType": "application/json",
+                                          "contentSchema": {"$ref": "#/components/schemas/EventEnvelope"}}
+    envelope = spec["components"]["schemas"]["EventEnvelope"]
+    assert envelope["required"] == ["seq", "timestamp", "thread_id", "event", "payload"]

@@ -90,15 +90,33 @@ async def test_unknown_thread_is_404_before_the_stream_starts(client):
 
 
 async def test_keepalive_comment_on_a_quiet_stream(nursery, tmp_path):
+    """A quiet stream gets ``: keepalive`` comments and stays open: an event after them still arrives on
+    it. (Reading until the comment alone also passed when the server ended the stream instead.)"""
     live = await start_server(nursery, tmp_path / "d", sse_keepalive=0.05)
     async with live.client() as c:
         thread = await c.create_thread()
+        lines: list[str] = []
         with trio.fail_after(E2E_LIMIT):
             async with httpx.AsyncClient(base_url=live.url, headers={"Authorization": "Bearer test-token"}) as http:
                 async with http.stream("GET", f"/v1/threads/{thread['id']}/events") as response:
-                    async for line in response.aiter_lines():
-                        if line == ": keepalive":
+                    stream = response.aiter_lines()
+                    async for line in stream:
+                        lines.append(line)
+                        if lines.count(": keepalive") == 2:  # two: the stream outlived one keepalive period
                             break
+                    # Still open: an event published after the keepalives is delivered on the same stream.
+                    await c.update_thread(thread["id"], title="after the keepalives")
+                    parser, event = SseParser(), None
+                    async for line in stream:
+                        lines.append(line)
+                        if (event := parser.feed(line)) is not None:
+                            break
+    assert lines.count(": keepalive") == 2, f"the stream ended instead: {lines}"
+    assert event is not None, f"the stream ended after the keepalives: {lines}"
+    assert lines[:3] == ["id: 1", "event: thread.started", lines[2]] and lines[2].startswith("data: {")
+    assert lines.index(": keepalive") > 2  # after the replayed event
+    assert event["event"] == "thread.updated" and event["payload"]["changes"] == {"title": "after the keepalives"}
+    assert event["seq"] > 1
     live.shutdown.set()
 
 

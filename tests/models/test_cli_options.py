@@ -29,10 +29,10 @@ def test_by_default_the_server_decides_the_answer_length():
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--model-max-tokens", "0"], "--model-max-tokens must be a positive number of tokens"),
-    (["--model-max-tokens", "-5"], "--model-max-tokens must be a positive number of tokens"),
+    (["--model-max-tokens", "0"], "--model-max-tokens must be between 1 and 1000000 tokens: got 0"),
+    (["--model-max-tokens", "-5"], "--model-max-tokens must be between 1 and 1000000 tokens: got -5"),
     (["--model-max-tokens", "many"], "--model-max-tokens: invalid int value: 'many'"),
-    (["--model-read-timeout", "0"], "--model-read-timeout must be positive"),
+    (["--model-read-timeout", "0"], "--model-read-timeout must be between 0.1 and 3600 seconds: got 0"),
 ])
 def test_bad_values_are_refused_with_the_flag_named(capsys, flags, message):
     with pytest.raises(SystemExit) as exited:

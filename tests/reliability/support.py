@@ -16,7 +16,7 @@ from typing import Any, AsyncIterator
 
 import trio
 
-from runtime.session_files import SESSION_ID_RE, TEMP_SUFFIX, parse_document
+from runtime.session_files import SESSION_ID_RE, is_work_file, parse_document
 from tests.e2e.process import ServerProcess
 
 SEED = int(os.environ.get("TRIO_RUNTIME_TEST_SEED", "1125"))
@@ -69,7 +69,7 @@ DATA_FILES = {"runtime.sqlite3", "runtime.sqlite3-wal", "runtime.sqlite3-shm", "
 
 def unexpected_data_files(data_dir: Path) -> list[str]:
     """Files in the data dir that the server has no business writing (anything but its database,
-    its token and well-named session files and their temp files)."""
+    its token and well-named session files and their temp and undo files)."""
     odd = []
     for path in sorted(data_dir.rglob("*")):
         rel = path.relative_to(data_dir)
@@ -81,19 +81,19 @@ def unexpected_data_files(data_dir: Path) -> list[str]:
                 odd.append(str(rel))
         elif rel.parent != Path("sessions") or not (
                 (rel.suffix == ".json" and SESSION_ID_RE.match(rel.stem))
-                or (rel.name.startswith(".") and rel.name.endswith(TEMP_SUFFIX))):
+                or is_work_file(rel.name)):
             odd.append(str(rel))
     return odd
 
 
 def session_files(data_dir: Path) -> tuple[dict[str, dict[str, Any]], list[str], list[str]]:
-    """(parsed documents by id, temp files, files that do not parse) in ``<data_dir>/sessions``."""
+    """(parsed documents by id, temp and undo files, files that do not parse) in ``<data_dir>/sessions``."""
     docs, temps, broken = {}, [], []
     directory = data_dir / "sessions"
     if not directory.exists():
         return docs, temps, broken
     for entry in sorted(directory.iterdir()):
-        if entry.name.startswith(".") and entry.name.endswith(TEMP_SUFFIX):
+        if is_work_file(entry.name):
             temps.append(entry.name)
             continue
         try:

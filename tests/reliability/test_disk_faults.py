@@ -1,12 +1,14 @@
 """A full or failing disk during a save, over HTTP: the ``FileSystem`` seam of runtime/session_files.py
 raises ``OSError(ENOSPC)`` or ``OSError(EIO)`` in the commit phase (writing the temp file, renaming it
-over the old one). Every request gets a 500 whose message names the action; the previous file is
-intact, the index, the thread links and the event log are unchanged (no link to a missing file), no
-temp file is left, and once the disk recovers the next save gets the very next revision.
+over the old one). Every request gets a 507 (full disk) or 500 whose message names the action; the
+previous file is intact, the index, the thread links and the event log are unchanged (no link to a
+missing file), no temp or undo file is left, and once the disk recovers the next save gets the very
+next revision.
 
 tests/sessions/test_save.py and tests/cancellation/test_timeouts.py cover ENOSPC (and EACCES on
-delete) on the runtime directly; this file adds the HTTP answers and EIO everywhere, a failing
-directory fsync after the rename, and EIO while loading.
+delete) on the runtime directly, tests/faults/test_session_faults.py every step of every session
+operation; this file adds the HTTP answers and EIO everywhere, a failing directory fsync after the
+rename, and EIO while loading.
 """
 
 from __future__ import annotations
@@ -20,12 +22,15 @@ import pytest
 from tests.cancellation.harness import check_invariants
 from tests.conftest import E2E_LIMIT
 from tests.e2e.helpers import wait_turn_end
+from tests.faults.session_cases import CASES, KINDS, Case, run_every_crash, run_every_step
 from tests.sessions.conftest import dir_snapshot
 from tests.support import InFlight
 
 from .support import AUTH
 
-FAULTS = {"ENOSPC": (errno.ENOSPC, "no space left on device"), "EIO": (errno.EIO, os.strerror(errno.EIO))}
+# errno -> (its message, the status and code a client gets)
+FAULTS = {"ENOSPC": (errno.ENOSPC, "no space left on device", 507, "insufficient_storage"),
+          "EIO": (errno.EIO, os.strerror(errno.EIO), 500, "storage_error")}
 
 
 def failing(code: int):
@@ -59,19 +64,20 @@ async def _observe(server, http, threads):
     }
 
 
-def _assert_storage_error(response: httpx.Response, prefix: str, reason: str) -> None:
-    assert response.status_code == 500, response.text
+def _assert_storage_error(response: httpx.Response, prefix: str, reason: str, status: int = 500,
+                          code: str = "storage_error") -> None:
+    assert response.status_code == status, response.text
     assert response.headers["content-type"].startswith("application/json")
     error = response.json()["error"]
-    assert error["status"] == 500 and error["code"] == "storage_error", error
+    assert error["status"] == status and error["code"] == code, error
     assert error["message"].startswith(prefix) and error["message"].endswith(f": {reason}"), error
 
 
 @pytest.mark.parametrize("stage", ["write_data", "replace"])
 @pytest.mark.parametrize("fault", sorted(FAULTS))
-async def test_a_full_or_failing_disk_during_the_commit_is_a_500_naming_the_action_and_changes_nothing(
+async def test_a_full_or_failing_disk_during_the_commit_is_a_507_or_500_naming_the_action_and_changes_nothing(
         server, monkeypatch, fault, stage):
-    code, reason = FAULTS[fault]
+    code, reason, status, error_code = FAULTS[fault]
     inflight = InFlight(server.running.app)
     async with server.client() as client, httpx.AsyncClient(base_url=server.url, headers=AUTH,
                                                               timeout=E2E_LIMIT) as http:
@@ -86,7 +92,7 @@ async def test_a_full_or_failing_disk_during_the_commit_is_a_500_naming_the_acti
             ("Failed to save session '", "POST", "/v1/sessions", {"thread_id": other, "title": "rebuilt"}),
             ("Failed to update session 'kept'", "PATCH", "/v1/sessions/kept", {"title": "renamed"}),
         ):
-            _assert_storage_error(await http.request(method, path, json=body), prefix, reason)
+            _assert_storage_error(await http.request(method, path, json=body), prefix, reason, status, error_code)
 
         assert await _observe(server, http, [tid, other]) == before
         assert (await http.get("/v1/sessions/fresh")).status_code == 404  # never linked, never listed
@@ -104,7 +110,8 @@ async def test_a_failing_disk_during_a_delete_keeps_the_file_index_and_links(ser
                                                               timeout=E2E_LIMIT) as http:
         tid, other = await _setup(server, client, http)
         before = await _observe(server, http, [tid, other])
-        monkeypatch.setattr(server.runtime.sessions.files.fs, "remove", failing(errno.EIO))
+        # DELETE moves the file aside (a rename) before its COMMIT, and drops it after.
+        monkeypatch.setattr(server.runtime.sessions.files.fs, "replace", failing(errno.EIO))
         _assert_storage_error(await http.delete("/v1/sessions/kept"), "Failed to delete session 'kept'",
                               os.strerror(errno.EIO))
         assert await _observe(server, http, [tid, other]) == before
@@ -132,19 +139,49 @@ async def test_a_failing_disk_while_loading_is_a_500_naming_the_load_and_writes_
     await check_invariants(server.runtime, server.data_dir)
 
 
-async def test_a_failing_directory_fsync_after_the_rename_still_reports_the_save_it_made(server, monkeypatch):
-    """After ``os.replace`` the new file is in place: failing the request then would report "nothing
-    changed" for a change that happened. The save succeeds, linked and indexed (the rename's durability
-    across a power loss is what is in doubt, and the server logs that)."""
+async def test_a_failing_directory_fsync_after_the_rename_is_a_500_and_puts_the_previous_file_back(
+        server, monkeypatch):
+    """After ``os.replace`` the directory fsync decides whether the rename survives a power loss, and
+    the COMMIT must not be durable before it: failing there, the save is undone (the previous file back
+    under its name) and reported as not saved; the next save gets the very next revision."""
     async with server.client() as client, httpx.AsyncClient(base_url=server.url, headers=AUTH,
                                                               timeout=E2E_LIMIT) as http:
         tid, other = await _setup(server, client, http)
-        monkeypatch.setattr(server.runtime.sessions.files.fs, "fsync_dir", failing(errno.EIO))
+        before = await _observe(server, http, [tid, other])
+        fs = server.runtime.sessions.files.fs
+        calls = []
+
+        def fsync_dir(directory):  # the second: the one after the replace (the first follows staging)
+            calls.append(directory)
+            if len(calls) == 2:
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+            type(fs).fsync_dir(fs, directory)
+
+        monkeypatch.setattr(fs, "fsync_dir", fsync_dir)
         response = await http.put("/v1/sessions", json={"thread_id": other, "session_id": "kept"})
-        assert response.status_code == 200 and response.json()["session"]["metadata"]["revision"] == 2
+        _assert_storage_error(response, "Failed to save session 'kept'", os.strerror(errno.EIO))
+        assert len(calls) >= 2
         monkeypatch.undo()
-        assert (await http.get("/v1/sessions/kept")).json()["metadata"]["revision"] == 2
+        assert await _observe(server, http, [tid, other]) == before
+        again = await http.put("/v1/sessions", json={"thread_id": other, "session_id": "kept"})
+        assert again.status_code == 200 and again.json()["session"]["metadata"]["revision"] == 2
         assert (await http.get(f"/v1/threads/{other}")).json()["thread"]["session_id"] == "kept"
-        listed = (await http.get("/v1/sessions")).json()["sessions"]
-        assert [s["revision"] for s in listed if s["id"] == "kept"] == [2]
     await check_invariants(server.runtime, server.data_dir)
+
+
+# ---- the full fault-at-every-step and kill-at-every-step runs (make reliability) --------------
+# The operations, the drivers and how each run is judged: tests/faults/session_cases.py; the short
+# versions run in make test (tests/faults/test_session_faults.py).
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+async def test_a_session_fault_of_every_kind_at_every_step_changes_all_or_nothing(tmp_path, case: Case):
+    counts = await run_every_step(tmp_path, case, KINDS)
+    assert set(counts) == set(KINDS)
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+async def test_a_kill_at_every_step_of_every_session_operation_restarts_before_or_after(tmp_path, case: Case):
+    await run_every_crash(tmp_path, case)

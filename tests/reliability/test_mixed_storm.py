@@ -28,7 +28,7 @@ from tests.cancellation.harness import check_invariants, task_count
 from tests.cancellation.test_disconnect_storm import open_fds
 from tests.conftest import start_server
 from tests.e2e.helpers import wait_turn_end
-from tests.support import E2E_LIMIT, InFlight, run_clients
+from tests.support import CLIENT_TLS, E2E_LIMIT, InFlight, run_clients
 
 from .support import AUTH, SEED, app_tasks, session_files
 
@@ -68,7 +68,7 @@ async def _storm(live, *, requests: int, concurrency: int, seed: int):
     rng = random.Random(seed)
     tally: collections.Counter = collections.Counter()
 
-    async with httpx.AsyncClient(base_url=live.url, headers=AUTH, timeout=E2E_LIMIT) as http:
+    async with httpx.AsyncClient(base_url=live.url, headers=AUTH, timeout=E2E_LIMIT, verify=CLIENT_TLS) as http:
         async with live.client() as client:
             threads = [(await client.create_thread(title=f"storm {i}"))["id"] for i in range(4)]
             # Threads 0-1 stream a long turn the whole time; 2-3 get a finished turn (something to rebuild)
@@ -98,7 +98,8 @@ async def _storm(live, *, requests: int, concurrency: int, seed: int):
                 drop_after = rng.choice((0.02, 0.1, 0.3))
             status = None
             # Every client has its own connection, so dropping it really closes a socket.
-            async with httpx.AsyncClient(base_url=live.url, headers=AUTH, timeout=E2E_LIMIT) as own:
+            async with httpx.AsyncClient(base_url=live.url, headers=AUTH, timeout=E2E_LIMIT,
+                                         verify=CLIENT_TLS) as own:
                 with trio.move_on_after(drop_after if drop_after is not None else E2E_LIMIT):
                     if kind == "put":
                         body = {"thread_id": thread_id, "session_id": f"s{rng.randrange(6)}"}
@@ -113,9 +114,9 @@ async def _storm(live, *, requests: int, concurrency: int, seed: int):
                     elif kind == "turn":
                         prompt = rng.choice(("hi there", "/slow 0.2\nsome words to stream"))
                         response = await own.post(f"/v1/threads/{thread_id}/turns", json={"prompt": prompt})
-                        # 504: the engine did not answer within the (1 s) request timeout: under this load
-                        # a start can wait that long for its write to commit. Consistency is checked below.
-                        status, allowed = response.status_code, (201, 409, 504)
+                        # Never 504: a start waits for its commit, and the writer's batches take
+                        # milliseconds here (p99 ~18 ms with session saves in them), far below the 1 s timeout.
+                        status, allowed = response.status_code, (201, 409)
                     else:
                         wanted = rng.randrange(1, 40)
                         since = rng.choice((0, 0, 5, 50))

@@ -122,6 +122,55 @@ def crash_image(live_dir: Path, crash_dir: Path) -> int:
         dst.close()
 
 
+class ReplyProbe:
+    """Stands between the engine and a requester's real oneshot (``inner``, the send side) and records what
+    each reply attempt came to: ``"delivered"``, ``"would_block"``, or the name of the exception the send
+    raised. ``before_send`` runs once, just before the engine's first attempt, to make something happen in
+    that very step (a requester's cancellation)."""
+
+    def __init__(self, inner: ops.Reply, before_send: Callable[[], object] | None = None) -> None:
+        self.inner = inner
+        self.log: list[str] = []
+        self._before_send = before_send
+
+    def _record(self, attempt: Callable[[], object]) -> None:
+        try:
+            attempt()
+        except trio.WouldBlock:
+            self.log.append("would_block")
+            raise
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self.log.append(type(exc).__name__)
+            raise
+        self.log.append("delivered")
+
+    def send_nowait(self, value: Any) -> None:
+        if self._before_send is not None:
+            hook, self._before_send = self._before_send, None
+            hook()
+        self._record(lambda: self.inner.send_nowait(value))
+
+    async def send(self, value: Any) -> None:
+        try:
+            await self.inner.send(value)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self.log.append(type(exc).__name__)
+            raise
+        self.log.append("delivered")
+
+    def statistics(self) -> Any:
+        return self.inner.statistics()
+
+    def close(self) -> None:
+        self.inner.close()
+
+    async def __aenter__(self) -> "ReplyProbe":
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.inner.close()
+
+
 class GatedModel:
     """The scripted model behind a gate: each turn waits for ``gate`` before it streams, and
     ``finished`` is set when a stream has ended. Lets a test act at an exact point of a turn."""

@@ -1,20 +1,28 @@
-"""Durability: the global event seq across reopen, clean shutdown, and recovery after a crash.
+"""Durability: the global event seq across reopen, clean shutdown, recovery after a crash, and the
+writer surviving every storage failure.
 
 A crash is simulated by a consistent SQLite backup taken while the runtime is mid-turn: the copy holds
 exactly what a killed process would leave (the turn committed as in_progress, an agent item open),
 without anything the clean shutdown writes later.
+
+Storage failures come from the fault seam (tests/faults/seam.py): a real SQLite connection that fails
+its k-th statement with the real error, rolling the transaction back first where SQLite does. Writes
+submitted in one scheduling step form one batch (the writer takes everything queued), so a test can
+place a fault on an exact statement of an exact request and read the outcome from the database.
 """
 
 from __future__ import annotations
 
 import sqlite3
 
+import outcome
 import pytest
 import trio
 
-from runtime import StorageError
-from runtime.store import RESTART_ERROR
+from runtime import StorageError, StorageFull
+from runtime.store import RESTART_ERROR, Store, WriteLane, WriteRequest, EventDraft
 from runtime.transcript import build_messages
+from tests.faults.seam import FaultPlan
 
 from .helpers import collect_events, crash_image, items_of, nth, run_turn, stored_events, turn_record
 
@@ -121,7 +129,7 @@ async def test_a_turn_the_store_refused_is_forgotten_by_the_engine(open_runtime,
         outside = sqlite3.connect(tmp_path / "runtime.sqlite3")
         outside.execute("CREATE TRIGGER refuse BEFORE INSERT ON turns BEGIN SELECT RAISE(ABORT, 'disk says no'); END")
         outside.commit()
-        with pytest.raises(StorageError, match="Failed to write to the store: disk says no"):
+        with pytest.raises(StorageError, match=f"^Failed to start a turn on thread '{tid}': disk says no$"):
             await rt.start_turn(tid, "never recorded", timeout=10)
         snapshot = await rt.get_session_snapshot(tid, timeout=10)
         assert not snapshot.turn_in_progress and snapshot.messages == ()
@@ -132,3 +140,217 @@ async def test_a_turn_the_store_refused_is_forgotten_by_the_engine(open_runtime,
         after = await rt.get_session_snapshot(tid, wait_for_idle=True, timeout=10)
         assert [m["role"] for m in after.messages] == ["user", "assistant"]
         assert (await rt.get_thread(tid))["turns"][-1]["id"] == turn["id"]
+
+
+# ---- the writer under storage failures ------------------------------------------------------
+
+# The writer's statements for a batch of thread inserts, one request each: BEGIN, then per request
+# SAVEPOINT, INSERT thread, INSERT event, RELEASE; then COMMIT. The tests below place faults by these.
+BEGIN, FIRST_INSERT, STEPS_PER_REQUEST = 1, 3, 4
+
+
+def _thread_write(name: str, lane: WriteLane | None = None) -> WriteRequest:
+    return WriteRequest(
+        statements=[("INSERT INTO threads (id, created_at, updated_at, model, mode) VALUES (?, 'now', 'now', 'm', 'd')",
+                     (name,))],
+        events=[EventDraft(name, "thread.started", {"name": name})],
+        action=f"create thread '{name}'", lane=lane)
+
+
+def _stored_threads(path) -> list[str]:
+    db = sqlite3.connect(path)
+    try:
+        return [row[0] for row in db.execute("SELECT id FROM threads ORDER BY id")]
+    finally:
+        db.close()
+
+
+def _stored_event_threads(path) -> list[str]:
+    db = sqlite3.connect(path)
+    try:
+        return [row[0] for row in db.execute("SELECT thread_id FROM events ORDER BY seq")]
+    finally:
+        db.close()
+
+
+async def _batch(store: Store, *requests: WriteRequest) -> list[WriteRequest]:
+    """Submit in one step (so the writer takes them as one batch) and wait for every outcome."""
+    for request in requests:
+        store.submit(request)
+    for request in requests:
+        await request.done.wait()
+    return list(requests)
+
+
+def _error(request: WriteRequest) -> BaseException:
+    assert isinstance(request.result, outcome.Error), f"{request.action} did not fail"
+    assert request.committed == []
+    return request.result.error
+
+
+@pytest.fixture
+async def faulty_store(tmp_path):
+    """A Store on the fault seam, and every event it published (in order)."""
+    plan, published = FaultPlan(), []
+    async with Store.open(tmp_path / "db.sqlite3", published.extend,
+                          connection_factory=plan.connection_factory()) as store:
+        yield store, plan, published
+
+
+async def test_a_full_disk_at_commit_fails_the_batch_and_the_writer_keeps_writing(faulty_store, tmp_path):
+    store, plan, published = faulty_store
+    plan.arm(BEGIN + 2 * STEPS_PER_REQUEST + 1, "sqlite_full")  # the COMMIT of a two-request batch
+    a, b = await _batch(store, _thread_write("a"), _thread_write("b"))
+    assert plan.fired == "sqlite:COMMIT"
+    for request in (a, b):
+        error = _error(request)
+        assert isinstance(error, StorageFull) and error.code == "insufficient_storage"
+        assert error.message == (f"Failed to {request.action}: the store could not commit "
+                                 "(database or disk is full)")
+    plan.disarm()
+    assert published == [] and _stored_threads(tmp_path / "db.sqlite3") == []
+    # The writer survived (it used to die on its own ROLLBACK: "no transaction is active").
+    (c,) = await _batch(store, _thread_write("c"))
+    assert c.result == outcome.Value(None)
+    assert [e.thread_id for e in published] == ["c"] == _stored_threads(tmp_path / "db.sqlite3")
+
+
+async def test_sqlite_rolling_back_by_itself_mid_batch_fails_every_write_it_lost(faulty_store, tmp_path):
+    store, plan, published = faulty_store
+    # b's INSERT fails and SQLite rolls the whole transaction back, a (already applied) with it.
+    plan.arm(BEGIN + STEPS_PER_REQUEST + FIRST_INSERT - 1, "sqlite_full", rollback=True)
+    a, b, c = await _batch(store, _thread_write("a"), _thread_write("b"), _thread_write("c"))
+    plan.disarm()
+    assert plan.fired == "sqlite:INSERT"
+    assert _error(a).message == ("Failed to create thread 'a': the transaction was rolled back after another "
+                                 "write failed (database or disk is full)")
+    assert _error(b).message == "Failed to create thread 'b': database or disk is full"
+    assert isinstance(_error(a), StorageFull) and isinstance(_error(b), StorageFull)
+    # c was not applied yet when the transaction was lost: it went on in a new one.
+    assert c.result == outcome.Value(None)
+    assert _stored_threads(tmp_path / "db.sqlite3") == ["c"] == [e.thread_id for e in published]
+    assert _stored_event_threads(tmp_path / "db.sqlite3") == ["c"]
+
+
+async def test_a_failing_statement_that_sqlite_did_not_roll_back_fails_only_its_own_write(faulty_store, tmp_path):
+    store, plan, published = faulty_store
+    plan.arm(BEGIN + STEPS_PER_REQUEST + FIRST_INSERT - 1, "sqlite_ioerr")
+    a, b, c = await _batch(store, _thread_write("a"), _thread_write("b"), _thread_write("c"))
+    plan.disarm()
+    error = _error(b)
+    assert type(error) is StorageError and error.message == "Failed to create thread 'b': disk I/O error"
+    assert a.result == c.result == outcome.Value(None)
+    assert _stored_threads(tmp_path / "db.sqlite3") == ["a", "c"] == [e.thread_id for e in published]
+
+
+async def test_a_savepoint_that_cannot_open_fails_only_its_own_write(faulty_store, tmp_path):
+    store, plan, published = faulty_store
+    plan.arm(BEGIN + STEPS_PER_REQUEST + 1, "sqlite_full")  # b's SAVEPOINT: nothing of b ran
+    a, b, c = await _batch(store, _thread_write("a"), _thread_write("b"), _thread_write("c"))
+    plan.disarm()
+    assert plan.fired == "sqlite:SAVEPOINT"
+    assert _error(b).message == "Failed to create thread 'b': database or disk is full"
+    assert a.result == c.result == outcome.Value(None)
+    assert _stored_threads(tmp_path / "db.sqlite3") == ["a", "c"] == [e.thread_id for e in published]
+
+
+async def test_a_failing_begin_fails_its_batch_and_the_next_batch_commits(faulty_store, tmp_path):
+    store, plan, published = faulty_store
+    plan.arm(BEGIN, "sqlite_ioerr")
+    a, b = await _batch(store, _thread_write("a"), _thread_write("b"))
+    plan.disarm()
+    assert plan.fired == "sqlite:BEGIN"
+    assert _error(a).message == ("Failed to create thread 'a': the store could not begin a transaction "
+                                 "(disk I/O error)")
+    assert _error(b).message.startswith("Failed to create thread 'b': the store could not begin")
+    (c,) = await _batch(store, _thread_write("c"))
+    assert c.result == outcome.Value(None) and _stored_threads(tmp_path / "db.sqlite3") == ["c"]
+
+
+async def test_a_connection_that_cannot_roll_back_is_replaced_and_the_writer_goes_on(tmp_path):
+    broken = {"rollback": False}
+
+    class StuckConnection(sqlite3.Connection):
+        """Fails one statement, then every ROLLBACK while ``broken``: the transaction cannot be left."""
+
+        def execute(self, sql, parameters=(), /):
+            if broken["rollback"] and sql.startswith("ROLLBACK"):
+                raise sqlite3.OperationalError("disk I/O error")
+            if sql.startswith("INSERT INTO threads") and parameters == ("b",):
+                broken["rollback"] = True
+                raise sqlite3.OperationalError("disk I/O error")
+            return super().execute(sql, parameters)
+
+    published = []
+    async with Store.open(tmp_path / "db.sqlite3", published.extend, connection_factory=StuckConnection) as store:
+        original = store._wconn
+        a, b = await _batch(store, _thread_write("a"), _thread_write("b"))
+        broken["rollback"] = False
+        (c,) = await _batch(store, _thread_write("c"))
+        assert store._wconn is not original and original is not None
+    assert _error(a).message == ("Failed to create thread 'a': the transaction was rolled back after another "
+                                 "write failed (disk I/O error)")
+    assert _error(b).message == "Failed to create thread 'b': disk I/O error"
+    assert c.result == outcome.Value(None)
+    assert _stored_threads(tmp_path / "db.sqlite3") == ["c"] == [e.thread_id for e in published]
+
+
+async def test_a_lane_stops_at_its_first_failure_and_tells_its_producer_once(faulty_store, tmp_path):
+    store, plan, published = faulty_store
+    heard = []
+    lane = WriteLane(on_failure=lambda error: heard.append((error.message, first.done.is_set())))
+    first, second, other, third = (_thread_write("l1", lane), _thread_write("l2", lane), _thread_write("x"),
+                                   _thread_write("l3", lane))
+    plan.arm(BEGIN + FIRST_INSERT - 1, "sqlite_ioerr")  # l1's INSERT
+    await _batch(store, first, second, other)
+    await _batch(store, third)  # a later batch: the lane is still stopped
+    plan.disarm()
+    assert _error(first).message == "Failed to create thread 'l1': disk I/O error" and not first.skipped
+    for skipped in (second, third):
+        assert skipped.skipped
+        assert _error(skipped).message == (f"Failed to {skipped.action}: an earlier write of its thread failed "
+                                           "(Failed to create thread 'l1': disk I/O error)")
+    assert other.result == outcome.Value(None)
+    # Told once, with the first error, before anyone waiting on that write woke.
+    assert heard == [("Failed to create thread 'l1': disk I/O error", False)]
+    assert _stored_threads(tmp_path / "db.sqlite3") == ["x"] == [e.thread_id for e in published]
+
+
+async def test_a_recovery_that_cannot_commit_reports_the_disk_error_itself(open_runtime, tmp_path):
+    async with open_runtime() as rt:
+        tid = (await rt.create_thread())["id"]
+    db = sqlite3.connect(tmp_path / "runtime.sqlite3")
+    with db:
+        db.execute("INSERT INTO turns (id, thread_id, ord, status, input_summary, created_at)"
+                   " VALUES ('turn_open', ?, 1, 'in_progress', 'crashed', '2026-01-01T00:00:00.000Z')", (tid,))
+    db.close()
+    plan = FaultPlan()
+    # Recovery: BEGIN, two SELECTs, the turn's UPDATE and its event, then COMMIT.
+    plan.arm(6, "sqlite_full")
+    with pytest.raises(StorageError) as info:
+        async with Store.open(tmp_path / "runtime.sqlite3", lambda events: None,
+                              connection_factory=plan.connection_factory()):
+            pass
+    assert plan.fired == "sqlite:COMMIT"
+    assert info.value.message == (f"Failed to open the store at {tmp_path / 'runtime.sqlite3'}: "
+                                  "database or disk is full")
+    async with open_runtime() as rt:  # the disk has room again: recovery runs, nothing was half-done
+        assert rt.store.recovered_turns == 1
+        assert (await turn_record(rt, tid, "turn_open"))["status"] == "interrupted"
+
+
+async def test_a_lane_told_of_a_failure_that_is_not_sqlite_gets_it_as_a_storage_error(faulty_store, tmp_path):
+    store, _plan, published = faulty_store
+    heard = []
+    lane = WriteLane(on_failure=heard.append)
+
+    def broken(conn):
+        raise ValueError("a bug in the request")
+
+    bad = WriteRequest(fn=broken, action="apply a broken request", lane=lane)
+    later = _thread_write("after", lane)
+    await _batch(store, bad, later)
+    assert isinstance(_error(bad), ValueError)  # the request itself sees its own exception
+    assert [type(e) for e in heard] == [StorageError]
+    assert heard[0].message == "Failed to apply a broken request: a bug in the request"
+    assert later.skipped and _stored_threads(tmp_path / "db.sqlite3") == [] and published == []

@@ -4,7 +4,7 @@ session rebuilt from the store (POST /v1/sessions) and a live save (PUT /v1/sess
 from __future__ import annotations
 
 
-from runtime.transcript import SUMMARY_PREFIX, apply_items, build_messages
+from runtime.transcript import SUMMARY_PREFIX, apply_items, build_messages, messages_problem, readable_messages, text_of
 
 from .helpers import collect_events, nth, run_turn, wait_turn_end
 
@@ -109,3 +109,65 @@ def test_apply_items_never_mutates_messages_a_snapshot_already_holds():
 
     assert held[0] == first and held[0]["content"] == [{"type": "text", "text": "hi"}]
     assert messages == [{"role": "user", "content": [{"type": "text", "text": f"{SUMMARY_PREFIX}\ns"}]}]
+
+
+# ---- shapes and data an older version stored ---------------------------------------------------------
+
+
+def test_readable_messages_hands_back_valid_messages_as_they_are():
+    valid = [{"role": "user", "content": [{"type": "text", "text": "hi"}], "extra": 1},
+             {"role": "assistant", "content": [{"type": "tool_use", "id": "c", "name": "t", "input": {"a": [1]}}],
+              "interrupted": True}]
+
+    readable = readable_messages(valid)
+
+    assert readable == valid
+    assert all(a is b for a, b in zip(readable, valid))  # no copy of a big resumed session
+
+
+def test_readable_messages_keeps_everything_it_can_read_as_text():
+    stored = [
+        {"role": "user", "content": ["hello", 5, {"type": "image", "url": "x"}, {"type": "text", "text": "ok \ud83d"}]},
+        ["not", "a", "message"],
+        {"role": "system", "content": []},
+        {"role": "assistant", "content": None, "interrupted": 1},
+        {"role": "assistant", "content": [{"type": "tool_result", "tool_use_id": "c", "content": {"a": 1}}]},
+    ]
+
+    assert messages_problem(stored) == "messages[0].content[0]: expected an object, got a string"
+    readable = readable_messages(stored)
+
+    assert readable == [
+        {"role": "user", "content": [{"type": "text", "text": "hello"}, {"type": "text", "text": "5"},
+                                     {"type": "text", "text": '{"type": "image", "url": "x"}'},
+                                     {"type": "text", "text": "ok \ufffd"}]},
+        {"role": "user", "content": [{"type": "text", "text": '["not", "a", "message"]'}]},
+        {"role": "user", "content": [{"type": "text", "text": '{"role": "system", "content": []}'}]},
+        {"role": "assistant", "content": []},
+        {"role": "assistant", "content": [
+            {"type": "text", "text": '{"type": "tool_result", "tool_use_id": "c", "content": {"a": 1}}'}]},
+    ]
+    assert messages_problem(readable) is None
+    assert readable_messages("not even a list") == [
+        {"role": "user", "content": [{"type": "text", "text": "not even a list"}]}]
+
+
+def test_tool_call_items_with_lone_surrogates_in_their_metadata_fold_into_valid_blocks():
+    """Item metadata is JSON in the store, where an older version could keep a lone surrogate."""
+    messages: list = []
+    apply_items(messages, [_item("tool_call", "completed", "r", metadata={
+        "tool_use_id": "c\ud83d", "name": "look\ude00", "input": {"q": "\ud83d\ude00"}, "result": "x\ud83d"})])
+
+    assert messages == [
+        {"role": "assistant", "content": [
+            {"type": "tool_use", "id": "c\ufffd", "name": "look\ufffd", "input": {"q": "\U0001F600"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "c\ufffd", "content": "x\ufffd"}]},
+    ]
+
+
+def test_text_of_reads_a_tool_result_given_as_text_blocks():
+    message = {"role": "user", "content": [
+        {"type": "tool_result", "tool_use_id": "c", "content": [{"type": "text", "text": "a"}, {"type": "text",
+                                                                                              "text": "b"}]}]}
+
+    assert text_of(message) == "a\nb"

@@ -189,8 +189,9 @@ async def test_steer_joins_running_turn_and_is_answered_in_its_own_agent_message
     answer = items[-1]
     assert (answer["kind"], answer["detail"]) == ("agent_message", f"You said: {steer}")
     assert items.index(steer_item) < items.index(answer)
-    # The main reply is still complete across the agent items streamed before the answer to the steer.
-    main = "".join(i["detail"] for i in items[:-1] if i["kind"] == "agent_message")
+    # The main reply is still complete across the agent items streamed before the answer to the steer
+    # (split where the steer came; the part after it starts without the separating space).
+    main = " ".join(i["detail"] for i in items[:-1] if i["kind"] == "agent_message")
     assert main == "You said: alpha beta gamma"
 
 

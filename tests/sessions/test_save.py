@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import uuid
 
 import pytest
 import trio
+import trio.testing
 
-from runtime import Conflict, EngineTimeout, InvalidData, InvalidInput, NotFound, PreconditionFailed, StorageError
-from runtime.session_files import FileSystem
+from runtime import (
+    Conflict, EngineTimeout, InvalidData, InvalidInput, NotFound, PreconditionFailed, StorageError, StorageFull,
+)
+from runtime.session_files import FileSystem, encode_document
+from web.errors import status_for
 
 from .conftest import (
     LIMIT, dir_snapshot, events_of, read_session_file, real_time_limit, run_turn, session_ids_listed, sessions_dir,
@@ -135,6 +140,43 @@ async def test_save_with_existing_session_id_updates_in_place(rt, fake_now):
     assert [(e.payload["revision"], e.payload["created"]) for e in saved] == [(1, True), (3, False)]
     listed = await rt.sessions.list(limit=10, include_archived=True)
     assert [(m["id"], m["revision"], m["message_count"]) for m in listed] == [(sid, 3, 4)]
+
+
+@pytest.mark.parametrize("edit", ["new size", "same size, later mtime"])
+async def test_save_over_a_session_file_edited_on_disk_carries_the_files_revision_and_title(rt, edit):
+    # The file is the source of truth; the index row only spares a parse while the file is unchanged.
+    # An edit by hand while the server runs must be seen by the next save, whichever of size and mtime
+    # it changed.
+    tid = (await rt.create_thread(title="thread title"))["id"]
+    await run_turn(rt, tid, "hello there")
+    created = await rt.sessions.save(thread_id=tid, session_id="edited", timeout=LIMIT)
+    assert created["session"]["metadata"]["revision"] == 1
+    path = sessions_dir(rt) / "edited.json"
+    doc = read_session_file(rt, "edited")
+    old = path.stat()
+    title = "Renamed by hand on disk" if edit == "new size" else "thread TITLE"  # same length as the old one
+    doc["metadata"].update(title=title, revision=7)
+    path.write_bytes(encode_document(doc))
+    if edit == "new size":
+        assert path.stat().st_size != old.st_size
+    else:
+        assert path.stat().st_size == old.st_size
+        # A later edit of the same size: its mtime is later (set explicitly: a coarse file-system clock
+        # could stamp both writes alike, and then no check could tell them apart).
+        os.utime(path, ns=(old.st_atime_ns, old.st_mtime_ns + 2_000_000_000))
+
+    saved = await rt.sessions.save(thread_id=tid, session_id="edited", timeout=LIMIT)
+
+    meta = saved["session"]["metadata"]
+    assert (meta["revision"], meta["title"]) == (8, title)
+    assert meta["created_at"] == created["session"]["metadata"]["created_at"]
+    assert (read_session_file(rt, "edited")["metadata"]["revision"], read_session_file(rt, "edited")["metadata"][
+        "title"]) == (8, title)
+    [listed] = await rt.sessions.list(limit=10)
+    assert (listed["revision"], listed["title"]) == (8, title)
+    assert [e.payload["revision"] for e in await events_of(rt, tid, "session.saved")] == [1, 8]
+    with pytest.raises(PreconditionFailed, match="revision 8, not 2"):
+        await rt.sessions.save(thread_id=tid, session_id="edited", if_match=2, timeout=LIMIT)
 
 
 async def test_save_with_unknown_session_id_creates_it_under_that_id(rt):
@@ -296,6 +338,42 @@ async def test_a_session_held_by_a_live_save_is_conflict_for_other_writers(autoj
         assert first["result"]["session"]["metadata"]["revision"] == 1
         assert first["result"]["session"]["metadata"]["message_count"] == 3
         assert rt.sessions._locks == {}
+
+
+async def test_a_save_behind_a_lock_hold_waits_on_the_engine_only_for_what_is_left_of_its_timeout(
+        autojump_clock, open_rt):
+    # One timeout covers the whole wait phase: 3 s waiting for the session's lock leave 2 s of a 5 s
+    # timeout for the engine, so the save answers 504 at 5 s, not at 3 + 5 = 8.
+    async with open_rt() as rt:
+        tid = (await rt.create_thread())["id"]
+        await run_turn(rt, tid, "hello there")
+        hang = await rt.start_turn(tid, "/hang")
+        t0 = trio.current_time()
+        ended: dict[str, tuple[Exception, float]] = {}
+
+        async def save(name: str, timeout: float) -> None:
+            with pytest.raises(EngineTimeout) as info:
+                await rt.sessions.save(thread_id=tid, session_id="held", wait_for_idle=True, timeout=timeout)
+            ended[name] = (info.value, trio.current_time())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(save, "holder", 3)  # holds the session for 3 s, waiting on the hanging turn
+            await trio.testing.wait_all_tasks_blocked()
+            assert rt.sessions._locks["held"][1] == 1  # the holder has it; nobody waits yet
+            nursery.start_soon(save, "behind", 5)
+            await trio.testing.wait_all_tasks_blocked()
+            assert rt.sessions._locks["held"][1] == 2  # the second save waits for the lock
+            assert trio.current_time() == t0
+
+        assert ended["holder"][1] == t0 + 3
+        error, at = ended["behind"]
+        assert at == t0 + 5, f"the save behind the lock answered at t0 + {at - t0} s"
+        assert status_for(error) == 504
+        # Nothing was written, nothing is held, and the engine still serves the running turn.
+        assert dir_snapshot(sessions_dir(rt)) == {}
+        assert rt.sessions._locks == {}
+        assert (await rt.thread_record(tid))["session_id"] is None
+        assert (await rt.interrupt_turn(tid, hang["id"]))["status"] == "interrupted"
 
 
 async def test_save_after_the_engine_was_evicted_restores_the_same_state(autojump_clock, open_rt):
@@ -515,7 +593,7 @@ async def test_a_failed_session_write_changes_nothing(rt, monkeypatch, fault):
     other_events = len(await events_of(rt, other, "session.saved"))
     monkeypatch.setattr(rt.sessions.files.fs, fault, _enospc)
 
-    with pytest.raises(StorageError) as info:  # update in place, from another thread
+    with pytest.raises(StorageFull) as info:  # update in place, from another thread
         await rt.sessions.save(thread_id=other, session_id=sid, timeout=LIMIT)
     assert info.value.message == f"Failed to save session '{sid}': no space left on device"
     with pytest.raises(StorageError, match="Failed to save session"):  # create
@@ -536,45 +614,68 @@ async def test_a_failed_session_write_changes_nothing(rt, monkeypatch, fault):
     assert again["session"]["metadata"]["revision"] == 2
 
 
-async def test_a_directory_fsync_failure_after_the_replace_is_all_or_nothing(rt, monkeypatch):
-    """``fsync_dir`` runs after ``os.replace``: the new file is already in place. The save must then
-    either report the error with the previous file restored, or succeed with file, index, link and
-    event all committed; never an error with the file changed but index and link rolled back."""
+class FailNth:
+    """Stands in for one FileSystem operation: its ``n``-th call fails with EIO, the others run."""
+
+    def __init__(self, fs: FileSystem, name: str, n: int) -> None:
+        self.fs, self.name, self.n, self.calls = fs, name, n, 0
+
+    def __call__(self, *args):
+        self.calls += 1
+        if self.calls == self.n:
+            raise OSError(errno.EIO, "Input/output error")
+        return getattr(FileSystem, self.name)(self.fs, *args)
+
+
+async def test_a_directory_fsync_failure_after_the_replace_changes_nothing(rt, monkeypatch):
+    """``fsync_dir`` after ``os.replace`` decides whether the rename is durable, and the COMMIT comes
+    after it: failing there, the save puts the previous file back (create: removes the new one) and
+    reports that nothing was saved."""
     tid, sid = await _linked_session(rt)
     other = (await rt.create_thread())["id"]
     await run_turn(rt, other, "a different conversation")
     before = await _observable_state(rt, tid)
-    monkeypatch.setattr(rt.sessions.files.fs, "fsync_dir", _enospc)
+    files_before = dir_snapshot(sessions_dir(rt))
 
-    for session_id in (sid, None):  # update in place, then create
-        try:
-            result = await rt.sessions.save(thread_id=other, session_id=session_id, timeout=LIMIT)
-        except StorageError:
-            assert await _observable_state(rt, tid) == before
-            assert (await rt.thread_record(other))["session_id"] is None
-            assert temp_files(sessions_dir(rt)) == []
-        else:
-            saved = result["session_id"]
-            assert read_session_file(rt, saved) == {"schema_version": 1, **result["session"]}
-            [listed] = [m for m in await rt.sessions.list(limit=50) if m["id"] == saved]
-            assert listed["revision"] == result["session"]["metadata"]["revision"]
-            assert (await rt.thread_record(other))["session_id"] == saved
-            assert [e.payload["revision"] for e in await events_of(rt, other, "session.saved")
-                    if e.payload["session_id"] == saved] == [result["session"]["metadata"]["revision"]]
+    for session_id in (sid, "created"):  # update in place, then create
+        fs = rt.sessions.files.fs
+        fail = FailNth(fs, "fsync_dir", 2)  # 1: after staging (undo file durable), 2: after the replace
+        monkeypatch.setattr(fs, "fsync_dir", fail)
+        with pytest.raises(StorageError) as info:
+            await rt.sessions.save(thread_id=other, session_id=session_id, timeout=LIMIT)
+        assert info.value.message == f"Failed to save session '{session_id}': Input/output error"
+        assert fail.calls >= 2  # the failing call was reached
+        assert await _observable_state(rt, tid) == before
+        assert dir_snapshot(sessions_dir(rt)) == files_before  # no new file, no undo or temp file left
+        assert (await rt.thread_record(other))["session_id"] is None
+        assert await events_of(rt, other, "session.saved") == []
+    monkeypatch.undo()
+    again = await rt.sessions.save(thread_id=other, session_id=sid, timeout=LIMIT)
+    assert again["session"]["metadata"]["revision"] == 2
 
 
 async def test_a_failed_delete_changes_nothing(rt, monkeypatch):
     tid, sid = await _linked_session(rt)
     before = await _observable_state(rt, tid)
+    files_before = dir_snapshot(sessions_dir(rt))
 
-    def remove(path):
-        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+    def replace(src, dst):  # DELETE moves the file aside before its COMMIT
+        raise PermissionError(errno.EACCES, "Permission denied", str(src))
 
-    monkeypatch.setattr(rt.sessions.files.fs, "remove", remove)
+    monkeypatch.setattr(rt.sessions.files.fs, "replace", replace)
     with pytest.raises(StorageError) as info:
         await rt.sessions.delete(sid, timeout=LIMIT)
     assert info.value.message == f"Failed to delete session '{sid}': permission denied"
     assert await _observable_state(rt, tid) == before
+    assert dir_snapshot(sessions_dir(rt)) == files_before
+
+    monkeypatch.undo()
+    fs = rt.sessions.files.fs
+    monkeypatch.setattr(fs, "fsync_dir", FailNth(fs, "fsync_dir", 1))  # after moving the file aside
+    with pytest.raises(StorageError, match=f"Failed to delete session '{sid}': Input/output error"):
+        await rt.sessions.delete(sid, timeout=LIMIT)
+    assert await _observable_state(rt, tid) == before
+    assert dir_snapshot(sessions_dir(rt)) == files_before  # the file is back under its own name
 
 
 async def test_temp_files_left_by_a_crash_are_removed_on_open(open_rt, data_dir):

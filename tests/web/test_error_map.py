@@ -34,6 +34,7 @@ async def app(tmp_path):
     ("NotFound", 404, "not_found"), ("InvalidInput", 400, "invalid_input"), ("InvalidData", 400, "invalid_data"),
     ("Conflict", 409, "conflict"), ("PreconditionFailed", 412, "precondition_failed"),
     ("PayloadTooLarge", 413, "payload_too_large"), ("StorageError", 500, "storage_error"),
+    ("StorageFull", 507, "insufficient_storage"),
     ("EngineUnavailable", 503, "engine_unavailable"), ("EngineTimeout", 504, "timeout"),
 ])
 async def test_each_runtime_error_maps_to_its_status(app, name, status, code):
@@ -66,3 +67,13 @@ async def test_routes_round_trip_in_process(app):
     assert missing.status_code == 404
     assert (await client.get("/v1/threads")).status_code == 401
     assert (await client.get("/health")).status_code == 200
+
+
+async def test_every_route_that_can_fail_on_storage_documents_a_full_disk(app):
+    spec = await (await app.test_client().get("/openapi.json")).get_json()
+    for path, method in [("/v1/threads", "post"), ("/v1/threads/{thread_id}", "patch"),
+                         ("/v1/threads/{thread_id}/turns", "post"), ("/v1/threads/{thread_id}/compact", "post"),
+                         ("/v1/sessions", "put")]:
+        responses = spec["paths"][path][method]["responses"]
+        assert {"500", "507"} <= set(responses), (path, method, sorted(responses))
+        assert responses["507"]["description"] == "The disk is full: nothing was written"

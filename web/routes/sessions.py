@@ -130,8 +130,9 @@ async def delete_session(session_id: str):
 
 
 @route(bp, "/<path:session_id>/resume-thread", "POST", summary="Start a new thread from a session's messages",
-       body=ResumeSessionBody, response=ResumeResult, status=201, errors=(400, 404, 500))
+       body=ResumeSessionBody, response=ResumeResult, status=201, errors=(400, 404, 409, 500))
 async def resume_thread(session_id: str):
     body = await read_body(ResumeSessionBody)
-    result = await runtime().sessions.resume(session_id, model=body.model, mode=body.mode)
+    result = await runtime().sessions.resume(session_id, model=body.model, mode=body.mode,
+                                             timeout=settings().request_timeout)
     return jsonify(result), 201

@@ -9,7 +9,7 @@ bp = Blueprint("threads", __name__, url_prefix="/v1/threads")
 
 
 @route(bp, "", "POST", summary="Create a thread", body=CreateThreadBody, response=ThreadRecord, status=201,
-       errors=(400,))
+       errors=(400, 500))
 async def create_thread():
     body = await read_body(CreateThreadBody)
     record = await runtime().create_thread(**provided(body))
@@ -32,7 +32,7 @@ async def get_thread(thread_id: str):
 
 
 @route(bp, "/<thread_id>", "PATCH", summary="Update a thread (at least one field)", body=UpdateThreadBody,
-       response=ThreadRecord, errors=(400, 404, 503, 504))
+       response=ThreadRecord, errors=(400, 404, 500, 503, 504))
 async def update_thread(thread_id: str):
     body = await read_body(UpdateThreadBody)
     record = await runtime().update_thread(thread_id, provided(body), timeout=settings().request_timeout)

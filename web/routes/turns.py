@@ -6,7 +6,7 @@ from ..api import read_body, route, runtime, settings
 from ..schemas import CompactBody, CompactResult, EmptyBody, StartTurnBody, SteerBody, TurnRecord
 
 bp = Blueprint("turns", __name__, url_prefix="/v1/threads")
-ENGINE_ERRORS = (400, 404, 409, 503, 504)
+ENGINE_ERRORS = (400, 404, 409, 500, 503, 504)
 
 
 @route(bp, "/<thread_id>/turns", "POST", summary="Start a turn (409 if one is already running)",

@@ -1,0 +1,127 @@
+"""Bounded writes to clients: hypercorn's trio worker with a deadline on every socket write.
+
+Why this module exists. hypercorn writes each piece of a response with ``send_all`` inside a
+``CancelScope(shield=True)`` (``hypercorn/trio/tcp_server.py``, ``TCPServer.protocol_send``), because a
+write cut half-way tears the HTTP framing. The shield also means that nothing outside can stop a write to
+a client that stopped reading: not the request's cancellation, not our SSE shutdown, not the worker's
+graceful deadline. One EventSource that stopped reading held its connection forever and kept SIGTERM from
+ever finishing (issue 11, defect 2). A blocked ``send_all`` is freed only by closing its socket (trio then
+wakes the writer with ``ClosedResourceError``), and only the code that owns the socket can do that.
+
+So ``BoundedTCPServer`` replaces hypercorn's ``protocol_send`` with one that writes in slices, each under
+a deadline *inside* the shield. A slice the client does not take within ``SendBounds.timeout`` aborts the
+connection: the socket is closed and hypercorn's protocol is told the connection is gone, which ends the
+request exactly as a client disconnect does (quart-trio cancels the handler; an SSE stream closes its
+subscription). At shutdown ``SendBounds.cut_off`` moves every write's deadline, waiting ones included, to
+the end of the grace period, so the worker's graceful deadline holds whatever clients do.
+
+What an aborted write leaves behind: the client got a prefix of the response (for SSE, whole frames and
+perhaps part of the next one), then the end of the connection; nothing stays allocated on the server.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import trio
+from hypercorn.config import Config as HyperConfig
+from hypercorn.events import Closed, Event, RawData
+from hypercorn.trio import run as hypercorn_run
+from hypercorn.trio.tcp_server import TCPServer
+
+log = logging.getLogger("trio_runtime")
+
+# Each write is sliced so that the bound measures progress, not the size of a response: a client is
+# "still reading" while it takes 64 KiB per timeout (6.4 KB/s at the 10 s default, far below any real
+# link), so a slow client can download a 12 MB session while one that stopped reading is dropped.
+# 64 KiB is also hypercorn's own read size (``MAX_RECV``).
+SEND_SLICE = 64 * 1024
+
+
+class SendBounds:
+    """The deadline of every write of one server: ``timeout`` per slice, and the shutdown cut-off."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.cutoff = math.inf
+        self._waiting: set[trio.CancelScope] = set()
+
+    def cut_off(self, deadline: float) -> None:
+        """No write lasts past ``deadline`` (trio time), including the writes already waiting."""
+        self.cutoff = min(self.cutoff, deadline)
+        for scope in self._waiting:
+            scope.deadline = min(scope.deadline, self.cutoff)
+
+    async def send_all(self, stream: trio.abc.SendStream, data: bytes | bytearray | memoryview) -> bool:
+        """Write ``data``; False when a slice was not taken in time. After False the stream is unusable
+        (part of a slice may have been written) and must be closed. Connection errors propagate."""
+        with memoryview(data) as view:
+            # One pass for empty data too: hypercorn relies on send_all(b"") raising on a closed socket.
+            for start in range(0, max(len(view), 1), SEND_SLICE):
+                scope = trio.CancelScope(deadline=min(trio.current_time() + self.timeout, self.cutoff))
+                self._waiting.add(scope)
+                try:
+                    with scope:
+                        await stream.send_all(view[start:start + SEND_SLICE])
+                finally:
+                    self._waiting.discard(scope)
+                if scope.cancelled_caught:
+                    return False
+        return True
+
+
+class ServerConfig(HyperConfig):
+    """hypercorn's Config plus the write bounds that ``BoundedTCPServer`` applies."""
+
+    send_bounds: SendBounds | None = None
+
+
+class BoundedTCPServer(TCPServer):
+    """hypercorn's connection handler, with every write bounded by ``config.send_bounds``.
+
+    With a config that has no ``send_bounds`` (another hypercorn server in the same process) it is
+    hypercorn's handler unchanged."""
+
+    async def protocol_send(self, event: Event) -> None:
+        bounds: SendBounds | None = getattr(self.config, "send_bounds", None)
+        if bounds is None or not isinstance(event, RawData):
+            await super().protocol_send(event)
+            return
+        async with self.send_lock:
+            # Shielded for hypercorn's reason (a write cancelled half-way tears the HTTP framing of a
+            # connection that would go on being used). Safe, because SendBounds gives every slice a
+            # deadline inside the shield: the write, and the close that follows a missed deadline
+            # (a close is one checkpoint), take at most the send timeout or what is left of the grace.
+            with trio.CancelScope(shield=True):
+                try:
+                    delivered = await bounds.send_all(self.stream, event.data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    delivered = False  # the client went away: hypercorn's own handling, below
+                else:
+                    if not delivered:
+                        why = ("the server is shutting down" if trio.current_time() >= bounds.cutoff
+                               else f"it took no data for {bounds.timeout:g} s (--sse-send-timeout)")
+                        log.warning("dropped the connection of %s: %s", _peer(self), why)
+                        await self.stream.aclose()  # wakes this connection's reader with ClosedResourceError
+            if not delivered:
+                await self.protocol.handle(Closed())
+
+
+def _peer(server: TCPServer) -> str:
+    client = getattr(server.protocol, "client", None)
+    return f"{client[0]}:{client[1]}" if client else "a client"
+
+
+def install() -> None:
+    """Make hypercorn's trio worker build its connections with ``BoundedTCPServer``.
+
+    ``hypercorn.trio.run.worker_serve`` creates each connection's handler from its module global
+    ``TCPServer`` and offers no parameter for it; this points that global at the subclass. Refuses
+    (instead of silently serving unbounded) if hypercorn's layout is not the one this was written for."""
+    if hypercorn_run.TCPServer is BoundedTCPServer:
+        return
+    if hypercorn_run.TCPServer is not TCPServer or not hasattr(TCPServer, "protocol_send"):
+        raise RuntimeError("hypercorn's trio worker changed (hypercorn.trio.run.TCPServer): writes to clients "
+                           "cannot be bounded; check web/server.py against the installed hypercorn")
+    hypercorn_run.TCPServer = BoundedTCPServer
