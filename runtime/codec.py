@@ -51,7 +51,7 @@ def let_others_run() -> None:
     A thread that runs Python steadily keeps the GIL until the interpreter's switch interval (5 ms)
     forces a hand-over, and the event loop needs the GIL back after every system call (each socket
     read, write and poll): a socket echo on the loop answered in ~25 ms (p99) while a 12 MB session was
-    decoded in a worker thread, against ~2-6 ms with these hand-overs (``make bench`` rows 13a-c
+    decoded in a worker thread, against ~2-6 ms with these hand-overs (``make bench`` rows 14a-c
     measure /health the same way). ``time.sleep(0)`` releases the GIL and sleeps the kernel's timer
     slack (~50-90 µs here), long enough for the waiting loop to take it; a hand-over every 1 ms costs
     the worker at most ~10 % of its speed."""
@@ -68,17 +68,6 @@ def dumps(value: Any) -> bytes:
         return orjson.dumps(value)
     except TypeError:  # orjson.JSONEncodeError: a big int, a non-str key, a lone surrogate, depth > 254
         return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-
-
-def dumps_array(values: list[Any]) -> bytes:
-    """``dumps`` of a list, one element at a time with ``let_others_run`` in between (for a worker
-    thread encoding a big list: one orjson call on 12 MB held the GIL for 10-35 ms in the server, most
-    of it page faults of its growing buffer). Only the final join is one call, a plain copy."""
-    parts = []
-    for value in values:
-        let_others_run()
-        parts.append(dumps(value))
-    return b"[" + b",".join(parts) + b"]"
 
 
 def loads(data: bytes | str) -> Any:

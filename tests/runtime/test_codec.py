@@ -222,21 +222,12 @@ def test_a_big_document_is_never_held_as_one_text(monkeypatch):
     assert len(held) > 2 and max(held) <= codec.TEXT_CHUNK + largest
 
 
-@pytest.mark.parametrize("values", [big_document(messages=50)["messages"], [], [1, "é", None, [2**70]]],
-                         ids=["messages", "empty", "fallback-element"])
-def test_dumps_array_writes_what_dumps_writes(values):
-    assert codec.dumps_array(values) == codec.dumps(values) == stdlib_bytes(values)
-
-
 def test_big_work_hands_the_gil_over_between_slices(monkeypatch):
     calls: list[str] = []
     monkeypatch.setattr(codec, "let_others_run", lambda: calls.append("yield"))
     doc = big_document(messages=300)
     codec.loads(stdlib_bytes(doc))
     assert len(calls) >= 300  # once per element at least
-    calls.clear()
-    codec.dumps_array(doc["messages"])
-    assert len(calls) == 300
 
 
 def test_let_others_run_sleeps_at_most_once_per_interval(monkeypatch):

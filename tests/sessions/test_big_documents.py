@@ -1,7 +1,7 @@
 """Big sessions move as stored bytes (issue 11, defect 8): on a real server on a real socket.
 
 Encoding or decoding a 12 MB session on the event loop (or holding the GIL for it from a thread)
-stalled /health for 160-400 ms; the stall itself is measured by ``make bench`` (rows 13a-c). These tests
+stalled /health for 160-400 ms; the stall itself is measured by ``make bench`` (rows 14a-c). These tests
 pin the mechanisms that keep it away, by counting the big encodes and decodes a request makes:
 - PUT answers with the file's own bytes, encoded once, for the file;
 - GET sends the file's bytes without decoding them while the index vouches for the file (its size and
@@ -58,7 +58,6 @@ def big_codecs(monkeypatch):
         return wrapper
 
     monkeypatch.setattr(codec, "dumps", spy("codec.dumps", codec.dumps))
-    monkeypatch.setattr(codec, "dumps_array", spy("codec.dumps_array", codec.dumps_array))
     monkeypatch.setattr(codec, "loads", spy("codec.loads", codec.loads))
     monkeypatch.setattr(json, "dumps", spy("json.dumps", json.dumps))
     monkeypatch.setattr(json, "loads", spy("json.loads", json.loads))
@@ -143,7 +142,7 @@ async def test_a_big_session_resumes_whole_and_its_thread_reads_leave_the_base_m
     resumed = await http.post("/v1/sessions/big/resume-thread", json={})
     assert resumed.status_code == 201, resumed.text
     # Decoded and encoded again for threads.base_messages, both in the worker thread, never on the loop.
-    assert big_codecs == ["codec.loads", "codec.dumps_array"]
+    assert big_codecs == ["codec.loads", "codec.dumps"]
     new_tid = resumed.json()["thread_id"]
     assert resumed.json()["message_count"] == 200
 
