@@ -95,8 +95,8 @@ class Runtime:
                             archived: bool = False, base_messages: list[dict[str, Any]] | None = None,
                             base_tokens: int = 0, session_id: str | None = None,
                             base_messages_json: bytes | None = None) -> dict[str, Any]:
-        """``base_messages_json``: the base messages already encoded (``codec.dumps``) by a caller that
-        did it in a worker thread (resume); otherwise ``base_messages`` are encoded here, on the loop."""
+        """``base_messages_json``: the base messages already encoded (``codec.dumps_sliced``) by a caller
+        that did it in a worker thread (resume); otherwise ``base_messages`` are encoded here, on the loop."""
         thread_id = new_id("thr")
         if base_messages_json is None and base_messages:
             base_messages_json = codec.dumps(base_messages)

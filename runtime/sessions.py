@@ -613,10 +613,9 @@ class SessionService:
 
     def _load_for_resume(self, session_id: str) -> tuple[dict[str, Any], bytes | None]:
         """The validated document and its messages encoded for ``threads.base_messages``, both made in
-        this worker thread (the decode in slices; one orjson call encodes 12 MB in ~2 ms), never on
-        the event loop."""
+        this worker thread in slices (runtime.codec), never on the event loop."""
         doc = self.files.load_existing(session_id)
-        return doc, codec.dumps(doc["messages"]) if doc["messages"] else None
+        return doc, codec.dumps_sliced(doc["messages"]) if doc["messages"] else None
 
     async def resume(self, session_id: str, *, model: str | None = None, mode: str | None = None,
                      timeout: float = RESUME_TIMEOUT) -> dict[str, Any]:

@@ -222,7 +222,7 @@ def test_a_big_document_is_never_held_as_one_text(monkeypatch):
     assert len(held) > 2 and max(held) <= codec.TEXT_CHUNK + largest
 
 
-def test_big_work_hands_the_gil_over_between_slices(monkeypatch):
+def test_a_big_decode_hands_the_gil_over_between_slices(monkeypatch):
     calls: list[str] = []
     monkeypatch.setattr(codec, "let_others_run", lambda: calls.append("yield"))
     doc = big_document(messages=300)
@@ -242,3 +242,21 @@ def test_let_others_run_sleeps_at_most_once_per_interval(monkeypatch):
     for _ in range(5):
         codec.let_others_run()
     assert sleeps == [0] * 6
+
+
+@pytest.mark.parametrize("value", [
+    big_document(messages=700), big_document(messages=700)["messages"], big_document(messages=3),
+    {"messages": [{"n": 2**70, "é": "ü"}] * 600, "k": {1: "int key below the top"}}, {1: "int key", "b": [1] * 600},
+    {}, [], {"messages": []},
+], ids=["document", "messages", "small", "fallback-batches", "int-key-top", "empty-dict", "empty-list", "empty-messages"])
+def test_dumps_sliced_writes_what_dumps_writes(value):
+    assert codec.dumps_sliced(value) == codec.dumps(value)
+    assert json.loads(codec.dumps_sliced(value)) == json.loads(stdlib_bytes(value))
+
+
+def test_dumps_sliced_hands_the_gil_over_between_batches(monkeypatch):
+    calls: list[str] = []
+    monkeypatch.setattr(codec, "let_others_run", lambda: calls.append("yield"))
+    doc = big_document(messages=3 * codec.ARRAY_BATCH + 1)
+    codec.dumps_sliced(doc)
+    assert len(calls) == 4  # one per batch of messages
