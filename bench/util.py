@@ -114,13 +114,17 @@ class Conn:
             raise ConnectionError("server closed the connection")
         self.buf += chunk
 
-    async def request(self, raw: bytes) -> tuple[int, bytes]:
+    async def _send(self, raw: bytes) -> tuple[int, str]:
+        """Send one request and read its response head: (status, head text); the body stays buffered."""
         await self.stream.send_all(raw)
         while (end := self.buf.find(b"\r\n\r\n")) < 0:
             await self._fill()
         head = bytes(self.buf[:end]).decode("latin-1")
         del self.buf[:end + 4]
-        status = int(head.split(" ", 2)[1])
+        return int(head.split(" ", 2)[1]), head
+
+    async def request(self, raw: bytes) -> tuple[int, bytes]:
+        status, head = await self._send(raw)
         m = re.search(r"(?im)^content-length:\s*(\d+)", head)
         if m:
             n = int(m.group(1))
@@ -148,12 +152,7 @@ class Conn:
     async def request_discarding(self, raw: bytes) -> tuple[int, int]:
         """``request`` that reads a Content-Length body without keeping it: returns (status, body size).
         For load generators that move megabytes per request and must not eat the CPU they measure."""
-        await self.stream.send_all(raw)
-        while (end := self.buf.find(b"\r\n\r\n")) < 0:
-            await self._fill()
-        head = bytes(self.buf[:end]).decode("latin-1")
-        del self.buf[:end + 4]
-        status = int(head.split(" ", 2)[1])
+        status, head = await self._send(raw)
         m = re.search(r"(?im)^content-length:\s*(\d+)", head)
         if not m:
             raise RuntimeError(f"no Content-Length in {head!r}")
