@@ -61,8 +61,9 @@ def install(app: Quart) -> None:
         message = {404: "No such route", 405: "Method not allowed for this route",
                    413: "Request body is larger than the configured limit"}.get(status, exc.description or exc.name)
         response = error_response(status, HTTP_CODES.get(status, "http_error"), message)
-        if status == 413:
-            # The rest of the body is never read, so this connection cannot carry another request.
+        if status in (408, 413):
+            # The rest of the body is never read (too slow, or too big), so this connection cannot carry
+            # another request.
             response.headers["Connection"] = "close"
         if status == 405 and exc.get_response().headers.get("Allow"):
             response.headers["Allow"] = exc.get_response().headers["Allow"]
