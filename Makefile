@@ -36,9 +36,10 @@ test: $(VENV)/.installed test-tools
 soak: $(VENV)/.installed
 	$(BIN)/python -m pytest -q -m soak $(PYTEST_ARGS)
 
-# Not part of `make test` (which runs the short versions): the full reliability suite, about 5 minutes on
-# 2 cores (25 kill -9 restarts, 1,000 dropped requests, long schemathesis runs, 300 slowloris clients,
-# every engine operation failed at each SQLite step with every fault kind).
+# Not part of `make test` (which runs the short versions): the full reliability suite, about 15 minutes on
+# 2 cores (25 kill -9 restarts, 1,000 dropped requests, long schemathesis runs that also read ~250 event
+# streams each, 300 slowloris clients, every engine and session operation failed at each I/O step with
+# every fault kind, a simulated kill -9 before every step of a session change).
 reliability: $(VENV)/.installed
 	$(BIN)/python -m pytest -q -s -m reliability tests/reliability tests/faults $(PYTEST_ARGS)
 
