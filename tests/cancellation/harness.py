@@ -331,6 +331,14 @@ def task_count() -> int:
     return walk(trio.lowlevel.current_root_task())
 
 
+async def ensure_idle(ctx: Any) -> None:
+    """Case setup shared by the cancel and fault suites: interrupt the running turn of ``ctx.thread_id``
+    (``ctx`` is any suite's context with ``rt`` and ``thread_id``), so the operation meets an idle thread."""
+    engine = ctx.rt.manager.engine(ctx.thread_id)
+    if engine is not None and engine.active is not None:
+        await ctx.rt.interrupt_turn(ctx.thread_id, engine.active.id, timeout=10)
+
+
 async def settle(rt: Runtime) -> None:
     """Wait until every queued write committed and every task is blocked (no sleeps involved)."""
     await rt.store.write()

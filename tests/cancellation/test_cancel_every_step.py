@@ -25,7 +25,7 @@ from runtime import Runtime, RuntimeConfig
 
 from .harness import (
     HELD, TARGETS, HeldModel, ReleaseWhenParked, RunResult, Server, State, StepCanceller, capture,
-    check_invariants, check_stored, finished_turn_ids, rebuild, run_op, settle, start_server, task_count,
+    check_invariants, check_stored, ensure_idle, finished_turn_ids, rebuild, run_op, settle, start_server, task_count,
 )
 
 SESSION = "keep"
@@ -69,12 +69,6 @@ class Case:
 # ---- helpers -------------------------------------------------------------------------------
 
 
-async def _ensure_idle(ctx: Ctx) -> None:
-    engine = ctx.rt.manager.engine(ctx.thread_id)
-    if engine is not None and engine.active is not None:
-        await ctx.rt.interrupt_turn(ctx.thread_id, engine.active.id, timeout=10)
-
-
 async def _ensure_running(ctx: Ctx) -> None:
     """A held turn runs, with PARTIAL already streamed (so a snapshot that leaked it would show)."""
     engine = ctx.rt.manager.engine(ctx.thread_id)
@@ -87,7 +81,7 @@ async def _ensure_running(ctx: Ctx) -> None:
 
 async def _ensure_session(ctx: Ctx, session_id: str = SESSION) -> None:
     if not (ctx.data_dir / "sessions" / f"{session_id}.json").exists():
-        await _ensure_idle(ctx)
+        await ensure_idle(ctx)
         await ctx.rt.sessions.save(thread_id=ctx.thread_id, session_id=session_id, timeout=10)
 
 
@@ -134,7 +128,7 @@ async def _save_setup(ctx: Ctx) -> None:
 
 async def _save_idle_setup(ctx: Ctx) -> None:
     await _ensure_session(ctx)
-    await _ensure_idle(ctx)
+    await ensure_idle(ctx)
 
 
 async def _save_mid_turn_setup(ctx: Ctx) -> None:
@@ -172,7 +166,7 @@ def _check_save_create(before: State, after: State, ctx: Ctx) -> bool:
 
 
 async def _rebuild_setup(ctx: Ctx) -> None:
-    await _ensure_idle(ctx)
+    await ensure_idle(ctx)
 
 
 def _check_rebuild(before: State, after: State, ctx: Ctx) -> bool:
@@ -243,7 +237,7 @@ def _check_update_thread(before: State, after: State, ctx: Ctx) -> bool:
 
 
 async def _start_setup(ctx: Ctx) -> None:
-    await _ensure_idle(ctx)
+    await ensure_idle(ctx)
 
 
 def _check_start(before: State, after: State, ctx: Ctx) -> bool:
@@ -287,7 +281,7 @@ def _check_interrupt(before: State, after: State, ctx: Ctx) -> bool:
 
 
 async def _compact_setup(ctx: Ctx) -> None:
-    await _ensure_idle(ctx)
+    await ensure_idle(ctx)
 
 
 def _check_compact(before: State, after: State, ctx: Ctx) -> bool:
@@ -325,7 +319,7 @@ CASES = [
          uses_engine=False),
     Case("update thread", lambda c: c.rt.update_thread(c.thread_id, {"title": f"renamed {c.run}", "mode": "plan"},
                                                        timeout=10),
-         _check_update_thread, _ensure_idle),
+         _check_update_thread, ensure_idle),
     Case("start turn", lambda c: c.rt.start_turn(c.thread_id, f"{HELD}\nstarted {c.run}", timeout=10), _check_start,
          _start_setup),
     Case("steer turn", lambda c: c.rt.steer_turn(c.thread_id, c.memo["turn_id"], f"steer {c.run}", timeout=10),

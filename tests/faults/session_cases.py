@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 from runtime import Runtime, StorageError, StorageFull
-from tests.cancellation.harness import State, capture, check_invariants, settle
+from tests.cancellation.harness import State, capture, check_invariants, ensure_idle, settle
 from tests.support import open_runtime
 
 from .harness import FaultRun, every_step
@@ -114,12 +114,6 @@ class Case:
     target: Callable[[Ctx], str] = lambda ctx: SESSION
 
 
-async def _ensure_idle(ctx: Ctx) -> None:
-    engine = ctx.rt.manager.engine(ctx.thread_id)
-    if engine is not None and engine.active is not None:
-        await ctx.rt.interrupt_turn(ctx.thread_id, engine.active.id, timeout=LIMIT)
-
-
 async def _ensure_hanging(ctx: Ctx) -> None:
     engine = ctx.rt.manager.engine(ctx.thread_id)
     if engine is None or engine.active is None:
@@ -132,7 +126,7 @@ async def _ensure_session(ctx: Ctx, session_id: str) -> None:
 
 
 async def _idle_with_session(ctx: Ctx) -> None:
-    await _ensure_idle(ctx)
+    await ensure_idle(ctx)
     await _ensure_session(ctx, SESSION)
 
 
@@ -142,12 +136,12 @@ async def _hanging_with_session(ctx: Ctx) -> None:
 
 
 async def _create_setup(ctx: Ctx) -> None:
-    await _ensure_idle(ctx)
+    await ensure_idle(ctx)
     ctx.memo["sid"] = f"new-{ctx.n}"
 
 
 async def _delete_setup(ctx: Ctx) -> None:
-    await _ensure_idle(ctx)
+    await ensure_idle(ctx)
     await _ensure_session(ctx, "doomed")
 
 

@@ -31,7 +31,7 @@ import trio.testing
 from runtime import Runtime, RuntimeConfig, StorageError, StorageFull, records
 from runtime.manager import REPAIR_MAX_DELAY
 from runtime.transcript import build_messages
-from tests.cancellation.harness import State, capture, check_invariants, settle, task_count
+from tests.cancellation.harness import State, capture, check_invariants, ensure_idle, settle, task_count
 from tests.e2e.helpers import collect_until
 from tests.runtime.helpers import collect_events, turn_completed, wait_turn_end
 from tests.support import E2E_LIMIT, open_runtime
@@ -275,16 +275,24 @@ async def test_a_turn_whose_output_write_failed_ends_failed_with_no_item_left_op
         assert (await wait_turn_end(rt, tid, nxt["id"])).payload["status"] == "completed"
 
 
+async def _turn_ended_on_a_full_disk(rt: Runtime, disk: Disk, model: HeldModel,
+                                     prompt: str) -> tuple[str, dict[str, Any]]:
+    """A new thread whose turn streamed its reply's first word, then met a full disk for the rest and its
+    end (the disk stays full). Returns (thread id, turn record)."""
+    tid = (await rt.create_thread())["id"]
+    turn = await rt.start_turn(tid, prompt, timeout=10)
+    await model.streaming.wait()
+    await _drain(rt)  # the reply's first word is stored; the disk fills before the rest
+    disk.full = True
+    model.go.set()
+    await _drain(rt)
+    return tid, turn
+
+
 async def test_a_turn_whose_end_met_a_full_disk_ends_failed_once_the_disk_has_room(tmp_path, autojump_clock):
     disk, model = Disk(), HeldModel()
     async with _open(tmp_path, disk, model_factory=lambda: model) as rt:
-        tid = (await rt.create_thread())["id"]
-        turn = await rt.start_turn(tid, "four words of reply", timeout=10)
-        await model.streaming.wait()
-        await _drain(rt)  # the reply's first word is stored; the disk fills before the rest
-        disk.full = True
-        model.go.set()
-        await _drain(rt)
+        tid, turn = await _turn_ended_on_a_full_disk(rt, disk, model, "four words of reply")
         # The disk stays full: the turn cannot be ended, and no engine starts on the thread meanwhile.
         assert rt.manager.unended_turns == [turn["id"]] and rt.manager.engine(tid) is None
         with pytest.raises(StorageFull, match=f"^Failed to record the end of turn '{turn['id']}' after a storage "
@@ -313,13 +321,7 @@ async def test_a_turn_whose_end_met_a_full_disk_ends_failed_once_the_disk_has_ro
 async def test_a_turn_left_open_by_a_full_disk_is_ended_by_restart_recovery(tmp_path, autojump_clock):
     disk, model = Disk(), HeldModel()
     async with _open(tmp_path, disk, model_factory=lambda: model) as rt:
-        tid = (await rt.create_thread())["id"]
-        turn = await rt.start_turn(tid, "three words here", timeout=10)
-        await model.streaming.wait()
-        await _drain(rt)  # the reply's first word is stored; the disk fills before the rest
-        disk.full = True
-        model.go.set()
-        await _drain(rt)
+        tid, turn = await _turn_ended_on_a_full_disk(rt, disk, model, "three words here")
         assert rt.manager.unended_turns == [turn["id"]]
     # The process stopped before the disk had room: the next start ends the turn (the storage error
     # itself was never durable, so recovery says what it knows).
@@ -376,12 +378,6 @@ def _new(before: dict[str, Any], after: dict[str, Any]) -> list[dict[str, Any]]:
 def _assert_failed_by_the_fault(turn: dict[str, Any], ctx: Ctx) -> None:
     assert turn["status"] == "failed", turn
     assert turn["error"].startswith("Failed to ") and FAULT_TEXT[ctx.kind] in turn["error"], turn["error"]
-
-
-async def _ensure_idle(ctx: Ctx) -> None:
-    engine = ctx.rt.manager.engine(ctx.thread_id)
-    if engine is not None and engine.active is not None:
-        await ctx.rt.interrupt_turn(ctx.thread_id, engine.active.id, timeout=10)
 
 
 async def _ensure_hanging(ctx: Ctx) -> None:
@@ -490,10 +486,10 @@ def _check_compact(before: State, after: State, ctx: Ctx, run: FaultRun) -> bool
 CASES = [
     Case("create thread", lambda c: c.rt.create_thread(title=f"created {c.k}"), _check_create),
     Case("update thread", _update, _check_update),
-    Case("turn and its stream", _turn, _check_turn, _ensure_idle),
+    Case("turn and its stream", _turn, _check_turn, ensure_idle),
     Case("steer", _steer, _check_steer, _ensure_hanging, hanging=True),
     Case("interrupt", _interrupt, _check_interrupt, _ensure_hanging, hanging=True),
-    Case("compact", _compact, _check_compact, _ensure_idle),
+    Case("compact", _compact, _check_compact, ensure_idle),
 ]
 
 
