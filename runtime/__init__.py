@@ -5,13 +5,14 @@ __version__ = "0.1.0"
 from .config import RuntimeConfig
 from .core import Runtime
 from .errors import (
-    Conflict, EngineTimeout, EngineUnavailable, InvalidData, InvalidInput, NotFound, PayloadTooLarge,
+    Conflict, EngineTimeout, EngineUnavailable, IdempotencyKeyInProgress, IdempotencyKeyReused, InvalidData, InvalidInput, NotFound, PayloadTooLarge,
     PreconditionFailed, RuntimeFailure, StorageError, StorageFull,
 )
 from .ops import SessionSnapshot
 
 __all__ = [
-    "Conflict", "EngineTimeout", "EngineUnavailable", "InvalidData", "InvalidInput", "NotFound",
+    "Conflict", "EngineTimeout", "EngineUnavailable", "IdempotencyKeyInProgress",
+    "IdempotencyKeyReused", "InvalidData", "InvalidInput", "NotFound",
     "PayloadTooLarge", "PreconditionFailed", "Runtime", "RuntimeConfig", "RuntimeFailure", "SessionSnapshot",
     "StorageError", "StorageFull", "__version__",
 ]

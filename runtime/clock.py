@@ -15,3 +15,9 @@ def utc_now() -> str:
 def new_id(prefix: str) -> str:
     """Opaque id such as ``thr_3f2a…``; the prefix tells a reader what kind of record it names."""
     return f"{prefix}_{uuid.uuid4().hex}"
+
+
+def utc_after(seconds: float) -> str:
+    """``utc_now()`` plus ``seconds``, in the same sortable format (an expiry to compare as text)."""
+    then = _dt.datetime.now(_dt.timezone.utc) + _dt.timedelta(seconds=seconds)
+    return then.strftime("%Y-%m-%dT%H:%M:%S.") + f"{then.microsecond // 1000:03d}Z"

@@ -42,6 +42,18 @@ class Conflict(RuntimeFailure):
     code = "conflict"
 
 
+class IdempotencyKeyInProgress(Conflict):
+    """A request with this Idempotency-Key is still running."""
+
+    code = "idempotency_key_in_progress"
+
+
+class IdempotencyKeyReused(RuntimeFailure):
+    """The Idempotency-Key was already used for a different request (method, path or body)."""
+
+    code = "idempotency_key_reused"
+
+
 class PreconditionFailed(RuntimeFailure):
     """An ``If-Match`` revision did not match what is stored."""
 
@@ -64,6 +76,11 @@ class EngineTimeout(RuntimeFailure):
     """The engine did not accept or answer a request before the caller's deadline."""
 
     code = "timeout"
+
+
+# The caller's request was refused for what it asked (not for how the disk behaved): raised inside a
+# store write, it undoes that write only and never fails the writer's lane (see store.WriteLane).
+REJECTIONS = (NotFound, InvalidInput, Conflict, PreconditionFailed, IdempotencyKeyReused)
 
 
 class StorageError(RuntimeFailure):

@@ -13,12 +13,16 @@ from typing import Any
 import outcome
 import trio
 
+from .idempotency import Claim
+
 Reply = trio.MemorySendChannel[outcome.Outcome]
 
 
 @dataclasses.dataclass(eq=False, kw_only=True)
 class Op:
     reply: Reply | None = None
+    # The request's Idempotency-Key record: stored in the same write as the op's change (runtime.idempotency).
+    claim: Claim | None = None
 
 
 @dataclasses.dataclass(eq=False, kw_only=True)

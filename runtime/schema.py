@@ -98,6 +98,25 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX session_commits_by_session ON session_commits (session_id);
     """,
+    # 4: history control and idempotency (issue 12). A rewound turn stays in the store (its events stay in
+    # the log) but leaves the live history; ``retry_of`` names the turn a retry replaced; ``forked_from`` is
+    # the JSON ``{thread_id, through_turn_id}`` of a fork. An idempotency record is the stored answer of a
+    # request made with an ``Idempotency-Key``, written in the same transaction as the change it made.
+    """
+    ALTER TABLE turns ADD COLUMN rewound INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE turns ADD COLUMN retry_of TEXT;
+    ALTER TABLE threads ADD COLUMN forked_from TEXT;
+    CREATE TABLE idempotency (
+        key TEXT PRIMARY KEY,
+        fingerprint TEXT NOT NULL,
+        status INTEGER NOT NULL,
+        headers TEXT NOT NULL,
+        body BLOB NOT NULL,
+        created_at TEXT NOT NULL,
+        expires_at TEXT NOT NULL
+    );
+    CREATE INDEX idempotency_by_expiry ON idempotency (expires_at);
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

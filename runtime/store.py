@@ -35,7 +35,7 @@ import trio
 
 from . import schema
 from .clock import utc_now
-from .errors import RuntimeFailure, StorageError, StorageFull
+from .errors import REJECTIONS, RuntimeFailure, StorageError, StorageFull
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,15 @@ class EventDraft:
 Statement = tuple[str, Sequence[Any]]
 
 
+@dataclasses.dataclass
+class WithEvents:
+    """What a write's ``fn`` returns when its events depend on what it found: ``value`` becomes the
+    request's result, and ``events`` are appended to the log before the request's own ``events``."""
+
+    value: Any
+    events: Sequence[EventDraft] = ()
+
+
 @dataclasses.dataclass(eq=False)
 class WriteLane:
     """One producer's writes in submission order (an engine's): a write of the lane is applied only
@@ -102,7 +111,10 @@ class WriteLane:
 class WriteRequest:
     statements: Sequence[Statement] = ()
     events: Sequence[EventDraft] = ()
-    # Runs first inside the request's savepoint, in the writer thread; its return value is the result.
+    # Runs first inside the request's savepoint, in the writer thread; its return value is the result
+    # (a ``WithEvents`` adds events). Raising one of ``errors.REJECTIONS`` (NotFound, Conflict, ...)
+    # refuses the request: its savepoint is undone and the caller gets that error, and the request's
+    # lane does not fail (nothing diverged: the request simply did not happen).
     fn: Callable[[sqlite3.Connection], Any] | None = None
     # What the request does, for error messages: "Failed to <action>: <cause>".
     action: str = "write to the store"
@@ -374,7 +386,11 @@ class Store:
                 conn.execute("SAVEPOINT req")
                 savepoint = True
                 value = request.fn(conn) if request.fn is not None else None
-                drafts = [*request.events, *(value or ())] if request.fn_events else request.events
+                if isinstance(value, WithEvents):
+                    drafts = [*value.events, *request.events]
+                    value = value.value
+                else:
+                    drafts = [*request.events, *(value or ())] if request.fn_events else request.events
                 for sql, params in request.statements:
                     conn.execute(sql, params)
                 request.committed = [_insert_event(conn, draft) for draft in drafts]
@@ -409,6 +425,8 @@ class Store:
     def _fail(request: WriteRequest, error: Exception) -> None:
         request.result = outcome.Error(error)
         request.committed = []
+        if isinstance(error, REJECTIONS):
+            return  # refused, not failed: the lane's producer decided nothing on it (see WriteRequest.fn)
         if request.lane is not None and request.lane.failed is None:
             request.lane.failed = error if isinstance(error, RuntimeFailure) else storage_error(request.action, error)
 

@@ -21,6 +21,7 @@ STATUS_BY_ERROR: dict[type[rt.RuntimeFailure], int] = {
     rt.InvalidData: 400,
     rt.Conflict: 409,
     rt.PreconditionFailed: 412,
+    rt.IdempotencyKeyReused: 422,  # the key already answered a different request
     rt.PayloadTooLarge: 413,
     rt.StorageError: 500,
     rt.StorageFull: 507,  # RFC 4918 Insufficient Storage: the disk is full, nothing was written
@@ -31,7 +32,7 @@ STATUS_BY_ERROR: dict[type[rt.RuntimeFailure], int] = {
 # Codes for HTTP errors raised by Quart/Werkzeug before a route runs.
 HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
               405: "method_not_allowed", 408: "request_timeout", 413: "payload_too_large",
-              415: "unsupported_media_type", 500: "internal"}
+              415: "unsupported_media_type", 422: "unprocessable_entity", 500: "internal"}
 
 
 def error_response(status: int, code: str, message: str) -> Response:
