@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 import time
 from typing import Any, AsyncIterator, Callable
 
@@ -20,6 +21,7 @@ from .config import RuntimeConfig
 from .errors import EngineTimeout, InvalidInput, NotFound
 from .events import EventBus, EventStream
 from .handle import EngineEvicted
+from .idempotency import Claim
 from .manager import ThreadManager
 from .models.base import ModelBackend
 from .models.scripted import ScriptedModel
@@ -28,6 +30,29 @@ from .store import EventDraft, Store
 DEFAULT_TIMEOUT = 10.0
 LIST_LIMIT_MAX = 500
 THREAD_FIELDS = ("model", "workspace", "mode", "system_prompt", "title", "archived")
+
+
+THREAD_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}\Z")
+
+
+def validate_thread_id(thread_id: object) -> str:
+    """A caller-supplied thread id: checked before it is stored, like a session id."""
+    if not isinstance(thread_id, str) or not THREAD_ID_RE.match(thread_id):
+        shown = repr(thread_id) if len(repr(thread_id)) <= 40 else repr(thread_id)[:37] + "..."
+        raise InvalidInput(f"Invalid thread id {shown}: use 1-128 letters, digits, '_' or '-', starting with a "
+                           f"letter or digit")
+    return thread_id
+
+
+def _check_id(value: object, name: str) -> None:
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidInput(f"{name} must be a non-blank string")
+
+
+def _if_busy(value: str) -> str:
+    if value not in ops.IF_BUSY:
+        raise InvalidInput(f"if_busy must be one of: {', '.join(ops.IF_BUSY)}")
+    return value
 
 
 def clamp_limit(limit: int | None, default: int = 50) -> int:
@@ -105,6 +130,7 @@ class Runtime:
             "id": thread_id, "created_at": now, "updated_at": now, "model": model or self.config.default_model,
             "workspace": workspace, "mode": mode or self.config.default_mode, "archived": bool(archived),
             "title": title, "system_prompt": system_prompt, "latest_turn_id": None, "session_id": session_id,
+            "forked_from": None,
         }
         await self.store.write(
             statements=[(
@@ -126,8 +152,9 @@ class Runtime:
             records.list_threads, limit=clamp_limit(limit), include_archived=include_archived,
             archived_only=archived_only), inline=True)
 
-    async def get_thread(self, thread_id: str) -> dict[str, Any]:
-        detail = await self.store.read(functools.partial(records.thread_detail, thread_id=thread_id), inline=True)
+    async def get_thread(self, thread_id: str, *, include_rewound: bool = False) -> dict[str, Any]:
+        detail = await self.store.read(functools.partial(records.thread_detail, thread_id=thread_id,
+                                                         include_rewound=include_rewound), inline=True)
         if detail is None:
             raise NotFound(f"Thread '{thread_id}' not found")
         return detail
@@ -198,6 +225,57 @@ class Runtime:
                 await self.manager.shutdown(thread_id)
         except trio.TooSlowError as exc:
             raise EngineTimeout(f"Timed out shutting down the engine of thread '{thread_id}'") from exc
+
+    # ---- history control (runtime.history; each one engine op and one store write) ----------
+    #
+    # Each is checked completely inside its one write and applied whole or not at all. A timeout (504)
+    # means the engine did not answer in time: the change may still be applied, whole, afterwards (an
+    # Idempotency-Key tells which on retry). Cancelled before the op was queued, nothing happens.
+
+    async def fork_thread(self, thread_id: str, *, through_turn_id: str | None = None, title: str | None = None,
+                          new_thread_id: str | None = None, timeout: float = DEFAULT_TIMEOUT,
+                          claim: Claim | None = None) -> dict[str, Any]:
+        """A new thread with copies of the source's live turns through ``through_turn_id`` (default: the
+        latest finished one). The source does not change; a turn running there keeps running."""
+        if through_turn_id is not None:
+            _check_id(through_turn_id, "through_turn_id")
+        new_id_ = validate_thread_id(new_thread_id) if new_thread_id is not None else new_id("thr")
+        if title is not None and not title.strip():
+            raise InvalidInput("title must not be blank")
+        return await self._request(thread_id, lambda r: ops.Fork(
+            through_turn_id=through_turn_id, title=title, new_thread_id=new_id_, claim=claim, reply=r),
+            timeout=timeout, what="fork the thread")
+
+    async def rewind_thread(self, thread_id: str, before_turn_id: str, *, if_busy: str = "reject",
+                            timeout: float = DEFAULT_TIMEOUT, claim: Claim | None = None) -> dict[str, Any]:
+        """``before_turn_id`` and every later turn leave the live history (they stay stored, flagged)."""
+        _check_id(before_turn_id, "before_turn_id")
+        return await self._request(thread_id, lambda r: ops.Rewind(
+            before_turn_id=before_turn_id, if_busy=_if_busy(if_busy), claim=claim, reply=r),
+            timeout=timeout, what="rewind the thread")
+
+    async def retry_turn(self, thread_id: str, turn_id: str | None = None, *, model: str | None = None,
+                         mode: str | None = None, if_busy: str = "reject", timeout: float = DEFAULT_TIMEOUT,
+                         claim: Claim | None = None) -> dict[str, Any]:
+        """Rewind before ``turn_id`` (default: the latest turn) and start a new turn with its prompt, as
+        one change; answers with the new turn's record (``retry_of``: the old turn)."""
+        if turn_id is not None:
+            _check_id(turn_id, "turn_id")
+        return await self._request(thread_id, lambda r: ops.Retry(
+            turn_id=turn_id, model=model, mode=mode, if_busy=_if_busy(if_busy), claim=claim, reply=r),
+            timeout=timeout, what="retry a turn")
+
+    async def restore_thread(self, thread_id: str, session_id: str, *, if_busy: str = "reject",
+                             if_match: int | str | None = None, timeout: float = DEFAULT_TIMEOUT,
+                             claim: Claim | None = None) -> dict[str, Any]:
+        """Replace the live history with a saved session's (see SessionService.restore)."""
+        return await self.sessions.restore(thread_id, session_id, if_busy=_if_busy(if_busy), if_match=if_match,
+                                           timeout=timeout, claim=claim)
+
+    async def delete_thread(self, thread_id: str, *, if_busy: str = "reject", timeout: float = DEFAULT_TIMEOUT) -> None:
+        """Delete the thread with its turns, items and events; its engine stops and its streams end."""
+        await self._request(thread_id, lambda r: ops.DeleteThread(if_busy=_if_busy(if_busy), reply=r),
+                            timeout=timeout, what="delete the thread")
 
     # ---- events ----------------------------------------------------------------------------
 

@@ -28,30 +28,24 @@ from typing import Any, Callable
 import outcome
 import trio
 
-from . import ops
+from . import history, ops
 from .clock import new_id, utc_now
 from .config import RuntimeConfig
-from .errors import Conflict, InvalidInput, RuntimeFailure, StorageError
+from .errors import Conflict, EngineTimeout, InvalidInput, RuntimeFailure, StorageError
 from .handle import EngineEvicted
 from .models.base import (
     ItemBreak, ModelBackend, ModelError, ModelRequest, ReasoningDelta, Retrying, TextDelta, ToolCall, ToolResult,
     Truncated, Usage, ValidText,
 )
-from .store import EventDraft, Store, WriteLane, WriteRequest
-from .transcript import apply_items, build_messages, summarize
+from .store import EventDraft, Store, WithEvents, WriteLane, WriteRequest
+from .transcript import apply_items, build_messages, preview as _preview, summarize
 
 log = logging.getLogger(__name__)
 
-SUMMARY_CHARS = 120  # item summaries are a one-line preview of the item's text
 UPDATABLE_FIELDS = ("archived", "model", "mode", "title", "system_prompt")
 # The error of a turn whose engine was cancelled from outside without a stop reason (the runtime around
 # it cancelled): the turn ends interrupted, as at a shutdown; "engine crashed" is kept for real crashes.
 STOPPED = "engine stopped"
-
-
-def _preview(text: str) -> str:
-    line = " ".join(text.split())
-    return line if len(line) <= SUMMARY_CHARS else line[: SUMMARY_CHARS - 1] + "…"
 
 
 @dataclasses.dataclass(eq=False)
@@ -94,6 +88,9 @@ class _Turn:
     end_error: str | None = None
     interrupt_waiters: list[ops.Interrupt] = dataclasses.field(default_factory=list)
     record: dict[str, Any] | None = None
+    retry_of: str | None = None
+    # Set once the turn's end is queued (``self.active`` is None again): a history op waits for it.
+    ended: trio.Event = dataclasses.field(default_factory=trio.Event)
 
 
 class Engine:
@@ -110,7 +107,9 @@ class Engine:
     ) -> None:
         self.thread: dict[str, Any] = state["thread"]
         self.thread_id: str = self.thread["id"]
-        self.messages = build_messages(state["base_messages"], state["items"])
+        # The resumed (or restored) messages the live history starts from; turns' items fold in after.
+        self._base: list[dict[str, Any]] = state["base_messages"]
+        self.messages = build_messages(self._base, state["items"])
         self.total_tokens: int = state["base_tokens"] + state["turn_tokens"]
         self._turn_ord: int = state["turn_count"]
         self._item_ord: int = state["item_count"]
@@ -137,6 +136,12 @@ class Engine:
         self._idle_since = trio.current_time()
         self._stopping: str | None = None
         self.crashed = False
+        # The thread was deleted: ops still queued go to a successor, which finds no thread (404).
+        self._gone = False
+        # A history write whose outcome this engine could not wait for: a successor restores only once it
+        # is done (ThreadManager), so it never starts from the store as it was before that write.
+        self.unconfirmed: WriteRequest | None = None
+        self._retrying: _Turn | None = None  # a retry's new turn, between allocation and commit
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -234,10 +239,14 @@ class Engine:
                 if op.reply is not None:
                     op.reply.close()
                 return
-            if self.diverged is not None:
-                # Not handled: this engine's memory is ahead of the store. The requester retries on the
-                # successor (EngineEvicted means "nothing happened"), which restores from the store.
+            if self.diverged is not None or self._gone:
+                # Not handled: this engine's memory is ahead of the store (or its thread is gone). The
+                # requester retries on the successor (EngineEvicted means "nothing happened"), which
+                # restores from the store (or finds no thread: 404).
                 await self._send_reply(op.reply, outcome.Error(EngineEvicted()))
+                continue
+            if isinstance(op, ops.HistoryOp):
+                await self._history(op)
                 continue
             if (isinstance(op, ops.GetSessionSnapshot) and not (op.wait_for_idle and self.active)
                     and (self._boundary is None or self._boundary.done.is_set())):
@@ -409,6 +418,7 @@ class Engine:
             "id": turn.id, "thread_id": self.thread_id, "status": status, "input_summary": _preview(turn.prompt),
             "created_at": turn.created_at, "started_at": turn.started_at, "ended_at": None, "duration_ms": None,
             "usage": None, "error": None, "item_ids": [i.id for i in turn.items], "steer_count": turn.steer_count,
+            "rewound": False, "retry_of": turn.retry_of,
         }
 
     def _on_start_turn(self, op: ops.StartTurn) -> None:
@@ -532,6 +542,158 @@ class Engine:
         result = {"turn_id": turn.id, "item": item.record(turn.id, now), "summary": summary}
         self._spawn_reply(op.reply, outcome.Value(result), after=request)
 
+    # ---- history control -------------------------------------------------------------------
+
+    async def _history(self, op: ops.HistoryOp) -> None:
+        """Fork, rewind, retry, restore or delete (runtime.history): check, apply as one store write,
+        adopt the result, answer.
+
+        The op loop itself waits for the change (bounded by final_write_seconds for each of: the turn
+        ``if_busy="interrupt"`` ends, the engine's earlier writes, the change's write), so no other op of
+        this thread runs in between: the checks made inside the write and the state adopted after it
+        cannot go stale. The write is not on the engine's lane: it starts only once every earlier write
+        of the engine committed, and its failure changes nothing at all (one transaction; the engine
+        adopts nothing), so the engine serves on. Only a write whose outcome is unknown (not done within
+        the bound) retires the engine; its successor restores once that write is done."""
+        try:
+            result = await self._apply_history(op)
+        except (RuntimeFailure, EngineEvicted) as exc:
+            self._spawn_reply(op.reply, outcome.Error(exc))
+        except BaseException:
+            if op.reply is not None:  # the engine is going away: its requester must not wait its deadline out
+                op.reply.close()
+            raise
+        else:
+            self._spawn_reply(op.reply, outcome.Value(result))
+
+    async def _apply_history(self, op: ops.HistoryOp) -> dict[str, Any]:
+        if op.if_busy not in ops.IF_BUSY:
+            raise InvalidInput(f"if_busy must be one of: {', '.join(ops.IF_BUSY)}")
+        if self.active is not None and not isinstance(op, ops.Fork):  # a fork leaves the source's turn running
+            if op.if_busy != "interrupt":
+                raise Conflict(f"Thread '{self.thread_id}' has a turn in progress ('{self.active.id}'); "
+                               f"send if_busy \"interrupt\" to interrupt it first")
+            await self._interrupt_for_history(self.active)
+        await self._settle_boundary()
+        now = utc_now()
+        fn, action = self._history_write(op, now)
+        request = self._store.submit(WriteRequest(fn=fn, action=action))
+        # Shielded: the engine must know whether its thread changed before it serves another op (an engine
+        # cancelled meanwhile is being torn down and waits for this anyway). Bounded: the writer only
+        # waits on SQLite and the file system, and final_write_seconds caps even that.
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(self._config.final_write_seconds):
+                await request.done.wait()
+        if not request.done.is_set():
+            error = StorageError(f"Failed to {action}: the store did not commit within "
+                                 f"{self._config.final_write_seconds:g} s; the change is applied whole or not at all")
+            self.unconfirmed = request
+            self._write_failed(error)  # memory may now be behind the store: a successor restores from it
+            raise error
+        assert request.result is not None
+        change: history.Change = request.result.unwrap()  # a rejection or a storage error: nothing changed
+        self._boundary = request
+        self._idle_since = trio.current_time()
+        return self._adopt(op, change, request)
+
+    async def _interrupt_for_history(self, turn: _Turn) -> None:
+        """``if_busy="interrupt"``: interrupt the running turn as a client interrupt would, and wait until its
+        end is queued (it ends ``interrupted``; the change's write comes after it)."""
+        if not turn.scope.cancel_called:
+            self._submit(f"record the interrupt request of turn '{turn.id}'", events=[EventDraft(
+                self.thread_id, "turn.interrupt_requested", {"reason": "history change"}, turn_id=turn.id)])
+        self._cancel_turn("interrupted", None, reason="turn interrupted for a history change")
+        with trio.move_on_after(self._config.final_write_seconds):
+            await turn.ended.wait()
+        if not turn.ended.is_set():
+            raise EngineTimeout(f"Timed out interrupting turn '{turn.id}' of thread '{self.thread_id}' "
+                                f"before changing its history")
+
+    async def _settle_boundary(self) -> None:
+        """Wait until every earlier write of this engine has committed (the last boundary write: when no
+        turn runs, nothing was queued after it), so the change's checks see the store as the engine does.
+        EngineEvicted when one of them failed (the successor, restored from the store, takes the op)."""
+        boundary = self._boundary
+        if boundary is not None and not boundary.done.is_set():
+            # Shielded and bounded like the change's own write (see _apply_history).
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(self._config.final_write_seconds):
+                    await boundary.done.wait()
+            if not boundary.done.is_set():
+                raise StorageError(f"Failed to change the history of thread '{self.thread_id}': its earlier writes "
+                                   f"did not commit within {self._config.final_write_seconds:g} s; nothing was changed")
+        if self.diverged is not None:
+            raise EngineEvicted()
+
+    def _history_write(self, op: ops.HistoryOp, now: str) -> tuple[Callable[[sqlite3.Connection], WithEvents], str]:
+        """The writer-thread function that checks and applies ``op`` (runtime.history), and its action."""
+        tid = self.thread_id
+        if isinstance(op, ops.Fork):
+            return functools.partial(history.fork, thread_id=tid, through_turn_id=op.through_turn_id,
+                                     new_thread_id=op.new_thread_id, title=op.title, now=now,
+                                     claim=op.claim), f"fork thread '{tid}'"
+        if isinstance(op, ops.Rewind):
+            return functools.partial(history.rewind, thread_id=tid, before_turn_id=op.before_turn_id, base=self._base,
+                                     now=now, claim=op.claim), f"rewind thread '{tid}'"
+        if isinstance(op, ops.Retry):
+            return functools.partial(history.retry, thread_id=tid, turn_id=op.turn_id, base=self._base, now=now,
+                                     new_turn=self._retry_turn(op, now), claim=op.claim), f"retry a turn of thread '{tid}'"
+        if isinstance(op, ops.Restore):
+            safety = op.safety(self.snapshot())  # the live state being replaced, saved in the same write
+            restore = functools.partial(
+                history.restore, thread_id=tid, session_id=op.session_id, revision=op.revision,
+                safety_session_id=op.safety_session_id, messages=op.messages, messages_json=op.messages_json,
+                total_tokens=op.total_tokens, system_prompt=op.system_prompt, now=now, claim=op.claim)
+
+            def restore_with_safety(conn: sqlite3.Connection) -> WithEvents:
+                safety(conn)
+                return restore(conn)
+
+            return restore_with_safety, f"restore thread '{tid}' from session '{op.session_id}'"
+        if isinstance(op, ops.DeleteThread):
+            return functools.partial(history.delete, thread_id=tid, now=now), f"delete thread '{tid}'"
+        raise InvalidInput(f"unknown history op {type(op).__name__}")
+
+    def _retry_turn(self, op: ops.Retry, now: str) -> dict[str, Any]:
+        """Allocate the retry's new turn (ids and ords; the prompt comes from the store, in the write)."""
+        self._turn_ord += 1
+        turn = _Turn(id=new_id("turn"), ord=self._turn_ord, prompt="", model=op.model or self.thread["model"],
+                     mode=op.mode or self.thread["mode"], created_at=now, started_at=now,
+                     started_clock=trio.current_time())
+        user = self._next_item(turn, "user_message")
+        user.status = "completed"
+
+        def record(prompt: str, retry_of: str) -> dict[str, Any]:  # runs in the writer thread; reads only
+            return {**self._turn_record(turn, "in_progress"), "input_summary": _preview(prompt), "retry_of": retry_of}
+
+        self._retrying = turn
+        return {"id": turn.id, "ord": turn.ord, "model": turn.model, "mode": turn.mode, "user_item_id": user.id,
+                "user_item_ord": user.ord, "record": record}
+
+    def _adopt(self, op: ops.HistoryOp, change: history.Change, request: WriteRequest) -> dict[str, Any]:
+        """Take over the state the committed change computed (in the same step: nothing runs in between)."""
+        state = change.state
+        if state is not None:
+            self._base = state.base
+            self.messages = state.messages
+            self.total_tokens = state.total_tokens
+            self.thread.update(state.thread)
+        if isinstance(op, ops.Retry):
+            turn, self._retrying = self._retrying, None
+            assert turn is not None and change.prompt is not None
+            turn.prompt = change.prompt
+            turn.retry_of = change.result["retry_of"]
+            turn.items[0].parts.append(change.prompt)
+            turn.steer_tx, turn.steer_rx = trio.open_memory_channel[str](float("inf"))
+            self.active = turn
+            self.thread["latest_turn_id"] = turn.id
+            assert self._nursery is not None
+            self._nursery.start_soon(self._run_turn, turn, request)
+        elif isinstance(op, ops.DeleteThread):
+            self._gone = True
+            self._retire(self, False)  # new requests wait for this engine's exit, then find no thread
+        return change.result
+
     # ---- the turn task ---------------------------------------------------------------------
 
     def _open_item(self, turn: _Turn, kind: str, metadata: dict[str, Any] | None = None) -> _Item:
@@ -598,6 +760,7 @@ class Engine:
             # which knows from the store that there is no such turn.
             log.error("turn %s was not recorded: %s", turn.id, started.result.error)
             self.active = None
+            turn.ended.set()
             for waiter in [*turn.interrupt_waiters, *self._idle_waiters]:
                 self._spawn_reply(waiter.reply, outcome.Error(EngineEvicted()))
             self._idle_waiters.clear()
@@ -712,6 +875,7 @@ class Engine:
             status, error = "failed", str(self.diverged)
             request = self._store.submit(self._end_after_failure(turn, error, now, usage, duration_ms))
         self.active = None
+        turn.ended.set()
         self._boundary = request
         self._idle_since = trio.current_time()
         record = {**self._turn_record(turn, status), "ended_at": now, "duration_ms": duration_ms,

@@ -26,10 +26,16 @@ class Subscription:
         self.overflowed = False
 
 
+# Deleted threads whose ``thread.deleted`` event the bus remembers, for a stream that was catching up
+# from the store when it was published (the event is in no store: it is deleted with the thread).
+DELETED_REMEMBERED = 1024
+
+
 class EventBus:
     def __init__(self, buffer: int) -> None:
         self._buffer = buffer
         self._subs: dict[str, set[Subscription]] = {}
+        self._deleted: collections.OrderedDict[str, Event] = collections.OrderedDict()
         self.overflows = 0
         self._changed = trio.Event()
 
@@ -61,8 +67,15 @@ class EventBus:
             self._notify()
         sub.send.close()
 
+    def deleted(self, thread_id: str) -> Event | None:
+        """The ``thread.deleted`` event of a thread deleted while this process ran (recent ones only)."""
+        return self._deleted.get(thread_id)
+
     def publish(self, events: list[Event]) -> None:
         for event in events:
+            if event.event == "thread.deleted":
+                self._thread_deleted(event)
+                continue
             subs = self._subs.get(event.thread_id)
             if not subs:
                 continue
@@ -75,6 +88,21 @@ class EventBus:
                     self.detach(sub)
                 except trio.BrokenResourceError:
                     self.detach(sub)
+
+    def _thread_deleted(self, event: Event) -> None:
+        """Hand every stream of the thread its last event and end it (a full buffer gets it from
+        ``deleted`` when it catches up)."""
+        self._deleted[event.thread_id] = event
+        while len(self._deleted) > DELETED_REMEMBERED:
+            self._deleted.popitem(last=False)
+        for sub in tuple(self._subs.get(event.thread_id, ())):
+            try:
+                sub.send.send_nowait(event)
+            except trio.WouldBlock:
+                sub.overflowed = True
+            except trio.BrokenResourceError:
+                pass
+            self.detach(sub)
 
     def subscribe(self, store: Store, thread_id: str, since_seq: int) -> "EventStream":
         return EventStream(self, store, thread_id, since_seq)
@@ -97,6 +125,7 @@ class EventStream:
         self._sub = bus.attach(thread_id)
         self._pending: collections.deque[Event] = collections.deque()
         self._replaying = True
+        self._ended = False
         self.catch_ups = 0
 
     async def next(self) -> Event:
@@ -105,12 +134,19 @@ class EventStream:
                 event = self._pending.popleft()
                 self.last_seq = event.seq
                 return event
+            if self._ended:
+                raise StopAsyncIteration
             if self._replaying:
                 page = await self._store.read(functools.partial(
                     records.events_after, thread_id=self.thread_id, since_seq=self.last_seq))
                 self._pending.extend(page)
                 if len(page) < records.EVENT_PAGE:
                     self._replaying = False
+                    deleted = self._bus.deleted(self.thread_id)
+                    if deleted is not None and not page:  # gone while catching up: its last event, then the end
+                        self._ended = True
+                        if deleted.seq > self.last_seq:
+                            self._pending.append(deleted)
                 continue
             try:
                 event = await self._sub.receive.receive()
@@ -124,6 +160,8 @@ class EventStream:
                 continue
             if event.seq > self.last_seq:
                 self.last_seq = event.seq
+                if event.event == "thread.deleted":
+                    self._ended = True  # nothing can follow: the thread is gone
                 return event
 
     def close(self) -> None:

@@ -28,7 +28,7 @@ from .errors import EngineUnavailable, NotFound
 from .handle import EngineHandle
 from .models.base import ModelBackend
 from .ops import Op
-from .store import EventDraft, Store
+from .store import EventDraft, Store, WriteRequest
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,8 @@ class ThreadManager:
         # turn id -> the end its engine could not record; retried until it commits.
         self._unended: dict[str, _Unended] = {}
         self._repair_wanted = trio.Event()
+        # thread id -> a history write its retired engine could not see finish: the successor waits for it.
+        self._unconfirmed: dict[str, WriteRequest] = {}
 
     @property
     def live_count(self) -> int:
@@ -163,6 +165,13 @@ class ThreadManager:
         # the successor would see a turn in progress that nobody runs). Fails with the StorageError
         # (naming the turn) while the disk still refuses it; nothing else happened then.
         await self._end_unended(thread_id)
+        unconfirmed = self._unconfirmed.get(thread_id)
+        if unconfirmed is not None:
+            # Restoring before that write is done could start from the store as it was before it.
+            # Bounded by the caller's deadline; the writer finishes every request it took.
+            await unconfirmed.done.wait()
+            if self._unconfirmed.get(thread_id) is unconfirmed:
+                del self._unconfirmed[thread_id]
         state = await self._store.read(functools.partial(records.engine_state, thread_id=thread_id))
         if state is None:
             raise NotFound(f"Thread '{thread_id}' not found")
@@ -187,6 +196,9 @@ class ThreadManager:
         try:
             await entry.engine.run(task_status=task_status)
         finally:
+            unconfirmed = entry.engine.unconfirmed
+            if unconfirmed is not None and not unconfirmed.done.is_set():
+                self._unconfirmed[thread_id] = unconfirmed
             if self._entries.get(thread_id) is entry:
                 del self._entries[thread_id]
             entry.handle.close(evicted=entry.handle.evicted)

@@ -8,7 +8,7 @@ and closes it, or closes it unanswered when it stops (the requester then sees En
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import outcome
 import trio
@@ -57,6 +57,55 @@ class GetSessionSnapshot(Op):
 @dataclasses.dataclass(eq=False, kw_only=True)
 class UpdateThread(Op):
     changes: dict[str, Any]
+
+
+# ---- history control: each is checked and applied as one store write (runtime.history) -------------
+
+IF_BUSY = ("reject", "interrupt")
+
+
+@dataclasses.dataclass(eq=False, kw_only=True)
+class HistoryOp(Op):
+    # A queued or running turn: "reject" (Conflict) or "interrupt" it first, then apply.
+    if_busy: str = "reject"
+
+
+@dataclasses.dataclass(eq=False, kw_only=True)
+class Fork(HistoryOp):
+    through_turn_id: str | None = None
+    title: str | None = None
+    new_thread_id: str
+
+
+@dataclasses.dataclass(eq=False, kw_only=True)
+class Rewind(HistoryOp):
+    before_turn_id: str
+
+
+@dataclasses.dataclass(eq=False, kw_only=True)
+class Retry(HistoryOp):
+    turn_id: str | None = None
+    model: str | None = None
+    mode: str | None = None
+
+
+@dataclasses.dataclass(eq=False, kw_only=True)
+class Restore(HistoryOp):
+    session_id: str
+    revision: int
+    messages: list[dict[str, Any]]
+    messages_json: bytes | None
+    total_tokens: int
+    system_prompt: str | None
+    safety_session_id: str
+    # Given the engine's live state at the moment of the change, the caller's part of the same write
+    # (it saves that state as the safety session): a writer-thread function of the connection.
+    safety: Callable[["SessionSnapshot"], Callable[[Any], Any]]
+
+
+@dataclasses.dataclass(eq=False, kw_only=True)
+class DeleteThread(HistoryOp):
+    pass
 
 
 @dataclasses.dataclass(frozen=True)

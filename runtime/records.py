@@ -18,7 +18,12 @@ ACTIVE_TURN_STATUSES = ("queued", "in_progress")
 # A thread row without ``base_messages`` (a resumed session's messages: 12 MB for a 12 MB session), which
 # only an engine's restore reads. Thread reads run inline on the event loop.
 THREAD_COLUMNS = ("id, created_at, updated_at, model, workspace, mode, archived, title, system_prompt,"
-                  " latest_turn_id, session_id, base_tokens")
+                  " latest_turn_id, session_id, base_tokens, forked_from")
+# A finished turn: the only kind that can anchor a history change (fork, rewind, retry).
+FINISHED_TURN_STATUSES = ("completed", "failed", "interrupted")
+# Items of the live history only: a rewound turn's items stay in the store but not in the history.
+LIVE_ITEMS = ("SELECT * FROM items WHERE thread_id = ? AND turn_id NOT IN"
+              " (SELECT id FROM turns WHERE thread_id = ? AND rewound = 1) ORDER BY ord")
 # Replay reads the log in pages of this many events, so a long history never sits in memory at once.
 EVENT_PAGE = 500
 
@@ -36,6 +41,7 @@ def thread_record(row: sqlite3.Row) -> dict[str, Any]:
         "system_prompt": row["system_prompt"],
         "latest_turn_id": row["latest_turn_id"],
         "session_id": row["session_id"],
+        "forked_from": json.loads(row["forked_from"]) if row["forked_from"] else None,
     }
 
 
@@ -56,6 +62,8 @@ def turn_record(row: sqlite3.Row, item_ids: list[str]) -> dict[str, Any]:
         "error": row["error"],
         "item_ids": item_ids,
         "steer_count": row["steer_count"],
+        "rewound": bool(row["rewound"]),
+        "retry_of": row["retry_of"],
     }
 
 
@@ -90,16 +98,22 @@ def most_recent_thread_id(conn: sqlite3.Connection) -> str | None:
     return row["id"] if row else None
 
 
-def thread_items(conn: sqlite3.Connection, thread_id: str) -> list[dict[str, Any]]:
-    rows = conn.execute("SELECT * FROM items WHERE thread_id = ? ORDER BY ord", (thread_id,)).fetchall()
+def thread_items(conn: sqlite3.Connection, thread_id: str, include_rewound: bool = False) -> list[dict[str, Any]]:
+    """The thread's items in order: those of its live history, or every one with ``include_rewound``."""
+    if include_rewound:
+        rows = conn.execute("SELECT * FROM items WHERE thread_id = ? ORDER BY ord", (thread_id,)).fetchall()
+    else:
+        rows = conn.execute(LIVE_ITEMS, (thread_id, thread_id)).fetchall()
     return [item_record(row) for row in rows]
 
 
-def thread_turns(conn: sqlite3.Connection, thread_id: str, items: list[dict[str, Any]]):
+def thread_turns(conn: sqlite3.Connection, thread_id: str, items: list[dict[str, Any]],
+                 include_rewound: bool = False):
     ids_by_turn: dict[str, list[str]] = {}
     for item in items:
         ids_by_turn.setdefault(item["turn_id"], []).append(item["id"])
-    rows = conn.execute("SELECT * FROM turns WHERE thread_id = ? ORDER BY ord", (thread_id,)).fetchall()
+    live = "" if include_rewound else " AND rewound = 0"
+    rows = conn.execute(f"SELECT * FROM turns WHERE thread_id = ?{live} ORDER BY ord", (thread_id,)).fetchall()
     return [turn_record(row, ids_by_turn.get(row["id"], [])) for row in rows]
 
 
@@ -111,12 +125,14 @@ def get_turn(conn: sqlite3.Connection, turn_id: str) -> dict[str, Any] | None:
     return turn_record(row, ids)
 
 
-def thread_detail(conn: sqlite3.Connection, thread_id: str) -> dict[str, Any] | None:
+def thread_detail(conn: sqlite3.Connection, thread_id: str, include_rewound: bool = False) -> dict[str, Any] | None:
+    """ThreadDetail: the live history (turns and items), or with ``include_rewound`` every stored turn
+    (rewound ones say ``rewound: true``)."""
     row = get_thread_row(conn, thread_id)
     if row is None:
         return None
-    items = thread_items(conn, thread_id)
-    turns = thread_turns(conn, thread_id, items)
+    items = thread_items(conn, thread_id, include_rewound)
+    turns = thread_turns(conn, thread_id, items, include_rewound)
     latest = conn.execute("SELECT MAX(seq) AS s FROM events WHERE thread_id = ?", (thread_id,)).fetchone()
     return {"thread": thread_record(row), "turns": turns, "items": items, "latest_seq": latest["s"] or 0}
 
@@ -137,9 +153,10 @@ def engine_state(conn: sqlite3.Connection, thread_id: str) -> dict[str, Any] | N
         return None
     (base,) = conn.execute("SELECT CAST(base_messages AS BLOB) FROM threads WHERE id = ?", (thread_id,)).fetchone()
     items = thread_items(conn, thread_id)
+    # Tokens of the live history; ords over every turn and item (rewound ones too), since ords only grow.
     totals = conn.execute(
-        "SELECT COALESCE(SUM(COALESCE(input_tokens, 0) + COALESCE(output_tokens, 0)), 0) AS t,"
-        " COALESCE(MAX(ord), 0) AS n FROM turns WHERE thread_id = ?",
+        "SELECT COALESCE(SUM(CASE WHEN rewound = 0 THEN COALESCE(input_tokens, 0) + COALESCE(output_tokens, 0)"
+        " ELSE 0 END), 0) AS t, COALESCE(MAX(ord), 0) AS n FROM turns WHERE thread_id = ?",
         (thread_id,),
     ).fetchone()
     item_ord = conn.execute("SELECT COALESCE(MAX(ord), 0) AS n FROM items WHERE thread_id = ?", (thread_id,)).fetchone()

@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING, Any, AsyncIterator
 
 import trio
 
-from . import codec, records
+from . import codec, ops, records
 from .clock import utc_now
-from .errors import Conflict, InvalidInput, NotFound, PreconditionFailed, StorageError
+from .errors import Conflict, EngineTimeout, InvalidInput, NotFound, PreconditionFailed, StorageError
 from .session_files import (
     BACKUP_SUFFIX, SESSION_SCHEMA_VERSION, Change, SessionFiles, encode_document, parse_document,
     validate_session_id,
@@ -645,6 +645,93 @@ class SessionService:
             "thread_id": thread["id"], "session_id": session_id, "message_count": len(messages),
             "summary": f"Resumed {len(messages)} message(s) from session '{meta['title']}'",
         }
+
+
+    # ---- restore: a thread's live history from a session, its current one saved first -----------
+
+    async def restore(self, thread_id: str, session_id: str, *, if_busy: str = "reject",
+                      if_match: int | str | None = None, timeout: float, claim: Any = None) -> dict[str, Any]:
+        """Replace the thread's live history with the session's messages, and save the state it replaces
+        as a new session (``safety_session_id``) in the same store write, so restoring that one undoes this.
+
+        Wait phase (cancellable, bounded by ``timeout``): both sessions' locks, loading and validating the
+        session (400 for a file that does not parse), If-Match. Commit phase, shielded: the engine applies
+        the op (runtime.history.restore), whose one write stages and publishes the safety file, indexes and
+        journals it, and changes the thread; then the safety change is settled from the journal like every
+        session change. So a timeout, a disconnect, a storage error or a kill -9 leaves thread and sessions
+        exactly before or exactly after."""
+        validate_session_id(session_id)
+        deadline = trio.current_time() + timeout
+        safety_id = str(uuid.uuid4())
+        async with self._locked(session_id, deadline), self._locked(safety_id, deadline):
+            doc, messages_json = await trio.to_thread.run_sync(self._load_for_resume, session_id)
+            meta = doc["metadata"]
+            _check_if_match(session_id, meta["revision"], if_match)
+            change = self.files.change(safety_id)
+            retired = tuple(self._retired)
+            # "The engine's write began" and "this request gave up on it" are one decision (as in _apply).
+            guard, state = threading.Lock(), {"begun": False, "gave_up": False}
+
+            def safety(snapshot: Any) -> Any:
+                """Called by the engine with its live state; returns the writer-thread part of its write."""
+                title = derive_title("Before restore: " + (derive_title(snapshot.title or "") or derive_title(
+                    first_user_text(list(snapshot.messages))) or UNTITLED))
+                now = utc_now()
+                safety_doc = {
+                    "schema_version": SESSION_SCHEMA_VERSION,
+                    "metadata": {
+                        "id": safety_id, "title": title, "created_at": now, "updated_at": now,
+                        "message_count": len(snapshot.messages), "total_tokens": snapshot.total_tokens,
+                        "model": snapshot.model, "workspace": snapshot.workspace, "mode": snapshot.mode,
+                        "archived": False, "revision": 1, "thread_id": thread_id,
+                    },
+                    "messages": list(snapshot.messages),
+                    "system_prompt": snapshot.system_prompt,
+                }
+
+                def write(conn: sqlite3.Connection) -> None:
+                    with guard:
+                        if state["gave_up"]:
+                            raise StorageError(f"Failed to restore thread '{thread_id}': the request gave up")
+                        state["begun"] = True
+                    staged = self.files.stage(change, _encode(safety_doc), "save", replacing=False)
+                    _upsert_index(conn, safety_doc, staged.size, staged.mtime_ns)
+                    _journal(conn, staged, retired)
+                    self.files.publish(staged, "save")  # last: every failure before it changed no file
+
+                return write
+
+            op_timeout = self.commit_timeout
+            # Shielded: from here the engine may apply the change, so this request waits for its outcome and
+            # settles the safety session's files (a cancellation meanwhile waits too). Bounded by
+            # commit_timeout for the engine's answer, then one read and one thread that moves few files.
+            with trio.CancelScope(shield=True):
+                try:
+                    result = await self._rt._request(thread_id, lambda r: ops.Restore(
+                        session_id=session_id, revision=meta["revision"], messages=doc["messages"],
+                        messages_json=messages_json, total_tokens=_tokens(meta), system_prompt=doc.get("system_prompt"),
+                        safety_session_id=safety_id, safety=safety, if_busy=if_busy, claim=claim, reply=r),
+                        timeout=op_timeout, what="restore the thread")
+                except EngineTimeout:
+                    with guard:
+                        state["gave_up"] = True
+                        begun = state["begun"]
+                    if begun:  # the write may still commit: settled at the session's next change or start
+                        self._unsettled.add(safety_id)
+                    else:
+                        await self._settle_change(change)
+                    raise
+                except BaseException:
+                    await self._settle_change(change)
+                    raise
+                if await self._settle_change(change):
+                    self._retired.difference_update(retired)
+        return result
+
+
+def _tokens(meta: dict[str, Any]) -> int:
+    total = meta.get("total_tokens", 0)
+    return total if isinstance(total, int) and not isinstance(total, bool) else 0
 
 
 def _check_if_match(session_id: str, current: int | None, if_match: int | str | None) -> None:

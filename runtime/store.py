@@ -85,10 +85,13 @@ Statement = tuple[str, Sequence[Any]]
 @dataclasses.dataclass
 class WithEvents:
     """What a write's ``fn`` returns when its events depend on what it found: ``value`` becomes the
-    request's result, and ``events`` are appended to the log before the request's own ``events``."""
+    request's result, and ``events`` are appended to the log before the request's own ``events``.
+    ``appended``: events ``fn`` already put in the log itself with ``append_event`` (it needed their seq,
+    or removed them again in the same transaction); they are published with the others."""
 
     value: Any
     events: Sequence[EventDraft] = ()
+    appended: Sequence["Event"] = ()
 
 
 @dataclasses.dataclass(eq=False)
@@ -216,7 +219,7 @@ class Store:
                 conn.execute(
                     "UPDATE items SET status = 'interrupted', ended_at = ? WHERE id = ?", (now, item["id"])
                 )
-                _insert_event(conn, EventDraft(
+                append_event(conn, EventDraft(
                     item["thread_id"], "item.interrupted", {"kind": item["kind"], "reason": RESTART_ERROR},
                     turn_id=item["turn_id"], item_id=item["id"], timestamp=now))
             for row in rows:
@@ -224,7 +227,7 @@ class Store:
                     "UPDATE turns SET status = 'interrupted', error = ?, ended_at = ? WHERE id = ?",
                     (RESTART_ERROR, now, row["id"]),
                 )
-                _insert_event(conn, EventDraft(
+                append_event(conn, EventDraft(
                     row["thread_id"], "turn.completed",
                     {"status": "interrupted", "error": RESTART_ERROR,
                      "usage": {"input_tokens": row["input_tokens"] or 0,
@@ -386,14 +389,15 @@ class Store:
                 conn.execute("SAVEPOINT req")
                 savepoint = True
                 value = request.fn(conn) if request.fn is not None else None
+                appended: Sequence[Event] = ()
                 if isinstance(value, WithEvents):
                     drafts = [*value.events, *request.events]
-                    value = value.value
+                    appended, value = value.appended, value.value
                 else:
                     drafts = [*request.events, *(value or ())] if request.fn_events else request.events
                 for sql, params in request.statements:
                     conn.execute(sql, params)
-                request.committed = [_insert_event(conn, draft) for draft in drafts]
+                request.committed = [*appended, *(append_event(conn, draft) for draft in drafts)]
                 conn.execute("RELEASE req")
                 request.result = outcome.Value(value)
                 applied.append(request)
@@ -524,7 +528,8 @@ def read_snapshot(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], A
             conn.execute("ROLLBACK")
 
 
-def _insert_event(conn: sqlite3.Connection, draft: EventDraft) -> Event:
+def append_event(conn: sqlite3.Connection, draft: EventDraft) -> Event:
+    """Append one event to the log inside the caller's transaction (the writer thread); it gets its seq now."""
     payload = json.dumps(draft.payload, separators=(",", ":"))
     cur = conn.execute(
         "INSERT INTO events (thread_id, turn_id, item_id, event, timestamp, payload) VALUES (?, ?, ?, ?, ?, ?)",

@@ -150,6 +150,15 @@ def readable_messages(messages: Any, source: str = "stored messages") -> list[Me
     return valid_value(out)
 
 
+# A one-line preview of an item's or a turn's text (summaries, input_summary).
+PREVIEW_CHARS = 120
+
+
+def preview(text: str) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= PREVIEW_CHARS else line[: PREVIEW_CHARS - 1] + "…"
+
+
 # ---- reading --------------------------------------------------------------------------------
 
 

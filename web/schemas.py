@@ -95,6 +95,36 @@ class PatchSessionBody:
     archived: bool | None = None
 
 
+IF_BUSY = _documented("reject", enum=["reject", "interrupt"])
+
+
+@dataclasses.dataclass
+class ForkBody:
+    through_turn_id: str | None = _documented(None, **NON_BLANK)
+    title: str | None = _documented(None, **NON_BLANK)
+    id: str | None = _documented(None, **SESSION_ID)  # a thread id follows the session id rule
+
+
+@dataclasses.dataclass
+class RewindBody:
+    before_turn_id: str = _documented(**NON_BLANK)
+    if_busy: str = IF_BUSY
+
+
+@dataclasses.dataclass
+class RetryBody:
+    turn_id: str | None = _documented(None, **NON_BLANK)
+    model: str | None = None
+    mode: str | None = None
+    if_busy: str = IF_BUSY
+
+
+@dataclasses.dataclass
+class RestoreBody:
+    session_id: str = _documented(**SESSION_ID)
+    if_busy: str = IF_BUSY
+
+
 @dataclasses.dataclass
 class ResumeSessionBody:
     model: str | None = None
@@ -134,6 +164,12 @@ class RuntimeInfo:
 
 
 @dataclasses.dataclass
+class ForkedFrom:
+    thread_id: str
+    through_turn_id: str | None
+
+
+@dataclasses.dataclass
 class ThreadRecord:
     id: str
     created_at: str
@@ -146,6 +182,7 @@ class ThreadRecord:
     system_prompt: str | None
     latest_turn_id: str | None
     session_id: str | None
+    forked_from: ForkedFrom | None = None
 
 
 @dataclasses.dataclass
@@ -168,6 +205,8 @@ class TurnRecord:
     error: str | None
     item_ids: list[str]
     steer_count: int
+    rewound: bool = False  # left the live history (listed only with include_rewound=true)
+    retry_of: str | None = None  # the turn this one retried
 
 
 @dataclasses.dataclass
@@ -189,6 +228,29 @@ class ThreadDetail:
     turns: list[TurnRecord]
     items: list[TurnItemRecord]
     latest_seq: int
+
+
+@dataclasses.dataclass
+class ForkResult:
+    thread: ThreadRecord
+    forked_from: ForkedFrom
+    turn_ids: list[str]
+
+
+@dataclasses.dataclass
+class RewindResult:
+    thread: ThreadRecord
+    removed_turn_ids: list[str]
+    latest_seq: int
+
+
+@dataclasses.dataclass
+class RestoreResult:
+    thread: ThreadRecord
+    session_id: str
+    revision: int
+    message_count: int
+    safety_session_id: str
 
 
 @dataclasses.dataclass

@@ -79,7 +79,10 @@ async def _fuzz(live, tmp_path: Path, *, examples: int, seed: int, limit: float)
     args = [
         sys.executable, "-m", "schemathesis.cli", "--no-color", "--config-file", str(CONFIG),
         "run", f"{live.url}/openapi.json", "--header", f"Authorization: {AUTH['Authorization']}",
-        "--checks", "all",
+        # All checks but "created resource not found": history control names its anchor (a turn, a session)
+        # in the body, and the contract's 404 for an unknown anchor on a thread that exists is what that
+        # check takes for a missing thread (see schemathesis.toml).
+        "--checks", "all", "--exclude-checks", "ensure_resource_availability",
         "--max-examples", str(examples), "--seed", str(seed), "--workers", "1",
         "--request-timeout", "10", "--max-failures", "20", "--output-truncate", "false",
     ]

@@ -132,10 +132,10 @@ async def test_thread_detail_reads_items_and_latest_seq_from_one_snapshot(rt, mo
     original = records.thread_turns
     late: list[int] = []
 
-    def turns_after_a_commit(conn, thread_id, items):
+    def turns_after_a_commit(conn, thread_id, items, *rest):
         if not late:
             late.append(commit_an_item_and_its_event())  # inline read: we are on the loop, no trio here
-        return original(conn, thread_id, items)
+        return original(conn, thread_id, items, *rest)
 
     monkeypatch.setattr(records, "thread_turns", turns_after_a_commit)
     detail = await rt.get_thread(tid)

@@ -1,11 +1,18 @@
 from __future__ import annotations
 
-from quart import Blueprint, jsonify
+from quart import Blueprint, Response, jsonify, request
 
 from ..api import LIMIT, QueryParam, query_bool, query_int, read_body, route, runtime, settings
-from ..schemas import CreateThreadBody, ThreadDetail, ThreadRecord, UpdateThreadBody, provided
+from ..schemas import (
+    CreateThreadBody, ForkBody, ForkResult, RestoreBody, RestoreResult, RetryBody, RewindBody, RewindResult,
+    ThreadDetail, ThreadRecord, TurnRecord, UpdateThreadBody, provided,
+)
+from .sessions import IF_MATCH, _if_match
 
 bp = Blueprint("threads", __name__, url_prefix="/v1/threads")
+HISTORY_ERRORS = (400, 404, 409, 500, 503, 504, 507)
+IF_BUSY_QUERY = QueryParam("if_busy", "string", "A queued or running turn: reject (409) or interrupt it first",
+                           enum=("reject", "interrupt"))
 
 
 @route(bp, "", "POST", summary="Create a thread", body=CreateThreadBody, response=ThreadRecord, status=201,
@@ -26,9 +33,11 @@ async def list_threads():
 
 
 @route(bp, "/<thread_id>", "GET", summary="A thread with its turns, items and latest event seq",
-       response=ThreadDetail, errors=(404,))
+       response=ThreadDetail,
+       query=(QueryParam("include_rewound", "boolean", "Also list rewound turns and their items (rewound: true)"),),
+       errors=(400, 404))
 async def get_thread(thread_id: str):
-    return jsonify(await runtime().get_thread(thread_id))
+    return jsonify(await runtime().get_thread(thread_id, include_rewound=query_bool("include_rewound")))
 
 
 @route(bp, "/<thread_id>", "PATCH", summary="Update a thread (at least one field)", body=UpdateThreadBody,
@@ -37,3 +46,51 @@ async def update_thread(thread_id: str):
     body = await read_body(UpdateThreadBody)
     record = await runtime().update_thread(thread_id, provided(body), timeout=settings().request_timeout)
     return jsonify(record)
+
+
+@route(bp, "/<thread_id>", "DELETE", summary="Delete a thread with its turns, items and events",
+       status=204, query=(IF_BUSY_QUERY,), errors=(400, 404, 409, 500, 503, 504, 507))
+async def delete_thread(thread_id: str):
+    if_busy = request.args.get("if_busy") or "reject"
+    await runtime().delete_thread(thread_id, if_busy=if_busy, timeout=settings().request_timeout)
+    return Response("", status=204)
+
+
+# ---- history control -------------------------------------------------------------------------
+
+
+@route(bp, "/<thread_id>/fork", "POST", summary="A new thread with this one's history through a turn",
+       body=ForkBody, response=ForkResult, status=201, errors=HISTORY_ERRORS)
+async def fork_thread(thread_id: str):
+    body = await read_body(ForkBody)
+    result = await runtime().fork_thread(thread_id, through_turn_id=body.through_turn_id, title=body.title,
+                                         new_thread_id=body.id, timeout=settings().request_timeout)
+    return jsonify(result), 201
+
+
+@route(bp, "/<thread_id>/rewind", "POST", summary="Take a turn and every later one out of the live history",
+       body=RewindBody, response=RewindResult, errors=HISTORY_ERRORS)
+async def rewind_thread(thread_id: str):
+    body = await read_body(RewindBody)
+    result = await runtime().rewind_thread(thread_id, body.before_turn_id, if_busy=body.if_busy,
+                                           timeout=settings().request_timeout)
+    return jsonify(result)
+
+
+@route(bp, "/<thread_id>/retry", "POST", summary="Rewind before a turn and run its prompt again, as one change",
+       body=RetryBody, response=TurnRecord, status=201, errors=HISTORY_ERRORS)
+async def retry_turn(thread_id: str):
+    body = await read_body(RetryBody)
+    result = await runtime().retry_turn(thread_id, body.turn_id, model=body.model, mode=body.mode,
+                                        if_busy=body.if_busy, timeout=settings().request_timeout)
+    return jsonify(result), 201
+
+
+@route(bp, "/<thread_id>/restore", "POST",
+       summary="Replace the live history with a saved session's (the current one is saved first)",
+       body=RestoreBody, response=RestoreResult, errors=(*HISTORY_ERRORS, 412), headers=IF_MATCH)
+async def restore_thread(thread_id: str):
+    body = await read_body(RestoreBody)
+    result = await runtime().restore_thread(thread_id, body.session_id, if_busy=body.if_busy, if_match=_if_match(),
+                                            timeout=settings().request_timeout)
+    return jsonify(result)
