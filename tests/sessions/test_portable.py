@@ -420,6 +420,9 @@ async def test_a_session_called_import_or_export_is_still_reachable(server, http
     for name in ("import", "export"):
         assert (await http.delete(f"/v1/sessions/{name}")).status_code == 204
     assert_error(await http.get("/v1/sessions/import"), 404, "not_found", "Session 'import' not found")
+    response = await http.put("/v1/sessions/import", json={})
+    assert response.status_code == 405
+    assert sorted(response.headers["allow"].split(", ")) == ["DELETE", "GET", "HEAD", "PATCH", "POST"]
     assert sorted(await session_ids_listed(server.runtime)) == ["source"]
     await check_invariants(server.runtime, server.data_dir)
 
@@ -446,6 +449,11 @@ async def test_openapi_describes_export_and_import(http):
     assert [p["name"] for p in export["parameters"]] == ["session_id", "format"]
     assert export["parameters"][1]["schema"] == {"type": "string", "enum": ["json", "markdown"]}
     assert sorted(export["responses"]) == ["200", "400", "401", "404", "500", "507"]
+    assert export["responses"]["200"]["content"] == {
+        "application/json": {"schema": {"$ref": "#/components/schemas/SessionDocument"}},
+        "text/markdown": {"schema": {"type": "string"}}}
+    # The URL of the import is also the session called "import": the document says so, like Allow does.
+    assert sorted(spec["paths"]["/v1/sessions/import"]) == ["delete", "get", "patch", "post"]
     imported = spec["paths"]["/v1/sessions/import"]["post"]
     assert imported["requestBody"]["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/SessionDocument"}

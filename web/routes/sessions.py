@@ -142,7 +142,7 @@ async def resume_thread(session_id: str):
 @route(bp, "/<path:session_id>/export", "GET", summary="Download a session as JSON (the stored document) or Markdown",
        query=(QueryParam("format", "string", "json (default): the stored document; markdown: a readable transcript",
                          enum=("json", "markdown")),),
-       response=SessionDocument, errors=(400, 404, 500))
+       response=SessionDocument, content_type=("application/json", "text/markdown"), errors=(400, 404, 500))
 async def export_session(session_id: str):
     data, content_type, filename = await runtime().sessions.export(
         session_id, request.args.get("format") or "json")
@@ -152,7 +152,8 @@ async def export_session(session_id: str):
 
 
 # A static segment, so werkzeug ranks it before ``/<session_id>``: only POST /v1/sessions/import is the
-# import; GET, PATCH and DELETE of that URL still address a session called "import".
+# import; GET, PATCH and DELETE of that URL still address a session called "import" (registered below,
+# so that /openapi.json and a 405's ``Allow`` say the same about that URL).
 @route(bp, "/import", "POST", summary="Import a session document (as a json export gives it) as a new session",
        query=(QueryParam("id", "string", "Import under this id instead of the document's metadata.id"),),
        body=SessionDocument, response=ImportResult, status=201, errors=(400, 409, 500))
@@ -163,3 +164,24 @@ async def import_session():
     result = await runtime().sessions.import_document(data, session_id=request.args.get("id") or None,
                                                       timeout=settings().request_timeout)
     return jsonify(result), 201
+
+
+SESSION_CALLED_IMPORT = "import"
+
+
+@route(bp, "/import", "GET", summary='The session called "import" (as GET /v1/sessions/{session_id})',
+       response=SessionDocument, errors=(400, 404, 500))
+async def get_session_called_import():
+    return await get_session(SESSION_CALLED_IMPORT)
+
+
+@route(bp, "/import", "PATCH", summary='Rename or (un)archive the session called "import"', body=PatchSessionBody,
+       response=PatchSessionResult, errors=(400, 404, 409, 412, 500), headers=IF_MATCH)
+async def patch_session_called_import():
+    return await patch_session(SESSION_CALLED_IMPORT)
+
+
+@route(bp, "/import", "DELETE", summary='Delete the session called "import"', status=204,
+       errors=(400, 404, 409, 500))
+async def delete_session_called_import():
+    return await delete_session(SESSION_CALLED_IMPORT)
