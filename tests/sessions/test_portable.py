@@ -24,6 +24,7 @@ from tests.support import open_runtime
 from web.client import ApiError
 
 from .conftest import LIMIT, run_turn, session_ids_listed
+from .test_big_documents import big_codecs  # noqa: F401 (a fixture)
 
 AUTH = {"Authorization": "Bearer test-token"}
 SYSTEM = "Be brief."
@@ -461,3 +462,27 @@ async def test_openapi_describes_export_and_import(http):
         "$ref": "#/components/schemas/ImportResult"}
     assert sorted(imported["responses"]) == ["201", "400", "401", "409", "413", "500", "507"]
     assert spec["components"]["schemas"]["ImportResult"]["required"] == ["session_id", "revision"]
+
+
+async def test_a_big_document_is_decoded_and_encoded_once_each_off_the_event_loop(server, http, big_codecs):
+    """A ~6 MB import (under the 8 MiB default body limit): decoded once and encoded once, both in
+    worker threads; the json export sends the file without touching a codec; the markdown export decodes
+    once, in a worker thread. Round trip byte for byte."""
+    document = four_blocks(id="big")
+    document["messages"] = [
+        {"role": role, "content": [{"type": "text", "text": f"message {i} Grüße 😀 " + "x" * 3000}]}
+        for i, role in zip(range(2000), ["user", "assistant"] * 1000)]
+    data = encode_document(document)
+    assert 6_000_000 < len(data) < 8 * 1024 * 1024
+    big_codecs.clear()
+    response = await http.post("/v1/sessions/import", content=data)
+    assert response.status_code == 201 and response.json() == {"session_id": "big", "revision": 1}
+    assert big_codecs == ["codec.loads", "codec.dumps_sliced"]
+    big_codecs.clear()
+    response = await http.get("/v1/sessions/big/export")
+    assert response.content == data and big_codecs == []
+    response = await http.get("/v1/sessions/big/export", params={"format": "markdown"})
+    assert big_codecs == ["codec.loads"]
+    assert response.text.count("\n## User\n") == 1000 and response.text.count("\n## Assistant\n") == 1000
+    assert "\n\nmessage 1999 Grüße 😀 xxx" in response.text
+    await check_invariants(server.runtime, server.data_dir)
