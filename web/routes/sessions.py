@@ -11,8 +11,8 @@ from runtime.errors import InvalidInput
 
 from ..api import LIMIT, QueryParam, query_bool, query_int, read_body, route, runtime, settings
 from ..schemas import (
-    ImportResult, PatchSessionBody, PatchSessionResult, RebuildSessionBody, RebuildSessionResult, ResumeResult, ResumeSessionBody,
-    SaveSessionBody, SaveSessionResult, SessionDocument, SessionList,
+    ImportResult, PatchSessionBody, PatchSessionResult, RebuildSessionBody, RebuildSessionResult, ResumeResult,
+    ResumeSessionBody, SaveSessionBody, SaveSessionResult, SessionDocument, SessionList,
 )
 
 bp = Blueprint("sessions", __name__, url_prefix="/v1/sessions")
