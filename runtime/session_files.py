@@ -207,6 +207,18 @@ class SessionFiles:
         found = self.read(session_id)
         return parse_document(session_id, found[0]) if found is not None else None
 
+    def exists(self, session_id: str, action: str) -> bool:
+        """Whether anything has the session's file name (a file, or anything else in the way). Any
+        failure but "no such file" is a StorageError naming ``action``: never taken for "absent", so a
+        create can never replace a file it could not see."""
+        try:
+            os.lstat(self.path(session_id))
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise storage_error(action, session_id, exc) from exc
+        return True
+
     def load_existing(self, session_id: str) -> dict[str, Any]:
         doc = self.load(session_id)
         if doc is None:
@@ -335,8 +347,18 @@ def parse_document(session_id: str, data: bytes) -> dict[str, Any]:
         doc = codec.loads(data)  # the stdlib decoder in slices; raises exactly what json.loads raises
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidData(f"Failed to parse session '{session_id}': {exc}") from exc
+    problem = document_problem(doc, data, session_id)
+    if problem:
+        raise InvalidData(f"Failed to parse session '{session_id}': {problem}")
+    return doc
+
+
+def document_problem(doc: Any, data: bytes, session_id: str | None) -> str | None:
+    """The first thing wrong with ``doc``, decoded from ``data``, as a session document (None: nothing).
+    ``session_id``: the file's id, which ``metadata.id`` must equal; None for a document that is not a
+    file yet (an import, whose id is checked by the importer)."""
     problem = _shape_problem(doc)
-    if problem is None and doc["metadata"]["id"] != session_id:
+    if problem is None and session_id is not None and doc["metadata"]["id"] != session_id:
         # A copied or renamed file must never speak for (and overwrite) the session it came from.
         problem = f"metadata.id {doc['metadata']['id']!r} does not match the file name"
     if problem is None and _SURROGATE_ESCAPE.search(data):
@@ -344,9 +366,7 @@ def parse_document(session_id: str, data: bytes) -> dict[str, Any]:
         where = surrogate_path(doc)
         if where is not None:
             problem = f"{where}: holds a lone UTF-16 surrogate, which is not valid Unicode text"
-    if problem:
-        raise InvalidData(f"Failed to parse session '{session_id}': {problem}")
-    return doc
+    return problem
 
 
 def _shape_problem(doc: Any) -> str | None:

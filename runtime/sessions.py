@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator
 
 import trio
 
-from . import codec, ops, records
+from . import codec, ops, portable, records
 from .clock import utc_now
 from .errors import Conflict, EngineTimeout, InvalidInput, NotFound, PreconditionFailed, StorageError
 from .session_files import (
@@ -645,6 +645,38 @@ class SessionService:
             "thread_id": thread["id"], "session_id": session_id, "message_count": len(messages),
             "summary": f"Resumed {len(messages)} message(s) from session '{meta['title']}'",
         }
+
+    # ---- export / import (portable sessions) ----------------------------------------------
+
+    async def export(self, session_id: str, format: str = "json") -> tuple[bytes, str, str]:
+        """The session as a download: (body, Content-Type, file name). ``json`` is the stored file's
+        bytes as they are (``read_document``: never decoded and encoded again); ``markdown`` a readable
+        transcript, rendered in a worker thread. A read only: a cancellation leaves nothing behind."""
+        content_type, extension = portable.FORMATS[portable.check_format(format)]
+        validate_session_id(session_id)
+        data, _ = await self.read_document(session_id)
+        if format == "markdown":
+            data = await trio.to_thread.run_sync(lambda: portable.render_markdown(codec.loads(data)))
+        return data, content_type, f"{session_id}.{extension}"
+
+    async def import_document(self, data: bytes, *, session_id: str | None = None, timeout: float,
+                              claim: Any = None) -> dict[str, Any]:
+        """Store a document (as a ``json`` export gives it) as a new session: ``session_id``, else the
+        document's own ``metadata.id``; revision 1, every other field as it is. Checked exactly as a
+        file on load, in a worker thread, before anything is written (InvalidInput naming the path);
+        an existing id is a Conflict, checked under the session's lock, which is held through the
+        commit. Waiting for the lock counts against ``timeout``; cancelled before the commit, nothing
+        was written; the commit is ``_commit``'s (shielded, all or nothing, indexed and listed)."""
+        deadline = trio.current_time() + timeout
+        if session_id is not None:
+            validate_session_id(session_id)
+        doc, target = await trio.to_thread.run_sync(portable.decode_import, data, session_id)
+        async with self._locked(target, deadline):
+            if await trio.to_thread.run_sync(self.files.exists, target, "import"):
+                raise Conflict(f"Cannot import session '{target}': a session with that id already exists")
+            # TODO(idempotency): pass claim to _commit
+            await self._commit(doc, action="import", thread_id=None, event=None, replacing=False)
+        return {"session_id": target, "revision": 1}
 
 
     # ---- restore: a thread's live history from a session, its current one saved first -----------

@@ -38,7 +38,7 @@ class RouteSpec:
     status: int
     query: tuple[QueryParam, ...]
     errors: tuple[int, ...]
-    content_type: str = "application/json"
+    content_type: str | tuple[str, ...] = "application/json"  # several: the response schema is the first's
     public: bool = False
     headers: tuple[tuple[str, ...], ...] = ()  # (name, description[, pattern])
 
@@ -52,7 +52,7 @@ def openapi_path(path: str) -> str:
 
 def route(bp: Blueprint, path: str, method: str, *, summary: str, body: type | None = None, response: Any = None,
           status: int = 200, query: tuple[QueryParam, ...] = (), errors: tuple[int, ...] = (),
-          content_type: str = "application/json", public: bool = False,
+          content_type: str | tuple[str, ...] = "application/json", public: bool = False,
           headers: tuple[tuple[str, ...], ...] = ()) -> Callable:
     def decorator(fn: Callable) -> Callable:
         prefix = bp.url_prefix or ""

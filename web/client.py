@@ -68,6 +68,11 @@ def _decode(response: httpx.Response) -> Any:
     return response.json()
 
 
+def _raw(response: httpx.Response) -> bytes:
+    _raise_for(response)
+    return response.content
+
+
 class SseParser:
     """Feed it lines of a ``text/event-stream``; it returns each event's JSON envelope when complete."""
 
@@ -92,7 +97,10 @@ class _Api:
     """Every endpoint, once. ``_call`` returns a value (sync) or an awaitable (async)."""
 
     def _call(self, method: str, path: str, *, json_body: Any = None, params: dict[str, Any] | None = None,
-              headers: dict[str, str] | None = None, transform: Callable[[Any], Any] | None = None) -> Any:
+              headers: dict[str, str] | None = None, transform: Callable[[Any], Any] | None = None,
+              content: bytes | None = None, raw: bool = False) -> Any:
+        """``content``: body bytes sent as they are (instead of ``json_body``); ``raw``: the answer's
+        bytes (for ``transform``), not its JSON."""
         raise NotImplementedError
 
     # health
@@ -159,6 +167,19 @@ class _Api:
     def resume_thread(self, session_id: str, **options: Any):
         return self._call("POST", f"/v1/sessions/{_q(session_id)}/resume-thread", json_body=options)
 
+    def export_session(self, session_id: str, format: str = "json"):
+        """The session as its export gives it: ``json`` the stored document's bytes as they are,
+        ``markdown`` the transcript as text."""
+        return self._call("GET", f"/v1/sessions/{_q(session_id)}/export", params={"format": format}, raw=True,
+                          transform=(lambda data: data.decode("utf-8")) if format == "markdown" else None)
+
+    def import_session(self, document: dict[str, Any] | bytes, session_id: str | None = None):
+        """Import a document (a dict, or the bytes of a ``json`` export, sent as they are) as a new
+        session: ``{session_id, revision}``."""
+        data = document if isinstance(document, bytes) else json.dumps(document, ensure_ascii=False).encode("utf-8")
+        return self._call("POST", "/v1/sessions/import", params=_params(id=session_id), content=data,
+                          headers={"Content-Type": "application/json"})
+
 
 def _q(segment: str) -> str:
     """Quote an id as one path segment, so no id can reach another route ('../threads')."""
@@ -192,12 +213,14 @@ class Client(_Api):
     def close(self) -> None:
         self._http.close()
 
-    def _call(self, method, path, *, json_body=None, params=None, headers=None, transform=None):
+    def _call(self, method, path, *, json_body=None, params=None, headers=None, transform=None, content=None,
+              raw=False):
         try:
-            response = self._http.request(method, path, json=json_body, params=params, headers=headers)
+            response = self._http.request(method, path, json=json_body, params=params, headers=headers,
+                                          content=content)
         except httpx.TransportError as exc:
             raise ServerUnreachable(f"Cannot reach trio-runtime at {self.url}: {exc}") from exc
-        value = _decode(response)
+        value = _raw(response) if raw else _decode(response)
         return transform(value) if transform else value
 
     def events(self, thread_id: str, since_seq: int = 0) -> Iterator[dict[str, Any]]:
@@ -234,12 +257,14 @@ class AsyncClient(_Api):
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def _call(self, method, path, *, json_body=None, params=None, headers=None, transform=None):
+    async def _call(self, method, path, *, json_body=None, params=None, headers=None, transform=None,
+                    content=None, raw=False):
         try:
-            response = await self._http.request(method, path, json=json_body, params=params, headers=headers)
+            response = await self._http.request(method, path, json=json_body, params=params, headers=headers,
+                                                content=content)
         except httpx.TransportError as exc:
             raise ServerUnreachable(f"Cannot reach trio-runtime at {self.url}: {exc}") from exc
-        value = _decode(response)
+        value = _raw(response) if raw else _decode(response)
         return transform(value) if transform else value
 
     async def events(self, thread_id: str, since_seq: int = 0) -> AsyncIterator[dict[str, Any]]:

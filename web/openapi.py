@@ -53,7 +53,11 @@ def build_spec() -> dict[str, Any]:
             op["requestBody"] = {"required": needed, "content": {"application/json": {"schema": body_schema}}}
         ok: dict[str, Any] = {"description": "Success"}
         if spec.response is not None:
-            ok["content"] = {spec.content_type: {"schema": json_schema(spec.response, components)}}
+            # Several content types: the response schema is the first's; the others are text (an export
+            # as Markdown, say).
+            first, *others = (spec.content_type,) if isinstance(spec.content_type, str) else spec.content_type
+            ok["content"] = {first: {"schema": json_schema(spec.response, components)},
+                             **{other: {"schema": {"type": "string"}} for other in others}}
         elif spec.content_type == "text/event-stream":
             ok["content"] = {"text/event-stream": {"itemSchema": sse.item_schema(components)}}
         responses: dict[str, Any] = {str(spec.status): ok}

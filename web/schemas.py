@@ -311,6 +311,12 @@ class PatchSessionResult:
 
 
 @dataclasses.dataclass
+class ImportResult:
+    session_id: str
+    revision: int
+
+
+@dataclasses.dataclass
 class ResumeResult:
     thread_id: str
     session_id: str

@@ -217,6 +217,27 @@ def _check_resume(before: State, after: State, ctx: Ctx) -> bool:
     return bool(added)
 
 
+async def _import_setup(ctx: Ctx) -> None:
+    await _ensure_session(ctx)
+    ctx.memo["doc"] = (ctx.data_dir / "sessions" / f"{SESSION}.json").read_bytes()
+
+
+def _check_import(before: State, after: State, ctx: Ctx) -> bool:
+    session_id = f"imported-{ctx.run}"
+    doc = _doc(after, session_id)
+    assert {k: v for k, v in after.files.items() if k != f"{session_id}.json"} == before.files
+    assert {k: v for k, v in after.sessions.items() if k != session_id} == before.sessions
+    assert _events(before, after, "session.saved") == 0
+    assert all(t["session_id"] != session_id for t in after.threads.values())
+    if doc is None:
+        assert session_id not in after.sessions
+        return False
+    expected = json.loads(ctx.memo["doc"])
+    expected["metadata"].update(id=session_id, revision=1)
+    assert doc == expected and after.sessions[session_id]["revision"] == 1
+    return True
+
+
 def _check_create_thread(before: State, after: State, ctx: Ctx) -> bool:
     added = [t for tid, t in after.threads.items() if tid not in before.threads]
     assert len(added) <= 1 and _events(before, after, "thread.started") == len(added)
@@ -315,6 +336,9 @@ CASES = [
          final_at_return=True, uses_engine=False),
     Case("resume-thread", lambda c: c.rt.sessions.resume(SESSION), _check_resume, _resume_setup,
          final_at_return=True, uses_engine=False),
+    Case("import session", lambda c: c.rt.sessions.import_document(c.memo["doc"], session_id=f"imported-{c.run}",
+                                                                  timeout=10),
+         _check_import, _import_setup, final_at_return=True, uses_engine=False),
     Case("create thread", lambda c: c.rt.create_thread(title=f"created {c.run}", mode="plan"), _check_create_thread,
          uses_engine=False),
     Case("update thread", lambda c: c.rt.update_thread(c.thread_id, {"title": f"renamed {c.run}", "mode": "plan"},

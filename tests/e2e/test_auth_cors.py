@@ -101,6 +101,7 @@ async def test_openapi_lists_every_route_and_docs_render(server):
         ("get", "/v1/threads/{thread_id}/events"), ("put", "/v1/sessions"), ("post", "/v1/sessions"),
         ("get", "/v1/sessions"), ("get", "/v1/sessions/{session_id}"), ("patch", "/v1/sessions/{session_id}"),
         ("delete", "/v1/sessions/{session_id}"), ("post", "/v1/sessions/{session_id}/resume-thread"),
+        ("get", "/v1/sessions/{session_id}/export"), ("post", "/v1/sessions/import"),
     }
     listed = {(method, path) for path, ops in spec["paths"].items() for method in ops}
     assert expected <= listed

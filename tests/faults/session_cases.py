@@ -210,6 +210,29 @@ def _check_delete(before: State, after: State, ctx: Ctx, value: Any) -> str | No
     return "doomed"
 
 
+async def _import_setup(ctx: Ctx) -> None:
+    await _idle_with_session(ctx)
+    ctx.memo["sid"] = f"imported-{ctx.n}"
+    ctx.memo["doc"] = (ctx.data_dir / "sessions" / f"{SESSION}.json").read_bytes()
+
+
+def _check_import(before: State, after: State, ctx: Ctx, value: Any) -> str | None:
+    """All of it (file, index row at revision 1) or nothing; no thread link and no event either way."""
+    session_id = ctx.memo["sid"]
+    doc = doc_of(after, session_id)
+    if doc is None:
+        assert_unchanged(before, after)
+        return None
+    expected = json.loads(ctx.memo["doc"])
+    expected["metadata"].update(id=session_id, revision=1)
+    assert doc == expected
+    assert after.sessions[session_id]["revision"] == 1
+    assert after.sessions[session_id]["size"] == len(after.files[f"{session_id}.json"])
+    assert after.threads == before.threads and after.event_counts == before.event_counts
+    _only_changed(before, after, session_id)
+    return session_id
+
+
 def _check_resume(before: State, after: State, ctx: Ctx, value: Any) -> str | None:
     added = [t for tid, t in after.threads.items() if tid not in before.threads]
     assert after.files == before.files and after.sessions == before.sessions
@@ -235,6 +258,8 @@ CASES = [
          _check_patch, ("Failed to update session 'kept'", "Failed to load session 'kept'"), _idle_with_session),
     Case("DELETE", lambda c: c.rt.sessions.delete("doomed", timeout=LIMIT),
          _check_delete, ("Failed to delete session 'doomed'",), _delete_setup, target=lambda c: "doomed"),
+    Case("import", lambda c: c.rt.sessions.import_document(c.memo["doc"], session_id=c.memo["sid"], timeout=LIMIT),
+         _check_import, ("Failed to import session '{sid}'",), _import_setup, target=lambda c: c.memo["sid"]),
     # Resume changes no file; its store write is the thread's creation (its errors name the store).
     Case("resume", lambda c: c.rt.sessions.resume(SESSION), _check_resume,
          ("Failed to load session 'kept'", "Failed to "), _idle_with_session),
@@ -322,6 +347,7 @@ SHORT_KINDS = {  # make test: one file kind and one SQLite kind per operation, r
     "PATCH": ("enospc", "sqlite_ioerr"),
     "DELETE": ("erofs", "sqlite_full"),
     "resume": ("eio", "sqlite_full+rollback"),
+    "import": KINDS,  # every kind: the newest operation
 }
 
 
@@ -403,4 +429,4 @@ async def run_every_crash(tmp_path: Path, case: Case) -> dict[str, int]:
     return seen
 
 
-CRASH_SHORT = ("PUT create", "PUT update", "PATCH", "DELETE")
+CRASH_SHORT = ("PUT create", "PUT update", "PATCH", "DELETE", "import")

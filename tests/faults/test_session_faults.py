@@ -122,6 +122,8 @@ async def test_every_change_writes_fsyncs_replaces_fsyncs_the_directory_then_com
             ("PUT update", lambda: rt.sessions.save(thread_id=tid, session_id=SESSION, timeout=LIMIT)),
             ("POST rebuild", lambda: rt.sessions.rebuild(thread_id=tid, timeout=LIMIT)),
             ("PATCH", lambda: rt.sessions.patch(SESSION, title="renamed", timeout=LIMIT)),
+            ("import", lambda: rt.sessions.import_document((data_dir / "sessions" / f"{SESSION}.json").read_bytes(),
+                                                           session_id="imported", timeout=LIMIT)),
             ("DELETE", lambda: rt.sessions.delete(SESSION, timeout=LIMIT)),
         ):
             plan.arm(None, "eio")
@@ -133,6 +135,7 @@ async def test_every_change_writes_fsyncs_replaces_fsyncs_the_directory_then_com
             "PUT update": ["file:read_bytes", *STAGE_AND_PUBLISH],
             "POST rebuild": STAGE_AND_PUBLISH,
             "PATCH": ["file:read_bytes", *STAGE_AND_PUBLISH],
+            "import": STAGE_AND_PUBLISH,  # "does it exist?" is a stat, not a read
             # The file is renamed aside (gone, and kept for a rollback), the directory fsynced, COMMIT,
             # then the set-aside file is removed.
             "DELETE": ["file:replace", "file:fsync_dir", "sqlite:COMMIT", "file:discard"],

@@ -159,7 +159,7 @@ async def test_invalid_session_id_in_the_path_is_400_for_every_method(server, ht
     wrong = []
     for raw_id in BAD_PATH_IDS:
         for method, suffix, body in (("GET", "", None), ("PATCH", "", {"title": "x"}), ("DELETE", "", None),
-                                     ("POST", "/resume-thread", {})):
+                                     ("POST", "/resume-thread", {}), ("GET", "/export", None)):
             response = await http.request(method, f"/v1/sessions/{raw_id}{suffix}", json=body)
             error = response.json().get("error", {})
             if (response.status_code, error.get("code")) != (400, "invalid_input") or (
@@ -192,7 +192,7 @@ async def test_invalid_session_id_in_the_put_body_is_400(server, http, client):
 
 async def test_unknown_session_is_404_for_every_method(server, http):
     for method, suffix, body in (("GET", "", None), ("PATCH", "", {"title": "x"}), ("DELETE", "", None),
-                                 ("POST", "/resume-thread", {})):
+                                 ("POST", "/resume-thread", {}), ("GET", "/export", None)):
         response = await http.request(method, f"/v1/sessions/nope{suffix}", json=body)
         assert_error(response, 404, "not_found", "Session 'nope' not found")
     assert dir_snapshot(sessions_path(server)) == {}

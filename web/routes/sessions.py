@@ -11,8 +11,8 @@ from runtime.errors import InvalidInput
 
 from ..api import LIMIT, QueryParam, query_bool, query_int, read_body, route, runtime, settings
 from ..schemas import (
-    PatchSessionBody, PatchSessionResult, RebuildSessionBody, RebuildSessionResult, ResumeResult, ResumeSessionBody,
-    SaveSessionBody, SaveSessionResult, SessionDocument, SessionList,
+    ImportResult, PatchSessionBody, PatchSessionResult, RebuildSessionBody, RebuildSessionResult, ResumeResult,
+    ResumeSessionBody, SaveSessionBody, SaveSessionResult, SessionDocument, SessionList,
 )
 
 bp = Blueprint("sessions", __name__, url_prefix="/v1/sessions")
@@ -23,10 +23,11 @@ IF_MATCH = (("If-Match", "Optional revision precondition, e.g. \"3\" (412 when i
 
 
 class SessionIdConverter(PathConverter):
-    """A path (slashes included, for the 400 above) that does not end in ``/resume-thread``: that URL
-    belongs to the POST-only resume route, so GET/PATCH/DELETE on it are 405, not a bad id."""
+    """A path (slashes included, for the 400 above) that does not end in ``/resume-thread`` or
+    ``/export``: those URLs belong to the POST-only resume route and the GET-only export route, so
+    a GET of ``x/export`` reaches the export and PATCH/DELETE on either is 405, not a bad id."""
 
-    regex = r"[^/].*?(?<!/resume-thread)"
+    regex = r"[^/].*?(?<!/resume-thread)(?<!/export)"
 
 
 bp.record_once(lambda state: state.app.url_map.converters.setdefault("session_id", SessionIdConverter))
@@ -136,3 +137,51 @@ async def resume_thread(session_id: str):
     result = await runtime().sessions.resume(session_id, model=body.model, mode=body.mode,
                                              timeout=settings().request_timeout)
     return jsonify(result), 201
+
+
+@route(bp, "/<path:session_id>/export", "GET", summary="Download a session as JSON (the stored document) or Markdown",
+       query=(QueryParam("format", "string", "json (default): the stored document; markdown: a readable transcript",
+                         enum=("json", "markdown")),),
+       response=SessionDocument, content_type=("application/json", "text/markdown"), errors=(400, 404, 500))
+async def export_session(session_id: str):
+    data, content_type, filename = await runtime().sessions.export(
+        session_id, request.args.get("format") or "json")
+    response = Response(data, content_type=content_type)
+    response.headers["Content-Disposition"] = f'attachment; filename="{filename}"'
+    return response
+
+
+# A static segment, so werkzeug ranks it before ``/<session_id>``: only POST /v1/sessions/import is the
+# import; GET, PATCH and DELETE of that URL still address a session called "import" (registered below,
+# so that /openapi.json and a 405's ``Allow`` say the same about that URL).
+@route(bp, "/import", "POST", summary="Import a session document (as a json export gives it) as a new session",
+       query=(QueryParam("id", "string", "Import under this id instead of the document's metadata.id"),),
+       body=SessionDocument, response=ImportResult, status=201, errors=(400, 409, 500))
+async def import_session():
+    # The body is decoded and checked in a worker thread (up to the server's body limit, 8 MiB by
+    # default), never on the event loop; read_body is for small bodies.
+    data = await request.get_data(cache=False)
+    result = await runtime().sessions.import_document(data, session_id=request.args.get("id") or None,
+                                                      timeout=settings().request_timeout)
+    return jsonify(result), 201
+
+
+SESSION_CALLED_IMPORT = "import"
+
+
+@route(bp, "/import", "GET", summary='The session called "import" (as GET /v1/sessions/{session_id})',
+       response=SessionDocument, errors=(400, 404, 500))
+async def get_session_called_import():
+    return await get_session(SESSION_CALLED_IMPORT)
+
+
+@route(bp, "/import", "PATCH", summary='Rename or (un)archive the session called "import"', body=PatchSessionBody,
+       response=PatchSessionResult, errors=(400, 404, 409, 412, 500), headers=IF_MATCH)
+async def patch_session_called_import():
+    return await patch_session(SESSION_CALLED_IMPORT)
+
+
+@route(bp, "/import", "DELETE", summary='Delete the session called "import"', status=204,
+       errors=(400, 404, 409, 500))
+async def delete_session_called_import():
+    return await delete_session(SESSION_CALLED_IMPORT)
