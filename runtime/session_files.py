@@ -380,9 +380,12 @@ def _shape_problem(doc: Any) -> str | None:
     for key, kind in (("id", str), ("title", str), ("created_at", str), ("updated_at", str), ("revision", int)):
         if not isinstance(meta.get(key), kind):
             return f"metadata.{key} is missing or not a {kind.__name__}"
-    total = meta.get("total_tokens", 0)
-    if not isinstance(total, int) or isinstance(total, bool) or total < 0:
-        return "metadata.total_tokens must be a non-negative integer"
+    if isinstance(meta["revision"], bool) or meta["revision"] < 1:  # bool is an int to isinstance
+        return "metadata.revision must be a positive integer"
+    for key in ("total_tokens", "message_count"):
+        value = meta.get(key, 0)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            return f"metadata.{key} must be a non-negative integer"
     for key in ("model", "workspace", "mode"):
         if meta.get(key) is not None and not isinstance(meta[key], str):
             return f"metadata.{key} must be a string or null"

@@ -125,6 +125,21 @@ def test_each_bad_shape_is_refused_with_its_path(shape):
     assert str(caught.value) == f"Failed to parse session 's': {problem}"
 
 
+@pytest.mark.parametrize("field, value, problem", [
+    ("revision", True, "metadata.revision must be a positive integer"),
+    ("revision", 0, "metadata.revision must be a positive integer"),
+    ("revision", "3", "metadata.revision is missing or not a int"),
+    ("message_count", -1, "metadata.message_count must be a non-negative integer"),
+    ("message_count", False, "metadata.message_count must be a non-negative integer"),
+    ("total_tokens", 1.5, "metadata.total_tokens must be a non-negative integer"),
+])
+def test_metadata_numbers_are_integers_of_their_range(field, value, problem):
+    data = json.dumps(document("s", GOOD_MESSAGES, **{field: value})).encode()
+    with pytest.raises(InvalidData) as caught:
+        parse_document("s", data)
+    assert str(caught.value) == f"Failed to parse session 's': {problem}"
+
+
 def test_every_block_type_extra_fields_and_result_lists_are_accepted_as_they_are():
     messages = json.loads(json.dumps(GOOD_MESSAGES))
     messages[1]["content"][1]["cache_control"] = {"type": "ephemeral"}  # an extra field: kept
