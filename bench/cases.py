@@ -15,6 +15,7 @@ from typing import Any, Callable
 import trio
 
 from bench import datagen
+from bench.history import bench_history
 from bench.validation import bench_session_validation
 from bench.util import (
     HOST, PYTHON, ROOT, TOKEN, Conn, HealthProbe, bare, build_request, call, free_port, latencies,
@@ -700,4 +701,5 @@ BENCHMARKS: dict[str, Callable[[Sizes], list[Row]]] = {
     "health_big_session": bench_health_big_session,
     "health_list": bench_health_list,
     "session_validation": bench_session_validation,
+    "history": bench_history,
 }

@@ -118,8 +118,8 @@ class _Api:
         return self._call("GET", "/v1/threads", params=_params(limit=limit, include_archived=include_archived,
                                                                archived_only=archived_only))
 
-    def get_thread(self, thread_id: str):
-        return self._call("GET", f"/v1/threads/{_q(thread_id)}")
+    def get_thread(self, thread_id: str, *, include_rewound: bool = False):
+        return self._call("GET", f"/v1/threads/{_q(thread_id)}", params=_params(include_rewound=include_rewound))
 
     def update_thread(self, thread_id: str, **changes: Any):
         return self._call("PATCH", f"/v1/threads/{_q(thread_id)}", json_body=changes)
@@ -136,6 +136,29 @@ class _Api:
 
     def compact(self, thread_id: str, reason: str | None = None):
         return self._call("POST", f"/v1/threads/{_q(thread_id)}/compact", json_body=_params(reason=reason))
+
+    # history control: anchors are turn ids; ``if_busy`` is "reject" (the server's default) or "interrupt"
+    def fork_thread(self, thread_id: str, *, through_turn_id: str | None = None, title: str | None = None,
+                    id: str | None = None):
+        return self._call("POST", f"/v1/threads/{_q(thread_id)}/fork",
+                          json_body=_params(through_turn_id=through_turn_id, title=title, id=id))
+
+    def rewind(self, thread_id: str, before_turn_id: str, *, if_busy: str | None = None):
+        return self._call("POST", f"/v1/threads/{_q(thread_id)}/rewind",
+                          json_body={"before_turn_id": before_turn_id, **_params(if_busy=if_busy)})
+
+    def retry(self, thread_id: str, turn_id: str | None = None, *, model: str | None = None,
+              mode: str | None = None, if_busy: str | None = None):
+        return self._call("POST", f"/v1/threads/{_q(thread_id)}/retry",
+                          json_body=_params(turn_id=turn_id, model=model, mode=mode, if_busy=if_busy))
+
+    def restore(self, thread_id: str, session_id: str, *, if_busy: str | None = None, if_match: int | None = None):
+        return self._call("POST", f"/v1/threads/{_q(thread_id)}/restore",
+                          json_body={"session_id": session_id, **_params(if_busy=if_busy)},
+                          headers=_if_match(if_match))
+
+    def delete_thread(self, thread_id: str, *, if_busy: str | None = None):
+        return self._call("DELETE", f"/v1/threads/{_q(thread_id)}", params=_params(if_busy=if_busy))
 
     # sessions
     def save_session(self, *, thread_id: str | None = None, session_id: str | None = None,

@@ -79,7 +79,7 @@ class StreamRegistry:
             scope.cancel(reason="server shutting down")
 
     async def frames(self, stream: EventStream, keepalive: float) -> AsyncIterator[bytes]:
-        """Yield frames until the client goes away (this generator is cancelled) or shutdown.
+        """Yield frames until the client goes away (this generator is cancelled), the stream ends or shutdown.
 
         Each wait gets a fresh scope whose deadline is the keepalive and which shutdown can cancel;
         ``stream.next`` is cancellation-safe, so neither loses an event. No yield happens inside a
@@ -93,6 +93,11 @@ class StreamRegistry:
                 try:
                     with scope:
                         event = await stream.next()
+                except StopAsyncIteration:
+                    # The stream ended (its thread was deleted after ``thread.deleted``): end the response
+                    # cleanly. Letting it escape would be a RuntimeError in this generator (PEP 525), which
+                    # aborts the chunked body and logs an ASGI error instead of closing the stream.
+                    return
                 finally:
                     self._scopes.discard(scope)
                 if event is not None:

@@ -78,3 +78,20 @@ async def test_examples_report_a_wrong_token_clearly(live):
     result = await run_example("quickstart.py", "--url", live.url, "--token", "wrong")
     assert result.returncode == 1
     assert "the server said 401 unauthorized" in result.stderr.decode()
+
+
+async def test_rewind_and_fork(live):
+    out = lines(await run_example("rewind_and_fork.py", "--url", live.url, "--token", live.token))
+    assert "start:    3 turns ['my name is Ada', 'I live in Paris', 'I like green tea'], 6 messages" in out
+    assert "fork:     new thread 'fork at turn 1' with 1 copied turn(s); the source keeps its 3" in out
+    assert "  fork:   1 turns ['my name is Ada'], 2 messages" in out
+    assert "rewind:   before turn 3, removed 1 turn(s)" in out
+    assert "  stored: 3 turns, rewound flags [False, False, True]" in out
+    assert "retry:    turn 2 again ('I live in Paris'), retry_of is turn 2: True, completed" in out
+    assert out.count("  live:   2 turns ['my name is Ada', 'I live in Paris'], 4 messages") == 2
+    assert "save:     session 'rewind-demo' revision 1, 4 messages" in out
+    assert "more:     3 turns ['my name is Ada', 'I live in Paris', 'actually I prefer coffee'], 6 messages" in out
+    assert "restore:  session 'rewind-demo' revision 1, 4 messages are the live history again" in out
+    assert "  safety: 'Before restore: rewind demo', 6 messages (restore it to undo)" in out
+    assert "  turns:  0 live, 5 rewound (the history is the session's)" in out
+    assert "  saved now: 4 messages" in out
