@@ -250,8 +250,9 @@ class Runtime:
                             timeout: float = DEFAULT_TIMEOUT, claim: Claim | None = None) -> dict[str, Any]:
         """``before_turn_id`` and every later turn leave the live history (they stay stored, flagged)."""
         _check_id(before_turn_id, "before_turn_id")
+        if_busy = _if_busy(if_busy)
         return await self._request(thread_id, lambda r: ops.Rewind(
-            before_turn_id=before_turn_id, if_busy=_if_busy(if_busy), claim=claim, reply=r),
+            before_turn_id=before_turn_id, if_busy=if_busy, claim=claim, reply=r),
             timeout=timeout, what="rewind the thread")
 
     async def retry_turn(self, thread_id: str, turn_id: str | None = None, *, model: str | None = None,
@@ -261,8 +262,9 @@ class Runtime:
         one change; answers with the new turn's record (``retry_of``: the old turn)."""
         if turn_id is not None:
             _check_id(turn_id, "turn_id")
+        if_busy = _if_busy(if_busy)
         return await self._request(thread_id, lambda r: ops.Retry(
-            turn_id=turn_id, model=model, mode=mode, if_busy=_if_busy(if_busy), claim=claim, reply=r),
+            turn_id=turn_id, model=model, mode=mode, if_busy=if_busy, claim=claim, reply=r),
             timeout=timeout, what="retry a turn")
 
     async def restore_thread(self, thread_id: str, session_id: str, *, if_busy: str = "reject",
@@ -274,7 +276,8 @@ class Runtime:
 
     async def delete_thread(self, thread_id: str, *, if_busy: str = "reject", timeout: float = DEFAULT_TIMEOUT) -> None:
         """Delete the thread with its turns, items and events; its engine stops and its streams end."""
-        await self._request(thread_id, lambda r: ops.DeleteThread(if_busy=_if_busy(if_busy), reply=r),
+        if_busy = _if_busy(if_busy)
+        await self._request(thread_id, lambda r: ops.DeleteThread(if_busy=if_busy, reply=r),
                             timeout=timeout, what="delete the thread")
 
     # ---- events ----------------------------------------------------------------------------

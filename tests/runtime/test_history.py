@@ -373,3 +373,12 @@ async def test_delete_of_a_busy_thread_needs_if_busy_interrupt(rt, thread_id):
         await rt.get_thread(thread_id)
     with pytest.raises(NotFound):
         await rt.delete_thread(thread_id)
+
+
+async def test_a_bad_if_busy_is_refused_before_the_thread_is_looked_up(rt):
+    for call in (lambda: rt.rewind_thread("thr_nope", "turn_x", if_busy="later"),
+                 lambda: rt.retry_turn("thr_nope", if_busy="later"),
+                 lambda: rt.delete_thread("thr_nope", if_busy="later"),
+                 lambda: rt.restore_thread("thr_nope", "s1", if_busy="later")):
+        with pytest.raises(InvalidInput, match="if_busy must be one of: reject, interrupt"):
+            await call()
