@@ -10,6 +10,7 @@ from runtime.core import clamp_limit
 from runtime.errors import InvalidInput
 
 from ..api import LIMIT, QueryParam, query_bool, query_int, read_body, route, runtime, settings
+from ..idempotency import claim, idempotent, respond
 from ..schemas import (
     PatchSessionBody, PatchSessionResult, RebuildSessionBody, RebuildSessionResult, ResumeResult, ResumeSessionBody,
     SaveSessionBody, SaveSessionResult, SessionDocument, SessionList,
@@ -71,11 +72,17 @@ def _if_match() -> int | str | None:
 
 @route(bp, "", "PUT", summary="Save a thread's live engine state as a session (create or update in place)",
        body=SaveSessionBody, response=SaveSessionResult, errors=(400, 404, 409, 412, 500, 503, 504), headers=IF_MATCH)
+@idempotent
 async def save_session():
     body = await read_body(SaveSessionBody)
+    # With a key, the answer's bytes are joined once, in the commit's writer thread, and stored.
+    made = claim(200, lambda r: b"".join(_json_around(r, "session", r["session"].encoded)),
+                 headers_of=lambda r: {"ETag": f'"{r["session"]["metadata"]["revision"]}"'})
     result = await runtime().sessions.save(thread_id=body.thread_id, session_id=body.session_id,
                                            wait_for_idle=body.wait_for_idle, if_match=_if_match(),
-                                           timeout=settings().request_timeout)
+                                           timeout=settings().request_timeout, claim=made)
+    if made is not None:
+        return respond(made, None, 200)
     session = result["session"]
     # The session part of the answer is the file's own bytes, encoded once, in the commit's thread.
     return _json_response(_json_around(result, "session", session.encoded), session["metadata"]["revision"])
@@ -83,11 +90,13 @@ async def save_session():
 
 @route(bp, "", "POST", summary="Rebuild a new session from a thread's stored turn items",
        body=RebuildSessionBody, response=RebuildSessionResult, status=201, errors=(400, 404, 409, 500))
+@idempotent
 async def rebuild_session():
     body = await read_body(RebuildSessionBody)
+    made = claim(201)
     result = await runtime().sessions.rebuild(thread_id=body.thread_id, title=body.title,
-                                              timeout=settings().request_timeout)
-    return jsonify(result), 201
+                                              timeout=settings().request_timeout, claim=made)
+    return respond(made, result, 201)
 
 
 @route(bp, "", "GET", summary="List saved sessions", response=SessionList,
@@ -131,8 +140,10 @@ async def delete_session(session_id: str):
 
 @route(bp, "/<path:session_id>/resume-thread", "POST", summary="Start a new thread from a session's messages",
        body=ResumeSessionBody, response=ResumeResult, status=201, errors=(400, 404, 409, 500))
+@idempotent
 async def resume_thread(session_id: str):
     body = await read_body(ResumeSessionBody)
+    made = claim(201)
     result = await runtime().sessions.resume(session_id, model=body.model, mode=body.mode,
-                                             timeout=settings().request_timeout)
-    return jsonify(result), 201
+                                             timeout=settings().request_timeout, claim=made)
+    return respond(made, result, 201)

@@ -3,17 +3,21 @@ from __future__ import annotations
 from quart import Blueprint, jsonify
 
 from ..api import LIMIT, QueryParam, query_bool, query_int, read_body, route, runtime, settings
+from ..idempotency import claim, idempotent, respond
 from ..schemas import CreateThreadBody, ThreadDetail, ThreadRecord, UpdateThreadBody, provided
 
 bp = Blueprint("threads", __name__, url_prefix="/v1/threads")
 
 
-@route(bp, "", "POST", summary="Create a thread", body=CreateThreadBody, response=ThreadRecord, status=201,
-       errors=(400, 500))
+@route(bp, "", "POST", summary="Create a thread (with the caller's id when given: 409 if taken)",
+       body=CreateThreadBody, response=ThreadRecord, status=201, errors=(400, 409, 500))
+@idempotent
 async def create_thread():
-    body = await read_body(CreateThreadBody)
-    record = await runtime().create_thread(**provided(body))
-    return jsonify(record), 201
+    fields = provided(await read_body(CreateThreadBody))
+    thread_id = fields.pop("id", None)
+    made = claim(201)
+    record = await runtime().create_thread(**fields, thread_id=thread_id, claim=made)
+    return respond(made, record, 201)
 
 
 @route(bp, "", "GET", summary="List threads, most recently updated first", response=list[ThreadRecord],
