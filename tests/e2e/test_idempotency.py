@@ -12,7 +12,7 @@ import httpx
 import pytest
 import trio
 
-from tests.conftest import E2E_LIMIT
+from tests.conftest import E2E_LIMIT, start_server
 from tests.e2e.helpers import wait_turn_end
 from tests.e2e.process import ServerProcess
 from tests.support import CLIENT_TLS
@@ -263,3 +263,19 @@ async def test_openapi_documents_the_key_the_replay_header_and_the_new_errors(se
     assert {"409", "422"} <= set(op["responses"])
     assert "Idempotent-Replayed" in op["responses"]["201"]["headers"]
     assert "id" in spec["components"]["schemas"]["CreateThreadBody"]["properties"]
+
+
+async def test_a_browser_may_send_the_key_and_read_the_replay_header(nursery, tmp_path):
+    live = await start_server(nursery, tmp_path / "cors", cors_origins=("http://app.example",))
+    origin = {"Origin": "http://app.example"}
+    async with _http(live) as http:
+        preflight = await http.options("/v1/threads", headers={
+            **origin, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type, idempotency-key"})
+        assert preflight.status_code == 204
+        assert "Idempotency-Key" in preflight.headers["Access-Control-Allow-Headers"].split(", ")
+        for _ in range(2):
+            answer = await http.post("/v1/threads", json={}, headers={**origin, "Idempotency-Key": "from-a-page"})
+        assert answer.headers["Idempotent-Replayed"] == "true"
+        assert "Idempotent-Replayed" in answer.headers["Access-Control-Expose-Headers"].split(", ")
+    live.shutdown.set()

@@ -81,7 +81,7 @@ async def save_session():
     result = await runtime().sessions.save(thread_id=body.thread_id, session_id=body.session_id,
                                            wait_for_idle=body.wait_for_idle, if_match=_if_match(),
                                            timeout=settings().request_timeout, claim=made)
-    if made is not None:
+    if made is not None and made.body is not None:
         return respond(made, None, 200)
     session = result["session"]
     # The session part of the answer is the file's own bytes, encoded once, in the commit's thread.
