@@ -4,6 +4,7 @@ thread or turn per key, a record only where a change was made."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -71,7 +72,8 @@ async def test_fifty_concurrent_creates_with_one_key_make_one_thread_and_a_retry
         assert [t["title"] for t in listed] == ["exactly once"]
         assert _rows(server.data_dir, "SELECT title FROM threads") == [("exactly once",)]
         assert _rows(server.data_dir, "SELECT key, status FROM idempotency") == [("create-once", 201)]
-        retry = await http.post("/v1/threads", json={"title": "exactly once"}, headers={"Idempotency-Key": "create-once"})
+        retry = await http.post("/v1/threads", json={"title": "exactly once"},
+                                headers={"Idempotency-Key": "create-once"})
         assert (retry.status_code, retry.content, retry.headers["Idempotent-Replayed"]) == (201, body, "true")
         assert retry.json()["id"] == listed[0]["id"]
         assert _count(server.data_dir, "threads") == 1
@@ -83,7 +85,7 @@ async def test_fifty_concurrent_turn_starts_with_one_key_make_one_turn_and_a_ret
         path = f"/v1/threads/{tid}/turns"
         answers = await _all_at_once(http, "POST", path, {"prompt": "one two three"}, "turn-once")
         body = _one_change(answers, 201)
-        turn = answers[0].json() if answers[0].status_code == 201 else httpx.Response(201, content=body).json()
+        turn = json.loads(body)
         await wait_turn_end(client, tid, turn["id"])
         detail = (await http.get(f"/v1/threads/{tid}")).json()
         assert [(t["id"], t["status"]) for t in detail["turns"]] == [(turn["id"], "completed")]
@@ -175,7 +177,8 @@ async def test_the_same_key_for_a_different_body_path_or_query_is_422_and_change
             await http.post("/v1/threads", json={"title": "b"}, headers={"Idempotency-Key": "reused"}),
             await http.post("/v1/threads", content=b'{"title": "a"}', headers={"Idempotency-Key": "reused"}),
             await http.post("/v1/threads?x=1", json={"title": "a"}, headers={"Idempotency-Key": "reused"}),
-            await http.post("/v1/sessions", json={"thread_id": first.json()["id"]}, headers={"Idempotency-Key": "reused"}),
+            await http.post("/v1/sessions", json={"thread_id": first.json()["id"]},
+                            headers={"Idempotency-Key": "reused"}),
             await http.put("/v1/sessions", json={"title": "a"}, headers={"Idempotency-Key": "reused"}),
         ]
         for answer in others:
