@@ -282,3 +282,17 @@ async def test_a_browser_may_send_the_key_and_read_the_replay_header(nursery, tm
         assert answer.headers["Idempotent-Replayed"] == "true"
         assert "Idempotent-Replayed" in answer.headers["Access-Control-Expose-Headers"].split(", ")
     live.shutdown.set()
+
+
+async def test_the_client_sends_its_idempotency_key(server, client):
+    first = await client.create_thread(id="by-client", title="c", idempotency_key="client-1")
+    assert await client.create_thread(id="by-client", title="c", idempotency_key="client-1") == first
+    turn = await client.start_turn("by-client", "hi", idempotency_key="client-2")
+    assert await client.start_turn("by-client", "hi", idempotency_key="client-2") == turn
+    await wait_turn_end(client, "by-client", turn["id"])
+    saved = await client.save_session(thread_id="by-client", session_id="s", idempotency_key="client-3")
+    assert await client.save_session(thread_id="by-client", session_id="s", idempotency_key="client-3") == saved
+    assert (_count(server.data_dir, "threads"), _count(server.data_dir, "turns")) == (1, 1)
+    assert saved["session"]["metadata"]["revision"] == 1
+    assert sorted(_rows(server.data_dir, "SELECT key FROM idempotency")) == [("client-1",), ("client-2",),
+                                                                            ("client-3",)]
