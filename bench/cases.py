@@ -686,6 +686,43 @@ def bench_health_list(sz: Sizes) -> list[Row]:
                        idle, h, ops, "lists and searches (alternating)")]
 
 
+# ---- 15: Idempotency-Key --------------------------------------------------------------------------
+
+# Issue 12: an Idempotency-Key adds at most 10% to POST /v1/threads req/s (ratio >= 0.9).
+IDEMPOTENCY_RATIO = 0.9
+# Runs of each kind, taken in turns (plain, keyed, plain, keyed): the store grows as threads are made,
+# so neither kind always meets the bigger store; each figure is the median of its runs.
+IDEMPOTENCY_ROUNDS = 3
+
+
+def bench_idempotency(sz: Sizes) -> list[Row]:
+    body = [b'{"title":"load"}']
+    plain, keyed = [], []
+    with temp_dir("idempotency") as d:
+        with ours(d) as srv:
+            for _ in range(IDEMPOTENCY_ROUNDS):
+                plain.append(load(srv.port, "POST", "/v1/threads", bodies=body, seconds=sz.load_seconds))
+                keyed.append(load(srv.port, "POST", "/v1/threads", bodies=body, seconds=sz.load_seconds,
+                                  unique_header="Idempotency-Key"))
+        conn = datagen.open_db(d)
+        try:
+            (records,) = conn.execute("SELECT COUNT(*) FROM idempotency").fetchone()
+            (threads,) = conn.execute("SELECT COUNT(*) FROM threads").fetchone()
+        finally:
+            conn.close()
+    made = sum(r.requests for r in keyed)
+    # Every keyed request was its own (none replayed): one stored answer each; requests still in flight
+    # when a run stopped were answered but not counted by the load generator (at most one per connection).
+    if not made <= records <= made + 50 * IDEMPOTENCY_ROUNDS or any(r.errors for r in plain + keyed):
+        raise RuntimeError(f"expected {made} stored answers and no errors, found {records} and "
+                           f"{[r.errors for r in plain + keyed]}")
+    base, ours_rps = median([r.rps for r in plain]), median([r.rps for r in keyed])
+    return [Row("15", "POST /v1/threads with a unique Idempotency-Key per request", "same, no key", base, ours_rps,
+                "req/s", IDEMPOTENCY_RATIO, True, generator=keyed[0].generator,
+                notes=f"{IDEMPOTENCY_ROUNDS} runs each in turns, medians; plain {[round(r.rps) for r in plain]},"
+                      f" keyed {[round(r.rps) for r in keyed]}; {records} answers stored, {threads} threads")]
+
+
 BENCHMARKS: dict[str, Callable[[Sizes], list[Row]]] = {
     "snapshot": bench_snapshot,
     "put_sessions": bench_put_sessions,
@@ -702,4 +739,5 @@ BENCHMARKS: dict[str, Callable[[Sizes], list[Row]]] = {
     "health_list": bench_health_list,
     "session_validation": bench_session_validation,
     "history": bench_history,
+    "idempotency": bench_idempotency,
 }

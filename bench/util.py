@@ -218,7 +218,12 @@ def generator_name(connections: int) -> str:
     return f"wrk -t2 -c{connections}" if WRK else f"python (trio, {connections} conns)"
 
 
-def _wrk_lua(method: str, bodies: list[bytes] | None, paths: list[str] | None) -> str:
+# The value a Python-generated request carries where ``unique_header`` asks for a per-request value.
+UNIQUE_PLACEHOLDER = "UNIQUE-VALUE-PLACEHOLDER"
+
+
+def _wrk_lua(method: str, bodies: list[bytes] | None, paths: list[str] | None,
+             unique_header: str | None = None, unique_prefix: str = "") -> str:
     def lua_str(b: bytes | str) -> str:
         s = b.decode() if isinstance(b, bytes) else b
         return "[==[" + s + "]==]"
@@ -233,8 +238,19 @@ def _wrk_lua(method: str, bodies: list[bytes] | None, paths: list[str] | None) -
         items.append("{" + (lua_str(p) if p else "nil") + "," + (lua_str(b) if b is not None else "nil") + "}")
     lines.append("local reqs = {" + ",".join(items) + "}")
     lines.append("local i = 0")
-    lines.append("request = function()\n  i = i + 1\n  local r = reqs[(i % #reqs) + 1]\n"
-                 "  return wrk.format(nil, r[1], nil, r[2])\nend")
+    if unique_header is None:
+        lines.append("request = function()\n  i = i + 1\n  local r = reqs[(i % #reqs) + 1]\n"
+                     "  return wrk.format(nil, r[1], nil, r[2])\nend")
+    else:
+        # A value no other request of the run has: this run's prefix, wrk's thread number (set in the main
+        # Lua state by setup; each thread has a state of its own) and the thread's request count.
+        # wrk.format replaces wrk.headers by the table it is given, so the table repeats them.
+        lines.append("local threads = 0\nfunction setup(thread)\n  threads = threads + 1\n"
+                     "  thread:set(\"thread_no\", threads)\nend")
+        lines.append("request = function()\n  i = i + 1\n  local r = reqs[(i % #reqs) + 1]\n"
+                     "  local h = {}\n  for k, v in pairs(wrk.headers) do h[k] = v end\n"
+                     f"  h[ {lua_str(unique_header)} ] = {lua_str(unique_prefix)} .. thread_no .. \"-\" .. i\n"
+                     "  return wrk.format(nil, r[1], h, r[2])\nend")
     lines.append("done = function(summary, latency, requests)\n"
                  "  io.write(string.format('BENCH %d %d %d %f %f\\n', summary.requests,"
                  " summary.errors.status + summary.errors.connect + summary.errors.read + summary.errors.write"
@@ -244,10 +260,11 @@ def _wrk_lua(method: str, bodies: list[bytes] | None, paths: list[str] | None) -
 
 
 def run_wrk(port: int, method: str, path: str, *, bodies: list[bytes] | None = None,
-            paths: list[str] | None = None, connections: int = 50, seconds: float = 5.0) -> Load:
+            paths: list[str] | None = None, connections: int = 50, seconds: float = 5.0,
+            unique_header: str | None = None) -> Load:
     assert WRK is not None
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
-        f.write(_wrk_lua(method, bodies, paths or [path]))
+        f.write(_wrk_lua(method, bodies, paths or [path], unique_header, f"{os.getpid()}-{time.time_ns()}-"))
         script = f.name
     try:
         cmd = [WRK, "-t2", f"-c{connections}", f"-d{max(1, int(round(seconds)))}s", "--timeout", "10s",
@@ -266,10 +283,11 @@ def run_wrk(port: int, method: str, path: str, *, bodies: list[bytes] | None = N
 
 
 async def _py_load(port: int, method: str, raws: list[bytes], connections: int, seconds: float,
-                   max_requests: int) -> Load:
+                   max_requests: int, unique: bool = False) -> Load:
     lat: list[float] = []
     errors = 0
     counter = 0
+    prefix = f"{os.getpid()}-{time.time_ns()}-"  # unique across runs too (a data dir may be reused)
     t_start = time.perf_counter()
     deadline = t_start + seconds
 
@@ -281,6 +299,8 @@ async def _py_load(port: int, method: str, raws: list[bytes], connections: int, 
             while time.perf_counter() < deadline and counter < max_requests:
                 counter += 1
                 raw = raws[i % len(raws)]
+                if unique:  # the placeholder becomes a value no other request of the run has
+                    raw = raw.replace(UNIQUE_PLACEHOLDER.encode(), f"{prefix}{i}".encode())
                 i += connections
                 t0 = time.perf_counter()
                 status, _ = await conn.request(raw)
@@ -300,16 +320,20 @@ async def _py_load(port: int, method: str, raws: list[bytes], connections: int, 
 
 
 def load(port: int, method: str, path: str, *, bodies: list[bytes] | None = None, paths: list[str] | None = None,
-         connections: int = 50, seconds: float = 5.0, force_python: bool = False) -> Load:
+         connections: int = 50, seconds: float = 5.0, force_python: bool = False,
+         unique_header: str | None = None) -> Load:
     """Closed-loop load: ``connections`` keep-alive connections for ``seconds``. Runs wrk when
-    installed, else a Python generator on trio (this process; the server is another process)."""
+    installed, else a Python generator on trio (this process; the server is another process).
+    ``unique_header``: every request carries this header with a value of its own (an Idempotency-Key)."""
     if WRK and not force_python:
-        return run_wrk(port, method, path, bodies=bodies, paths=paths, connections=connections, seconds=seconds)
+        return run_wrk(port, method, path, bodies=bodies, paths=paths, connections=connections, seconds=seconds,
+                       unique_header=unique_header)
     ps = paths or [path]
     n = max(len(bodies or []), len(ps))
-    raws = [build_request(method, ps[i % len(ps)], body=(bodies[i % len(bodies)] if bodies else None))
-            for i in range(n)]
-    return trio.run(_py_load, port, method, raws, connections, seconds, 10_000_000)
+    extra = {unique_header: UNIQUE_PLACEHOLDER} if unique_header else None
+    raws = [build_request(method, ps[i % len(ps)], body=(bodies[i % len(bodies)] if bodies else None),
+                          headers=extra) for i in range(n)]
+    return trio.run(_py_load, port, method, raws, connections, seconds, 10_000_000, unique_header is not None)
 
 
 # ---- server subprocesses ------------------------------------------------------------------------

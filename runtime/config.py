@@ -7,6 +7,8 @@ import sqlite3
 from pathlib import Path
 from typing import Callable
 
+from .idempotency import IDEMPOTENCY_TTL
+
 # An op inbox holds this many queued ops before submitters wait (backpressure, never unbounded memory).
 DEFAULT_INBOX_CAPACITY = 32
 # Engines with no op and no running turn for this long are evicted; their state is durable.
@@ -30,6 +32,8 @@ class RuntimeConfig:
     subscriber_buffer: int = DEFAULT_SUBSCRIBER_BUFFER
     write_queue: int = DEFAULT_WRITE_QUEUE
     final_write_seconds: float = DEFAULT_FINAL_WRITE_SECONDS
+    # How long the answer of a request made with an Idempotency-Key is kept (tests shorten it to expire one).
+    idempotency_ttl: float = IDEMPOTENCY_TTL
     # Factory for the model backend; None selects the offline scripted model.
     model_factory: Callable[[], object] | None = None
     default_model: str = "scripted"

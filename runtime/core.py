@@ -18,14 +18,15 @@ import trio
 from . import codec, ops, records
 from .clock import new_id, utc_now
 from .config import RuntimeConfig
-from .errors import EngineTimeout, InvalidInput, NotFound
+from .errors import Conflict, EngineTimeout, InvalidInput, NotFound
 from .events import EventBus, EventStream
 from .handle import EngineEvicted
-from .idempotency import Claim
+from .idempotency import Claim, Idempotency, record_claim
 from .manager import ThreadManager
 from .models.base import ModelBackend
 from .models.scripted import ScriptedModel
-from .store import EventDraft, Store
+from .session_files import SESSION_ID_RE
+from .store import EventDraft, Store, WriteRequest
 
 DEFAULT_TIMEOUT = 10.0
 LIST_LIMIT_MAX = 500
@@ -71,6 +72,7 @@ class Runtime:
         self.manager = manager
         self.backend = backend
         self.started_monotonic = time.monotonic()
+        self.idempotency = Idempotency(store, config.idempotency_ttl)
         from .sessions import SessionService  # sessions builds on the rest of the runtime
 
         self.sessions = SessionService(self)
@@ -119,10 +121,25 @@ class Runtime:
                             mode: str | None = None, system_prompt: str | None = None, title: str | None = None,
                             archived: bool = False, base_messages: list[dict[str, Any]] | None = None,
                             base_tokens: int = 0, session_id: str | None = None,
-                            base_messages_json: bytes | None = None) -> dict[str, Any]:
+                            base_messages_json: bytes | None = None, thread_id: str | None = None,
+                            claim: Claim | None = None, answer: Any = None) -> dict[str, Any]:
         """``base_messages_json``: the base messages already encoded (``codec.dumps_sliced``) by a caller
-        that did it in a worker thread (resume); otherwise ``base_messages`` are encoded here, on the loop."""
-        thread_id = new_id("thr")
+        that did it in a worker thread (resume); otherwise ``base_messages`` are encoded here, on the loop.
+
+        ``thread_id``: the caller's id (InvalidInput unless it matches the session id pattern; Conflict
+        if a thread has it: checked inside the insert's own write, so two creates of one id cannot both
+        pass). ``claim``: its record is written in the same transaction; it records ``answer`` when given
+        (resume answers with its own result), else the thread record. One store write: cancelled after it
+        was queued, the thread is still created (and its claim's key stays in progress until then)."""
+        if thread_id is None:
+            thread_id = new_id("thr")
+            given = False
+        elif not isinstance(thread_id, str) or not SESSION_ID_RE.match(thread_id):
+            shown = repr(thread_id) if len(repr(thread_id)) <= 40 else repr(thread_id)[:37] + "..."
+            raise InvalidInput(f"Invalid thread id {shown}: use 1-128 letters, digits, '_' or '-', starting with "
+                               f"a letter or digit")
+        else:
+            given = True
         if base_messages_json is None and base_messages:
             base_messages_json = codec.dumps(base_messages)
         now = utc_now()
@@ -132,18 +149,28 @@ class Runtime:
             "title": title, "system_prompt": system_prompt, "latest_turn_id": None, "session_id": session_id,
             "forked_from": None,
         }
-        await self.store.write(
-            statements=[(
-                "INSERT INTO threads (id, created_at, updated_at, model, workspace, mode, archived, title,"
-                " system_prompt, session_id, base_messages, base_tokens)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, CAST(? AS TEXT), ?)",
-                # UTF-8 bytes that become TEXT inside SQLite, in the writer thread.
-                (thread_id, now, now, record["model"], workspace, record["mode"], int(bool(archived)), title,
-                 system_prompt, session_id, base_messages_json, base_tokens),
-            )],
-            events=[EventDraft(thread_id, "thread.started", {"thread": record})],
-            action="create a thread",
-        )
+        statements = [(
+            "INSERT INTO threads (id, created_at, updated_at, model, workspace, mode, archived, title,"
+            " system_prompt, session_id, base_messages, base_tokens)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, CAST(? AS TEXT), ?)",
+            # UTF-8 bytes that become TEXT inside SQLite, in the writer thread.
+            (thread_id, now, now, record["model"], workspace, record["mode"], int(bool(archived)), title,
+             system_prompt, session_id, base_messages_json, base_tokens),
+        ), *record_claim(claim, record if answer is None else answer)]
+
+        def refuse_taken(conn: Any) -> None:
+            # A refusal (not an IntegrityError turned 500): the write undoes only itself (see WriteRequest.fn).
+            if conn.execute("SELECT 1 FROM threads WHERE id = ?", (thread_id,)).fetchone() is not None:
+                raise Conflict(f"Thread '{thread_id}' already exists; choose another id")
+
+        request = self.store.submit(WriteRequest(
+            statements, [EventDraft(thread_id, "thread.started", {"thread": record})], refuse_taken if given else None,
+            action="create a thread"))
+        if claim is not None:
+            claim.pending = request
+        await request.done.wait()
+        assert request.result is not None
+        request.result.unwrap()
         return record
 
     async def list_threads(self, *, limit: int | None = None, include_archived: bool = False,
@@ -177,11 +204,11 @@ class Runtime:
     # ---- turns -----------------------------------------------------------------------------
 
     async def start_turn(self, thread_id: str, prompt: str, *, model: str | None = None, mode: str | None = None,
-                         timeout: float = DEFAULT_TIMEOUT) -> dict[str, Any]:
+                         timeout: float = DEFAULT_TIMEOUT, claim: Claim | None = None) -> dict[str, Any]:
         if not prompt or not prompt.strip():
             raise InvalidInput("prompt must not be empty")
         return await self._request(
-            thread_id, lambda r: ops.StartTurn(prompt=prompt, model=model, mode=mode, reply=r),
+            thread_id, lambda r: ops.StartTurn(prompt=prompt, model=model, mode=mode, reply=r, claim=claim),
             timeout=timeout, what="start a turn")
 
     async def _check_turn(self, thread_id: str, turn_id: str) -> dict[str, Any]:
@@ -193,22 +220,22 @@ class Runtime:
         return turn
 
     async def steer_turn(self, thread_id: str, turn_id: str, prompt: str, *,
-                         timeout: float = DEFAULT_TIMEOUT) -> dict[str, Any]:
+                         timeout: float = DEFAULT_TIMEOUT, claim: Claim | None = None) -> dict[str, Any]:
         if not prompt or not prompt.strip():
             raise InvalidInput("prompt must not be empty")
         await self._check_turn(thread_id, turn_id)
-        return await self._request(thread_id, lambda r: ops.Steer(turn_id=turn_id, prompt=prompt, reply=r),
+        return await self._request(thread_id, lambda r: ops.Steer(turn_id=turn_id, prompt=prompt, reply=r, claim=claim),
                                    timeout=timeout, what="steer the turn")
 
     async def interrupt_turn(self, thread_id: str, turn_id: str, *,
-                             timeout: float = DEFAULT_TIMEOUT) -> dict[str, Any]:
+                             timeout: float = DEFAULT_TIMEOUT, claim: Claim | None = None) -> dict[str, Any]:
         await self._check_turn(thread_id, turn_id)
-        return await self._request(thread_id, lambda r: ops.Interrupt(turn_id=turn_id, reply=r),
+        return await self._request(thread_id, lambda r: ops.Interrupt(turn_id=turn_id, reply=r, claim=claim),
                                    timeout=timeout, what="interrupt the turn")
 
     async def compact(self, thread_id: str, reason: str | None = None, *,
-                      timeout: float = DEFAULT_TIMEOUT) -> dict[str, Any]:
-        return await self._request(thread_id, lambda r: ops.Compact(reason=reason, reply=r),
+                      timeout: float = DEFAULT_TIMEOUT, claim: Claim | None = None) -> dict[str, Any]:
+        return await self._request(thread_id, lambda r: ops.Compact(reason=reason, reply=r, claim=claim),
                                    timeout=timeout, what="compact the thread")
 
     async def get_session_snapshot(self, thread_id: str, *, wait_for_idle: bool = False,

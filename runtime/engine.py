@@ -31,8 +31,9 @@ import trio
 from . import history, ops
 from .clock import new_id, utc_now
 from .config import RuntimeConfig
-from .errors import Conflict, EngineTimeout, InvalidInput, RuntimeFailure, StorageError
+from .errors import Conflict, EngineTimeout, EngineUnavailable, InvalidInput, RuntimeFailure, StorageError
 from .handle import EngineEvicted
+from .idempotency import record_claim
 from .models.base import (
     ItemBreak, ModelBackend, ModelError, ModelRequest, ReasoningDelta, Retrying, TextDelta, ToolCall, ToolResult,
     Truncated, Usage, ValidText,
@@ -203,6 +204,12 @@ class Engine:
         """Queue one write on the engine's lane (never awaits, so state and log keep their order)."""
         return self._store.submit(WriteRequest(statements, events, action=action, lane=self._lane))
 
+    @staticmethod
+    def _claimed(op: ops.Op, request: WriteRequest) -> None:
+        """``request`` carries ``op``'s idempotency record: its key stays in progress until it is done."""
+        if op.claim is not None and not op.claim.abandoned:
+            op.claim.pending = request
+
     def _close_inbox(self) -> None:
         """Close every reply still queued, so each requester sees EngineUnavailable now, not at its deadline."""
         while True:
@@ -259,6 +266,12 @@ class Engine:
             await trio.lowlevel.cancel_shielded_checkpoint()
 
     def _dispatch(self, op: ops.Op) -> None:
+        if op.claim is not None and op.claim.abandoned:
+            # Its keyed requester gave up (cancelled, timed out) before this op was taken: nothing of it
+            # happens, so a retry with the same key runs it exactly once (runtime/idempotency.py).
+            if op.reply is not None:
+                op.reply.close()
+            return
         try:
             if isinstance(op, ops.GetSessionSnapshot):
                 self._on_snapshot(op)
@@ -438,6 +451,7 @@ class Engine:
         user.status = "completed"
         user.parts.append(op.prompt)
         self.thread["latest_turn_id"] = turn.id
+        record = self._turn_record(turn, "in_progress")
         request = self._submit(
             f"start a turn on thread '{self.thread_id}'",
             statements=[
@@ -447,6 +461,7 @@ class Engine:
                 self._insert_item(turn, user, self.thread_id, detail=op.prompt, ended_at=now),
                 ("UPDATE threads SET latest_turn_id = ? WHERE id = ?", (turn.id, self.thread_id)),
                 self._touch(now),
+                *record_claim(op.claim, record),
             ],
             events=[
                 EventDraft(self.thread_id, "turn.started",
@@ -456,9 +471,9 @@ class Engine:
                            turn.id, user.id, now),
             ],
         )
+        self._claimed(op, request)
         self.active = turn
         self._boundary = request  # a snapshot shows this turn only once the store has it
-        record = self._turn_record(turn, "in_progress")
         self._spawn_reply(op.reply, outcome.Value(record), after=request)
         assert self._nursery is not None
         self._nursery.start_soon(self._run_turn, turn, request)
@@ -479,18 +494,21 @@ class Engine:
         item.metadata = {"steer": True}
         turn.steer_count += 1
         now = utc_now()
+        record = self._turn_record(turn, "in_progress")
         request = self._submit(
             f"steer turn '{turn.id}'",
             statements=[
                 self._insert_item(turn, item, self.thread_id, detail=op.prompt, ended_at=now),
                 ("UPDATE turns SET steer_count = ? WHERE id = ?", (turn.steer_count, turn.id)),
+                *record_claim(op.claim, record),
             ],
             events=[EventDraft(self.thread_id, "turn.steered",
                                {"prompt": op.prompt, "steer_count": turn.steer_count}, turn.id, item.id, now)],
         )
         assert turn.steer_tx is not None
         turn.steer_tx.send_nowait(op.prompt)
-        self._spawn_reply(op.reply, outcome.Value(self._turn_record(turn, "in_progress")), after=request)
+        self._claimed(op, request)
+        self._spawn_reply(op.reply, outcome.Value(record), after=request)
 
     def _on_interrupt(self, op: ops.Interrupt) -> None:
         turn = self._require_active(op.turn_id, "interrupt")
@@ -522,6 +540,7 @@ class Engine:
         item.parts.append(summary)
         item.metadata = {"reason": op.reason, "replaced_messages": len(self.messages)}
         input_summary = f"compact: {op.reason}" if op.reason else "compact"
+        result = {"turn_id": turn.id, "item": item.record(turn.id, now), "summary": summary}
         request = self._submit(
             f"compact thread '{self.thread_id}'",
             statements=[
@@ -530,6 +549,7 @@ class Engine:
                  (turn.id, self.thread_id, turn.ord, input_summary, now, now, now)),
                 self._insert_item(turn, item, self.thread_id, detail=summary, ended_at=now),
                 self._touch(now),
+                *record_claim(op.claim, result),
             ],
             events=[
                 EventDraft(self.thread_id, "item.started", {"kind": "context_compaction"}, turn.id, item.id, now),
@@ -539,7 +559,7 @@ class Engine:
         )
         apply_items(self.messages, [item.record(turn.id, now)])
         self._boundary = request
-        result = {"turn_id": turn.id, "item": item.record(turn.id, now), "summary": summary}
+        self._claimed(op, request)
         self._spawn_reply(op.reply, outcome.Value(result), after=request)
 
     # ---- history control -------------------------------------------------------------------
@@ -555,6 +575,10 @@ class Engine:
         of the engine committed, and its failure changes nothing at all (one transaction; the engine
         adopts nothing), so the engine serves on. Only a write whose outcome is unknown (not done within
         the bound) retires the engine; its successor restores once that write is done."""
+        if op.claim is not None and op.claim.abandoned:  # as in _dispatch: nothing of it happens
+            if op.reply is not None:
+                op.reply.close()
+            return
         try:
             result = await self._apply_history(op)
         except (RuntimeFailure, EngineEvicted) as exc:
@@ -575,9 +599,14 @@ class Engine:
                                f"send if_busy \"interrupt\" to interrupt it first")
             await self._interrupt_for_history(self.active)
         await self._settle_boundary()
+        if op.claim is not None and op.claim.abandoned:
+            # Its keyed requester gave up while this op waited (see _dispatch): nothing happens, and in the
+            # same step as this check the write is either dropped or queued with the claim pending.
+            raise EngineUnavailable("the request was abandoned before its change was made")
         now = utc_now()
         fn, action = self._history_write(op, now)
         request = self._store.submit(WriteRequest(fn=fn, action=action))
+        self._claimed(op, request)
         # Shielded: the engine must know whether its thread changed before it serves another op (an engine
         # cancelled meanwhile is being torn down and waits for this anyway). Bounded: the writer only
         # waits on SQLite and the file system, and final_write_seconds caps even that.
@@ -858,16 +887,23 @@ class Engine:
                 statements.append(self._insert_item(turn, err, self.thread_id, detail=error, ended_at=now))
                 events.append(EventDraft(self.thread_id, "item.failed", {"kind": "error", "text": error},
                                          turn.id, err.id, now))
+            ended = {**self._turn_record(turn, status), "ended_at": now, "duration_ms": duration_ms,
+                     "usage": usage_json, "error": error}
             statements += [
                 ("UPDATE turns SET status = ?, ended_at = ?, duration_ms = ?, input_tokens = ?, output_tokens = ?,"
                  " error = ?, steer_count = ? WHERE id = ?",
                  (status, now, duration_ms, usage.input_tokens, usage.output_tokens, error, turn.steer_count,
                   turn.id)),
                 self._touch(now),
+                # Each keyed interrupt's answer is this end (the waiters whose requester gave up get none).
+                *[statement for waiter in turn.interrupt_waiters if waiter.claim and not waiter.claim.abandoned
+                  for statement in record_claim(waiter.claim, ended)],
             ]
             events.append(EventDraft(self.thread_id, "turn.completed",
                                      {"status": status, "usage": usage_json, "error": error}, turn_id=turn.id))
             request = self._submit(f"record the end of turn '{turn.id}'", statements=statements, events=events)
+            for waiter in turn.interrupt_waiters:
+                self._claimed(waiter, request)
             # The engine's committed state moves to the new boundary in the same step as the write is queued.
             apply_items(self.messages, [item.record(turn.id, now) for item in turn.items])
             self.total_tokens += usage.input_tokens + usage.output_tokens

@@ -5,19 +5,44 @@ record to that same transaction (``statement`` for writes built on the event loo
 writer-thread ``fn``): the change and its answer commit together or not at all. So a retry after any
 failure either finds the answer (the change happened) or finds nothing and runs again (it did not).
 The runtime never sees HTTP: ``status`` and ``encode`` are whatever the caller will answer with.
+
+``Idempotency`` (one per Runtime) decides what a keyed request does before it runs. A key is taken in
+an in-memory in-flight table first, synchronously (no checkpoint between the check and the set), so
+two requests with one key can never both run: the second gets IdempotencyKeyInProgress. Only then is
+the stored answer looked up (same request: replay it; different request: IdempotencyKeyReused). The
+slot is given back when the request ends, however it ends, with one exception that closes the last
+race: a request that gave up (cancelled, timed out) while the write carrying its claim was queued but
+not yet committed keeps its key "in progress" until that write is done, and an op it queued that its
+engine has not taken yet is dropped by the engine (``Claim.abandoned``). So a retry never runs beside
+a change that may still commit: it waits for it (409) and then replays it, or it runs alone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import json
 import sqlite3
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from .clock import utc_after, utc_now
+from .errors import IdempotencyKeyInProgress, IdempotencyKeyReused
 
-# How long an answer is kept (API.md: 24 hours).
+if TYPE_CHECKING:
+    from .store import Store
+
+# How long an answer is kept (API.md: 24 hours). RuntimeConfig.idempotency_ttl overrides it (tests).
 IDEMPOTENCY_TTL = 24 * 3600.0
+# Expired records deleted by each new record's transaction at most. Every record deletes up to this
+# many, so expired rows drain faster than they are made and no write pays for a big backlog at once.
+PURGE_BATCH = 16
+# A stored answer bigger than this is read in a worker thread, not on the event loop (a replayed PUT of
+# a 12 MB session); below it the inline read is cheaper than the thread hop (see Store.read).
+INLINE_BODY_MAX = 256 * 1024
+
+PURGE = ("DELETE FROM idempotency WHERE key IN (SELECT key FROM idempotency WHERE expires_at <= ?"
+         " ORDER BY expires_at LIMIT ?)")
 
 
 @dataclasses.dataclass(eq=False)
@@ -31,21 +56,134 @@ class Claim:
     ttl: float = IDEMPOTENCY_TTL
     # The encoded answer, set when the record's statement is built; valid only if that write committed.
     body: bytes | None = None
+    # Headers that depend on the result (a saved session's ETag), merged into ``headers`` when encoded.
+    headers_of: Callable[[Any], dict[str, str]] | None = None
+    # The store's WriteRequest that carries this claim, once queued: until it is done its key stays in
+    # progress, even if the request that made the claim is gone (see the module docstring).
+    pending: Any = None
+    # The request gave up before its change was made: an engine that has not taken the op yet drops it.
+    abandoned: bool = False
 
     def statement(self, result: Any) -> tuple[str, tuple[Any, ...]]:
         """The INSERT that stores the answer for ``result`` (encoded now). OR REPLACE: a row still there
         for this key has expired (a live one is answered before any operation runs)."""
         self.body = self.encode(result)
+        if self.headers_of is not None:
+            self.headers = {**self.headers, **self.headers_of(result)}
         return ("INSERT OR REPLACE INTO idempotency (key, fingerprint, status, headers, body, created_at, expires_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (self.key, self.fingerprint, self.status, json.dumps(self.headers), self.body, utc_now(),
                  utc_after(self.ttl)))
 
     def record(self, conn: sqlite3.Connection, result: Any) -> None:
-        """Store the answer inside a writer-thread ``fn`` (the change's own transaction)."""
+        """Store the answer inside a writer-thread ``fn`` (the change's own transaction), and purge a
+        bounded batch of expired records in the same transaction."""
+        conn.execute(*purge_statement())
         conn.execute(*self.statement(result))
 
 
+def purge_statement() -> tuple[str, tuple[Any, ...]]:
+    """Delete at most PURGE_BATCH expired records (oldest first, by the expiry index)."""
+    return PURGE, (utc_now(), PURGE_BATCH)
+
+
 def record_claim(claim: Claim | None, result: Any) -> list[tuple[str, tuple[Any, ...]]]:
-    """The statements to add to a change's write: none without a claim."""
-    return [] if claim is None else [claim.statement(result)]
+    """The statements to add to a change's write: none without a claim; with one, a bounded purge of
+    expired records and the claim's own record."""
+    return [] if claim is None else [purge_statement(), claim.statement(result)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Stored:
+    """A stored answer, to be sent again byte for byte."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclasses.dataclass(eq=False)
+class Slot:
+    """A key held by a running request (``Idempotency.hold``); ``claim`` makes its Claim."""
+
+    key: str
+    fingerprint: str
+    ttl: float
+    made: Claim | None = None
+
+    def claim(self, status: int, encode: Callable[[Any], bytes], headers: dict[str, str] | None = None,
+              headers_of: Callable[[Any], dict[str, str]] | None = None) -> Claim:
+        self.made = Claim(self.key, self.fingerprint, status, encode, dict(headers or {}), self.ttl,
+                          headers_of=headers_of)
+        return self.made
+
+
+class Idempotency:
+    """The in-flight table and the stored answers of keyed requests (see the module docstring)."""
+
+    def __init__(self, store: "Store", ttl: float = IDEMPOTENCY_TTL) -> None:
+        self._store = store
+        self.ttl = ttl
+        self._running: dict[str, Slot] = {}
+        # Keys whose request ended while the write carrying its claim was still queued: in progress
+        # until that write is done. Only requests that gave up mid-write leave an entry here.
+        self._settling: dict[str, Claim] = {}
+
+    def in_progress(self, key: str) -> bool:
+        if key in self._running:
+            return True
+        claim = self._settling.get(key)
+        return claim is not None and not claim.pending.done.is_set()
+
+    @contextlib.contextmanager
+    def hold(self, key: str, fingerprint: str) -> Iterator[Slot]:
+        """Hold ``key`` for the block (IdempotencyKeyInProgress if a request holds it already). The
+        check and the set happen in one step, with no checkpoint between them."""
+        for done in [k for k, c in self._settling.items() if c.pending.done.is_set()]:
+            del self._settling[done]
+        if self.in_progress(key):
+            raise IdempotencyKeyInProgress(f"A request with Idempotency-Key '{key}' is still in progress; "
+                                           f"retry once it has finished")
+        slot = self._running[key] = Slot(key, fingerprint, self.ttl)
+        finished = False
+        try:
+            yield slot
+            finished = True
+        finally:
+            del self._running[key]
+            claim = slot.made
+            if claim is not None:
+                if not finished:
+                    claim.abandoned = True
+                if claim.pending is not None and not claim.pending.done.is_set():
+                    self._settling[key] = claim
+
+    async def lookup(self, key: str, fingerprint: str) -> Stored | None:
+        """The unexpired stored answer for ``key``, or None. IdempotencyKeyReused when the key answered a
+        different request. Expired records are ignored here (and purged by later records' writes)."""
+        row = await self._store.read(functools.partial(_stored_head, key=key, now=utc_now()), inline=True)
+        if row is None:
+            return None
+        if row["fingerprint"] != fingerprint:
+            raise IdempotencyKeyReused(f"Idempotency-Key '{key}' was already used for a different request "
+                                       f"(method, path or body); use a new key for a new request")
+        if row["size"] <= INLINE_BODY_MAX:
+            body = row["body"]
+        else:
+            body = await self._store.read(functools.partial(_stored_body, key=key))
+            if body is None:  # expired and purged between the two reads: as if it had not been found
+                return None
+        return Stored(row["status"], json.loads(row["headers"]), bytes(body))
+
+
+def _stored_head(conn: sqlite3.Connection, key: str, now: str) -> sqlite3.Row | None:
+    """The record's metadata, with its body only when small (see INLINE_BODY_MAX)."""
+    return conn.execute(
+        "SELECT fingerprint, status, headers, length(body) AS size,"
+        " CASE WHEN length(body) <= ? THEN body END AS body FROM idempotency WHERE key = ? AND expires_at > ?",
+        (INLINE_BODY_MAX, key, now)).fetchone()
+
+
+def _stored_body(conn: sqlite3.Connection, key: str) -> bytes | None:
+    row = conn.execute("SELECT body FROM idempotency WHERE key = ?", (key,)).fetchone()
+    return None if row is None else row[0]

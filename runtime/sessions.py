@@ -28,8 +28,9 @@ from typing import TYPE_CHECKING, Any, AsyncIterator
 import trio
 
 from . import codec, ops, portable, records
-from .clock import utc_now
+from .clock import new_id, utc_now
 from .errors import Conflict, EngineTimeout, InvalidInput, NotFound, PreconditionFailed, StorageError
+from .idempotency import Claim
 from .session_files import (
     BACKUP_SUFFIX, SESSION_SCHEMA_VERSION, Change, SessionFiles, encode_document, parse_document,
     validate_session_id,
@@ -233,7 +234,8 @@ class SessionService:
     # ---- commit ----------------------------------------------------------------------------
 
     async def _commit(self, doc: dict[str, Any], *, action: str, thread_id: str | None,
-                      event: dict[str, Any] | None, replacing: bool) -> None:
+                      event: dict[str, Any] | None, replacing: bool, claim: Claim | None = None,
+                      answer: Any = None) -> None:
         """The commit phase, shielded as a whole: once it starts it runs to its end, so the caller
         always learns the outcome and never releases the session's lock early.
 
@@ -242,7 +244,8 @@ class SessionService:
         event loop never encodes a 10 MB document). Then one writer request writes index row, thread
         link and journal row, and last puts the file in place (``replacing``: over the previous one);
         ``_apply`` settles what follows. Raises StorageError (StorageFull for a full disk) naming
-        ``action`` when nothing was saved.
+        ``action`` when nothing was saved. ``claim``: the request's idempotency record of ``answer``,
+        written by that same writer request (so it commits with the change or not at all).
         """
         session_id = doc["metadata"]["id"]
         change = self.files.change(session_id)
@@ -299,6 +302,8 @@ class SessionService:
                 if thread_id is not None:
                     conn.execute("UPDATE threads SET session_id = ? WHERE id = ?", (session_id, thread_id))
                 _journal(conn, staged, retired)
+                if claim is not None:
+                    claim.record(conn, answer)
                 self.files.publish(staged, action)  # last: every failure before it changed no file
 
             await self._apply(staged, commit, events, retired, action)
@@ -421,7 +426,7 @@ class SessionService:
 
     async def save(self, *, thread_id: str | None = None, session_id: str | None = None,
                    wait_for_idle: bool = False, if_match: int | str | None = None,
-                   timeout: float) -> dict[str, Any]:
+                   timeout: float, claim: Claim | None = None) -> dict[str, Any]:
         """Save the thread's live engine state. Waits (lock, load, engine snapshot) under ``timeout``;
         the commit is shielded. Cancelled or timed out before the commit: nothing was written."""
         deadline = trio.current_time() + timeout
@@ -458,18 +463,20 @@ class SessionService:
                 "messages": messages,
                 "system_prompt": snapshot.system_prompt,
             })
+            # ``session`` is the saved document itself (its ``schema_version`` too); ``session.encoded`` holds
+            # the file's bytes (set by the commit's staging), which the HTTP layer sends as they are.
+            result = {"session_id": target, "thread_id": thread_id, "turn_in_progress": snapshot.turn_in_progress,
+                      "session": doc}
             await self._commit(doc, action="save", thread_id=thread_id, event={
                 "session_id": target, "revision": revision, "message_count": len(messages),
                 "turn_in_progress": snapshot.turn_in_progress, "created": existing is None,
-            }, replacing=existing is not None)
-        # ``session`` is the saved document itself (its ``schema_version`` too); ``session.encoded`` holds
-        # the file's bytes, which the HTTP layer sends as they are.
-        return {"session_id": target, "thread_id": thread_id, "turn_in_progress": snapshot.turn_in_progress,
-                "session": doc}
+            }, replacing=existing is not None, claim=claim, answer=result)
+        return result
 
     # ---- POST: rebuild from stored items ---------------------------------------------------
 
-    async def rebuild(self, *, thread_id: str, title: str | None = None, timeout: float) -> dict[str, Any]:
+    async def rebuild(self, *, thread_id: str, title: str | None = None, timeout: float,
+                      claim: Claim | None = None) -> dict[str, Any]:
         """Rebuild a new session from the thread's stored items (no engine involved)."""
         if not isinstance(thread_id, str) or not thread_id.strip():
             raise InvalidInput("thread_id must not be blank")
@@ -501,12 +508,13 @@ class SessionService:
             "messages": messages,
             "system_prompt": thread["system_prompt"],
         }
+        result = {"session_id": session_id, "thread_id": thread_id, "message_count": len(messages),
+                  "title": final_title}
         await self._commit(doc, action="save", thread_id=thread_id, event={
             "session_id": session_id, "revision": 1, "message_count": len(messages),
             "turn_in_progress": False, "created": True,
-        }, replacing=False)
-        return {"session_id": session_id, "thread_id": thread_id, "message_count": len(messages),
-                "title": final_title}
+        }, replacing=False, claim=claim, answer=result)
+        return result
 
     # ---- reads -----------------------------------------------------------------------------
 
@@ -618,7 +626,7 @@ class SessionService:
         return doc, codec.dumps_sliced(doc["messages"]) if doc["messages"] else None
 
     async def resume(self, session_id: str, *, model: str | None = None, mode: str | None = None,
-                     timeout: float = RESUME_TIMEOUT) -> dict[str, Any]:
+                     timeout: float = RESUME_TIMEOUT, claim: Claim | None = None) -> dict[str, Any]:
         """A new thread whose engine starts from the session's messages (its next turn sees them all).
 
         Holds the session's lock from the load to the thread's commit, so a DELETE, save or PATCH of the
@@ -635,16 +643,18 @@ class SessionService:
             meta = doc["metadata"]
             messages = doc["messages"]
             total = meta.get("total_tokens", 0)
+            thread_id = new_id("thr")
+            result = {
+                "thread_id": thread_id, "session_id": session_id, "message_count": len(messages),
+                "summary": f"Resumed {len(messages)} message(s) from session '{meta['title']}'",
+            }
             with trio.CancelScope(shield=True):  # one bounded store write; the caller always learns its id
-                thread = await self._rt.create_thread(
+                await self._rt.create_thread(
                     model=model or meta.get("model"), mode=mode or meta.get("mode"), workspace=meta.get("workspace"),
                     system_prompt=doc.get("system_prompt"), title=meta["title"], base_messages=messages,
                     base_tokens=total if isinstance(total, int) else 0, session_id=session_id,
-                    base_messages_json=base_json)
-        return {
-            "thread_id": thread["id"], "session_id": session_id, "message_count": len(messages),
-            "summary": f"Resumed {len(messages)} message(s) from session '{meta['title']}'",
-        }
+                    base_messages_json=base_json, thread_id=thread_id, claim=claim, answer=result)
+        return result
 
     # ---- export / import (portable sessions) ----------------------------------------------
 
@@ -660,7 +670,7 @@ class SessionService:
         return data, content_type, f"{session_id}.{extension}"
 
     async def import_document(self, data: bytes, *, session_id: str | None = None, timeout: float,
-                              claim: Any = None) -> dict[str, Any]:
+                              claim: Claim | None = None) -> dict[str, Any]:
         """Store a document (as a ``json`` export gives it) as a new session: ``session_id``, else the
         document's own ``metadata.id``; revision 1, every other field as it is. Checked exactly as a
         file on load, in a worker thread, before anything is written (InvalidInput naming the path);
@@ -674,15 +684,15 @@ class SessionService:
         async with self._locked(target, deadline):
             if await trio.to_thread.run_sync(self.files.exists, target, "import"):
                 raise Conflict(f"Cannot import session '{target}': a session with that id already exists")
-            # TODO(idempotency): pass claim to _commit
-            await self._commit(doc, action="import", thread_id=None, event=None, replacing=False)
-        return {"session_id": target, "revision": 1}
-
+            result = {"session_id": target, "revision": 1}
+            await self._commit(doc, action="import", thread_id=None, event=None, replacing=False, claim=claim,
+                               answer=result)
+        return result
 
     # ---- restore: a thread's live history from a session, its current one saved first -----------
 
     async def restore(self, thread_id: str, session_id: str, *, if_busy: str = "reject",
-                      if_match: int | str | None = None, timeout: float, claim: Any = None) -> dict[str, Any]:
+                      if_match: int | str | None = None, timeout: float, claim: Claim | None = None) -> dict[str, Any]:
         """Replace the thread's live history with the session's messages, and save the state it replaces
         as a new session (``safety_session_id``) in the same store write, so restoring that one undoes this.
 

@@ -11,7 +11,7 @@ import json
 import re
 from typing import Any, Callable
 
-from quart import Blueprint, current_app, request
+from quart import Blueprint, current_app, g, request
 
 from runtime.errors import InvalidInput
 
@@ -41,6 +41,7 @@ class RouteSpec:
     content_type: str | tuple[str, ...] = "application/json"  # several: the response schema is the first's
     public: bool = False
     headers: tuple[tuple[str, ...], ...] = ()  # (name, description[, pattern])
+    idempotent: bool = False  # takes an Idempotency-Key (web/idempotency.py); success may be a replay
 
 
 ROUTES: list[RouteSpec] = []
@@ -56,8 +57,11 @@ def route(bp: Blueprint, path: str, method: str, *, summary: str, body: type | N
           headers: tuple[tuple[str, ...], ...] = ()) -> Callable:
     def decorator(fn: Callable) -> Callable:
         prefix = bp.url_prefix or ""
+        # A view wrapped by web.idempotency.idempotent documents its header and its 409/422 itself.
+        extra_headers, extra_errors = getattr(fn, "openapi_headers", ()), getattr(fn, "openapi_errors", ())
         ROUTES.append(RouteSpec(method, openapi_path(prefix + path), summary, bp.name, body, response, status,
-                                query, errors, content_type, public, headers))
+                                query, tuple(sorted({*errors, *extra_errors})), content_type, public,
+                                (*headers, *extra_headers), idempotent=getattr(fn, "idempotent", False)))
         return bp.route(path, methods=[method])(fn)
 
     return decorator
@@ -65,8 +69,11 @@ def route(bp: Blueprint, path: str, method: str, *, summary: str, body: type | N
 
 async def read_body(cls: type) -> Any:
     """Decode and validate the JSON body. An empty body counts as ``{}``. Oversize bodies raise 413
-    from Quart before they are read in full (Content-Length is checked first)."""
-    raw = await request.get_data(cache=False)
+    from Quart before they are read in full (Content-Length is checked first). A body the
+    ``idempotent`` wrapper already read (to fingerprint it) is reused, never read twice."""
+    raw = g.pop("raw_body", None)
+    if raw is None:
+        raw = await request.get_data(cache=False)
     if not raw.strip():
         return parse_body(cls, {})
     try:

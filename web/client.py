@@ -110,9 +110,11 @@ class _Api:
     def info(self):
         return self._call("GET", "/v1/runtime/info")
 
-    # threads
-    def create_thread(self, **fields: Any):
-        return self._call("POST", "/v1/threads", json_body=fields)
+    # threads. Every POST/PUT takes ``idempotency_key``: sent as the Idempotency-Key header, it makes a
+    # retry of the same call safe (the server answers it with the first call's stored answer).
+    def create_thread(self, *, idempotency_key: str | None = None, **fields: Any):
+        """``fields``: the CreateThreadBody fields, ``id`` included (the caller's thread id)."""
+        return self._call("POST", "/v1/threads", json_body=fields, headers=_key(idempotency_key))
 
     def list_threads(self, *, limit: int | None = None, include_archived: bool = False, archived_only: bool = False):
         return self._call("GET", "/v1/threads", params=_params(limit=limit, include_archived=include_archived,
@@ -125,17 +127,21 @@ class _Api:
         return self._call("PATCH", f"/v1/threads/{_q(thread_id)}", json_body=changes)
 
     # turns
-    def start_turn(self, thread_id: str, prompt: str, **options: Any):
-        return self._call("POST", f"/v1/threads/{_q(thread_id)}/turns", json_body={"prompt": prompt, **options})
+    def start_turn(self, thread_id: str, prompt: str, *, idempotency_key: str | None = None, **options: Any):
+        return self._call("POST", f"/v1/threads/{_q(thread_id)}/turns", json_body={"prompt": prompt, **options},
+                          headers=_key(idempotency_key))
 
-    def steer(self, thread_id: str, turn_id: str, prompt: str):
-        return self._call("POST", f"/v1/threads/{_q(thread_id)}/turns/{_q(turn_id)}/steer", json_body={"prompt": prompt})
+    def steer(self, thread_id: str, turn_id: str, prompt: str, *, idempotency_key: str | None = None):
+        return self._call("POST", f"/v1/threads/{_q(thread_id)}/turns/{_q(turn_id)}/steer", json_body={"prompt": prompt},
+                          headers=_key(idempotency_key))
 
-    def interrupt(self, thread_id: str, turn_id: str):
-        return self._call("POST", f"/v1/threads/{_q(thread_id)}/turns/{_q(turn_id)}/interrupt")
+    def interrupt(self, thread_id: str, turn_id: str, *, idempotency_key: str | None = None):
+        return self._call("POST", f"/v1/threads/{_q(thread_id)}/turns/{_q(turn_id)}/interrupt",
+                          headers=_key(idempotency_key))
 
-    def compact(self, thread_id: str, reason: str | None = None):
-        return self._call("POST", f"/v1/threads/{_q(thread_id)}/compact", json_body=_params(reason=reason))
+    def compact(self, thread_id: str, reason: str | None = None, *, idempotency_key: str | None = None):
+        return self._call("POST", f"/v1/threads/{_q(thread_id)}/compact", json_body=_params(reason=reason),
+                          headers=_key(idempotency_key))
 
     # history control: anchors are turn ids; ``if_busy`` is "reject" (the server's default) or "interrupt"
     def fork_thread(self, thread_id: str, *, through_turn_id: str | None = None, title: str | None = None,
@@ -162,14 +168,16 @@ class _Api:
 
     # sessions
     def save_session(self, *, thread_id: str | None = None, session_id: str | None = None,
-                     wait_for_idle: bool = False, if_match: int | None = None):
+                     wait_for_idle: bool = False, if_match: int | None = None, idempotency_key: str | None = None):
         body = _params(thread_id=thread_id, session_id=session_id)
         if wait_for_idle:
             body["wait_for_idle"] = True
-        return self._call("PUT", "/v1/sessions", json_body=body, headers=_if_match(if_match))
+        return self._call("PUT", "/v1/sessions", json_body=body,
+                          headers={**(_if_match(if_match) or {}), **(_key(idempotency_key) or {})} or None)
 
-    def rebuild_session(self, thread_id: str, title: str | None = None):
-        return self._call("POST", "/v1/sessions", json_body=_params(thread_id=thread_id, title=title))
+    def rebuild_session(self, thread_id: str, title: str | None = None, *, idempotency_key: str | None = None):
+        return self._call("POST", "/v1/sessions", json_body=_params(thread_id=thread_id, title=title),
+                          headers=_key(idempotency_key))
 
     def list_sessions(self, *, limit: int | None = None, search: str | None = None, include_archived: bool = False,
                       archived_only: bool = False, sort: str | None = None):
@@ -187,8 +195,9 @@ class _Api:
     def delete_session(self, session_id: str):
         return self._call("DELETE", f"/v1/sessions/{_q(session_id)}")
 
-    def resume_thread(self, session_id: str, **options: Any):
-        return self._call("POST", f"/v1/sessions/{_q(session_id)}/resume-thread", json_body=options)
+    def resume_thread(self, session_id: str, *, idempotency_key: str | None = None, **options: Any):
+        return self._call("POST", f"/v1/sessions/{_q(session_id)}/resume-thread", json_body=options,
+                          headers=_key(idempotency_key))
 
     def export_session(self, session_id: str, format: str = "json"):
         """The session as its export gives it: ``json`` the stored document's bytes as they are,
@@ -215,6 +224,10 @@ def _params(**values: Any) -> dict[str, Any]:
 
 def _if_match(revision: int | None) -> dict[str, str] | None:
     return {"If-Match": f'"{revision}"'} if revision is not None else None
+
+
+def _key(idempotency_key: str | None) -> dict[str, str] | None:
+    return {"Idempotency-Key": idempotency_key} if idempotency_key is not None else None
 
 
 def _headers(token: str | None) -> dict[str, str]:

@@ -7,8 +7,8 @@ from quart import Quart, Response, request
 from .errors import error_response
 
 ALLOW_METHODS = "GET, POST, PUT, PATCH, DELETE, OPTIONS"
-ALLOW_HEADERS = "Authorization, Content-Type, If-Match, Last-Event-ID"
-EXPOSE_HEADERS = "ETag"
+ALLOW_HEADERS = "Authorization, Content-Type, If-Match, Last-Event-ID, Idempotency-Key"
+EXPOSE_HEADERS = "ETag, Idempotent-Replayed"
 PREFLIGHT_MAX_AGE = "600"  # seconds a browser may cache a preflight answer
 
 

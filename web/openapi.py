@@ -15,7 +15,8 @@ from .schemas import PATH_PARAMS, ErrorResponse, json_schema, required_fields
 bp = Blueprint("openapi", __name__)
 
 ERROR_TEXT = {400: "Invalid input", 401: "Missing or wrong token", 404: "Not found", 409: "Conflict with current state",
-              412: "Revision precondition failed", 413: "Body too large", 500: "Storage or internal error",
+              412: "Revision precondition failed", 413: "Body too large",
+              422: "Idempotency-Key already used for a different request", 500: "Storage or internal error",
               503: "Engine stopped", 504: "Timed out waiting for the engine",
               507: "The disk is full: nothing was written"}
 
@@ -60,6 +61,10 @@ def build_spec() -> dict[str, Any]:
                              **{other: {"schema": {"type": "string"}} for other in others}}
         elif spec.content_type == "text/event-stream":
             ok["content"] = {"text/event-stream": {"itemSchema": sse.item_schema(components)}}
+        if spec.idempotent:
+            ok["headers"] = {"Idempotent-Replayed": {
+                "description": "true when this is the stored answer of an earlier request with the same "
+                               "Idempotency-Key", "schema": {"type": "string", "enum": ["true"]}}}
         responses: dict[str, Any] = {str(spec.status): ok}
         codes = set(spec.errors) | ({413} if spec.body is not None else set())
         if 500 in codes:  # a route that can meet a storage failure can meet a full disk (StorageFull)

@@ -35,6 +35,8 @@ def _documented(default: Any = MISSING, **schema: Any) -> Any:
 
 @dataclasses.dataclass
 class CreateThreadBody:
+    # The caller's thread id (409 if taken); without it the server makes one (``thr_…``).
+    id: str | None = _documented(None, **SESSION_ID)
     model: str | None = None
     workspace: str | None = None
     mode: str | None = None

@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sqlite3
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 import pytest
 import trio
 
-from runtime import Runtime, RuntimeConfig
+from runtime import Runtime, RuntimeConfig, codec
+from runtime.idempotency import Claim
 
 from .harness import (
     HELD, TARGETS, HeldModel, ReleaseWhenParked, RunResult, Server, State, StepCanceller, capture,
@@ -352,6 +354,50 @@ CASES = [
          _check_interrupt, _ensure_running),
     Case("compact", lambda c: c.rt.compact(c.thread_id, "cancel test", timeout=10), _check_compact,
          _compact_setup),
+]
+
+
+def _keyed(case: Case, call: Callable[[Ctx, Claim], Awaitable[Any]], *, exact: bool = True) -> Case:
+    """``case`` made as web/idempotency.py makes a request with an Idempotency-Key: the key held, looked
+    up (each run has a key of its own, so nothing is stored yet), its claim passed to the runtime. The
+    check adds: the answer is stored exactly when the change was made (``exact``; else only if it was:
+    an interrupt whose requester gave up still interrupts, and stores no answer), the stored bytes are
+    whole JSON, and the key is free again once everything settled."""
+
+    async def action(ctx: Ctx) -> Any:
+        key = f"key-{ctx.run}"
+        with ctx.rt.idempotency.hold(key, "fingerprint") as slot:
+            assert await ctx.rt.idempotency.lookup(key, slot.fingerprint) is None
+            return await call(ctx, slot.claim(200, lambda value: codec.dumps(
+                {k: v for k, v in value.items() if k != "session"})))
+
+    def check(before: State, after: State, ctx: Ctx) -> bool:
+        changed = case.check(before, after, ctx)
+        key = f"key-{ctx.run}"
+        db = sqlite3.connect(ctx.data_dir / "runtime.sqlite3")
+        try:
+            bodies = [row[0] for row in db.execute("SELECT body FROM idempotency WHERE key = ?", (key,))]
+        finally:
+            db.close()
+        assert len(bodies) == changed if exact else len(bodies) <= changed, (
+            f"changed={changed} but {len(bodies)} stored answer(s)")
+        assert all(isinstance(json.loads(body), dict) for body in bodies)
+        assert not ctx.rt.idempotency.in_progress(key), "the key stayed in progress after everything settled"
+        return changed
+
+    return dataclasses.replace(case, name=f"{case.name} (keyed)", action=action, check=check)
+
+
+_BY_NAME = {case.name: case for case in CASES}
+CASES += [
+    _keyed(_BY_NAME["create thread"], lambda c, claim: c.rt.create_thread(title=f"created {c.run}", mode="plan",
+                                                                          claim=claim)),
+    _keyed(_BY_NAME["start turn"], lambda c, claim: c.rt.start_turn(c.thread_id, f"{HELD}\nstarted {c.run}",
+                                                                    timeout=10, claim=claim)),
+    _keyed(_BY_NAME["interrupt turn"], lambda c, claim: c.rt.interrupt_turn(c.thread_id, c.memo["turn_id"],
+                                                                            timeout=10, claim=claim), exact=False),
+    _keyed(_BY_NAME["PUT session (update)"], lambda c, claim: c.rt.sessions.save(
+        thread_id=c.thread_id, session_id=SESSION, timeout=10, claim=claim)),
 ]
 PARAMS = [pytest.param(case, target, id=f"{case.name} [{target}]")
           for case in CASES for target in TARGETS if target != "engine" or case.uses_engine]

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from typing import AsyncIterator
 
-from quart import Blueprint, Response, jsonify, request
+from quart import Blueprint, Response, g, jsonify, request
 from werkzeug.routing import PathConverter
 
 from runtime import codec
@@ -10,6 +10,7 @@ from runtime.core import clamp_limit
 from runtime.errors import InvalidInput
 
 from ..api import LIMIT, QueryParam, query_bool, query_int, read_body, route, runtime, settings
+from ..idempotency import claim, idempotent, respond
 from ..schemas import (
     ImportResult, PatchSessionBody, PatchSessionResult, RebuildSessionBody, RebuildSessionResult, ResumeResult,
     ResumeSessionBody, SaveSessionBody, SaveSessionResult, SessionDocument, SessionList,
@@ -72,11 +73,17 @@ def _if_match() -> int | str | None:
 
 @route(bp, "", "PUT", summary="Save a thread's live engine state as a session (create or update in place)",
        body=SaveSessionBody, response=SaveSessionResult, errors=(400, 404, 409, 412, 500, 503, 504), headers=IF_MATCH)
+@idempotent
 async def save_session():
     body = await read_body(SaveSessionBody)
+    # With a key, the answer's bytes are joined once, in the commit's writer thread, and stored.
+    made = claim(200, lambda r: b"".join(_json_around(r, "session", r["session"].encoded)),
+                 headers_of=lambda r: {"ETag": f'"{r["session"]["metadata"]["revision"]}"'})
     result = await runtime().sessions.save(thread_id=body.thread_id, session_id=body.session_id,
                                            wait_for_idle=body.wait_for_idle, if_match=_if_match(),
-                                           timeout=settings().request_timeout)
+                                           timeout=settings().request_timeout, claim=made)
+    if made is not None and made.body is not None:
+        return respond(made, None, 200)
     session = result["session"]
     # The session part of the answer is the file's own bytes, encoded once, in the commit's thread.
     return _json_response(_json_around(result, "session", session.encoded), session["metadata"]["revision"])
@@ -84,11 +91,13 @@ async def save_session():
 
 @route(bp, "", "POST", summary="Rebuild a new session from a thread's stored turn items",
        body=RebuildSessionBody, response=RebuildSessionResult, status=201, errors=(400, 404, 409, 500))
+@idempotent
 async def rebuild_session():
     body = await read_body(RebuildSessionBody)
+    made = claim(201)
     result = await runtime().sessions.rebuild(thread_id=body.thread_id, title=body.title,
-                                              timeout=settings().request_timeout)
-    return jsonify(result), 201
+                                              timeout=settings().request_timeout, claim=made)
+    return respond(made, result, 201)
 
 
 @route(bp, "", "GET", summary="List saved sessions", response=SessionList,
@@ -132,11 +141,13 @@ async def delete_session(session_id: str):
 
 @route(bp, "/<path:session_id>/resume-thread", "POST", summary="Start a new thread from a session's messages",
        body=ResumeSessionBody, response=ResumeResult, status=201, errors=(400, 404, 409, 500))
+@idempotent
 async def resume_thread(session_id: str):
     body = await read_body(ResumeSessionBody)
+    made = claim(201)
     result = await runtime().sessions.resume(session_id, model=body.model, mode=body.mode,
-                                             timeout=settings().request_timeout)
-    return jsonify(result), 201
+                                             timeout=settings().request_timeout, claim=made)
+    return respond(made, result, 201)
 
 
 @route(bp, "/<path:session_id>/export", "GET", summary="Download a session as JSON (the stored document) or Markdown",
@@ -157,13 +168,17 @@ async def export_session(session_id: str):
 @route(bp, "/import", "POST", summary="Import a session document (as a json export gives it) as a new session",
        query=(QueryParam("id", "string", "Import under this id instead of the document's metadata.id"),),
        body=SessionDocument, response=ImportResult, status=201, errors=(400, 409, 500))
+@idempotent
 async def import_session():
     # The body is decoded and checked in a worker thread (up to the server's body limit, 8 MiB by
-    # default), never on the event loop; read_body is for small bodies.
-    data = await request.get_data(cache=False)
+    # default), never on the event loop; read_body is for small bodies. ``idempotent`` has read it.
+    data = g.pop("raw_body", None)
+    if data is None:
+        data = await request.get_data(cache=False)
+    made = claim(201)
     result = await runtime().sessions.import_document(data, session_id=request.args.get("id") or None,
-                                                      timeout=settings().request_timeout)
-    return jsonify(result), 201
+                                                      timeout=settings().request_timeout, claim=made)
+    return respond(made, result, 201)
 
 
 SESSION_CALLED_IMPORT = "import"

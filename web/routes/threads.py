@@ -3,6 +3,7 @@ from __future__ import annotations
 from quart import Blueprint, Response, jsonify, request
 
 from ..api import LIMIT, QueryParam, query_bool, query_int, read_body, route, runtime, settings
+from ..idempotency import claim, idempotent, respond
 from ..schemas import (
     CreateThreadBody, ForkBody, ForkResult, RestoreBody, RestoreResult, RetryBody, RewindBody, RewindResult,
     ThreadDetail, ThreadRecord, TurnRecord, UpdateThreadBody, provided,
@@ -15,12 +16,15 @@ IF_BUSY_QUERY = QueryParam("if_busy", "string", "A queued or running turn: rejec
                            enum=("reject", "interrupt"))
 
 
-@route(bp, "", "POST", summary="Create a thread", body=CreateThreadBody, response=ThreadRecord, status=201,
-       errors=(400, 500))
+@route(bp, "", "POST", summary="Create a thread (with the caller's id when given: 409 if taken)",
+       body=CreateThreadBody, response=ThreadRecord, status=201, errors=(400, 409, 500))
+@idempotent
 async def create_thread():
-    body = await read_body(CreateThreadBody)
-    record = await runtime().create_thread(**provided(body))
-    return jsonify(record), 201
+    fields = provided(await read_body(CreateThreadBody))
+    thread_id = fields.pop("id", None)
+    made = claim(201)
+    record = await runtime().create_thread(**fields, thread_id=thread_id, claim=made)
+    return respond(made, record, 201)
 
 
 @route(bp, "", "GET", summary="List threads, most recently updated first", response=list[ThreadRecord],
@@ -61,36 +65,44 @@ async def delete_thread(thread_id: str):
 
 @route(bp, "/<thread_id>/fork", "POST", summary="A new thread with this one's history through a turn",
        body=ForkBody, response=ForkResult, status=201, errors=HISTORY_ERRORS)
+@idempotent
 async def fork_thread(thread_id: str):
     body = await read_body(ForkBody)
+    made = claim(201)
     result = await runtime().fork_thread(thread_id, through_turn_id=body.through_turn_id, title=body.title,
-                                         new_thread_id=body.id, timeout=settings().request_timeout)
-    return jsonify(result), 201
+                                         new_thread_id=body.id, timeout=settings().request_timeout, claim=made)
+    return respond(made, result, 201)
 
 
 @route(bp, "/<thread_id>/rewind", "POST", summary="Take a turn and every later one out of the live history",
        body=RewindBody, response=RewindResult, errors=HISTORY_ERRORS)
+@idempotent
 async def rewind_thread(thread_id: str):
     body = await read_body(RewindBody)
+    made = claim(200)
     result = await runtime().rewind_thread(thread_id, body.before_turn_id, if_busy=body.if_busy,
-                                           timeout=settings().request_timeout)
-    return jsonify(result)
+                                           timeout=settings().request_timeout, claim=made)
+    return respond(made, result, 200)
 
 
 @route(bp, "/<thread_id>/retry", "POST", summary="Rewind before a turn and run its prompt again, as one change",
        body=RetryBody, response=TurnRecord, status=201, errors=HISTORY_ERRORS)
+@idempotent
 async def retry_turn(thread_id: str):
     body = await read_body(RetryBody)
+    made = claim(201)
     result = await runtime().retry_turn(thread_id, body.turn_id, model=body.model, mode=body.mode,
-                                        if_busy=body.if_busy, timeout=settings().request_timeout)
-    return jsonify(result), 201
+                                        if_busy=body.if_busy, timeout=settings().request_timeout, claim=made)
+    return respond(made, result, 201)
 
 
 @route(bp, "/<thread_id>/restore", "POST",
        summary="Replace the live history with a saved session's (the current one is saved first)",
        body=RestoreBody, response=RestoreResult, errors=(*HISTORY_ERRORS, 412), headers=IF_MATCH)
+@idempotent
 async def restore_thread(thread_id: str):
     body = await read_body(RestoreBody)
+    made = claim(200)
     result = await runtime().restore_thread(thread_id, body.session_id, if_busy=body.if_busy, if_match=_if_match(),
-                                            timeout=settings().request_timeout)
-    return jsonify(result)
+                                            timeout=settings().request_timeout, claim=made)
+    return respond(made, result, 200)

@@ -1,0 +1,176 @@
+"""The runtime's side of Idempotency-Key (runtime/idempotency.py): the in-flight table, stored answers and
+their expiry, a request that gives up mid-write, and the record committing with its change or not at all
+at every SQLite step (the fault seam, tests/faults/seam.py). Judged from the database."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from runtime import EngineUnavailable, IdempotencyKeyInProgress, IdempotencyKeyReused, Runtime, codec
+from runtime.idempotency import PURGE_BATCH, Claim
+from tests.cancellation.harness import check_invariants
+from tests.faults.harness import FaultRun, every_step
+from tests.faults.seam import FaultPlan
+from tests.support import held_writer, open_runtime
+
+
+def _rows(data_dir: Path, sql: str, *params: Any) -> list[tuple]:
+    db = sqlite3.connect(data_dir / "runtime.sqlite3")
+    try:
+        return db.execute(sql, params).fetchall()
+    finally:
+        db.close()
+
+
+async def keyed_create(rt: Runtime, key: str, title: str) -> tuple[bytes, bool]:
+    """What web/idempotency.py does around POST /v1/threads: (answer bytes, replayed?)."""
+    with rt.idempotency.hold(key, f"create {title}") as slot:
+        stored = await rt.idempotency.lookup(key, slot.fingerprint)
+        if stored is not None:
+            return stored.body, True
+        claim = slot.claim(201, codec.dumps)
+        await rt.create_thread(title=title, claim=claim)
+        assert claim.body is not None
+        return claim.body, False
+
+
+async def test_a_stored_answer_is_replayed_and_a_different_request_is_refused(rt, tmp_path):
+    body, replayed = await keyed_create(rt, "k", "first")
+    assert not replayed and json.loads(body)["title"] == "first"
+    assert await keyed_create(rt, "k", "first") == (body, True)
+    with pytest.raises(IdempotencyKeyReused) as info:
+        await keyed_create(rt, "k", "second")
+    assert info.value.message.startswith("Idempotency-Key 'k' was already used for a different request")
+    assert _rows(tmp_path, "SELECT title FROM threads") == [("first",)]
+
+
+async def test_a_held_key_is_in_progress_without_a_checkpoint_between_check_and_set(rt):
+    with rt.idempotency.hold("busy", "fp"):
+        with pytest.raises(IdempotencyKeyInProgress) as info:
+            with rt.idempotency.hold("busy", "fp"):
+                pass  # pragma: no cover
+        assert info.value.code == "idempotency_key_in_progress"
+        with rt.idempotency.hold("other", "fp"):  # other keys are free
+            pass
+    with rt.idempotency.hold("busy", "fp"):  # released on exit
+        pass
+
+
+async def test_an_expired_answer_is_ignored_and_the_request_executes_again(open_runtime, tmp_path):
+    async with open_runtime(idempotency_ttl=0) as rt:
+        first, replayed = await keyed_create(rt, "k", "again")
+        second, replayed_again = await keyed_create(rt, "k", "again")
+    assert (replayed, replayed_again) == (False, False)
+    assert json.loads(first)["id"] != json.loads(second)["id"]
+    assert len(_rows(tmp_path, "SELECT id FROM threads")) == 2
+    # The expired row was replaced by the new answer.
+    assert _rows(tmp_path, "SELECT key, body FROM idempotency") == [("k", second)]
+
+
+async def test_each_new_record_purges_a_bounded_batch_of_expired_ones(open_runtime, tmp_path):
+    async with open_runtime(idempotency_ttl=0) as rt:
+        for i in range(PURGE_BATCH + 3):
+            await keyed_create(rt, f"k{i}", f"t{i}")
+        # Each record deleted the expired ones before it (at most PURGE_BATCH): only the last is left.
+        assert _rows(tmp_path, "SELECT key FROM idempotency") == [(f"k{PURGE_BATCH + 2}",)]
+        db = sqlite3.connect(tmp_path / "runtime.sqlite3")
+        with db:
+            db.executemany("INSERT INTO idempotency VALUES (?, 'fp', 201, '{}', x'00', '2000-01-01', '2000-01-01')",
+                           [(f"old{i}",) for i in range(PURGE_BATCH + 5)])
+        db.close()
+        await keyed_create(rt, "new", "new")
+        # Oldest first, PURGE_BATCH of them: 5 of the old rows and the previous record are left for later.
+        left = {key for (key,) in _rows(tmp_path, "SELECT key FROM idempotency")}
+        assert left == {f"old{i}" for i in range(PURGE_BATCH, PURGE_BATCH + 5)} | {f"k{PURGE_BATCH + 2}", "new"}
+    assert len(_rows(tmp_path, "SELECT id FROM threads")) == PURGE_BATCH + 4
+
+
+async def test_a_request_cancelled_while_its_write_is_queued_keeps_its_key_in_progress_until_it_commits(rt, tmp_path):
+    with held_writer(rt) as release:
+        async with trio.open_nursery() as nursery:
+            async def create() -> None:
+                with rt.idempotency.hold("k", "fp") as slot:
+                    await rt.create_thread(title="once", claim=slot.claim(201, codec.dumps))
+
+            nursery.start_soon(create)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel(reason="the client went away")
+        # The requester is gone; its write (thread + record) is still queued behind the held one.
+        with pytest.raises(IdempotencyKeyInProgress):
+            with rt.idempotency.hold("k", "fp"):
+                pass  # pragma: no cover
+        release.set()
+    await rt.store.write()  # every write queued before this one is done
+    with rt.idempotency.hold("k", "fp") as slot:
+        stored = await rt.idempotency.lookup("k", slot.fingerprint)
+    assert stored is not None and stored.status == 201 and json.loads(stored.body)["title"] == "once"
+    assert _rows(tmp_path, "SELECT title FROM threads") == [("once",)]
+
+
+async def test_an_op_whose_keyed_requester_gave_up_is_dropped_by_the_engine(rt, thread_id, tmp_path):
+    made: list[Claim] = []
+    with pytest.raises(RuntimeError):
+        with rt.idempotency.hold("k", "fp") as slot:
+            made.append(slot.claim(201, codec.dumps))
+            raise RuntimeError("the request ended without an answer")
+    assert made[0].abandoned
+    with pytest.raises(EngineUnavailable):
+        await rt.start_turn(thread_id, "never", claim=made[0], timeout=10)
+    assert _rows(tmp_path, "SELECT COUNT(*) FROM turns") == [(0,)]
+    assert _rows(tmp_path, "SELECT COUNT(*) FROM idempotency") == [(0,)]
+    # The retry with the same key runs it, once.
+    with rt.idempotency.hold("k", "fp") as slot:
+        assert await rt.idempotency.lookup("k", "fp") is None
+        turn = await rt.start_turn(thread_id, "once", claim=slot.claim(201, codec.dumps), timeout=10)
+    assert _rows(tmp_path, "SELECT id FROM turns") == [(turn["id"],)]
+    assert json.loads(_rows(tmp_path, "SELECT body FROM idempotency")[0][0]) == turn
+
+
+# ---- the record commits with its change, at every SQLite step --------------------------------------
+
+FAULTS = ("sqlite_full", "sqlite_ioerr")
+
+
+@pytest.mark.parametrize("kind", FAULTS)
+@pytest.mark.parametrize("operation", ["create thread", "start turn"])
+async def test_a_fault_at_every_step_stores_the_change_and_its_answer_together_or_neither(tmp_path, operation, kind):
+    plan, data_dir = FaultPlan(), tmp_path / "data"
+    async with open_runtime(data_dir, sqlite_connection_factory=plan.connection_factory()) as rt:
+        tid = (await rt.create_thread(title="faults"))["id"]
+        run_no = 0
+
+        async def action() -> Any:
+            claim = Claim(f"key-{run_no}", "fp", 201, codec.dumps)
+            if operation == "create thread":
+                return await rt.create_thread(title=f"run {run_no}", claim=claim)
+            return await rt.start_turn(tid, f"run {run_no}", claim=claim, timeout=10)
+
+        async def judge(run: FaultRun) -> None:
+            nonlocal run_no
+            where = f"{operation}, {kind} at step {run.k} ({run.fired})"
+            # Let a started turn end (on a successor engine if the fault retired the first).
+            await rt.get_session_snapshot(tid, wait_for_idle=True, timeout=10)
+            state = await check_invariants(rt, data_dir, (tid,))
+            if operation == "create thread":
+                made = [t["id"] for t in state.threads.values() if t["title"] == f"run {run_no}"]
+            else:
+                made = [t["id"] for t in state.turns.values() if t["input_summary"] == f"run {run_no}"]
+            records = _rows(data_dir, "SELECT status, body FROM idempotency WHERE key = ?", f"key-{run_no}")
+            assert len(made) == len(records) <= 1, f"{where}: changes {made}, records {records}"
+            if made:
+                assert run.error is None, f"{where}: answered {run.error!r} for a change that was made"
+                assert records[0][0] == 201 and json.loads(records[0][1]) == run.value
+                assert run.value["id"] == made[0]
+            else:
+                assert run.error is not None and run.error.message.startswith("Failed to "), where
+            run_no += 1
+
+        n = await every_step(plan, action, kind, judge)
+        assert n >= 5, f"{operation} took only {n} steps: the plan is not counting"
