@@ -29,7 +29,7 @@ from tests.support import open_runtime
 
 from .seam import FaultPlan
 from .session_cases import (
-    CASES, CRASH_SHORT, LIMIT, SESSION, SHORT_KINDS, Case, assert_unchanged, faulty_runtime, run_every_crash,
+    CASES, CRASH_ONLY, CRASH_SHORT, LIMIT, SESSION, SHORT_KINDS, Case, assert_unchanged, faulty_runtime, run_every_crash,
     run_every_step, step_of, thread_with_history,
 )
 
@@ -328,6 +328,7 @@ async def test_a_fault_at_every_step_changes_all_or_nothing(tmp_path, case: Case
     await run_every_step(tmp_path, case, SHORT_KINDS[case.name])
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.name in CRASH_SHORT], ids=list(CRASH_SHORT))
+@pytest.mark.parametrize("case", [c for c in CASES if c.name in CRASH_SHORT] + CRASH_ONLY,
+                         ids=[*CRASH_SHORT, *(c.name for c in CRASH_ONLY)])
 async def test_a_kill_at_every_step_restarts_before_or_after(tmp_path, case: Case):
     await run_every_crash(tmp_path, case)
