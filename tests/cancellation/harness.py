@@ -30,6 +30,7 @@ import trio.testing
 
 from runtime import Runtime, RuntimeConfig
 from runtime.errors import RuntimeFailure
+from runtime.idempotency import Claim
 from runtime.models.base import ModelRequest, TextDelta
 from runtime.models.scripted import ScriptedModel
 from runtime.transcript import build_messages
@@ -267,6 +268,25 @@ async def run_op(server: Server, canceller: StepCanceller, target: str, thread_i
     return result
 
 
+# ---- idempotency records --------------------------------------------------------------------
+
+
+def claim(key: str) -> Claim:
+    """A request's Idempotency-Key claim as the routes make it; the answer is stored as JSON."""
+    return Claim(key=key, fingerprint=f"fingerprint of {key}", status=200,
+                 encode=lambda result: json.dumps(result, sort_keys=True, default=str).encode())
+
+
+def assert_claimed(before: "State", after: "State", key: str, changed: bool, value: Any = None) -> None:
+    """The change and its idempotency record committed together or not at all; a caller that got the
+    answer gets the stored one."""
+    added = set(after.idempotency) - set(before.idempotency)
+    assert added == ({key} if changed else set()), (key, changed, added)
+    assert {k: after.idempotency[k] for k in before.idempotency} == before.idempotency
+    if changed and value is not None:
+        assert json.loads(after.idempotency[key]) == json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
 # ---- state capture -------------------------------------------------------------------------
 
 
@@ -286,10 +306,13 @@ class State:
     max_seq: int = 0
     # thread id -> events stored for it
     thread_events: dict[str, int] = dataclasses.field(default_factory=dict)
+    # Idempotency-Key -> the stored answer's body (written in the change's own transaction)
+    idempotency: dict[str, bytes] = dataclasses.field(default_factory=dict)
 
     def durable(self) -> tuple[Any, ...]:
         """What a restart must find unchanged after a clean stop."""
-        return self.files, self.threads, self.turns, self.items, self.sessions, self.event_counts, self.max_seq
+        return (self.files, self.threads, self.turns, self.items, self.sessions, self.event_counts, self.max_seq,
+                self.idempotency)
 
 
 def capture(data_dir: Path) -> State:
@@ -315,7 +338,8 @@ def capture(data_dir: Path) -> State:
         row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone()
         return State(files, temps, table("threads"), table("turns"), table("items"), table("sessions"), counts,
                      turn_events, row[0] if row else 0,
-                     dict(conn.execute("SELECT thread_id, COUNT(*) FROM events GROUP BY thread_id").fetchall()))
+                     dict(conn.execute("SELECT thread_id, COUNT(*) FROM events GROUP BY thread_id").fetchall()),
+                     dict(conn.execute("SELECT key, body FROM idempotency").fetchall()))
     finally:
         conn.close()
 

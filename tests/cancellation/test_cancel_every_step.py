@@ -24,9 +24,9 @@ import trio
 from runtime import Runtime, RuntimeConfig
 
 from .harness import (
-    FINISHED, HELD, TARGETS, HeldModel, ReleaseWhenParked, RunResult, Server, State, StepCanceller, capture,
-    check_invariants, check_stored, engine_task_count, ensure_idle, finished_turn_ids, live_turns, rebuild, run_op,
-    settle, start_server, task_count,
+    FINISHED, HELD, TARGETS, assert_claimed, capture, check_invariants, check_stored, claim, engine_task_count,
+    ensure_idle, finished_turn_ids, HeldModel, live_turns, rebuild, ReleaseWhenParked, run_op, RunResult, Server,
+    settle, start_server, State, StepCanceller, task_count,
 )
 
 SESSION = "keep"
@@ -379,6 +379,27 @@ def _assert_rewound(before: State, after: State, ctx: Ctx, removed: list[str] | 
     assert after.threads[tid]["latest_turn_id"] == (live[-1]["id"] if live else None)
 
 
+def _key(ctx: Ctx) -> str:
+    return f"key of run {ctx.run}"
+
+
+def _claimed(check: Callable[[State, State, Ctx], bool]) -> Callable[[State, State, Ctx], bool]:
+    """``check``, and the op's idempotency record committed with its change, or not at all."""
+
+    def checked(before: State, after: State, ctx: Ctx) -> bool:
+        changed = check(before, after, ctx)
+        assert_claimed(before, after, _key(ctx), changed)
+        return changed
+
+    return checked
+
+
+def _rewind(ctx: Ctx) -> Awaitable[Any]:
+    busy = "held" in ctx.memo
+    return ctx.rt.rewind_thread(ctx.thread_id, ctx.memo["anchor"], if_busy="interrupt" if busy else "reject",
+                                timeout=10, claim=claim(_key(ctx)))
+
+
 async def _rewind_setup(ctx: Ctx) -> None:
     turns = await _finished_turns(ctx, 3)
     ctx.memo["anchor"] = turns[-2]  # this turn and the last one go
@@ -416,7 +437,8 @@ async def _retry_busy_setup(ctx: Ctx) -> None:
 
 def _retry(ctx: Ctx) -> Awaitable[Any]:
     busy = "held" in ctx.memo
-    return ctx.rt.retry_turn(ctx.thread_id, ctx.memo["anchor"], if_busy="interrupt" if busy else "reject", timeout=10)
+    return ctx.rt.retry_turn(ctx.thread_id, ctx.memo["anchor"], if_busy="interrupt" if busy else "reject", timeout=10,
+                             claim=claim(_key(ctx)))
 
 
 def _check_retry(before: State, after: State, ctx: Ctx) -> bool:
@@ -464,7 +486,8 @@ async def _restore_busy_setup(ctx: Ctx) -> None:
 
 def _restore(ctx: Ctx) -> Awaitable[Any]:
     busy = "held" in ctx.memo
-    return ctx.rt.restore_thread(ctx.thread_id, SESSION, if_busy="interrupt" if busy else "reject", timeout=10)
+    return ctx.rt.restore_thread(ctx.thread_id, SESSION, if_busy="interrupt" if busy else "reject", timeout=10,
+                                 claim=claim(_key(ctx)))
 
 
 def _check_restore(before: State, after: State, ctx: Ctx) -> bool:
@@ -511,7 +534,8 @@ async def _fork_busy_setup(ctx: Ctx) -> None:
 
 
 def _fork(ctx: Ctx) -> Awaitable[Any]:
-    return ctx.rt.fork_thread(ctx.thread_id, through_turn_id=ctx.memo["anchor"], title=f"fork {ctx.run}", timeout=10)
+    return ctx.rt.fork_thread(ctx.thread_id, through_turn_id=ctx.memo["anchor"], title=f"fork {ctx.run}", timeout=10,
+                              claim=claim(_key(ctx)))
 
 
 def _fork_copied(before: State, ctx: Ctx) -> list[dict[str, Any]]:
@@ -639,17 +663,15 @@ CASES = [
          _compact_setup),
 ]
 HISTORY_CASES = [
-    Case("fork", _fork, _check_fork, _fork_setup, post=_fork_engine),
-    Case("fork (source busy)", _fork, _check_fork, _fork_busy_setup, post=_fork_engine),
-    Case("rewind", lambda c: c.rt.rewind_thread(c.thread_id, c.memo["anchor"], timeout=10), _check_rewind,
-         _rewind_setup),
-    Case("rewind (if_busy interrupt)", lambda c: c.rt.rewind_thread(c.thread_id, c.memo["anchor"],
-                                                                    if_busy="interrupt", timeout=10),
-         _check_rewind, _rewind_busy_setup),
-    Case("retry", _retry, _check_retry, _retry_setup),
-    Case("retry (if_busy interrupt)", _retry, _check_retry, _retry_busy_setup),
-    Case("restore", _restore, _check_restore, _restore_setup, final_at_return=True),
-    Case("restore (if_busy interrupt)", _restore, _check_restore, _restore_busy_setup, final_at_return=True),
+    Case("fork", _fork, _claimed(_check_fork), _fork_setup, post=_fork_engine),
+    Case("fork (source busy)", _fork, _claimed(_check_fork), _fork_busy_setup, post=_fork_engine),
+    Case("rewind", _rewind, _claimed(_check_rewind), _rewind_setup),
+    Case("rewind (if_busy interrupt)", _rewind, _claimed(_check_rewind), _rewind_busy_setup),
+    Case("retry", _retry, _claimed(_check_retry), _retry_setup),
+    Case("retry (if_busy interrupt)", _retry, _claimed(_check_retry), _retry_busy_setup),
+    Case("restore", _restore, _claimed(_check_restore), _restore_setup, final_at_return=True),
+    Case("restore (if_busy interrupt)", _restore, _claimed(_check_restore), _restore_busy_setup,
+         final_at_return=True),
     Case("delete thread", _delete_thread, _check_delete_thread, _delete_thread_setup,
          thread=lambda c: c.memo["doomed"]),
     Case("delete thread (if_busy interrupt)", _delete_thread, _check_delete_thread, _delete_thread_busy_setup,

@@ -27,7 +27,9 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 from runtime import Runtime, StorageError, StorageFull
-from tests.cancellation.harness import State, capture, check_invariants, ensure_idle, finished_turn_ids, rebuild, settle
+from tests.cancellation.harness import (
+    State, assert_claimed, capture, check_invariants, claim, ensure_idle, finished_turn_ids, rebuild, settle,
+)
 from tests.support import open_runtime
 
 from .harness import FaultRun, every_step
@@ -260,6 +262,12 @@ def _check_restore(before: State, after: State, ctx: Ctx, value: Any) -> str | N
     return safety_id
 
 
+def _check_restore_claimed(before: State, after: State, ctx: Ctx, value: Any) -> str | None:
+    changed = _check_restore(before, after, ctx, value)
+    assert_claimed(before, after, f"key {ctx.n}", changed is not None, value)
+    return changed
+
+
 CASES = [
     Case("PUT create", lambda c: c.rt.sessions.save(thread_id=c.thread_id, session_id=c.memo["sid"], timeout=LIMIT),
          _check_create, ("Failed to save session '{sid}'", "Failed to load session '{sid}'"), _create_setup,
@@ -278,7 +286,8 @@ CASES = [
     Case("resume", lambda c: c.rt.sessions.resume(SESSION), _check_resume,
          ("Failed to load session 'kept'", "Failed to "), _idle_with_session),
     # Restore: the safety session's file and the thread's change in one store write (SessionService.restore).
-    Case("restore", lambda c: c.rt.restore_thread(c.thread_id, SESSION, timeout=LIMIT), _check_restore,
+    Case("restore", lambda c: c.rt.restore_thread(c.thread_id, SESSION, timeout=LIMIT, claim=claim(f"key {c.n}")),
+         _check_restore_claimed,
          # A fault in the safety file names that session (the one the restore would have created).
          ("Failed to load session 'kept'", "Failed to restore thread '", "Failed to save session '"),
          _restore_setup),

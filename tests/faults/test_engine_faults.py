@@ -31,7 +31,9 @@ import trio.testing
 from runtime import Runtime, RuntimeConfig, StorageError, StorageFull, records
 from runtime.manager import REPAIR_MAX_DELAY
 from runtime.transcript import build_messages
-from tests.cancellation.harness import State, capture, check_invariants, ensure_idle, settle, task_count
+from tests.cancellation.harness import (
+    State, assert_claimed, capture, check_invariants, claim, ensure_idle, settle, task_count,
+)
 from tests.e2e.helpers import collect_until
 from tests.runtime.helpers import collect_events, turn_completed, wait_turn_end
 from tests.support import E2E_LIMIT, open_runtime
@@ -571,7 +573,7 @@ def _check_rewind(before: State, after: State, ctx: Ctx, run: FaultRun) -> bool:
 
 
 async def _retry(ctx: Ctx) -> Any:
-    turn = await ctx.rt.retry_turn(ctx.thread_id, timeout=10)
+    turn = await ctx.rt.retry_turn(ctx.thread_id, timeout=10, claim=claim(_key(ctx)))
     # Its whole stream too: a fault there ends the new turn failed; the retry itself happened.
     await ctx.rt.get_session_snapshot(ctx.thread_id, wait_for_idle=True, timeout=10)
     return turn
@@ -635,12 +637,29 @@ async def _delete_cleanup(ctx: Ctx) -> None:
         await ctx.rt.shutdown_thread(ctx.memo["doomed"])
 
 
+def _key(ctx: Ctx) -> str:
+    return f"key of run {ctx.k}"
+
+
+def _claimed(check: Callable[[State, State, Ctx, FaultRun], bool]) -> Callable[[State, State, Ctx, FaultRun], bool]:
+    """``check``, and the op's idempotency record committed in its change's transaction or not at all; the
+    stored answer is the one the caller got."""
+
+    def checked(before: State, after: State, ctx: Ctx, run: FaultRun) -> bool:
+        changed = check(before, after, ctx, run)
+        assert_claimed(before, after, _key(ctx), changed, run.value)
+        return changed
+
+    return checked
+
+
 HISTORY_CASES = [
-    Case("fork", lambda c: c.rt.fork_thread(c.thread_id, through_turn_id=c.memo["anchor"], timeout=10), _check_fork,
-         _fork_setup, cleanup=_fork_cleanup),
-    Case("rewind", lambda c: c.rt.rewind_thread(c.thread_id, c.memo["anchor"], timeout=10), _check_rewind,
-         _rewind_setup),
-    Case("retry", _retry, _check_retry, _retry_setup),
+    Case("fork", lambda c: c.rt.fork_thread(c.thread_id, through_turn_id=c.memo["anchor"], timeout=10,
+                                            claim=claim(_key(c))),
+         _claimed(_check_fork), _fork_setup, cleanup=_fork_cleanup),
+    Case("rewind", lambda c: c.rt.rewind_thread(c.thread_id, c.memo["anchor"], timeout=10, claim=claim(_key(c))),
+         _claimed(_check_rewind), _rewind_setup),
+    Case("retry", _retry, _claimed(_check_retry), _retry_setup),
     Case("delete thread", lambda c: c.rt.delete_thread(c.memo["doomed"], timeout=10), _check_delete, _delete_setup,
          cleanup=_delete_cleanup),
 ]
