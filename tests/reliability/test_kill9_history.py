@@ -218,7 +218,7 @@ async def worker(client: AsyncClient, thread_id: str, ledger: Ledger, watch: Wat
             if ledger.trigger is not None and kind in HISTORY:
                 ledger.trigger.set()
             try:
-                done = await send(client, op, if_busy, ledger, rng)
+                done = await send(client, op, if_busy, ledger)
             except ApiError as exc:
                 # Refused as the contract says (a busy thread with if_busy "reject", a turn while one runs):
                 # nothing changed. Any other error fails the test.
@@ -245,7 +245,7 @@ async def worker(client: AsyncClient, thread_id: str, ledger: Ledger, watch: Wat
         pass
 
 
-async def send(client: AsyncClient, op: Op, if_busy: str, ledger: Ledger, rng: random.Random) -> str | None:
+async def send(client: AsyncClient, op: Op, if_busy: str, ledger: Ledger) -> str | None:
     """Send ``op``; on its answer, move the expected state to its after. Returns a turn it started."""
     tid = op.thread_id
     if op.kind == "turn":
@@ -456,6 +456,10 @@ async def check_after_restart(client: AsyncClient, data_dir: Path, ledger: Ledge
     assert broken == [], f"unparseable session files: {broken}"
     missing = sorted(ledger.safety - set(docs))
     assert missing == [], f"safety sessions of answered restores are missing: {missing}"
+    listed = {meta["id"]: meta["revision"] for meta in await client.list_sessions(include_archived=True, limit=500)}
+    assert len(listed) < 500, "more sessions than one page lists: raise the limit"
+    assert listed == {session_id: doc["metadata"]["revision"] for session_id, doc in docs.items()}, \
+        "the session index disagrees with the session files"
     ledger.counts["safety sessions verified"] = len(ledger.safety)
     seen_before = ledger.seen
     pending = dict(ledger.pending)
@@ -483,12 +487,13 @@ async def check_after_restart(client: AsyncClient, data_dir: Path, ledger: Ledge
             await call(client, "GET", thread_path(thread_id))
         assert gone.value.status == 404
     for thread_id in sorted(ledger.live):
-        await check_thread(client, thread_id, ledger, stored, seen_before)
+        await check_thread(client, thread_id, ledger, stored, seen_before, docs)
     ledger.floor = max(ledger.floor, ledger.seen)
     ledger.counts["max seq"] = ledger.floor
 
 
-async def check_thread(client: AsyncClient, thread_id: str, ledger: Ledger, stored: Stored, seen_before: int) -> None:
+async def check_thread(client: AsyncClient, thread_id: str, ledger: Ledger, stored: Stored, seen_before: int,
+                       docs: dict[str, Any]) -> None:
     detail = await detail_of(client, thread_id, ledger)
     assert detail is not None
     stuck = [t["id"] for t in detail["turns"] if t["status"] in ACTIVE]
@@ -509,6 +514,11 @@ async def check_thread(client: AsyncClient, thread_id: str, ledger: Ledger, stor
         assert min(new) > max(seen_before, stored.top), \
             f"{thread_id}: seq {min(new)} written after the restart is not above {max(seen_before, stored.top)}"
         ledger.counts["seqs written after a restart, all above every earlier one"] += len(new)
+    for event in events:
+        if event["event"] == "thread.restored":  # committed, so its safety session was written with it
+            safety = event["payload"]["safety_session_id"]
+            assert safety in docs, f"restore of {thread_id} committed without its safety session {safety}"
+            ledger.counts["committed restores whose safety session exists"] += 1
     for turn in detail["turns"]:
         if turn["error"] == RESTART_ERROR and any(by_seq[seq]["event"] == "turn.completed"
                                                   and by_seq[seq].get("turn_id") == turn["id"] for seq in new):
@@ -524,6 +534,7 @@ async def check_thread(client: AsyncClient, thread_id: str, ledger: Ledger, stor
 
 
 async def kill_loop(tmp_path: Path, kills: int, seed: int) -> collections.Counter:
+    print(f"\nkill -9 of history control: seed {seed} (rerun with TRIO_RUNTIME_TEST_SEED={seed})")
     data_dir = tmp_path / "data"
     ledger = Ledger()
     rng = random.Random(seed)
