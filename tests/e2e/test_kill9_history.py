@@ -15,8 +15,6 @@ import contextlib
 from pathlib import Path
 from typing import Any, AsyncIterator
 
-import trio
-
 from runtime.store import RESTART_ERROR
 from tests.conftest import E2E_LIMIT
 from tests.e2e.helpers import collect_until, wait_turn_end

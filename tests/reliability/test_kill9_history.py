@@ -57,6 +57,7 @@ WARM_UP_OPS = 12  # answered requests (all threads) before the kill may come, so
 MAX_KILL_DELAY = 1.5  # after the warm-up, the kill comes within this (seeded-random)
 MAX_OPS = 400  # per worker and cycle: loops are bounded in count as well as in time
 ACTIVE = ("queued", "in_progress")
+SAFETY_TITLE = "Before restore: "  # API.md: the title of a restore's safety session
 FINISHED = ("completed", "failed", "interrupted")
 HISTORY = ("rewind", "retry", "fork", "restore", "delete")
 MAX_AIMED_DELAY = 0.02  # an aimed kill comes within this after a history request was sent (its latency here)
@@ -211,7 +212,8 @@ async def worker(client: AsyncClient, thread_id: str, ledger: Ledger, watch: Wat
             op = Op(kind, thread_id, before, anchor=anchor)
             if kind == "fork":
                 op.target = ledger.name("fork")
-                op.copied = [(t["input_summary"], t["status"]) for t in live[:before.index(anchor) + 1]] if anchor else []
+                through = live[:before.index(anchor) + 1] if anchor else []
+                op.copied = [(turn["input_summary"], turn["status"]) for turn in through]
             elif kind == "restore":
                 op.session_id = rng.choice(ledger.snapshots)
             ledger.pending[thread_id] = op
@@ -254,7 +256,8 @@ async def send(client: AsyncClient, op: Op, if_busy: str, ledger: Ledger) -> str
         ledger.started[turn["id"]] = tid
         return turn["id"]
     if op.kind == "rewind":
-        result = await call(client, "POST", thread_path(tid, "/rewind"), {"before_turn_id": op.anchor, "if_busy": if_busy})
+        body = {"before_turn_id": op.anchor, "if_busy": if_busy}
+        result = await call(client, "POST", thread_path(tid, "/rewind"), body)
         assert result["removed_turn_ids"] == op.before[len(op.prefix()):], result
         ledger.see(result["latest_seq"])
         ledger.live[tid] = op.prefix()
@@ -276,7 +279,8 @@ async def send(client: AsyncClient, op: Op, if_busy: str, ledger: Ledger) -> str
         await call(client, "PUT", "/v1/sessions", {"thread_id": tid, "session_id": session_id})
         ledger.snapshots.append(session_id)
     elif op.kind == "restore":
-        result = await call(client, "POST", thread_path(tid, "/restore"), {"session_id": op.session_id, "if_busy": if_busy})
+        body = {"session_id": op.session_id, "if_busy": if_busy}
+        result = await call(client, "POST", thread_path(tid, "/restore"), body)
         assert result["session_id"] == op.session_id and result["thread"]["session_id"] == op.session_id, result
         ledger.safety.add(result["safety_session_id"])
         ledger.snapshots.append(result["safety_session_id"])
@@ -460,7 +464,7 @@ async def check_after_restart(client: AsyncClient, data_dir: Path, ledger: Ledge
     assert len(listed) < 500, "more sessions than one page lists: raise the limit"
     assert listed == {session_id: doc["metadata"]["revision"] for session_id, doc in docs.items()}, \
         "the session index disagrees with the session files"
-    ledger.counts["safety sessions verified"] = len(ledger.safety)
+    ledger.counts["safety sessions verified (restores answered or found committed)"] = len(ledger.safety)
     seen_before = ledger.seen
     pending = dict(ledger.pending)
     ledger.pending.clear()
@@ -488,6 +492,10 @@ async def check_after_restart(client: AsyncClient, data_dir: Path, ledger: Ledge
         assert gone.value.status == 404
     for thread_id in sorted(ledger.live):
         await check_thread(client, thread_id, ledger, stored, seen_before, docs)
+    # A restore that did not commit left no safety session behind (each committed one logged its id).
+    orphans = sorted(session_id for session_id, doc in docs.items()
+                     if doc["metadata"]["title"].startswith(SAFETY_TITLE) and session_id not in ledger.safety)
+    assert orphans == [], f"safety sessions of restores that never committed: {orphans}"
     ledger.floor = max(ledger.floor, ledger.seen)
     ledger.counts["max seq"] = ledger.floor
 
@@ -505,8 +513,8 @@ async def check_thread(client: AsyncClient, thread_id: str, ledger: Ledger, stor
     # seq a client saw before the kill.
     for seq, (name, turn_id, payload) in stored.seqs.get(thread_id, {}).items():
         event = by_seq.get(seq)
-        assert event is not None and (event["event"], event.get("turn_id"), event["payload"]) == (name, turn_id, payload), \
-            f"event {seq} of {thread_id} lost or changed by the kill"
+        found = None if event is None else (event["event"], event.get("turn_id"), event["payload"])
+        assert found == (name, turn_id, payload), f"event {seq} of {thread_id} lost or changed by the kill"
     for seq, event in ledger.received[thread_id].items():
         assert by_seq.get(seq) == event, f"event {seq} of {thread_id}, received over SSE, lost or changed"
     new = [seq for seq in by_seq if seq not in stored.seqs.get(thread_id, {})]
@@ -518,6 +526,7 @@ async def check_thread(client: AsyncClient, thread_id: str, ledger: Ledger, stor
         if event["event"] == "thread.restored":  # committed, so its safety session was written with it
             safety = event["payload"]["safety_session_id"]
             assert safety in docs, f"restore of {thread_id} committed without its safety session {safety}"
+            ledger.safety.add(safety)
             ledger.counts["committed restores whose safety session exists"] += 1
     for turn in detail["turns"]:
         if turn["error"] == RESTART_ERROR and any(by_seq[seq]["event"] == "turn.completed"
@@ -529,7 +538,8 @@ async def check_thread(client: AsyncClient, thread_id: str, ledger: Ledger, stor
             names = {e["event"] for e in events if e.get("turn_id") == turn["id"]}
             assert {"turn.started", "turn.completed"} <= names, f"rewound turn {turn['id']} lost its events: {names}"
             ledger.counts["rewound turns with their events checked"] += 1
-    ledger.counts[f"threads whose engine, rebuild and store agree ({await messages_agree(client, thread_id, detail, stored)})"] += 1
+    how = await messages_agree(client, thread_id, detail, stored)
+    ledger.counts[f"threads whose engine, rebuild and store agree ({how})"] += 1
     ledger.verified[thread_id] = detail["latest_seq"]
 
 
