@@ -527,7 +527,7 @@ async def check_thread(client: AsyncClient, thread_id: str, ledger: Ledger, stor
             safety = event["payload"]["safety_session_id"]
             assert safety in docs, f"restore of {thread_id} committed without its safety session {safety}"
             ledger.safety.add(safety)
-            ledger.counts["committed restores whose safety session exists"] += 1
+            ledger.counts["thread.restored events read back whose safety session exists"] += 1
     for turn in detail["turns"]:
         if turn["error"] == RESTART_ERROR and any(by_seq[seq]["event"] == "turn.completed"
                                                   and by_seq[seq].get("turn_id") == turn["id"] for seq in new):
