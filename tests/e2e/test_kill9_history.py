@@ -106,7 +106,7 @@ async def test_a_rewind_that_answered_is_durable_across_kill_9(tmp_path):
 
 async def test_kill_9_while_a_retried_turn_streams_interrupts_it_and_keeps_the_old_one_rewound(tmp_path):
     data_dir = tmp_path / "data"
-    prompt = "/slow 30\n" + " ".join(f"w{i}" for i in range(30))  # streams far longer than the test runs
+    prompt = "/slow 20\n" + " ".join(f"w{i}" for i in range(60))  # a delta every 1/3 s, for far longer than the test
     async with running(data_dir) as (server, client):
         thread_id = (await client.create_thread())["id"]
         t1 = await run_turn(client, thread_id, "one alpha")

@@ -507,6 +507,8 @@ async def check_thread(client: AsyncClient, thread_id: str, ledger: Ledger, stor
     stuck = [t["id"] for t in detail["turns"] if t["status"] in ACTIVE]
     stuck += [i["id"] for i in detail["items"] if i["status"] in ACTIVE]
     assert stuck == [], f"still running after a restart: {stuck}"
+    live = live_ids(detail)
+    assert detail["thread"]["latest_turn_id"] == (live[-1] if live else None), (detail["thread"], live)
     events = await replay(client, thread_id, detail["latest_seq"])
     by_seq = {event["seq"]: event for event in events}
     # Nothing the store held at the kill is lost or changed; everything written since is above every
