@@ -476,6 +476,8 @@ async def check_after_restart(client: AsyncClient, data_dir: Path, ledger: Ledge
             if op.kind == "fork" and target is None:
                 assert_gone_in_store(stored, op.target)
             outcome = resolve(ledger, op, detail, target)
+            if op.kind == "restore" and outcome == "after":  # the thread's base is now that session's messages
+                assert stored.base[thread_id] == docs[op.session_id]["messages"], f"restore of {thread_id} is not whole"
             ledger.counts[f"{op.kind} in flight at a kill, found {outcome}"] += 1
         elif detail is None:
             raise AssertionError(f"thread {thread_id} is gone after a restart, with no delete in flight")
