@@ -42,6 +42,11 @@ class RuntimeConfig:
     # opens, and the file-operation layer of session files (None: the real one).
     sqlite_connection_factory: type[sqlite3.Connection] = sqlite3.Connection
     session_fs: object | None = None
+    # The tools offered to the model (a runtime.models.tools.ToolRegistry); None: no tools.
+    tools: object | None = None
+    # A pending approval expires (counts as a denial) this long after it was asked; wall clock, so it
+    # keeps running across restarts (API.md: --approval-timeout, default 300 s).
+    approval_timeout: float = 300.0
 
     @property
     def db_path(self) -> Path:

@@ -12,11 +12,26 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Any, AsyncIterator, Protocol, Union
+from typing import Any, AsyncIterator, Awaitable, Callable, Protocol, Union
 
 import trio
 
 from ..text import REPLACEMENT, has_surrogate, is_high_surrogate, valid_text, valid_value
+
+
+@dataclasses.dataclass(frozen=True)
+class ToolSpec:
+    """A tool the model may call: its name, what it does, and the JSON schema of its input."""
+
+    name: str
+    description: str
+    parameters: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class ToolOutcome:
+    content: str
+    is_error: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,9 +42,14 @@ class ModelRequest:
     mode: str
     system_prompt: str | None
     history: list[dict[str, Any]]
-    prompt: str
+    # None: a continuation of a turn whose history already ends with tool results (after a restart).
+    prompt: str | None
     # Text the client steered into the running turn; the backend reads it when it can use it.
     steers: trio.MemoryReceiveChannel[str]
+    tools: tuple[ToolSpec, ...] = ()
+    # The engine runs every tool call (approval, the recorded start, the run): a backend yields the
+    # ToolCall, awaits this, and yields the ToolResult. None: offer no tools.
+    run_tool: Callable[["ToolCall"], Awaitable[ToolOutcome]] | None = None
 
 
 @dataclasses.dataclass(frozen=True)

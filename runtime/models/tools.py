@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterable
 
 import trio
@@ -33,6 +34,14 @@ class Tool:
     # JSON schema of the arguments object (OpenAI's ``function.parameters``).
     parameters: dict[str, Any]
     run: ToolFunction
+
+
+@dataclasses.dataclass(frozen=True)
+class ToolContext:
+    """Where a tool call runs: the thread it belongs to and the server's data dir."""
+
+    thread_id: str
+    data_dir: Path
 
 
 @dataclasses.dataclass(frozen=True)
