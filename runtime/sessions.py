@@ -736,10 +736,15 @@ class SessionService:
                         if state["gave_up"]:
                             raise StorageError(f"Failed to restore thread '{thread_id}': the request gave up")
                         state["begun"] = True
-                    staged = self.files.stage(change, _encode(safety_doc), "save", replacing=False)
-                    _upsert_index(conn, safety_doc, staged.size, staged.mtime_ns)
-                    _journal(conn, staged, retired)
-                    self.files.publish(staged, "save")  # last: every failure before it changed no file
+                    try:
+                        staged = self.files.stage(change, _encode(safety_doc), "save", replacing=False)
+                        _upsert_index(conn, safety_doc, staged.size, staged.mtime_ns)
+                        _journal(conn, staged, retired)
+                        self.files.publish(staged, "save")  # last: every failure before it changed no file
+                    except StorageError as exc:
+                        # Name the restore the client asked for, not only the safety session it never saw.
+                        raise type(exc)(f"Failed to restore thread '{thread_id}' from session '{session_id}': "
+                                        f"{exc.message[0].lower()}{exc.message[1:]}") from exc
 
                 return write
 

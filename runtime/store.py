@@ -35,6 +35,7 @@ import trio
 
 from . import schema
 from .clock import utc_now
+from .transcript import preview
 from .errors import REJECTIONS, RuntimeFailure, StorageError, StorageFull
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,8 @@ RESTART_ERROR = "interrupted by process restart"
 # The result of a tool that was running when the process died (API.md, "Tools and approvals"): it is never
 # run again by itself, and the model is told so.
 OUTCOME_UNKNOWN = "outcome unknown: the server restarted while the tool ran"
+# Items whose text arrives as item.delta events (and is written to the item row when it closes).
+STREAMED_KINDS = ("agent_message", "agent_reasoning")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,6 +239,15 @@ class Store:
                         turn_id=item["turn_id"], item_id=item["id"], timestamp=now))
                     going_on.add(item["turn_id"])
                     continue
+                # The text streamed so far is in the item's deltas (the item row gets its text when it
+                # closes, which a crash prevented): the item keeps it, so its deltas still concatenate to
+                # its stored text and the live history has the partial reply, as after an interrupt.
+                if item["kind"] in STREAMED_KINDS:
+                    text = "".join(json.loads(row[0]).get("delta", "") for row in conn.execute(
+                        "SELECT payload FROM events WHERE item_id = ? AND event = 'item.delta' ORDER BY seq",
+                        (item["id"],)))
+                    conn.execute("UPDATE items SET summary = ?, detail = ? WHERE id = ?",
+                                 (preview(text), text, item["id"]))
                 conn.execute(
                     "UPDATE items SET status = 'interrupted', ended_at = ? WHERE id = ?", (now, item["id"])
                 )

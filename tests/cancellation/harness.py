@@ -30,6 +30,7 @@ import trio.testing
 
 from runtime import Runtime, RuntimeConfig
 from runtime.errors import RuntimeFailure
+from runtime.idempotency import Claim
 from runtime.models.base import ModelRequest, TextDelta
 from runtime.models.scripted import ScriptedModel
 from runtime.transcript import build_messages
@@ -267,6 +268,25 @@ async def run_op(server: Server, canceller: StepCanceller, target: str, thread_i
     return result
 
 
+# ---- idempotency records --------------------------------------------------------------------
+
+
+def claim(key: str) -> Claim:
+    """A request's Idempotency-Key claim as the routes make it; the answer is stored as JSON."""
+    return Claim(key=key, fingerprint=f"fingerprint of {key}", status=200,
+                 encode=lambda result: json.dumps(result, sort_keys=True, default=str).encode())
+
+
+def assert_claimed(before: "State", after: "State", key: str, changed: bool, value: Any = None) -> None:
+    """The change and its idempotency record committed together or not at all; a caller that got the
+    answer gets the stored one."""
+    added = set(after.idempotency) - set(before.idempotency)
+    assert added == ({key} if changed else set()), (key, changed, added)
+    assert {k: after.idempotency[k] for k in before.idempotency} == before.idempotency
+    if changed and value is not None:
+        assert json.loads(after.idempotency[key]) == json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
 # ---- state capture -------------------------------------------------------------------------
 
 
@@ -281,10 +301,18 @@ class State:
     event_counts: dict[str, int]
     # turn id -> {"turn.started": n, "turn.completed": n}
     turn_events: dict[str, dict[str, int]]
+    # The highest event seq ever handed out (sqlite_sequence): it only grows, even when a delete removes
+    # the events that had the highest seqs, so no seq is reused.
+    max_seq: int = 0
+    # thread id -> events stored for it
+    thread_events: dict[str, int] = dataclasses.field(default_factory=dict)
+    # Idempotency-Key -> the stored answer's body (written in the change's own transaction)
+    idempotency: dict[str, bytes] = dataclasses.field(default_factory=dict)
 
     def durable(self) -> tuple[Any, ...]:
         """What a restart must find unchanged after a clean stop."""
-        return self.files, self.threads, self.turns, self.items, self.sessions, self.event_counts
+        return (self.files, self.threads, self.turns, self.items, self.sessions, self.event_counts, self.max_seq,
+                self.idempotency)
 
 
 def capture(data_dir: Path) -> State:
@@ -307,8 +335,11 @@ def capture(data_dir: Path) -> State:
         for row in conn.execute("SELECT turn_id, event, COUNT(*) FROM events WHERE event IN"
                                 " ('turn.started', 'turn.completed') GROUP BY turn_id, event"):
             turn_events.setdefault(row[0], {})[row[1]] = row[2]
+        row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone()
         return State(files, temps, table("threads"), table("turns"), table("items"), table("sessions"), counts,
-                     turn_events)
+                     turn_events, row[0] if row else 0,
+                     dict(conn.execute("SELECT thread_id, COUNT(*) FROM events GROUP BY thread_id").fetchall()),
+                     dict(conn.execute("SELECT key, body FROM idempotency").fetchall()))
     finally:
         conn.close()
 
@@ -320,15 +351,22 @@ def capture(data_dir: Path) -> State:
 LEGITIMATE = ("Engine._run_turn", "serve_listeners._run_handler")
 
 
-def task_count() -> int:
-    """Tasks alive in the whole run, minus turn tasks (starting or ending one is an op's purpose)."""
+def task_count(root: trio.lowlevel.Task | None = None) -> int:
+    """Tasks alive in the whole run (or under ``root``), minus turn tasks (starting or ending one is an
+    op's purpose)."""
 
     def walk(task: trio.lowlevel.Task) -> int:
         if task.name.endswith(LEGITIMATE):
             return 0
         return 1 + sum(walk(child) for nursery in task.child_nurseries for child in nursery.child_tasks)
 
-    return walk(trio.lowlevel.current_root_task())
+    return walk(root or trio.lowlevel.current_root_task())
+
+
+def engine_task_count(rt: Runtime, thread_id: str) -> int:
+    """The tasks of the thread's live engine (none: 0): what a thread delete legitimately ends."""
+    engine = rt.manager.engine(thread_id)
+    return task_count(engine._nursery.parent_task) if engine is not None and engine._nursery is not None else 0
 
 
 async def ensure_idle(ctx: Any) -> None:
@@ -340,11 +378,20 @@ async def ensure_idle(ctx: Any) -> None:
 
 
 async def settle(rt: Runtime) -> None:
-    """Wait until every queued write committed and every task is blocked (no sleeps involved)."""
-    await rt.store.write()
-    await trio.testing.wait_all_tasks_blocked(cushion=0.002)
-    await rt.store.write()
-    await trio.testing.wait_all_tasks_blocked(cushion=0.002)
+    """Wait until every queued write committed and every task is blocked (no sleeps involved).
+
+    A task waiting for a worker thread counts as blocked, so "every task blocked" alone can come while
+    the writer still commits (an engine op a cancelled requester left behind may be one write into a
+    chain of them): each round also waits until the writer waits for work and no worker thread runs."""
+    limiters = (trio.to_thread.current_default_thread_limiter(), rt.store.read_limiter)
+    for _ in range(2):
+        await rt.store.write()
+        while True:
+            await trio.testing.wait_all_tasks_blocked(cushion=0.002)
+            stats = rt.store._write_rx.statistics()
+            if (stats.tasks_waiting_receive and not stats.current_buffer_used
+                    and not any(limiter.borrowed_tokens for limiter in limiters)):
+                break
 
 
 async def quiesce(server: Server) -> None:
@@ -367,7 +414,15 @@ FINISHED = ("completed", "failed", "interrupted")
 
 
 def finished_turn_ids(state: State, thread_id: str) -> set[str]:
-    return {tid for tid, t in state.turns.items() if t["thread_id"] == thread_id and t["status"] in FINISHED}
+    """The finished turns of the thread's live history (a rewound turn stays stored but is out of it)."""
+    return {tid for tid, t in state.turns.items()
+            if t["thread_id"] == thread_id and t["status"] in FINISHED and not t["rewound"]}
+
+
+def live_turns(state: State, thread_id: str) -> list[dict[str, Any]]:
+    """The thread's live (not rewound) turns in order, finished or not."""
+    return sorted((t for t in state.turns.values() if t["thread_id"] == thread_id and not t["rewound"]),
+                  key=lambda t: t["ord"])
 
 
 def rebuild(state: State, thread_id: str, turn_ids: set[str]) -> tuple[list[dict[str, Any]], int]:
@@ -395,8 +450,17 @@ def check_stored(state: State) -> None:
     for thread in state.threads.values():
         if thread["session_id"] is not None:
             assert thread["session_id"] in on_disk, f"thread {thread['id']} links a missing session"
+    for thread_id, thread in state.threads.items():
+        # A rewind moves latest_turn_id back to the last live turn: never a rewound or foreign turn.
+        latest = state.turns.get(thread["latest_turn_id"]) if thread["latest_turn_id"] is not None else None
+        assert thread["latest_turn_id"] is None or (
+            latest is not None and latest["thread_id"] == thread_id and not latest["rewound"]), (
+            f"thread {thread_id} names latest turn {thread['latest_turn_id']}: {latest}")
     for turn_id, turn in state.turns.items():
         events = state.turn_events.get(turn_id, {})
+        assert turn["thread_id"] in state.threads, f"turn {turn_id} outlived its thread"
+        if turn["rewound"]:
+            assert turn["status"] in FINISHED, f"turn {turn_id} was rewound while {turn['status']}"
         if turn["status"] in FINISHED:
             open_items = [i["id"] for i in state.items.values() if i["turn_id"] == turn_id
                           and i["status"] in ("queued", "in_progress")]
@@ -423,7 +487,10 @@ async def check_invariants(rt: Runtime, data_dir: Path, thread_ids: tuple[str, .
             if thread_id not in thread_ids:
                 continue
         else:
-            assert ([engine.active.id] if engine.active else []) == active, f"engine and store disagree on {thread_id}"
+            assert ([engine.active.id] if engine.active else []) == active, (
+                f"engine and store disagree on {thread_id}: engine runs {engine.active and engine.active.id}, store "
+                f"{[(t, state.turns[t]['status'], state.turns[t]['input_summary'], state.turns[t]['retry_of']) for t in active]}"
+                f" (events {[state.turn_events.get(t) for t in active]})")
         snapshot = await rt.get_session_snapshot(thread_id, timeout=LIMIT)
         assert snapshot.active_turn_id == (active[0] if active else None)
         assert snapshot.turn_in_progress == bool(active)

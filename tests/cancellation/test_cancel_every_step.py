@@ -26,8 +26,9 @@ from runtime import Runtime, RuntimeConfig, codec
 from runtime.idempotency import Claim
 
 from .harness import (
-    HELD, TARGETS, HeldModel, ReleaseWhenParked, RunResult, Server, State, StepCanceller, capture,
-    check_invariants, check_stored, ensure_idle, finished_turn_ids, rebuild, run_op, settle, start_server, task_count,
+    FINISHED, HELD, TARGETS, assert_claimed, capture, check_invariants, check_stored, claim, engine_task_count,
+    ensure_idle, finished_turn_ids, HeldModel, live_turns, rebuild, ReleaseWhenParked, run_op, RunResult, Server,
+    settle, start_server, State, StepCanceller, task_count,
 )
 
 SESSION = "keep"
@@ -66,6 +67,10 @@ class Case:
     uses_engine: bool = True
     # A wait-for-idle save: the held turn is released when the save's request is parked on the engine.
     release_when_parked: bool = False
+    # The thread whose engine the op asks (the engine target cancels it); a delete's is not ctx.thread_id.
+    thread: Callable[[Ctx], str] = lambda ctx: ctx.thread_id
+    # More checks that ask the runtime (before, after): run after the invariants, before the task count.
+    post: Callable[[Ctx, State, State], Awaitable[None]] | None = None
 
 
 # ---- helpers -------------------------------------------------------------------------------
@@ -316,6 +321,334 @@ def _check_compact(before: State, after: State, ctx: Ctx) -> bool:
     return bool(new)
 
 
+# ---- history control: fork, rewind, retry, restore, delete ---------------------------------------
+#
+# Each run's setup gives the thread a few finished live turns (a rewind takes some away, so the setup adds
+# them back), and the ``interrupt`` variants a held turn running on top. Each check finds out from the
+# store whether the change happened, then asserts that all of it did or none of it: every turn row,
+# rewound flag, item and event of the thread, the files and index rows. The engine's messages and token
+# total against the live history are check_invariants' part (and a successor's, for the engine and
+# writer targets); a fork's new thread gets the same comparison from an engine restored for it.
+
+
+async def _finished_turns(ctx: Ctx, count: int, thread_id: str | None = None) -> list[str]:
+    """Runs short turns until ``thread_id`` has ``count`` finished live turns (after ending a held one);
+    returns the live turn ids in order."""
+    thread_id = thread_id or ctx.thread_id
+    engine = ctx.rt.manager.engine(thread_id)
+    if engine is not None and engine.active is not None:
+        await ctx.rt.interrupt_turn(thread_id, engine.active.id, timeout=10)
+    while True:
+        turns = (await ctx.rt.get_thread(thread_id))["turns"]
+        # The last one an ordinary completed turn (not a held one some cancel ended), so a retry of it runs
+        # to completion.
+        if len(turns) >= count and turns[-1]["status"] == "completed" and HELD not in turns[-1]["input_summary"]:
+            return [t["id"] for t in turns]
+        await ctx.rt.start_turn(thread_id, f"turn {ctx.run}.{len(turns)}", timeout=10)
+        await ctx.rt.get_session_snapshot(thread_id, wait_for_idle=True, timeout=10)
+
+
+async def _held(ctx: Ctx, thread_id: str | None = None) -> None:
+    """A held turn runs on the thread (PARTIAL streamed): ``memo["held"]``."""
+    thread_id = thread_id or ctx.thread_id
+    turn = await ctx.rt.start_turn(thread_id, f"{HELD}\nheld answer {ctx.run}", timeout=10)
+    await ctx.rt.get_session_snapshot(thread_id, timeout=10)
+    ctx.memo["held"] = turn["id"]
+
+
+def _held_end(before: State, after: State, ctx: Ctx) -> tuple[str, str | None] | None:
+    """How the run's held turn (if any) ended: still running, interrupted by the op (no error), or by the
+    run's cancel; None when the run had no held turn."""
+    held = ctx.memo.get("held")
+    if held is None:
+        return None
+    assert before.turns[held]["status"] == "in_progress"
+    turn = after.turns[held]
+    end = (turn["status"], turn["error"])
+    assert end in _ended_by_the_cancel(ctx) | {("interrupted", None)}, end
+    return end
+
+
+def _thread_row(state: State, thread_id: str, ctx: Ctx) -> dict[str, Any]:
+    """The thread's row; without ``updated_at`` in a run with a held turn (its end moves it)."""
+    row = dict(state.threads[thread_id])
+    if "held" in ctx.memo:
+        row.pop("updated_at")
+    return row
+
+
+def _rows_of(state: State, thread_id: str, skip: str | None, table: str, *ignore: str) -> dict[str, Any]:
+    """The thread's turn or item rows, without ``ignore`` fields and without those of turn ``skip``."""
+    rows = getattr(state, table).items()
+    key = "id" if table == "turns" else "turn_id"
+    return {rid: {k: v for k, v in row.items() if k not in ignore} for rid, row in rows
+            if row["thread_id"] == thread_id and row[key] != skip}
+
+
+def _assert_rewound(before: State, after: State, ctx: Ctx, removed: list[str] | None) -> None:
+    """Exactly ``removed`` (None: nothing) left the thread's live history; every other row is as it was
+    (the held turn may have ended meanwhile, nothing else of it changed)."""
+    tid, held = ctx.thread_id, ctx.memo.get("held")
+    flipped = [t["id"] for t in sorted(before.turns.values(), key=lambda t: t["ord"])
+               if t["thread_id"] == tid and not t["rewound"] and after.turns[t["id"]]["rewound"]]
+    assert flipped == (removed or []), (flipped, removed)
+    assert _rows_of(after, tid, held, "turns", "rewound") == _rows_of(before, tid, held, "turns", "rewound")
+    assert _rows_of(after, tid, held, "items") == _rows_of(before, tid, held, "items")
+    if held is not None:
+        assert after.turns[held]["ord"] == before.turns[held]["ord"]
+        if removed and held in removed:
+            assert (after.turns[held]["status"], after.turns[held]["error"]) == ("interrupted", None)
+    live = live_turns(after, tid)
+    assert after.threads[tid]["latest_turn_id"] == (live[-1]["id"] if live else None)
+
+
+def _key(ctx: Ctx) -> str:
+    return f"key of run {ctx.run}"
+
+
+def _claimed(check: Callable[[State, State, Ctx], bool]) -> Callable[[State, State, Ctx], bool]:
+    """``check``, and the op's idempotency record committed with its change, or not at all."""
+
+    def checked(before: State, after: State, ctx: Ctx) -> bool:
+        changed = check(before, after, ctx)
+        assert_claimed(before, after, _key(ctx), changed)
+        return changed
+
+    return checked
+
+
+def _rewind(ctx: Ctx) -> Awaitable[Any]:
+    busy = "held" in ctx.memo
+    return ctx.rt.rewind_thread(ctx.thread_id, ctx.memo["anchor"], if_busy="interrupt" if busy else "reject",
+                                timeout=10, claim=claim(_key(ctx)))
+
+
+async def _rewind_setup(ctx: Ctx) -> None:
+    turns = await _finished_turns(ctx, 3)
+    ctx.memo["anchor"] = turns[-2]  # this turn and the last one go
+
+
+async def _rewind_busy_setup(ctx: Ctx) -> None:
+    await _rewind_setup(ctx)
+    await _held(ctx)
+
+
+def _check_rewind(before: State, after: State, ctx: Ctx) -> bool:
+    _held_end(before, after, ctx)
+    changed = _events(before, after, "thread.rewound")
+    assert changed in (0, 1)
+    if not changed:
+        _assert_rewound(before, after, ctx, None)
+        return False
+    anchor = before.turns[ctx.memo["anchor"]]
+    removed = [t["id"] for t in live_turns(before, ctx.thread_id) if t["ord"] >= anchor["ord"]]
+    _assert_rewound(before, after, ctx, removed)
+    assert len(removed) == 2 + ("held" in ctx.memo)
+    return True
+
+
+async def _retry_setup(ctx: Ctx) -> None:
+    await _finished_turns(ctx, 2)
+    ctx.memo["anchor"] = None  # the latest turn
+
+
+async def _retry_busy_setup(ctx: Ctx) -> None:
+    turns = await _finished_turns(ctx, 2)
+    ctx.memo["anchor"] = turns[-1]  # the last finished one; the held turn after it goes too
+    await _held(ctx)
+
+
+def _retry(ctx: Ctx) -> Awaitable[Any]:
+    busy = "held" in ctx.memo
+    return ctx.rt.retry_turn(ctx.thread_id, ctx.memo["anchor"], if_busy="interrupt" if busy else "reject", timeout=10,
+                             claim=claim(_key(ctx)))
+
+
+def _check_retry(before: State, after: State, ctx: Ctx) -> bool:
+    _held_end(before, after, ctx)
+    new = _new_turns(before, after)
+    assert len(new) <= 1 and _events(before, after, "thread.rewound") == len(new)
+    assert _events(before, after, "turn.started") == len(new)
+    if not new:
+        _assert_rewound(before, after, ctx, None)
+        return False
+    live = [t for t in live_turns(before, ctx.thread_id) if t["id"] != ctx.memo.get("held")]
+    anchor = before.turns[ctx.memo["anchor"] or live[-1]["id"]]
+    removed = [t["id"] for t in live_turns(before, ctx.thread_id) if t["ord"] >= anchor["ord"]]
+    # The old turns left the live history and the new one is its last turn, with the anchor's prompt.
+    turn = new[0]
+    assert (turn["retry_of"], turn["rewound"], turn["thread_id"]) == (anchor["id"], 0, ctx.thread_id)
+    assert turn["ord"] > max(t["ord"] for t in before.turns.values() if t["thread_id"] == ctx.thread_id)
+    flipped = [t["id"] for t in sorted(before.turns.values(), key=lambda t: t["ord"])
+               if t["thread_id"] == ctx.thread_id and not t["rewound"] and after.turns[t["id"]]["rewound"]]
+    assert flipped == removed
+    assert after.threads[ctx.thread_id]["latest_turn_id"] == turn["id"]
+    prompt = [i["detail"] for i in before.items.values() if i["turn_id"] == anchor["id"] and i["kind"] == "user_message"]
+    items = sorted((i for i in after.items.values() if i["turn_id"] == turn["id"]), key=lambda i: i["ord"])
+    assert items[0]["kind"] == "user_message" and items[0]["detail"] == prompt[0]
+    if turn["status"] == "completed":
+        assert [(i["kind"], i["detail"]) for i in items] == [
+            ("user_message", prompt[0]), ("agent_message", f"You said: {prompt[0]}")]
+    else:  # the run's cancel reached the new turn (engine or writer target)
+        assert (turn["status"], turn["error"]) in _ended_by_the_cancel(ctx) - {("in_progress", None)}
+    return True
+
+
+async def _restore_setup(ctx: Ctx) -> None:
+    await _ensure_session(ctx)
+    await _finished_turns(ctx, 1)
+    # A turn of this run's own, so the state a restore replaces differs from the last run's.
+    await ctx.rt.start_turn(ctx.thread_id, f"before restore {ctx.run}", timeout=10)
+    await ctx.rt.get_session_snapshot(ctx.thread_id, wait_for_idle=True, timeout=10)
+
+
+async def _restore_busy_setup(ctx: Ctx) -> None:
+    await _restore_setup(ctx)
+    await _held(ctx)
+
+
+def _restore(ctx: Ctx) -> Awaitable[Any]:
+    busy = "held" in ctx.memo
+    return ctx.rt.restore_thread(ctx.thread_id, SESSION, if_busy="interrupt" if busy else "reject", timeout=10,
+                                 claim=claim(_key(ctx)))
+
+
+def _check_restore(before: State, after: State, ctx: Ctx) -> bool:
+    _held_end(before, after, ctx)
+    tid = ctx.thread_id
+    added = sorted(set(after.files) - set(before.files))
+    assert set(before.files) <= set(after.files) and len(added) <= 1
+    assert {k: after.files[k] for k in before.files} == before.files
+    assert {k: after.sessions[k] for k in before.sessions} == before.sessions
+    assert _events(before, after, "thread.restored") == len(added)
+    if not added:
+        assert after.sessions == before.sessions
+        assert _thread_row(after, tid, ctx) == _thread_row(before, tid, ctx)
+        _assert_rewound(before, after, ctx, None)
+        return False
+    safety_id = added[0][:-5]
+    safety, kept = json.loads(after.files[added[0]]), _doc(before, SESSION)
+    # The safety session holds the live state the restore replaced: the finished live turns, the held one
+    # included once the restore's interrupt ended it (with what it had streamed), as the thread was then.
+    replaced = dataclasses.replace(after, threads=before.threads)
+    held = ctx.memo.get("held")
+    messages, tokens = rebuild(replaced, tid, finished_turn_ids(before, tid) | ({held} if held else set()))
+    assert safety["messages"] == messages and safety["metadata"]["total_tokens"] == tokens
+    assert safety["metadata"]["title"].startswith("Before restore: ")
+    assert (safety["metadata"]["revision"], safety["metadata"]["thread_id"]) == (1, tid)
+    assert after.sessions[safety_id]["revision"] == 1
+    # The thread now starts from the session's messages, linked to it; every earlier turn is rewound.
+    thread = after.threads[tid]
+    assert json.loads(thread["base_messages"]) == kept["messages"]
+    assert (thread["session_id"], thread["system_prompt"]) == (SESSION, kept.get("system_prompt"))
+    _assert_rewound(before, after, ctx, [t["id"] for t in live_turns(before, tid)])
+    return True
+
+
+async def _fork_setup(ctx: Ctx) -> None:
+    turns = await _finished_turns(ctx, 2)
+    ctx.memo["anchor"] = turns[0]
+
+
+async def _fork_busy_setup(ctx: Ctx) -> None:
+    await _finished_turns(ctx, 2)
+    ctx.memo["anchor"] = None  # the latest finished turn: not the held one
+    await _held(ctx)
+
+
+def _fork(ctx: Ctx) -> Awaitable[Any]:
+    return ctx.rt.fork_thread(ctx.thread_id, through_turn_id=ctx.memo["anchor"], title=f"fork {ctx.run}", timeout=10,
+                              claim=claim(_key(ctx)))
+
+
+def _fork_copied(before: State, ctx: Ctx) -> list[dict[str, Any]]:
+    """The source's turns a fork copies: its finished live turns through the anchor."""
+    finished = [t for t in live_turns(before, ctx.thread_id) if t["status"] in FINISHED]
+    anchor = ctx.memo["anchor"] or finished[-1]["id"]
+    return [t for t in finished if t["ord"] <= before.turns[anchor]["ord"]]
+
+
+def _check_fork(before: State, after: State, ctx: Ctx) -> bool:
+    end = _held_end(before, after, ctx)
+    tid = ctx.thread_id
+    # The source is not changed (only thread.forked is logged on it); its running turn runs on.
+    assert end is None or end in _ended_by_the_cancel(ctx)
+    assert _thread_row(after, tid, ctx) == _thread_row(before, tid, ctx)
+    _assert_rewound(before, after, ctx, None)
+    added = [t for t_id, t in after.threads.items() if t_id not in before.threads]
+    assert len(added) <= 1
+    assert _events(before, after, "thread.forked") == _events(before, after, "thread.started") == len(added)
+    if not added:
+        return False
+    fork, copied = added[0], _fork_copied(before, ctx)
+    assert json.loads(fork["forked_from"]) == {"thread_id": tid, "through_turn_id": copied[-1]["id"]}
+    assert (fork["title"], fork["base_messages"], fork["session_id"]) == (
+        f"fork {ctx.run}", before.threads[tid]["base_messages"], None)
+    turns = sorted((t for t in after.turns.values() if t["thread_id"] == fork["id"]), key=lambda t: t["ord"])
+    same = ("ord", "status", "input_summary", "input_tokens", "output_tokens", "error")
+    assert [[t[k] for k in same] for t in turns] == [[t[k] for k in same] for t in copied]
+    assert not set(t["id"] for t in turns) & set(before.turns) and fork["latest_turn_id"] == turns[-1]["id"]
+    items = lambda state, thread, ids: sorted(  # noqa: E731
+        ((i["ord"], i["kind"], i["status"], i["detail"]) for i in state.items.values()
+         if i["thread_id"] == thread and i["turn_id"] in ids), key=lambda i: i[0])
+    assert items(after, fork["id"], {t["id"] for t in turns}) == items(before, tid, {t["id"] for t in copied})
+    ctx.memo["forked"] = (fork["id"], copied)
+    return True
+
+
+async def _fork_engine(ctx: Ctx, before: State, after: State) -> None:
+    """An engine restored for the new thread holds the source's history through the anchor."""
+    fork_id, copied = ctx.memo.pop("forked", (None, None))
+    if fork_id is None:
+        return
+    snapshot = await ctx.rt.get_session_snapshot(fork_id, timeout=10)
+    messages, tokens = rebuild(before, ctx.thread_id, {t["id"] for t in copied})
+    assert (list(snapshot.messages), snapshot.total_tokens, snapshot.turn_in_progress) == (messages, tokens, False)
+    await ctx.rt.shutdown_thread(fork_id)
+
+
+async def _delete_thread_setup(ctx: Ctx) -> None:
+    if "doomed" not in ctx.memo:  # the last run deleted it (or this is the first)
+        ctx.memo["doomed"] = (await ctx.rt.create_thread(title=f"doomed {ctx.run}"))["id"]
+    await _finished_turns(ctx, 2, ctx.memo["doomed"])
+
+
+async def _delete_thread_busy_setup(ctx: Ctx) -> None:
+    await _delete_thread_setup(ctx)
+    await _held(ctx, ctx.memo["doomed"])
+
+
+def _delete_thread(ctx: Ctx) -> Awaitable[Any]:
+    busy = "held" in ctx.memo
+    return ctx.rt.delete_thread(ctx.memo["doomed"], if_busy="interrupt" if busy else "reject", timeout=10)
+
+
+def _check_delete_thread(before: State, after: State, ctx: Ctx) -> bool:
+    doomed, held = ctx.memo["doomed"], ctx.memo.get("held")
+    others = lambda state, table: {k: v for k, v in getattr(state, table).items()  # noqa: E731
+                                   if v.get("thread_id", v.get("id")) != doomed}
+    assert after.files == before.files and after.sessions == before.sessions
+    for table in ("threads", "turns", "items"):
+        assert others(after, table) == others(before, table), table
+    assert {t: n for t, n in after.thread_events.items() if t != doomed} == {
+        t: n for t, n in before.thread_events.items() if t != doomed}
+    if doomed in after.threads:
+        assert _thread_row(after, doomed, ctx) == _thread_row(before, doomed, ctx)
+        if held is not None:
+            end = (after.turns[held]["status"], after.turns[held]["error"])
+            assert end in _ended_by_the_cancel(ctx) | {("interrupted", None)}, end
+        assert _rows_of(after, doomed, held, "turns") == _rows_of(before, doomed, held, "turns")
+        assert _rows_of(after, doomed, held, "items") == _rows_of(before, doomed, held, "items")
+        return False
+    # Gone with every turn, item and event; its thread.deleted took a seq that is never handed out again.
+    assert not [t for t in after.turns.values() if t["thread_id"] == doomed]
+    assert not [i for i in after.items.values() if i["thread_id"] == doomed]
+    assert doomed not in after.thread_events and before.thread_events[doomed] > 0
+    assert after.max_seq > before.max_seq
+    ctx.memo.pop("doomed")
+    return True
+
+
 def _save(session_id: Callable[[Ctx], str], **kwargs: Any) -> Callable[[Ctx], Awaitable[Any]]:
     return lambda c: c.rt.sessions.save(thread_id=c.thread_id, session_id=session_id(c), timeout=10, **kwargs)
 
@@ -399,6 +732,24 @@ CASES += [
     _keyed(_BY_NAME["PUT session (update)"], lambda c, claim: c.rt.sessions.save(
         thread_id=c.thread_id, session_id=SESSION, timeout=10, claim=claim)),
 ]
+
+
+HISTORY_CASES = [
+    Case("fork", _fork, _claimed(_check_fork), _fork_setup, post=_fork_engine),
+    Case("fork (source busy)", _fork, _claimed(_check_fork), _fork_busy_setup, post=_fork_engine),
+    Case("rewind", _rewind, _claimed(_check_rewind), _rewind_setup),
+    Case("rewind (if_busy interrupt)", _rewind, _claimed(_check_rewind), _rewind_busy_setup),
+    Case("retry", _retry, _claimed(_check_retry), _retry_setup),
+    Case("retry (if_busy interrupt)", _retry, _claimed(_check_retry), _retry_busy_setup),
+    Case("restore", _restore, _claimed(_check_restore), _restore_setup, final_at_return=True),
+    Case("restore (if_busy interrupt)", _restore, _claimed(_check_restore), _restore_busy_setup,
+         final_at_return=True),
+    Case("delete thread", _delete_thread, _check_delete_thread, _delete_thread_setup,
+         thread=lambda c: c.memo["doomed"]),
+    Case("delete thread (if_busy interrupt)", _delete_thread, _check_delete_thread, _delete_thread_busy_setup,
+         thread=lambda c: c.memo["doomed"]),
+]
+CASES += HISTORY_CASES
 PARAMS = [pytest.param(case, target, id=f"{case.name} [{target}]")
           for case in CASES for target in TARGETS if target != "engine" or case.uses_engine]
 
@@ -424,15 +775,18 @@ async def _run_and_check(ctx: Ctx, case: Case, canceller: StepCanceller, release
     """One run of ``case`` cancelled at step ``ctx.k`` of ``ctx.target`` (0: never), and every check."""
     k, target = ctx.k, ctx.target
     ctx.run += 1
+    ctx.memo.pop("held", None)
     if case.setup:
         await case.setup(ctx)
-    await ctx.rt.manager.handle(ctx.thread_id)  # a live engine for the engine target to cancel
+    op_thread = case.thread(ctx)
+    await ctx.rt.manager.handle(op_thread)  # a live engine for the engine target to cancel
     await settle(ctx.rt)
     tasks_before = task_count()
+    op_engine_tasks = engine_task_count(ctx.rt, op_thread)
     before = capture(ctx.data_dir)
     if case.release_when_parked:
         release.rt, release.thread_id = ctx.rt, ctx.thread_id
-    result = await run_op(ctx.server, canceller, target, ctx.thread_id, lambda: case.action(ctx),
+    result = await run_op(ctx.server, canceller, target, op_thread, lambda: case.action(ctx),
                           cancel_at=k or None)
     release.rt = None
     ctx.fired = result.fired_at is not None
@@ -450,10 +804,10 @@ async def _run_and_check(ctx: Ctx, case: Case, canceller: StepCanceller, release
         except AssertionError as exc:
             raise AssertionError(f"{where}: the shutdown left a torn store") from exc
         await _fresh_runtime(ctx, nursery, after)
-        await check_invariants(ctx.rt, ctx.data_dir, (ctx.thread_id,))
+        await check_invariants(ctx.rt, ctx.data_dir, (ctx.thread_id, op_thread))
     else:
         try:
-            after = await check_invariants(ctx.rt, ctx.data_dir, (ctx.thread_id,))
+            after = await check_invariants(ctx.rt, ctx.data_dir, (ctx.thread_id, op_thread))
         except AssertionError as exc:
             raise AssertionError(f"{where}: invariant broken") from exc
         if target == "engine" and ctx.fired:  # the cancelled engine is gone; a successor answered
@@ -467,10 +821,15 @@ async def _run_and_check(ctx: Ctx, case: Case, canceller: StepCanceller, release
         # from an engine that went away, say) means it did not; only a cancelled caller may not know.
         if not result.cancelled:
             assert changed == (result.error is None), f"reported {result.error!r}, changed={changed}"
+        # No seq is ever handed out twice: the log's counter only grows.
+        assert after.max_seq >= before.max_seq
+        if case.post:
+            await case.post(ctx, before, after)
     except AssertionError as exc:
         raise AssertionError(f"{where}: all-or-nothing broken") from exc
     await settle(ctx.rt)
-    assert task_count() == tasks_before, f"{where}: a task leaked"
+    gone = op_engine_tasks if op_thread not in after.threads else 0  # a deleted thread's engine ended
+    assert task_count() == tasks_before - gone, f"{where}: a task leaked"
     return result
 
 

@@ -27,7 +27,9 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 from runtime import Runtime, StorageError, StorageFull
-from tests.cancellation.harness import State, capture, check_invariants, ensure_idle, settle
+from tests.cancellation.harness import (
+    State, assert_claimed, capture, check_invariants, claim, ensure_idle, finished_turn_ids, rebuild, settle,
+)
 from tests.support import open_runtime
 
 from .harness import FaultRun, every_step
@@ -244,6 +246,51 @@ def _check_resume(before: State, after: State, ctx: Ctx, value: Any) -> str | No
     return SESSION
 
 
+async def _restore_setup(ctx: Ctx) -> None:
+    await _idle_with_session(ctx)
+    # A turn of this run's own: the state the restore replaces (and saves) differs from the last run's.
+    await ctx.rt.start_turn(ctx.thread_id, f"before restore {ctx.n}", timeout=LIMIT)
+    await ctx.rt.get_session_snapshot(ctx.thread_id, wait_for_idle=True, timeout=LIMIT)
+
+
+def _live(state: State, thread_id: str) -> list[dict[str, Any]]:
+    return sorted((t for t in state.turns.values() if t["thread_id"] == thread_id and not t["rewound"]),
+                  key=lambda t: t["ord"])
+
+
+def _check_restore(before: State, after: State, ctx: Ctx, value: Any) -> str | None:
+    """All of it (the safety session saved with the state replaced, the thread restored from 'kept', its
+    turns rewound, one thread.restored) or none of it."""
+    tid = ctx.thread_id
+    added = sorted(set(after.files) - set(before.files))
+    assert len(added) <= 1 and _events(before, after, "thread.restored") == len(added)
+    assert _events(before, after, "session.saved") == 0  # the safety session is not a save of the thread
+    if not added:
+        assert_unchanged(before, after)
+        assert after.turns == before.turns and after.items == before.items
+        return None
+    safety_id = added[0][:-5]
+    safety, kept = doc_of(after, safety_id), doc_of(before, SESSION)
+    messages, tokens = rebuild(before, tid, finished_turn_ids(before, tid))
+    assert (safety["messages"], safety["metadata"]["total_tokens"]) == (messages, tokens)
+    assert safety["metadata"]["title"].startswith("Before restore: ") and safety["metadata"]["revision"] == 1
+    assert after.sessions[safety_id]["revision"] == 1
+    assert after.sessions[safety_id]["size"] == len(after.files[added[0]])
+    _only_changed(before, after, safety_id)
+    thread = after.threads[tid]
+    assert (json.loads(thread["base_messages"]), thread["session_id"]) == (kept["messages"], SESSION)
+    assert _live(after, tid) == [] and {t["id"] for t in _live(before, tid)} == {
+        t for t, row in after.turns.items() if row["rewound"] and not before.turns[t]["rewound"]}
+    assert value is None or value["safety_session_id"] == safety_id
+    return safety_id
+
+
+def _check_restore_claimed(before: State, after: State, ctx: Ctx, value: Any) -> str | None:
+    changed = _check_restore(before, after, ctx, value)
+    assert_claimed(before, after, f"key {ctx.n}", changed is not None, value)
+    return changed
+
+
 CASES = [
     Case("PUT create", lambda c: c.rt.sessions.save(thread_id=c.thread_id, session_id=c.memo["sid"], timeout=LIMIT),
          _check_create, ("Failed to save session '{sid}'", "Failed to load session '{sid}'"), _create_setup,
@@ -263,6 +310,11 @@ CASES = [
     # Resume changes no file; its store write is the thread's creation (its errors name the store).
     Case("resume", lambda c: c.rt.sessions.resume(SESSION), _check_resume,
          ("Failed to load session 'kept'", "Failed to "), _idle_with_session),
+    # Restore: the safety session's file and the thread's change in one store write (SessionService.restore).
+    Case("restore", lambda c: c.rt.restore_thread(c.thread_id, SESSION, timeout=LIMIT, claim=claim(f"key {c.n}")),
+         _check_restore_claimed,
+         ("Failed to load session 'kept'", "Failed to restore thread '"),
+         _restore_setup),
 ]
 
 
@@ -348,6 +400,7 @@ SHORT_KINDS = {  # make test: one file kind and one SQLite kind per operation, r
     "DELETE": ("erofs", "sqlite_full"),
     "resume": ("eio", "sqlite_full+rollback"),
     "import": KINDS,  # every kind: the newest operation
+    "restore": ("enospc", "eio", "erofs", "sqlite_full+rollback"),
 }
 
 
@@ -374,10 +427,16 @@ def crash_copy(data_dir: Path, dest: Path) -> None:
             first_copy[inode] = target
 
 
+HISTORY_EVENTS = ("session.saved", "thread.started", "thread.restored", "thread.rewound", "thread.forked")
+
+
 def _durable(state: State) -> tuple[Any, ...]:
-    """What a restart must find either before or after the operation, never in between."""
-    return (state.files, state.sessions, {tid: t["session_id"] for tid, t in state.threads.items()},
-            state.event_counts.get("session.saved", 0), state.event_counts.get("thread.started", 0))
+    """What a restart must find either before or after the operation, never in between: files and index,
+    each thread's session link and base messages, which turns are rewound, and the history events."""
+    return (state.files, state.sessions,
+            {tid: (t["session_id"], t["base_messages"], t["latest_turn_id"]) for tid, t in state.threads.items()},
+            {tid: t["rewound"] for tid, t in state.turns.items()},
+            [state.event_counts.get(name, 0) for name in HISTORY_EVENTS])
 
 
 async def run_every_crash(tmp_path: Path, case: Case) -> dict[str, int]:
@@ -417,7 +476,8 @@ async def run_every_crash(tmp_path: Path, case: Case) -> dict[str, int]:
             assert case.check(before, after, ctx, value) is not None
             copy = tmp_path / f"crash-{k}"
             async with open_runtime(copy) as restarted:
-                found = await check_invariants(restarted, copy)  # no undo or temp file, index == files
+                # No undo or temp file, index == files; the thread's engine, restored, agrees with the store.
+                found = await check_invariants(restarted, copy, (ctx.thread_id,))
             outcome = [name for name, state in (("before", before), ("after", after))
                        if _durable(found) == _durable(state)]
             assert outcome, f"{case.name}: a kill -9 before step {k} ({crash['where']}) of {n} restarts in between"
@@ -429,4 +489,45 @@ async def run_every_crash(tmp_path: Path, case: Case) -> dict[str, int]:
     return seen
 
 
-CRASH_SHORT = ("PUT create", "PUT update", "PATCH", "DELETE", "import")
+CRASH_SHORT = ("PUT create", "PUT update", "PATCH", "DELETE", "import", "restore")
+
+
+# History changes that touch no file, for the kill -9 loop only (their SQLite faults are in
+# tests/faults/test_engine_faults.py): one store write each, so a kill finds all of it or none.
+async def _rewind_setup(ctx: Ctx) -> None:
+    await ensure_idle(ctx)
+    while len(turns := (await ctx.rt.get_thread(ctx.thread_id))["turns"]) < 3:
+        await ctx.rt.start_turn(ctx.thread_id, f"turn {ctx.n}.{len(turns)}", timeout=LIMIT)
+        await ctx.rt.get_session_snapshot(ctx.thread_id, wait_for_idle=True, timeout=LIMIT)
+    ctx.memo["anchor"] = turns[-2]["id"]
+
+
+def _check_rewind(before: State, after: State, ctx: Ctx, value: Any) -> str | None:
+    flipped = sorted(t for t, row in after.turns.items() if row["rewound"] and not before.turns[t]["rewound"])
+    if not _events(before, after, "thread.rewound"):
+        assert flipped == [] and after.threads == before.threads
+        return None
+    assert flipped == sorted(value["removed_turn_ids"]) and len(flipped) == 2
+    return ctx.thread_id
+
+
+async def _doomed_setup(ctx: Ctx) -> None:
+    ctx.memo["doomed"] = await thread_with_history(ctx.rt, f"doomed {ctx.n}")
+
+
+def _check_delete_thread(before: State, after: State, ctx: Ctx, value: Any) -> str | None:
+    doomed = ctx.memo["doomed"]
+    if doomed in after.threads:
+        assert after.threads == before.threads and after.turns == before.turns
+        return None
+    assert not [t for t in after.turns.values() if t["thread_id"] == doomed]
+    assert doomed not in after.thread_events and after.max_seq > before.max_seq
+    return doomed
+
+
+CRASH_ONLY = [
+    Case("rewind", lambda c: c.rt.rewind_thread(c.thread_id, c.memo["anchor"], timeout=LIMIT), _check_rewind, (),
+         _rewind_setup),
+    Case("delete thread", lambda c: c.rt.delete_thread(c.memo["doomed"], timeout=LIMIT), _check_delete_thread, (),
+         _doomed_setup),
+]

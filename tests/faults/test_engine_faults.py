@@ -31,7 +31,9 @@ import trio.testing
 from runtime import Runtime, RuntimeConfig, StorageError, StorageFull, records
 from runtime.manager import REPAIR_MAX_DELAY
 from runtime.transcript import build_messages
-from tests.cancellation.harness import State, capture, check_invariants, ensure_idle, settle, task_count
+from tests.cancellation.harness import (
+    State, assert_claimed, capture, check_invariants, claim, ensure_idle, settle, task_count,
+)
 from tests.e2e.helpers import collect_until
 from tests.runtime.helpers import collect_events, turn_completed, wait_turn_end
 from tests.support import E2E_LIMIT, open_runtime
@@ -365,6 +367,8 @@ class Case:
     check: Callable[[State, State, Ctx, FaultRun], bool]
     setup: Callable[[Ctx], Awaitable[None]] | None = None
     hanging: bool = False  # runs against a turn that hangs, which may still run afterwards
+    # After the judge's checks, before the task count: put back what the run may legitimately leave.
+    cleanup: Callable[[Ctx], Awaitable[None]] | None = None
 
 
 def _events(before: State, after: State, name: str) -> int:
@@ -483,6 +487,183 @@ def _check_compact(before: State, after: State, ctx: Ctx, run: FaultRun) -> bool
     return bool(new)
 
 
+# ---- history control: fork, rewind, retry, delete (restore: tests/faults/session_cases.py) ----------
+
+
+async def _live_turns(ctx: Ctx, count: int, thread_id: str | None = None) -> list[str]:
+    """At least ``count`` live turns on an idle thread (the judge's probe turn adds one per run, a rewind
+    takes some away); returns their ids in order."""
+    thread_id = thread_id or ctx.thread_id
+    while len(turns := (await ctx.rt.get_thread(thread_id))["turns"]) < count:
+        await ctx.rt.start_turn(thread_id, f"turn {ctx.k}.{len(turns)}", timeout=10)
+        await ctx.rt.get_session_snapshot(thread_id, wait_for_idle=True, timeout=10)
+    return [t["id"] for t in turns]
+
+
+def _thread_rows(state: State, thread_id: str, table: str) -> dict[str, Any]:
+    return {rid: row for rid, row in getattr(state, table).items() if row["thread_id"] == thread_id}
+
+
+def _flipped(before: State, after: State, thread_id: str) -> list[str]:
+    """The thread's turns that left its live history in this run, in order."""
+    return [t["id"] for t in sorted(_thread_rows(before, thread_id, "turns").values(), key=lambda t: t["ord"])
+            if not t["rewound"] and after.turns[t["id"]]["rewound"]]
+
+
+def _assert_unrewound(before: State, after: State, ctx: Ctx) -> None:
+    assert after.threads[ctx.thread_id] == before.threads[ctx.thread_id]
+    for table in ("turns", "items"):
+        assert _thread_rows(after, ctx.thread_id, table) == _thread_rows(before, ctx.thread_id, table), table
+    assert after.thread_events.get(ctx.thread_id) == before.thread_events.get(ctx.thread_id)
+
+
+async def _fork_setup(ctx: Ctx) -> None:
+    await ensure_idle(ctx)
+    ctx.memo["anchor"] = (await _live_turns(ctx, 2))[0]
+
+
+def _check_fork(before: State, after: State, ctx: Ctx, run: FaultRun) -> bool:
+    tid, anchor = ctx.thread_id, ctx.memo["anchor"]
+    added = _new(before.threads, after.threads)
+    assert len(added) <= 1 and _events(before, after, "thread.forked") == len(added)
+    assert _thread_rows(after, tid, "turns") == _thread_rows(before, tid, "turns")  # the source is unchanged
+    if not added:
+        _assert_unrewound(before, after, ctx)
+        assert after.turns == before.turns and after.items == before.items
+        return False
+    fork = added[0]
+    assert json.loads(fork["forked_from"]) == {"thread_id": tid, "through_turn_id": anchor}
+    assert run.value is None or run.value["thread"]["id"] == fork["id"]
+    [copy] = _thread_rows(after, fork["id"], "turns").values()  # the anchor is the source's first turn
+    assert (copy["ord"], copy["status"], copy["input_summary"]) == tuple(
+        before.turns[anchor][k] for k in ("ord", "status", "input_summary"))
+    kinds = lambda state, turn: [(i["kind"], i["detail"]) for i in sorted(  # noqa: E731
+        state.items.values(), key=lambda i: i["ord"]) if i["turn_id"] == turn]
+    assert kinds(after, copy["id"]) == kinds(before, anchor) and fork["latest_turn_id"] == copy["id"]
+    ctx.memo["fork"] = fork["id"]
+    return True
+
+
+async def _fork_cleanup(ctx: Ctx) -> None:
+    """The new thread's engine, restored from the store, holds the anchor's history; then it stops."""
+    fork_id = ctx.memo.pop("fork", None)
+    if fork_id is not None:
+        snapshot = await ctx.rt.get_session_snapshot(fork_id, timeout=10)
+        assert list(snapshot.messages) == await _rebuilt(ctx.rt, fork_id) != []
+        await ctx.rt.shutdown_thread(fork_id)
+
+
+async def _rewind_setup(ctx: Ctx) -> None:
+    await ensure_idle(ctx)
+    ctx.memo["anchor"] = (await _live_turns(ctx, 3))[-2]
+
+
+def _check_rewind(before: State, after: State, ctx: Ctx, run: FaultRun) -> bool:
+    tid = ctx.thread_id
+    if not _events(before, after, "thread.rewound"):
+        _assert_unrewound(before, after, ctx)
+        return False
+    live = sorted((t for t in _thread_rows(before, tid, "turns").values() if not t["rewound"]), key=lambda t: t["ord"])
+    removed = [t["id"] for t in live if t["ord"] >= before.turns[ctx.memo["anchor"]]["ord"]]
+    assert _flipped(before, after, tid) == removed and len(removed) == 2
+    assert run.value is None or run.value["removed_turn_ids"] == removed
+    assert after.threads[tid]["latest_turn_id"] == live[-3]["id"]
+    assert _thread_rows(after, tid, "items") == _thread_rows(before, tid, "items")
+    return True
+
+
+async def _retry(ctx: Ctx) -> Any:
+    turn = await ctx.rt.retry_turn(ctx.thread_id, timeout=10, claim=claim(_key(ctx)))
+    # Its whole stream too: a fault there ends the new turn failed; the retry itself happened.
+    await ctx.rt.get_session_snapshot(ctx.thread_id, wait_for_idle=True, timeout=10)
+    return turn
+
+
+async def _retry_setup(ctx: Ctx) -> None:
+    await ensure_idle(ctx)
+    ctx.memo["anchor"] = (await _live_turns(ctx, 2))[-1]
+
+
+def _check_retry(before: State, after: State, ctx: Ctx, run: FaultRun) -> bool:
+    tid, anchor = ctx.thread_id, ctx.memo["anchor"]
+    new = _new(before.turns, after.turns)
+    assert len(new) <= 1 and _events(before, after, "thread.rewound") == len(new)
+    if not new:
+        _assert_unrewound(before, after, ctx)
+        return False
+    turn = new[0]
+    assert (turn["retry_of"], turn["thread_id"], turn["rewound"]) == (anchor, tid, 0)
+    assert _flipped(before, after, tid) == [anchor]
+    assert run.value is None or run.value["id"] == turn["id"]
+    prompt = next(i["detail"] for i in before.items.values() if i["turn_id"] == anchor and i["kind"] == "user_message")
+    items = sorted((i for i in after.items.values() if i["turn_id"] == turn["id"]), key=lambda i: i["ord"])
+    if turn["status"] == "completed":
+        assert [(i["kind"], i["detail"]) for i in items] == [("user_message", prompt),
+                                                            ("agent_message", f"You said: {prompt}")]
+    else:  # a later write of the new turn failed: the retry happened, its turn ended failed
+        _assert_failed_by_the_fault(turn, ctx)
+        assert items[0]["detail"] == prompt and items[-1]["kind"] == "error"
+    return True
+
+
+async def _delete_setup(ctx: Ctx) -> None:
+    await ensure_idle(ctx)
+    if "doomed" not in ctx.memo:
+        ctx.memo["doomed"] = (await ctx.rt.create_thread(title=f"doomed {ctx.k}"))["id"]
+        await _live_turns(ctx, 1, ctx.memo["doomed"])
+    await ctx.rt.shutdown_thread(ctx.memo["doomed"])  # its engine is not counted in the task count
+
+
+def _check_delete(before: State, after: State, ctx: Ctx, run: FaultRun) -> bool:
+    doomed = ctx.memo["doomed"]
+    keep = lambda state, table: {k: v for k, v in getattr(state, table).items()  # noqa: E731
+                                 if v.get("thread_id", k) != doomed}
+    for table in ("threads", "turns", "items"):
+        assert keep(after, table) == keep(before, table), table
+    if doomed in after.threads:
+        assert after.threads[doomed] == before.threads[doomed]
+        for table in ("turns", "items"):
+            assert _thread_rows(after, doomed, table) == _thread_rows(before, doomed, table)
+        assert after.thread_events[doomed] == before.thread_events[doomed]
+        return False
+    assert not _thread_rows(after, doomed, "turns") and not _thread_rows(after, doomed, "items")
+    assert doomed not in after.thread_events and after.max_seq > before.max_seq  # no seq reused
+    del ctx.memo["doomed"]
+    return True
+
+
+async def _delete_cleanup(ctx: Ctx) -> None:
+    if "doomed" in ctx.memo:  # not deleted: its engine stops again, as before the run
+        await ctx.rt.shutdown_thread(ctx.memo["doomed"])
+
+
+def _key(ctx: Ctx) -> str:
+    return f"key of run {ctx.k}"
+
+
+def _claimed(check: Callable[[State, State, Ctx, FaultRun], bool]) -> Callable[[State, State, Ctx, FaultRun], bool]:
+    """``check``, and the op's idempotency record committed in its change's transaction or not at all; the
+    stored answer is the one the caller got."""
+
+    def checked(before: State, after: State, ctx: Ctx, run: FaultRun) -> bool:
+        changed = check(before, after, ctx, run)
+        assert_claimed(before, after, _key(ctx), changed, run.value)
+        return changed
+
+    return checked
+
+
+HISTORY_CASES = [
+    Case("fork", lambda c: c.rt.fork_thread(c.thread_id, through_turn_id=c.memo["anchor"], timeout=10,
+                                            claim=claim(_key(c))),
+         _claimed(_check_fork), _fork_setup, cleanup=_fork_cleanup),
+    Case("rewind", lambda c: c.rt.rewind_thread(c.thread_id, c.memo["anchor"], timeout=10, claim=claim(_key(c))),
+         _claimed(_check_rewind), _rewind_setup),
+    Case("retry", _retry, _claimed(_check_retry), _retry_setup),
+    Case("delete thread", lambda c: c.rt.delete_thread(c.memo["doomed"], timeout=10), _check_delete, _delete_setup,
+         cleanup=_delete_cleanup),
+]
+
 CASES = [
     Case("create thread", lambda c: c.rt.create_thread(title=f"created {c.k}"), _check_create),
     Case("update thread", _update, _check_update),
@@ -490,6 +671,7 @@ CASES = [
     Case("steer", _steer, _check_steer, _ensure_hanging, hanging=True),
     Case("interrupt", _interrupt, _check_interrupt, _ensure_hanging, hanging=True),
     Case("compact", _compact, _check_compact, ensure_idle),
+    *HISTORY_CASES,
 ]
 
 
@@ -553,6 +735,8 @@ async def test_a_fault_at_every_step_changes_all_or_nothing(tmp_path, case: Case
                     turn = await rt.start_turn(ctx.thread_id, "still serving", timeout=10)
                     await rt.get_session_snapshot(ctx.thread_id, wait_for_idle=True, timeout=10)
                     assert capture(data_dir).turns[turn["id"]]["status"] == "completed"
+                if case.cleanup:
+                    await case.cleanup(ctx)
                 await settle(rt)
                 assert task_count() == ctx.tasks, "a task leaked"
             except AssertionError as exc:

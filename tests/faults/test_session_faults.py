@@ -29,7 +29,7 @@ from tests.support import open_runtime
 
 from .seam import FaultPlan
 from .session_cases import (
-    CASES, CRASH_SHORT, LIMIT, SESSION, SHORT_KINDS, Case, assert_unchanged, faulty_runtime, run_every_crash,
+    CASES, CRASH_ONLY, CRASH_SHORT, LIMIT, SESSION, SHORT_KINDS, Case, assert_unchanged, faulty_runtime, run_every_crash,
     run_every_step, step_of, thread_with_history,
 )
 
@@ -94,6 +94,34 @@ async def test_a_failed_commit_of_a_delete_keeps_the_file(tmp_path):
         await rt.sessions.delete("doomed", timeout=LIMIT)
         assert not (data_dir / "sessions" / "doomed.json").exists()
         await check_invariants(rt, data_dir)
+
+
+async def test_a_failed_safety_file_of_a_restore_names_the_restore(tmp_path):
+    """The restore's safety session could not be written (a full disk): the client heard "Failed to save
+    session '<uuid>'", naming a session it never asked for and that does not exist, instead of the
+    restore it asked for. Nothing changed either way."""
+    data_dir, plan = tmp_path / "data", FaultPlan()
+    async with faulty_runtime(data_dir, plan) as rt:
+        tid = await thread_with_history(rt, "hello there")
+        await rt.sessions.save(thread_id=tid, session_id=SESSION, timeout=LIMIT)
+        await rt.start_turn(tid, "one more turn", timeout=LIMIT)
+        await rt.get_session_snapshot(tid, wait_for_idle=True, timeout=LIMIT)
+        before = capture(data_dir)
+
+        plan.arm(2, "enospc")  # step 1 reads 'kept'; step 2 writes the safety file's data
+        with pytest.raises(StorageFull) as info:
+            await rt.restore_thread(tid, SESSION, timeout=LIMIT)
+        plan.disarm()
+        assert plan.fired == "file:write_data"
+
+        after = await check_invariants(rt, data_dir, (tid,))
+        assert_unchanged(before, after)
+        assert after.turns == before.turns
+        message = info.value.message
+        assert message.startswith(f"Failed to restore thread '{tid}' from session 'kept': ") and message.endswith(
+            "no space left on device"), message
+        restored = await rt.restore_thread(tid, SESSION, timeout=LIMIT)
+        assert restored["session_id"] == SESSION and restored["safety_session_id"] in capture(data_dir).sessions
 
 
 # ---- the order of file operations (what a kill -9 cannot see: the fsyncs) ---------------------
@@ -331,6 +359,7 @@ async def test_a_fault_at_every_step_changes_all_or_nothing(tmp_path, case: Case
     await run_every_step(tmp_path, case, SHORT_KINDS[case.name])
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.name in CRASH_SHORT], ids=list(CRASH_SHORT))
+@pytest.mark.parametrize("case", [c for c in CASES if c.name in CRASH_SHORT] + CRASH_ONLY,
+                         ids=[*CRASH_SHORT, *(c.name for c in CRASH_ONLY)])
 async def test_a_kill_at_every_step_restarts_before_or_after(tmp_path, case: Case):
     await run_every_crash(tmp_path, case)

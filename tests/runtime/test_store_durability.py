@@ -91,10 +91,16 @@ async def test_restart_after_a_crash_marks_in_progress_turn_and_items_interrupte
         assert recovery[1].payload["error"] == RESTART_ERROR
         assert min(e.seq for e in recovery) > last_seq
 
-        # The restored engine is idle, holds the crashed turn's prompt, and serves new turns.
+        # The interrupted item keeps the text that streamed before the crash: its deltas concatenate to it.
+        streamed = "".join(e.payload["delta"] for e in await stored_events(rt, tid)
+                           if e.event == "item.delta" and e.item_id == items[1]["id"])
+        assert streamed.startswith("You said:") and items[1]["detail"] == streamed
+        # The restored engine is idle, holds the crashed turn's prompt and partial answer, and serves new turns.
         snapshot = await rt.get_session_snapshot(tid)
         assert snapshot.turn_in_progress is False
-        assert snapshot.messages[-1] == {"role": "user", "content": [{"type": "text", "text": prompt}]}
+        assert snapshot.messages[-2] == {"role": "user", "content": [{"type": "text", "text": prompt}]}
+        assert snapshot.messages[-1] == {"role": "assistant", "content": [{"type": "text", "text": streamed}],
+                                         "interrupted": True}
         assert list(snapshot.messages) == build_messages([], (await rt.get_thread(tid))["items"])
         nxt = await run_turn(rt, tid, "after the crash")
         assert nxt["status"] == "completed"
