@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import datetime
+import errno
 import json
 import math
 import os
@@ -207,9 +208,10 @@ def _open_dir(name: str, parent_fd: int) -> tuple[int, bool]:
         pass
     try:
         return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent_fd), created
-    except OSError as exc:  # ELOOP: a symlink; ENOTDIR: a file
-        raise ToolError(f"refusing to use '{name}': it is not a plain directory"
-                        f" ({os.strerror(exc.errno) if exc.errno else exc})") from exc
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+            raise
+        raise ToolError(f"refusing to write into '{name}': it is a symbolic link or not a directory") from exc
 
 
 def write_note_file(data_dir: Path, thread_id: str, name: str, text: str) -> Path:
@@ -227,6 +229,14 @@ def write_note_file(data_dir: Path, thread_id: str, name: str, text: str) -> Pat
         raise ToolError(f"thread id {thread_id!r} is not a valid thread id")
     if not isinstance(name, str) or not NOTE_NAME_RE.fullmatch(name):
         raise ToolError(f"note name {name!r} must be 1 to 64 letters, digits, '_' or '-'")
+    try:
+        return _write_note_file(data_dir, thread_id, name, text)
+    except OSError as exc:
+        raise ToolError(f"could not write note '{name}' of thread '{thread_id}':"
+                        f" {exc.strerror or type(exc).__name__}") from exc
+
+
+def _write_note_file(data_dir: Path, thread_id: str, name: str, text: str) -> Path:
     root = data_dir.resolve() / NOTES_DIR
     target = root / thread_id / f"{name}.txt"
     base_fd = os.open(data_dir, os.O_RDONLY | os.O_DIRECTORY)
@@ -292,7 +302,7 @@ WRITE_NOTE = Tool(
 )
 
 # The longest ``wait`` (API.md): long enough to kill a server while a tool runs, short enough for tests.
-MAX_WAIT_SECONDS = 60.0
+MAX_WAIT_SECONDS = 60
 
 
 async def wait(arguments: dict[str, Any], context: ToolContext) -> str:
