@@ -99,3 +99,24 @@ def test_bad_values_are_refused_with_the_flag_named(capsys, flags, message):
 
     assert exited.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, names, seconds", [
+    (["serve"], None, 300.0),
+    (["serve", "--tools", "demo", "--approval-timeout", "12"], ["get_time", "wait", "write_note"], 12.0),
+    (["serve", "--model", "openai", "--model-base-url", "http://127.0.0.1:9/v1", "--model-name", "m",
+      "--model-tools", "demo"], ["get_time", "wait", "write_note"], 300.0),
+])
+def test_serve_hands_the_tools_and_the_approval_timeout_to_the_runtime(monkeypatch, tmp_path, argv, names, seconds):
+    """What ``main`` builds for the Runtime, caught at ``trio.run`` (nothing is served)."""
+    import web.cli as cli
+
+    ran = []
+    monkeypatch.setattr(cli.trio, "run", lambda fn, settings, config: ran.append(config))
+    monkeypatch.setattr(cli.gc, "freeze", lambda: None)  # a test process must stay collectable
+
+    assert cli.main([*argv, "--data-dir", str(tmp_path), "--port", "0"]) == 0
+
+    [config] = ran
+    assert (config.tools.names if config.tools is not None else None) == names
+    assert config.approval_timeout == seconds
