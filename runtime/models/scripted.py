@@ -32,7 +32,9 @@ from typing import Any, AsyncIterator
 import trio
 
 from ..transcript import result_text, word_count
-from .base import ItemBreak, ModelError, ModelEvent, ModelRequest, ReasoningDelta, TextDelta, ToolCall, ToolResult, Usage
+from .base import (
+    ItemBreak, ModelError, ModelEvent, ModelRequest, ReasoningDelta, TextDelta, ToolCall, ToolResult, Usage,
+)
 
 DIRECTIVES = ("/slow", "/hang", "/fail", "/think", "/tool")
 

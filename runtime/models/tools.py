@@ -146,8 +146,10 @@ class ToolRegistry:
 
     async def call(self, name: str, arguments: Any, context: ToolContext) -> ToolOutcome:
         """Check the input, then run one tool, bounded by its timeout. Cancellation (an interrupt)
-        propagates: the tool is cancelled mid-call (what that leaves behind is the tool's to say; a
-        ``write_note`` leaves the old note or the new one, whole) and no outcome is produced."""
+        propagates: a tool that can stop is cancelled mid-call (``wait``) and no outcome is produced; one
+        that finishes its step first (``write_note``'s write in a worker thread) returns its outcome,
+        since what it did is done, and the caller's next checkpoint raises. Either way a note is the old
+        one or the new one, whole."""
         self.calls[name] += 1
         refused = self.check(name, arguments)
         if refused is not None:
@@ -275,8 +277,9 @@ def _write_note_file(data_dir: Path, thread_id: str, name: str, text: str) -> Pa
 
 async def write_note(arguments: dict[str, Any], context: ToolContext) -> str:
     """Write a note for this thread (see ``write_note_file``). The write runs in a worker thread and is
-    not abandoned on cancellation: an interrupt takes effect once the (small, bounded) write is done, so
-    the note is then whole and the temp file gone."""
+    not abandoned on cancellation: an interrupt that arrives during the (small, bounded) write waits for
+    it, and the result still says the note was written (it was); the turn stops at its next checkpoint.
+    An interrupt before the thread starts means nothing is written."""
     name, text = arguments["name"], arguments["text"]
     await trio.to_thread.run_sync(write_note_file, context.data_dir, context.thread_id, name, text)
     return f"Wrote note '{name}' ({len(text)} characters) to {NOTES_DIR}/{context.thread_id}/{name}.txt"

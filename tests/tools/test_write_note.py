@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from runtime.models.base import ToolOutcome
 from runtime.models.tools import MAX_NOTE_CHARS, ToolContext, ToolError, demo_registry, write_note_file
@@ -212,16 +214,40 @@ def test_the_resolved_path_check_catches_what_the_fds_would_not_see(data_dir, tm
     assert files_under(outside) == []
 
 
-async def test_an_interrupt_during_the_write_leaves_the_note_whole(data_dir):
-    """The write runs in a worker thread that is not abandoned: cancelling the call takes effect once
-    the write is done, so the note is whole and no temp file is left."""
+async def test_an_interrupt_during_the_write_takes_effect_once_the_note_is_whole(data_dir, monkeypatch):
+    """The write runs in a worker thread that is not abandoned: an interrupt that arrives while the
+    thread writes waits for the write, and the call reports what was done (the note was written, so
+    the engine can record it); the turn stops at its next checkpoint. The note is whole, no temp file."""
     registry = demo_registry()
-    text = "y" * MAX_NOTE_CHARS
-    with trio.CancelScope() as scope:
-        scope.cancel(reason="turn interrupted by test")  # already cancelled when the call starts
-        await registry.call("write_note", {"name": "a", "text": text}, ToolContext("thr_1", data_dir))
+    in_fsync, release = trio.Event(), threading.Event()
+    real_fsync = os.fsync
+    token = trio.lowlevel.current_trio_token()
 
-    assert scope.cancelled_caught
-    note = data_dir / "notes" / "thr_1" / "a.txt"
-    assert not note.exists() or note.read_text() == text
-    assert [p for p in files_under(data_dir) if p.endswith(".tmp")] == []
+    def slow_fsync(fd):
+        if not release.is_set():
+            trio.from_thread.run_sync(in_fsync.set, trio_token=token)
+            release.wait(timeout=10)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    outcomes: list[ToolOutcome] = []
+    interrupt = trio.CancelScope()
+
+    async def call() -> None:
+        with interrupt:
+            outcomes.append(await registry.call("write_note", {"name": "a", "text": "whole"},
+                                                ToolContext("thr_1", data_dir)))
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(call)
+            await in_fsync.wait()  # the worker is inside the write, before the rename
+            interrupt.cancel(reason="turn interrupted by test")
+            await trio.testing.wait_all_tasks_blocked()
+            assert not (data_dir / "notes" / "thr_1" / "a.txt").exists()  # the call still waits for the thread
+            release.set()
+
+    assert interrupt.cancel_called
+    assert outcomes == [ToolOutcome("Wrote note 'a' (5 characters) to notes/thr_1/a.txt")]
+    assert (data_dir / "notes" / "thr_1" / "a.txt").read_text() == "whole"
+    assert files_under(data_dir) == ["notes", "notes/thr_1", "notes/thr_1/a.txt"]
