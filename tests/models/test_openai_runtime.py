@@ -15,19 +15,22 @@ from runtime.models.openai_compat import OpenAICompatModel
 from runtime.models.tools import demo_registry
 from runtime.store import Event
 
-from .conftest import LIMIT, make_model
+from .conftest import LIMIT, make_model, with_engine_tools
 from .fake_openai import Close, Raw, Reply, Stall, Wait, chunk, error_reply, text_reply, tool_reply
 
 
 @contextlib.asynccontextmanager
-async def open_runtime(tmp_path, model_factory: Callable[[], OpenAICompatModel]) -> AsyncIterator[Runtime]:
-    async with Runtime.open(RuntimeConfig(data_dir=tmp_path, model_factory=model_factory)) as rt:
+async def open_runtime(tmp_path, model_factory: Callable[[], OpenAICompatModel], **config: Any
+                       ) -> AsyncIterator[Runtime]:
+    async with Runtime.open(RuntimeConfig(data_dir=tmp_path, model_factory=model_factory, **config)) as rt:
         yield rt
 
 
 @pytest.fixture
 async def rt(tmp_path, fake) -> AsyncIterator[Runtime]:
-    async with open_runtime(tmp_path, lambda: make_model(fake, read_timeout=0.5, tools=demo_registry())) as runtime:
+    registry = demo_registry()
+    async with open_runtime(tmp_path, lambda: with_engine_tools(make_model(fake, read_timeout=0.5), registry, tmp_path),
+                            tools=registry) as runtime:
         yield runtime
 
 
