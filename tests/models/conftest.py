@@ -79,30 +79,6 @@ def registry_runner(registry: ToolRegistry, data_dir: Path, thread_id: str = "th
     return run_tool
 
 
-class EngineToolsStandIn:
-    """Wraps a backend so that its requests carry ``registry``'s tools and a ``run_tool`` that runs them
-    directly, when the engine did not supply one. It stands in for the engine's side of the interface
-    (issue 13: the engine hands every request the tools of RuntimeConfig.tools) in the runtime-level
-    tests of this package; once the engine supplies ``run_tool`` itself, this passes requests through."""
-
-    def __init__(self, backend: Any, registry: ToolRegistry, data_dir: Path) -> None:
-        self.backend = backend
-        self.name = backend.name
-        self.registry = registry
-        self.data_dir = data_dir
-
-    def stream(self, request: ModelRequest) -> AsyncIterator[ModelEvent]:
-        if request.run_tool is None:
-            request = dataclasses.replace(
-                request, tools=self.registry.spec(),
-                run_tool=registry_runner(self.registry, self.data_dir, request.thread_id))
-        return self.backend.stream(request)
-
-
-def with_engine_tools(backend: Any, registry: ToolRegistry, data_dir: Path) -> EngineToolsStandIn:
-    return EngineToolsStandIn(backend, registry, data_dir)
-
-
 async def run_stream(model: OpenAICompatModel, request: ModelRequest) -> list[ModelEvent]:
     """Every event of one turn; raises what the stream raises."""
     events: list[ModelEvent] = []

@@ -15,7 +15,7 @@ from runtime.models.openai_compat import OpenAICompatModel
 from runtime.models.tools import demo_registry
 from runtime.store import Event
 
-from .conftest import LIMIT, make_model, with_engine_tools
+from .conftest import LIMIT, make_model
 from .fake_openai import Close, Raw, Reply, Stall, Wait, chunk, error_reply, text_reply, tool_reply
 
 
@@ -29,7 +29,7 @@ async def open_runtime(tmp_path, model_factory: Callable[[], OpenAICompatModel],
 @pytest.fixture
 async def rt(tmp_path, fake) -> AsyncIterator[Runtime]:
     registry = demo_registry()
-    async with open_runtime(tmp_path, lambda: with_engine_tools(make_model(fake, read_timeout=0.5), registry, tmp_path),
+    async with open_runtime(tmp_path, lambda: make_model(fake, read_timeout=0.5),
                             tools=registry) as runtime:
         yield runtime
 
@@ -129,8 +129,9 @@ async def test_a_tool_round_trip_leaves_tool_use_and_tool_result_blocks_in_the_s
     assert [i["kind"] for i in items] == ["user_message", "tool_call", "agent_message"]
     tool_item = items[1]
     now = tool_item["metadata"]["result"]
+    started = tool_item["metadata"]["started_at"]  # recorded (committed) before the tool ran
     assert tool_item["metadata"] == {"tool_use_id": "call_1", "name": "get_time", "input": {}, "result": now,
-                                     "is_error": False}
+                                     "is_error": False, "started_at": started}
     assert tool_item["detail"] == now
     snapshot = await rt.get_session_snapshot(thread["id"])
     assert list(snapshot.messages) == [

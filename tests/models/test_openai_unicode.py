@@ -22,7 +22,7 @@ from runtime.models.tools import demo_registry
 from tests.reliability.support import serving
 from web.client import AsyncClient
 
-from .conftest import LIMIT, make_model, with_engine_tools
+from .conftest import LIMIT, make_model
 from .fake_openai import Reply, chunk, text_reply, usage_chunk
 
 SMILE = "\U0001F600"
@@ -38,7 +38,7 @@ def test_the_fake_server_really_sends_the_halves_as_separate_escapes():
 @pytest.fixture
 async def rt(tmp_path, fake) -> AsyncIterator[Runtime]:
     registry = demo_registry()
-    config = RuntimeConfig(data_dir=tmp_path, model_factory=lambda: with_engine_tools(make_model(fake), registry, tmp_path),
+    config = RuntimeConfig(data_dir=tmp_path, model_factory=lambda: make_model(fake),
                            tools=registry)
     async with Runtime.open(config) as runtime:
         yield runtime

@@ -1,13 +1,12 @@
 """The scripted model's ``/tool`` directive behind a real Runtime (real SQLite, the real engine, real
 note files), with the demo registry as RuntimeConfig.tools: what a client sees of the call, its result,
-the answer and the session blocks. Only ``get_time`` runs here: it needs no approval, so these tests
-hold whichever side hands the backend its ``run_tool`` (see EngineToolsStandIn). MockClock throughout."""
+the answer and the session blocks. Only ``get_time`` runs here: it needs no approval, so the engine's
+run_tool runs it at once. MockClock throughout."""
 
 from __future__ import annotations
 
 from runtime.models.scripted import ScriptedModel
 from runtime.models.tools import demo_registry
-from tests.models.conftest import with_engine_tools
 from tests.runtime.helpers import items_of, run_turn
 from tests.support import open_runtime
 
@@ -15,7 +14,7 @@ from tests.support import open_runtime
 async def test_a_tool_directive_turn_records_the_call_the_result_and_the_answer(tmp_path, autojump_clock):
     registry = demo_registry()
     async with open_runtime(tmp_path, tools=registry,
-                            model_factory=lambda: with_engine_tools(ScriptedModel(), registry, tmp_path)) as rt:
+                            model_factory=ScriptedModel) as rt:
         thread = await rt.create_thread()
 
         record = await run_turn(rt, thread["id"], "/tool get_time {}")
