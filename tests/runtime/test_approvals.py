@@ -204,7 +204,7 @@ async def test_a_tool_without_approval_runs_at_once(opener, tools):
         assert await approvals(rt, tid) == []
 
 
-async def test_an_unanswered_approval_expires_as_a_denial(open_runtime, tools):
+async def test_an_unanswered_approval_expires_as_a_denial(open_runtime, tools, autojump_clock):
     async with open_runtime(tools=tools, model_factory=ToolModel, approval_timeout=30.0) as rt:
         tid = (await rt.create_thread())["id"]
         turn = await rt.start_turn(tid, '/tool wait {"seconds": 1}')
@@ -304,3 +304,18 @@ async def test_deleting_a_thread_removes_its_pending_approvals(opener):
         await wait_for(rt, tid, "approval.requested")
         await rt.delete_thread(tid, if_busy="interrupt")
         assert await rt.list_approvals() == []
+
+
+async def test_the_deny_policy_also_denies_a_remembered_tool(opener, tools):
+    async with opener() as rt:
+        tid = (await rt.create_thread())["id"]
+        turn = await rt.start_turn(tid, '/tool write_note {"name": "a", "text": "1"}')
+        await wait_for(rt, tid, "approval.requested")
+        (pending,) = await approvals(rt, tid, "pending")
+        await rt.decide_approval(tid, pending["id"], "allow", remember=True)
+        await wait_turn_end(rt, tid, turn["id"])
+        await rt.update_thread(tid, {"approval_policy": "deny"})
+        second = await run_turn(rt, tid, '/tool write_note {"name": "b", "text": "2"}')
+        _, detail = await turn_row(rt, tid, second["id"])
+        assert [i["metadata"]["result"] for i in detail["items"] if i["kind"] == "tool_call"][-1] == "denied by policy"
+        assert tools.runs["write_note"] == 1
