@@ -21,3 +21,14 @@ def utc_after(seconds: float) -> str:
     """``utc_now()`` plus ``seconds``, in the same sortable format (an expiry to compare as text)."""
     then = _dt.datetime.now(_dt.timezone.utc) + _dt.timedelta(seconds=seconds)
     return then.strftime("%Y-%m-%dT%H:%M:%S.") + f"{then.microsecond // 1000:03d}Z"
+
+
+def parse_utc(stamp: str) -> _dt.datetime:
+    """A ``utc_now()`` timestamp back as an aware datetime."""
+    return _dt.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=_dt.timezone.utc)
+
+
+def seconds_until(stamp: str) -> float:
+    """Wall-clock seconds from now until ``stamp`` (negative once it passed). Stored deadlines are wall
+    clock so they keep running across restarts; a waiter turns them into a trio deadline with this."""
+    return (parse_utc(stamp) - _dt.datetime.now(_dt.timezone.utc)).total_seconds()

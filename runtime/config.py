@@ -21,6 +21,9 @@ DEFAULT_SUBSCRIBER_BUFFER = 1024
 DEFAULT_WRITE_QUEUE = 4096
 # A terminal record (turn interrupted/failed) is written under shield; this bounds that wait.
 DEFAULT_FINAL_WRITE_SECONDS = 10.0
+# An approval nobody answers expires after this long and counts as a denial (API.md, "Tools and
+# approvals": --approval-timeout, default 300 s): long enough for a person to read the request.
+DEFAULT_APPROVAL_TIMEOUT = 300.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +41,11 @@ class RuntimeConfig:
     model_factory: Callable[[], object] | None = None
     default_model: str = "scripted"
     default_mode: str = "default"
+    # The tools offered to the model, whatever the backend (a runtime.models.tools.ToolRegistry; typed
+    # loosely to keep this module free of the models package). None: no tools (--tools none).
+    tools: object | None = None
+    # Seconds a pending approval waits for a decision before it expires (wall-clock, across restarts).
+    approval_timeout: float = DEFAULT_APPROVAL_TIMEOUT
     # Test seams for fault injection (tests/faults): the class of every SQLite connection the store
     # opens, and the file-operation layer of session files (None: the real one).
     sqlite_connection_factory: type[sqlite3.Connection] = sqlite3.Connection

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import re
 import time
 from typing import Any, AsyncIterator, Callable
@@ -25,8 +26,9 @@ from .idempotency import Claim, Idempotency, record_claim
 from .manager import ThreadManager
 from .models.base import ModelBackend
 from .models.scripted import ScriptedModel
-from .session_files import SESSION_ID_RE
 from .store import EventDraft, Store, WriteRequest
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 10.0
 LIST_LIMIT_MAX = 500
@@ -43,6 +45,15 @@ def validate_thread_id(thread_id: object) -> str:
         raise InvalidInput(f"Invalid thread id {shown}: use 1-128 letters, digits, '_' or '-', starting with a "
                            f"letter or digit")
     return thread_id
+
+
+APPROVAL_POLICIES = ("ask", "auto", "deny")
+
+
+def validate_policy(policy: object) -> str:
+    if policy not in APPROVAL_POLICIES:
+        raise InvalidInput(f"approval_policy must be one of: {', '.join(APPROVAL_POLICIES)}")
+    return policy  # type: ignore[return-value]
 
 
 def _check_id(value: object, name: str) -> None:
@@ -89,6 +100,7 @@ class Runtime:
             await runtime.sessions.open()
             async with trio.open_nursery() as nursery:
                 await nursery.start(manager.run)
+                await runtime._carry_on_turns()
                 try:
                     yield runtime
                 finally:
@@ -122,7 +134,8 @@ class Runtime:
                             archived: bool = False, base_messages: list[dict[str, Any]] | None = None,
                             base_tokens: int = 0, session_id: str | None = None,
                             base_messages_json: bytes | None = None, thread_id: str | None = None,
-                            claim: Claim | None = None, answer: Any = None) -> dict[str, Any]:
+                            claim: Claim | None = None, answer: Any = None,
+                            approval_policy: str | None = None) -> dict[str, Any]:
         """``base_messages_json``: the base messages already encoded (``codec.dumps_sliced``) by a caller
         that did it in a worker thread (resume); otherwise ``base_messages`` are encoded here, on the loop.
 
@@ -131,15 +144,9 @@ class Runtime:
         pass). ``claim``: its record is written in the same transaction; it records ``answer`` when given
         (resume answers with its own result), else the thread record. One store write: cancelled after it
         was queued, the thread is still created (and its claim's key stays in progress until then)."""
-        if thread_id is None:
-            thread_id = new_id("thr")
-            given = False
-        elif not isinstance(thread_id, str) or not SESSION_ID_RE.match(thread_id):
-            shown = repr(thread_id) if len(repr(thread_id)) <= 40 else repr(thread_id)[:37] + "..."
-            raise InvalidInput(f"Invalid thread id {shown}: use 1-128 letters, digits, '_' or '-', starting with "
-                               f"a letter or digit")
-        else:
-            given = True
+        policy = validate_policy(approval_policy or "ask")
+        given = thread_id is not None
+        thread_id = validate_thread_id(thread_id) if given else new_id("thr")
         if base_messages_json is None and base_messages:
             base_messages_json = codec.dumps(base_messages)
         now = utc_now()
@@ -147,15 +154,15 @@ class Runtime:
             "id": thread_id, "created_at": now, "updated_at": now, "model": model or self.config.default_model,
             "workspace": workspace, "mode": mode or self.config.default_mode, "archived": bool(archived),
             "title": title, "system_prompt": system_prompt, "latest_turn_id": None, "session_id": session_id,
-            "forked_from": None,
+            "forked_from": None, "approval_policy": policy, "allowed_tools": [],
         }
         statements = [(
             "INSERT INTO threads (id, created_at, updated_at, model, workspace, mode, archived, title,"
-            " system_prompt, session_id, base_messages, base_tokens)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, CAST(? AS TEXT), ?)",
+            " system_prompt, session_id, base_messages, base_tokens, approval_policy)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, CAST(? AS TEXT), ?, ?)",
             # UTF-8 bytes that become TEXT inside SQLite, in the writer thread.
             (thread_id, now, now, record["model"], workspace, record["mode"], int(bool(archived)), title,
-             system_prompt, session_id, base_messages_json, base_tokens),
+             system_prompt, session_id, base_messages_json, base_tokens, policy),
         ), *record_claim(claim, record if answer is None else answer)]
 
         def refuse_taken(conn: Any) -> None:
@@ -192,10 +199,51 @@ class Runtime:
             raise NotFound(f"Thread '{thread_id}' not found")
         return records.thread_record(row)
 
+    # ---- approvals ---------------------------------------------------------------------------
+
+    async def list_approvals(self, *, thread_id: str | None = None, status: str | None = None,
+                             limit: int | None = None) -> list[dict[str, Any]]:
+        """Approvals oldest first, of one thread (NotFound if unknown) or of all; ``status`` filters."""
+        if status is not None and status not in records.APPROVAL_STATUSES:
+            raise InvalidInput(f"status must be one of: {', '.join(records.APPROVAL_STATUSES)}")
+        if thread_id is not None:
+            await self.thread_record(thread_id)
+        return await self.store.read(functools.partial(records.list_approvals, thread_id=thread_id, status=status,
+                                                       limit=clamp_limit(limit)), inline=True)
+
+    async def decide_approval(self, thread_id: str, approval_id: str, decision: str, *, remember: bool = False,
+                              message: str | None = None, timeout: float = DEFAULT_TIMEOUT,
+                              claim: Claim | None = None) -> dict[str, Any]:
+        """Allow or deny a pending approval: the waiting turn goes on (the tool runs, or the model gets the
+        denial). NotFound for an approval of another thread or an unknown one; Conflict once resolved. The
+        decision is one write on the engine's lane; cancelled before the engine took it, nothing happened."""
+        if decision not in ("allow", "deny"):
+            raise InvalidInput('decision must be "allow" or "deny"')
+        record = await self.store.read(functools.partial(records.get_approval, approval_id=approval_id), inline=True)
+        if record is None or record["thread_id"] != thread_id:
+            await self.thread_record(thread_id)
+            raise NotFound(f"Approval '{approval_id}' not found in thread '{thread_id}'")
+        if record["status"] != "pending":
+            raise Conflict(f"Approval '{approval_id}' is already {record['status']}")
+        return await self._request(thread_id, lambda r: ops.DecideApproval(
+            approval_id=approval_id, decision=decision, remember=remember, message=message, claim=claim, reply=r),
+            timeout=timeout, what="decide the approval")
+
+    async def _carry_on_turns(self) -> None:
+        """Start the engines of threads whose turn outlived the last process (waiting for an approval, or
+        going on after a tool whose outcome is unknown), so deadlines run and turns go on without a request."""
+        for thread_id in await self.store.read(records.threads_with_active_turns):
+            try:
+                await self.manager.handle(thread_id)
+            except Exception:  # one thread must never stop the server from starting
+                log.exception("could not carry on the turn of thread %s", thread_id)
+
     async def update_thread(self, thread_id: str, changes: dict[str, Any], *,
                             timeout: float = DEFAULT_TIMEOUT) -> dict[str, Any]:
         if not changes:
-            raise InvalidInput("Give at least one of: archived, model, mode, title, system_prompt")
+            raise InvalidInput("Give at least one of: archived, model, mode, title, system_prompt, approval_policy")
+        if "approval_policy" in changes:
+            validate_policy(changes["approval_policy"])
         await self._request(thread_id, lambda r: ops.UpdateThread(changes=changes, reply=r),
                             timeout=timeout, what="update the thread")
         # Read back from the store: the engine does not track links that sessions write (session_id).

@@ -29,21 +29,21 @@ import outcome
 import trio
 
 from . import history, ops
-from .clock import new_id, utc_now
+from .clock import new_id, seconds_until, utc_after, utc_now
 from .config import RuntimeConfig
 from .errors import Conflict, EngineTimeout, EngineUnavailable, InvalidInput, RuntimeFailure, StorageError
 from .handle import EngineEvicted
 from .idempotency import record_claim
 from .models.base import (
-    ItemBreak, ModelBackend, ModelError, ModelRequest, ReasoningDelta, Retrying, TextDelta, ToolCall, ToolResult,
-    Truncated, Usage, ValidText,
+    ItemBreak, ModelBackend, ModelError, ModelRequest, ReasoningDelta, Retrying, TextDelta, ToolCall, ToolOutcome,
+    ToolResult, Truncated, Usage, ValidText,
 )
 from .store import EventDraft, Store, WithEvents, WriteLane, WriteRequest
 from .transcript import apply_items, build_messages, preview as _preview, summarize
 
 log = logging.getLogger(__name__)
 
-UPDATABLE_FIELDS = ("archived", "model", "mode", "title", "system_prompt")
+UPDATABLE_FIELDS = ("archived", "model", "mode", "title", "system_prompt", "approval_policy")
 # The error of a turn whose engine was cancelled from outside without a stop reason (the runtime around
 # it cancelled): the turn ends interrupted, as at a shutdown; "engine crashed" is kept for real crashes.
 STOPPED = "engine stopped"
@@ -92,6 +92,24 @@ class _Turn:
     retry_of: str | None = None
     # Set once the turn's end is queued (``self.active`` is None again): a history op waits for it.
     ended: trio.Event = dataclasses.field(default_factory=trio.Event)
+    # Approvals of this turn still pending (ids): an interrupt cancels them with the turn's end.
+    pending_approvals: set[str] = dataclasses.field(default_factory=set)
+    # Stopped (shutdown) while waiting for an approval: left as stored, carried on at the next start.
+    parked: bool = False
+    # A turn that outlived the process, carried on by this engine (see _resume).
+    resume: dict[str, Any] | None = None
+
+
+@dataclasses.dataclass(eq=False)
+class _Waiter:
+    """A turn waiting for a client's decision on one approval."""
+
+    record: dict[str, Any]
+    turn: "_Turn"
+    item: _Item
+    decided: trio.Event = dataclasses.field(default_factory=trio.Event)
+    decision: str | None = None  # "allow" | "deny"
+    message: str | None = None
 
 
 class Engine:
@@ -143,6 +161,11 @@ class Engine:
         # is done (ThreadManager), so it never starts from the store as it was before that write.
         self.unconfirmed: WriteRequest | None = None
         self._retrying: _Turn | None = None  # a retry's new turn, between allocation and commit
+        # Approvals pending in this engine, by id: the turn task waits, DecideApproval answers.
+        self._waiters: dict[str, _Waiter] = {}
+        # A turn that outlived the process (waiting for an approval, or going on after a tool whose
+        # outcome is unknown): started with the engine, see ``_resume_turn``.
+        self._carried: dict[str, Any] | None = state.get("active_turn")
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -153,6 +176,9 @@ class Engine:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 task_status.started()
+                if self._carried is not None:
+                    self._resume_turn(self._carried)
+                    self._carried = None
                 try:
                     await self._op_loop()
                 except Exception:
@@ -176,6 +202,11 @@ class Engine:
         if self._stopping is None:
             self._stopping = reason
         if self.active is not None:
+            if self.active.pending_approvals and self.diverged is None and not self.active.scope.cancel_called:
+                # Waiting for a client's decision: the turn is parked, not ended. Its approval and its
+                # status stay stored as they are, and the next start carries it on (API.md: a pending
+                # approval survives a restart).
+                self.active.parked = True
             self._cancel_turn("interrupted", self._stopping)
 
     def _write_failed(self, error: RuntimeFailure) -> None:
@@ -285,6 +316,8 @@ class Engine:
                 self._on_compact(op)
             elif isinstance(op, ops.UpdateThread):
                 self._on_update(op)
+            elif isinstance(op, ops.DecideApproval):
+                self._on_decide(op)
             else:
                 raise InvalidInput(f"unknown op {type(op).__name__}")
         except RuntimeFailure as exc:
@@ -485,6 +518,8 @@ class Engine:
 
     def _on_steer(self, op: ops.Steer) -> None:
         turn = self._require_active(op.turn_id, "steer")
+        if turn.pending_approvals:
+            raise Conflict(f"Cannot steer turn '{turn.id}': it is waiting for an approval")
         if not op.prompt.strip():
             raise InvalidInput("prompt must not be empty")
         self._close_open_item(turn, "completed")
@@ -723,6 +758,247 @@ class Engine:
             self._retire(self, False)  # new requests wait for this engine's exit, then find no thread
         return change.result
 
+    # ---- tools and approvals ---------------------------------------------------------------
+    #
+    # Every tool call a backend makes goes through ``_run_tool`` (ModelRequest.run_tool): the thread's
+    # policy, a durable approval when one is needed, the tool's start recorded (committed) before it runs,
+    # then the run. A pending approval is a stored record with a wall-clock deadline: the turn task waits on
+    # it here, a DecideApproval op answers it, and after a restart ``_resume_turn`` waits on it again.
+
+    def _tools(self) -> Any:
+        return getattr(self._config, "tools", None)
+
+    def _tool_specs(self) -> tuple[Any, ...]:
+        registry = self._tools()
+        return tuple(registry.spec()) if registry is not None and len(registry) else ()
+
+    async def _run_tool(self, turn: _Turn, call: ToolCall) -> ToolOutcome:
+        """Decide, record the start, run. Cancelled (an interrupt), the turn's end cancels what is pending."""
+        registry = self._tools()
+        tool = registry.get(call.name) if registry is not None else None
+        if tool is None:
+            return ToolOutcome(f"Tool '{call.name}' is not available", is_error=True)
+        item = self._tool_item(turn, call.id)
+        if tool.needs_approval:
+            denial = await self._approval(turn, item, call.name, call.input)
+            if denial is not None:
+                return ToolOutcome(denial, is_error=True)
+        return await self._start_tool(turn, item, call.name, call.input)
+
+    def _tool_item(self, turn: _Turn, use_id: str) -> _Item:
+        item = next((i for i in reversed(turn.items) if i.kind == "tool_call"
+                     and (i.metadata or {}).get("tool_use_id") == use_id), None)
+        if item is None:
+            raise ModelError(f"tool call {use_id!r} was not announced before it was run")
+        return item
+
+    async def _start_tool(self, turn: _Turn, item: _Item, name: str, tool_input: dict[str, Any]) -> ToolOutcome:
+        """At most once: the start is committed before the tool runs, so a process that dies while it runs
+        never runs it again (restart recovery ends the item "outcome unknown")."""
+        from .models.tools import ToolContext  # the tool layer sits above the engine's own modules
+
+        item.metadata = {**(item.metadata or {}), "started_at": utc_now()}
+        request = self._submit(f"record the start of tool '{name}' in turn '{turn.id}'", statements=[
+            ("UPDATE items SET metadata = ? WHERE id = ?", (json.dumps(item.metadata), item.id))])
+        # Shielded: once queued the start may commit, and the tool must not run before it has. Bounded by
+        # final_write_seconds (the writer only waits on SQLite).
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(self._config.final_write_seconds):
+                await request.done.wait()
+        if not isinstance(request.result, outcome.Value):
+            # Not recorded: the tool does not run (its start could not be made durable). A failed write has
+            # retired the engine and is ending this turn failed; a slow one ends it here.
+            raise ModelError(f"the start of tool '{name}' could not be recorded, so it was not run")
+        return await self._tools().call(name, tool_input, ToolContext(self.thread_id, self._config.data_dir))
+
+    async def _approval(self, turn: _Turn, item: _Item, name: str, tool_input: dict[str, Any]) -> str | None:
+        """None when the call may run; else the denial the model gets as the tool's (error) result."""
+        policy = self.thread.get("approval_policy") or "ask"
+        now = utc_now()
+        if policy in ("auto", "deny") or name in (self.thread.get("allowed_tools") or ()):
+            # "deny" refuses every call that needs approval, remembered tools too; "auto" and a tool the
+            # client allowed for the rest of the thread ("remember") run without asking.
+            status = "denied" if policy == "deny" else "allowed"
+            record = self._approval_row(turn, item, name, tool_input, now, now, status=status, decided_by="policy",
+                                        resolved_at=now)
+            self._submit(f"record the approval of tool '{name}' in turn '{turn.id}'",
+                         statements=[self._insert_approval(record)],
+                         events=[EventDraft(self.thread_id, "approval.resolved", {
+                             "approval_id": record["id"], "decision": "allow" if status == "allowed" else "deny",
+                             "decided_by": "policy"}, turn.id, item.id, now)])
+            return None if status == "allowed" else "denied by policy"
+        record = self._approval_row(turn, item, name, tool_input, now, utc_after(self._config_approval_timeout()))
+        item.status = "awaiting_approval"
+        self._submit(f"request approval of tool '{name}' in turn '{turn.id}'", statements=[
+            self._insert_approval(record),
+            ("UPDATE items SET status = 'awaiting_approval' WHERE id = ?", (item.id,)),
+            ("UPDATE turns SET status = 'awaiting_approval' WHERE id = ?", (turn.id,)),
+        ], events=[EventDraft(self.thread_id, "approval.requested", {
+            "approval_id": record["id"], "turn_id": turn.id, "item_id": item.id, "tool": name, "input": tool_input,
+            "expires_at": record["expires_at"]}, turn.id, item.id, now)])
+        return await self._await_decision(turn, item, record)
+
+    def _config_approval_timeout(self) -> float:
+        return float(getattr(self._config, "approval_timeout", 300.0))
+
+    def _approval_row(self, turn: _Turn, item: _Item, name: str, tool_input: dict[str, Any], created_at: str,
+                      expires_at: str, *, status: str = "pending", decided_by: str | None = None,
+                      resolved_at: str | None = None) -> dict[str, Any]:
+        return {"id": new_id("appr"), "thread_id": self.thread_id, "turn_id": turn.id, "item_id": item.id,
+                "tool": name, "input": tool_input, "status": status, "created_at": created_at,
+                "expires_at": expires_at, "resolved_at": resolved_at, "decided_by": decided_by, "message": None}
+
+    @staticmethod
+    def _insert_approval(record: dict[str, Any]) -> tuple[str, tuple[Any, ...]]:
+        return ("INSERT INTO approvals (id, thread_id, turn_id, item_id, tool, input, status, created_at, expires_at,"
+                " resolved_at, decided_by, message) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (record["id"], record["thread_id"], record["turn_id"], record["item_id"], record["tool"],
+                 json.dumps(record["input"]), record["status"], record["created_at"], record["expires_at"],
+                 record["resolved_at"], record["decided_by"], record["message"]))
+
+    async def _await_decision(self, turn: _Turn, item: _Item, record: dict[str, Any]) -> str | None:
+        """Wait for the client's decision until the stored wall-clock deadline (it keeps running across
+        restarts: the time left is taken from the wall clock now). Unanswered, the approval expires and
+        counts as a denial. Cancelled (an interrupt, a shutdown), the approval stays pending here: the
+        turn's end cancels it (``_finish_turn``), or, if the process stops, it is still pending after a restart."""
+        waiter = self._waiters.get(record["id"])
+        if waiter is None:
+            waiter = self._waiters[record["id"]] = _Waiter(record, turn, item)
+        turn.pending_approvals.add(record["id"])
+        try:
+            with trio.move_on_after(max(0.0, seconds_until(record["expires_at"]))):
+                await waiter.decided.wait()
+        finally:
+            if self._waiters.get(record["id"]) is waiter:
+                del self._waiters[record["id"]]
+        turn.pending_approvals.discard(record["id"])
+        if waiter.decision is None:  # expired: recorded like a decision, by the deadline
+            now = utc_now()
+            self._resolve(waiter, "expired", "timeout", None, now)
+            return "denied: the approval expired"
+        if waiter.decision == "deny":
+            return "denied by user" + (f": {waiter.message}" if waiter.message else "")
+        return None
+
+    def _resolve(self, waiter: _Waiter, status: str, decided_by: str, message: str | None, now: str,
+                 extra: list[tuple[str, tuple[Any, ...]]] | tuple[()] = (), claim_statements: list[Any] | tuple[()] = ()
+                 ) -> WriteRequest:
+        """Record a pending approval's end and put its turn and item back in progress (one write)."""
+        record = waiter.record
+        record.update(status=status, decided_by=decided_by, message=message, resolved_at=now)
+        waiter.item.status = "in_progress"
+        decision = "allow" if status == "allowed" else "deny"
+        return self._submit(f"resolve approval '{record['id']}'", statements=[
+            ("UPDATE approvals SET status = ?, decided_by = ?, message = ?, resolved_at = ? WHERE id = ?"
+             " AND status = 'pending'", (status, decided_by, message, now, record["id"])),
+            ("UPDATE items SET status = 'in_progress' WHERE id = ? AND status = 'awaiting_approval'",
+             (waiter.item.id,)),
+            ("UPDATE turns SET status = 'in_progress' WHERE id = ? AND status = 'awaiting_approval'",
+             (waiter.turn.id,)),
+            *extra, *claim_statements,
+        ], events=[EventDraft(self.thread_id, "approval.resolved", {
+            "approval_id": record["id"], "decision": decision, "decided_by": decided_by},
+            waiter.turn.id, waiter.item.id, now)])
+
+    def _on_decide(self, op: ops.DecideApproval) -> None:
+        if op.decision not in ("allow", "deny"):
+            raise InvalidInput('decision must be "allow" or "deny"')
+        waiter = self._waiters.get(op.approval_id)
+        if waiter is None or waiter.decided.is_set():
+            raise Conflict(f"Approval '{op.approval_id}' is not pending (already resolved)")
+        now = utc_now()
+        extra: list[tuple[str, tuple[Any, ...]]] = []
+        if op.remember and op.decision == "allow":
+            allowed = sorted({*(self.thread.get("allowed_tools") or ()), waiter.record["tool"]})
+            self.thread["allowed_tools"] = allowed
+            extra.append(("UPDATE threads SET allowed_tools = ? WHERE id = ?", (json.dumps(allowed), self.thread_id)))
+        status = "allowed" if op.decision == "allow" else "denied"
+        record = {**waiter.record, "status": status, "decided_by": "client", "message": op.message,
+                  "resolved_at": now}
+        request = self._resolve(waiter, status, "client", op.message, now, extra,
+                                record_claim(op.claim, record))
+        self._claimed(op, request)
+        waiter.decision, waiter.message = op.decision, op.message
+        waiter.decided.set()
+        self._spawn_reply(op.reply, outcome.Value(dict(waiter.record)), after=request)
+
+    def _cancel_pending_approvals(self, turn: _Turn, now: str) -> tuple[list[Any], list[EventDraft]]:
+        """A turn that ends while approvals are pending (interrupt, shutdown, failure) cancels them."""
+        statements, events = [], []
+        for approval_id in sorted(turn.pending_approvals):
+            statements.append(("UPDATE approvals SET status = 'canceled', decided_by = 'interrupt', resolved_at = ?"
+                               " WHERE id = ? AND status = 'pending'", (now, approval_id)))
+            events.append(EventDraft(self.thread_id, "approval.resolved", {
+                "approval_id": approval_id, "decision": "cancel", "decided_by": "interrupt"}, turn_id=turn.id,
+                timestamp=now))
+        turn.pending_approvals.clear()
+        return statements, events
+
+    # ---- a turn that outlived the process ------------------------------------------------------
+
+    def _park(self, turn: _Turn) -> None:
+        """Leave a turn that waits for an approval as the store has it (turn and item ``awaiting_approval``,
+        the approval pending with its deadline): the engine goes away, the turn does not end."""
+        log.info("turn %s parked while it waits for an approval", turn.id)
+        self.active = None
+        turn.ended.set()
+        for waiter in self._idle_waiters:
+            if waiter.reply is not None:
+                waiter.reply.close()
+        self._idle_waiters.clear()
+        for waiter in turn.interrupt_waiters:
+            if waiter.reply is not None:
+                waiter.reply.close()
+
+    def _resume_turn(self, carried: dict[str, Any]) -> None:
+        """Carry on a turn the store shows unended at spawn (restart recovery left it: it waits for an
+        approval, or goes on after a tool whose outcome is unknown). Its items so far become the turn's;
+        the model continues from the history plus them (``prompt=None``)."""
+        row = carried["turn"]
+        items = carried["items"]
+        prompt = next((i["detail"] or "" for i in items if i["kind"] == "user_message"), "")
+        now = utc_now()
+        turn = _Turn(id=row["id"], ord=self._turn_ord, prompt=prompt,
+                     model=self.thread["model"], mode=self.thread["mode"], created_at=row["created_at"],
+                     started_at=row["started_at"] or now, started_clock=trio.current_time())
+        for stored in items:
+            item = _Item(stored["id"], stored["kind"], 0, stored["started_at"] or now, status=stored["status"],
+                         parts=[stored["detail"] or ""], metadata=stored["metadata"])
+            turn.items.append(item)
+            if stored["status"] in ("in_progress", "awaiting_approval"):
+                turn.open_item = item
+        turn.steer_tx, turn.steer_rx = trio.open_memory_channel[str](float("inf"))
+        turn.resume = carried
+        record = carried.get("approval")
+        if record is not None:
+            # Registered now, before any op is taken, so a decision that arrives first finds it pending.
+            item = next(i for i in turn.items if i.id == record["item_id"])
+            self._waiters[record["id"]] = _Waiter(record, turn, item)
+            turn.pending_approvals.add(record["id"])
+        self.active = turn
+        assert self._nursery is not None
+        done = WriteRequest()
+        done.result = outcome.Value(None)
+        done.done.set()
+        self._nursery.start_soon(self._run_turn, turn, done)
+
+    async def _carry_on(self, turn: _Turn) -> None:
+        """The part of a resumed turn before its model continues: a pending approval is waited for again
+        (its deadline is the stored one), then the tool runs (allowed) or is denied, and its result recorded."""
+        carried = turn.resume or {}
+        record = carried.get("approval")
+        if record is None:
+            return
+        item = next(i for i in turn.items if i.id == record["item_id"])
+        turn.open_item = item
+        denial = await self._await_decision(turn, item, record)
+        meta = item.metadata or {}
+        if denial is not None:
+            result = ToolOutcome(denial, is_error=True)
+        else:
+            result = await self._start_tool(turn, item, record["tool"], record["input"])
+        self._tool_result(turn, ToolResult(meta.get("tool_use_id") or item.id, result.content, result.is_error))
+
     # ---- the turn task ---------------------------------------------------------------------
 
     def _open_item(self, turn: _Turn, kind: str, metadata: dict[str, Any] | None = None) -> _Item:
@@ -797,13 +1073,15 @@ class Engine:
         status, error = "completed", None
         history = list(self.messages)
         assert turn.steer_rx is not None
+        specs = self._tool_specs()
         request = ModelRequest(
             thread_id=self.thread_id, turn_id=turn.id, model=turn.model, mode=turn.mode,
             system_prompt=self.thread.get("system_prompt"), history=history, prompt=turn.prompt,
-            steers=turn.steer_rx,
+            steers=turn.steer_rx, tools=specs,
+            run_tool=functools.partial(self._run_tool, turn) if specs else None,
         )
         # Every text the backend sends passes ValidText: valid Unicode before it is stored or sent.
-        stream = ValidText(self._backend.stream(request))
+        stream = ValidText(self._continued(turn, request) if turn.resume is not None else self._backend.stream(request))
         try:
             with turn.scope:
                 async with contextlib.aclosing(stream):
@@ -847,6 +1125,9 @@ class Engine:
             # Shielded: the turn's end must be recorded even while the engine is being cancelled.
             # Bounded by final_write_seconds; the writer only ever waits on SQLite.
             with trio.CancelScope(shield=True):
+                if turn.parked and self.diverged is None:
+                    self._park(turn)
+                    return
                 if status == "completed" and turn.scope.cancel_called:
                     status, error = turn.end_status, turn.end_error
                 held = stream.flush()  # half a surrogate pair the interrupt or failure cut off: U+FFFD
@@ -854,6 +1135,17 @@ class Engine:
                     self._delta(turn, "agent_message" if isinstance(held, TextDelta) else "agent_reasoning",
                                 held.text)
                 await self._finish_turn(turn, status, error)
+
+    async def _continued(self, turn: _Turn, request: ModelRequest) -> Any:
+        """A resumed turn's model stream: first what the turn still waits for (``_carry_on``), then the
+        model continues from the history and the turn's items so far (its prompt already among them)."""
+        await self._carry_on(turn)
+        history = list(self.messages)
+        apply_items(history, [item.record(turn.id) for item in turn.items])
+        continued = dataclasses.replace(request, history=history, prompt=None)
+        async with contextlib.aclosing(self._backend.stream(continued)) as events:
+            async for event in events:
+                yield event
 
     def _delta(self, turn: _Turn, kind: str, text: str) -> None:
         item = self._open_item(turn, kind)
@@ -889,6 +1181,9 @@ class Engine:
                                          turn.id, err.id, now))
             ended = {**self._turn_record(turn, status), "ended_at": now, "duration_ms": duration_ms,
                      "usage": usage_json, "error": error}
+            cancel_statements, cancel_events = self._cancel_pending_approvals(turn, now)
+            statements += cancel_statements
+            events += cancel_events
             statements += [
                 ("UPDATE turns SET status = ?, ended_at = ?, duration_ms = ?, input_tokens = ?, output_tokens = ?,"
                  " error = ?, steer_count = ? WHERE id = ?",
@@ -973,12 +1268,19 @@ def end_unrecorded_turn(conn: sqlite3.Connection, *, thread_id: str, turn_id: st
     is left alone and no event is written, so retries and races never end a turn twice. Only rows the
     store has are touched: an item whose start was lost is not invented."""
     row = conn.execute("SELECT status FROM turns WHERE id = ?", (turn_id,)).fetchone()
-    if row is None or row["status"] not in ("queued", "in_progress"):
+    if row is None or row["status"] not in ("queued", "in_progress", "awaiting_approval"):
         return []
     events = []
+    for approval in conn.execute("SELECT id, item_id FROM approvals WHERE turn_id = ? AND status = 'pending'",
+                                 (turn_id,)).fetchall():
+        conn.execute("UPDATE approvals SET status = 'canceled', decided_by = 'interrupt', resolved_at = ? WHERE id = ?",
+                     (now, approval["id"]))
+        events.append(EventDraft(thread_id, "approval.resolved", {
+            "approval_id": approval["id"], "decision": "cancel", "decided_by": "interrupt"}, turn_id,
+            approval["item_id"], now))
     open_items = conn.execute(
-        "SELECT id, kind, summary, detail FROM items WHERE turn_id = ? AND status IN ('queued', 'in_progress')"
-        " ORDER BY ord", (turn_id,)).fetchall()
+        "SELECT id, kind, summary, detail FROM items WHERE turn_id = ? AND status IN ('queued', 'in_progress',"
+        " 'awaiting_approval') ORDER BY ord", (turn_id,)).fetchall()
     for item in open_items:
         summary, text = texts.get(item["id"], (item["summary"], item["detail"] or ""))
         conn.execute("UPDATE items SET status = 'failed', summary = ?, detail = ?, ended_at = ? WHERE id = ?",

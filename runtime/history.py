@@ -133,9 +133,9 @@ def fork(conn: sqlite3.Connection, *, thread_id: str, through_turn_id: str | Non
     forked_from = {"thread_id": thread_id, "through_turn_id": through_turn_id}
     conn.execute(
         "INSERT INTO threads (id, created_at, updated_at, model, workspace, mode, archived, title, system_prompt,"
-        " latest_turn_id, session_id, base_messages, base_tokens, forked_from)"
-        " SELECT ?, ?, ?, model, workspace, mode, 0, ?, system_prompt, NULL, NULL, base_messages, base_tokens, ?"
-        " FROM threads WHERE id = ?",
+        " latest_turn_id, session_id, base_messages, base_tokens, forked_from, approval_policy, allowed_tools)"
+        " SELECT ?, ?, ?, model, workspace, mode, 0, ?, system_prompt, NULL, NULL, base_messages, base_tokens, ?,"
+        " approval_policy, allowed_tools FROM threads WHERE id = ?",
         (new_thread_id, now, now, title if title is not None else source["title"], json.dumps(forked_from), thread_id))
     turns = conn.execute("SELECT * FROM turns WHERE thread_id = ? AND rewound = 0 AND ord <= ? ORDER BY ord",
                          (thread_id, last_ord)).fetchall()
@@ -266,12 +266,12 @@ def restore(conn: sqlite3.Connection, *, thread_id: str, session_id: str, revisi
 
 
 def delete(conn: sqlite3.Connection, *, thread_id: str, now: str) -> WithEvents:
-    """Delete the thread with its turns, items and events. ``thread.deleted`` is appended (it takes the next
+    """Delete the thread with its turns, items, events and approvals. ``thread.deleted`` is appended (it takes the next
     seq, so no seq is ever reused: the log's AUTOINCREMENT remembers the highest one) and removed again in
     the same transaction: it is published to open streams, which end with it, and stored nowhere.
     Sessions linked to the thread stay (they are documents of their own)."""
     _thread_row(conn, thread_id)
-    for table in ("items", "turns", "events"):
+    for table in ("items", "turns", "events", "approvals"):
         conn.execute(f"DELETE FROM {table} WHERE thread_id = ?", (thread_id,))
     conn.execute("DELETE FROM threads WHERE id = ?", (thread_id,))
     event = append_event(conn, EventDraft(thread_id, "thread.deleted", {"thread_id": thread_id}, timestamp=now))

@@ -59,6 +59,14 @@ class UpdateThread(Op):
     changes: dict[str, Any]
 
 
+@dataclasses.dataclass(eq=False, kw_only=True)
+class DecideApproval(Op):
+    approval_id: str
+    decision: str  # "allow" | "deny"
+    remember: bool = False
+    message: str | None = None
+
+
 # ---- history control: each is checked and applied as one store write (runtime.history) -------------
 
 IF_BUSY = ("reject", "interrupt")

@@ -14,11 +14,13 @@ from . import codec
 from .store import Event, row_to_event
 from .transcript import readable_messages
 
-ACTIVE_TURN_STATUSES = ("queued", "in_progress")
+# A turn that has not ended: queued, streaming, or waiting for a client's decision on a tool call.
+ACTIVE_TURN_STATUSES = ("queued", "in_progress", "awaiting_approval")
+APPROVAL_STATUSES = ("pending", "allowed", "denied", "expired", "canceled")
 # A thread row without ``base_messages`` (a resumed session's messages: 12 MB for a 12 MB session), which
 # only an engine's restore reads. Thread reads run inline on the event loop.
 THREAD_COLUMNS = ("id, created_at, updated_at, model, workspace, mode, archived, title, system_prompt,"
-                  " latest_turn_id, session_id, base_tokens, forked_from")
+                  " latest_turn_id, session_id, base_tokens, forked_from, approval_policy, allowed_tools")
 # A finished turn: the only kind that can anchor a history change (fork, rewind, retry).
 FINISHED_TURN_STATUSES = ("completed", "failed", "interrupted")
 # Items of the live history only: a rewound turn's items stay in the store but not in the history.
@@ -42,6 +44,8 @@ def thread_record(row: sqlite3.Row) -> dict[str, Any]:
         "latest_turn_id": row["latest_turn_id"],
         "session_id": row["session_id"],
         "forked_from": json.loads(row["forked_from"]) if row["forked_from"] else None,
+        "approval_policy": row["approval_policy"],
+        "allowed_tools": json.loads(row["allowed_tools"]) if row["allowed_tools"] else [],
     }
 
 
@@ -144,6 +148,42 @@ def events_after(conn: sqlite3.Connection, thread_id: str, since_seq: int, limit
     return [row_to_event(row) for row in rows]
 
 
+def approval_record(row: sqlite3.Row) -> dict[str, Any]:
+    return {
+        "id": row["id"], "thread_id": row["thread_id"], "turn_id": row["turn_id"], "item_id": row["item_id"],
+        "tool": row["tool"], "input": json.loads(row["input"]), "status": row["status"],
+        "created_at": row["created_at"], "expires_at": row["expires_at"], "resolved_at": row["resolved_at"],
+        "decided_by": row["decided_by"], "message": row["message"],
+    }
+
+
+def get_approval(conn: sqlite3.Connection, approval_id: str) -> dict[str, Any] | None:
+    row = conn.execute("SELECT * FROM approvals WHERE id = ?", (approval_id,)).fetchone()
+    return approval_record(row) if row else None
+
+
+def list_approvals(conn: sqlite3.Connection, thread_id: str | None, status: str | None,
+                   limit: int) -> list[dict[str, Any]]:
+    """Approvals, oldest first (the order they were asked in), of one thread or of every thread."""
+    where, params = [], []
+    if thread_id is not None:
+        where.append("thread_id = ?")
+        params.append(thread_id)
+    if status is not None:
+        where.append("status = ?")
+        params.append(status)
+    sql = f"SELECT * FROM approvals {'WHERE ' + ' AND '.join(where) if where else ''} ORDER BY created_at, id LIMIT ?"
+    return [approval_record(row) for row in conn.execute(sql, (*params, limit))]
+
+
+def threads_with_active_turns(conn: sqlite3.Connection) -> list[str]:
+    """Threads whose turn outlived the process (waiting for an approval, or going on after a tool whose
+    outcome is unknown): their engines start with the runtime and carry the turn on."""
+    rows = conn.execute("SELECT DISTINCT thread_id FROM turns WHERE status IN ('in_progress', 'awaiting_approval')"
+                        " AND rewound = 0").fetchall()
+    return [row["thread_id"] for row in rows]
+
+
 def engine_state(conn: sqlite3.Connection, thread_id: str) -> dict[str, Any] | None:
     """Everything an engine needs to restore itself after a spawn or a process restart. Runs in a worker
     thread; the base messages come as bytes and are decoded in slices (see runtime.codec), so a 12 MB
@@ -153,6 +193,19 @@ def engine_state(conn: sqlite3.Connection, thread_id: str) -> dict[str, Any] | N
         return None
     (base,) = conn.execute("SELECT CAST(base_messages AS BLOB) FROM threads WHERE id = ?", (thread_id,)).fetchone()
     items = thread_items(conn, thread_id)
+    # A turn that has not ended (it outlived the process: see threads_with_active_turns) is carried on by the
+    # engine: its items are not history yet.
+    active = conn.execute(
+        f"SELECT * FROM turns WHERE thread_id = ? AND rewound = 0 AND status IN ({','.join('?' * len(ACTIVE_TURN_STATUSES))})"
+        " ORDER BY ord DESC LIMIT 1", (thread_id, *ACTIVE_TURN_STATUSES)).fetchone()
+    active_turn = None
+    if active is not None:
+        own = [item for item in items if item["turn_id"] == active["id"]]
+        items = [item for item in items if item["turn_id"] != active["id"]]
+        pending = conn.execute("SELECT * FROM approvals WHERE turn_id = ? AND status = 'pending' ORDER BY created_at"
+                               " LIMIT 1", (active["id"],)).fetchone()
+        active_turn = {"turn": turn_record(active, [item["id"] for item in own]), "items": own,
+                       "approval": approval_record(pending) if pending else None}
     # Tokens of the live history; ords over every turn and item (rewound ones too), since ords only grow.
     totals = conn.execute(
         "SELECT COALESCE(SUM(CASE WHEN rewound = 0 THEN COALESCE(input_tokens, 0) + COALESCE(output_tokens, 0)"
@@ -169,4 +222,5 @@ def engine_state(conn: sqlite3.Connection, thread_id: str) -> dict[str, Any] | N
         "turn_tokens": totals["t"],
         "turn_count": totals["n"],
         "item_count": item_ord["n"],
+        "active_turn": active_turn,
     }

@@ -117,6 +117,29 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX idempotency_by_expiry ON idempotency (expires_at);
     """,
+    # 5: tools and approvals (issue 13). A thread's approval policy and the tools a client allowed for
+    # the rest of it ("remember"); an approval is a stored record with a wall-clock deadline, so a pending
+    # one outlives the process. A turn or a tool_call item waiting for one has status 'awaiting_approval'.
+    """
+    ALTER TABLE threads ADD COLUMN approval_policy TEXT NOT NULL DEFAULT 'ask';
+    ALTER TABLE threads ADD COLUMN allowed_tools TEXT;
+    CREATE TABLE approvals (
+        id TEXT PRIMARY KEY,
+        thread_id TEXT NOT NULL,
+        turn_id TEXT NOT NULL,
+        item_id TEXT NOT NULL,
+        tool TEXT NOT NULL,
+        input TEXT NOT NULL,
+        status TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        expires_at TEXT NOT NULL,
+        resolved_at TEXT,
+        decided_by TEXT,
+        message TEXT
+    );
+    CREATE INDEX approvals_by_thread ON approvals (thread_id, created_at);
+    CREATE INDEX approvals_pending ON approvals (created_at) WHERE status = 'pending';
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -45,6 +45,9 @@ MAX_BATCH = 512
 # Requests published between two yields to the scheduler after a big batch committed.
 PUBLISH_SLICE = 64
 RESTART_ERROR = "interrupted by process restart"
+# The result of a tool that was running when the process died (API.md, "Tools and approvals"): it is never
+# run again by itself, and the model is told so.
+OUTCOME_UNKNOWN = "outcome unknown: the server restarted while the tool ran"
 # Items whose text arrives as item.delta events (and is written to the item row when it closes).
 STREAMED_KINDS = ("agent_message", "agent_reasoning")
 
@@ -207,18 +210,35 @@ class Store:
 
     @staticmethod
     def _recover(conn: sqlite3.Connection) -> int:
-        """Turns and items a crash left queued/in_progress become interrupted, with an event each."""
+        """Settle what a crash left running, with an event for each change:
+
+        - a tool call whose start was recorded but not its result ran, or did not, when the process died:
+          it is never run again; its item ends ``failed`` with OUTCOME_UNKNOWN, which is also the tool's
+          result the model gets, and its turn goes on (it stays ``in_progress``; its engine starts with the
+          runtime and carries it on);
+        - a turn waiting for an approval keeps waiting (the approval and its deadline are stored);
+        - every other queued or in-progress turn and item becomes ``interrupted``.
+        Returns the number of turns interrupted."""
         now = utc_now()
         conn.execute("BEGIN IMMEDIATE")
         try:
-            rows = conn.execute(
-                "SELECT id, thread_id, input_tokens, output_tokens FROM turns"
-                " WHERE status IN ('queued', 'in_progress')"
-            ).fetchall()
             items = conn.execute(
-                "SELECT id, turn_id, thread_id, kind FROM items WHERE status IN ('queued', 'in_progress')"
+                "SELECT id, turn_id, thread_id, kind, metadata FROM items WHERE status IN ('queued', 'in_progress')"
             ).fetchall()
+            going_on: set[str] = set()
             for item in items:
+                meta = json.loads(item["metadata"]) if item["metadata"] else {}
+                if item["kind"] == "tool_call" and meta.get("started_at") and "result" not in meta:
+                    meta.update(result=OUTCOME_UNKNOWN, is_error=True)
+                    conn.execute("UPDATE items SET status = 'failed', summary = ?, detail = ?, metadata = ?,"
+                                 " ended_at = ? WHERE id = ?",
+                                 (OUTCOME_UNKNOWN, OUTCOME_UNKNOWN, json.dumps(meta), now, item["id"]))
+                    append_event(conn, EventDraft(
+                        item["thread_id"], "item.failed", {"kind": item["kind"], "text": OUTCOME_UNKNOWN,
+                                                           "metadata": meta},
+                        turn_id=item["turn_id"], item_id=item["id"], timestamp=now))
+                    going_on.add(item["turn_id"])
+                    continue
                 # The text streamed so far is in the item's deltas (the item row gets its text when it
                 # closes, which a crash prevented): the item keeps it, so its deltas still concatenate to
                 # its stored text and the live history has the partial reply, as after an interrupt.
@@ -234,6 +254,10 @@ class Store:
                 append_event(conn, EventDraft(
                     item["thread_id"], "item.interrupted", {"kind": item["kind"], "reason": RESTART_ERROR},
                     turn_id=item["turn_id"], item_id=item["id"], timestamp=now))
+            rows = [row for row in conn.execute(
+                "SELECT id, thread_id, input_tokens, output_tokens FROM turns"
+                " WHERE status IN ('queued', 'in_progress')"
+            ).fetchall() if row["id"] not in going_on]
             for row in rows:
                 conn.execute(
                     "UPDATE turns SET status = 'interrupted', error = ?, ended_at = ? WHERE id = ?",
@@ -254,6 +278,9 @@ class Store:
             raise
         if rows:
             log.warning("marked %d turn(s) interrupted after an unclean stop", len(rows))
+        if going_on:
+            log.warning("%d turn(s) go on after a tool whose outcome is unknown (the process stopped while it ran)",
+                        len(going_on))
         return len(rows)
 
     def _close_sync(self) -> None:

@@ -26,6 +26,7 @@ from hypercorn.trio import serve as hypercorn_serve
 
 from runtime import Runtime, RuntimeConfig, __version__
 from runtime.models.openai_compat import DEFAULT_READ_TIMEOUT, OpenAICompatModel
+from runtime.config import DEFAULT_APPROVAL_TIMEOUT
 from runtime.models.tools import ToolRegistry, demo_registry
 
 from . import server
@@ -33,9 +34,9 @@ from .app import create_app
 from .auth import TOKEN_FILE, load_or_create_token, token_problem
 from .doctor import API_KEY_ENV, BASE_URL_ENV, DEFAULT_DOCTOR_TIMEOUT, MODEL_NAME_ENV, run_doctor
 from .settings import (
-    DEFAULT_DATA_DIR, DEFAULT_GRACEFUL_SECONDS, DEFAULT_HOST, DEFAULT_MAX_BODY, DEFAULT_PORT, DEFAULT_REQUEST_TIMEOUT,
-    DEFAULT_SSE_KEEPALIVE, DEFAULT_SSE_SEND_TIMEOUT, IDLE_EVICT, MAX_BODY, MAX_TOKENS, PORT, SECONDS, Bound,
-    ServerSettings, is_loopback, show,
+    APPROVAL_SECONDS, DEFAULT_DATA_DIR, DEFAULT_GRACEFUL_SECONDS, DEFAULT_HOST, DEFAULT_MAX_BODY, DEFAULT_PORT,
+    DEFAULT_REQUEST_TIMEOUT, DEFAULT_SSE_KEEPALIVE, DEFAULT_SSE_SEND_TIMEOUT, IDLE_EVICT, MAX_BODY, MAX_TOKENS, PORT,
+    SECONDS, Bound, ServerSettings, is_loopback, show,
 )
 
 log = logging.getLogger("trio_runtime")
@@ -53,6 +54,7 @@ SERVE_NUMBERS = (
     ("--sse-send-timeout", "sse_send_timeout", SECONDS),
     ("--graceful-timeout", "graceful_timeout", SECONDS),
     ("--idle-evict", "idle_evict", IDLE_EVICT),
+    ("--approval-timeout", "approval_timeout", APPROVAL_SECONDS),
 )
 MODEL_NUMBERS = (
     ("--model-read-timeout", "model_read_timeout", SECONDS),
@@ -116,8 +118,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"the server's OpenAI API base, e.g. http://127.0.0.1:8080/v1 [{BASE_URL_ENV}]")
     parser.add_argument("--model-name", default=_env(MODEL_NAME_ENV), metavar="NAME",
                         help=f"the model to ask for, as GET <base>/models lists it [{MODEL_NAME_ENV}]")
-    parser.add_argument("--model-tools", choices=("none", "demo"), default="none",
-                        help="tools offered to the model: none (default), or demo (get_time, reads the clock)")
+    parser.add_argument("--tools", "--model-tools", dest="tools", choices=("none", "demo"), default="none",
+                        help="tools offered to the model, whatever the backend: none (default), or demo (get_time;"
+                             " write_note and wait, which need approval). --model-tools is an old alias")
     parser.add_argument("--model-read-timeout", type=float, default=DEFAULT_READ_TIMEOUT, metavar="SECONDS",
                         help="a turn fails when the model server sends nothing for this long (default 60)")
     parser.add_argument("--model-max-tokens", type=int, default=None, metavar="N",
@@ -136,13 +139,17 @@ def model_factory_from_args(parser: argparse.ArgumentParser,
     if missing:
         parser.error(f"--model openai needs {' and '.join(missing)} (or {BASE_URL_ENV} / {MODEL_NAME_ENV})")
     api_key = _env(API_KEY_ENV)
-    tools = demo_registry() if args.model_tools == "demo" else ToolRegistry()
-    log.info("model backend: openai at %s, model %r, API key %s, tools: %s, max tokens: %s", args.model_base_url,
-             args.model_name, "set" if api_key else "not set", ", ".join(tools.names) or "none",
-             args.model_max_tokens or "server's limit")
+    log.info("model backend: openai at %s, model %r, API key %s, max tokens: %s", args.model_base_url,
+             args.model_name, "set" if api_key else "not set", args.model_max_tokens or "server's limit")
     return lambda: OpenAICompatModel(args.model_base_url, args.model_name, api_key,
-                                     read_timeout=args.model_read_timeout, max_tokens=args.model_max_tokens,
-                                     tools=tools)
+                                     read_timeout=args.model_read_timeout, max_tokens=args.model_max_tokens)
+
+
+def tools_from_args(args: argparse.Namespace) -> ToolRegistry | None:
+    """The RuntimeConfig.tools for ``--tools`` (None: no tools). The engine offers them to every backend."""
+    tools = demo_registry() if args.tools == "demo" else None
+    log.info("tools offered to the model: %s", ", ".join(tools.names) if tools else "none")
+    return tools
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -174,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--idle-evict", type=float, default=None,
                        help=f"seconds before an idle engine is evicted (default 600; {IDLE_EVICT})")
     add_model_arguments(serve)
+    serve.add_argument("--approval-timeout", type=float, default=DEFAULT_APPROVAL_TIMEOUT, metavar="SECONDS",
+                       help="a tool call nobody allows or denies for this long is denied as expired"
+                            f" (default 300; {APPROVAL_SECONDS})")
     serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     doctor = commands.add_parser("doctor", help="check that the configured model backend is reachable and serves"
                                                 " the model; exit 0 if so, 1 with what is wrong")
@@ -288,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     model_factory = model_factory_from_args(parser, args)
     config = RuntimeConfig(data_dir=settings.data_dir, model_factory=model_factory,
                            default_model=args.model_name if model_factory else "scripted",
+                           tools=tools_from_args(args), approval_timeout=args.approval_timeout,
                            **({"idle_evict_seconds": args.idle_evict} if args.idle_evict is not None else {}))
     # A full garbage collection walks every tracked object, and what start-up made (modules, classes,
     # the parser) lives as long as the process: move it out of the collector's reach once. A 12 MB

@@ -43,6 +43,7 @@ class CreateThreadBody:
     system_prompt: str | None = None
     title: str | None = None
     archived: bool = False
+    approval_policy: str | None = _documented(None, enum=["ask", "auto", "deny"])
 
 
 @dataclasses.dataclass
@@ -53,6 +54,35 @@ class UpdateThreadBody:
     mode: str | None = None
     title: str | None = None
     system_prompt: str | None = None
+    approval_policy: str | None = _documented(None, enum=["ask", "auto", "deny"])
+
+
+@dataclasses.dataclass
+class DecideApprovalBody:
+    decision: str = _documented(enum=["allow", "deny"])
+    remember: bool = False
+    message: str | None = None
+
+
+@dataclasses.dataclass
+class ApprovalRecord:
+    id: str
+    thread_id: str
+    turn_id: str
+    item_id: str
+    tool: str
+    input: dict[str, Any]
+    status: str  # pending | allowed | denied | expired | canceled
+    created_at: str
+    expires_at: str
+    resolved_at: str | None
+    decided_by: str | None  # client | timeout | policy | interrupt
+    message: str | None
+
+
+@dataclasses.dataclass
+class ApprovalList:
+    approvals: list[ApprovalRecord]
 
 
 @dataclasses.dataclass
@@ -185,6 +215,8 @@ class ThreadRecord:
     latest_turn_id: str | None
     session_id: str | None
     forked_from: ForkedFrom | None = None
+    approval_policy: str = "ask"  # ask | auto | deny
+    allowed_tools: list[str] = dataclasses.field(default_factory=list)  # allowed for the rest of the thread
 
 
 @dataclasses.dataclass

@@ -48,7 +48,9 @@ PORT = Bound(0, 65535)
 SECONDS = Bound(0.1, 3600, "seconds")  # every timeout, the keepalive and the grace period
 IDLE_EVICT = Bound(1, 7 * 24 * 3600, "seconds")  # up to a week
 MAX_BODY = Bound(1024, 1024**3, "bytes")  # 1 KiB to 1 GiB: a body is held in memory while it is parsed
-MAX_TOKENS = Bound(1, 1_000_000, "tokens")  # the largest context windows served today are about 1M tokens
+MAX_TOKENS = Bound(1, 1_000_000, "tokens")
+# A person may take a while to answer an approval, but a week unanswered is a forgotten turn.
+APPROVAL_SECONDS = Bound(0.1, 7 * 24 * 3600, "seconds")  # the largest context windows served today are about 1M tokens
 
 
 @dataclasses.dataclass(frozen=True)

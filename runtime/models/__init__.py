@@ -2,14 +2,14 @@
 
 from .base import (
     ItemBreak, ModelBackend, ModelError, ModelEvent, ModelRequest, ReasoningDelta, Retrying, TextDelta, ToolCall,
-    ToolResult, Truncated, Usage, ValidText,
+    ToolOutcome, ToolResult, ToolSpec, Truncated, Usage, ValidText,
 )
 from .openai_compat import OpenAICompatModel
 from .scripted import ScriptedModel
-from .tools import Tool, ToolRegistry
+from .tools import Tool, ToolContext, ToolRegistry
 
 __all__ = [
     "ItemBreak", "ModelBackend", "ModelError", "ModelEvent", "ModelRequest", "ReasoningDelta", "Retrying",
-    "OpenAICompatModel", "ScriptedModel", "TextDelta", "Tool", "ToolCall", "ToolRegistry", "ToolResult", "Truncated",
-    "Usage", "ValidText",
+    "OpenAICompatModel", "ScriptedModel", "TextDelta", "Tool", "ToolCall", "ToolContext", "ToolOutcome",
+    "ToolRegistry", "ToolResult", "ToolSpec", "Truncated", "Usage", "ValidText",
 ]

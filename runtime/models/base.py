@@ -4,6 +4,12 @@ A backend turns one request into an async stream of events. The engine owns ever
 (items, events, usage bookkeeping, interrupts): a backend only talks to its model. Cancelling the
 iteration (an interrupt) must stop the backend promptly; it should not catch ``trio.Cancelled``.
 
+Tools: a backend never runs a tool itself. The engine offers the tools in ``ModelRequest.tools`` and a
+``run_tool`` callback; when the model asks for one, the backend yields the ToolCall, awaits
+``run_tool(call)`` (the engine asks for approval, records the start, runs the tool, bounded) and yields
+the ToolResult built from the ToolOutcome it returns. Cancellation while ``run_tool`` waits is an
+interrupt: it propagates like any other.
+
 Every backend's stream reaches the engine through ``ValidText``, so the rule "text from any model is
 valid Unicode before it is stored or sent" (API.md) is kept in this one place, whatever the backend.
 """
@@ -12,11 +18,30 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Any, AsyncIterator, Protocol, Union
+from typing import Any, AsyncIterator, Awaitable, Callable, Protocol, Union
 
 import trio
 
 from ..text import REPLACEMENT, has_surrogate, is_high_surrogate, valid_text, valid_value
+
+
+@dataclasses.dataclass(frozen=True)
+class ToolSpec:
+    """A tool as the model is told about it: what the backend puts in its request (OpenAI's
+    ``function`` object). ``parameters`` is the JSON schema of the input object."""
+
+    name: str
+    description: str
+    parameters: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class ToolOutcome:
+    """What a tool call came to, as the model reads it: the result text, and whether it is an error
+    (the tool failed, was refused or denied). Never an exception: the model may recover."""
+
+    content: str
+    is_error: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,9 +52,20 @@ class ModelRequest:
     mode: str
     system_prompt: str | None
     history: list[dict[str, Any]]
-    prompt: str
+    # None: a continuation of a turn whose history already ends with tool results (the turn was
+    # resumed after a restart); the model answers from the history alone.
+    prompt: str | None
     # Text the client steered into the running turn; the backend reads it when it can use it.
     steers: trio.MemoryReceiveChannel[str]
+    # The tools the model may call, and the engine's callback that runs one (see the module docstring).
+    # A backend offers tools only when it has both.
+    tools: tuple[ToolSpec, ...] = ()
+    run_tool: Callable[[ToolCall], Awaitable[ToolOutcome]] | None = None
+
+    @property
+    def offered_tools(self) -> tuple[ToolSpec, ...]:
+        """The tools to offer the model: none unless there is a ``run_tool`` to run them with."""
+        return self.tools if self.run_tool is not None else ()
 
 
 @dataclasses.dataclass(frozen=True)

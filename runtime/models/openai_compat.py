@@ -1,13 +1,14 @@
 """A model backend for any OpenAI-compatible chat completions server (llama.cpp server, vLLM, Ollama, OpenAI).
 
 One turn is one or more streaming ``POST {base_url}/chat/completions`` requests (``stream: true``,
-``stream_options.include_usage``), each sending the whole conversation: the system prompt, the thread's
+``stream_options.include_usage``), each sending the offered tools (``request.tools``, only when the
+request has a ``run_tool``) and the whole conversation: the system prompt, the thread's
 history converted to OpenAI messages (see ``openai_messages``), the new prompt, and what the turn added so
 far. A request is *a round*; a turn takes another round when
 
-- the model asked for tools: each call becomes a ToolCall event, runs in the ToolRegistry, becomes a
-  ToolResult event, and the results are sent back (at most ``max_tool_rounds`` such rounds, then the
-  turn fails); or
+- the model asked for tools: each call becomes a ToolCall event, is run by the engine through
+  ``request.run_tool`` (approval, the recorded start and the run are the engine's), becomes a ToolResult
+  event, and the results are sent back (at most ``max_tool_rounds`` such rounds, then the turn fails); or
 - the client steered text into the turn: steers are read between rounds and once the answer is complete,
   sent as user messages, and answered in a further round.
 
@@ -41,8 +42,8 @@ retries so far.
 
 Cancellation (an interrupt): nothing here catches ``trio.Cancelled``. The request is not drained: leaving
 the ``client.stream`` block closes the response, which closes its connection (httpcore closes the socket
-under a short shield), so the server sees the disconnect at once. A tool running at that moment is
-abandoned.
+under a short shield), so the server sees the disconnect at once. A tool call waiting in ``run_tool`` at
+that moment (for its approval, or running) is cancelled with it; what that leaves is the engine's to say.
 
 The API key is only ever put in the ``Authorization`` header. It is not logged, not in ``repr``, and it
 is scrubbed from any error text a server echoes back.
@@ -66,10 +67,9 @@ import trio
 from ..text import valid_text, valid_value
 from ..transcript import result_text
 from .base import (
-    ItemBreak, ModelError, ModelEvent, ModelRequest, ReasoningDelta, Retrying, TextDelta, ToolCall, ToolResult,
-    Truncated, Usage,
+    ItemBreak, ModelError, ModelEvent, ModelRequest, ReasoningDelta, Retrying, TextDelta, ToolCall, ToolOutcome,
+    ToolResult, ToolSpec, Truncated, Usage,
 )
-from .tools import ToolOutcome, ToolRegistry
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +167,12 @@ def openai_messages(system_prompt: str | None, history: Iterable[dict[str, Any]]
     return out
 
 
+def openai_tools(tools: Iterable[ToolSpec]) -> list[dict[str, Any]]:
+    """The ``tools`` field of a chat completion request."""
+    return [{"type": "function", "function": {"name": t.name, "description": t.description, "parameters": t.parameters}}
+            for t in tools]
+
+
 def _message_chars(messages: Iterable[dict[str, Any]]) -> int:
     total = 0
     for message in messages:
@@ -245,7 +251,6 @@ class OpenAICompatModel:
         backoff_max: float = DEFAULT_BACKOFF_MAX,
         max_tool_rounds: int = DEFAULT_MAX_TOOL_ROUNDS,
         max_tokens: int | None = None,
-        tools: ToolRegistry | None = None,
         http_client: Callable[[], httpx.AsyncClient] | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
@@ -258,7 +263,6 @@ class OpenAICompatModel:
         self.backoff_max = backoff_max
         self.max_tool_rounds = max_tool_rounds
         self.max_tokens = max_tokens
-        self.tools = tools if tools is not None else ToolRegistry()
         self._http_client = http_client or httpx.AsyncClient
 
     def __repr__(self) -> str:  # never shows the key
@@ -274,13 +278,14 @@ class OpenAICompatModel:
         """The turn's events (see the module docstring). Raises ModelError and nothing else on a model
         failure; cancellation propagates and closes the HTTP stream on its way out."""
         messages = openai_messages(request.system_prompt, request.history, request.prompt)
+        tools = openai_tools(request.offered_tools)
         turn = _TurnState()
         tool_rounds = 0
         async with self._http_client() as client:
             while True:
                 rnd = _Round()
                 input_chars = _message_chars(messages)
-                async with contextlib.aclosing(self._exchange(client, messages, rnd, turn)) as events:
+                async with contextlib.aclosing(self._exchange(client, messages, tools, rnd, turn)) as events:
                     async for event in events:
                         yield event
                 if rnd.finish_reason == "length":
@@ -296,7 +301,7 @@ class OpenAICompatModel:
                         raise ModelError(
                             f"The model kept calling tools for {self.max_tool_rounds} rounds without answering;"
                             " the turn was stopped (limit: max_tool_rounds)")
-                    async with contextlib.aclosing(self._run_tools(rnd, text, messages)) as events:
+                    async with contextlib.aclosing(self._run_tools(request, rnd, text, messages)) as events:
                         async for event in events:
                             yield event
                     turn.last_kind = None
@@ -322,7 +327,7 @@ class OpenAICompatModel:
             except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                 return steers
 
-    def _body(self, messages: list[dict[str, Any]]) -> dict[str, Any]:
+    def _body(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> dict[str, Any]:
         body: dict[str, Any] = {
             "model": self.model_name,
             "messages": messages,
@@ -333,8 +338,8 @@ class OpenAICompatModel:
             # ``max_tokens`` rather than OpenAI's newer ``max_completion_tokens``: it is the one every local
             # server (llama.cpp, vLLM, Ollama) reads, and OpenAI still accepts it for chat models.
             body["max_tokens"] = self.max_tokens
-        if len(self.tools):
-            body["tools"] = self.tools.openai_tools()
+        if tools:
+            body["tools"] = tools
         return body
 
     def _headers(self) -> dict[str, str]:
@@ -346,11 +351,11 @@ class OpenAICompatModel:
     def _timeout(self) -> httpx.Timeout:
         return httpx.Timeout(self.read_timeout, connect=self.connect_timeout, pool=self.connect_timeout)
 
-    async def _exchange(self, client: httpx.AsyncClient, messages: list[dict[str, Any]], rnd: _Round,
-                        turn: _TurnState) -> AsyncIterator[ModelEvent]:
+    async def _exchange(self, client: httpx.AsyncClient, messages: list[dict[str, Any]], tools: list[dict[str, Any]],
+                        rnd: _Round, turn: _TurnState) -> AsyncIterator[ModelEvent]:
         """One round: POST, retrying 429/5xx while nothing streamed, then stream the answer into ``rnd``."""
         url = f"{self.base_url}/chat/completions"
-        body = self._body(messages)
+        body = self._body(messages, tools)
         request_retries = 0
         while True:
             log.debug("POST %s (model %s, %d messages)", url, self.model_name, len(messages))
@@ -494,8 +499,11 @@ class OpenAICompatModel:
             call.arguments += fragment
             rnd.output_chars += len(fragment)
 
-    async def _run_tools(self, rnd: _Round, text: str, messages: list[dict[str, Any]]) -> AsyncIterator[ModelEvent]:
-        """Announce, run and answer each tool call of the round, in the order the model made them."""
+    async def _run_tools(self, request: ModelRequest, rnd: _Round, text: str,
+                         messages: list[dict[str, Any]]) -> AsyncIterator[ModelEvent]:
+        """Announce each tool call of the round, have the engine run it (``request.run_tool``), and answer
+        it, in the order the model made them. Arguments that are not a JSON object never reach the engine:
+        the model gets an error result saying so."""
         calls = [rnd.calls[i] for i in sorted(rnd.calls)]
         for call in calls:
             if not call.id:  # some servers omit ids; the transcript needs one to pair call and result
@@ -511,11 +519,14 @@ class OpenAICompatModel:
         for call in calls:
             arguments, problem = _parse_arguments(call.arguments)
             arguments = valid_value(arguments)  # the JSON may itself escape a lone surrogate
-            yield ToolCall(call.id, call.name, arguments)
+            tool_call = ToolCall(call.id, call.name, arguments)
+            yield tool_call
+            if problem is None and request.run_tool is None:
+                problem = "no tools are offered to the model"
             if problem is not None:
                 outcome = ToolOutcome(f"Tool '{call.name}' was not run: {problem}", is_error=True)
             else:
-                outcome = await self.tools.call(call.name, arguments)
+                outcome = await request.run_tool(tool_call)
             yield ToolResult(call.id, outcome.content, outcome.is_error)
             messages.append({"role": "tool", "tool_call_id": call.id, "content": outcome.content})
 

@@ -8,14 +8,17 @@ through the ``http_client`` seam with an in-memory transport, where no socket is
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any
+from pathlib import Path
+from typing import Any, AsyncIterator
 
 import pytest
 import trio
 
-from runtime.models.base import ModelError, ModelEvent, ModelRequest
+from runtime.models.base import ModelError, ModelEvent, ModelRequest, ToolCall, ToolOutcome, ToolSpec
 from runtime.models.openai_compat import OpenAICompatModel
+from runtime.models.tools import ToolContext, ToolRegistry
 
 from .fake_openai import FakeOpenAI
 
@@ -39,13 +42,41 @@ def make_model(fake: FakeOpenAI, **overrides: Any) -> OpenAICompatModel:
     return OpenAICompatModel(base_url, model_name, **options)
 
 
-def make_request(prompt: str = "Hello?", *, history: list[dict[str, Any]] | None = None,
-                 system_prompt: str | None = None, steers: list[str] = ()) -> ModelRequest:
+def make_request(prompt: str | None = "Hello?", *, history: list[dict[str, Any]] | None = None,
+                 system_prompt: str | None = None, steers: list[str] = (), tools: tuple[ToolSpec, ...] = (),
+                 run_tool: Any = None) -> ModelRequest:
     send, receive = trio.open_memory_channel[str](math.inf)
     for steer in steers:
         send.send_nowait(steer)
     return ModelRequest(thread_id="thr_test", turn_id="turn_test", model="fake-model", mode="default",
-                        system_prompt=system_prompt, history=history or [], prompt=prompt, steers=receive)
+                        system_prompt=system_prompt, history=history or [], prompt=prompt, steers=receive,
+                        tools=tools, run_tool=run_tool)
+
+
+class FakeRunTool:
+    """The engine's side of a tool call, faked: records each ToolCall it is handed and answers with
+    ``outcome`` (a ToolOutcome, or a function of the call), after ``gate`` is set when one is given."""
+
+    def __init__(self, outcome: ToolOutcome | Any, gate: trio.Event | None = None) -> None:
+        self.outcome = outcome
+        self.gate = gate
+        self.calls: list[ToolCall] = []
+        self.waiting = trio.Event()  # set once a call is waiting for the gate
+
+    async def __call__(self, call: ToolCall) -> ToolOutcome:
+        self.calls.append(call)
+        if self.gate is not None:
+            self.waiting.set()
+            await self.gate.wait()
+        return self.outcome(call) if callable(self.outcome) else self.outcome
+
+
+def registry_runner(registry: ToolRegistry, data_dir: Path, thread_id: str = "thr_test") -> Any:
+    """A run_tool that runs calls straight in ``registry`` (no approval): the engine's part, minus the
+    approvals and the records."""
+    async def run_tool(call: ToolCall) -> ToolOutcome:
+        return await registry.call(call.name, call.input, ToolContext(thread_id, data_dir))
+    return run_tool
 
 
 async def run_stream(model: OpenAICompatModel, request: ModelRequest) -> list[ModelEvent]:

@@ -12,12 +12,12 @@ import pytest
 import trio
 
 from runtime.models.base import (
-    ItemBreak, ReasoningDelta, Retrying, TextDelta, ToolCall, ToolResult, Truncated, Usage,
+    ItemBreak, ReasoningDelta, Retrying, TextDelta, ToolCall, ToolOutcome, ToolResult, Truncated, Usage,
 )
 from runtime.models.openai_compat import INTERRUPTED_TOOL_RESULT, OpenAICompatModel, openai_messages
 from runtime.models.tools import Tool, ToolRegistry, demo_registry
 
-from .conftest import API_KEY, LIMIT, make_model, make_request, run_failing, run_stream
+from .conftest import API_KEY, LIMIT, FakeRunTool, make_model, make_request, registry_runner, run_failing, run_stream
 from .fake_openai import (
     Close, Raw, Reply, Stall, Wait, chunk, error_reply, text_reply, tool_reply, usage_chunk,
 )
@@ -116,40 +116,119 @@ async def test_reasoning_content_becomes_reasoning_deltas_then_an_item_break_bef
 # ---- tools ---------------------------------------------------------------------------------------
 
 
-async def test_tool_call_assembled_from_fragments_is_run_and_its_result_sent_back(fake):
-    fake.queue(tool_reply("call_abc", "get_time", ['{"time', 'zone": ', '"UTC"}'], usage=(20, 6)),
+async def test_tool_call_assembled_from_fragments_is_run_by_the_engine_and_its_result_sent_back(fake, tmp_path):
+    fake.queue(tool_reply("call_abc", "get_time", ['{', '}'], usage=(20, 6)),
                text_reply("It is noon.", usage=(40, 4)))
-    model = make_model(fake, tools=demo_registry())
+    registry = demo_registry()
 
-    events = await run_stream(model, make_request("What time is it?"))
+    events = await run_stream(make_model(fake), make_request(
+        "What time is it?", tools=registry.spec(), run_tool=registry_runner(registry, tmp_path)))
 
     call, result = events[1], events[2]
     assert events[0] == Usage(20, 6)
-    assert call == ToolCall("call_abc", "get_time", {"timezone": "UTC"})
+    assert call == ToolCall("call_abc", "get_time", {})
     assert isinstance(result, ToolResult) and result.id == "call_abc" and not result.is_error
     when = datetime.datetime.fromisoformat(result.content)
     assert when.utcoffset() == datetime.timedelta(0)
     assert events[3:] == [TextDelta("It is noon."), Usage(60, 10)]  # usage summed over both rounds
+    assert registry.runs == {"get_time": 1}
 
     first, second = fake.chat_requests
-    assert [t["function"]["name"] for t in first.body["tools"]] == ["get_time"]
+    assert first.body["tools"] == [
+        {"type": "function", "function": {"name": t.name, "description": t.description, "parameters": t.parameters}}
+        for t in registry.spec()]
+    assert [t["function"]["name"] for t in first.body["tools"]] == ["get_time", "write_note", "wait"]
     assert second.messages == [
         {"role": "user", "content": "What time is it?"},
         {"role": "assistant", "content": None, "tool_calls": [
             {"id": "call_abc", "type": "function",
-             "function": {"name": "get_time", "arguments": '{"timezone": "UTC"}'}}]},
+             "function": {"name": "get_time", "arguments": '{}'}}]},
         {"role": "tool", "tool_call_id": "call_abc", "content": result.content},
     ]
 
 
-async def test_without_a_registry_no_tools_are_offered(fake):
-    fake.queue(text_reply("ok"))
+async def test_without_tools_or_without_run_tool_no_tools_are_offered(fake, tmp_path):
+    registry = demo_registry()
+    fake.queue(text_reply("ok"), text_reply("ok"), text_reply("ok"))
+
     await run_stream(make_model(fake), make_request())
-    assert "tools" not in fake.chat_requests[0].body
+    await run_stream(make_model(fake), make_request(tools=registry.spec()))  # nothing to run them with
+    await run_stream(make_model(fake), make_request(run_tool=registry_runner(registry, tmp_path)))
+
+    assert ["tools" in r.body for r in fake.chat_requests] == [False, False, False]
 
 
-async def test_failing_unknown_and_garbled_tool_calls_become_error_results_the_model_sees(fake):
-    async def explode(arguments):
+async def test_a_write_note_call_gets_the_result_run_tool_returns_a_denial_included(fake):
+    """The backend never runs a tool: a denial the engine answers with reaches the model as the tool
+    message (is_error), and the turn goes on to the model's next answer."""
+    fake.queue(tool_reply("call_w", "write_note", ['{"name": "todo", ', '"text": "buy milk"}'], usage=(15, 5)),
+               text_reply("Understood, no note.", usage=(30, 4)))
+    run_tool = FakeRunTool(ToolOutcome("denied by user: no", is_error=True))
+    registry = demo_registry()
+
+    events = await run_stream(make_model(fake), make_request("Note: buy milk", tools=registry.spec(),
+                                                             run_tool=run_tool))
+
+    call = ToolCall("call_w", "write_note", {"name": "todo", "text": "buy milk"})
+    assert run_tool.calls == [call]
+    assert events == [Usage(15, 5), call, ToolResult("call_w", "denied by user: no", True),
+                      TextDelta("Understood, no note."), Usage(45, 9)]
+    assert registry.runs == {}  # the registry was never asked: running tools is the engine's
+    first, second = fake.chat_requests
+    assert "write_note" in [t["function"]["name"] for t in first.body["tools"]]
+    assert second.messages[-2:] == [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_w", "type": "function",
+             "function": {"name": "write_note", "arguments": '{"name": "todo", "text": "buy milk"}'}}]},
+        {"role": "tool", "tool_call_id": "call_w", "content": "denied by user: no"},
+    ]
+
+
+async def test_the_result_is_sent_only_once_run_tool_returns(fake):
+    """While the engine holds the call (an approval pending), no second request goes to the server."""
+    fake.queue(tool_reply("call_w", "wait", ['{"seconds": 1}']), text_reply("Done waiting."))
+    gate = trio.Event()
+    run_tool = FakeRunTool(ToolOutcome("Waited 1 s"), gate=gate)
+    events = []
+
+    async def consume() -> None:
+        async for event in make_model(fake).stream(make_request(tools=demo_registry().spec(), run_tool=run_tool)):
+            events.append(event)
+
+    with trio.fail_after(LIMIT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(consume)
+            await run_tool.waiting.wait()
+            assert len(fake.chat_requests) == 1
+            assert events[-1] == ToolCall("call_w", "wait", {"seconds": 1})
+            gate.set()
+
+    assert len(fake.chat_requests) == 2
+    assert fake.chat_requests[1].messages[-1] == {"role": "tool", "tool_call_id": "call_w", "content": "Waited 1 s"}
+    assert texts(events) == "Done waiting."
+
+
+async def test_an_interrupt_while_run_tool_waits_closes_the_stream_and_sends_nothing_more(fake):
+    fake.queue(tool_reply("call_w", "wait", ['{"seconds": 5}']))
+    run_tool = FakeRunTool(ToolOutcome("never"), gate=trio.Event())
+
+    async def consume() -> None:
+        async for _ in make_model(fake).stream(make_request(tools=demo_registry().spec(), run_tool=run_tool)):
+            pass
+
+    with trio.fail_after(LIMIT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(consume)
+            await run_tool.waiting.wait()
+            nursery.cancel_scope.cancel(reason="turn interrupted by test")
+
+    assert nursery.cancel_scope.cancelled_caught
+    assert len(fake.chat_requests) == 1
+    assert run_tool.calls == [ToolCall("call_w", "wait", {"seconds": 5})]
+
+
+async def test_failing_unknown_and_garbled_tool_calls_become_error_results_the_model_sees(fake, tmp_path):
+    async def explode(arguments, context):
         raise RuntimeError("disk on fire")
 
     tools = ToolRegistry([Tool("explode", "Always fails.", {"type": "object", "properties": {}}, explode)])
@@ -163,7 +242,8 @@ async def test_failing_unknown_and_garbled_tool_calls_become_error_results_the_m
         text_reply("Sorry, the tools failed."),
     )
 
-    events = await run_stream(make_model(fake, tools=tools), make_request())
+    events = await run_stream(make_model(fake), make_request(tools=tools.spec(),
+                                                             run_tool=registry_runner(tools, tmp_path)))
 
     results = [e for e in events if isinstance(e, ToolResult)]
     assert [(r.id, r.is_error) for r in results] == [("c1", True), ("c2", True), ("c3", True)]
@@ -173,14 +253,16 @@ async def test_failing_unknown_and_garbled_tool_calls_become_error_results_the_m
     tool_messages = [m for m in fake.chat_requests[1].messages if m["role"] == "tool"]
     assert [m["tool_call_id"] for m in tool_messages] == ["c1", "c2", "c3"]
     assert texts(events) == "Sorry, the tools failed."
+    assert (tools.calls, tools.runs) == ({"explode": 1, "nope": 1}, {"explode": 1})  # c3 never reached it
 
 
-async def test_a_model_that_never_stops_calling_tools_fails_the_turn_after_the_round_cap(fake):
+async def test_a_model_that_never_stops_calling_tools_fails_the_turn_after_the_round_cap(fake, tmp_path):
     for n in range(4):
         fake.queue(tool_reply(f"call_{n}", "get_time", ["{}"]))
+    registry = demo_registry()
 
-    events, error = await run_failing(make_model(fake, tools=demo_registry(), max_tool_rounds=2),
-                                      make_request())
+    events, error = await run_failing(make_model(fake, max_tool_rounds=2), make_request(
+        tools=registry.spec(), run_tool=registry_runner(registry, tmp_path)))
 
     assert "kept calling tools for 2 rounds" in str(error)
     assert len(fake.chat_requests) == 3

@@ -20,14 +20,17 @@ from .fake_openai import Close, Raw, Reply, Stall, Wait, chunk, error_reply, tex
 
 
 @contextlib.asynccontextmanager
-async def open_runtime(tmp_path, model_factory: Callable[[], OpenAICompatModel]) -> AsyncIterator[Runtime]:
-    async with Runtime.open(RuntimeConfig(data_dir=tmp_path, model_factory=model_factory)) as rt:
+async def open_runtime(tmp_path, model_factory: Callable[[], OpenAICompatModel], **config: Any
+                       ) -> AsyncIterator[Runtime]:
+    async with Runtime.open(RuntimeConfig(data_dir=tmp_path, model_factory=model_factory, **config)) as rt:
         yield rt
 
 
 @pytest.fixture
 async def rt(tmp_path, fake) -> AsyncIterator[Runtime]:
-    async with open_runtime(tmp_path, lambda: make_model(fake, read_timeout=0.5, tools=demo_registry())) as runtime:
+    registry = demo_registry()
+    async with open_runtime(tmp_path, lambda: make_model(fake, read_timeout=0.5),
+                            tools=registry) as runtime:
         yield runtime
 
 
@@ -126,8 +129,9 @@ async def test_a_tool_round_trip_leaves_tool_use_and_tool_result_blocks_in_the_s
     assert [i["kind"] for i in items] == ["user_message", "tool_call", "agent_message"]
     tool_item = items[1]
     now = tool_item["metadata"]["result"]
+    started = tool_item["metadata"]["started_at"]  # recorded (committed) before the tool ran
     assert tool_item["metadata"] == {"tool_use_id": "call_1", "name": "get_time", "input": {}, "result": now,
-                                     "is_error": False}
+                                     "is_error": False, "started_at": started}
     assert tool_item["detail"] == now
     snapshot = await rt.get_session_snapshot(thread["id"])
     assert list(snapshot.messages) == [

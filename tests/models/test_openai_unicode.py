@@ -37,7 +37,9 @@ def test_the_fake_server_really_sends_the_halves_as_separate_escapes():
 
 @pytest.fixture
 async def rt(tmp_path, fake) -> AsyncIterator[Runtime]:
-    config = RuntimeConfig(data_dir=tmp_path, model_factory=lambda: make_model(fake, tools=demo_registry()))
+    registry = demo_registry()
+    config = RuntimeConfig(data_dir=tmp_path, model_factory=lambda: make_model(fake),
+                           tools=registry)
     async with Runtime.open(config) as runtime:
         yield runtime
 

@@ -13,7 +13,7 @@ import trio
 from runtime.models.base import (
     ItemBreak, ModelError, ReasoningDelta, Retrying, TextDelta, ToolCall, ToolResult, Truncated, Usage, ValidText,
 )
-from runtime.models.tools import Tool, ToolRegistry
+from runtime.models.tools import Tool, ToolContext, ToolRegistry
 from runtime.text import has_surrogate_in, surrogate_path, valid_text, valid_value
 
 SMILE = "\U0001F600"  # 😀, in UTF-16 the pair \ud83d \ude00
@@ -154,12 +154,12 @@ async def test_flush_hands_over_a_half_held_when_the_stream_is_cut_off():
     assert stream.flush() is None  # handed over once
 
 
-async def test_a_tools_text_result_is_repaired_before_it_goes_back_to_the_model():
-    async def broken(arguments):
+async def test_a_tools_text_result_is_repaired_before_it_goes_back_to_the_model(tmp_path):
+    async def broken(arguments, context):
         return f"read {HIGH} from a file"
 
     registry = ToolRegistry([Tool("read", "reads", {"type": "object"}, broken)])
 
-    outcome = await registry.call("read", {})
+    outcome = await registry.call("read", {}, ToolContext("thr_test", tmp_path))
 
     assert (outcome.content, outcome.is_error) == (f"read {FFFD} from a file", False)
