@@ -319,3 +319,23 @@ async def test_the_deny_policy_also_denies_a_remembered_tool(opener, tools):
         _, detail = await turn_row(rt, tid, second["id"])
         assert [i["metadata"]["result"] for i in detail["items"] if i["kind"] == "tool_call"][-1] == "denied by policy"
         assert tools.runs["write_note"] == 1
+
+
+async def test_a_saved_and_resumed_thread_keeps_the_tool_blocks_denials_included(opener, tools):
+    async with opener() as rt:
+        tid = (await rt.create_thread())["id"]
+        turn = await rt.start_turn(tid, '/tool write_note {"name": "n", "text": "t"}')
+        await wait_for(rt, tid, "approval.requested")
+        (pending,) = await approvals(rt, tid, "pending")
+        await rt.decide_approval(tid, pending["id"], "deny", message="no notes")
+        await wait_turn_end(rt, tid, turn["id"])
+        saved = await rt.sessions.save(thread_id=tid, timeout=10)
+        resumed = await rt.sessions.resume(saved["session_id"])
+        blocks = [b for m in (await rt.get_session_snapshot(resumed["thread_id"])).messages for b in m["content"]]
+        assert [b["type"] for b in blocks] == ["text", "tool_use", "tool_result", "text"]
+        assert blocks[1] == {"type": "tool_use", "id": "call_1", "name": "write_note", "input": {"name": "n", "text": "t"}}
+        assert blocks[2] == {"type": "tool_result", "tool_use_id": "call_1", "content": "denied by user: no notes",
+                             "is_error": True}
+        # The resumed thread's next turn sends that history to the model.
+        nxt = await run_turn(rt, resumed["thread_id"], "and now?")
+        assert nxt["status"] == "completed"
