@@ -102,6 +102,14 @@ async def wait_for(rt, thread_id, name, since_seq=0):
     return (await collect_events(rt, thread_id, lambda e: e.event == name, since_seq=since_seq))[-1]
 
 
+async def ask(rt, thread_id, prompt):
+    """Start a turn whose tool call needs approval; returns (the turn, its pending approval)."""
+    turn = await rt.start_turn(thread_id, prompt)
+    await wait_for(rt, thread_id, "approval.requested")
+    (pending,) = await approvals(rt, thread_id, "pending")
+    return turn, pending
+
+
 async def turn_row(rt, thread_id, turn_id, include_rewound=False):
     detail = await rt.get_thread(thread_id, include_rewound=include_rewound)
     return next(t for t in detail["turns"] if t["id"] == turn_id), detail
@@ -144,9 +152,7 @@ async def test_ask_waits_for_an_allow_then_runs_the_tool_once_and_the_turn_compl
 async def test_deny_with_a_message_is_the_tool_result_and_the_turn_goes_on(opener, tools):
     async with opener() as rt:
         tid = (await rt.create_thread())["id"]
-        turn = await rt.start_turn(tid, '/tool wait {"seconds": 1}')
-        await wait_for(rt, tid, "approval.requested")
-        (pending,) = await approvals(rt, tid, "pending")
+        turn, pending = await ask(rt, tid, '/tool wait {"seconds": 1}')
         denied = await rt.decide_approval(tid, pending["id"], "deny", message="not now")
         assert (denied["status"], denied["message"]) == ("denied", "not now")
         await wait_turn_end(rt, tid, turn["id"])
@@ -163,9 +169,7 @@ async def test_deny_with_a_message_is_the_tool_result_and_the_turn_goes_on(opene
 async def test_remember_allows_that_tool_for_the_rest_of_the_thread(opener, tools):
     async with opener() as rt:
         tid = (await rt.create_thread())["id"]
-        turn = await rt.start_turn(tid, '/tool write_note {"name": "a", "text": "1"}')
-        await wait_for(rt, tid, "approval.requested")
-        (pending,) = await approvals(rt, tid, "pending")
+        turn, pending = await ask(rt, tid, '/tool write_note {"name": "a", "text": "1"}')
         await rt.decide_approval(tid, pending["id"], "allow", remember=True)
         await wait_turn_end(rt, tid, turn["id"])
         assert (await rt.thread_record(tid))["allowed_tools"] == ["write_note"]
@@ -239,9 +243,7 @@ async def test_bad_decisions_unknown_and_foreign_approvals(opener):
     async with opener() as rt:
         tid = (await rt.create_thread())["id"]
         other = (await rt.create_thread())["id"]
-        turn = await rt.start_turn(tid, '/tool write_note {"name": "n", "text": "t"}')
-        await wait_for(rt, tid, "approval.requested")
-        (pending,) = await approvals(rt, tid, "pending")
+        turn, pending = await ask(rt, tid, '/tool write_note {"name": "n", "text": "t"}')
         with pytest.raises(InvalidInput, match='decision must be "allow" or "deny"'):
             await rt.decide_approval(tid, pending["id"], "maybe")
         with pytest.raises(NotFound, match="Approval 'appr_nope' not found"):
@@ -309,9 +311,7 @@ async def test_deleting_a_thread_removes_its_pending_approvals(opener):
 async def test_the_deny_policy_also_denies_a_remembered_tool(opener, tools):
     async with opener() as rt:
         tid = (await rt.create_thread())["id"]
-        turn = await rt.start_turn(tid, '/tool write_note {"name": "a", "text": "1"}')
-        await wait_for(rt, tid, "approval.requested")
-        (pending,) = await approvals(rt, tid, "pending")
+        turn, pending = await ask(rt, tid, '/tool write_note {"name": "a", "text": "1"}')
         await rt.decide_approval(tid, pending["id"], "allow", remember=True)
         await wait_turn_end(rt, tid, turn["id"])
         await rt.update_thread(tid, {"approval_policy": "deny"})
@@ -324,9 +324,7 @@ async def test_the_deny_policy_also_denies_a_remembered_tool(opener, tools):
 async def test_a_saved_and_resumed_thread_keeps_the_tool_blocks_denials_included(opener, tools):
     async with opener() as rt:
         tid = (await rt.create_thread())["id"]
-        turn = await rt.start_turn(tid, '/tool write_note {"name": "n", "text": "t"}')
-        await wait_for(rt, tid, "approval.requested")
-        (pending,) = await approvals(rt, tid, "pending")
+        turn, pending = await ask(rt, tid, '/tool write_note {"name": "n", "text": "t"}')
         await rt.decide_approval(tid, pending["id"], "deny", message="no notes")
         await wait_turn_end(rt, tid, turn["id"])
         saved = await rt.sessions.save(thread_id=tid, timeout=10)
