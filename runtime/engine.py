@@ -800,11 +800,11 @@ class Engine:
         item.metadata = {**(item.metadata or {}), "started_at": utc_now()}
         request = self._submit(f"record the start of tool '{name}' in turn '{turn.id}'", statements=[
             ("UPDATE items SET metadata = ? WHERE id = ?", (json.dumps(item.metadata), item.id))])
-        # Shielded: once queued the start may commit, and the tool must not run before it has. Bounded by
-        # final_write_seconds (the writer only waits on SQLite).
-        with trio.CancelScope(shield=True):
-            with trio.move_on_after(self._config.final_write_seconds):
-                await request.done.wait()
+        # Not shielded: an interrupt while the start commits means the tool never runs (the start may still
+        # commit; the turn's end then closes the item interrupted, so a restart does not call it unknown).
+        # Bounded by final_write_seconds (the writer only waits on SQLite).
+        with trio.move_on_after(self._config.final_write_seconds):
+            await request.done.wait()
         if not isinstance(request.result, outcome.Value):
             # Not recorded: the tool does not run (its start could not be made durable). A failed write has
             # retired the engine and is ending this turn failed; a slow one ends it here.

@@ -12,10 +12,13 @@ import collections
 import dataclasses
 import functools
 import json
+import sqlite3
+import threading
 from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from runtime import Conflict, InvalidInput, NotFound, records
 from runtime.models.base import ModelRequest, TextDelta, ToolCall, ToolOutcome, ToolResult, ToolSpec, Usage
@@ -337,3 +340,44 @@ async def test_a_saved_and_resumed_thread_keeps_the_tool_blocks_denials_included
         # The resumed thread's next turn sends that history to the model.
         nxt = await run_turn(rt, resumed["thread_id"], "and now?")
         assert nxt["status"] == "completed"
+
+
+class HeldStart(sqlite3.Connection):
+    """The writer's connection: the COMMIT of a tool's start (``UPDATE items SET metadata`` with a
+    ``started_at``) waits on ``release``; ``held`` is set while it waits."""
+
+    held = threading.Event()
+    release = threading.Event()
+    _holding = False
+
+    def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:  # type: ignore[override]
+        if sql.startswith("UPDATE items SET metadata") and "started_at" in str(parameters):
+            HeldStart._holding = True
+        if sql.startswith("COMMIT") and HeldStart._holding:
+            HeldStart._holding = False
+            HeldStart.held.set()
+            HeldStart.release.wait(20)
+        return super().execute(sql, parameters)
+
+
+async def test_an_interrupt_while_the_tools_start_commits_means_the_tool_never_runs(opener, tools):
+    HeldStart.held.clear()
+    HeldStart.release.clear()
+    async with opener(sqlite_connection_factory=HeldStart) as rt:
+        tid = (await rt.create_thread(approval_policy="auto"))["id"]
+        turn = await rt.start_turn(tid, '/tool wait {"seconds": 0}')
+        with trio.fail_after(20):
+            await trio.to_thread.run_sync(HeldStart.held.wait)
+
+        async def interrupt() -> None:
+            await rt.interrupt_turn(tid, turn["id"], timeout=20)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(interrupt)
+            await trio.testing.wait_all_tasks_blocked()
+            HeldStart.release.set()
+        row, detail = await turn_row(rt, tid, turn["id"])
+        assert row["status"] == "interrupted"
+        assert tools.runs["wait"] == 0  # its start committed, but the interrupt came first: never run
+        item = next(i for i in detail["items"] if i["kind"] == "tool_call")
+        assert item["status"] == "interrupted" and item["metadata"]["started_at"]
