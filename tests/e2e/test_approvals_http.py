@@ -11,34 +11,20 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
-from functools import partial
 from pathlib import Path
 
 import httpx
 import pytest
 import trio
 
-from runtime import RuntimeConfig
-from runtime.models.tools import demo_registry
 from tests.conftest import E2E_LIMIT, LiveServer
-from tests.e2e.helpers import collect_until, turn_of, wait_turn_end
+from tests.e2e.helpers import collect_until, start_tool_server, turn_of, wait_turn_end
 from tests.e2e.process import ServerProcess
-from web.cli import run_server
 from web.client import ApiError, AsyncClient
-from web.settings import ServerSettings
 
 NOTE = {"name": "hello", "text": "hi there"}
 WRITE_NOTE = f"/tool write_note {json.dumps(NOTE)}"
 WROTE = "Wrote note 'hello' (8 characters) to notes/{tid}/hello.txt"
-
-
-async def start_tool_server(nursery: trio.Nursery, data_dir: Path, **config) -> LiveServer:
-    """``start_server`` with the demo tools offered (what ``serve --tools demo`` configures)."""
-    settings = ServerSettings(host="127.0.0.1", port=0, data_dir=data_dir, auth_token="test-token")
-    shutdown = trio.Event()
-    runtime_config = RuntimeConfig(data_dir=data_dir, tools=demo_registry(), **config)
-    running = await nursery.start(partial(run_server, settings, runtime_config, shutdown=shutdown))
-    return LiveServer(running, data_dir, shutdown)
 
 
 @pytest.fixture

@@ -9,19 +9,14 @@ quiet (every task blocked), so a request that was going to be sent early would h
 from __future__ import annotations
 
 import json
-from functools import partial
 from typing import Any
 
 import pytest
 import trio
 import trio.testing
 
-from runtime import RuntimeConfig
 from runtime.models.tools import demo_registry
-from tests.conftest import LiveServer
-from tests.e2e.helpers import collect_until, wait_turn_end
-from web.cli import run_server
-from web.settings import ServerSettings
+from tests.e2e.helpers import collect_until, start_tool_server, wait_turn_end
 
 from .conftest import LIMIT, make_model
 from .fake_openai import FakeOpenAI, text_reply, tool_reply
@@ -37,13 +32,10 @@ def registry():
 
 @pytest.fixture
 async def server(nursery, tmp_path, fake, registry):
-    settings = ServerSettings(host="127.0.0.1", port=0, data_dir=tmp_path, auth_token="test-token")
-    config = RuntimeConfig(data_dir=tmp_path, tools=registry, default_model="fake-model",
-                           model_factory=lambda: make_model(fake))
-    shutdown = trio.Event()
-    running = await nursery.start(partial(run_server, settings, config, shutdown=shutdown))
-    yield LiveServer(running, tmp_path, shutdown)
-    shutdown.set()
+    live = await start_tool_server(nursery, tmp_path, tools=registry, default_model="fake-model",
+                                   model_factory=lambda: make_model(fake))
+    yield live
+    live.shutdown.set()
 
 
 @pytest.fixture
