@@ -817,7 +817,9 @@ class Engine:
         policy = self.thread.get("approval_policy") or "ask"
         now = utc_now()
         if policy in ("auto", "deny") or name in (self.thread.get("allowed_tools") or ()):
-            status = "denied" if policy == "deny" and name not in (self.thread.get("allowed_tools") or ()) else "allowed"
+            # The thread's policy comes first (API.md): "deny" denies every call that needs approval, a tool
+            # allowed earlier with ``remember`` included; remembered tools only skip the question under "ask".
+            status = "denied" if policy == "deny" else "allowed"
             record = self._approval_row(turn, item, name, tool_input, now, now, status=status, decided_by="policy",
                                         resolved_at=now)
             self._submit(f"record the approval of tool '{name}' in turn '{turn.id}'",

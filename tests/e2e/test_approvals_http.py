@@ -237,6 +237,30 @@ async def test_policy_deny_denies_every_call_that_needs_approval(server, client,
     assert len(await client.list_approvals(tid)) == 1
 
 
+async def test_policy_deny_set_later_wins_over_a_remembered_tool(server, client):
+    """The thread's policy comes first (API.md): ``deny`` denies every call that needs approval, also one
+    of a tool allowed earlier with ``remember``; back on ``ask`` the remembered tool runs again unasked."""
+    tid, first, since = await start(client)
+    approval_id = (await requested(client, tid, since))["payload"]["approval_id"]
+    await client.decide_approval(tid, approval_id, "allow", remember=True)
+    await wait_turn_end(client, tid, first)
+    note_path(server, tid).unlink()
+    await client.update_thread(tid, approval_policy="deny")
+    assert (await client.get_thread(tid))["thread"]["allowed_tools"] == ["write_note"]
+
+    denied = (await client.start_turn(tid, WRITE_NOTE))["id"]
+    await wait_turn_end(client, tid, denied)
+    assert answer(await client.get_thread(tid), denied) == "Tool write_note returned: denied by policy"
+    assert not note_path(server, tid).exists()
+
+    await client.update_thread(tid, approval_policy="ask")
+    allowed = (await client.start_turn(tid, WRITE_NOTE))["id"]
+    await wait_turn_end(client, tid, allowed)
+    assert note_path(server, tid).read_text() == "hi there"
+    assert [(a["status"], a["decided_by"]) for a in await client.list_approvals(tid)] == [
+        ("allowed", "client"), ("denied", "policy"), ("allowed", "policy")]
+
+
 async def test_a_bad_policy_is_400_and_changes_nothing(client):
     with pytest.raises(ApiError) as info:
         await client.create_thread(approval_policy="sometimes")
