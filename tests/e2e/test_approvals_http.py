@@ -10,6 +10,7 @@ its approvals are the same before and after, and the pending approval can still 
 from __future__ import annotations
 
 import json
+import signal
 from datetime import datetime
 from pathlib import Path
 
@@ -299,6 +300,39 @@ async def test_an_unanswered_approval_expires_as_a_denial_on_a_serve_process(tmp
     finally:
         proc.kill()
         await proc.wait()
+
+
+async def test_a_graceful_shutdown_parks_a_waiting_turn_and_a_restart_carries_it_on(tmp_path):
+    """SIGTERM while an approval is pending: the turn is not interrupted, it stays awaiting_approval; the
+    restarted server has the same approval (id, deadline) and deciding it finishes the turn."""
+    data = tmp_path / "data"
+    proc = await ServerProcess(data, "--tools", "demo").start()
+    try:
+        async with AsyncClient(proc.url, proc.token) as client:
+            tid, turn_id, since = await start(client)
+            approval_id = (await requested(client, tid, since))["payload"]["approval_id"]
+            (before,) = await client.list_approvals(tid)
+        proc.process.send_signal(signal.SIGTERM)
+        assert await proc.wait() == 0
+    finally:
+        proc.kill()
+    again = await ServerProcess(data, "--tools", "demo").start()
+    try:
+        async with AsyncClient(again.url, again.token) as client:
+            detail = await client.get_thread(tid)
+            assert turn_of(detail, turn_id)["status"] == "awaiting_approval"
+            assert tool_item(detail, turn_id)["status"] == "awaiting_approval"
+            assert await client.list_approvals(tid, status="pending") == [before]
+            seen = detail["latest_seq"]
+            await client.decide_approval(tid, approval_id, "allow")
+            events = await turn_events(client, tid, turn_id, seen)
+            assert [e["event"] for e in events][0] == "approval.resolved"
+            assert events[-1]["payload"]["status"] == "completed"
+            assert answer(await client.get_thread(tid), turn_id) == f"Tool write_note returned: {WROTE.format(tid=tid)}"
+            assert (data / "notes" / tid / "hello.txt").read_text() == "hi there"
+    finally:
+        again.kill()
+        await again.wait()
 
 
 async def test_interrupt_while_pending_cancels_the_approval_and_the_turn_ends_interrupted(server, client):
