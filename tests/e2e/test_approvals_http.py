@@ -426,6 +426,7 @@ async def test_bad_bodies_are_400_and_change_nothing(server, client):
             assert response.status_code == 400
     # Steering a turn that waits for a decision is refused too (nothing would read the steer).
     await error_of(client.steer(tid, turn_id, "hurry up"), 409, "conflict", "waiting for an approval")
+    await error_of(client.start_turn(tid, "another"), 409, "conflict", turn_id)
     assert await state(client, tid) == before
 
     await client.decide_approval(tid, approval_id, "allow")
