@@ -467,3 +467,19 @@ async def test_lists_filter_by_status_and_thread_oldest_first(client):
     assert [x["id"] for x in await client.list_approvals(b, status="pending")] == [b_id]
     assert [x["id"] for x in await client.list_approvals(limit=1)] == [a_id]
     assert await client.list_approvals(status="expired") == await client.list_approvals(status="canceled") == []
+
+
+async def test_openapi_lists_the_approval_routes_with_their_answers(server):
+    async with httpx.AsyncClient(timeout=E2E_LIMIT) as http:
+        doc = (await http.get(f"{server.url}/openapi.json")).json()
+    paths = doc["paths"]
+    assert set(paths["/v1/approvals"]) == {"get"}
+    assert set(paths["/v1/threads/{thread_id}/approvals"]) == {"get"}
+    assert set(paths["/v1/threads/{thread_id}/approvals/{approval_id}"]) == {"post"}
+    decide = paths["/v1/threads/{thread_id}/approvals/{approval_id}"]["post"]
+    assert {"200", "400", "404", "409"} <= set(decide["responses"])
+    body = doc["components"]["schemas"]["DecideApprovalBody"]
+    assert body["required"] == ["decision"] and body["additionalProperties"] is False
+    assert body["properties"]["decision"]["enum"] == ["allow", "deny"]
+    status = next(p for p in paths["/v1/approvals"]["get"]["parameters"] if p["name"] == "status")
+    assert status["schema"]["enum"] == ["pending", "allowed", "denied", "expired", "canceled"]
