@@ -93,7 +93,8 @@ class _Turn:
     # Set once the turn's end is queued (``self.active`` is None again): a history op waits for it.
     ended: trio.Event = dataclasses.field(default_factory=trio.Event)
     # Approvals of this turn still pending (ids): an interrupt cancels them with the turn's end.
-    pending_approvals: set[str] = dataclasses.field(default_factory=set)
+    # Approval id -> the id of its tool_call item (the approval.resolved of a cancel names the item too).
+    pending_approvals: dict[str, str] = dataclasses.field(default_factory=dict)
     # Stopped (shutdown) while waiting for an approval: left as stored, carried on at the next start.
     parked: bool = False
     # A turn that outlived the process, carried on by this engine (see _resume).
@@ -816,8 +817,8 @@ class Engine:
         policy = self.thread.get("approval_policy") or "ask"
         now = utc_now()
         if policy in ("auto", "deny") or name in (self.thread.get("allowed_tools") or ()):
-            # "deny" refuses every call that needs approval, remembered tools too; "auto" and a tool the
-            # client allowed for the rest of the thread ("remember") run without asking.
+            # The thread's policy comes first (API.md): "deny" denies every call that needs approval, a tool
+            # allowed earlier with ``remember`` included; remembered tools only skip the question under "ask".
             status = "denied" if policy == "deny" else "allowed"
             record = self._approval_row(turn, item, name, tool_input, now, now, status=status, decided_by="policy",
                                         resolved_at=now)
@@ -864,14 +865,14 @@ class Engine:
         waiter = self._waiters.get(record["id"])
         if waiter is None:
             waiter = self._waiters[record["id"]] = _Waiter(record, turn, item)
-        turn.pending_approvals.add(record["id"])
+        turn.pending_approvals[record["id"]] = item.id
         try:
             with trio.move_on_after(max(0.0, seconds_until(record["expires_at"]))):
                 await waiter.decided.wait()
         finally:
             if self._waiters.get(record["id"]) is waiter:
                 del self._waiters[record["id"]]
-        turn.pending_approvals.discard(record["id"])
+        turn.pending_approvals.pop(record["id"], None)
         if waiter.decision is None:  # expired: recorded like a decision, by the deadline
             now = utc_now()
             self._resolve(waiter, "expired", "timeout", None, now)
@@ -925,12 +926,12 @@ class Engine:
     def _cancel_pending_approvals(self, turn: _Turn, now: str) -> tuple[list[Any], list[EventDraft]]:
         """A turn that ends while approvals are pending (interrupt, shutdown, failure) cancels them."""
         statements, events = [], []
-        for approval_id in sorted(turn.pending_approvals):
+        for approval_id, item_id in sorted(turn.pending_approvals.items()):
             statements.append(("UPDATE approvals SET status = 'canceled', decided_by = 'interrupt', resolved_at = ?"
                                " WHERE id = ? AND status = 'pending'", (now, approval_id)))
             events.append(EventDraft(self.thread_id, "approval.resolved", {
                 "approval_id": approval_id, "decision": "cancel", "decided_by": "interrupt"}, turn_id=turn.id,
-                timestamp=now))
+                item_id=item_id, timestamp=now))
         turn.pending_approvals.clear()
         return statements, events
 
@@ -974,7 +975,7 @@ class Engine:
             # Registered now, before any op is taken, so a decision that arrives first finds it pending.
             item = next(i for i in turn.items if i.id == record["item_id"])
             self._waiters[record["id"]] = _Waiter(record, turn, item)
-            turn.pending_approvals.add(record["id"])
+            turn.pending_approvals[record["id"]] = item.id
         self.active = turn
         assert self._nursery is not None
         done = WriteRequest()

@@ -113,7 +113,7 @@ class _Api:
     # threads. Every POST/PUT takes ``idempotency_key``: sent as the Idempotency-Key header, it makes a
     # retry of the same call safe (the server answers it with the first call's stored answer).
     def create_thread(self, *, idempotency_key: str | None = None, **fields: Any):
-        """``fields``: the CreateThreadBody fields, ``id`` included (the caller's thread id)."""
+        """``fields``: the CreateThreadBody fields, ``id`` and ``approval_policy`` included."""
         return self._call("POST", "/v1/threads", json_body=fields, headers=_key(idempotency_key))
 
     def list_threads(self, *, limit: int | None = None, include_archived: bool = False, archived_only: bool = False):
@@ -125,6 +125,22 @@ class _Api:
 
     def update_thread(self, thread_id: str, **changes: Any):
         return self._call("PATCH", f"/v1/threads/{_q(thread_id)}", json_body=changes)
+
+    # approvals (a tool call that needs a person's yes; API.md "Tools and approvals")
+    def list_approvals(self, thread_id: str | None = None, status: str | None = None, *, limit: int | None = None):
+        """The approvals of one thread, or of every thread when ``thread_id`` is None, oldest first; ``status``
+        filters (pending, allowed, denied, expired, canceled). Returns the list, not the wrapper object."""
+        path = f"/v1/threads/{_q(thread_id)}/approvals" if thread_id is not None else "/v1/approvals"
+        return self._call("GET", path, params=_params(status=status, limit=limit),
+                          transform=lambda body: body["approvals"])
+
+    def decide_approval(self, thread_id: str, approval_id: str, decision: str, *, remember: bool = False,
+                        message: str | None = None, idempotency_key: str | None = None):
+        """``decision``: "allow" or "deny". ``remember`` (with allow) allows that tool for the rest of the
+        thread; ``message`` (with deny) reaches the model as ``denied by user: <message>``."""
+        body: dict[str, Any] = {"decision": decision, **_params(remember=remember, message=message)}
+        return self._call("POST", f"/v1/threads/{_q(thread_id)}/approvals/{_q(approval_id)}", json_body=body,
+                          headers=_key(idempotency_key))
 
     # turns
     def start_turn(self, thread_id: str, prompt: str, *, idempotency_key: str | None = None, **options: Any):

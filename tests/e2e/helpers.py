@@ -2,12 +2,30 @@
 
 from __future__ import annotations
 
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import trio
 
-from tests.conftest import E2E_LIMIT
+from runtime import RuntimeConfig
+from runtime.models.tools import demo_registry
+from tests.conftest import E2E_LIMIT, LiveServer
+from web.cli import run_server
 from web.client import AsyncClient
+from web.settings import ServerSettings
+
+
+async def start_tool_server(nursery: trio.Nursery, data_dir: Path, *, settings: dict[str, Any] | None = None,
+                            **config: Any) -> LiveServer:
+    """``tests.conftest.start_server`` with the demo tools offered (what ``serve --tools demo`` sets up);
+    ``config``: more RuntimeConfig fields (``approval_timeout``, ``model_factory``...)."""
+    server_settings = ServerSettings(**{"host": "127.0.0.1", "port": 0, "data_dir": data_dir,
+                                        "auth_token": "test-token", **(settings or {})})
+    shutdown = trio.Event()
+    runtime_config = RuntimeConfig(**{"data_dir": data_dir, "tools": demo_registry(), **config})
+    running = await nursery.start(partial(run_server, server_settings, runtime_config, shutdown=shutdown))
+    return LiveServer(running, data_dir, shutdown)
 
 
 async def collect_until(client: AsyncClient, thread_id: str, predicate, since_seq: int = 0) -> list[dict[str, Any]]:

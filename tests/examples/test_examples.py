@@ -11,6 +11,7 @@ import pytest
 import trio
 
 from tests.conftest import E2E_LIMIT, start_server
+from tests.e2e.helpers import start_tool_server
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -18,6 +19,14 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 @pytest.fixture
 async def live(nursery, tmp_path):
     server = await start_server(nursery, tmp_path / "data", request_timeout=1.0)
+    yield server
+    server.shutdown.set()
+
+
+@pytest.fixture
+async def live_tools(nursery, tmp_path):
+    """A server as ``trio-runtime serve --tools demo`` starts it."""
+    server = await start_tool_server(nursery, tmp_path / "data", settings={"request_timeout": 1.0})
     yield server
     server.shutdown.set()
 
@@ -95,3 +104,27 @@ async def test_rewind_and_fork(live):
     assert "  safety: 'Before restore: rewind demo', 6 messages (restore it to undo)" in out
     assert "  turns:  0 live, 5 rewound (the history is the session's)" in out
     assert "  saved now: 4 messages" in out
+
+
+async def test_approvals(live_tools):
+    out = lines(await run_example("approvals.py", "--url", live_tools.url, "--token", live_tools.token))
+    thread_id = out.split()[1]
+    written = f"Wrote note 'hello' (29 characters) to notes/{thread_id}/hello.txt"
+    assert "thread   thr_" in out and "(approval_policy ask)" in out
+    assert 'asked    write_note {"name": "hello", "text": "Remember to water the plants."}' in out
+    assert "turn     awaiting_approval" in out
+    assert "pending  ['write_note'] (the one asked: True), expires " in out
+    assert "decided  allowed by client" in out
+    assert "status   completed" in out
+    assert f"result   {written}" in out
+    assert "note     Remember to water the plants." in out
+    assert f"reply    Tool write_note returned: {written}" in out
+    note = live_tools.data_dir / "notes" / thread_id / "hello.txt"
+    assert note.read_text() == "Remember to water the plants."
+
+
+async def test_approvals_says_why_on_a_server_without_tools(live):
+    result = await run_example("approvals.py", "--url", live.url, "--token", live.token)
+    assert result.returncode == 1
+    assert ("error: the turn ended failed without asking: /tool write_note: no tools are offered to the model"
+            " (start the server with --tools demo)") in result.stderr.decode()
