@@ -162,6 +162,8 @@ class Engine:
         # is done (ThreadManager), so it never starts from the store as it was before that write.
         self.unconfirmed: WriteRequest | None = None
         self._retrying: _Turn | None = None  # a retry's new turn, between allocation and commit
+        # Set by the manager when the runtime has more tools than the config's built-ins (MCP servers).
+        self.tools: Any = None
         # Approvals pending in this engine, by id: the turn task waits, DecideApproval answers.
         self._waiters: dict[str, _Waiter] = {}
         # A turn that outlived the process (waiting for an approval, or going on after a tool whose
@@ -767,7 +769,9 @@ class Engine:
     # it here, a DecideApproval op answers it, and after a restart ``_resume_turn`` waits on it again.
 
     def _tools(self) -> Any:
-        return getattr(self._config, "tools", None)
+        """The tools offered to the model: ``tools`` given by the runtime (built-ins and MCP servers' tools
+        behind one registry-like object), else the config's built-in registry."""
+        return self.tools if self.tools is not None else getattr(self._config, "tools", None)
 
     def _tool_specs(self) -> tuple[Any, ...]:
         registry = self._tools()
@@ -781,7 +785,8 @@ class Engine:
             return ToolOutcome(f"Tool '{call.name}' is not available", is_error=True)
         item = self._tool_item(turn, call.id)
         if tool.needs_approval:
-            denial = await self._approval(turn, item, call.name, call.input)
+            denial = await self._approval(turn, item, call.name, call.input,
+                                          asks=getattr(tool, "asks_under_ask", True))
             if denial is not None:
                 return ToolOutcome(denial, is_error=True)
         return await self._start_tool(turn, item, call.name, call.input)
@@ -812,11 +817,14 @@ class Engine:
             raise ModelError(f"the start of tool '{name}' could not be recorded, so it was not run")
         return await self._tools().call(name, tool_input, ToolContext(self.thread_id, self._config.data_dir))
 
-    async def _approval(self, turn: _Turn, item: _Item, name: str, tool_input: dict[str, Any]) -> str | None:
-        """None when the call may run; else the denial the model gets as the tool's (error) result."""
+    async def _approval(self, turn: _Turn, item: _Item, name: str, tool_input: dict[str, Any], *,
+                        asks: bool = True) -> str | None:
+        """None when the call may run; else the denial the model gets as the tool's (error) result.
+        ``asks``: under the thread policy "ask", whether this tool asks the client (an MCP server's own
+        ``approval`` mode may let it run: it is then recorded as decided by policy)."""
         policy = self.thread.get("approval_policy") or "ask"
         now = utc_now()
-        if policy in ("auto", "deny") or name in (self.thread.get("allowed_tools") or ()):
+        if policy in ("auto", "deny") or not asks or name in (self.thread.get("allowed_tools") or ()):
             # The thread's policy comes first (API.md): "deny" denies every call that needs approval, a tool
             # allowed earlier with ``remember`` included; remembered tools only skip the question under "ask".
             status = "denied" if policy == "deny" else "allowed"
