@@ -69,6 +69,9 @@ class ThreadManager:
         self._repair_wanted = trio.Event()
         # thread id -> a history write its retired engine could not see finish: the successor waits for it.
         self._unconfirmed: dict[str, WriteRequest] = {}
+        # The tools every engine offers its model when the runtime has more than the config's built-ins
+        # (a registry-like object: get, spec, call, len); None: the config's registry.
+        self.tools: object | None = None
 
     @property
     def live_count(self) -> int:
@@ -180,6 +183,7 @@ class ThreadManager:
         send, receive = trio.open_memory_channel[Op](self._config.inbox_capacity)
         engine = Engine(state, store=self._store, backend=self._backend, config=self._config,
                         inbox=receive, retire=self._retire, end_later=self._end_later)
+        engine.tools = self.tools
         entry = _Entry(EngineHandle(thread_id, send), engine)
         await self._nursery.start(self._supervise, entry)
         return entry.handle
