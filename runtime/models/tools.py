@@ -96,7 +96,7 @@ class ToolRegistry:
     def __init__(self, tools: Iterable[Tool] = (), *, timeout: float = DEFAULT_TOOL_TIMEOUT,
                  run_log: Path | None = None) -> None:
         self.timeout = timeout
-        # Test seam (RUN_LOG_ENV): a line ``NAME PID`` is appended here as each run starts, so runs can be
+        # Test seam (RUN_LOG_ENV): a line ``NAME THREAD_ID PID`` is appended here as each run starts, so runs can be
         # counted across processes; a kill -9 does not lose it (the write is done before the run starts).
         self.run_log = run_log
         self._tools: dict[str, Tool] = {}
@@ -166,7 +166,7 @@ class ToolRegistry:
         self.runs[name] += 1
         if self.run_log is not None:
             with open(self.run_log, "a", encoding="utf-8") as log_file:  # tiny, test-only: blocking is fine
-                log_file.write(f"{name} {os.getpid()}\n")
+                log_file.write(f"{name} {context.thread_id} {os.getpid()}\n")
         try:
             with trio.fail_after(timeout):
                 value = await tool.run(arguments, context)

@@ -9,7 +9,7 @@ real ``trio-runtime serve --tools demo`` processes, SIGKILLed and restarted on t
   the model gets that as the tool result, and the turn completes.
 
 Runs are counted across processes with the test seam ``TRIO_RUNTIME_TEST_TOOL_RUN_LOG``
-(runtime.models.tools.RUN_LOG_ENV): the demo registry appends ``NAME PID`` to that file as each run starts.
+(runtime.models.tools.RUN_LOG_ENV): the demo registry appends ``NAME THREAD_ID PID`` to that file as each run starts.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def runs(log: Path) -> list[tuple[str, int]]:
     """(tool, pid) of every tool run, in order, of every process that used ``log``."""
     if not log.exists():
         return []
-    return [(name, int(pid)) for name, pid in (line.split() for line in log.read_text().splitlines())]
+    return [(name, int(pid)) for name, _, pid in (line.split() for line in log.read_text().splitlines())]
 
 
 async def wait_for_run(log: Path, tool: str) -> int:
