@@ -169,6 +169,9 @@ class Engine:
         # A turn that outlived the process (waiting for an approval, or going on after a tool whose
         # outcome is unknown): started with the engine, see ``_resume_turn``.
         self._carried: dict[str, Any] | None = state.get("active_turn")
+        # The turn this engine parked (left waiting for an approval as stored) when it stopped: the
+        # manager carries it on in a successor if the runtime goes on.
+        self.parked: str | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -929,6 +932,9 @@ class Engine:
         self._claimed(op, request)
         waiter.decision, waiter.message = op.decision, op.message
         waiter.decided.set()
+        # Decided now, not when the turn task wakes: a stop in between must not park the turn as if it still
+        # waited (the store has it resolved), nor its end cancel the approval with a second approval.resolved.
+        waiter.turn.pending_approvals.discard(op.approval_id)
         self._spawn_reply(op.reply, outcome.Value(dict(waiter.record)), after=request)
 
     def _cancel_pending_approvals(self, turn: _Turn, now: str) -> tuple[list[Any], list[EventDraft]]:
@@ -949,6 +955,7 @@ class Engine:
         """Leave a turn that waits for an approval as the store has it (turn and item ``awaiting_approval``,
         the approval pending with its deadline): the engine goes away, the turn does not end."""
         log.info("turn %s parked while it waits for an approval", turn.id)
+        self.parked = turn.id
         self.active = None
         turn.ended.set()
         for waiter in self._idle_waiters:

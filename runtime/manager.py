@@ -207,6 +207,21 @@ class ThreadManager:
                 del self._entries[thread_id]
             entry.handle.close(evicted=entry.handle.evicted)
             entry.exited.set()
+            if entry.engine.parked is not None and not self._closing and self._nursery is not None:
+                # The engine stopped (from outside) while the runtime goes on, leaving a turn that waits for
+                # an approval: a successor carries it on now, as a restart would, so the approval's
+                # deadline keeps running without waiting for the next request to the thread.
+                self._nursery.start_soon(self._carry_on, thread_id)
+
+    async def _carry_on(self, thread_id: str) -> None:
+        """Spawn the engine of a thread whose turn was parked (see ``_supervise``); a thread deleted
+        meanwhile, or a shutdown, leaves nothing to carry on."""
+        try:
+            await self.handle(thread_id)
+        except (NotFound, EngineUnavailable):
+            pass
+        except Exception:  # a store failure: the next request to the thread restores it (and retries)
+            log.exception("could not carry on the parked turn of thread %s", thread_id)
 
     def _retire(self, engine: Engine, idle: bool) -> bool:
         """Stop routing requests to ``engine``; they wait for its exit and then spawn a successor.

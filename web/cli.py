@@ -27,7 +27,7 @@ from hypercorn.trio import serve as hypercorn_serve
 from runtime import Runtime, RuntimeConfig, __version__
 from runtime.models.openai_compat import DEFAULT_READ_TIMEOUT, OpenAICompatModel
 from runtime.config import DEFAULT_APPROVAL_TIMEOUT
-from runtime.models.tools import ToolRegistry, demo_registry
+from runtime.models.tools import RUN_LOG_ENV, ToolRegistry, demo_registry
 
 from . import server
 from .app import create_app
@@ -147,7 +147,8 @@ def model_factory_from_args(parser: argparse.ArgumentParser,
 
 def tools_from_args(args: argparse.Namespace) -> ToolRegistry | None:
     """The RuntimeConfig.tools for ``--tools`` (None: no tools). The engine offers them to every backend."""
-    tools = demo_registry() if args.tools == "demo" else None
+    run_log = os.environ.get(RUN_LOG_ENV)  # a test seam (see runtime.models.tools.RUN_LOG_ENV)
+    tools = demo_registry(run_log=Path(run_log) if run_log else None) if args.tools == "demo" else None
     log.info("tools offered to the model: %s", ", ".join(tools.names) if tools else "none")
     return tools
 

@@ -34,7 +34,7 @@ from ..text import valid_text
 from .base import ToolOutcome, ToolSpec
 
 __all__ = [
-    "DEFAULT_TOOL_TIMEOUT", "MAX_RESULT_CHARS", "Tool", "ToolContext", "ToolError", "ToolOutcome", "ToolRegistry",
+    "DEFAULT_TOOL_TIMEOUT", "MAX_RESULT_CHARS", "RUN_LOG_ENV", "Tool", "ToolContext", "ToolError", "ToolOutcome", "ToolRegistry",
     "ToolSpec", "demo_registry",
 ]
 
@@ -45,6 +45,9 @@ DEFAULT_TOOL_TIMEOUT = 30.0
 MAX_RESULT_CHARS = 16_000
 # How much of a schema violation's own message is quoted (it can quote the whole bad input).
 MAX_REASON_CHARS = 300
+# Test seam, never set in production: a file ``serve`` hands the demo registry as its ``run_log``, so a
+# kill -9 test can count a tool's runs across processes (tests/e2e/test_kill9_approvals.py).
+RUN_LOG_ENV = "TRIO_RUNTIME_TEST_TOOL_RUN_LOG"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,8 +93,12 @@ class ToolRegistry:
     started (a call refused for its input, or for an unknown name, is not a run): tests count runs to
     prove a tool never ran twice."""
 
-    def __init__(self, tools: Iterable[Tool] = (), *, timeout: float = DEFAULT_TOOL_TIMEOUT) -> None:
+    def __init__(self, tools: Iterable[Tool] = (), *, timeout: float = DEFAULT_TOOL_TIMEOUT,
+                 run_log: Path | None = None) -> None:
         self.timeout = timeout
+        # Test seam (RUN_LOG_ENV): a line ``NAME THREAD_ID PID`` is appended here as each run starts, so runs can be
+        # counted across processes; a kill -9 does not lose it (the write is done before the run starts).
+        self.run_log = run_log
         self._tools: dict[str, Tool] = {}
         self._validators: dict[str, jsonschema.Draft202012Validator] = {}
         self.calls: collections.Counter[str] = collections.Counter()
@@ -157,6 +164,9 @@ class ToolRegistry:
         tool = self._tools[name]
         timeout = tool.timeout if tool.timeout is not None else self.timeout
         self.runs[name] += 1
+        if self.run_log is not None:
+            with open(self.run_log, "a", encoding="utf-8") as log_file:  # tiny, test-only: blocking is fine
+                log_file.write(f"{name} {context.thread_id} {os.getpid()}\n")
         try:
             with trio.fail_after(timeout):
                 value = await tool.run(arguments, context)
@@ -335,6 +345,7 @@ WAIT = Tool(
 )
 
 
-def demo_registry() -> ToolRegistry:
-    """A fresh registry with the demo tools ``get_time``, ``write_note`` and ``wait`` (fresh counters)."""
-    return ToolRegistry([GET_TIME, WRITE_NOTE, WAIT])
+def demo_registry(*, run_log: Path | None = None) -> ToolRegistry:
+    """A fresh registry with the demo tools ``get_time``, ``write_note`` and ``wait`` (fresh counters);
+    ``run_log``: the test seam of ToolRegistry."""
+    return ToolRegistry([GET_TIME, WRITE_NOTE, WAIT], run_log=run_log)

@@ -116,7 +116,8 @@ class HeldModel:
         self._release = trio.Event()
 
     async def stream(self, request: ModelRequest):
-        first, _, rest = request.prompt.partition("\n")
+        # A turn carried on after a restart continues without a prompt (``prompt=None``).
+        first, _, rest = (request.prompt or "").partition("\n")
         if first.strip() == HELD:
             release = self._release
             yield TextDelta(PARTIAL)
@@ -308,11 +309,13 @@ class State:
     thread_events: dict[str, int] = dataclasses.field(default_factory=dict)
     # Idempotency-Key -> the stored answer's body (written in the change's own transaction)
     idempotency: dict[str, bytes] = dataclasses.field(default_factory=dict)
+    # approval id -> its row (a pending one survives a clean stop as it is)
+    approvals: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     def durable(self) -> tuple[Any, ...]:
         """What a restart must find unchanged after a clean stop."""
         return (self.files, self.threads, self.turns, self.items, self.sessions, self.event_counts, self.max_seq,
-                self.idempotency)
+                self.idempotency, self.approvals)
 
 
 def capture(data_dir: Path) -> State:
@@ -339,7 +342,7 @@ def capture(data_dir: Path) -> State:
         return State(files, temps, table("threads"), table("turns"), table("items"), table("sessions"), counts,
                      turn_events, row[0] if row else 0,
                      dict(conn.execute("SELECT thread_id, COUNT(*) FROM events GROUP BY thread_id").fetchall()),
-                     dict(conn.execute("SELECT key, body FROM idempotency").fetchall()))
+                     dict(conn.execute("SELECT key, body FROM idempotency").fetchall()), table("approvals"))
     finally:
         conn.close()
 
@@ -469,6 +472,16 @@ def check_stored(state: State) -> None:
                 assert events.get("turn.completed") == 1, f"turn {turn_id} is {turn['status']}: events {events}"
         else:
             assert not events.get("turn.completed"), f"turn {turn_id} is {turn['status']}: events {events}"
+    for approval_id, approval in state.approvals.items():
+        # A pending approval is one its turn waits for (one write sets both); a resolved one says how.
+        turn, item = state.turns.get(approval["turn_id"]), state.items.get(approval["item_id"])
+        assert turn is not None and item is not None, f"approval {approval_id} outlived its turn or item"
+        if approval["status"] == "pending":
+            assert (turn["status"], item["status"]) == ("awaiting_approval", "awaiting_approval"), (
+                f"approval {approval_id} is pending, its turn {turn['status']}, its item {item['status']}")
+            assert approval["resolved_at"] is None and approval["decided_by"] is None
+        else:
+            assert approval["resolved_at"] is not None and approval["decided_by"] is not None, approval
 
 
 async def check_invariants(rt: Runtime, data_dir: Path, thread_ids: tuple[str, ...] = ()) -> State:

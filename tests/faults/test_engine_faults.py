@@ -30,6 +30,7 @@ import trio.testing
 
 from runtime import Runtime, RuntimeConfig, StorageError, StorageFull, records
 from runtime.manager import REPAIR_MAX_DELAY
+from runtime.models.tools import demo_registry
 from runtime.transcript import build_messages
 from tests.cancellation.harness import (
     State, assert_claimed, capture, check_invariants, claim, ensure_idle, settle, task_count,
@@ -664,6 +665,88 @@ HISTORY_CASES = [
          cleanup=_delete_cleanup),
 ]
 
+# ---- approvals: deciding one (issue 13) ----------------------------------------------------------
+#
+# Each run decides a fresh approval on a thread of its own (a remembered tool would never ask again), and
+# waits for the turn that goes on from it: a fault can hit the decision's write, the tool's recorded start,
+# the model's answer or the turn's end. The decision happened wholly (approval resolved by the client, its
+# idempotency record, the remembered tool) or not at all (then the failed turn cancelled the approval); the
+# tool never ran without its start recorded, and ran once for an allowed turn that completed.
+
+APPROVAL_PROMPT = '/tool wait {"seconds": 0}'
+
+
+async def _approval_setup(ctx: Ctx) -> None:
+    thread_id = (await ctx.rt.create_thread(title=f"approvals {ctx.k}"))["id"]
+    turn = await ctx.rt.start_turn(thread_id, APPROVAL_PROMPT, timeout=10)
+    await collect_events(ctx.rt, thread_id, lambda e: e.event == "approval.requested")
+    await settle(ctx.rt)
+    (pending,) = await ctx.rt.list_approvals(thread_id=thread_id, status="pending")
+    ctx.memo.update(athread=thread_id, approval=pending, turn_id=turn["id"], runs=ctx.memo["tools"].runs["wait"])
+
+
+def _decide(decision: str, remember: bool = False, message: str | None = None) -> Callable[[Ctx], Awaitable[Any]]:
+    async def action(ctx: Ctx) -> Any:
+        record = await ctx.rt.decide_approval(ctx.memo["athread"], ctx.memo["approval"]["id"], decision,
+                                              remember=remember, message=message, timeout=10, claim=claim(_key(ctx)))
+        # The turn the decision set going, to its end (a successor answers if a fault retired the engine).
+        await ctx.rt.get_session_snapshot(ctx.memo["athread"], wait_for_idle=True, timeout=10)
+        return record
+
+    return action
+
+
+def _check_decide(decision: str, remember: bool = False, message: str | None = None
+                  ) -> Callable[[State, State, Ctx, FaultRun], bool]:
+    status = "allowed" if decision == "allow" else "denied"
+    result = "Waited 0 s" if decision == "allow" else "denied by user" + (f": {message}" if message else "")
+
+    def check(before: State, after: State, ctx: Ctx, run: FaultRun) -> bool:
+        approval, turn_id, thread_id = ctx.memo["approval"], ctx.memo["turn_id"], ctx.memo["athread"]
+        old, new = before.approvals[approval["id"]], after.approvals[approval["id"]]
+        assert old["status"] == "pending" and before.turns[turn_id]["status"] == "awaiting_approval"
+        turn, item = after.turns[turn_id], after.items[approval["item_id"]]
+        meta = json.loads(item["metadata"])
+        runs = ctx.memo["tools"].runs["wait"] - ctx.memo["runs"]
+        assert runs <= ("started_at" in meta), (runs, meta)  # never run without its start recorded
+        allowed = json.loads(after.threads[thread_id]["allowed_tools"] or "[]")
+        assert _events(before, after, "approval.resolved") == 1, "one resolution: the decision or the cancel"
+        if new["status"] != status:  # the decision's write failed: its turn failed, which cancelled it
+            assert (new["status"], new["decided_by"]) == ("canceled", "interrupt"), new
+            _assert_failed_by_the_fault(turn, ctx)
+            assert item["status"] == "failed" and allowed == [] and runs == 0
+            return False
+        assert (new["decided_by"], new["message"]) == ("client", message), new
+        assert run.value is None or run.value == {**old, **{k: new[k] for k in (
+            "status", "decided_by", "message", "resolved_at")}, "input": json.loads(old["input"])}
+        assert allowed == (["wait"] if remember and decision == "allow" else [])
+        if turn["status"] != "completed":  # a later write of the turn failed
+            _assert_failed_by_the_fault(turn, ctx)
+            return True
+        assert (item["status"], meta["result"], meta["is_error"]) == ("completed", result, decision == "deny")
+        assert runs == (decision == "allow")
+        return True
+
+    return check
+
+
+async def _approval_cleanup(ctx: Ctx) -> None:
+    """The run's thread has a live engine again (a fault retired it; the task count is taken with one), and
+    it serves: its next turn completes."""
+    turn = await ctx.rt.start_turn(ctx.memo["athread"], "after the decision", timeout=10)
+    await ctx.rt.get_session_snapshot(ctx.memo["athread"], wait_for_idle=True, timeout=10)
+    assert capture(ctx.data_dir).turns[turn["id"]]["status"] == "completed"
+
+
+APPROVAL_CASES = [
+    Case("decide approval (allow)", _decide("allow"), _claimed(_check_decide("allow")), _approval_setup,
+         cleanup=_approval_cleanup),
+    Case("decide approval (deny, message)", _decide("deny", message="no"),
+         _claimed(_check_decide("deny", message="no")), _approval_setup, cleanup=_approval_cleanup),
+    Case("decide approval (allow, remember)", _decide("allow", remember=True),
+         _claimed(_check_decide("allow", remember=True)), _approval_setup, cleanup=_approval_cleanup),
+]
+
 CASES = [
     Case("create thread", lambda c: c.rt.create_thread(title=f"created {c.k}"), _check_create),
     Case("update thread", _update, _check_update),
@@ -672,6 +755,7 @@ CASES = [
     Case("interrupt", _interrupt, _check_interrupt, _ensure_hanging, hanging=True),
     Case("compact", _compact, _check_compact, ensure_idle),
     *HISTORY_CASES,
+    *APPROVAL_CASES,
 ]
 
 
@@ -688,9 +772,11 @@ def _ends_per_started_turn(data_dir: Path) -> dict[str, int]:
 async def test_a_fault_at_every_step_changes_all_or_nothing(tmp_path, case: Case, kind: str):
     fault, rollback = FAULT_KINDS[kind]
     plan, data_dir = FaultPlan(), tmp_path / "data"
-    async with open_runtime(data_dir, sqlite_connection_factory=plan.connection_factory()) as rt:
+    tools = demo_registry()  # the approval cases call ``wait``; no other case asks for a tool
+    async with open_runtime(data_dir, sqlite_connection_factory=plan.connection_factory(), tools=tools) as rt:
         thread = await rt.create_thread(title="faults")
         ctx = Ctx(rt, data_dir, thread["id"], fault)
+        ctx.memo["tools"] = tools
         for prompt in ("/think weighing it\nfirst question", "second question"):  # a history to compact
             await rt.start_turn(ctx.thread_id, prompt, timeout=10)
             await rt.get_session_snapshot(ctx.thread_id, wait_for_idle=True, timeout=10)
