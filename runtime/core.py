@@ -293,8 +293,9 @@ class Runtime:
             timeout=timeout, what="answer a session snapshot")
 
     async def shutdown_thread(self, thread_id: str, *, timeout: float = DEFAULT_TIMEOUT) -> None:
-        """Stop the thread's engine: its turn ends interrupted, ops queued behind fail with
-        EngineUnavailable at once, and the next use restores a new engine from the store."""
+        """Stop the thread's engine: its turn ends interrupted (one waiting for an approval is parked and
+        carried on by a successor at once), ops queued behind fail with EngineUnavailable at once, and the
+        next use restores a new engine from the store."""
         try:
             with trio.fail_after(timeout):
                 await self.manager.shutdown(thread_id)
