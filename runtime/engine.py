@@ -934,7 +934,7 @@ class Engine:
         waiter.decided.set()
         # Decided now, not when the turn task wakes: a stop in between must not park the turn as if it still
         # waited (the store has it resolved), nor its end cancel the approval with a second approval.resolved.
-        waiter.turn.pending_approvals.discard(op.approval_id)
+        waiter.turn.pending_approvals.pop(op.approval_id, None)
         self._spawn_reply(op.reply, outcome.Value(dict(waiter.record)), after=request)
 
     def _cancel_pending_approvals(self, turn: _Turn, now: str) -> tuple[list[Any], list[EventDraft]]:
