@@ -292,10 +292,12 @@ class McpServers:
                 async with stdio_client(params, errlog=errlog) as streams:
                     yield streams
         else:
-            from mcp.client.streamable_http import streamablehttp_client
+            from mcp.client.streamable_http import streamable_http_client
+            from mcp.shared._httpx_utils import create_mcp_http_client
 
-            async with streamablehttp_client(cfg.url, headers=dict(cfg.headers) or None) as (read, write, _):
-                yield read, write
+            async with create_mcp_http_client(headers=dict(cfg.headers) or None) as client:
+                async with streamable_http_client(cfg.url, http_client=client) as (read, write, _):
+                    yield read, write
 
     @staticmethod
     async def _list_tools(session: Any, cfg: ServerConfig) -> dict[str, McpTool]:
