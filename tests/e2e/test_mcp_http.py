@@ -132,7 +132,7 @@ async def scenario(proc: ServerProcess, client: AsyncClient, http: Http, data: P
                               **{"Idempotency-Key": "add-box-1"})
     assert status == 201, view
     assert (view["name"], view["transport"], view["enabled"], view["status"], view["tools_count"]) == (
-        "box", "stdio", True, "ready", 8)
+        "box", "stdio", True, "ready", 9)
     assert view["config"]["env"] == {"TOOLBOX_MARKS": "<redacted>", "TOOLBOX_SECRET": "<redacted>"}
     (child,) = children_of(pid)
     # The same key again: the stored answer, and no second server.
@@ -179,7 +179,7 @@ async def scenario(proc: ServerProcess, client: AsyncClient, http: Http, data: P
     # timeout: an error result, the turn completes, the server stays ready
     turn_id, item = await run(client, tid, '/tool box__sleep {"seconds": 600}')
     assert item["metadata"]["result"] == "Tool 'box__sleep' did not finish within 0.5 s (tool_timeout of MCP server 'box')"
-    assert turn_id and (await http.status("box", "ready"))["tools_count"] == 8
+    assert turn_id and (await http.status("box", "ready"))["tools_count"] == 9
     status, view = await http("PATCH", "/v1/mcp/servers/box", {"tool_timeout": 60})
     assert status == 200 and view["status"] == "ready"
 
@@ -256,7 +256,7 @@ async def test_kill9_of_the_runtime_leaves_no_mcp_server_behind(tmp_path):
         http = Http(proc.url, proc.token)
         try:
             view = await http.status("box", "ready")
-            assert view["tools_count"] == 8
+            assert view["tools_count"] == 9
         finally:
             await http.http.aclose()
         (child,) = children_of(proc.process.pid)

@@ -7,6 +7,8 @@ server's status events, the turn's end, or marker files the server writes after 
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
 import os
 import sys
 from pathlib import Path
@@ -97,7 +99,7 @@ async def test_servers_start_with_the_runtime_and_their_tools_are_offered(data_d
     write_file(data_dir, {"box": entry(marks, approval="auto"), "off": {**entry(marks), "enabled": False}})
     async with open_runtime(data_dir) as rt:
         views = {v["name"]: v for v in rt.mcp.servers()}
-        assert views["box"]["status"] == "ready" and views["box"]["tools_count"] == 8
+        assert views["box"]["status"] == "ready" and views["box"]["tools_count"] == 9
         assert views["off"]["status"] == "disabled" and views["off"]["tools_count"] == 0
         assert views["box"]["config"]["env"] == {"TOOLBOX_MARKS": "<redacted>", "TOOLBOX_SECRET": "<redacted>"}
         assert SECRET not in json.dumps(rt.mcp.servers())
@@ -242,3 +244,48 @@ async def test_api_changes_rewrite_the_file_and_the_processes_follow(data_dir, m
         assert children() - before == set()
         assert json.loads((data_dir / "mcp.json").read_text()) == {"mcpServers": {}}
         assert rt.mcp.servers() == [] and not any("__" in s.name for s in rt.manager.tools.spec())
+
+
+def free_port() -> int:
+    """A port nothing listens on now (the OS picks it; the toolbox binds it a moment later)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def wait_listening(port: int, proc: trio.Process) -> None:
+    """Until the HTTP toolbox accepts connections (polled: it is another process), bounded."""
+    with trio.fail_after(LIMIT):
+        while True:
+            assert proc.returncode is None, "the HTTP toolbox exited before listening"
+            try:
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+            except OSError:
+                await trio.sleep(0.05)
+                continue
+            await stream.aclose()
+            return
+
+
+async def test_a_streamable_http_server_gets_its_headers_and_they_are_never_shown(data_dir, marks):
+    port = free_port()
+    proc = await trio.lowlevel.open_process([sys.executable, str(SERVER), "--http", str(port)],
+                                            env={**os.environ, "TOOLBOX_MARKS": str(marks)},
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        await wait_listening(port, proc)
+        write_file(data_dir, {"web": {"url": f"http://127.0.0.1:{port}/mcp", "approval": "auto",
+                                      "headers": {"X-Toolbox-Secret": SECRET}, "startup_timeout": LIMIT}})
+        async with open_runtime(data_dir) as rt:
+            view = rt.mcp.server("web")
+            assert (view["transport"], view["status"], view["tools_count"]) == ("http", "ready", 9)
+            assert view["config"]["headers"] == {"X-Toolbox-Secret": "<redacted>"}
+            thread = await rt.create_thread()
+            await run_turn(rt, thread["id"], '/tool web__echo {"text": "over http"}')
+            await run_turn(rt, thread["id"], "/tool web__has_header {}")
+            assert await results(rt, thread["id"]) == [("over http", False), ("yes", False)]
+            assert SECRET not in json.dumps(rt.mcp.servers())
+    finally:
+        proc.kill()
+        with trio.fail_after(LIMIT):
+            await proc.wait()

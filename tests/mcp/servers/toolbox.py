@@ -3,17 +3,19 @@ runtime must handle: an echo, a read-only tool (``readOnlyHint``), a writing too
 ``tool_timeout``), one that exits the process (a crash), one that records its own cancellation, and one
 that fails. Marker files go to the directory named by ``TOOLBOX_MARKS`` (a test's tmp dir).
 
-Run as ``python toolbox.py`` (stdio). ``TOOLBOX_SECRET`` is read only to prove the runtime passed ``env``
+Run as ``python toolbox.py`` (stdio) or ``python toolbox.py --http PORT`` (streamable HTTP on 127.0.0.1:PORT,
+path ``/mcp``). ``TOOLBOX_SECRET`` is read only to prove the runtime passed ``env``
 through; no tool ever prints it.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import anyio
-from mcp.server.fastmcp import FastMCP
+from mcp.server.fastmcp import Context, FastMCP
 from mcp.types import ToolAnnotations
 
 server = FastMCP("toolbox")
@@ -72,5 +74,17 @@ def has_secret() -> str:
     return "yes" if os.environ.get("TOOLBOX_SECRET") else "no"
 
 
+@server.tool(description="Says whether the HTTP request carried an X-Toolbox-Secret header (never its value).")
+def has_header(ctx: Context) -> str:
+    request = getattr(ctx.request_context, "request", None)
+    headers = getattr(request, "headers", None) or {}
+    return "yes" if headers.get("x-toolbox-secret") else "no"
+
+
 if __name__ == "__main__":
-    server.run()
+    if sys.argv[1:2] == ["--http"]:
+        server.settings.host, server.settings.port = "127.0.0.1", int(sys.argv[2])
+        server.settings.log_level = "WARNING"
+        server.run(transport="streamable-http")
+    else:
+        server.run()
