@@ -166,6 +166,11 @@ def _result_text(result: Any) -> str:
     return text
 
 
+def _exited(tool: McpTool) -> ToolOutcome:
+    return ToolOutcome(f"Tool '{tool.name}' failed: MCP server '{tool.server}' exited during the call (it is being"
+                       " restarted; the call may or may not have had its effect)", is_error=True)
+
+
 class McpServers:
     """The runtime's MCP servers (see the module docstring). ``run`` is started in the runtime's nursery;
     ``aclose`` stops every server. Changes (``add``, ``update``, ``delete``, ``reconnect``) rewrite
@@ -398,13 +403,16 @@ class McpServers:
                 await notify_cancelled("interrupted")
             raise
         except Exception as exc:
+            if getattr(getattr(_leaf(exc), "error", None), "code", None) == types.CONNECTION_CLOSED:
+                # The server's end closed while the call waited: the SDK answers pending calls so when its
+                # reader ends, which may come before the supervisor's cancel of ``lost``; the same event.
+                return _exited(tool)
             message = mcp_config.scrub(_describe(exc), server.config)
             return ToolOutcome(f"Tool '{tool.name}' failed: MCP server '{tool.server}': {message}", is_error=True)
         finally:
             server.calls.discard(lost)
         if lost.cancelled_caught:
-            return ToolOutcome(f"Tool '{tool.name}' failed: MCP server '{tool.server}' exited during the call"
-                               " (it is being restarted; the call may or may not have had its effect)", is_error=True)
+            return _exited(tool)
         text = mcp_config.scrub(_result_text(result), server.config)
         return ToolOutcome(text, is_error=bool(result.isError))
 
