@@ -406,6 +406,11 @@ class McpServers:
             if getattr(getattr(_leaf(exc), "error", None), "code", None) == types.CONNECTION_CLOSED:
                 # The server's end closed while the call waited: the SDK answers pending calls so when its
                 # reader ends, which may come before the supervisor's cancel of ``lost``; the same event.
+                # Wait (briefly: the supervisor sees the same end of stream) until the status says so, so
+                # that whoever reads this result and then the status never sees the dead start "ready".
+                with trio.move_on_after(STOP_WAIT_SECONDS):
+                    while server.session is session:
+                        await server.changed.wait()
                 return _exited(tool)
             message = mcp_config.scrub(_describe(exc), server.config)
             return ToolOutcome(f"Tool '{tool.name}' failed: MCP server '{tool.server}': {message}", is_error=True)

@@ -7,6 +7,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import trio
+import trio.testing
 from mcp import types
 from mcp.shared.exceptions import McpError
 
@@ -50,11 +51,25 @@ def ready(servers: McpServers, session: Session, **config) -> McpTool:
 async def test_a_connection_closed_answer_is_the_server_exited_during_the_call(tmp_path: Path):
     # The SDK's reader answers pending calls "Connection closed" when the server's stream ends; that may
     # come before the supervisor notices the exit. Either way the model reads the same result.
+    # The result waits until the status has left "ready" (a client that reads the result and then the status
+    # never finds the dead start ready).
     servers = McpServers(tmp_path)
     closed = McpError(types.ErrorData(code=types.CONNECTION_CLOSED, message="Connection closed"))
     tool = ready(servers, Session(closed))
-    outcome = await servers.call(tool, {})
+    order = []
+
+    async def supervisor_notices() -> None:
+        await trio.testing.wait_all_tasks_blocked()
+        order.append("failed")
+        servers._servers["box"].set("failed", "the server closed its connection (it exited); restarting")
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(supervisor_notices)
+            outcome = await servers.call(tool, {})
+            order.append("result")
     assert (outcome.content, outcome.is_error) == (EXITED, True)
+    assert order == ["failed", "result"]
 
 
 async def test_another_protocol_error_is_quoted_with_secrets_removed(tmp_path: Path):
