@@ -266,3 +266,45 @@ async def test_kill9_of_the_runtime_leaves_no_mcp_server_behind(tmp_path):
     finally:
         proc.kill()
         await proc.wait()
+
+
+async def test_a_call_pending_approval_survives_kill9_and_runs_once_after_the_restart(tmp_path):
+    """Like a built-in tool: the turn waits for the approval across a kill -9; the restarted runtime starts
+    the server before it carries the turn on, and allowing the call runs it once."""
+    data, marks = tmp_path / "data", tmp_path / "marks"
+    marks.mkdir()
+    data.mkdir()
+    (data / "mcp.json").write_text(json.dumps({"mcpServers": {"box": toolbox(marks, approval="ask")}}))
+    proc = await ServerProcess(data).start()
+    try:
+        async with AsyncClient(proc.url, proc.token) as client:
+            tid = (await client.create_thread())["id"]
+            turn = await client.start_turn(tid, '/tool box__write_mark {"name": "k"}')
+            requested = (await collect_until(client, tid, lambda e: e["event"] == "approval.requested"))[-1]
+        (child,) = children_of(proc.process.pid)
+        proc.process.send_signal(signal.SIGKILL)
+        await proc.wait()
+        await wait_gone(child)
+    finally:
+        proc.kill()
+        await proc.wait()
+    assert not (marks / "k.written").exists()
+    again = await ServerProcess(data).start()
+    try:
+        async with AsyncClient(again.url, again.token) as client:
+            detail = await client.get_thread(tid)
+            assert next(t for t in detail["turns"] if t["id"] == turn["id"])["status"] == "awaiting_approval"
+            seen = detail["latest_seq"]
+            await client.decide_approval(tid, requested["payload"]["approval_id"], "allow")
+            await collect_until(client, tid, lambda e: e["event"] == "turn.completed" and e["turn_id"] == turn["id"],
+                                since_seq=seen)
+            detail = await client.get_thread(tid)
+            (item,) = [i for i in detail["items"] if i["turn_id"] == turn["id"] and i["kind"] == "tool_call"]
+            assert (item["metadata"]["result"], item["metadata"]["is_error"]) == ("wrote k", False)
+            assert (marks / "k.written").exists()
+    finally:
+        kids = children_of(again.process.pid)
+        again.kill()
+        await again.wait()
+        for kid in kids:  # the server reads EOF and exits; none outlives the test
+            await wait_gone(kid)
