@@ -16,6 +16,7 @@ import trio
 
 from bench import datagen
 from bench.history import bench_history
+from bench.mcp import bench_mcp
 from bench.validation import bench_session_validation
 from bench.util import (
     HOST, PYTHON, ROOT, TOKEN, Conn, HealthProbe, bare, build_request, call, free_port, latencies,
@@ -740,4 +741,5 @@ BENCHMARKS: dict[str, Callable[[Sizes], list[Row]]] = {
     "session_validation": bench_session_validation,
     "history": bench_history,
     "idempotency": bench_idempotency,
+    "mcp": bench_mcp,
 }

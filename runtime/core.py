@@ -100,14 +100,24 @@ class Runtime:
             await runtime.sessions.open()
             async with trio.open_nursery() as nursery:
                 await nursery.start(manager.run)
-                await runtime._carry_on_turns()
+                # MCP servers: each a supervised task in this nursery; their tools join the built-ins
+                # (started in parallel, each bounded by its startup_timeout; a failing one is only a status).
+                from .mcp import McpServers, RuntimeTools  # the tool layer sits above the core
+
+                runtime.mcp = McpServers(config.data_dir)
+                manager.tools = RuntimeTools(config.tools, runtime.mcp)
                 try:
+                    await nursery.start(runtime.mcp.run)
+                    await runtime._carry_on_turns()
                     yield runtime
                 finally:
                     # Shielded so that a cancelled caller still gets turns recorded as interrupted;
                     # bounded because every engine's final write is bounded (final_write_seconds).
                     with trio.CancelScope(shield=True):
                         await manager.aclose()
+                    # After the turns ended (their MCP calls are cancelled): stop every server; each
+                    # task kills and reaps its child, and the nursery waits for them.
+                    await runtime.mcp.aclose()
 
     # ---- engine requests -------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ from quart_trio.asgi import TrioASGIHTTPConnection
 from runtime import Runtime
 
 from . import auth, cors, errors
-from .routes import approvals, events, health, sessions, threads, turns
+from .routes import approvals, events, health, mcp, sessions, threads, turns
 from . import openapi
 from .settings import ServerSettings
 from .sse import StreamRegistry
@@ -131,6 +131,6 @@ def create_app(rt: Runtime, settings: ServerSettings, token: str | None) -> Quar
     cors.install(app, settings.cors_origins)
     auth.install(app, token)
     errors.install(app)
-    for module in (health, threads, turns, events, sessions, approvals, openapi):
+    for module in (health, threads, turns, events, sessions, approvals, mcp, openapi):
         app.register_blueprint(module.bp)
     return app

@@ -191,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(doctor)
     doctor.add_argument("--timeout", type=float, default=DEFAULT_DOCTOR_TIMEOUT, metavar="SECONDS",
                         help="bound on the check request (default 10)")
+    doctor.add_argument("--data-dir", type=Path, default=Path(_env("TRIO_RUNTIME_DATA_DIR", str(DEFAULT_DATA_DIR))),
+                        help="whose mcp.json servers to check (each is started, its tools listed, then stopped)"
+                             " [TRIO_RUNTIME_DATA_DIR]")
     return parser
 
 
@@ -289,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "doctor":
         check_numbers(parser, args, MODEL_NUMBERS + DOCTOR_NUMBERS)
         return run_doctor(model=args.model, base_url=args.model_base_url, model_name=args.model_name,
-                          api_key=_env(API_KEY_ENV), timeout=args.timeout, max_tokens=args.model_max_tokens)
+                          api_key=_env(API_KEY_ENV), timeout=args.timeout, max_tokens=args.model_max_tokens,
+                          data_dir=args.data_dir)
     settings = settings_from_args(parser, args)
     if settings.insecure_no_auth and not is_loopback(settings.host):
         parser.error(f"--insecure-no-auth is refused on the non-loopback host {settings.host!r}: "

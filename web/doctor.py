@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import sys
+from pathlib import Path
 from typing import Any, Callable, TextIO
 
 import httpx
@@ -193,11 +194,47 @@ def format_report(backend: str, checks: list[Check]) -> str:
     return "\n".join(lines)
 
 
+async def diagnose_mcp(data_dir: Path) -> list[Check]:
+    """One check per MCP server of ``<data_dir>/mcp.json``: each enabled one is started as ``serve`` would
+    (all in parallel, each bounded by its ``startup_timeout``), its tools listed, then stopped (its process
+    killed and reaped). Nothing is checked without the file. Errors are the servers' redacted statuses."""
+    from runtime.mcp import McpServers
+    from runtime.mcp.config import FILE_NAME
+
+    if not (data_dir / FILE_NAME).exists():
+        return []
+    servers = McpServers(data_dir)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(servers.run)
+        views = servers.servers()
+        await servers.aclose()
+    if servers.load_error is not None:
+        return [Check(FILE_NAME, False, servers.load_error)]
+    checks = []
+    for view in views:
+        name = f"MCP server '{view['name']}'"
+        if view["status"] == "ready":
+            checks.append(Check(name, True, f"started ({view['transport']}), {view['tools_count']} tools"))
+        elif view["status"] == "disabled":
+            checks.append(Check(name, True, "disabled (not started)"))
+        else:
+            checks.append(Check(name, False, view.get("error") or view["status"]))
+    return checks
+
+
 def run_doctor(*, model: str, base_url: str | None = None, model_name: str | None = None,
                api_key: str | None = None, timeout: float = DEFAULT_DOCTOR_TIMEOUT, max_tokens: int | None = None,
-               out: TextIO | None = None) -> int:
-    """The ``doctor`` command: print the report, return the exit code (0 all good, 1 a problem)."""
+               out: TextIO | None = None, data_dir: Path | None = None) -> int:
+    """The ``doctor`` command: print the report, return the exit code (0 all good, 1 a problem).
+    With ``data_dir``, the MCP servers of its ``mcp.json`` are checked too."""
     out = out or sys.stdout
+    if data_dir is not None:
+        mcp_checks = trio.run(diagnose_mcp, data_dir)
+        if mcp_checks:
+            code = run_doctor(model=model, base_url=base_url, model_name=model_name, api_key=api_key,
+                              timeout=timeout, max_tokens=max_tokens, out=out)
+            print(format_report("mcp", mcp_checks).replace("model backend 'mcp'", "MCP servers"), file=out)
+            return code or (0 if all(c.ok for c in mcp_checks) else 1)
     if model == "scripted":
         unused = f"; --model-max-tokens {max_tokens} does not apply to it" if max_tokens is not None else ""
         print(format_report(model, [Check("backend", True, "the built-in offline scripted model; nothing to"

@@ -489,3 +489,68 @@ def json_schema(hint: Any, components: dict[str, Any]) -> dict[str, Any]:
     if optional and "type" in schema:
         schema = {**schema, "type": [schema["type"], "null"]}
     return schema
+
+
+# ---- MCP servers (API.md "Tools from MCP servers") ------------------------------------------------
+
+
+@dataclasses.dataclass
+class McpServerBody:
+    name: str = _documented(pattern="^[A-Za-z0-9_-]{1,64}$")
+    command: str | None = None
+    args: list[str] | None = None
+    env: dict[str, str] | None = None
+    url: str | None = None
+    headers: dict[str, str] | None = None
+    enabled: bool | None = None
+    approval: str | None = _documented(None, enum=["ask", "auto", "writes"])
+    enabled_tools: list[str] | None = None
+    disabled_tools: list[str] | None = None
+    startup_timeout: float | None = None
+    tool_timeout: float | None = None
+
+
+@dataclasses.dataclass
+class UpdateMcpServerBody:
+    at_least_one: ClassVar[bool] = True  # a body that sets nothing is 400
+    command: str | None = None
+    args: list[str] | None = None
+    env: dict[str, str] | None = None
+    url: str | None = None
+    headers: dict[str, str] | None = None
+    enabled: bool | None = None
+    approval: str | None = _documented(None, enum=["ask", "auto", "writes"])
+    enabled_tools: list[str] | None = None
+    disabled_tools: list[str] | None = None
+    startup_timeout: float | None = None
+    tool_timeout: float | None = None
+
+
+@dataclasses.dataclass
+class McpServerRecord:
+    name: str
+    transport: str  # stdio | http
+    enabled: bool
+    status: str  # starting | ready | failed | disabled
+    tools_count: int
+    config: dict[str, Any]  # env and headers values redacted
+    error: str | None = None
+
+
+@dataclasses.dataclass
+class McpServerList:
+    servers: list[McpServerRecord]
+
+
+@dataclasses.dataclass
+class McpToolRecord:
+    name: str  # <server>__<tool>
+    server: str
+    description: str
+    input_schema: dict[str, Any]
+    read_only: bool
+
+
+@dataclasses.dataclass
+class McpToolList:
+    tools: list[McpToolRecord]

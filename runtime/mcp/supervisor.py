@@ -1,0 +1,530 @@
+"""``McpServers``: the runtime's MCP servers, each a supervised task in the runtime's nursery, and
+``RuntimeTools``: the built-in tools and every ready server's tools behind the one registry-like object the
+engine calls (``ThreadManager.tools``).
+
+A server's task (``_supervise``) starts the server (stdio: a child process through the SDK's
+``stdio_client``), initializes an MCP ``ClientSession`` and lists its tools, bounded by ``startup_timeout``;
+then it is ``ready`` until the server exits (its stdout ends), when it is ``failed`` with the reason and
+restarted after a capped backoff. Stopping a server (DELETE, disable, a config change, reconnect, shutdown)
+cancels its task: the SDK's process wrapper kills the child and reaps it in a shielded wait, so no child
+process outlives its task. One server failing never touches the runtime or another server: every
+failure is caught in its own task and becomes its status.
+
+Each start gets a fresh ``_Server`` object; a stopped task may finish its cleanup after its successor
+started, and only ever writes to its own object.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any, Iterator
+
+import anyio
+import jsonschema
+import trio
+
+from ..errors import Conflict, InvalidData, NotFound
+from ..models.base import ToolOutcome, ToolSpec
+from ..text import valid_text
+from . import config as mcp_config
+from .config import ServerConfig
+
+log = logging.getLogger(__name__)
+
+__all__ = ["McpServers", "McpTool", "RuntimeTools", "TOOL_SEPARATOR"]
+
+# ``<server>__<tool>``: API.md "Tools from MCP servers".
+TOOL_SEPARATOR = "__"
+# Tool names the model can be offered (OpenAI's function-name rule); a server's tool named otherwise is
+# left out (logged), since no backend could call it.
+TOOL_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
+# Restart backoff after a server exits or fails to start: doubles from the first to the cap (a crashing
+# server costs at most one start every RESTART_BACKOFF_MAX seconds); reset once the server was ready.
+RESTART_BACKOFF_FIRST = 0.5
+RESTART_BACKOFF_MAX = 30.0
+# How long sending MCP's cancellation notification may take after a call is interrupted or times out:
+# one line written to the server's stdin, so a second is plenty; past it the server is wedged and the
+# notification is dropped (the call is abandoned either way).
+CANCEL_NOTICE_SECONDS = 1.0
+# How long a route waits for a stopped server's process to be gone before answering (the kill is SIGKILL
+# and a reap: milliseconds; the bound only keeps a wedged reap from holding the request).
+STOP_WAIT_SECONDS = 10.0
+# Results longer than this are cut (the same bound as built-in tools: runtime.models.tools).
+MAX_RESULT_CHARS = 16_000
+# Status changes kept per server (tests and diagnostics read the last ones).
+TRANSITIONS_KEPT = 20
+
+
+class McpTool:
+    """One server tool as the engine sees it. ``needs_approval`` is always True so that the thread's
+    policy applies first (``auto`` allows, ``deny`` denies); under ``ask`` the server's ``approval``
+    decides through ``asks_under_ask``."""
+
+    def __init__(self, server: ServerConfig, tool: Any) -> None:
+        self.server = server.name
+        self.tool = tool.name
+        self.name = f"{server.name}{TOOL_SEPARATOR}{tool.name}"
+        self.description = tool.description or tool.title or tool.name
+        self.input_schema: dict[str, Any] = dict(tool.inputSchema or {"type": "object"})
+        annotations = tool.annotations
+        self.read_only = bool(annotations is not None and annotations.readOnlyHint)
+        self.writes = not self.read_only
+        self.needs_approval = True
+        self.asks_under_ask = {"ask": True, "auto": False}.get(server.approval, not self.read_only)
+        self.validator = jsonschema.Draft202012Validator(self.input_schema)
+
+    @property
+    def spec(self) -> ToolSpec:
+        return ToolSpec(self.name, self.description, self.input_schema)
+
+    def view(self) -> dict[str, Any]:
+        return {"name": self.name, "server": self.server, "description": self.description,
+                "input_schema": self.input_schema, "read_only": self.read_only}
+
+
+class _Server:
+    """One start of one server: its config, status, session and tools."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.status = "starting" if config.enabled else "disabled"
+        self.error: str | None = None
+        self.session: Any = None
+        self.tools: dict[str, McpTool] = {}
+        self.scope = trio.CancelScope()
+        self.done = trio.Event()
+        self.settled = trio.Event()  # left "starting" once (ready or failed), or stopped
+        self.changed = trio.Event()
+        self.calls: set[trio.CancelScope] = set()  # calls in flight on the current session
+        self.restarts = 0
+        self.was_ready = False
+        self.transitions: collections.deque[tuple[str, str | None]] = collections.deque(maxlen=TRANSITIONS_KEPT)
+        if not config.enabled:
+            self.done.set()
+            self.settled.set()
+
+    def set(self, status: str, error: str | None = None) -> None:
+        self.status = status
+        self.error = None if error is None else mcp_config.scrub(error, self.config)
+        if status != "ready":
+            self.session, self.tools = None, {}
+            for call in self.calls:
+                call.cancel()
+        if status != "starting":
+            self.settled.set()
+        self.transitions.append((status, self.error))
+        self.changed.set()
+        self.changed = trio.Event()
+
+    def view(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.config.name, "transport": self.config.transport,
+                               "enabled": self.config.enabled, "status": self.status}
+        if self.error is not None:
+            out["error"] = self.error
+        out.update(tools_count=len(self.tools), config=self.config.redacted())
+        return out
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    """The first non-group exception of ``exc`` (anyio's task groups on trio wrap errors in groups)."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _describe(exc: BaseException) -> str:
+    exc = _leaf(exc)
+    error = getattr(exc, "error", None)  # mcp.shared.exceptions.McpError carries ErrorData
+    message = getattr(error, "message", None) or str(exc) or type(exc).__name__
+    if isinstance(exc, OSError) and exc.strerror:
+        message = f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+    return valid_text(message)
+
+
+def _result_text(result: Any) -> str:
+    """A CallToolResult as one text: the text blocks joined; structured content as JSON when there is
+    no text; other blocks named (an image is not text the model can read here)."""
+    parts: list[str] = []
+    for block in result.content or ():
+        kind = getattr(block, "type", None)
+        if kind == "text":
+            parts.append(block.text)
+        elif kind == "resource" and hasattr(block.resource, "text"):
+            parts.append(block.resource.text)
+        else:
+            parts.append(f"[{kind or 'unknown'} content omitted]")
+    if not parts and result.structuredContent is not None:
+        parts.append(json.dumps(result.structuredContent, ensure_ascii=False, default=str))
+    text = valid_text("\n".join(parts))
+    if len(text) > MAX_RESULT_CHARS:
+        text = text[: MAX_RESULT_CHARS - 1] + "…"
+    return text
+
+
+def _exited(tool: McpTool) -> ToolOutcome:
+    return ToolOutcome(f"Tool '{tool.name}' failed: MCP server '{tool.server}' exited during the call (it is being"
+                       " restarted; the call may or may not have had its effect)", is_error=True)
+
+
+class McpServers:
+    """The runtime's MCP servers (see the module docstring). ``run`` is started in the runtime's nursery;
+    ``aclose`` stops every server. Changes (``add``, ``update``, ``delete``, ``reconnect``) rewrite
+    ``mcp.json`` and then start/stop processes, one change at a time (``_lock``)."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self._servers: dict[str, _Server] = {}
+        self._nursery: trio.Nursery | None = None
+        self._scope = trio.CancelScope()
+        self._lock = trio.Lock()
+        self.load_error: str | None = None
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Start every enabled server of ``mcp.json`` in parallel; report started once each is ready or
+        failed (each bounded by its ``startup_timeout``), then supervise until ``aclose``."""
+        try:
+            configs = mcp_config.load(self.data_dir)
+        except InvalidData as exc:
+            self.load_error = exc.message
+            log.error("MCP servers not started: %s", exc.message)
+            configs = {}
+        with self._scope:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                for cfg in configs.values():
+                    self._start(cfg)
+                for server in list(self._servers.values()):
+                    await server.settled.wait()  # bounded: startup_timeout, then "failed"
+                task_status.started()
+                await trio.sleep_forever()
+
+    async def aclose(self) -> None:
+        """Stop every server: cancels their tasks; each kills and reaps its child (see the module doc)."""
+        self._scope.cancel()
+
+    def _start(self, cfg: ServerConfig) -> _Server:
+        server = _Server(cfg)
+        self._servers[cfg.name] = server
+        if cfg.enabled:
+            assert self._nursery is not None
+            self._nursery.start_soon(self._supervise, server, name=f"mcp server {cfg.name}")
+        return server
+
+    def _stop(self, name: str) -> _Server | None:
+        server = self._servers.pop(name, None)
+        if server is not None:
+            server.scope.cancel()
+        return server
+
+    async def _supervise(self, server: _Server) -> None:
+        backoff = RESTART_BACKOFF_FIRST
+        try:
+            with server.scope:
+                while True:
+                    try:
+                        await self._connect(server)
+                    except Exception as exc:  # any failure of this server is its status, never the runtime's
+                        server.set("failed", _describe(exc))
+                    log.warning("MCP server '%s' failed: %s", server.config.name, server.error)
+                    if server.was_ready:
+                        backoff = RESTART_BACKOFF_FIRST  # it was up: a fresh failure starts the backoff over
+                        server.was_ready = False
+                    await trio.sleep(backoff)
+                    backoff = min(backoff * 2, RESTART_BACKOFF_MAX)
+                    server.restarts += 1
+                    server.set("starting")
+        finally:
+            server.session, server.tools = None, {}
+            for call in server.calls:
+                call.cancel()
+            server.done.set()
+            server.settled.set()
+
+    async def _connect(self, server: _Server) -> None:
+        """One life of the server: start, initialize, list tools (bounded by ``startup_timeout``), then
+        return when its stream ends. Raises on a failed start."""
+        from mcp import ClientSession
+
+        cfg = server.config
+        async with self._transport(cfg) as (read, write):
+            closed = trio.Event()
+            forward_tx, forward_rx = anyio.create_memory_object_stream[Any](0)
+
+            async def pump() -> None:
+                # Forwards the server's messages to the session; the end of the server's stream (its
+                # process exited, or the HTTP connection ended) is how its death is noticed.
+                try:
+                    async with forward_tx:
+                        async for message in read:
+                            await forward_tx.send(message)
+                finally:
+                    closed.set()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(pump)
+                async with ClientSession(forward_rx, write) as session:
+                    with trio.move_on_after(cfg.startup_timeout) as startup:
+                        await session.initialize()
+                        tools = await self._list_tools(session, cfg)
+                    if startup.cancelled_caught:
+                        raise TimeoutError(f"the server did not start within its startup_timeout of"
+                                           f" {cfg.startup_timeout:g} s")
+                    server.session, server.tools = session, tools
+                    server.was_ready = True
+                    server.set("ready")
+                    await closed.wait()
+                    server.set("failed", "the server closed its connection (it exited); restarting")
+                nursery.cancel_scope.cancel()
+
+    @contextlib.asynccontextmanager
+    async def _transport(self, cfg: ServerConfig) -> Any:
+        if cfg.command is not None:
+            from mcp.client.stdio import StdioServerParameters, stdio_client
+
+            params = StdioServerParameters(command=cfg.command, args=list(cfg.args), env=dict(cfg.env) or None)
+            # The server's stderr goes to a log file per server in the data dir (it is the server's own
+            # output; the runtime's log never quotes it).
+            logs = self.data_dir / "mcp-logs"
+            logs.mkdir(exist_ok=True)
+            with open(logs / f"{cfg.name}.stderr.log", "ab") as errlog:
+                async with stdio_client(params, errlog=errlog) as streams:
+                    yield streams
+        else:
+            from mcp.client.streamable_http import streamable_http_client
+            from mcp.shared._httpx_utils import create_mcp_http_client
+
+            async with create_mcp_http_client(headers=dict(cfg.headers) or None) as client:
+                async with streamable_http_client(cfg.url, http_client=client) as (read, write, _):
+                    yield read, write
+
+    @staticmethod
+    async def _list_tools(session: Any, cfg: ServerConfig) -> dict[str, McpTool]:
+        tools: dict[str, McpTool] = {}
+        cursor = None
+        while True:
+            page = await session.list_tools(cursor=cursor) if cursor else await session.list_tools()
+            for tool in page.tools:
+                if not TOOL_NAME_RE.fullmatch(tool.name):
+                    log.warning("MCP server '%s': tool %r left out (its name has characters a model cannot"
+                                " call)", cfg.name, tool.name[:80])
+                    continue
+                if not cfg.allows(tool.name):
+                    continue
+                try:
+                    tools[tool.name] = McpTool(cfg, tool)
+                except jsonschema.SchemaError as exc:
+                    log.warning("MCP server '%s': tool %r left out (invalid input schema: %s)", cfg.name,
+                                tool.name, exc.message[:200])
+            cursor = page.nextCursor
+            if not cursor:
+                return tools
+
+    # ---- reading ----------------------------------------------------------------------------------
+
+    def servers(self) -> list[dict[str, Any]]:
+        return [server.view() for server in self._servers.values()]
+
+    def server(self, name: str) -> dict[str, Any]:
+        return self._get(name).view()
+
+    def _get(self, name: str) -> _Server:
+        mcp_config.validate_name(name)
+        server = self._servers.get(name)
+        if server is None:
+            raise NotFound(f"MCP server '{name}' not found")
+        return server
+
+    def tools(self) -> Iterator[McpTool]:
+        for server in list(self._servers.values()):
+            if server.status == "ready":
+                yield from server.tools.values()
+
+    def tool(self, name: str) -> McpTool | None:
+        server_name, sep, tool_name = name.partition(TOOL_SEPARATOR)
+        server = self._servers.get(server_name) if sep else None
+        return server.tools.get(tool_name) if server is not None and server.status == "ready" else None
+
+    def state(self, name: str) -> _Server | None:
+        """The current start of server ``name`` (tests wait on its ``changed``/``settled``)."""
+        return self._servers.get(name)
+
+    # ---- calls -----------------------------------------------------------------------------------------
+
+    async def call(self, tool: McpTool, arguments: dict[str, Any]) -> ToolOutcome:
+        """Call ``tool`` on its server, bounded by the server's ``tool_timeout``. Never raises for the
+        call's own failure (it is an error outcome). Cancelled (an interrupt), it sends MCP's cancellation
+        notification for the request and re-raises; a timeout sends it too."""
+        from mcp import types
+
+        server = self._servers.get(tool.server)
+        session = server.session if server is not None else None
+        if server is None or session is None:
+            why = "it is not configured" if server is None else f"it is {server.status}" + (
+                f" ({server.error})" if server.error else "")
+            return ToolOutcome(f"Tool '{tool.name}' failed: MCP server '{tool.server}' is not ready: {why}",
+                               is_error=True)
+        timeout = server.config.tool_timeout
+        # The SDK numbers requests itself and takes the number before its first await, so the id read here
+        # is the id of the call below (needed for the cancellation notification; the 1.x client sends none).
+        request_id = session._request_id
+
+        async def notify_cancelled(reason: str) -> None:
+            note = types.ClientNotification(types.CancelledNotification(
+                params=types.CancelledNotificationParams(requestId=request_id, reason=reason)))
+            with trio.move_on_after(CANCEL_NOTICE_SECONDS):
+                try:
+                    await session.send_notification(note)
+                except Exception:  # the server is gone: nothing to tell
+                    pass
+
+        # Cancelled by the server's task when the server's connection ends (it exited): the SDK would leave
+        # the call waiting for an answer that cannot come.
+        lost = trio.CancelScope()
+        server.calls.add(lost)
+        try:
+            with lost:
+                with trio.fail_after(timeout):
+                    result = await session.call_tool(tool.tool, arguments)
+        except trio.TooSlowError:
+            await notify_cancelled("tool_timeout")
+            return ToolOutcome(f"Tool '{tool.name}' did not finish within {timeout:g} s (tool_timeout of MCP"
+                               f" server '{tool.server}')", is_error=True)
+        except trio.Cancelled:
+            # Shielded so the server hears the request is cancelled although this task is being cancelled;
+            # bounded by CANCEL_NOTICE_SECONDS inside notify_cancelled.
+            with trio.CancelScope(shield=True):
+                await notify_cancelled("interrupted")
+            raise
+        except Exception as exc:
+            if getattr(getattr(_leaf(exc), "error", None), "code", None) == types.CONNECTION_CLOSED:
+                # The server's end closed while the call waited: the SDK answers pending calls so when its
+                # reader ends, which may come before the supervisor's cancel of ``lost``; the same event.
+                # Wait (briefly: the supervisor sees the same end of stream) until the status says so, so
+                # that whoever reads this result and then the status never sees the dead start "ready".
+                with trio.move_on_after(STOP_WAIT_SECONDS):
+                    while server.session is session:
+                        await server.changed.wait()
+                return _exited(tool)
+            message = mcp_config.scrub(_describe(exc), server.config)
+            return ToolOutcome(f"Tool '{tool.name}' failed: MCP server '{tool.server}': {message}", is_error=True)
+        finally:
+            server.calls.discard(lost)
+        if lost.cancelled_caught:
+            return _exited(tool)
+        text = mcp_config.scrub(_result_text(result), server.config)
+        return ToolOutcome(text, is_error=bool(result.isError))
+
+    # ---- changes (API) ----------------------------------------------------------------------------
+
+    def _check_file(self) -> None:
+        if self.load_error is not None:
+            raise Conflict(f"MCP servers cannot be changed while {mcp_config.FILE_NAME} is invalid"
+                           f" ({self.load_error}); fix the file and restart the runtime")
+
+    async def _write(self, configs: dict[str, ServerConfig]) -> None:
+        # Not abandoned on cancellation: the file is rewritten whole or not at all, and the processes are
+        # changed right after, with no checkpoint between, so the file and the running servers agree.
+        await trio.to_thread.run_sync(mcp_config.save, self.data_dir, configs)
+
+    def _configs(self) -> dict[str, ServerConfig]:
+        return {name: server.config for name, server in self._servers.items()}
+
+    async def _settle(self, server: _Server) -> dict[str, Any]:
+        """Wait (cancellable; bounded by the startup timeout) until a started server is ready or failed."""
+        with trio.move_on_after(server.config.startup_timeout + 1.0):
+            await server.settled.wait()
+        return server.view()
+
+    async def _gone(self, server: _Server | None) -> None:
+        if server is not None:
+            with trio.move_on_after(STOP_WAIT_SECONDS):
+                await server.done.wait()
+
+    async def add(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        cfg = mcp_config.parse(name, body)
+        async with self._lock:
+            self._check_file()
+            if name in self._servers:
+                raise Conflict(f"MCP server '{name}' already exists; PATCH it or DELETE it first")
+            await self._write({**self._configs(), name: cfg})
+            server = self._start(cfg)
+        return await self._settle(server)
+
+    async def update(self, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        async with self._lock:
+            self._check_file()
+            current = self._get(name)
+            cfg = mcp_config.merge(current.config, patch)
+            configs = self._configs()
+            configs[name] = cfg
+            await self._write(configs)
+            old = self._stop(name)
+            server = self._start(cfg)
+            # Keep the file's order: _stop/_start moved it to the end.
+            self._servers = {n: self._servers[n] for n in configs}
+        await self._gone(old)
+        return await self._settle(server)
+
+    async def delete(self, name: str) -> None:
+        async with self._lock:
+            self._check_file()
+            self._get(name)
+            configs = self._configs()
+            del configs[name]
+            await self._write(configs)
+            old = self._stop(name)
+        await self._gone(old)
+
+    async def reconnect(self, name: str) -> dict[str, Any]:
+        async with self._lock:
+            current = self._get(name)
+            if not current.config.enabled:
+                raise Conflict(f"MCP server '{name}' is disabled; enable it (PATCH enabled: true) to connect it")
+            order = list(self._servers)
+            old = self._stop(name)
+            server = self._start(current.config)
+            self._servers = {n: self._servers[n] for n in order}
+        await self._gone(old)
+        return await self._settle(server)
+
+
+class RuntimeTools:
+    """The built-in tools (RuntimeConfig.tools, may be None) and the MCP servers' tools, behind the
+    registry interface the engine uses (``get``, ``spec``, ``len``, ``call``). Built-in names win."""
+
+    def __init__(self, builtins: Any, servers: McpServers) -> None:
+        self.builtins = builtins
+        self.servers = servers
+
+    def get(self, name: str) -> Any:
+        tool = self.builtins.get(name) if self.builtins is not None else None
+        return tool if tool is not None else self.servers.tool(name)
+
+    def spec(self) -> tuple[ToolSpec, ...]:
+        builtin = tuple(self.builtins.spec()) if self.builtins is not None else ()
+        taken = {spec.name for spec in builtin}
+        return builtin + tuple(tool.spec for tool in self.servers.tools() if tool.name not in taken)
+
+    def __len__(self) -> int:
+        return (len(self.builtins) if self.builtins is not None else 0) + sum(1 for _ in self.servers.tools())
+
+    async def call(self, name: str, arguments: Any, context: Any) -> ToolOutcome:
+        if self.builtins is not None and self.builtins.get(name) is not None:
+            return await self.builtins.call(name, arguments, context)
+        tool = self.servers.tool(name)
+        if tool is None:
+            return ToolOutcome(f"Tool '{name}' is not available (its MCP server is not ready or no longer offers"
+                               f" it)", is_error=True)
+        error = jsonschema.exceptions.best_match(tool.validator.iter_errors(arguments))
+        if error is not None:
+            reason = error.message if len(error.message) <= 300 else error.message[:299] + "…"
+            return ToolOutcome(f"Invalid input for tool '{name}': {error.json_path}: {reason}", is_error=True)
+        return await self.servers.call(tool, arguments)
+
