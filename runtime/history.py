@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 from . import records
 from .clock import new_id
-from .errors import Conflict, InvalidInput, NotFound
+from .errors import Conflict, NotFound
 from .idempotency import Claim
 from .store import Event, EventDraft, WithEvents, append_event
 from .transcript import Message, build_messages, preview

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import trio
 
 from tests.conftest import E2E_LIMIT, LiveServer
 from tests.e2e.helpers import collect_until, start_tool_server, turn_of, wait_turn_end

@@ -41,7 +41,7 @@ from tests.support import E2E_LIMIT, open_runtime
 from web.client import AsyncClient
 
 from .harness import FaultRun, every_step
-from .seam import SQLITE_FAULTS, SQLITE_NAMES, FaultPlan
+from .seam import SQLITE_FAULTS, FaultPlan
 
 
 # ---- a disk whose state lasts ----------------------------------------------------------------

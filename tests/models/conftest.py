@@ -8,10 +8,9 @@ through the ``http_client`` seam with an in-memory transport, where no socket is
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import pytest
 import trio

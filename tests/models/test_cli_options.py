@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from runtime.config import DEFAULT_APPROVAL_TIMEOUT
-from runtime.models.openai_compat import OpenAICompatModel
 from web.cli import build_parser, model_factory_from_args, settings_from_args, tools_from_args
 
 BASE = ["serve", "--model", "openai", "--model-base-url", "http://127.0.0.1:9/v1", "--model-name", "m"]

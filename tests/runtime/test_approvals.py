@@ -20,11 +20,11 @@ import pytest
 import trio
 import trio.testing
 
-from runtime import Conflict, InvalidInput, NotFound, records
+from runtime import Conflict, InvalidInput, NotFound
 from runtime.models.base import ModelRequest, TextDelta, ToolCall, ToolOutcome, ToolResult, ToolSpec, Usage
 from runtime.store import OUTCOME_UNKNOWN
 
-from .helpers import collect_events, crash_image, run_turn, stored_events, turn_completed, wait_turn_end
+from .helpers import collect_events, crash_image, run_turn, stored_events, wait_turn_end
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,11 +13,11 @@ import functools
 import pytest
 import trio
 
-from runtime import Conflict, InvalidData, InvalidInput, NotFound, PreconditionFailed, records
+from runtime import Conflict, InvalidData, InvalidInput, NotFound, PreconditionFailed
 from runtime.sessions import _rebuild_state
 from runtime.transcript import build_messages, word_count
 
-from .helpers import collect_events, run_turn, stored_events, turn_completed, wait_turn_end
+from .helpers import run_turn, stored_events, wait_turn_end
 
 
 def texts(messages) -> list[tuple[str, str]]:
