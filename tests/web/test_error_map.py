@@ -77,3 +77,22 @@ async def test_every_route_that_can_fail_on_storage_documents_a_full_disk(app):
         responses = spec["paths"][path][method]["responses"]
         assert {"500", "507"} <= set(responses), (path, method, sorted(responses))
         assert responses["507"]["description"] == "The disk is full: nothing was written"
+
+
+async def test_a_deleted_mcp_server_answers_a_whole_204(tmp_path):
+    """Every 204 has an empty body Quart can send on trio: ``Response(status=204)`` made a body whose iteration
+    asked asyncio for its loop, so hypercorn logged "Error in ASGI Framework" and closed the connection after
+    the headers (a client reusing it got "Server disconnected without sending a response")."""
+    from tests.mcp.test_mcp_runtime import entry
+
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    data = tmp_path / "data"
+    async with Runtime.open(RuntimeConfig(data_dir=data)) as runtime:
+        client = create_app(runtime, ServerSettings(data_dir=data, auth_token="t"), "t").test_client()
+        added = await client.post("/v1/mcp/servers", headers=AUTH, json={"name": "box", **entry(marks)})
+        assert added.status_code == 201
+        deleted = await client.delete("/v1/mcp/servers/box", headers=AUTH)
+        assert deleted.status_code == 204
+        assert await deleted.get_data() == b""
+        assert (await client.get("/v1/mcp/servers", headers=AUTH)).status_code == 200

@@ -49,7 +49,7 @@ async def update_server(name: str):
        errors=(400, 404, 409, 500))
 async def delete_server(name: str):
     await runtime().mcp.delete(name)
-    return Response(status=204)
+    return Response("", status=204)
 
 
 @route(bp, "/servers/<name>/reconnect", "POST", summary="Restart an MCP server", response=McpServerRecord,
