@@ -495,8 +495,9 @@ def json_schema(hint: Any, components: dict[str, Any]) -> dict[str, Any]:
 
 
 @dataclasses.dataclass
-class McpServerBody:
-    name: str = _documented(pattern="^[A-Za-z0-9_-]{1,64}$")
+class McpServerConfig:
+    """The configurable fields of an MCP server, shared by the add and the update bodies (not a body itself)."""
+
     command: str | None = None
     args: list[str] | None = None
     env: dict[str, str] | None = None
@@ -508,22 +509,16 @@ class McpServerBody:
     disabled_tools: list[str] | None = None
     startup_timeout: float | None = None
     tool_timeout: float | None = None
+
+
+@dataclasses.dataclass(kw_only=True)
+class McpServerBody(McpServerConfig):
+    name: str = _documented(pattern="^[A-Za-z0-9_-]{1,64}$")
 
 
 @dataclasses.dataclass
-class UpdateMcpServerBody:
+class UpdateMcpServerBody(McpServerConfig):
     at_least_one: ClassVar[bool] = True  # a body that sets nothing is 400
-    command: str | None = None
-    args: list[str] | None = None
-    env: dict[str, str] | None = None
-    url: str | None = None
-    headers: dict[str, str] | None = None
-    enabled: bool | None = None
-    approval: str | None = _documented(None, enum=["ask", "auto", "writes"])
-    enabled_tools: list[str] | None = None
-    disabled_tools: list[str] | None = None
-    startup_timeout: float | None = None
-    tool_timeout: float | None = None
 
 
 @dataclasses.dataclass
