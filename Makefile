@@ -9,7 +9,7 @@ DATA_DIR ?= ./.trio-runtime
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: serve test test-tools soak reliability test-llm bench clean lock
+.PHONY: serve test test-tools browser-tools soak reliability test-llm bench clean lock
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,14 @@ test-tools:
 	@command -v strace >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] \
 		&& { apt-get install -y -qq strace >/dev/null 2>&1 || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq strace >/dev/null 2>&1; }; }; } \
 		|| echo "strace is not installed: the WAL-sync trace test will be skipped"
+	@$(MAKE) --no-print-directory browser-tools
+
+# Debian's chromium + chromium-driver for the browser tests (tests/browser, Selenium); installed with apt when
+# missing and apt is there (CI runs as root). Without them the browser tests are skipped, never passed.
+browser-tools:
+	@{ command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; } || { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] \
+		&& { apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1 || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1; }; }; } \
+		|| echo "chromium or chromedriver is not installed: the browser tests will be skipped"
 
 test: $(VENV)/.installed test-tools
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

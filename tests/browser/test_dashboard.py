@@ -1,0 +1,263 @@
+"""The dashboard in a real headless Chromium against a real ``trio-runtime serve`` (issue 14's proof list).
+
+Every wait is a condition (tests/browser/conftest.py, Page.wait); screenshots go to
+tests/browser/screenshots/<test name>/.
+"""
+
+from __future__ import annotations
+
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+
+from tests.browser.conftest import TOKEN, Page, Server
+
+# Records every text an assistant message had, in order, from the DOM's own change notifications: a
+# MutationObserver callback runs after each SSE event's task, so each streamed word leaves one entry.
+RECORD_GROWTH = """
+window.__growth = [];
+new MutationObserver(() => {
+  const all = document.querySelectorAll('[data-testid=transcript] [data-role=assistant] .text');
+  if (all.length) {
+    const text = all[all.length - 1].textContent;
+    if (text && window.__growth[window.__growth.length - 1] !== text) window.__growth.push(text);
+  }
+}).observe(document.getElementById('transcript'), {subtree: true, childList: true, characterData: true});
+"""
+
+
+def test_sign_in_by_link_removes_the_token_from_the_address_bar(page: Page):
+    assert page.driver.current_url == f"{page.server.url}/"
+    assert page.driver.execute_script("return location.hash") == ""
+    assert TOKEN not in page.driver.execute_script("return document.cookie")  # HttpOnly: out of the page's reach
+    assert not page.hook("login-token").is_displayed()
+    page.screenshot("signed-in")
+
+    # Sign out: the form comes back, and a reload stays signed out (the cookie is gone, not just hidden).
+    page.driver.find_element(By.ID, "sign-out").click()
+    page.visible("login-token")
+    page.driver.refresh()
+    page.visible("login-token")
+    assert not page.hook("thread-list").is_displayed()
+
+    # A wrong token is refused with a message; the right one signs in through the form.
+    page.hook("login-token").send_keys("not-the-token")
+    page.hook("login-submit").click()
+    page.wait(lambda d: d.find_element(By.ID, "login-error").text == "That token is wrong.",
+              "no message for a wrong token")
+    box = page.hook("login-token")
+    box.clear()
+    box.send_keys(TOKEN + Keys.ENTER)
+    page.visible("thread-list")
+    assert TOKEN not in page.driver.current_url
+    page.screenshot("signed-in-by-form")
+
+
+def test_a_reply_streams_word_by_word_and_escape_interrupts(page: Page):
+    thread_id = page.new_thread()
+    page.driver.execute_script(RECORD_GROWTH)
+    words = "one two three four five six seven eight"
+    page.send(f"/slow 2\n{words}")
+    page.turn_ends("completed")
+    final = f"You said: {words}"
+    growth = page.driver.execute_script("return window.__growth")
+    # Word by word: every word of the reply arrived in an event of its own, each text extends the last.
+    assert growth[-1] == final
+    assert len(growth) == len(final.split())
+    assert all(later.startswith(earlier) for earlier, later in zip(growth, growth[1:]))
+    assert page.messages() == [("user", "completed", f"/slow 2\n{words}"), ("assistant", "completed", final)]
+    usage = page.driver.find_element(By.ID, "usage").text
+    # The scripted model counts words: the prompt's 10 (directive line included) in, the reply's 10 out.
+    assert usage == "last turn 10 in / 10 out · thread 10 in / 10 out tokens"
+
+    page.send("/hang")
+    page.text_is("turn-status", "in_progress")
+    assert page.hook("interrupt").is_enabled()
+    page.screenshot("running")
+    page.driver.find_element(By.TAG_NAME, "body").send_keys(Keys.ESCAPE)
+    page.turn_ends("interrupted")
+    assert not page.hook("interrupt").is_enabled()
+    with page.server.client() as api:
+        detail = api.get(f"/v1/threads/{thread_id}").json()
+    assert [t["status"] for t in detail["turns"]] == ["completed", "interrupted"]
+    page.screenshot("interrupted")
+
+
+def test_save_twice_then_search_and_resume_the_session(page: Page):
+    thread_id = page.new_thread()
+    page.send("tell me about the zebra")
+    page.turn_ends()
+    page.hook("save-session").click()
+    page.text_is("session-saved", "Saved: revision 1")
+    page.send("and the okapi")
+    page.turn_ends()
+    page.hook("save-session").click()
+    page.text_is("session-saved", "Saved: revision 2")
+    with page.server.client() as api:
+        session_id = api.get(f"/v1/threads/{thread_id}").json()["thread"]["session_id"]
+        document = api.get(f"/v1/sessions/{session_id}").json()
+        assert document["metadata"]["revision"] == 2
+        assert document["metadata"]["message_count"] == 4
+        other = api.post("/v1/threads", json={"title": "other"}).json()["id"]
+        api.post(f"/v1/threads/{other}/turns", json={"prompt": "nothing striped here"})
+        # The other thread's turn ends before its session is rebuilt (POST /v1/sessions refuses a running turn).
+        other_session = api.put("/v1/sessions", json={"thread_id": other, "wait_for_idle": True}).json()["session_id"]
+
+    page.hook("sessions-tab").click()
+    page.wait(lambda d: set(page.attrs("session-item", "session-id")) == {session_id, other_session}, "the sessions tab never listed both sessions")
+    page.hook("session-search").send_keys("ZEBRA")
+    page.wait(lambda d: page.attrs("session-item", "session-id") == [session_id],
+              "the search never narrowed the list to the zebra session")
+    item = page.hooks("session-item")[0]
+    assert "revision 2 · 4 messages" in item.text
+    page.screenshot("search")
+    page.hook("session-resume", within=item).click()
+    page.wait(lambda d: page.current_thread() not in (thread_id, other, None), "the resumed thread never opened")
+    resumed = page.current_thread()
+    page.text_is("connection-status", "live")
+    assert page.driver.find_element(By.ID, "notice").text.startswith("Resumed ")
+    # The resumed thread's next turn sees the whole saved history: its input counts those words too.
+    page.send("which animals")
+    page.turn_ends()
+    with page.server.client() as api:
+        turn = api.get(f"/v1/threads/{resumed}").json()["turns"][-1]
+    history_words = len("tell me about the zebra You said: tell me about the zebra and the okapi You said: and the okapi".split())
+    assert turn["usage"]["input_tokens"] == history_words + 2
+
+
+def test_the_page_reconnects_after_a_restart_without_duplicates_or_gaps(page: Page, tmp_path):
+    thread_id = page.new_thread()
+    page.send("before the restart")
+    page.turn_ends()
+    server = page.server
+    assert server.stop() == 0
+    page.text_is("connection-status", "reconnecting")
+    page.screenshot("reconnecting")
+
+    restarted = Server(server.data_dir, "--tools", "demo", port=server.port).start()
+    try:
+        page.server = restarted
+        # A turn run while the page may still be away: it must come in by the replay, exactly once.
+        with restarted.client() as api:
+            turn = api.post(f"/v1/threads/{thread_id}/turns", json={"prompt": "while you were away"}).json()
+        page.text_is("connection-status", "live")
+        page.wait(lambda d: len(page.messages()) == 4 and page.messages()[-1][1] == "completed",
+                  f"the turn run during the reconnect never showed ({page.messages()})")
+        page.send("after the restart")
+        page.turn_ends()
+        assert page.messages() == [
+            ("user", "completed", "before the restart"),
+            ("assistant", "completed", "You said: before the restart"),
+            ("user", "completed", "while you were away"),
+            ("assistant", "completed", "You said: while you were away"),
+            ("user", "completed", "after the restart"),
+            ("assistant", "completed", "You said: after the restart"),
+        ]
+        assert len(page.driver.find_elements(By.CSS_SELECTOR, "section.turn")) == 3
+        assert turn["id"] == _turn_ids(page)[1]
+        page.screenshot("reconnected")
+    finally:
+        page.driver.get("about:blank")
+        restarted.kill()
+
+
+def _no_horizontal_scroll(page: Page) -> tuple[int, int]:
+    return tuple(page.driver.execute_script(
+        "return [document.documentElement.scrollWidth, window.innerWidth]"))
+
+
+def test_phone_and_desktop_layouts_do_not_scroll_sideways(page: Page):
+    thread_id = page.new_thread()
+    long_word = "x" * 300
+    page.send(f"a long unbroken word {long_word} and a long line " + "word " * 60)
+    page.turn_ends()
+    width, inner = _no_horizontal_scroll(page)
+    assert (inner, width <= inner) == (1280, True)
+    page.screenshot("desktop")
+
+    page.driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                                {"width": 390, "height": 844, "deviceScaleFactor": 2, "mobile": True})
+    page.wait(lambda d: d.execute_script("return window.innerWidth") == 390, "the phone size never applied")
+    width, inner = _no_horizontal_scroll(page)
+    assert (inner, width) == (390, min(width, 390))
+    page.hook("sessions-tab").click()
+    page.hook("session-search").send_keys("nothing")
+    width, inner = _no_horizontal_scroll(page)
+    assert width <= inner
+    page.screenshot("phone")
+
+    # Dark colour scheme: the page follows prefers-color-scheme.
+    light = page.driver.execute_script("return getComputedStyle(document.body).backgroundColor")
+    page.driver.execute_cdp_cmd("Emulation.setEmulatedMedia",
+                                {"features": [{"name": "prefers-color-scheme", "value": "dark"}]})
+    page.wait(lambda d: d.execute_script("return getComputedStyle(document.body).backgroundColor") != light,
+              "the dark colour scheme never applied")
+    assert page.driver.execute_script("return getComputedStyle(document.body).backgroundColor") == "rgb(21, 22, 26)"
+    page.screenshot("phone-dark")
+    assert thread_id == page.current_thread()
+
+
+def _turn_ids(page: Page) -> list[str]:
+    return page.driver.execute_script("return [...document.querySelectorAll('section.turn')].map(e => e.dataset.turnId)")
+
+
+def _turn_button(page: Page, turn_id: str, action: str):
+    section = page.driver.find_element(By.CSS_SELECTOR, f'section.turn[data-turn-id="{turn_id}"]')
+    return page.hook(action, within=section)
+
+
+def test_fork_rewind_and_retry_buttons_act_on_their_turn(page: Page):
+    thread_id = page.new_thread()
+    page.send("first")
+    page.turn_ends()
+    page.send("second")
+    page.turn_ends()
+    first, second = _turn_ids(page)
+
+    _turn_button(page, second, "rewind").click()
+    page.wait(lambda d: _turn_ids(page) == [first], "the rewound turn stayed on screen")
+    with page.server.client() as api:
+        assert [t["id"] for t in api.get(f"/v1/threads/{thread_id}").json()["turns"]] == [first]
+
+    _turn_button(page, first, "retry").click()
+    page.wait(lambda d: len(ids := _turn_ids(page)) == 1 and ids[0] != first, "the retried turn never replaced the first")
+    page.turn_ends()
+    (retried,) = _turn_ids(page)
+    assert page.messages() == [("user", "completed", "first"), ("assistant", "completed", "You said: first")]
+    with page.server.client() as api:
+        turns = api.get(f"/v1/threads/{thread_id}").json()["turns"]
+    assert [(t["id"], t["retry_of"]) for t in turns] == [(retried, first)]
+
+    _turn_button(page, retried, "fork").click()
+    page.wait(lambda d: page.current_thread() not in (thread_id, None), "the fork never opened")
+    fork_id = page.current_thread()
+    page.text_is("connection-status", "live")
+    page.wait(lambda d: page.messages() == [("user", "completed", "first"), ("assistant", "completed", "You said: first")],
+              "the fork does not show the copied turn")
+    with page.server.client() as api:
+        fork = api.get(f"/v1/threads/{fork_id}").json()["thread"]
+    assert fork["forked_from"] == {"thread_id": thread_id, "through_turn_id": retried}
+    page.screenshot("fork")
+
+
+def test_an_approval_card_allows_and_denies_tool_calls(page: Page):
+    thread_id = page.new_thread()
+    page.send('/tool write_note {"name": "greeting", "text": "hello from the browser"}')
+    card = page.visible("approval-card")
+    assert "write_note" in card.text and "hello from the browser" in card.text
+    page.text_is("turn-status", "awaiting_approval")
+    page.screenshot("approval")
+    page.hook("approval-allow", within=card).click()
+    page.turn_ends()
+    assert page.hooks("approval-card") == []
+    note = page.server.data_dir / "notes" / thread_id / "greeting.txt"
+    assert note.read_text() == "hello from the browser"
+    roles = [(role, status) for role, status, _ in page.messages()]
+    assert roles == [("user", "completed"), ("tool", "completed"), ("assistant", "completed")]
+    assert page.messages()[2][2].startswith("Tool write_note returned: ")
+
+    page.send('/tool write_note {"name": "refused", "text": "no"}')
+    card = page.visible("approval-card")
+    page.hook("approval-deny", within=card).click()
+    page.turn_ends()
+    assert page.messages()[-1] == ("assistant", "completed", "Tool write_note returned: denied by user")
+    assert not (page.server.data_dir / "notes" / thread_id / "refused.txt").exists()
