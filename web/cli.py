@@ -217,6 +217,11 @@ class RunningServer:
     app: Any
 
 
+# hypercorn's default access line leaves the query string out; this one logs the whole URL, as most servers
+# do (the query string after the '?', empty when there is none), with status, size and seconds taken.
+ACCESS_LOG_FORMAT = '%(h)s "%(m)s %(U)s?%(q)s HTTP/%(H)s" %(s)s %(b)s %(L)ss "%(a)s"'
+
+
 def sign_in_line(url: str, token: str | None) -> str:
     """``open URL/#token=TOKEN``: the token rides in the fragment, which a browser never sends to the
     server; the page reads it, drops it from the address bar and exchanges it for the cookie (web/auth.py).
@@ -245,6 +250,7 @@ async def run_server(settings: ServerSettings, runtime_config: RuntimeConfig, *,
     # An access log (each request's line, path and query string included) only at --log-level debug. No
     # URL the server receives holds the token when clients use the header or the dashboard's cookie.
     hyper.accesslog = logging.getLogger("hypercorn.access") if settings.log_level == "debug" else None
+    hyper.access_log_format = ACCESS_LOG_FORMAT
     hyper.errorlog = logging.getLogger("hypercorn.error")
     hyper.graceful_timeout = settings.graceful_seconds
     hyper.send_bounds = bounds = server.SendBounds(settings.sse_send_timeout)
