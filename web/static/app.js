@@ -209,6 +209,7 @@ function showThreadHead(thread) {
 // Shows a thread: its stored detail first, then its events after the detail's latest_seq (one snapshot on
 // the server, so the hand-off has no gap and no overlap).
 async function openThread(threadId) {
+  const started = performance.now();
   closeStream();
   const detail = await api('GET', `/v1/threads/${q(threadId)}`);
   state.threadId = threadId;
@@ -235,6 +236,10 @@ async function openThread(threadId) {
   }
   openStream();
   transcript.scrollToEnd();
+  // "thread-view": from the click to the first frame after the transcript is laid out (make bench reads it).
+  requestAnimationFrame(() => setTimeout(() => performance.measure('thread-view', {
+    start: started, end: performance.now(), detail: { threadId, turns: detail.turns.length },
+  })));
 }
 
 $('thread-title').addEventListener('change', () => act(async () => {
