@@ -261,3 +261,130 @@ def test_an_approval_card_allows_and_denies_tool_calls(page: Page):
     page.turn_ends()
     assert page.messages()[-1] == ("assistant", "completed", "Tool write_note returned: denied by user")
     assert not (page.server.data_dir / "notes" / thread_id / "refused.txt").exists()
+
+
+def test_steer_reasoning_and_a_failed_turn_are_shown(page: Page):
+    thread_id = page.new_thread()
+    page.send("/think weighing the options\nhello")
+    page.turn_ends()
+    reasoning = page.driver.find_element(By.CSS_SELECTOR, "[data-testid=message][data-role=reasoning]")
+    assert reasoning.tag_name == "details" and reasoning.get_attribute("open") is None  # folded
+    assert page.messages()[1] == ("reasoning", "completed", "weighing the options")
+    reasoning.find_element(By.TAG_NAME, "summary").click()
+    assert reasoning.get_attribute("open") == "true"
+
+    # Steer: while a turn runs, the same box and Enter add to it (the button says so). The scripted model
+    # answers a steer after its main reply, spread here over 8 s: room for the steer on a busy machine.
+    page.send("/slow 8\n" + " ".join(f"w{i}" for i in range(16)))
+    page.text_is("turn-status", "in_progress")
+    page.text_is("send", "Steer")
+    page.send("and this too")
+    page.turn_ends()
+    page.text_is("send", "Send")
+    assistant = [text for role, _, text in page.messages() if role == "assistant"]
+    assert assistant[-1].endswith("You said: and this too")
+    with page.server.client() as api:
+        assert api.get(f"/v1/threads/{thread_id}").json()["turns"][-1]["steer_count"] == 1
+
+    page.send("/fail the model fell over")
+    page.turn_ends("failed")
+    last_turn = page.driver.find_elements(By.CSS_SELECTOR, "section.turn")[-1]
+    error = last_turn.find_element(By.CSS_SELECTOR, ".turn-error")
+    assert error.is_displayed() and "the model fell over" in error.text
+    page.screenshot("failed")
+
+
+def test_a_save_that_lost_a_race_says_so(page: Page):
+    thread_id = page.new_thread()
+    page.send("first words")
+    page.turn_ends()
+    page.hook("save-session").click()
+    page.text_is("session-saved", "Saved: revision 1")
+    with page.server.client() as api:
+        session_id = api.get(f"/v1/threads/{thread_id}").json()["thread"]["session_id"]
+        # Someone else renames it: revision 2, which this page has not seen.
+        assert api.patch(f"/v1/sessions/{session_id}", json={"title": "renamed elsewhere"}).status_code == 200
+    page.hook("save-session").click()
+    page.wait(lambda d: page.hook("session-saved").text.startswith("Not saved: the session was changed elsewhere"),
+              "no message for a 412")
+    with page.server.client() as api:
+        assert api.get(f"/v1/sessions/{session_id}").json()["metadata"]["revision"] == 2  # nothing written
+    # Saving again overwrites on purpose (this page now knows it is behind).
+    page.hook("save-session").click()
+    page.text_is("session-saved", "Saved: revision 3")
+
+
+def test_threads_and_sessions_are_renamed_archived_and_deleted(page: Page):
+    thread_id = page.new_thread()
+    title = page.driver.find_element(By.ID, "thread-title")
+    title.send_keys("Zoo planning" + Keys.TAB)
+    page.wait(lambda d: any(e.text.startswith("Zoo planning") for e in page.hooks("thread-item")),
+              "the renamed thread never showed its title in the list")
+    page.send("a giraffe please")
+    page.turn_ends()
+    page.hook("save-session").click()
+    page.text_is("session-saved", "Saved: revision 1")
+    page.driver.find_element(By.ID, "archive-thread").click()
+    page.wait(lambda d: thread_id not in page.attrs("thread-item", "thread-id"), "the archived thread stayed listed")
+    page.driver.find_element(By.ID, "show-archived").click()
+    page.wait(lambda d: page.attrs("thread-item", "thread-id") == [thread_id], "the archived list lacks the thread")
+
+    page.hook("sessions-tab").click()
+    item = page.wait(lambda d: page.hooks("session-item"), "no session listed")[0]
+    session_id = item.get_attribute("data-session-id")
+    item.find_element(By.XPATH, ".//button[text()='Rename']").click()
+    box = item.find_element(By.CSS_SELECTOR, "input")
+    box.clear()
+    box.send_keys("Giraffes" + Keys.ENTER)
+    page.wait(lambda d: page.hooks("session-item")[0].find_element(By.TAG_NAME, "strong").text == "Giraffes",
+              "the rename never showed")
+    page.hooks("session-item")[0].find_element(By.XPATH, ".//button[text()='Archive']").click()
+    page.wait(lambda d: page.attrs("session-item", "session-id") == [], "the archived session stayed listed")
+    page.driver.find_element(By.ID, "sessions-archived").click()
+    page.wait(lambda d: page.attrs("session-item", "session-id") == [session_id], "no archived session listed")
+    delete = page.hooks("session-item")[0].find_element(By.XPATH, ".//button[text()='Delete']")
+    delete.click()
+    assert delete.text == "Confirm delete"  # one click never deletes
+    delete.click()
+    page.wait(lambda d: page.attrs("session-item", "session-id") == [], "the deleted session stayed listed")
+    with page.server.client() as api:
+        assert api.get(f"/v1/sessions/{session_id}").status_code == 404
+        thread = api.get(f"/v1/threads/{thread_id}").json()["thread"]
+    assert (thread["title"], thread["archived"]) == ("Zoo planning", True)
+
+
+def test_the_runtime_panel_shows_the_server(page: Page):
+    page.driver.find_element(By.ID, "runtime-tab").click()
+    facts = page.wait(lambda d: d.execute_script(
+        "const dl = document.getElementById('runtime-info');"
+        "return dl.children.length ? Object.fromEntries([...dl.querySelectorAll('dt')]"
+        ".map(dt => [dt.textContent, dt.nextElementSibling.textContent])) : null"), "no runtime facts")
+    assert facts["Version"] == "0.1.0"
+    assert facts["Model backend"] == "scripted"
+    assert facts["Live engines"] == "0"
+    assert facts["Uptime"].endswith("s")
+    assert page.driver.find_element(By.ID, "mcp-servers").text == "No MCP servers configured."
+
+
+def test_keyboard_only_with_a_visible_focus(page: Page):
+    """Tab reaches the controls in order, each focused control has an outline, Enter and Escape act."""
+    body = page.driver.find_element(By.TAG_NAME, "body")
+    page.driver.execute_script("document.activeElement.blur()")
+    order = []
+    for _ in range(8):
+        body.send_keys(Keys.TAB) if not order else page.driver.switch_to.active_element.send_keys(Keys.TAB)
+        focused = page.driver.switch_to.active_element
+        order.append(focused.get_attribute("id") or focused.get_attribute("data-testid") or focused.text)
+        outline = page.driver.execute_script("return getComputedStyle(arguments[0]).outlineStyle", focused)
+        assert outline != "none", f"{order[-1]} has no visible focus"
+        if order[-1] == "new-thread":
+            break
+    assert order[:5] == ["Skip to the conversation", "sign-out", "threads-tab", "sessions-tab", "runtime-tab"]
+    assert order[-1] == "new-thread"
+    page.driver.switch_to.active_element.send_keys(Keys.ENTER)
+    page.wait(lambda d: page.current_thread() is not None, "Enter on New thread opened no thread")
+    assert page.driver.switch_to.active_element.get_attribute("data-testid") == "prompt-input"
+    page.driver.switch_to.active_element.send_keys("/hang", Keys.ENTER)
+    page.text_is("turn-status", "in_progress")
+    page.driver.switch_to.active_element.send_keys(Keys.ESCAPE)
+    page.turn_ends("interrupted")

@@ -67,7 +67,7 @@ async function act(action) {
 function showLogin(message = '') {
   state.signedIn = false;
   closeStream();
-  setConnection('idle');
+  $('connection-status').hidden = true;
   $('app').hidden = true;
   $('sign-out').hidden = true;
   $('login').hidden = false;
@@ -80,7 +80,9 @@ async function showApp() {
   $('login').hidden = true;
   $('app').hidden = false;
   $('sign-out').hidden = false;
+  $('connection-status').hidden = false;
   await refreshThreads();
+  setConnection('live'); // the server answered; a thread's stream takes over when one is opened
   const wanted = location.hash.match(/^#\/thread\/([A-Za-z0-9_-]+)$/);
   if (wanted) await openThread(wanted[1]);
 }
@@ -195,8 +197,15 @@ $('new-thread').addEventListener('click', () => act(async () => {
   $('prompt-input').focus();
 }));
 
+// Also the connection state while no thread is open (no event stream to judge by): the server answered
+// (live) or not (reconnecting); with a thread open, its stream decides.
 setInterval(() => {
-  if (state.signedIn && document.visibilityState === 'visible') refreshThreads().catch(() => {});
+  if (!state.signedIn || document.visibilityState !== 'visible') return;
+  refreshThreads().then(() => {
+    if (!state.threadId) setConnection('live');
+  }, (err) => {
+    if (!state.threadId && err.status === 0) setConnection('reconnecting');
+  });
 }, THREAD_LIST_REFRESH_MS);
 
 function showThreadHead(thread) {
