@@ -39,6 +39,8 @@ TOKEN = "browser-token"
 BROWSER_LIMIT = 3 * E2E_LIMIT
 # How often a wait re-checks its condition: short, so a fast page is not slowed down by the test.
 POLL = 0.05
+# The desktop size the issue names, as the page's viewport (a window of that size has a smaller viewport).
+DESKTOP = {"width": 1280, "height": 800, "deviceScaleFactor": 1, "mobile": False}
 SCREENSHOTS = Path(__file__).resolve().parent / "screenshots"
 # Flags needed on this kind of machine (root in a container, no GPU, no network beyond 127.0.0.1): the
 # background services would otherwise try to reach Google and slow the start down.
@@ -150,7 +152,7 @@ def page(browser: webdriver.Chrome, server: Server, request: pytest.FixtureReque
     """The browser, signed in to ``server`` through the ``#token=`` link, at desktop size. Leaves a last
     screenshot in screenshots/<test name>/ (also after a failure)."""
     p = Page(browser, server, SCREENSHOTS / re.sub(r"[^A-Za-z0-9_.-]", "_", request.node.name))
-    browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+    browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", DESKTOP)
     browser.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": []})
     p.sign_in()
     try:
@@ -191,6 +193,12 @@ class Page:
         return self.driver.execute_script(
             "return [...document.querySelectorAll(`[data-testid='${arguments[0]}']`)]"
             ".map(e => e.getAttribute(arguments[1]))", testid, f"data-{name}")
+
+    def texts(self, testid: str, selector: str = ":scope") -> list[str]:
+        """The text of ``selector`` inside every element with that hook, read in one script."""
+        return self.driver.execute_script(
+            "return [...document.querySelectorAll(`[data-testid='${arguments[0]}']`)]"
+            ".map(e => (e.querySelector(arguments[1]) || {}).textContent)", testid, selector)
 
     def visible(self, testid: str):
         return self.wait(lambda d: (els := [e for e in self.hooks(testid) if e.is_displayed()]) and els[0],

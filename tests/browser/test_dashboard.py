@@ -105,7 +105,8 @@ def test_save_twice_then_search_and_resume_the_session(page: Page):
     page.hook("sessions-tab").click()
     page.wait(lambda d: set(page.attrs("session-item", "session-id")) == {session_id, other_session}, "the sessions tab never listed both sessions")
     page.hook("session-search").send_keys("ZEBRA")
-    page.wait(lambda d: page.attrs("session-item", "session-id") == [session_id],
+    page.wait(lambda d: d.find_element(By.ID, "session-list").get_attribute("data-query") == "ZEBRA"
+              and page.attrs("session-item", "session-id") == [session_id],
               "the search never narrowed the list to the zebra session")
     item = page.hooks("session-item")[0]
     assert "revision 2 · 4 messages" in item.text
@@ -318,7 +319,7 @@ def test_threads_and_sessions_are_renamed_archived_and_deleted(page: Page):
     thread_id = page.new_thread()
     title = page.driver.find_element(By.ID, "thread-title")
     title.send_keys("Zoo planning" + Keys.TAB)
-    page.wait(lambda d: any(e.text.startswith("Zoo planning") for e in page.hooks("thread-item")),
+    page.wait(lambda d: page.texts("thread-item", "button") == ["Zoo planning"],
               "the renamed thread never showed its title in the list")
     page.send("a giraffe please")
     page.turn_ends()
@@ -336,7 +337,7 @@ def test_threads_and_sessions_are_renamed_archived_and_deleted(page: Page):
     box = item.find_element(By.CSS_SELECTOR, "input")
     box.clear()
     box.send_keys("Giraffes" + Keys.ENTER)
-    page.wait(lambda d: page.hooks("session-item")[0].find_element(By.TAG_NAME, "strong").text == "Giraffes",
+    page.wait(lambda d: page.texts("session-item", "strong") == ["Giraffes"],
               "the rename never showed")
     page.hooks("session-item")[0].find_element(By.XPATH, ".//button[text()='Archive']").click()
     page.wait(lambda d: page.attrs("session-item", "session-id") == [], "the archived session stayed listed")

@@ -36,6 +36,8 @@ const state = {
   reconnectDelay: RECONNECT_FIRST_MS,
   revisions: new Map(), // session id -> the revision this page last saved or saw (sent as If-Match)
   approvals: new Map(), // approval id -> card element
+  threadsAsked: 0, // reads of the thread list and of the sessions list sent so far: only the last one's
+  sessionsAsked: 0, // answer is drawn
 };
 
 const transcript = new Transcript($('transcript'), {
@@ -162,7 +164,10 @@ function threadLabel(thread) {
 
 async function refreshThreads() {
   const archived = $('show-archived').checked ? '&archived_only=true' : '';
-  state.threads = await api('GET', `/v1/threads?limit=200${archived}`);
+  const asked = ++state.threadsAsked;
+  const threads = await api('GET', `/v1/threads?limit=200${archived}`);
+  if (asked !== state.threadsAsked) return; // a later read is on its way (answers can overtake each other)
+  state.threads = threads;
   const list = $('thread-list');
   const items = state.threads.map((thread) => {
     const li = document.createElement('li');
@@ -501,7 +506,8 @@ function addApproval(approval) {
     button.addEventListener('click', () => decide(decision));
     row.append(button);
   }
-  card.append(title, input, expiry, row);
+  row.append(expiry);
+  card.append(title, input, row);
   $('approvals').append(card);
   state.approvals.set(approval.id, card);
 }
@@ -561,7 +567,9 @@ async function refreshSessions() {
   const search = $('session-search').value.trim();
   if (search) params.set('search', search);
   if ($('sessions-archived').checked) params.set('archived_only', 'true');
+  const asked = ++state.sessionsAsked;
   const { sessions } = await api('GET', `/v1/sessions?${params}`);
+  if (asked !== state.sessionsAsked) return; // a later search was sent: its answer is the one to show
   const list = $('session-list');
   list.replaceChildren(...sessions.map(sessionItem));
   list.dataset.query = search; // what the list on screen answers (tests wait on it)
