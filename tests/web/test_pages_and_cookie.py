@@ -14,6 +14,7 @@ import pytest
 from runtime import Runtime, RuntimeConfig
 from web import auth, pages
 from web.app import create_app
+from web.openapi import APIDOCS_DIR
 from web.settings import ServerSettings
 
 AUTH = {"Authorization": "Bearer t"}
@@ -100,14 +101,15 @@ async def test_path_tricks_are_refused(runtime, tmp_path, static, path):
 
 
 async def test_the_shipped_files_are_package_data(runtime, tmp_path):
-    """Every file the server would serve from web/static matches pyproject's package-data, so a wheel
+    """Every file the server would serve from web/static and web/apidocs matches pyproject's package-data, so a wheel
     (an installed server) has it; and the shipped index.html is what / answers."""
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())
     patterns = config["tool"]["setuptools"]["package-data"]["web"]
-    shipped = pages.load_dir(pages.STATIC_DIR)
-    assert "index.html" in shipped
-    for name in shipped:
-        assert any(fnmatch(f"static/{name}", pattern) for pattern in patterns), name
+    for folder in (pages.STATIC_DIR, APIDOCS_DIR):
+        shipped = pages.load_dir(folder)
+        assert "index.html" in shipped
+        for name in shipped:
+            assert any(fnmatch(f"{folder.name}/{name}", pattern) for pattern in patterns), name
     response = await make_client(runtime, tmp_path).get("/")
     assert response.status_code == 200
     assert await response.get_data() == (pages.STATIC_DIR / "index.html").read_bytes()
