@@ -13,11 +13,14 @@ from runtime import __version__
 
 from . import pages, sse
 from .api import ROUTES, route
+from .auth import STATE_CHANGING
 from .schemas import PATH_PARAMS, ErrorResponse, json_schema, required_fields
 
 bp = Blueprint("openapi", __name__)
 
-ERROR_TEXT = {400: "Invalid input", 401: "Missing or wrong token", 404: "Not found", 409: "Conflict with current state",
+ERROR_TEXT = {400: "Invalid input", 401: "Missing or wrong token",
+              403: "Authenticated by the sign-in cookie, but the Origin is not this server's (forbidden_origin)",
+              404: "Not found", 409: "Conflict with current state",
               412: "Revision precondition failed", 413: "Body too large",
               422: "Idempotency-Key already used for a different request", 500: "Storage or internal error",
               503: "Engine stopped", 504: "Timed out waiting for the engine",
@@ -74,6 +77,8 @@ def build_spec() -> dict[str, Any]:
             codes.add(507)
         if not spec.public:
             codes.add(401)
+            if spec.method in STATE_CHANGING:
+                codes.add(403)  # the dashboard's cookie without this server's Origin (web/auth.py)
             op["security"] = [{"bearer": []}]
         for code in sorted(codes):
             responses[str(code)] = {"description": ERROR_TEXT.get(code, "Error"),

@@ -212,9 +212,26 @@ async def test_without_auth_the_cookie_route_answers_204_and_sets_nothing(runtim
 async def test_the_cookie_routes_are_in_openapi(runtime, tmp_path):
     spec = await (await make_client(runtime, tmp_path).get("/openapi.json")).get_json()
     post = spec["paths"]["/v1/auth/cookie"]["post"]
-    assert set(post["responses"]) == {"204", "401"} and post["security"] == [{"bearer": []}]
+    assert set(post["responses"]) == {"204", "400", "401", "403"} and post["security"] == [{"bearer": []}]
+    assert [p["name"] for p in post["parameters"]] == ["Idempotency-Key"]
     delete = spec["paths"]["/v1/auth/cookie"]["delete"]
     assert set(delete["responses"]) == {"204"} and "security" not in delete
+    # Every state change a cookie could make documents the Origin refusal; no read does.
+    for path, ops in spec["paths"].items():
+        for method, op in ops.items():
+            cookie_write = "security" in op and method in ("post", "put", "patch", "delete")
+            assert ("403" in op["responses"]) == cookie_write, (method, path)
+
+
+async def test_sign_in_checks_an_idempotency_key_like_every_post(runtime, tmp_path):
+    client = make_client(runtime, tmp_path)
+    for _ in range(2):  # the same key twice: the same answer, nothing stored
+        same = await client.post("/v1/auth/cookie", headers={**HOST, **AUTH, "Idempotency-Key": "k-1"})
+        assert same.status_code == 204 and "Idempotent-Replayed" not in same.headers
+        assert same.headers["Set-Cookie"].startswith(f"{COOKIE_NAME}={auth.cookie_value('t')};")
+    bad = await client.post("/v1/auth/cookie", headers={**HOST, **AUTH, "Idempotency-Key": "has space"})
+    assert bad.status_code == 400 and "Set-Cookie" not in bad.headers
+    assert "Idempotency-Key" in (await bad.get_json())["error"]["message"]
 
 
 async def test_no_file_of_the_working_directory_is_served(runtime, tmp_path, monkeypatch):
