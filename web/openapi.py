@@ -122,9 +122,9 @@ def install(app) -> None:  # type: ignore[no-untyped-def]
 @route(bp, "/docs", "GET", summary="Interactive API explorer (Swagger UI) of /openapi.json", content_type="text/html",
        public=True)
 async def docs():
-    return pages.serve_file(current_app.config["TRIO_RUNTIME_DOCS"], "index.html", csp=DOCS_CSP)
+    return await pages.serve_file(current_app.config["TRIO_RUNTIME_DOCS"], "index.html", csp=DOCS_CSP)
 
 
 @bp.route("/docs/static/<path:name>", methods=["GET"])
 async def docs_file(name: str):
-    return pages.serve_file(current_app.config["TRIO_RUNTIME_DOCS"], name, csp=DOCS_CSP)
+    return await pages.serve_file(current_app.config["TRIO_RUNTIME_DOCS"], name, csp=DOCS_CSP)

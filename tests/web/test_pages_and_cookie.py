@@ -4,6 +4,7 @@ same over a real server)."""
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import tomllib
 from fnmatch import fnmatch
@@ -244,3 +245,32 @@ async def test_no_file_of_the_working_directory_is_served(runtime, tmp_path, mon
     client = make_client(runtime, tmp_path)
     response = await client.get("/static/leak.txt")
     assert response.status_code == 404 and b"happens" not in await response.get_data()
+
+
+async def test_text_files_go_gzipped_to_clients_that_accept_it(runtime, tmp_path, static):
+    big = ("const line = 'the same words again and again';\n" * 200).encode()
+    (static / "big.js").write_bytes(big)
+    client = make_client(runtime, tmp_path, static=static)
+    plain_etag = f'"{hashlib.sha256(big).hexdigest()[:32]}"'
+    zipped = await client.get("/static/big.js", headers={"Accept-Encoding": "br, gzip;q=0.8"})
+    assert zipped.status_code == 200 and zipped.headers["Content-Encoding"] == "gzip"
+    data = await zipped.get_data()
+    assert gzip.decompress(data) == big and len(data) < len(big) // 10
+    assert zipped.headers["ETag"] == plain_etag[:-1] + '-gz"' and zipped.headers["Vary"] == "Accept-Encoding"
+    assert zipped.headers["Content-Type"] == "text/javascript; charset=utf-8"
+    assert_security_headers(zipped)
+    assert await (await client.get("/static/big.js", headers={"Accept-Encoding": "gzip"})).get_data() == data
+    again = await client.get("/static/big.js", headers={"Accept-Encoding": "gzip",
+                                                        "If-None-Match": zipped.headers["ETag"]})
+    assert again.status_code == 304
+    # The plain file's ETag does not validate the gzipped one, nor the other way round.
+    assert (await client.get("/static/big.js", headers={"Accept-Encoding": "gzip",
+                                                        "If-None-Match": plain_etag})).status_code == 200
+    for refused in ({}, {"Accept-Encoding": "gzip;q=0"}, {"Accept-Encoding": "identity"}):
+        plain = await client.get("/static/big.js", headers=refused)
+        assert "Content-Encoding" not in plain.headers and await plain.get_data() == big, refused
+        assert plain.headers["ETag"] == plain_etag and plain.headers["Vary"] == "Accept-Encoding"
+    # Small files and images are sent as they are.
+    for url in ("/static/app.js", "/static/blob.bin"):
+        small = await client.get(url, headers={"Accept-Encoding": "gzip"})
+        assert "Content-Encoding" not in small.headers and "Vary" not in small.headers, url
