@@ -136,4 +136,5 @@ def create_app(rt: Runtime, settings: ServerSettings, token: str | None) -> Quar
     for module in (health, threads, turns, events, sessions, approvals, mcp, auth, openapi):
         app.register_blueprint(module.bp)
     pages.install(app)
+    openapi.install(app)
     return app

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from quart import Blueprint, Quart, Response, current_app, request
 
+from . import idempotency
 from .api import route
 from .errors import error_response
 
@@ -134,8 +135,12 @@ def _set_cookie(response: Response, value: str, max_age: int) -> None:
 
 
 @route(bp, "/cookie", "POST", summary="Exchange the bearer token for the dashboard's sign-in cookie "
-       "(HttpOnly, SameSite=Strict); 204, no cookie when the server runs without auth", status=204)
+       "(HttpOnly, SameSite=Strict); 204, no cookie when the server runs without auth", status=204,
+       errors=(400,), headers=((idempotency.HEADER, "Accepted like on every POST, and checked (400 when "
+                                "malformed), but nothing is stored: every call answers the same",
+                                idempotency.OPENAPI_HEADER[2]),))
 async def sign_in():
+    idempotency.parse_key()  # the rule every POST keeps: a malformed key is a 400, not silently ignored
     response = Response("", status=204)
     value = current_app.config["TRIO_RUNTIME_COOKIE"]
     if value is not None:  # None: --insecure-no-auth, where every request is let in and no cookie is needed

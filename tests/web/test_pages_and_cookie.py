@@ -4,6 +4,7 @@ same over a real server)."""
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import tomllib
 from fnmatch import fnmatch
@@ -14,6 +15,7 @@ import pytest
 from runtime import Runtime, RuntimeConfig
 from web import auth, pages
 from web.app import create_app
+from web.openapi import APIDOCS_DIR
 from web.settings import ServerSettings
 
 AUTH = {"Authorization": "Bearer t"}
@@ -100,14 +102,15 @@ async def test_path_tricks_are_refused(runtime, tmp_path, static, path):
 
 
 async def test_the_shipped_files_are_package_data(runtime, tmp_path):
-    """Every file the server would serve from web/static matches pyproject's package-data, so a wheel
+    """Every file the server would serve from web/static and web/apidocs matches pyproject's package-data, so a wheel
     (an installed server) has it; and the shipped index.html is what / answers."""
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())
     patterns = config["tool"]["setuptools"]["package-data"]["web"]
-    shipped = pages.load_dir(pages.STATIC_DIR)
-    assert "index.html" in shipped
-    for name in shipped:
-        assert any(fnmatch(f"static/{name}", pattern) for pattern in patterns), name
+    for folder in (pages.STATIC_DIR, APIDOCS_DIR):
+        shipped = pages.load_dir(folder)
+        assert "index.html" in shipped
+        for name in shipped:
+            assert any(fnmatch(f"{folder.name}/{name}", pattern) for pattern in patterns), name
     response = await make_client(runtime, tmp_path).get("/")
     assert response.status_code == 200
     assert await response.get_data() == (pages.STATIC_DIR / "index.html").read_bytes()
@@ -210,9 +213,26 @@ async def test_without_auth_the_cookie_route_answers_204_and_sets_nothing(runtim
 async def test_the_cookie_routes_are_in_openapi(runtime, tmp_path):
     spec = await (await make_client(runtime, tmp_path).get("/openapi.json")).get_json()
     post = spec["paths"]["/v1/auth/cookie"]["post"]
-    assert set(post["responses"]) == {"204", "401"} and post["security"] == [{"bearer": []}]
+    assert set(post["responses"]) == {"204", "400", "401", "403"} and post["security"] == [{"bearer": []}]
+    assert [p["name"] for p in post["parameters"]] == ["Idempotency-Key"]
     delete = spec["paths"]["/v1/auth/cookie"]["delete"]
     assert set(delete["responses"]) == {"204"} and "security" not in delete
+    # Every state change a cookie could make documents the Origin refusal; no read does.
+    for path, ops in spec["paths"].items():
+        for method, op in ops.items():
+            cookie_write = "security" in op and method in ("post", "put", "patch", "delete")
+            assert ("403" in op["responses"]) == cookie_write, (method, path)
+
+
+async def test_sign_in_checks_an_idempotency_key_like_every_post(runtime, tmp_path):
+    client = make_client(runtime, tmp_path)
+    for _ in range(2):  # the same key twice: the same answer, nothing stored
+        same = await client.post("/v1/auth/cookie", headers={**HOST, **AUTH, "Idempotency-Key": "k-1"})
+        assert same.status_code == 204 and "Idempotent-Replayed" not in same.headers
+        assert same.headers["Set-Cookie"].startswith(f"{COOKIE_NAME}={auth.cookie_value('t')};")
+    bad = await client.post("/v1/auth/cookie", headers={**HOST, **AUTH, "Idempotency-Key": "has space"})
+    assert bad.status_code == 400 and "Set-Cookie" not in bad.headers
+    assert "Idempotency-Key" in (await bad.get_json())["error"]["message"]
 
 
 async def test_no_file_of_the_working_directory_is_served(runtime, tmp_path, monkeypatch):
@@ -225,3 +245,32 @@ async def test_no_file_of_the_working_directory_is_served(runtime, tmp_path, mon
     client = make_client(runtime, tmp_path)
     response = await client.get("/static/leak.txt")
     assert response.status_code == 404 and b"happens" not in await response.get_data()
+
+
+async def test_text_files_go_gzipped_to_clients_that_accept_it(runtime, tmp_path, static):
+    big = ("const line = 'the same words again and again';\n" * 200).encode()
+    (static / "big.js").write_bytes(big)
+    client = make_client(runtime, tmp_path, static=static)
+    plain_etag = f'"{hashlib.sha256(big).hexdigest()[:32]}"'
+    zipped = await client.get("/static/big.js", headers={"Accept-Encoding": "br, gzip;q=0.8"})
+    assert zipped.status_code == 200 and zipped.headers["Content-Encoding"] == "gzip"
+    data = await zipped.get_data()
+    assert gzip.decompress(data) == big and len(data) < len(big) // 10
+    assert zipped.headers["ETag"] == plain_etag[:-1] + '-gz"' and zipped.headers["Vary"] == "Accept-Encoding"
+    assert zipped.headers["Content-Type"] == "text/javascript; charset=utf-8"
+    assert_security_headers(zipped)
+    assert await (await client.get("/static/big.js", headers={"Accept-Encoding": "gzip"})).get_data() == data
+    again = await client.get("/static/big.js", headers={"Accept-Encoding": "gzip",
+                                                        "If-None-Match": zipped.headers["ETag"]})
+    assert again.status_code == 304
+    # The plain file's ETag does not validate the gzipped one, nor the other way round.
+    assert (await client.get("/static/big.js", headers={"Accept-Encoding": "gzip",
+                                                        "If-None-Match": plain_etag})).status_code == 200
+    for refused in ({}, {"Accept-Encoding": "gzip;q=0"}, {"Accept-Encoding": "identity"}):
+        plain = await client.get("/static/big.js", headers=refused)
+        assert "Content-Encoding" not in plain.headers and await plain.get_data() == big, refused
+        assert plain.headers["ETag"] == plain_etag and plain.headers["Vary"] == "Accept-Encoding"
+    # Small files and images are sent as they are.
+    for url in ("/static/app.js", "/static/blob.bin"):
+        small = await client.get(url, headers={"Accept-Encoding": "gzip"})
+        assert "Content-Encoding" not in small.headers and "Vary" not in small.headers, url
