@@ -226,6 +226,7 @@ async function openThread(threadId) {
   const started = performance.now();
   closeStream();
   const detail = await api('GET', `/v1/threads/${q(threadId)}`);
+  performance.mark('thread-view-fetched', { detail: { threadId } });
   state.threadId = threadId;
   state.lastSeq = detail.latest_seq || 0;
   state.approvals.clear();
