@@ -389,3 +389,19 @@ def test_keyboard_only_with_a_visible_focus(page: Page):
     page.text_is("turn-status", "in_progress")
     page.driver.switch_to.active_element.send_keys(Keys.ESCAPE)
     page.turn_ends("interrupted")
+
+
+def test_the_thread_list_refresh_keeps_the_keyboard_focus(page: Page):
+    """The list is redrawn when threads change (here: a turn that ends moves its thread's updated_at); a
+    keyboard user's focus on a thread stays on that thread instead of falling back to the page."""
+    thread_id = page.new_thread()
+    button = page.driver.find_element(By.CSS_SELECTOR, f'[data-testid=thread-item][data-thread-id="{thread_id}"] button')
+    before = page.attrs("thread-item", "updated-at")
+    page.driver.execute_script("arguments[0].focus()", button)
+    with page.server.client() as api:
+        api.post(f"/v1/threads/{thread_id}/turns", json={"prompt": "from elsewhere"})
+    page.turn_ends()
+    page.wait(lambda d: page.attrs("thread-item", "updated-at") != before, "the list was never redrawn")
+    focused = page.driver.switch_to.active_element
+    assert focused.tag_name == "button"
+    assert focused.find_element(By.XPATH, "..").get_attribute("data-thread-id") == thread_id

@@ -36,6 +36,7 @@ const state = {
   reconnectDelay: RECONNECT_FIRST_MS,
   revisions: new Map(), // session id -> the revision this page last saved or saw (sent as If-Match)
   approvals: new Map(), // approval id -> card element
+  threadsDrawn: '', // what the thread list on screen was drawn from
   threadsAsked: 0, // reads of the thread list and of the sessions list sent so far: only the last one's
   sessionsAsked: 0, // answer is drawn
 };
@@ -168,11 +169,18 @@ async function refreshThreads() {
   const threads = await api('GET', `/v1/threads?limit=200${archived}`);
   if (asked !== state.threadsAsked) return; // a later read is on its way (answers can overtake each other)
   state.threads = threads;
+  // Redrawn only when something shown changed (a redraw every poll would throw a keyboard user's focus
+  // back to the page every few seconds), and the focus then returns to the same thread's button.
+  const drawn = JSON.stringify([archived, state.threadId, threads.map((t) => [t.id, t.title, t.updated_at])]);
+  if (drawn === state.threadsDrawn) return;
+  state.threadsDrawn = drawn;
+  const focused = document.activeElement && document.activeElement.closest('[data-testid="thread-item"]');
   const list = $('thread-list');
   const items = state.threads.map((thread) => {
     const li = document.createElement('li');
     li.dataset.testid = 'thread-item';
     li.dataset.threadId = thread.id;
+    li.dataset.updatedAt = thread.updated_at;
     const button = document.createElement('button');
     button.type = 'button';
     button.className = 'link';
@@ -190,6 +198,10 @@ async function refreshThreads() {
     li.className = 'muted';
     li.textContent = $('show-archived').checked ? 'No archived threads.' : 'No threads yet.';
     list.append(li);
+  }
+  if (focused) {
+    const again = [...list.children].find((li) => li.dataset.threadId === focused.dataset.threadId);
+    if (again) again.querySelector('button').focus();
   }
 }
 
