@@ -61,8 +61,9 @@ class Server:
     """``trio-runtime serve`` in a subprocess; ``start`` reads its startup line (the URL), and a thread keeps
     reading the output (kept in ``output``) so that the pipe never fills."""
 
-    def __init__(self, data_dir: Path, *extra: str, port: int = 0) -> None:
-        args = ServerProcess(data_dir, *extra, token=TOKEN).args
+    def __init__(self, data_dir: Path, *extra: str, port: int = 0, token: str = TOKEN) -> None:
+        args = ServerProcess(data_dir, *extra, token=token).args
+        self.token = token
         args[args.index("--port") + 1] = str(port)
         self.args = args
         self.data_dir = data_dir
@@ -114,7 +115,7 @@ class Server:
             self.process.wait()
 
     def client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=E2E_LIMIT)
+        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.token}"}, timeout=E2E_LIMIT)
 
 
 @pytest.fixture(scope="module")

@@ -405,3 +405,26 @@ def test_the_thread_list_refresh_keeps_the_keyboard_focus(page: Page):
     focused = page.driver.switch_to.active_element
     assert focused.tag_name == "button"
     assert focused.find_element(By.XPATH, "..").get_attribute("data-thread-id") == thread_id
+
+
+def test_a_restart_with_another_token_asks_to_sign_in_again(page: Page):
+    """The stream's reconnect meets a 401 (the old cookie is refused): the page stops retrying and shows the
+    sign-in form; signing in with the new token reopens the thread that was open."""
+    thread_id = page.new_thread()
+    page.send("hello")
+    page.turn_ends()
+    server = page.server
+    assert server.stop() == 0
+    restarted = Server(server.data_dir, "--tools", "demo", port=server.port, token="another-token").start()
+    try:
+        page.server = restarted
+        page.visible("login-token")
+        assert page.driver.find_element(By.ID, "login-error").text == "Signed out: sign in again."
+        page.hook("login-token").send_keys("another-token" + Keys.ENTER)
+        page.visible("thread-list")
+        page.text_is("connection-status", "live")
+        assert page.current_thread() == thread_id
+        assert page.messages() == [("user", "completed", "hello"), ("assistant", "completed", "You said: hello")]
+    finally:
+        page.driver.get("about:blank")
+        restarted.kill()
