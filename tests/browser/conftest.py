@@ -61,10 +61,12 @@ class Server:
     """``trio-runtime serve`` in a subprocess; ``start`` reads its startup line (the URL), and a thread keeps
     reading the output (kept in ``output``) so that the pipe never fills."""
 
-    def __init__(self, data_dir: Path, *extra: str, port: int = 0, token: str = TOKEN) -> None:
+    def __init__(self, data_dir: Path, *extra: str, port: int = 0, token: str = TOKEN, log_level: str = "warning"
+                 ) -> None:
         args = ServerProcess(data_dir, *extra, token=token).args
         self.token = token
         args[args.index("--port") + 1] = str(port)
+        args[args.index("--log-level") + 1] = log_level  # debug: an access log line per request, whole URL
         self.args = args
         self.data_dir = data_dir
         self.process: subprocess.Popen[str] | None = None
@@ -84,7 +86,8 @@ class Server:
                 lines.put(line)
             lines.put(None)
 
-        threading.Thread(target=read, daemon=True).start()
+        self.reader = threading.Thread(target=read, daemon=True)
+        self.reader.start()
         while True:
             try:
                 line = lines.get(timeout=E2E_LIMIT)
@@ -98,16 +101,20 @@ class Server:
                 return self
 
     def stop(self) -> int:
-        """SIGTERM and wait for the exit (kill after E2E_LIMIT); returns the exit status."""
+        """SIGTERM and wait for the exit (kill after E2E_LIMIT) and for the end of its output (all of it is
+        in ``output`` then); returns the exit status."""
         if self.process is None or self.process.poll() is not None:
             return self.process.returncode if self.process else 0
         self.process.send_signal(signal.SIGTERM)
         try:
-            return self.process.wait(timeout=E2E_LIMIT)
+            status = self.process.wait(timeout=E2E_LIMIT)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
             raise AssertionError(f"server did not stop within {E2E_LIMIT} s of SIGTERM") from None
+        self.reader.join(timeout=E2E_LIMIT)
+        assert not self.reader.is_alive(), "the server's output did not end with it"
+        return status
 
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -141,7 +148,8 @@ def browser() -> Iterator[webdriver.Chrome]:
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[Server]:
-    running = Server(tmp_path / "data", "--tools", "demo").start()
+    # The access log (debug) lets a test read every URL the page made the server receive.
+    running = Server(tmp_path / "data", "--tools", "demo", log_level="debug").start()
     try:
         yield running
     finally:

@@ -69,6 +69,12 @@ def test_a_reply_streams_word_by_word_and_escape_interrupts(page: Page):
     # The scripted model counts words: the prompt's 10 (directive line included) in, the reply's 10 out.
     assert usage == "last turn 10 in / 10 out · thread 10 in / 10 out tokens"
 
+    # The requests ride on the cookie: no URL the page fetched carries the token (an open event stream is
+    # listed only once it ends; the server side checks its logs for every URL: tests/e2e/test_auth_cors.py).
+    urls = page.driver.execute_script("return performance.getEntriesByType('resource').map(r => r.name)")
+    assert f"{page.server.url}/v1/threads/{thread_id}" in urls
+    assert [url for url in urls if "token" in url] == []
+
     page.send("/hang")
     page.text_is("turn-status", "in_progress")
     assert page.hook("interrupt").is_enabled()
@@ -133,6 +139,11 @@ def test_the_page_reconnects_after_a_restart_without_duplicates_or_gaps(page: Pa
     assert server.stop() == 0
     page.text_is("connection-status", "reconnecting")
     page.screenshot("reconnecting")
+    # Every URL the page sent, the event stream's included (logged when it ended), and none has the token.
+    access = [line for line in "".join(server.output).splitlines() if '"GET ' in line or '"POST ' in line]
+    assert any(f"/v1/threads/{thread_id}/events?since_seq=" in line for line in access), access
+    assert any("/v1/auth/cookie" in line for line in access), access
+    assert [line for line in access if TOKEN in line or "token=" in line] == []
 
     restarted = Server(server.data_dir, "--tools", "demo", port=server.port).start()
     try:
