@@ -18,9 +18,13 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import json
 import logging
+import os
 import re
+import shutil
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -43,6 +47,8 @@ TOOL_SEPARATOR = "__"
 # Tool names the model can be offered (OpenAI's function-name rule); a server's tool named otherwise is
 # left out (logged), since no backend could call it.
 TOOL_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
+# Every stdio server runs under this launcher (run with ``python -I -S``; its docstring says why).
+LAUNCHER = Path(__file__).with_name("launcher.py")
 # Restart backoff after a server exits or fails to start: doubles from the first to the cap (a crashing
 # server costs at most one start every RESTART_BACKOFF_MAX seconds); reset once the server was ready.
 RESTART_BACKOFF_FIRST = 0.5
@@ -144,6 +150,22 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         message = f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
     return valid_text(message)
+
+
+def _resolve(cfg: ServerConfig) -> str:
+    """The server's program as an absolute path, looked up on the PATH the server gets (the SDK's default
+    environment plus ``env``), so that a missing program is an error naming it at once rather than an
+    exit of the launcher."""
+    from mcp.client.stdio import get_default_environment
+
+    assert cfg.command is not None
+    path = {**get_default_environment(), **cfg.env}.get("PATH", os.defpath)
+    found = shutil.which(cfg.command, path=path)
+    if found is None:
+        if os.sep in cfg.command and os.path.exists(cfg.command):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), cfg.command)
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), cfg.command)
+    return os.path.abspath(found)
 
 
 def _result_text(result: Any) -> str:
@@ -288,12 +310,19 @@ class McpServers:
         if cfg.command is not None:
             from mcp.client.stdio import StdioServerParameters, stdio_client
 
-            params = StdioServerParameters(command=cfg.command, args=list(cfg.args), env=dict(cfg.env) or None)
-            # The server's stderr goes to a log file per server in the data dir (it is the server's own
-            # output; the runtime's log never quotes it).
+            # The server runs under the launcher (see runtime/mcp/launcher.py: it dies with the runtime even
+            # on kill -9, and its stderr goes to a log file per server in the data dir, rotated there; it
+            # is the server's own output, the runtime's log never quotes it).
             logs = self.data_dir / "mcp-logs"
             logs.mkdir(exist_ok=True)
-            with open(logs / f"{cfg.name}.stderr.log", "ab") as errlog:
+            log_path = logs / f"{cfg.name}.stderr.log"
+            command = _resolve(cfg)
+            params = StdioServerParameters(
+                command=sys.executable,
+                args=["-I", "-S", str(LAUNCHER), str(os.getpid()), str(log_path), command, *cfg.args],
+                env=dict(cfg.env) or None)
+            # The launcher's own stderr (only a Python error of the launcher itself would reach it).
+            with open(log_path, "ab") as errlog:
                 async with stdio_client(params, errlog=errlog) as streams:
                     yield streams
         else:
