@@ -49,6 +49,12 @@ TOOL_SEPARATOR = "__"
 TOOL_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
 # Every stdio server runs under this launcher (run with ``python -I -S``; its docstring says why).
 LAUNCHER = Path(__file__).with_name("launcher.py")
+# A ready streamable-HTTP server is pinged (MCP's ``ping``) this often, so that its death is seen without
+# waiting for a call to fail; a few seconds keeps the cost one tiny request per interval.
+HTTP_PING_SECONDS = 5.0
+# How long a ping may take before the server counts as dead: far above a healthy answer (milliseconds)
+# even on a loaded 2-core machine, so a slow moment is not a failure.
+HTTP_PING_TIMEOUT = 10.0
 # Restart backoff after a server exits or fails to start: doubles from the first to the cap (a crashing
 # server costs at most one start every RESTART_BACKOFF_MAX seconds); reset once the server was ready.
 RESTART_BACKOFF_FIRST = 0.5
@@ -275,35 +281,63 @@ class McpServers:
         from mcp import ClientSession
 
         cfg = server.config
-        async with self._transport(cfg) as (read, write):
-            closed = trio.Event()
-            forward_tx, forward_rx = anyio.create_memory_object_stream[Any](0)
+        # Cancelled when a wedged HTTP server is given up: its transport's cleanup (a session DELETE to that
+        # server) must not wait for httpx's timeouts before the restart.
+        with trio.CancelScope() as life:
+            async with self._transport(cfg) as (read, write):
+                closed = trio.Event()
+                forward_tx, forward_rx = anyio.create_memory_object_stream[Any](0)
 
-            async def pump() -> None:
-                # Forwards the server's messages to the session; the end of the server's stream (its
-                # process exited, or the HTTP connection ended) is how its death is noticed.
-                try:
-                    async with forward_tx:
-                        async for message in read:
-                            await forward_tx.send(message)
-                finally:
-                    closed.set()
+                async def pump() -> None:
+                    # Forwards the server's messages to the session; the end of the server's stream (its
+                    # process exited, or the HTTP connection ended) is how its death is noticed.
+                    try:
+                        async with forward_tx:
+                            async for message in read:
+                                await forward_tx.send(message)
+                    finally:
+                        closed.set()
 
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(pump)
-                async with ClientSession(forward_rx, write) as session:
-                    with trio.move_on_after(cfg.startup_timeout) as startup:
-                        await session.initialize()
-                        tools = await self._list_tools(session, cfg)
-                    if startup.cancelled_caught:
-                        raise TimeoutError(f"the server did not start within its startup_timeout of"
-                                           f" {cfg.startup_timeout:g} s")
-                    server.session, server.tools = session, tools
-                    server.was_ready = True
-                    server.set("ready")
-                    await closed.wait()
-                    server.set("failed", "the server closed its connection (it exited); restarting")
-                nursery.cancel_scope.cancel()
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(pump)
+                    async with ClientSession(forward_rx, write) as session:
+                        with trio.move_on_after(cfg.startup_timeout) as startup:
+                            await session.initialize()
+                            tools = await self._list_tools(session, cfg)
+                        if startup.cancelled_caught:
+                            raise TimeoutError(f"the server did not start within its startup_timeout of"
+                                               f" {cfg.startup_timeout:g} s")
+                        server.session, server.tools = session, tools
+                        server.was_ready = True
+                        server.set("ready")
+                        if cfg.transport == "http":
+                            try:
+                                await self._watch_http(session, closed)
+                            except TimeoutError as exc:
+                                server.set("failed", str(exc))
+                                life.cancel()
+                                return
+                        else:
+                            await closed.wait()
+                        server.set("failed", "the server closed its connection (it exited); restarting")
+                    nursery.cancel_scope.cancel()
+
+    @staticmethod
+    async def _watch_http(session: Any, closed: trio.Event) -> None:
+        """Until ``closed``, ping a streamable-HTTP server every HTTP_PING_SECONDS: there is no process to
+        watch, so a dead server is only seen when a request fails. A refused connection crashes the SDK's
+        transport (its exception ends ``_connect``, hence the status); a server that accepts but does not
+        answer within HTTP_PING_TIMEOUT raises TimeoutError here. Either way the server is ``failed`` with
+        the reason, its calls in flight get an error result, and the restart backoff reconnects it."""
+        while not closed.is_set():
+            with trio.move_on_after(HTTP_PING_SECONDS):
+                await closed.wait()
+                return
+            with trio.move_on_after(HTTP_PING_TIMEOUT) as ping:
+                await session.send_ping()
+            if ping.cancelled_caught:
+                raise TimeoutError(f"the server did not answer a ping within {HTTP_PING_TIMEOUT:g} s;"
+                                   f" reconnecting")
 
     @contextlib.asynccontextmanager
     async def _transport(self, cfg: ServerConfig) -> Any:

@@ -150,6 +150,21 @@ def test_sigterm_to_the_launcher_reaches_the_server(tmp_path):
         proc.wait(LIMIT)
 
 
+def test_a_servers_stderr_is_copied_whole_and_rotated(tmp_path):
+    log = tmp_path / "big.log"
+    size = 3 * launcher.LOG_MAX_BYTES + 5
+    proc = launch(log, sys.executable, "-c", f"import sys; sys.stderr.write('x' * {size})")
+    try:
+        assert proc.wait(LIMIT) == 0  # the launcher exits once it has copied what the server wrote
+        older = Path(f"{log}.1")
+        kept = log.stat().st_size + older.stat().st_size
+        assert 0 < log.stat().st_size <= launcher.LOG_MAX_BYTES and older.stat().st_size <= launcher.LOG_MAX_BYTES
+        assert kept > launcher.LOG_MAX_BYTES and log.read_bytes() + older.read_bytes() == b"x" * kept
+    finally:
+        proc.kill()
+        proc.wait(LIMIT)
+
+
 def test_the_log_rotates_at_its_cap_keeping_one_older_file(tmp_path):
     path = tmp_path / "r.log"
     log = launcher.RotatingLog(str(path), max_bytes=100)
