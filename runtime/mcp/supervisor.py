@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -40,10 +41,18 @@ from .config import ServerConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["McpServers", "McpTool", "RuntimeTools", "TOOL_SEPARATOR"]
+__all__ = ["McpServers", "McpTool", "RuntimeTools", "TOOL_SEPARATOR", "exposed_name"]
 
 # ``<server>__<tool>``: API.md "Tools from MCP servers".
 TOOL_SEPARATOR = "__"
+# The longest function name OpenAI's API accepts (its documented limit, 64); every exposed MCP tool name fits.
+MAX_TOOL_NAME = 64
+# Hex digits of the SHA-256 of ``<server>__<tool>`` that end a shortened name (32 bits: two tools of one
+# runtime sharing a 55-character beginning and a hash is not a practical case; a duplicate name is left out
+# anyway, see McpServers.tools).
+TOOL_HASH_CHARS = 8
+# A shortened name keeps at least this much of the server's name (which server it is, at a glance).
+MIN_SERVER_CHARS = 8
 # Tool names the model can be offered (OpenAI's function-name rule); a server's tool named otherwise is
 # left out (logged), since no backend could call it.
 TOOL_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
@@ -72,6 +81,20 @@ MAX_RESULT_CHARS = 16_000
 TRANSITIONS_KEPT = 20
 
 
+def exposed_name(server: str, tool: str) -> str:
+    """The name the model and the API see for ``tool`` of ``server``: ``<server>__<tool>``, or, when that is
+    longer than MAX_TOOL_NAME, ``<server, cut>__<tool, cut>_<hash>``: the server's name is cut first (to at
+    least MIN_SERVER_CHARS) so the model still reads the tool's name; the hash is of the whole name, so the
+    result is stable across restarts and two long names that share their beginnings still differ."""
+    full = f"{server}{TOOL_SEPARATOR}{tool}"
+    if len(full) <= MAX_TOOL_NAME:
+        return full
+    digest = hashlib.sha256(full.encode("utf-8")).hexdigest()[:TOOL_HASH_CHARS]
+    room = MAX_TOOL_NAME - len(TOOL_SEPARATOR) - 1 - TOOL_HASH_CHARS  # for the two cut parts
+    server_part = server[:max(MIN_SERVER_CHARS, room - len(tool))]
+    return f"{server_part}{TOOL_SEPARATOR}{tool[:room - len(server_part)]}_{digest}"
+
+
 class McpTool:
     """One server tool as the engine sees it. ``needs_approval`` is always True so that the thread's
     policy applies first (``auto`` allows, ``deny`` denies); under ``ask`` the server's ``approval``
@@ -80,7 +103,7 @@ class McpTool:
     def __init__(self, server: ServerConfig, tool: Any) -> None:
         self.server = server.name
         self.tool = tool.name
-        self.name = f"{server.name}{TOOL_SEPARATOR}{tool.name}"
+        self.name = exposed_name(server.name, tool.name)
         self.description = tool.description or tool.title or tool.name
         self.input_schema: dict[str, Any] = dict(tool.inputSchema or {"type": "object"})
         annotations = tool.annotations
@@ -95,7 +118,7 @@ class McpTool:
         return ToolSpec(self.name, self.description, self.input_schema)
 
     def view(self) -> dict[str, Any]:
-        return {"name": self.name, "server": self.server, "description": self.description,
+        return {"name": self.name, "server": self.server, "tool": self.tool, "description": self.description,
                 "input_schema": self.input_schema, "read_only": self.read_only}
 
 
@@ -405,14 +428,19 @@ class McpServers:
         return server
 
     def tools(self) -> Iterator[McpTool]:
+        """Every ready server's tools, each exposed name once: if two tools end up with the same name (server
+        ``a`` tool ``b__c`` and server ``a__b`` tool ``c``), the server earlier in ``mcp.json`` keeps it."""
+        seen: set[str] = set()
         for server in list(self._servers.values()):
             if server.status == "ready":
-                yield from server.tools.values()
+                for tool in server.tools.values():
+                    if tool.name not in seen:
+                        seen.add(tool.name)
+                        yield tool
 
     def tool(self, name: str) -> McpTool | None:
-        server_name, sep, tool_name = name.partition(TOOL_SEPARATOR)
-        server = self._servers.get(server_name) if sep else None
-        return server.tools.get(tool_name) if server is not None and server.status == "ready" else None
+        """The tool exposed as ``name`` (the one ``tools`` lists), None if no ready server offers it."""
+        return next((tool for tool in self.tools() if tool.name == name), None)
 
     def state(self, name: str) -> _Server | None:
         """The current start of server ``name`` (tests wait on its ``changed``/``settled``)."""
