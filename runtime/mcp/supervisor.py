@@ -301,49 +301,52 @@ class McpServers:
     async def _connect(self, server: _Server) -> None:
         """One life of the server: start, initialize, list tools (bounded by ``startup_timeout``), then
         return when its stream ends. Raises on a failed start."""
+        # ``life`` is cancelled when a wedged HTTP server is given up: its transport's cleanup (a session
+        # DELETE to that server) must not wait for httpx's timeouts before the restart.
+        with trio.CancelScope() as life:
+            await self._connect_once(server, life)
+
+    async def _connect_once(self, server: _Server, life: trio.CancelScope) -> None:
         from mcp import ClientSession
 
         cfg = server.config
-        # Cancelled when a wedged HTTP server is given up: its transport's cleanup (a session DELETE to that
-        # server) must not wait for httpx's timeouts before the restart.
-        with trio.CancelScope() as life:
-            async with self._transport(cfg) as (read, write):
-                closed = trio.Event()
-                forward_tx, forward_rx = anyio.create_memory_object_stream[Any](0)
+        async with self._transport(cfg) as (read, write):
+            closed = trio.Event()
+            forward_tx, forward_rx = anyio.create_memory_object_stream[Any](0)
 
-                async def pump() -> None:
-                    # Forwards the server's messages to the session; the end of the server's stream (its
-                    # process exited, or the HTTP connection ended) is how its death is noticed.
-                    try:
-                        async with forward_tx:
-                            async for message in read:
-                                await forward_tx.send(message)
-                    finally:
-                        closed.set()
+            async def pump() -> None:
+                # Forwards the server's messages to the session; the end of the server's stream (its
+                # process exited, or the HTTP connection ended) is how its death is noticed.
+                try:
+                    async with forward_tx:
+                        async for message in read:
+                            await forward_tx.send(message)
+                finally:
+                    closed.set()
 
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(pump)
-                    async with ClientSession(forward_rx, write) as session:
-                        with trio.move_on_after(cfg.startup_timeout) as startup:
-                            await session.initialize()
-                            tools = await self._list_tools(session, cfg)
-                        if startup.cancelled_caught:
-                            raise TimeoutError(f"the server did not start within its startup_timeout of"
-                                               f" {cfg.startup_timeout:g} s")
-                        server.session, server.tools = session, tools
-                        server.was_ready = True
-                        server.set("ready")
-                        if cfg.transport == "http":
-                            try:
-                                await self._watch_http(session, closed)
-                            except TimeoutError as exc:
-                                server.set("failed", str(exc))
-                                life.cancel()
-                                return
-                        else:
-                            await closed.wait()
-                        server.set("failed", "the server closed its connection (it exited); restarting")
-                    nursery.cancel_scope.cancel()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(pump)
+                async with ClientSession(forward_rx, write) as session:
+                    with trio.move_on_after(cfg.startup_timeout) as startup:
+                        await session.initialize()
+                        tools = await self._list_tools(session, cfg)
+                    if startup.cancelled_caught:
+                        raise TimeoutError(f"the server did not start within its startup_timeout of"
+                                           f" {cfg.startup_timeout:g} s")
+                    server.session, server.tools = session, tools
+                    server.was_ready = True
+                    server.set("ready")
+                    if cfg.transport == "http":
+                        try:
+                            await self._watch_http(session, closed)
+                        except TimeoutError as exc:
+                            server.set("failed", str(exc))
+                            life.cancel()
+                            return
+                    else:
+                        await closed.wait()
+                    server.set("failed", "the server closed its connection (it exited); restarting")
+                nursery.cancel_scope.cancel()
 
     @staticmethod
     async def _watch_http(session: Any, closed: trio.Event) -> None:
