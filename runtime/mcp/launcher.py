@@ -102,9 +102,28 @@ def main(argv: list[str]) -> int:
     log = RotatingLog(log_path)
     err_r, err_w = os.pipe()
     me = os.getpid()
+    child = 0
+
+    def forward(signum: int, _frame: object) -> None:
+        if child > 0:
+            try:
+                os.kill(child, signum)
+            except ProcessLookupError:
+                pass
+
+    # Installed before the fork and blocked across it: a signal sent once the server may be running
+    # (it could be told it is up before this process returns from fork) is forwarded, never lost, and
+    # never kills the launcher by its default action.
+    forwarded = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    for sig in forwarded:
+        signal.signal(sig, forward)
+    signal.pthread_sigmask(signal.SIG_BLOCK, forwarded)
     pid = os.fork()
     if pid == 0:  # the server
         try:
+            for sig in forwarded:
+                signal.signal(sig, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, forwarded)
             if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0 or os.getppid() != me:
                 os._exit(1)  # the launcher is already gone (or prctl failed): never run unwatched
             os.dup2(err_w, 2)
@@ -123,15 +142,8 @@ def main(argv: list[str]) -> int:
     os.dup2(null, 0), os.dup2(null, 1)
     os.close(null)
 
-    def forward(signum: int, _frame: object) -> None:
-        try:
-            os.kill(pid, signum)
-        except ProcessLookupError:
-            pass
-
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, forward)
-
+    child = pid
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, forwarded)
     server = os.pidfd_open(pid)
     poller = select.poll()
     for fd in (runtime, server, err_r):
