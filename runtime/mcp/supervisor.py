@@ -18,9 +18,14 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
+import hashlib
 import json
 import logging
+import os
 import re
+import shutil
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -36,13 +41,29 @@ from .config import ServerConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["McpServers", "McpTool", "RuntimeTools", "TOOL_SEPARATOR"]
+__all__ = ["McpServers", "McpTool", "RuntimeTools", "TOOL_SEPARATOR", "exposed_name"]
 
 # ``<server>__<tool>``: API.md "Tools from MCP servers".
 TOOL_SEPARATOR = "__"
+# The longest function name OpenAI's API accepts (its documented limit, 64); every exposed MCP tool name fits.
+MAX_TOOL_NAME = 64
+# Hex digits of the SHA-256 of ``<server>__<tool>`` that end a shortened name (32 bits: two tools of one
+# runtime sharing a 55-character beginning and a hash is not a practical case; a duplicate name is left out
+# anyway, see McpServers.tools).
+TOOL_HASH_CHARS = 8
+# A shortened name keeps at least this much of the server's name (which server it is, at a glance).
+MIN_SERVER_CHARS = 8
 # Tool names the model can be offered (OpenAI's function-name rule); a server's tool named otherwise is
 # left out (logged), since no backend could call it.
 TOOL_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
+# Every stdio server runs under this launcher (run with ``python -I -S``; its docstring says why).
+LAUNCHER = Path(__file__).with_name("launcher.py")
+# A ready streamable-HTTP server is pinged (MCP's ``ping``) this often, so that its death is seen without
+# waiting for a call to fail; a few seconds keeps the cost one tiny request per interval.
+HTTP_PING_SECONDS = 5.0
+# How long a ping may take before the server counts as dead: far above a healthy answer (milliseconds)
+# even on a loaded 2-core machine, so a slow moment is not a failure.
+HTTP_PING_TIMEOUT = 10.0
 # Restart backoff after a server exits or fails to start: doubles from the first to the cap (a crashing
 # server costs at most one start every RESTART_BACKOFF_MAX seconds); reset once the server was ready.
 RESTART_BACKOFF_FIRST = 0.5
@@ -60,6 +81,20 @@ MAX_RESULT_CHARS = 16_000
 TRANSITIONS_KEPT = 20
 
 
+def exposed_name(server: str, tool: str) -> str:
+    """The name the model and the API see for ``tool`` of ``server``: ``<server>__<tool>``, or, when that is
+    longer than MAX_TOOL_NAME, ``<server, cut>__<tool, cut>_<hash>``: the server's name is cut first (to at
+    least MIN_SERVER_CHARS) so the model still reads the tool's name; the hash is of the whole name, so the
+    result is stable across restarts and two long names that share their beginnings still differ."""
+    full = f"{server}{TOOL_SEPARATOR}{tool}"
+    if len(full) <= MAX_TOOL_NAME:
+        return full
+    digest = hashlib.sha256(full.encode("utf-8")).hexdigest()[:TOOL_HASH_CHARS]
+    room = MAX_TOOL_NAME - len(TOOL_SEPARATOR) - 1 - TOOL_HASH_CHARS  # for the two cut parts
+    server_part = server[:max(MIN_SERVER_CHARS, room - len(tool))]
+    return f"{server_part}{TOOL_SEPARATOR}{tool[:room - len(server_part)]}_{digest}"
+
+
 class McpTool:
     """One server tool as the engine sees it. ``needs_approval`` is always True so that the thread's
     policy applies first (``auto`` allows, ``deny`` denies); under ``ask`` the server's ``approval``
@@ -68,7 +103,7 @@ class McpTool:
     def __init__(self, server: ServerConfig, tool: Any) -> None:
         self.server = server.name
         self.tool = tool.name
-        self.name = f"{server.name}{TOOL_SEPARATOR}{tool.name}"
+        self.name = exposed_name(server.name, tool.name)
         self.description = tool.description or tool.title or tool.name
         self.input_schema: dict[str, Any] = dict(tool.inputSchema or {"type": "object"})
         annotations = tool.annotations
@@ -83,7 +118,7 @@ class McpTool:
         return ToolSpec(self.name, self.description, self.input_schema)
 
     def view(self) -> dict[str, Any]:
-        return {"name": self.name, "server": self.server, "description": self.description,
+        return {"name": self.name, "server": self.server, "tool": self.tool, "description": self.description,
                 "input_schema": self.input_schema, "read_only": self.read_only}
 
 
@@ -144,6 +179,22 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         message = f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
     return valid_text(message)
+
+
+def _resolve(cfg: ServerConfig) -> str:
+    """The server's program as an absolute path, looked up on the PATH the server gets (the SDK's default
+    environment plus ``env``), so that a missing program is an error naming it at once rather than an
+    exit of the launcher."""
+    from mcp.client.stdio import get_default_environment
+
+    assert cfg.command is not None
+    path = {**get_default_environment(), **cfg.env}.get("PATH", os.defpath)
+    found = shutil.which(cfg.command, path=path)
+    if found is None:
+        if os.sep in cfg.command and os.path.exists(cfg.command):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), cfg.command)
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), cfg.command)
+    return os.path.abspath(found)
 
 
 def _result_text(result: Any) -> str:
@@ -250,6 +301,12 @@ class McpServers:
     async def _connect(self, server: _Server) -> None:
         """One life of the server: start, initialize, list tools (bounded by ``startup_timeout``), then
         return when its stream ends. Raises on a failed start."""
+        # ``life`` is cancelled when a wedged HTTP server is given up: its transport's cleanup (a session
+        # DELETE to that server) must not wait for httpx's timeouts before the restart.
+        with trio.CancelScope() as life:
+            await self._connect_once(server, life)
+
+    async def _connect_once(self, server: _Server, life: trio.CancelScope) -> None:
         from mcp import ClientSession
 
         cfg = server.config
@@ -279,21 +336,53 @@ class McpServers:
                     server.session, server.tools = session, tools
                     server.was_ready = True
                     server.set("ready")
-                    await closed.wait()
+                    if cfg.transport == "http":
+                        try:
+                            await self._watch_http(session, closed)
+                        except TimeoutError as exc:
+                            server.set("failed", str(exc))
+                            life.cancel()
+                            return
+                    else:
+                        await closed.wait()
                     server.set("failed", "the server closed its connection (it exited); restarting")
                 nursery.cancel_scope.cancel()
+
+    @staticmethod
+    async def _watch_http(session: Any, closed: trio.Event) -> None:
+        """Until ``closed``, ping a streamable-HTTP server every HTTP_PING_SECONDS: there is no process to
+        watch, so a dead server is only seen when a request fails. A refused connection crashes the SDK's
+        transport (its exception ends ``_connect``, hence the status); a server that accepts but does not
+        answer within HTTP_PING_TIMEOUT raises TimeoutError here. Either way the server is ``failed`` with
+        the reason, its calls in flight get an error result, and the restart backoff reconnects it."""
+        while not closed.is_set():
+            with trio.move_on_after(HTTP_PING_SECONDS):
+                await closed.wait()
+                return
+            with trio.move_on_after(HTTP_PING_TIMEOUT) as ping:
+                await session.send_ping()
+            if ping.cancelled_caught:
+                raise TimeoutError(f"the server did not answer a ping within {HTTP_PING_TIMEOUT:g} s;"
+                                   f" reconnecting")
 
     @contextlib.asynccontextmanager
     async def _transport(self, cfg: ServerConfig) -> Any:
         if cfg.command is not None:
             from mcp.client.stdio import StdioServerParameters, stdio_client
 
-            params = StdioServerParameters(command=cfg.command, args=list(cfg.args), env=dict(cfg.env) or None)
-            # The server's stderr goes to a log file per server in the data dir (it is the server's own
-            # output; the runtime's log never quotes it).
+            # The server runs under the launcher (see runtime/mcp/launcher.py: it dies with the runtime even
+            # on kill -9, and its stderr goes to a log file per server in the data dir, rotated there; it
+            # is the server's own output, the runtime's log never quotes it).
             logs = self.data_dir / "mcp-logs"
             logs.mkdir(exist_ok=True)
-            with open(logs / f"{cfg.name}.stderr.log", "ab") as errlog:
+            log_path = logs / f"{cfg.name}.stderr.log"
+            command = _resolve(cfg)
+            params = StdioServerParameters(
+                command=sys.executable,
+                args=["-I", "-S", str(LAUNCHER), str(os.getpid()), str(log_path), command, *cfg.args],
+                env=dict(cfg.env) or None)
+            # The launcher's own stderr (only a Python error of the launcher itself would reach it).
+            with open(log_path, "ab") as errlog:
                 async with stdio_client(params, errlog=errlog) as streams:
                     yield streams
         else:
@@ -342,14 +431,19 @@ class McpServers:
         return server
 
     def tools(self) -> Iterator[McpTool]:
+        """Every ready server's tools, each exposed name once: if two tools end up with the same name (server
+        ``a`` tool ``b__c`` and server ``a__b`` tool ``c``), the server earlier in ``mcp.json`` keeps it."""
+        seen: set[str] = set()
         for server in list(self._servers.values()):
             if server.status == "ready":
-                yield from server.tools.values()
+                for tool in server.tools.values():
+                    if tool.name not in seen:
+                        seen.add(tool.name)
+                        yield tool
 
     def tool(self, name: str) -> McpTool | None:
-        server_name, sep, tool_name = name.partition(TOOL_SEPARATOR)
-        server = self._servers.get(server_name) if sep else None
-        return server.tools.get(tool_name) if server is not None and server.status == "ready" else None
+        """The tool exposed as ``name`` (the one ``tools`` lists), None if no ready server offers it."""
+        return next((tool for tool in self.tools() if tool.name == name), None)
 
     def state(self, name: str) -> _Server | None:
         """The current start of server ``name`` (tests wait on its ``changed``/``settled``)."""
