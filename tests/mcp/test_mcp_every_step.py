@@ -32,6 +32,11 @@ from tests.support import open_runtime
 from .test_mcp_runtime import LIMIT, children, entry, write_file
 
 
+# Runs per k: a run that ended before its k (fewer steps than the counting run: none was seen, but a wait
+# that finds its event already set could make one) is judged like any other, then k is tried again.
+TRIES = 3
+
+
 @dataclasses.dataclass
 class Ctx:
     rt: Any
@@ -253,8 +258,7 @@ async def _run_and_judge(ctx: Ctx, case: Case, canceller: StepCanceller, k: int 
     _agree(ctx, before)
     run = await _run(ctx, canceller, lambda: case.action(ctx), k)
     where = f"{case.name} cancelled at step {k}"
-    if k is not None:
-        assert run.fired_at == k, f"{where}: the cancel never landed (the run took {run.steps} steps)"
+    assert run.fired_at in (k, None), f"{where}: fired at {run.fired_at}"
     assert run.error is None, f"{where}: {run.error!r}"
     pids_after = await _quiet(ctx)
     after = _file(ctx)
@@ -294,7 +298,12 @@ async def _every_step(tmp_path: Path, case: Case, full: bool) -> None:
             ks = _steps(n, full)
             print(f"\n{case.name}: N={n} requester steps; cancelled at {ks}", end="")
             for k in ks:
-                await _run_and_judge(ctx, case, canceller, k)
+                for _ in range(TRIES):
+                    run = await _run_and_judge(ctx, case, canceller, k)
+                    if run.fired_at == k:
+                        break
+                else:
+                    raise AssertionError(f"{case.name}: {TRIES} runs ended before step {k}; its cancel never landed")
         finally:
             trio.lowlevel.remove_instrument(canceller)
     assert children() - before == set(), "a server process outlived the runtime"
