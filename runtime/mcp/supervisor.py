@@ -514,14 +514,18 @@ class McpServers:
             raise StorageError(f"Failed to {action}: the change did not commit")
 
     async def _settle_unknown(self) -> None:
-        """A change whose write outlived its bound: wait for the writer to be past it (an empty write),
-        then settle it from the journal and make the processes follow the file."""
+        """A change whose write outlived its bound (or whose settle failed): wait for the writer to be past
+        it (an empty write, queued after it), then settle it from the journal. The change that called this
+        then makes the processes follow the file. Still stuck: StorageError, and it stays unknown."""
         change = self._unknown
         if change is None:
             return
         with trio.CancelScope(shield=True):  # as in _commit: bounded by COMMIT_TIMEOUT, then a settle
-            with trio.move_on_after(COMMIT_TIMEOUT):
+            with trio.move_on_after(COMMIT_TIMEOUT) as bound:
                 await self.store.write(action="wait for an earlier mcp.json change")
+            if bound.cancelled_caught:  # never settle while the earlier write may still commit
+                raise StorageError(f"Failed to settle an earlier change of {mcp_config.FILE_NAME}: the store did"
+                                   f" not commit within {COMMIT_TIMEOUT:g} s")
             committed = await self.store.read(functools.partial(mcp_changes.is_committed, token=change.token))
             try:
                 await trio.to_thread.run_sync(self.files.settle, change, committed)

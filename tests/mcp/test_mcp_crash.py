@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 import pytest
+import trio
+import trio.testing
 
 from runtime.errors import StorageError
 from runtime.mcp import config as mcp_config
@@ -234,3 +236,60 @@ async def test_a_storage_failure_at_every_step_changes_all_or_nothing(tmp_path, 
                 # leftover undo file is settled by the next change (the next setup) or the next start.
     print(f"\n{case.name} [{kind}]: {k - 1} {layer} steps: {failed} failed whole, {succeeded} committed", end="")
     assert failed >= 1
+
+
+async def test_a_change_whose_write_outlives_its_bound_keeps_its_key_and_is_settled_before_the_next(
+        tmp_path, mock_clock):
+    """The store's writer held past COMMIT_TIMEOUT (virtual time, jumped by hand once the change waits on its
+    write): the add fails with the outcome unknown, its Idempotency-Key stays in progress while the write is
+    queued, nothing follows in the processes; once the writer goes on, the write commits, the key's record
+    is there, and the next change settles the file first and makes the servers follow it."""
+    from runtime.mcp import supervisor
+    from tests.support import held_writer
+
+    data_dir, marks = tmp_path / "data", tmp_path / "marks"
+    data_dir.mkdir()
+    marks.mkdir()
+    write_file(data_dir, {"box": _off(marks)})
+    async with open_runtime(data_dir) as rt:
+        c = claim(KEY)
+        errors: list[StorageError] = []
+        with held_writer(rt) as release:
+            with rt.idempotency.hold(KEY, c.fingerprint) as slot:
+                c = slot.claim(201, c.encode)
+
+                async def add() -> None:
+                    try:
+                        await rt.mcp.add("new", _off(marks), claim=c)
+                    except StorageError as exc:
+                        errors.append(exc)
+
+                submitted = trio.Event()
+                submit = rt.store.submit
+
+                def submit_and_tell(request):
+                    submitted.set()
+                    return submit(request)
+
+                rt.store.submit = submit_and_tell
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(add)
+                    await submitted.wait()  # after the file was re-read (a real thread: not timed)
+                    rt.store.submit = submit
+                    await trio.testing.wait_all_tasks_blocked()  # the change waits on its write
+                    assert c.pending is not None and not c.pending.done.is_set()
+                    mock_clock.jump(supervisor.COMMIT_TIMEOUT)
+            assert [str(e) for e in errors] == [
+                "Failed to add MCP server 'new': the store did not commit within 60 s; the change is settled"
+                " before the next one"]
+            assert rt.idempotency.in_progress(KEY)  # a retry now is a 409 "in progress", never a second add
+            assert [v["name"] for v in rt.mcp.servers()] == ["box"]
+            release.set()
+        await c.pending.done.wait()  # the writer was let go: bounded by its (tiny) write
+        assert not rt.idempotency.in_progress(KEY)
+        stored = await rt.idempotency.lookup(KEY, c.fingerprint)
+        assert stored is not None and json.loads(stored.body)["name"] == "new"
+        await rt.mcp.update("box", {"approval": "auto"})
+        assert list(_state(data_dir)["mcpServers"]) == ["box", "new"]
+        assert [(v["name"], v["config"]["approval"]) for v in rt.mcp.servers()] == [("box", "auto"), ("new", "ask")]
+        assert sorted(p.name for p in data_dir.iterdir() if p.name.startswith(".mcp.json")) == []
