@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
+import functools
 import hashlib
 import json
 import logging
@@ -33,9 +34,12 @@ import anyio
 import jsonschema
 import trio
 
-from ..errors import Conflict, InvalidData, NotFound
+from ..errors import Conflict, InvalidData, NotFound, StorageError
 from ..models.base import ToolOutcome, ToolSpec
 from ..text import valid_text
+from ..sessions import COMMIT_TIMEOUT
+from ..store import WriteRequest
+from . import changes as mcp_changes
 from . import config as mcp_config
 from .config import ServerConfig
 
@@ -224,11 +228,15 @@ def _exited(tool: McpTool) -> ToolOutcome:
 
 class McpServers:
     """The runtime's MCP servers (see the module docstring). ``run`` is started in the runtime's nursery;
-    ``aclose`` stops every server. Changes (``add``, ``update``, ``delete``, ``reconnect``) rewrite
-    ``mcp.json`` and then start/stop processes, one change at a time (``_lock``)."""
+    ``aclose`` stops every server. Changes (``add``, ``update``, ``delete``) re-read ``mcp.json``, rewrite it
+    all-or-nothing through the store (runtime/mcp/changes.py), then start/stop processes so that they
+    follow the file; ``reconnect`` restarts one. One change at a time (``_lock``)."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, store: Any = None, fs: Any = None) -> None:
         self.data_dir = data_dir
+        self.store = store  # the runtime's Store: changes commit through it (None: read-only use, doctor)
+        self.files = mcp_changes.McpFile(data_dir, fs)
+        self._unknown: mcp_changes.FileChange | None = None  # a change whose write outlived its bound
         self._servers: dict[str, _Server] = {}
         self._nursery: trio.Nursery | None = None
         self._scope = trio.CancelScope()
@@ -240,6 +248,7 @@ class McpServers:
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Start every enabled server of ``mcp.json`` in parallel; report started once each is ready or
         failed (each bounded by its ``startup_timeout``), then supervise until ``aclose``."""
+        await self._recover()
         try:
             configs = mcp_config.load(self.data_dir)
         except InvalidData as exc:
@@ -516,19 +525,128 @@ class McpServers:
         return ToolOutcome(text, is_error=bool(result.isError))
 
     # ---- changes (API) ----------------------------------------------------------------------------
+    #
+    # Every change re-reads mcp.json (a hand edit is never lost, and a file fixed by hand unblocks changes
+    # without a restart), commits the new file with its journal row and idempotency record in one store
+    # write (runtime/mcp/changes.py), settles it from the journal, and then the processes follow the
+    # committed file, with no checkpoint between the settle and the process change.
 
-    def _check_file(self) -> None:
-        if self.load_error is not None:
-            raise Conflict(f"MCP servers cannot be changed while {mcp_config.FILE_NAME} is invalid"
-                           f" ({self.load_error}); fix the file and restart the runtime")
+    async def file_error(self) -> str | None:
+        """What is wrong with mcp.json now (re-read), or None; also what the next change will be refused for."""
+        try:
+            await trio.to_thread.run_sync(mcp_config.load, self.data_dir, abandon_on_cancel=True)
+        except InvalidData as exc:
+            self.load_error = exc.message
+        else:
+            self.load_error = None
+        return self.load_error
 
-    async def _write(self, configs: dict[str, ServerConfig]) -> None:
-        # Not abandoned on cancellation: the file is rewritten whole or not at all, and the processes are
-        # changed right after, with no checkpoint between, so the file and the running servers agree.
-        await trio.to_thread.run_sync(mcp_config.save, self.data_dir, configs)
+    async def _read_file(self) -> dict[str, ServerConfig]:
+        """The servers of mcp.json as the file says now (an earlier change left unsettled settled first);
+        Conflict naming the file and the problem when it cannot be used (a change would drop the user's
+        file: refused, never overwritten)."""
+        await self._settle_unknown()
+        try:
+            configs = await trio.to_thread.run_sync(mcp_config.load, self.data_dir, abandon_on_cancel=True)
+        except InvalidData as exc:
+            self.load_error = exc.message
+            raise Conflict(f"MCP servers cannot be changed while {mcp_config.FILE_NAME} is invalid ({exc.message});"
+                           f" fix the file (the API never overwrites it), then retry") from exc
+        self.load_error = None
+        return configs
 
-    def _configs(self) -> dict[str, ServerConfig]:
-        return {name: server.config for name, server in self._servers.items()}
+    async def _recover(self) -> None:
+        """Start-up: settle every mcp.json change a crash interrupted (from the journal), then empty it."""
+        if self.store is None:
+            return
+        pending = await trio.to_thread.run_sync(self.files.pending)
+        committed = await self.store.read(mcp_changes.committed_tokens)
+        for change in pending:
+            await trio.to_thread.run_sync(self.files.settle, change, change.token in committed)
+        if pending or committed:
+            # Before the rows go: every undo file's removal (here, or at run time after a COMMIT) durable,
+            # so none can come back after a power loss without the row that says its change committed.
+            await trio.to_thread.run_sync(self.files.fsync_dir)
+        if committed:
+            await self.store.write([("DELETE FROM mcp_commits", ())], action="empty the mcp.json journal")
+
+    async def _commit(self, configs: dict[str, ServerConfig], action: str, claim: Any = None,
+                      answer: Any = None) -> None:
+        """Write ``configs`` to mcp.json with the journal row and ``claim``'s record (answer ``answer``) in
+        one store write, and settle it. Returns once the change is final (committed) or raises (nothing
+        changed). Called under ``_lock``."""
+        assert self.store is not None, "MCP server changes need the runtime's store"
+        change = self.files.change()
+        request = self.store.submit(WriteRequest(
+            fn=mcp_changes.writer_fn(self.files, change, configs, claim, answer, action), action=action))
+        if claim is not None:
+            claim.pending = request  # a retry waits (409 in progress) while this write may still commit
+        # Shielded: from the submit on, the write commits or fails whatever the requester does, and the
+        # file must be settled from its outcome before the lock is released and the processes follow.
+        # Bounded by COMMIT_TIMEOUT for the writer (it only waits on SQLite and the file system), then one
+        # read and one thread that moves at most three files.
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(COMMIT_TIMEOUT):
+                await request.done.wait()
+            if not request.done.is_set():
+                self._unknown = change  # settled before the next change, once the writer has taken it
+                raise StorageError(f"Failed to {action}: the store did not commit within {COMMIT_TIMEOUT:g} s;"
+                                   f" the change is settled before the next one")
+            committed = await self.store.read(functools.partial(mcp_changes.is_committed, token=change.token))
+            try:
+                await trio.to_thread.run_sync(self.files.settle, change, committed)
+            except OSError as exc:
+                # Committed: the change stands, only its undo file is left. Not committed: the file may still
+                # be the new one. Either way the next change (or the next start) settles it first.
+                self._unknown = change
+                log.error("mcp.json change %s not settled (%s); settled before the next change", change.token, exc)
+                if not committed:
+                    raise StorageError(f"Failed to {action}: could not restore {mcp_config.FILE_NAME} ({exc})") from exc
+        assert request.result is not None
+        request.result.unwrap()  # the write's own error (nothing changed)
+        if not committed:  # cannot happen: a write that succeeded committed its journal row
+            raise StorageError(f"Failed to {action}: the change did not commit")
+
+    async def _settle_unknown(self) -> None:
+        """A change whose write outlived its bound (or whose settle failed): wait for the writer to be past
+        it (an empty write, queued after it), then settle it from the journal. The change that called this
+        then makes the processes follow the file. Still stuck: StorageError, and it stays unknown."""
+        change = self._unknown
+        if change is None:
+            return
+        with trio.CancelScope(shield=True):  # as in _commit: bounded by COMMIT_TIMEOUT, then a settle
+            with trio.move_on_after(COMMIT_TIMEOUT) as bound:
+                await self.store.write(action="wait for an earlier mcp.json change")
+            if bound.cancelled_caught:  # never settle while the earlier write may still commit
+                raise StorageError(f"Failed to settle an earlier change of {mcp_config.FILE_NAME}: the store did"
+                                   f" not commit within {COMMIT_TIMEOUT:g} s")
+            committed = await self.store.read(functools.partial(mcp_changes.is_committed, token=change.token))
+            try:
+                await trio.to_thread.run_sync(self.files.settle, change, committed)
+            except OSError as exc:
+                raise StorageError(f"Failed to settle an earlier change of {mcp_config.FILE_NAME} ({exc})") from exc
+        self._unknown = None
+
+    def _follow(self, configs: dict[str, ServerConfig], restart: str | None = None) -> tuple[
+            list[_Server], dict[str, _Server]]:
+        """Make the running servers follow ``configs`` (the committed file): stop those not in it, (re)start
+        those whose config differs (and ``restart``), keep the file's order. Synchronous: no checkpoint.
+        Returns (the stopped starts, the new starts by name)."""
+        stopped: list[_Server] = []
+        started: dict[str, _Server] = {}
+        for name in [n for n in self._servers if n not in configs]:
+            old = self._stop(name)
+            if old is not None:
+                stopped.append(old)
+        for name, cfg in configs.items():
+            server = self._servers.get(name)
+            if server is None or server.config != cfg or name == restart:
+                old = self._stop(name)
+                if old is not None:
+                    stopped.append(old)
+                started[name] = self._start(cfg)
+        self._servers = {n: self._servers[n] for n in configs}
+        return stopped, started
 
     async def _settle(self, server: _Server) -> dict[str, Any]:
         """Wait (cancellable; bounded by the startup timeout) until a started server is ready or failed."""
@@ -536,45 +654,57 @@ class McpServers:
             await server.settled.wait()
         return server.view()
 
-    async def _gone(self, server: _Server | None) -> None:
-        if server is not None:
-            with trio.move_on_after(STOP_WAIT_SECONDS):
+    async def _gone(self, servers: list[_Server]) -> None:
+        with trio.move_on_after(STOP_WAIT_SECONDS):
+            for server in servers:
                 await server.done.wait()
 
-    async def add(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def add(self, name: str, body: dict[str, Any], *, claim: Any = None) -> dict[str, Any]:
+        """Add server ``name``. With ``claim`` (an Idempotency-Key), its record is written with the file
+        change (answer: the new server ``starting``) and, once the server settled, replaced by the final
+        answer; a crash or a cancellation in between leaves the first, a 201 all the same."""
         cfg = mcp_config.parse(name, body)
         async with self._lock:
-            self._check_file()
-            if name in self._servers:
+            configs = await self._read_file()
+            if name in configs:
                 raise Conflict(f"MCP server '{name}' already exists; PATCH it or DELETE it first")
-            await self._write({**self._configs(), name: cfg})
-            server = self._start(cfg)
-        return await self._settle(server)
+            configs[name] = cfg
+            await self._commit(configs, f"add MCP server '{name}'", claim, _Server(cfg).view())
+            stopped, started = self._follow(configs)
+        await self._gone(stopped)
+        view = await self._settle(started[name])
+        if claim is not None and claim.encode(view) != claim.body:
+            first = claim.body, claim.headers
+            try:
+                await self.store.write([claim.statement(view)], action=f"record the answer of adding MCP server"
+                                                                       f" '{name}'")
+            except StorageError:
+                claim.body, claim.headers = first  # the stored (first) answer stays the answer
+                log.warning("MCP server '%s' added; its final answer was not stored (a replay says starting)", name)
+        return view
 
     async def update(self, name: str, patch: dict[str, Any]) -> dict[str, Any]:
         async with self._lock:
-            self._check_file()
-            current = self._get(name)
-            cfg = mcp_config.merge(current.config, patch)
-            configs = self._configs()
-            configs[name] = cfg
-            await self._write(configs)
-            old = self._stop(name)
-            server = self._start(cfg)
-            # Keep the file's order: _stop/_start moved it to the end.
-            self._servers = {n: self._servers[n] for n in configs}
-        await self._gone(old)
-        return await self._settle(server)
+            configs = await self._read_file()
+            if name not in configs:
+                mcp_config.validate_name(name)
+                raise NotFound(f"MCP server '{name}' not found")
+            configs[name] = mcp_config.merge(configs[name], patch)
+            await self._commit(configs, f"change MCP server '{name}'")
+            stopped, started = self._follow(configs, restart=name)
+        await self._gone(stopped)
+        return await self._settle(started[name])
 
     async def delete(self, name: str) -> None:
         async with self._lock:
-            self._check_file()
-            self._get(name)
-            configs = self._configs()
+            configs = await self._read_file()
+            if name not in configs:
+                mcp_config.validate_name(name)
+                raise NotFound(f"MCP server '{name}' not found")
             del configs[name]
-            await self._write(configs)
-            old = self._stop(name)
-        await self._gone(old)
+            await self._commit(configs, f"delete MCP server '{name}'")
+            stopped, _ = self._follow(configs)
+        await self._gone(stopped)
 
     async def reconnect(self, name: str) -> dict[str, Any]:
         async with self._lock:
@@ -585,7 +715,7 @@ class McpServers:
             old = self._stop(name)
             server = self._start(current.config)
             self._servers = {n: self._servers[n] for n in order}
-        await self._gone(old)
+        await self._gone([old] if old is not None else [])
         return await self._settle(server)
 
 
