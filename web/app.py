@@ -131,7 +131,7 @@ def create_app(rt: Runtime, settings: ServerSettings, token: str | None) -> Quar
     app.json.sort_keys = False
     app.url_map.strict_slashes = False
     cors.install(app, settings.cors_origins)
-    auth.install(app, token)
+    auth.install(app, token, settings.cors_origins)
     errors.install(app)
     for module in (health, threads, turns, events, sessions, approvals, mcp, auth, openapi):
         app.register_blueprint(module.bp)

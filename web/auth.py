@@ -75,11 +75,30 @@ def own_origin() -> str:
     return f"{request.scheme}://{request.host}"
 
 
-def install(app: Quart, token: str | None) -> None:
+def install(app: Quart, token: str | None, cors_origins: tuple[str, ...] = ()) -> None:
     """``token`` None: no auth (the CLI allows that only with ``--insecure-no-auth`` on loopback). Any other
-    token must pass ``token_problem``: an empty one would authorize every request that sends an empty one."""
+    token must pass ``token_problem``: an empty one would authorize every request that sends an empty one.
+
+    Without auth a page of ANY site the user visits could drive the agents: a "simple" cross-origin POST
+    (``text/plain``, no preflight) reaches the route, and the body is parsed whatever its type. So a
+    state change that carries an ``Origin`` must come from the server's own origin or a ``--cors-origin``
+    (403 ``forbidden_origin`` otherwise). Browsers send Origin with every POST/PUT/PATCH/DELETE; clients
+    that are not browsers (curl, scripts, the typed client) send none and are let in, as before."""
     app.config["TRIO_RUNTIME_COOKIE"] = None
     if token is None:
+        trusted = frozenset(cors_origins)
+
+        @app.before_request
+        async def refuse_foreign_pages():
+            if not request.path.startswith("/v1/") or request.method not in STATE_CHANGING:
+                return None
+            origin = request.headers.get("Origin")
+            if origin is None or origin == own_origin() or origin in trusted:
+                return None
+            return error_response(
+                403, "forbidden_origin",
+                f"Refusing a {request.method} from origin {origin!r} on a server without auth: only "
+                f"{own_origin()} (or a --cors-origin) may change state")
         return
     if problem := token_problem(token):
         raise ValueError(f"refusing to serve with this auth token: it {problem}")

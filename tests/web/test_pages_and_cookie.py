@@ -210,6 +210,26 @@ async def test_without_auth_the_cookie_route_answers_204_and_sets_nothing(runtim
     assert (await client.get("/v1/threads", headers=HOST)).status_code == 200
 
 
+async def test_without_auth_a_foreign_page_cannot_change_state(runtime, tmp_path):
+    """With --insecure-no-auth any site's page could POST a "simple" text/plain body cross-origin and
+    drive the agents; a state change that carries a foreign Origin is refused and changes nothing. Same
+    origin, a --cors-origin, and clients that send no Origin (curl, scripts) are let in; reads too."""
+    settings = ServerSettings(data_dir=tmp_path / "data", insecure_no_auth=True,
+                              cors_origins=("http://editor.local",))
+    client = create_app(runtime, settings, None).test_client(use_cookies=False)
+    for origin in ("http://evil.example", "null", "http://127.0.0.1:9999"):
+        refused = await client.post("/v1/threads", data="{}", headers={
+            **HOST, "Origin": origin, "Content-Type": "text/plain"})
+        assert refused.status_code == 403, origin
+        assert (await refused.get_json())["error"]["code"] == "forbidden_origin"
+    assert (await (await client.get("/v1/threads", headers={**HOST, "Origin": "http://evil.example"}))
+            .get_json()) == []
+    for headers in ({"Origin": OWN}, {"Origin": "http://editor.local"}, {}):
+        created = await client.post("/v1/threads", json={}, headers={**HOST, **headers})
+        assert created.status_code == 201, headers
+    assert len((await (await client.get("/v1/threads", headers=HOST)).get_json())) == 3
+
+
 async def test_the_cookie_routes_are_in_openapi(runtime, tmp_path):
     spec = await (await make_client(runtime, tmp_path).get("/openapi.json")).get_json()
     post = spec["paths"]["/v1/auth/cookie"]["post"]
