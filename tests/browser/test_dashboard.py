@@ -439,3 +439,16 @@ def test_a_restart_with_another_token_asks_to_sign_in_again(page: Page):
     finally:
         page.driver.get("about:blank")
         restarted.kill()
+
+
+def test_a_thread_deleted_elsewhere_leaves_the_view(page: Page):
+    thread_id = page.new_thread()
+    page.send("soon gone")
+    page.turn_ends()
+    with page.server.client() as api:
+        assert api.delete(f"/v1/threads/{thread_id}").status_code == 204
+    page.wait(lambda d: d.find_element(By.ID, "notice").text == "This thread was deleted.", "no word of the deletion")
+    assert not page.hook("transcript").is_displayed()
+    assert not page.hook("prompt-input").is_displayed()
+    assert page.current_thread() is None
+    page.wait(lambda d: thread_id not in page.attrs("thread-item", "thread-id"), "the deleted thread stayed listed")

@@ -357,6 +357,10 @@ function applyEvent(envelope) {
     case 'thread.deleted':
       closeStream();
       state.threadId = null;
+      for (const id of ['thread-head', 'transcript', 'composer']) $(id).hidden = true;
+      $('approvals').replaceChildren();
+      $('empty').hidden = false;
+      history.replaceState(null, '', location.pathname + location.search);
       notice('This thread was deleted.');
       refreshThreads().catch(() => {});
       break;
