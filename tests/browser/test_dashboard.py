@@ -452,3 +452,30 @@ def test_a_thread_deleted_elsewhere_leaves_the_view(page: Page):
     assert not page.hook("prompt-input").is_displayed()
     assert page.current_thread() is None
     page.wait(lambda d: thread_id not in page.attrs("thread-item", "thread-id"), "the deleted thread stayed listed")
+
+
+def test_a_thread_opened_mid_reply_shows_the_reply_from_its_first_word(page: Page):
+    """A message being streamed is stored whole only when it ends: a page opened in the middle of it must
+    still show its first words (replayed from the event log), not only those streamed after it opened."""
+    with page.server.client() as api:
+        thread_id = api.post("/v1/threads", json={}).json()["id"]
+        words = " ".join(f"w{i}" for i in range(20))
+        turn_id = api.post(f"/v1/threads/{thread_id}/turns", json={"prompt": f"/slow 20\n{words}"}).json()["id"]
+        with api.stream("GET", f"/v1/threads/{thread_id}/events") as stream:  # until 3 words are out
+            deltas = 0
+            for line in stream.iter_lines():
+                deltas += line.startswith("event: item.delta")
+                if deltas == 3:
+                    break
+    page.driver.get(f"{page.server.url}/#/thread/{thread_id}")
+    page.driver.refresh()  # a new fragment alone does not load the page again
+    text = page.wait(lambda d: d.execute_script(
+        "const m = document.querySelector('[data-testid=transcript] [data-role=assistant][data-status=in_progress] .text');"
+        "return m && m.textContent.split(' ').length >= 5 ? m.textContent : null"), "no reply streaming")
+    assert text.startswith("You said: w0 w1")
+    assert [role for role, _, _ in page.messages()] == ["user", "assistant"]
+    with page.server.client() as api:
+        api.post(f"/v1/threads/{thread_id}/turns/{turn_id}/interrupt")
+    page.turn_ends("interrupted")
+    final = page.messages()[1][2]
+    assert final.startswith("You said: w0 w1") and len(final.split()) >= 5

@@ -34,6 +34,7 @@ const state = {
   source: null, // its EventSource
   reconnectTimer: null,
   reconnectDelay: RECONNECT_FIRST_MS,
+  replay: null, // {turnId, until}: while the stream replays up to seq `until`, only that turn's events apply
   revisions: new Map(), // session id -> the revision this page last saved or saw (sent as If-Match)
   approvals: new Map(), // approval id -> card element
   threadsDrawn: '', // what the thread list on screen was drawn from
@@ -241,6 +242,16 @@ async function openThread(threadId) {
   performance.mark('thread-view-fetched', { detail: { threadId } });
   state.threadId = threadId;
   state.lastSeq = detail.latest_seq || 0;
+  // A message being streamed is stored whole only when it ends: until then the detail has it empty. So a
+  // thread with an unfinished turn replays its event log from the start, and of the events the detail
+  // already covers it applies only that turn's (drawn afresh from them); the others are drawn already.
+  const running = detail.turns.find((turn) => !FINISHED.has(turn.status));
+  state.replay = null;
+  if (running) {
+    state.replay = { turnId: running.id, until: state.lastSeq };
+    state.lastSeq = 0;
+    detail.items = detail.items.filter((item) => item.turn_id !== running.id);
+  }
   state.approvals.clear();
   $('approvals').replaceChildren();
   history.replaceState(null, '', `${location.pathname}${location.search}#/thread/${threadId}`);
@@ -344,6 +355,7 @@ function applyEvent(envelope) {
   if (envelope.thread_id !== state.threadId) return;
   if (envelope.seq <= state.lastSeq) return; // already applied (a replay after a reconnect)
   state.lastSeq = envelope.seq;
+  if (state.replay && envelope.seq <= state.replay.until && envelope.turn_id !== state.replay.turnId) return;
   const p = envelope.payload || {};
   switch (envelope.event) {
     case 'thread.updated':
