@@ -24,11 +24,16 @@ serve: $(VENV)/.installed
 
 # System tools the default suite uses: strace (tests/runtime/test_event_durability.py traces the writer's
 # fdatasync before every publish). Installed with apt when missing and apt is there (CI runs as root);
-# without it that one test is skipped, never silently passed.
+# without it that one test is skipped, never silently passed. And Debian's PostgreSQL server (package
+# postgresql; binaries in /usr/lib/postgresql/<ver>/bin, not on PATH): tests/support_pg.py starts a
+# throwaway cluster from it as the unprivileged postgres user; without it the tests/pg tests are skipped.
 test-tools:
 	@command -v strace >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] \
 		&& { apt-get install -y -qq strace >/dev/null 2>&1 || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq strace >/dev/null 2>&1; }; }; } \
 		|| echo "strace is not installed: the WAL-sync trace test will be skipped"
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] \
+		&& { apt-get install -y -qq postgresql >/dev/null 2>&1 || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq postgresql >/dev/null 2>&1; }; }; } \
+		|| echo "PostgreSQL is not installed: the tests/pg tests will be skipped"
 
 test: $(VENV)/.installed test-tools
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
@@ -45,7 +50,7 @@ reliability: $(VENV)/.installed
 
 # Not part of `make test`: benchmarks against raw baselines measured in the same run (README, Performance).
 # Installs wrk with apt when it is missing and apt is there; otherwise the Python load generator is used.
-bench: $(VENV)/.installed
+bench: $(VENV)/.installed test-tools
 	@command -v wrk >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] \
 		&& { apt-get install -y -qq wrk >/dev/null 2>&1 || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq wrk >/dev/null 2>&1; }; }; } \
 		|| echo "wrk is not installed: the Python load generator will be used"

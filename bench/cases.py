@@ -17,6 +17,7 @@ import trio
 from bench import datagen
 from bench.history import bench_history
 from bench.mcp import bench_mcp
+from bench.pg import bench_pg
 from bench.validation import bench_session_validation
 from bench.util import (
     HOST, PYTHON, ROOT, TOKEN, Conn, HealthProbe, bare, build_request, call, free_port, latencies,
@@ -742,4 +743,5 @@ BENCHMARKS: dict[str, Callable[[Sizes], list[Row]]] = {
     "history": bench_history,
     "idempotency": bench_idempotency,
     "mcp": bench_mcp,
+    "pg": bench_pg,
 }
