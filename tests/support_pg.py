@@ -74,6 +74,15 @@ def find_bin_dir() -> Path | None:
     return Path(on_path).parent if on_path else None
 
 
+def process_alive(pid: int) -> bool:
+    """True while ``pid`` runs; a zombie (exited, not yet reaped by its parent, here init) counts as gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -149,12 +158,11 @@ class PgCluster:
                           "-D", str(self.data_dir), check=False)
             # If pg_ctl could not stop it (or timed out), the postmaster goes the hard way; its children
             # exit when it is gone (they watch the postmaster's pipe).
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, 0)
-                os.kill(pid, signal.SIGKILL)
+            if process_alive(pid):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
                 deadline = time.monotonic() + PG_CTL_TIMEOUT
-                while time.monotonic() < deadline:
-                    os.kill(pid, 0)
+                while process_alive(pid) and time.monotonic() < deadline:
                     time.sleep(0.05)
         shutil.rmtree(self.root, ignore_errors=True)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psycopg
 
-from tests.support_pg import PgCluster
+from tests.support_pg import PgCluster, process_alive
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -118,6 +118,13 @@ def test_isolation_and_teardown_in_a_subprocess_session(tmp_path: Path):
     during_b = (probe / "dbs_during_b").read_text().split()
     assert db_b in during_b and db_a not in during_b
     assert not root.exists(), f"the cluster's temp dir {root} was left behind"
-    assert not Path(f"/proc/{pid}").exists(), f"the postmaster (pid {pid}) was left running"
-    leftovers = subprocess.run(["pgrep", "-f", str(root)], capture_output=True, text=True)
-    assert leftovers.stdout.strip() == "", f"processes of {root} left: {leftovers.stdout}"
+    assert not process_alive(pid), f"the postmaster (pid {pid}) was left running"
+    leftovers = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and str(root).encode() in (proc / "cmdline").read_bytes() \
+                    and process_alive(int(proc.name)):
+                leftovers.append(proc.name)
+        except OSError:
+            continue
+    assert leftovers == [], f"processes started with {root} are still running: {leftovers}"
