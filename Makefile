@@ -47,9 +47,10 @@ soak: $(VENV)/.installed
 # Not part of `make test` (which runs the short versions): the full reliability suite, about 17 minutes on
 # 2 cores (25 kill -9 restarts and 15 more during history changes, 1,000 dropped requests, long schemathesis runs that also read ~250 event
 # streams each, 300 slowloris clients, every engine and session operation failed at each I/O step with
-# every fault kind, a simulated kill -9 before every step of a session change).
+# every fault kind, a simulated kill -9 before every step of a session change, every MCP server change
+# cancelled at every scheduling step).
 reliability: $(VENV)/.installed
-	$(BIN)/python -m pytest -q -s -m reliability tests/reliability tests/faults $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -s -m reliability tests/reliability tests/faults tests/mcp $(PYTEST_ARGS)
 
 # Not part of `make test`: benchmarks against raw baselines measured in the same run (README, Performance).
 # Installs wrk with apt when it is missing and apt is there; otherwise the Python load generator is used.

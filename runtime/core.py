@@ -104,7 +104,7 @@ class Runtime:
                 # (started in parallel, each bounded by its startup_timeout; a failing one is only a status).
                 from .mcp import McpServers, RuntimeTools  # the tool layer sits above the core
 
-                runtime.mcp = McpServers(config.data_dir)
+                runtime.mcp = McpServers(config.data_dir, store)
                 manager.tools = RuntimeTools(config.tools, runtime.mcp)
                 try:
                     await nursery.start(runtime.mcp.run)

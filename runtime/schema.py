@@ -140,6 +140,14 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX approvals_by_thread ON approvals (thread_id, created_at);
     CREATE INDEX approvals_pending ON approvals (created_at) WHERE status = 'pending';
     """,
+    # 6: the mcp.json change journal (runtime/mcp/changes.py; issue 17): a row, committed in the same
+    # transaction as a change's idempotency record, says that change of mcp.json committed. Recovery keeps
+    # a change whose row exists and rolls back any other.
+    """
+    CREATE TABLE mcp_commits (
+        token TEXT PRIMARY KEY
+    );
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -10,7 +10,7 @@ from quart_trio.asgi import TrioASGIHTTPConnection
 
 from runtime import Runtime
 
-from . import auth, cors, errors
+from . import auth, cors, errors, pages
 from .routes import approvals, events, health, mcp, sessions, threads, turns
 from . import openapi
 from .settings import ServerSettings
@@ -114,7 +114,9 @@ def _small_body(headers) -> bool:  # type: ignore[no-untyped-def]
 
 def create_app(rt: Runtime, settings: ServerSettings, token: str | None) -> QuartTrio:
     """``token`` None means no auth (only with ``--insecure-no-auth``)."""
-    app = QuartTrio("trio_runtime")
+    # static_folder=None: Quart's own /static route served the folder 'static' under the working directory
+    # the server was started from, to anyone, without the token. web/pages.py serves the package's files.
+    app = QuartTrio("trio_runtime", static_folder=None)
     app.asgi_http_class = HTTPConnection
     app.config.update(
         MAX_CONTENT_LENGTH=settings.max_body,
@@ -129,8 +131,10 @@ def create_app(rt: Runtime, settings: ServerSettings, token: str | None) -> Quar
     app.json.sort_keys = False
     app.url_map.strict_slashes = False
     cors.install(app, settings.cors_origins)
-    auth.install(app, token)
+    auth.install(app, token, settings.cors_origins)
     errors.install(app)
-    for module in (health, threads, turns, events, sessions, approvals, mcp, openapi):
+    for module in (health, threads, turns, events, sessions, approvals, mcp, auth, openapi):
         app.register_blueprint(module.bp)
+    pages.install(app)
+    openapi.install(app)
     return app

@@ -20,6 +20,7 @@ import sys
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import quote
 
 import trio
 from hypercorn.trio import serve as hypercorn_serve
@@ -216,6 +217,18 @@ class RunningServer:
     app: Any
 
 
+# hypercorn's default access line leaves the query string out; this one logs the whole URL, as most servers
+# do (the query string after the '?', empty when there is none), with status, size and seconds taken.
+ACCESS_LOG_FORMAT = '%(h)s "%(m)s %(U)s?%(q)s HTTP/%(H)s" %(s)s %(b)s %(L)ss "%(a)s"'
+
+
+def sign_in_line(url: str, token: str | None) -> str:
+    """``open URL/#token=TOKEN``: the token rides in the fragment, which a browser never sends to the
+    server; the page reads it, drops it from the address bar and exchanges it for the cookie (web/auth.py).
+    Percent-encoded, so a token given with --auth-token survives in a URL whatever it holds."""
+    return f"open {url}/" if token is None else f"open {url}/#token={quote(token, safe='')}"
+
+
 async def run_server(settings: ServerSettings, runtime_config: RuntimeConfig, *, shutdown: trio.Event,
                      task_status: trio.TaskStatus[RunningServer] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve until ``shutdown`` is set, then shut down in order (see the module docstring).
@@ -234,7 +247,10 @@ async def run_server(settings: ServerSettings, runtime_config: RuntimeConfig, *,
     server.install()
     hyper = server.ServerConfig()
     hyper.bind = [f"[{settings.host}]:{settings.port}" if ":" in settings.host else f"{settings.host}:{settings.port}"]
-    hyper.accesslog = None
+    # An access log (each request's line, path and query string included) only at --log-level debug. No
+    # URL the server receives holds the token when clients use the header or the dashboard's cookie.
+    hyper.accesslog = logging.getLogger("hypercorn.access") if settings.log_level == "debug" else None
+    hyper.access_log_format = ACCESS_LOG_FORMAT
     hyper.errorlog = logging.getLogger("hypercorn.error")
     hyper.graceful_timeout = settings.graceful_seconds
     hyper.send_bounds = bounds = server.SendBounds(settings.sse_send_timeout)
@@ -253,6 +269,7 @@ async def run_server(settings: ServerSettings, runtime_config: RuntimeConfig, *,
             binds = await nursery.start(partial(hypercorn_serve, app, hyper, shutdown_trigger=stop_serving))
             url = binds[0] if binds else f"http://{settings.host}:{settings.port}"
             print(f"trio-runtime listening on {url}", flush=True)
+            print(f"trio-runtime dashboard: {sign_in_line(url, token)}", flush=True)
             task_status.started(RunningServer(url, token, rt, app))
         log.info("stopped accepting; interrupting running turns and flushing the store")
     log.info("shutdown complete")

@@ -1,20 +1,26 @@
-"""``/openapi.json`` built from the route registry, and ``/docs`` that renders it."""
+"""``/openapi.json`` built from the route registry, and ``/docs``: Swagger UI over it, served from a pinned
+package's files (no CDN)."""
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
 from typing import Any
 
-from quart import Blueprint, Response, jsonify
+from quart import Blueprint, current_app, jsonify
 
 from runtime import __version__
 
-from . import sse
+from . import pages, sse
 from .api import ROUTES, route
+from .auth import STATE_CHANGING
 from .schemas import PATH_PARAMS, ErrorResponse, json_schema, required_fields
 
 bp = Blueprint("openapi", __name__)
 
-ERROR_TEXT = {400: "Invalid input", 401: "Missing or wrong token", 404: "Not found", 409: "Conflict with current state",
+ERROR_TEXT = {400: "Invalid input", 401: "Missing or wrong token",
+              403: "Authenticated by the sign-in cookie, but the Origin is not this server's (forbidden_origin)",
+              404: "Not found", 409: "Conflict with current state",
               412: "Revision precondition failed", 413: "Body too large",
               422: "Idempotency-Key already used for a different request", 500: "Storage or internal error",
               503: "Engine stopped", 504: "Timed out waiting for the engine",
@@ -71,6 +77,8 @@ def build_spec() -> dict[str, Any]:
             codes.add(507)
         if not spec.public:
             codes.add(401)
+            if spec.method in STATE_CHANGING:
+                codes.add(403)  # the dashboard's cookie without this server's Origin (web/auth.py)
             op["security"] = [{"bearer": []}]
         for code in sorted(codes):
             responses[str(code)] = {"description": ERROR_TEXT.get(code, "Error"),
@@ -96,28 +104,27 @@ async def openapi_json():
     return jsonify(build_spec())
 
 
-DOCS_HTML = """<!doctype html>
-<html><head><meta charset="utf-8"><title>trio-runtime API</title>
-<style>body{font:14px/1.4 system-ui,sans-serif;margin:2em;max-width:60em}code{background:#eee;padding:0 .2em}
-h2{margin-top:1.5em}.m{display:inline-block;width:4.5em;font-weight:bold}</style></head>
-<body><h1>trio-runtime API</h1><p>Rendered from <a href="/openapi.json">/openapi.json</a>.</p><div id="r"></div>
-<script>
-fetch('/openapi.json').then(r => r.json()).then(spec => {
-  const out = document.getElementById('r');
-  for (const [path, ops] of Object.entries(spec.paths)) {
-    for (const [method, op] of Object.entries(ops)) {
-      const div = document.createElement('div');
-      const codes = Object.keys(op.responses).join(', ');
-      div.innerHTML = `<h2><span class="m">${method.toUpperCase()}</span><code>${path}</code></h2>` +
-        `<p>${op.summary}</p><p>Responses: ${codes}</p>`;
-      out.appendChild(div);
-    }
-  }
-});
-</script></body></html>
-"""
+# Swagger UI's files, from the pinned package flask-swagger-ui (pyproject.toml): its dist/ folder, located
+# without importing the package (its module imports Flask's blueprint machinery, which the server never uses).
+SWAGGER_UI_DIR = Path(importlib.util.find_spec("flask_swagger_ui").submodule_search_locations[0]) / "dist"
+# The page and its initializer (ours): web/apidocs/, package data like the dashboard's files.
+APIDOCS_DIR = Path(__file__).with_name("apidocs")
+# Swagger UI under the dashboard's policy: its script and styles are files of this origin; the React views
+# set styles through the DOM (not inline style attributes in markup), and its icons are data: images.
+DOCS_CSP = pages.CSP
 
 
-@route(bp, "/docs", "GET", summary="Human-readable API docs", content_type="text/html", public=True)
+def install(app) -> None:  # type: ignore[no-untyped-def]
+    """The files /docs serves, read once (web/pages.py): Swagger UI's and ours (ours win a clash)."""
+    app.config["TRIO_RUNTIME_DOCS"] = {**pages.load_dir(SWAGGER_UI_DIR), **pages.load_dir(APIDOCS_DIR)}
+
+
+@route(bp, "/docs", "GET", summary="Interactive API explorer (Swagger UI) of /openapi.json", content_type="text/html",
+       public=True)
 async def docs():
-    return Response(DOCS_HTML, content_type="text/html; charset=utf-8")
+    return await pages.serve_file(current_app.config["TRIO_RUNTIME_DOCS"], "index.html", csp=DOCS_CSP)
+
+
+@bp.route("/docs/static/<path:name>", methods=["GET"])
+async def docs_file(name: str):
+    return await pages.serve_file(current_app.config["TRIO_RUNTIME_DOCS"], name, csp=DOCS_CSP)

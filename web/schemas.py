@@ -535,6 +535,9 @@ class McpServerRecord:
 @dataclasses.dataclass
 class McpServerList:
     servers: list[McpServerRecord]
+    # What is wrong with mcp.json now (re-read on every GET), naming the file; null when it is fine. While it
+    # is set, every change answers 409 with the same reason (the API never overwrites a file it cannot parse).
+    file_error: str | None
 
 
 @dataclasses.dataclass

@@ -1,5 +1,5 @@
 """MCP server configuration: the ``<data-dir>/mcp.json`` file (``{"mcpServers": {NAME: {...}}}``, the shape
-other MCP clients use), its validation, its atomic rewrite, and its redaction.
+other MCP clients use), its validation and its redaction (its all-or-nothing rewrite: runtime/mcp/changes.py).
 
 ``env`` (stdio) and ``headers`` (streamable HTTP) hold secrets (API keys, tokens): their values are written
 to the file (mode 0600) and handed to the server, and nowhere else. ``redacted`` is the only shape that
@@ -12,15 +12,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import re
-import secrets
 from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidData, InvalidInput
 
-__all__ = ["APPROVALS", "FILE_NAME", "NAME_RE", "REDACTED", "ServerConfig", "load", "parse", "save", "scrub",
+__all__ = ["APPROVALS", "FILE_NAME", "NAME_RE", "REDACTED", "ServerConfig", "load", "parse", "scrub",
            "validate_name"]
 
 FILE_NAME = "mcp.json"
@@ -224,8 +222,8 @@ def path_of(data_dir: Path) -> Path:
 
 def load(data_dir: Path) -> dict[str, ServerConfig]:
     """The servers of ``<data_dir>/mcp.json``, in file order ({} without the file). InvalidData naming the
-    file and the problem when it cannot be used (the runtime then starts without MCP servers, and refuses
-    to rewrite the file until it is fixed)."""
+    file and the problem when it cannot be used (the runtime then starts without MCP servers, and every
+    change re-reads it and is refused until it is fixed)."""
     path = path_of(data_dir)
     try:
         raw = path.read_bytes()
@@ -246,31 +244,3 @@ def load(data_dir: Path) -> dict[str, ServerConfig]:
         except InvalidInput as exc:
             raise InvalidData(f"{path}: {exc.message}") from exc
     return servers
-
-
-def save(data_dir: Path, servers: dict[str, ServerConfig]) -> None:
-    """Rewrite ``<data_dir>/mcp.json`` atomically; blocking (run it in a worker thread). A fresh temp file
-    in the same directory (mode 0600: it holds secrets), fsynced, renamed over the file, the directory
-    fsynced: a reader or a crash sees the old file or the new one, whole. A failed write removes the
-    temp file; a crash before the rename may leave ``.mcp.json.*.tmp`` behind (never read)."""
-    path = path_of(data_dir)
-    body = json.dumps({"mcpServers": {name: cfg.to_file() for name, cfg in servers.items()}}, indent=2) + "\n"
-    tmp = data_dir / f".{FILE_NAME}.{secrets.token_hex(8)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(body.encode("utf-8"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    dir_fd = os.open(data_dir, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)

@@ -308,3 +308,41 @@ async def test_a_call_pending_approval_survives_kill9_and_runs_once_after_the_re
         await again.wait()
         for kid in kids:  # the server reads EOF and exits; none outlives the test
             await wait_gone(kid)
+
+
+async def test_a_keyed_add_survives_kill9_and_its_retry_replays_the_first_answer(tmp_path):
+    """The add's answer was committed with its mcp.json change: after a kill -9 of the runtime, the same
+    request with the same Idempotency-Key replays it byte for byte (never 409 "already exists"), and the
+    restarted runtime finds the file whole, no work file left, and the server listed."""
+    data, marks = tmp_path / "data", tmp_path / "marks"
+    marks.mkdir()
+    data.mkdir()
+    body = {"name": "off", **toolbox(marks, enabled=False)}
+    proc = await ServerProcess(data).start()
+    try:
+        async with httpx.AsyncClient(base_url=proc.url, headers={"Authorization": f"Bearer {proc.token}"},
+                                     timeout=E2E_LIMIT) as http:
+            first = await http.post("/v1/mcp/servers", json=body, headers={"Idempotency-Key": "add-off"})
+            assert first.status_code == 201, first.text
+        proc.process.send_signal(signal.SIGKILL)
+        await proc.wait()
+    finally:
+        proc.kill()
+        await proc.wait()
+    on_file = (data / "mcp.json").read_bytes()
+    again = await ServerProcess(data).start()
+    try:
+        async with httpx.AsyncClient(base_url=again.url, headers={"Authorization": f"Bearer {again.token}"},
+                                     timeout=E2E_LIMIT) as http:
+            replay = await http.post("/v1/mcp/servers", json=body, headers={"Idempotency-Key": "add-off"})
+            assert (replay.status_code, replay.content) == (201, first.content)
+            assert replay.headers["Idempotent-Replayed"] == "true"
+            listed = (await http.get("/v1/mcp/servers")).json()
+            assert [(s["name"], s["status"]) for s in listed["servers"]] == [("off", "disabled")]
+            assert listed["file_error"] is None
+    finally:
+        again.kill()
+        await again.wait()
+    assert (data / "mcp.json").read_bytes() == on_file
+    assert [p.name for p in data.iterdir() if p.name.startswith(".mcp.json")] == []
+    assert SECRET not in first.text

@@ -1,7 +1,8 @@
 """A server change (add, update, delete, reconnect) cancelled at each of its steps leaves ``mcp.json``, the
 running processes and the API agreeing: not started (nothing changed), during the file write (a worker
 thread that is not abandoned: the change completes), or after it (while the route waits for the start or
-the stop). The write is held through a seam around ``config.save`` (a threading gate), never by sleeping."""
+the stop). The write is held at the rename of the new file over mcp.json (inside the store's writer
+transaction) through the file seam of runtime/mcp/changes.py (a threading gate), never by sleeping."""
 
 from __future__ import annotations
 
@@ -11,29 +12,29 @@ import pytest
 import trio
 
 from runtime.mcp import config as mcp_config
+from runtime.mcp.changes import McpFileSystem
 from tests.support import open_runtime
 
 from .test_mcp_runtime import LIMIT, children, entry, write_file
 
 
-class HeldSave:
-    """``config.save`` that tells the test when it runs (``point``: before or after the real write) and
-    waits for the test's go."""
+class HeldSave(McpFileSystem):
+    """The file seam, whose rename of the new mcp.json tells the test when it runs (``point``: before or
+    after the real rename) and waits for the test's go."""
 
     def __init__(self, point: str) -> None:
         self.point = point
         self.reached = trio.Event()
         self.go = threading.Event()
-        self.real = mcp_config.save
         self.token = trio.lowlevel.current_trio_token()
 
-    def __call__(self, data_dir, servers) -> None:
+    def replace(self, src, dst) -> None:
         if self.point == "after_write":
-            self.real(data_dir, servers)
+            super().replace(src, dst)
         trio.from_thread.run_sync(self.reached.set, trio_token=self.token)
         assert self.go.wait(LIMIT), "the test never let the write go on"
         if self.point == "during_write":
-            self.real(data_dir, servers)
+            super().replace(src, dst)
 
 
 async def settled(rt) -> None:
@@ -75,7 +76,7 @@ async def test_a_cancelled_change_leaves_the_file_the_processes_and_the_api_agre
     async with open_runtime(data_dir) as rt:
         (first,) = await processes(1, before)
         held = HeldSave(point)
-        monkeypatch.setattr(mcp_config, "save", held)
+        monkeypatch.setattr(rt.mcp.files, "fs", held)
         with trio.CancelScope() as scope:
             if point == "not_started":
                 scope.cancel()

@@ -460,7 +460,7 @@ async def test_openapi_describes_export_and_import(http):
         "$ref": "#/components/schemas/SessionDocument"}
     assert imported["responses"]["201"]["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/ImportResult"}
-    assert sorted(imported["responses"]) == ["201", "400", "401", "409", "413", "422", "500", "507"]
+    assert sorted(imported["responses"]) == ["201", "400", "401", "403", "409", "413", "422", "500", "507"]
     assert spec["components"]["schemas"]["ImportResult"]["required"] == ["session_id", "revision"]
 
 

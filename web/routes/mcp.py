@@ -1,6 +1,6 @@
 """MCP servers and their tools (API.md v1.1, "Tools from MCP servers"): list, add, change, delete and
-reconnect servers; list the tools they offer. Every change rewrites ``<data-dir>/mcp.json`` atomically
-before the processes follow (runtime/mcp/supervisor.py); ``config`` is always redacted."""
+reconnect servers; list the tools they offer. Every change re-reads ``<data-dir>/mcp.json`` and rewrites it
+all-or-nothing with its idempotency record (runtime/mcp/changes.py) before the processes follow (runtime/mcp/supervisor.py); ``config`` is always redacted."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ bp = Blueprint("mcp", __name__, url_prefix="/v1/mcp")
 
 
 async def _claimed(made, value, status: int) -> Response:
-    """Store the idempotency record of a change that is not a store write (the file changed first)."""
+    """Store the idempotency record of a reconnect (it changes no file and no row: a retry after a crash
+    between the restart and this write restarts the server once more, which is what it asked for)."""
     if made is not None:
         from runtime.idempotency import record_claim
 
@@ -22,9 +23,11 @@ async def _claimed(made, value, status: int) -> Response:
     return respond(made, value, status)
 
 
-@route(bp, "/servers", "GET", summary="MCP servers with their status (config redacted)", response=McpServerList)
+@route(bp, "/servers", "GET", summary="MCP servers with their status (config redacted), and what is wrong with"
+       " mcp.json if anything", response=McpServerList)
 async def list_servers():
-    return jsonify({"servers": runtime().mcp.servers()})
+    file_error = await runtime().mcp.file_error()  # re-read: a hand edit that broke the file shows at once
+    return jsonify({"servers": runtime().mcp.servers(), "file_error": file_error})
 
 
 @route(bp, "/servers", "POST", summary="Add an MCP server (written to mcp.json, then started)", body=McpServerBody,
@@ -34,8 +37,9 @@ async def add_server():
     body = provided(await read_body(McpServerBody))
     name = body.pop("name")
     made = claim(201)
-    view = await runtime().mcp.add(name, body)
-    return await _claimed(made, view, 201)
+    # The claim's record is written with the mcp.json change (runtime/mcp/changes.py), not after it.
+    view = await runtime().mcp.add(name, body, claim=made)
+    return respond(made, view, 201)
 
 
 @route(bp, "/servers/<name>", "PATCH", summary="Change an MCP server (rewrites mcp.json, restarts it)",

@@ -4,13 +4,16 @@ runtime must handle: an echo, a read-only tool (``readOnlyHint``), a writing too
 that fails. Marker files go to the directory named by ``TOOLBOX_MARKS`` (a test's tmp dir).
 
 Run as ``python toolbox.py`` (stdio) or ``python toolbox.py --http PORT`` (streamable HTTP on 127.0.0.1:PORT,
-path ``/mcp``). ``TOOLBOX_SECRET`` is read only to prove the runtime passed ``env``
+path ``/mcp``). With ``TOOLBOX_STUBBORN=1`` the server ignores SIGTERM and, once its stdin ends, stays
+alive instead of exiting (only SIGKILL ends it: the runtime must not rely on either). With
+``TOOLBOX_SHOUT=N`` it writes N bytes ("x") to stderr before serving (a chatty server's log). ``TOOLBOX_SECRET`` is read only to prove the runtime passed ``env``
 through; no tool ever prints it.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -87,4 +90,13 @@ if __name__ == "__main__":
         server.settings.log_level = "WARNING"
         server.run(transport="streamable-http")
     else:
+        stubborn = os.environ.get("TOOLBOX_STUBBORN") == "1"
+        if stubborn:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        shout = int(os.environ.get("TOOLBOX_SHOUT") or 0)
+        for start in range(0, shout, 65536):
+            sys.stderr.write("x" * min(65536, shout - start))
+        sys.stderr.flush()
         server.run()
+        while stubborn:  # stdin ended: a well-behaved server exits here; this one waits for SIGKILL
+            signal.pause()
