@@ -24,11 +24,19 @@ serve: $(VENV)/.installed
 
 # System tools the default suite uses: strace (tests/runtime/test_event_durability.py traces the writer's
 # fdatasync before every publish). Installed with apt when missing and apt is there (CI runs as root);
-# without it that one test is skipped, never silently passed.
+# without it that one test is skipped, never silently passed. And Debian's PostgreSQL server (package
+# postgresql; binaries in /usr/lib/postgresql/<ver>/bin, not on PATH): tests/support_pg.py starts a
+# throwaway cluster from it as the unprivileged postgres user; without it the tests/pg tests are skipped.
+# The package creates (and where services may start, starts) a "main" cluster on port 5432: the tests do
+# not use it, so right after our install it is stopped (never left running by `make test`).
 test-tools:
 	@command -v strace >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] \
 		&& { apt-get install -y -qq strace >/dev/null 2>&1 || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq strace >/dev/null 2>&1; }; }; } \
 		|| echo "strace is not installed: the WAL-sync trace test will be skipped"
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] \
+		&& { apt-get install -y -qq postgresql >/dev/null 2>&1 || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq postgresql >/dev/null 2>&1; }; } \
+		&& { pg_lsclusters -h 2>/dev/null | awk '$$4 == "online" {print $$1, $$2}' | while read v c; do pg_ctlcluster $$v $$c stop; done; true; }; } \
+		|| echo "PostgreSQL is not installed: the tests/pg tests will be skipped"
 	@$(MAKE) --no-print-directory browser-tools
 
 # Debian's chromium + chromium-driver for the browser tests (tests/browser, Selenium); installed with apt when
@@ -54,7 +62,7 @@ reliability: $(VENV)/.installed
 
 # Not part of `make test`: benchmarks against raw baselines measured in the same run (README, Performance).
 # Installs wrk with apt when it is missing and apt is there; otherwise the Python load generator is used.
-bench: $(VENV)/.installed
+bench: $(VENV)/.installed test-tools
 	@command -v wrk >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] \
 		&& { apt-get install -y -qq wrk >/dev/null 2>&1 || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq wrk >/dev/null 2>&1; }; }; } \
 		|| echo "wrk is not installed: the Python load generator will be used"

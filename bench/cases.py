@@ -18,6 +18,7 @@ from bench import datagen
 from bench.history import bench_history
 from bench.mcp import bench_mcp
 from bench.ui import bench_ui
+from bench.pg import bench_pg
 from bench.validation import bench_session_validation
 from bench.util import (
     HOST, PYTHON, ROOT, TOKEN, Conn, HealthProbe, bare, build_request, call, free_port, latencies,
@@ -744,4 +745,5 @@ BENCHMARKS: dict[str, Callable[[Sizes], list[Row]]] = {
     "idempotency": bench_idempotency,
     "mcp": bench_mcp,
     "ui": bench_ui,
+    "pg": bench_pg,
 }
