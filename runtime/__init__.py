@@ -8,7 +8,7 @@ from .errors import (
     Conflict, EngineTimeout, EngineUnavailable, IdempotencyKeyInProgress, IdempotencyKeyReused, InvalidData, InvalidInput, NotFound, PayloadTooLarge,
     PreconditionFailed, RuntimeFailure, StorageError, StorageFull,
 )
-from .ops import SessionSnapshot
+from .engine.ops import SessionSnapshot
 
 __all__ = [
     "Conflict", "EngineTimeout", "EngineUnavailable", "IdempotencyKeyInProgress",

@@ -16,17 +16,18 @@ from typing import Any, AsyncIterator, Callable
 
 import trio
 
-from . import codec, ops, records
+from . import codec
 from .clock import new_id, utc_now
 from .config import RuntimeConfig
+from .engine import ops
+from .engine.handle import EngineEvicted
+from .engine.manager import ThreadManager
 from .errors import Conflict, EngineTimeout, InvalidInput, NotFound
 from .events import EventBus, EventStream
-from .handle import EngineEvicted
 from .idempotency import Claim, Idempotency, record_claim
-from .manager import ThreadManager
 from .models.base import ModelBackend
 from .models.scripted import ScriptedModel
-from .store import EventDraft, Store, WriteRequest
+from .store import EventDraft, Store, WriteRequest, records
 
 log = logging.getLogger(__name__)
 
@@ -312,7 +313,7 @@ class Runtime:
         except trio.TooSlowError as exc:
             raise EngineTimeout(f"Timed out shutting down the engine of thread '{thread_id}'") from exc
 
-    # ---- history control (runtime.history; each one engine op and one store write) ----------
+    # ---- history control (runtime.engine.history; each one engine op and one store write) ----------
     #
     # Each is checked completely inside its one write and applied whole or not at all. A timeout (504)
     # means the engine did not answer in time: the change may still be applied, whole, afterwards (an

@@ -13,7 +13,7 @@ import functools
 
 import trio
 
-from . import records
+from .store import records
 from .store import Event, Store
 
 

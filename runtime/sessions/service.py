@@ -27,19 +27,21 @@ from typing import TYPE_CHECKING, Any, AsyncIterator
 
 import trio
 
-from . import codec, ops, portable, records
-from .clock import new_id, utc_now
-from .errors import Conflict, EngineTimeout, InvalidInput, NotFound, PreconditionFailed, StorageError
-from .idempotency import Claim
-from .session_files import (
+from .. import codec
+from ..clock import new_id, utc_now
+from ..engine import ops
+from ..errors import Conflict, EngineTimeout, InvalidInput, NotFound, PreconditionFailed, StorageError
+from ..idempotency import Claim
+from . import portable
+from .files import (
     BACKUP_SUFFIX, SESSION_SCHEMA_VERSION, Change, SessionFiles, encode_document, parse_document,
     validate_session_id,
 )
-from .store import EventDraft
-from .transcript import build_messages, derive_title, first_user_text, text_of
+from ..store import EventDraft, records
+from ..transcript import build_messages, derive_title, first_user_text, text_of
 
 if TYPE_CHECKING:
-    from .core import Runtime
+    from ..core import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -698,7 +700,7 @@ class SessionService:
 
         Wait phase (cancellable, bounded by ``timeout``): both sessions' locks, loading and validating the
         session (400 for a file that does not parse), If-Match. Commit phase, shielded: the engine applies
-        the op (runtime.history.restore), whose one write stages and publishes the safety file, indexes and
+        the op (runtime.engine.history.restore), whose one write stages and publishes the safety file, indexes and
         journals it, and changes the thread; then the safety change is settled from the journal like every
         session change. So a timeout, a disconnect, a storage error or a kill -9 leaves thread and sessions
         exactly before or exactly after."""
