@@ -1,7 +1,5 @@
 """trio-runtime's core: engines, ops, the durable store, events and sessions. Knows nothing of HTTP."""
 
-__version__ = "0.1.0"
-
 from .config import RuntimeConfig
 from .core import Runtime
 from .errors import (
@@ -9,6 +7,7 @@ from .errors import (
     PreconditionFailed, RuntimeFailure, StorageError, StorageFull,
 )
 from .engine.ops import SessionSnapshot
+from .version import __version__
 
 __all__ = [
     "Conflict", "EngineTimeout", "EngineUnavailable", "IdempotencyKeyInProgress",

@@ -27,7 +27,9 @@ from .events import EventBus, EventStream
 from .idempotency import Claim, Idempotency, record_claim
 from .models.base import ModelBackend
 from .models.scripted import ScriptedModel
+from .sessions import SessionService
 from .store import EventDraft, Store, WriteRequest, records
+from .version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +87,6 @@ class Runtime:
         self.backend = backend
         self.started_monotonic = time.monotonic()
         self.idempotency = Idempotency(store, config.idempotency_ttl)
-        from .sessions import SessionService  # sessions builds on the rest of the runtime
-
         self.sessions = SessionService(self)
 
     @classmethod
@@ -375,8 +375,6 @@ class Runtime:
         return self.bus.subscribe(self.store, thread_id, since_seq)
 
     def info(self) -> dict[str, Any]:
-        from . import __version__
-
         return {
             "version": __version__,
             "data_dir": str(self.config.data_dir),

@@ -23,13 +23,15 @@ import logging
 import sqlite3
 import threading
 import uuid
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable, Callable, Protocol
 
 import trio
 
 from .. import codec
 from ..clock import new_id, utc_now
+from ..config import RuntimeConfig
 from ..engine import ops
+from ..engine.manager import ThreadManager
 from ..errors import Conflict, EngineTimeout, InvalidInput, NotFound, PreconditionFailed, StorageError
 from ..idempotency import Claim
 from . import portable
@@ -37,13 +39,28 @@ from .files import (
     BACKUP_SUFFIX, SESSION_SCHEMA_VERSION, Change, SessionFiles, encode_document, parse_document,
     validate_session_id,
 )
-from ..store import EventDraft, records
+from ..store import EventDraft, Store, records
 from ..transcript import build_messages, derive_title, first_user_text, text_of
 
-if TYPE_CHECKING:
-    from ..core import Runtime
-
 log = logging.getLogger(__name__)
+
+
+class SessionHost(Protocol):
+    """What a SessionService uses of the Runtime that builds it (``Runtime`` is the one implementation).
+
+    Declared here, not imported from ``runtime.core``, so sessions never imports core: core builds the
+    service and passes itself, and the module graph stays acyclic (tests/test_layout.py)."""
+
+    config: RuntimeConfig
+    store: Store
+    manager: ThreadManager
+    # Runtime.create_thread and Runtime.get_session_snapshot: keyword arguments as there.
+    create_thread: Callable[..., Awaitable[dict[str, Any]]]
+    get_session_snapshot: Callable[..., Awaitable[ops.SessionSnapshot]]
+    # Runtime._request: send one op to a thread's engine (started or restored if needed) and await its
+    # reply; private to the Runtime's public face, shared with the service it builds.
+    _request: Callable[..., Awaitable[Any]]
+
 
 SORTS = {
     "recent": "updated_at DESC, id",
@@ -105,7 +122,7 @@ def _encode(doc: dict[str, Any]) -> bytes:
 
 
 class SessionService:
-    def __init__(self, runtime: "Runtime") -> None:
+    def __init__(self, runtime: SessionHost) -> None:
         self._rt = runtime
         self.files = SessionFiles(runtime.config.sessions_dir, runtime.config.session_fs)  # type: ignore[arg-type]
         self._locks: dict[str, list[Any]] = {}  # id -> [lock, holders and waiters]; dropped at zero
