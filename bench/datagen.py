@@ -14,7 +14,7 @@ from typing import Any
 
 from runtime.store import migrations
 from runtime.sessions.files import SESSION_SCHEMA_VERSION, encode_document
-from runtime.sessions.service import _upsert_index
+from runtime.sessions import upsert_index
 
 TS = "2026-01-01T00:00:00.000Z"
 WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa quebec"
@@ -139,7 +139,7 @@ def add_sessions(conn: sqlite3.Connection, data_dir: Path, count: int, *, messag
         path = directory / f"{sid}.json"
         path.write_bytes(encode_document(doc))
         st = os.stat(path)
-        _upsert_index(conn, doc, st.st_size, st.st_mtime_ns)
+        upsert_index(conn, doc, st.st_size, st.st_mtime_ns)
         ids.append(sid)
     conn.execute("COMMIT")
     return ids

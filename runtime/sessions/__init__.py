@@ -5,6 +5,6 @@
 - ``portable.py`` — export and import: a session as a portable JSON document or as Markdown.
 """
 
-from .service import COMMIT_TIMEOUT, SessionService
+from .service import COMMIT_TIMEOUT, SessionService, upsert_index
 
-__all__ = ["COMMIT_TIMEOUT", "SessionService"]
+__all__ = ["COMMIT_TIMEOUT", "SessionService", "upsert_index"]

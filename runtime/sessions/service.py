@@ -197,7 +197,7 @@ class SessionService:
                 continue
             try:
                 doc = parse_document(session_id, self.files.fs.read_bytes(entry))
-                _upsert_index(conn, doc, st.st_size, st.st_mtime_ns)
+                upsert_index(conn, doc, st.st_size, st.st_mtime_ns)
             except Exception as exc:  # one bad file must never stop the server from starting
                 log.warning("session file %s is not indexed: %s", entry.name, exc)
                 conn.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
@@ -317,7 +317,7 @@ class SessionService:
             retired = tuple(self._retired)
 
             def commit(conn: sqlite3.Connection) -> None:
-                _upsert_index(conn, doc, staged.size, staged.mtime_ns, search_text)
+                upsert_index(conn, doc, staged.size, staged.mtime_ns, search_text)
                 if thread_id is not None:
                     conn.execute("UPDATE threads SET session_id = ? WHERE id = ?", (session_id, thread_id))
                 _journal(conn, staged, retired)
@@ -757,7 +757,7 @@ class SessionService:
                         state["begun"] = True
                     try:
                         staged = self.files.stage(change, _encode(safety_doc), "save", replacing=False)
-                        _upsert_index(conn, safety_doc, staged.size, staged.mtime_ns)
+                        upsert_index(conn, safety_doc, staged.size, staged.mtime_ns)
                         _journal(conn, staged, retired)
                         self.files.publish(staged, "save")  # last: every failure before it changed no file
                     except StorageError as exc:
@@ -813,8 +813,17 @@ def _check_if_match(session_id: str, current: int | None, if_match: int | str | 
             f"Session '{session_id}' is at revision {current if current is not None else 'none'}, not {if_match}")
 
 
-def _upsert_index(conn: sqlite3.Connection, doc: dict[str, Any], size: int, mtime_ns: int,
-                  search_text: bytes | None = None) -> None:
+def upsert_index(conn: sqlite3.Connection, doc: dict[str, Any], size: int, mtime_ns: int,
+                 search_text: bytes | None = None) -> None:
+    """Insert or replace the ``sessions`` index row of session ``doc`` (a checked session document)
+    whose file is ``size`` bytes with mtime ``mtime_ns``; ``search_text`` defaults to the title and
+    message text the search reads.
+
+    The SessionService calls it in the same store transaction that puts the file in place, so the row
+    and the file never disagree after a commit. Public for tools that write session files outside a
+    server (bench/datagen.py): they must call it in one transaction with their writes, on a database
+    migrated by ``runtime.store.migrations``; the next start re-indexes a file whose size or mtime
+    disagrees with its row."""
     meta = doc["metadata"]
     if search_text is None:
         search_text = _search_text(meta["title"], doc["messages"])
