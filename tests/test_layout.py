@@ -4,6 +4,7 @@
   functions (a lazy import only hides a cycle) and under ``TYPE_CHECKING`` (a cycle for the reader and
   for any tool that evaluates annotations);
 - ``runtime/`` imports nothing from ``web/`` or the HTTP stack (Quart, Hypercorn): it knows no HTTP;
+- nothing outside ``runtime/store/`` imports the SQLite backend module itself;
 - ``bench/`` uses the runtime's public names only (no ``_private`` name imported or read off a runtime
   module), so a benchmark never pins an internal that a refactoring may rename.
 """
@@ -136,6 +137,28 @@ def test_runtime_imports_no_http():
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 if node.module.split(".")[0] in HTTP_PACKAGES:
                     found.append((name, node.module))
+    assert found == []
+
+
+def test_store_backend_is_reached_through_its_package():
+    """Nothing outside runtime/store/ names ``runtime.store.sqlite``: callers take the store's names from
+    ``runtime.store``, the one place a second backend (postgres.py) will be chosen."""
+    modules = runtime_modules()
+    found = []
+    for path in sorted(p for d in ("runtime", "web", "tests", "bench", "examples") for p in (ROOT / d).rglob("*.py")):
+        if path.is_relative_to(RUNTIME / "store"):
+            continue
+        if path.is_relative_to(RUNTIME):
+            targets = import_targets(module_name(path), path, modules)
+        else:
+            targets = set()
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    targets |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+                elif isinstance(node, ast.Import):
+                    targets |= {a.name for a in node.names}
+        if "runtime.store.sqlite" in targets:
+            found.append(str(path.relative_to(ROOT)))
     assert found == []
 
 
