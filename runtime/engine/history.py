@@ -20,11 +20,10 @@ import json
 import sqlite3
 from typing import Any, Sequence
 
-from ..store import records
 from ..clock import new_id
 from ..errors import Conflict, NotFound
 from ..idempotency import Claim
-from ..store import Event, EventDraft, WithEvents, append_event
+from ..store import Event, EventDraft, WithEvents, append_event, records
 from ..transcript import Message, build_messages, preview
 
 ACTIVE = records.ACTIVE_TURN_STATUSES
