@@ -1,4 +1,4 @@
-"""Bench data written straight into SQLite in the runtime's own schema (runtime/schema.py), and session
+"""Bench data written straight into SQLite in the runtime's own schema (runtime/store/migrations.py), and session
 files in the runtime's own format, so large stores take seconds to make instead of minutes through the
 API. What is written is exactly what the runtime itself would have written for completed turns.
 """
@@ -12,9 +12,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from runtime import schema
-from runtime.session_files import SESSION_SCHEMA_VERSION, encode_document
-from runtime.sessions import _upsert_index
+from runtime.store import migrations
+from runtime.sessions.files import SESSION_SCHEMA_VERSION, encode_document
+from runtime.sessions import upsert_index
 
 TS = "2026-01-01T00:00:00.000Z"
 WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa quebec"
@@ -31,7 +31,7 @@ def open_db(data_dir: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(data_dir / "runtime.sqlite3", isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=OFF")
-    schema.migrate(conn)
+    migrations.migrate(conn)
     return conn
 
 
@@ -139,7 +139,7 @@ def add_sessions(conn: sqlite3.Connection, data_dir: Path, count: int, *, messag
         path = directory / f"{sid}.json"
         path.write_bytes(encode_document(doc))
         st = os.stat(path)
-        _upsert_index(conn, doc, st.st_size, st.st_mtime_ns)
+        upsert_index(conn, doc, st.st_size, st.st_mtime_ns)
         ids.append(sid)
     conn.execute("COMMIT")
     return ids

@@ -14,7 +14,7 @@ import time
 from typing import Any, Callable
 
 from bench import datagen
-from runtime.session_files import encode_document, parse_document
+from runtime.sessions.files import encode_document, parse_document
 
 TARGET_MB = 10
 

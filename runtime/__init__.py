@@ -1,14 +1,13 @@
 """trio-runtime's core: engines, ops, the durable store, events and sessions. Knows nothing of HTTP."""
 
-__version__ = "0.1.0"
-
 from .config import RuntimeConfig
 from .core import Runtime
 from .errors import (
     Conflict, EngineTimeout, EngineUnavailable, IdempotencyKeyInProgress, IdempotencyKeyReused, InvalidData, InvalidInput, NotFound, PayloadTooLarge,
     PreconditionFailed, RuntimeFailure, StorageError, StorageFull,
 )
-from .ops import SessionSnapshot
+from .engine.ops import SessionSnapshot
+from .version import __version__
 
 __all__ = [
     "Conflict", "EngineTimeout", "EngineUnavailable", "IdempotencyKeyInProgress",

@@ -16,17 +16,20 @@ from typing import Any, AsyncIterator, Callable
 
 import trio
 
-from . import codec, ops, records
+from . import codec
 from .clock import new_id, utc_now
 from .config import RuntimeConfig
+from .engine import ops
+from .engine.handle import EngineEvicted
+from .engine.manager import ThreadManager
 from .errors import Conflict, EngineTimeout, InvalidInput, NotFound
 from .events import EventBus, EventStream
-from .handle import EngineEvicted
 from .idempotency import Claim, Idempotency, record_claim
-from .manager import ThreadManager
 from .models.base import ModelBackend
 from .models.scripted import ScriptedModel
-from .store import EventDraft, Store, WriteRequest
+from .sessions import SessionService
+from .store import EventDraft, Store, WriteRequest, records
+from .version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +87,6 @@ class Runtime:
         self.backend = backend
         self.started_monotonic = time.monotonic()
         self.idempotency = Idempotency(store, config.idempotency_ttl)
-        from .sessions import SessionService  # sessions builds on the rest of the runtime
-
         self.sessions = SessionService(self)
 
     @classmethod
@@ -312,7 +313,7 @@ class Runtime:
         except trio.TooSlowError as exc:
             raise EngineTimeout(f"Timed out shutting down the engine of thread '{thread_id}'") from exc
 
-    # ---- history control (runtime.history; each one engine op and one store write) ----------
+    # ---- history control (runtime.engine.history; each one engine op and one store write) ----------
     #
     # Each is checked completely inside its one write and applied whole or not at all. A timeout (504)
     # means the engine did not answer in time: the change may still be applied, whole, afterwards (an
@@ -374,8 +375,6 @@ class Runtime:
         return self.bus.subscribe(self.store, thread_id, since_seq)
 
     def info(self) -> dict[str, Any]:
-        from . import __version__
-
         return {
             "version": __version__,
             "data_dir": str(self.config.data_dir),

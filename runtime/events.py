@@ -13,8 +13,7 @@ import functools
 
 import trio
 
-from . import records
-from .store import Event, Store
+from .store import Event, Store, records
 
 
 class Subscription:

@@ -13,7 +13,7 @@ import typing
 from typing import Any, ClassVar, Union
 
 from runtime.errors import InvalidInput
-from runtime.session_files import SESSION_ID_RE
+from runtime.sessions.files import SESSION_ID_RE
 
 MISSING = dataclasses.MISSING
 

@@ -2,7 +2,7 @@
 row and (for a keyed POST) the request's idempotency record are one change, so a crash at any point leaves
 the old file and no record, or the new file and its record (docs/design.md, "Tools from MCP servers").
 
-The protocol mirrors the session files' (runtime/session_files.py), for one file:
+The protocol mirrors the session files' (runtime/sessions/files.py), for one file:
 
 1. *Stage* (inside the writer's transaction, in the writer thread): the new content to
    ``.mcp.json.<token>.tmp`` (0600: it holds secrets), fsynced; the previous state kept as an undo file,

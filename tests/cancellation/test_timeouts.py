@@ -14,7 +14,8 @@ import outcome
 import pytest
 import trio
 
-from runtime import EngineTimeout, EngineUnavailable, Runtime, RuntimeConfig, StorageError, ops
+from runtime import EngineTimeout, EngineUnavailable, Runtime, RuntimeConfig, StorageError
+from runtime.engine import ops
 from tests.support import open_runtime
 
 

@@ -9,7 +9,7 @@ steps to it:
   Like SQLite itself on SQLITE_FULL / SQLITE_IOERR, a fault at ``COMMIT`` rolls the whole transaction
   back before raising (so a second ``ROLLBACK`` raises "no transaction is active", as it does for real);
   ``rollback=True`` does the same for a fault at any statement (SQLite may do that too).
-- ``plan.file_system()``: a ``FileSystem`` (runtime/session_files.py) for ``RuntimeConfig.session_fs``.
+- ``plan.file_system()``: a ``FileSystem`` (runtime/sessions/files.py) for ``RuntimeConfig.session_fs``.
   Every file operation method is a step; a fault raises ``OSError`` with ENOSPC, EIO or EROFS.
 
 Running an operation once armed with ``fail_at=None`` gives its N; running it again for every
@@ -26,7 +26,7 @@ import os
 import sqlite3
 from typing import Any
 
-from runtime.session_files import FileSystem
+from runtime.sessions.files import FileSystem
 
 # kind -> (SQLite message, SQLite result code): the errors SQLite raises for a full, broken or
 # read-only disk.

@@ -28,8 +28,9 @@ import pytest
 import trio
 import trio.testing
 
-from runtime import Runtime, RuntimeConfig, StorageError, StorageFull, records
-from runtime.manager import REPAIR_MAX_DELAY
+from runtime import Runtime, RuntimeConfig, StorageError, StorageFull
+from runtime.store import records
+from runtime.engine.manager import REPAIR_MAX_DELAY
 from runtime.models.tools import demo_registry
 from runtime.transcript import build_messages
 from tests.cancellation.harness import (

@@ -23,7 +23,7 @@ import trio
 import trio.testing
 
 from runtime import StorageError, StorageFull
-from runtime.session_files import FileSystem
+from runtime.sessions.files import FileSystem
 from tests.cancellation.harness import capture, check_invariants
 from tests.support import open_runtime
 

@@ -16,7 +16,7 @@ from typing import Any, AsyncIterator
 
 import trio
 
-from runtime.session_files import SESSION_ID_RE, is_work_file, parse_document
+from runtime.sessions.files import SESSION_ID_RE, is_work_file, parse_document
 from tests.e2e.process import ServerProcess
 
 SEED = int(os.environ.get("TRIO_RUNTIME_TEST_SEED", "1125"))

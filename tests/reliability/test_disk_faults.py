@@ -1,4 +1,4 @@
-"""A full or failing disk during a save, over HTTP: the ``FileSystem`` seam of runtime/session_files.py
+"""A full or failing disk during a save, over HTTP: the ``FileSystem`` seam of runtime/sessions/files.py
 raises ``OSError(ENOSPC)`` or ``OSError(EIO)`` in the commit phase (writing the temp file, renaming it
 over the old one). Every request gets a 507 (full disk) or 500 whose message names the action; the
 previous file is intact, the index, the thread links and the event log are unchanged (no link to a

@@ -11,8 +11,9 @@ from typing import Any, Callable
 import trio
 import trio.testing
 
-from runtime import Runtime, ops, records
-from runtime.store import Event
+from runtime import Runtime
+from runtime.engine import ops
+from runtime.store import Event, records
 
 # Upper bound on any wait for events. Under the MockClock a hang becomes a quick TooSlowError;
 # real-clock tests pass their own smaller bound.

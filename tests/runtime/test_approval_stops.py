@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import trio
 
-from runtime import ops
+from runtime.engine import ops
 from runtime.models.tools import demo_registry
 
 from .helpers import collect_events, stored_events, wait_turn_end

@@ -14,7 +14,8 @@ import pytest
 import trio
 import trio.testing
 
-from runtime import EngineTimeout, EngineUnavailable, ops
+from runtime import EngineTimeout, EngineUnavailable
+from runtime.engine import ops
 from web.errors import status_for
 
 from .helpers import (

@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from runtime import Conflict, InvalidData, InvalidInput, NotFound, PreconditionFailed
-from runtime.sessions import _rebuild_state
+from runtime.sessions.service import _rebuild_state
 from runtime.transcript import build_messages, word_count
 
 from .helpers import run_turn, stored_events, wait_turn_end

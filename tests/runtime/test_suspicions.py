@@ -15,7 +15,7 @@ import trio
 import trio.testing
 
 from runtime.errors import EngineUnavailable
-from runtime.manager import ThreadManager
+from runtime.engine.manager import ThreadManager
 from tests.support import held_writer
 
 from .helpers import collect_events, items_of, nth, run_turn, stored_events, turn_completed, turn_record, words

@@ -18,7 +18,7 @@ import trio
 import trio.testing
 
 from runtime import Runtime
-from runtime import records
+from runtime.store import records
 from tests import support
 
 # Upper bound on any single real-clock wait in these tests: a bug fails the test instead of hanging.
@@ -117,7 +117,7 @@ def fake_now(monkeypatch):
         t = base + dt.timedelta(milliseconds=next(counter))
         return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond // 1000:03d}Z"
 
-    for module in ("runtime.core", "runtime.engine", "runtime.sessions"):
+    for module in ("runtime.core", "runtime.engine.engine", "runtime.sessions.service"):
         monkeypatch.setattr(f"{module}.utc_now", now)
     return now
 

@@ -17,7 +17,7 @@ import trio.testing
 
 from tests import support
 
-from runtime.session_files import parse_document
+from runtime.sessions.files import parse_document
 from tests.conftest import E2E_LIMIT
 from tests.e2e.helpers import wait_turn_end
 

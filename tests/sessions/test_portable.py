@@ -16,8 +16,8 @@ import pytest
 
 from runtime import InvalidData, InvalidInput, NotFound
 from runtime.errors import Conflict
-from runtime.portable import render_markdown
-from runtime.session_files import encode_document
+from runtime.sessions.portable import render_markdown
+from runtime.sessions.files import encode_document
 from tests.cancellation.harness import capture, check_invariants
 from tests.conftest import E2E_LIMIT
 from tests.support import open_runtime

@@ -15,7 +15,8 @@ import sqlite3
 import pytest
 import trio
 
-from runtime import Conflict, records
+from runtime import Conflict
+from runtime.store import records
 
 from .conftest import LIMIT, events_of, read_session_file, run_turn, sessions_dir
 

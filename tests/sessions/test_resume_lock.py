@@ -18,7 +18,8 @@ import pytest
 import trio
 import trio.testing
 
-from runtime import Runtime, records
+from runtime import Runtime
+from runtime.store import records
 from runtime.errors import Conflict, NotFound
 from tests.support import held_writer
 

@@ -15,7 +15,7 @@ import trio.testing
 from runtime import (
     Conflict, EngineTimeout, InvalidData, InvalidInput, NotFound, PreconditionFailed, StorageError, StorageFull,
 )
-from runtime.session_files import FileSystem, encode_document
+from runtime.sessions.files import FileSystem, encode_document
 from web.errors import status_for
 
 from .conftest import (

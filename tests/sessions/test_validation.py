@@ -23,8 +23,8 @@ import httpx
 import pytest
 
 from runtime import InvalidData
-from runtime.schema import MIGRATIONS
-from runtime.session_files import parse_document
+from runtime.store.migrations import MIGRATIONS
+from runtime.sessions.files import parse_document
 from runtime.transcript import word_count
 from tests import support
 from tests.conftest import E2E_LIMIT, start_server

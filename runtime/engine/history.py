@@ -20,12 +20,11 @@ import json
 import sqlite3
 from typing import Any, Sequence
 
-from . import records
-from .clock import new_id
-from .errors import Conflict, NotFound
-from .idempotency import Claim
-from .store import Event, EventDraft, WithEvents, append_event
-from .transcript import Message, build_messages, preview
+from ..clock import new_id
+from ..errors import Conflict, NotFound
+from ..idempotency import Claim
+from ..store import Event, EventDraft, WithEvents, append_event, records
+from ..transcript import Message, build_messages, preview
 
 ACTIVE = records.ACTIVE_TURN_STATUSES
 FINISHED = records.FINISHED_TURN_STATUSES

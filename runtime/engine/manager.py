@@ -21,14 +21,13 @@ from typing import Callable
 
 import trio
 
-from . import records
-from .config import RuntimeConfig
+from ..config import RuntimeConfig
 from .engine import Engine
-from .errors import EngineUnavailable, NotFound
+from ..errors import EngineUnavailable, NotFound
 from .handle import EngineHandle
-from .models.base import ModelBackend
+from ..models.base import ModelBackend
 from .ops import Op
-from .store import EventDraft, Store, WriteRequest
+from ..store import EventDraft, Store, WriteRequest, records
 
 log = logging.getLogger(__name__)
 

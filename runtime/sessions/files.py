@@ -32,10 +32,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from . import codec
-from .errors import InvalidData, InvalidInput, NotFound, StorageError, StorageFull
-from .text import surrogate_path
-from .transcript import messages_problem
+from .. import codec
+from ..errors import InvalidData, InvalidInput, NotFound, StorageError, StorageFull
+from ..text import surrogate_path
+from ..transcript import messages_problem
 
 log = logging.getLogger(__name__)
 

@@ -10,9 +10,9 @@ import json
 import sqlite3
 from typing import Any
 
-from . import codec
-from .store import Event, row_to_event
-from .transcript import readable_messages
+from .. import codec
+from .sqlite import Event, row_to_event
+from ..transcript import readable_messages
 
 # A turn that has not ended: queued, streaming, or waiting for a client's decision on a tool call.
 ACTIVE_TURN_STATUSES = ("queued", "in_progress", "awaiting_approval")

@@ -13,7 +13,7 @@ from typing import Any, Callable
 import outcome
 import trio
 
-from .idempotency import Claim
+from ..idempotency import Claim
 
 Reply = trio.MemorySendChannel[outcome.Outcome]
 
@@ -67,7 +67,7 @@ class DecideApproval(Op):
     message: str | None = None
 
 
-# ---- history control: each is checked and applied as one store write (runtime.history) -------------
+# ---- history control: each is checked and applied as one store write (runtime.engine.history) -------------
 
 IF_BUSY = ("reject", "interrupt")
 

@@ -88,7 +88,7 @@ MIGRATIONS: tuple[str, ...] = (
     """
     UPDATE sessions SET file_mtime_ns = -1;
     """,
-    # 3: the session change journal (runtime/session_files.py): a row, committed in the same transaction
+    # 3: the session change journal (runtime/sessions/files.py): a row, committed in the same transaction
     # as a session file change's index row and thread link, says that change committed. Recovery keeps
     # a change whose row exists and rolls back any other; rows are deleted once their undo file is gone.
     """

@@ -33,10 +33,10 @@ from typing import Any, Callable, Sequence
 import outcome
 import trio
 
-from . import schema
-from .clock import utc_now
-from .transcript import preview
-from .errors import REJECTIONS, RuntimeFailure, StorageError, StorageFull
+from . import migrations
+from ..clock import utc_now
+from ..transcript import preview
+from ..errors import REJECTIONS, RuntimeFailure, StorageError, StorageFull
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ class Store:
     def _open_sync(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._wconn = _connect(self.path, self._connection_factory)
-        schema.migrate(self._wconn)
+        migrations.migrate(self._wconn)
         self.recovered_turns = self._recover(self._wconn)
         self._rconn = _connect(self.path, self._connection_factory)
         self._iconn = _connect(self.path, self._connection_factory)

@@ -2,7 +2,7 @@
 
 An export in ``json`` is the stored file's bytes as they are (``SessionService.read_document``); an
 import decodes and checks a document exactly as a session file is checked on load
-(``session_files.document_problem``), except that its ``metadata.id`` need not match a file name yet.
+(``sessions.files.document_problem``), except that its ``metadata.id`` need not match a file name yet.
 Both functions here block (a document can be 8-12 MB): callers run them in a worker thread, where they
 hand the GIL to the event loop between messages (``codec.let_others_run``).
 """
@@ -13,10 +13,10 @@ import json
 import re
 from typing import Any
 
-from . import codec
-from .errors import InvalidInput
-from .session_files import document_problem, validate_session_id
-from .transcript import result_text
+from .. import codec
+from ..errors import InvalidInput
+from .files import document_problem, validate_session_id
+from ..transcript import result_text
 
 # format -> (Content-Type, file name extension) of an export.
 FORMATS = {

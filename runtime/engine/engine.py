@@ -29,17 +29,17 @@ import outcome
 import trio
 
 from . import history, ops
-from .clock import new_id, seconds_until, utc_after, utc_now
-from .config import RuntimeConfig
-from .errors import Conflict, EngineTimeout, EngineUnavailable, InvalidInput, RuntimeFailure, StorageError
 from .handle import EngineEvicted
-from .idempotency import record_claim
-from .models.base import (
+from ..clock import new_id, seconds_until, utc_after, utc_now
+from ..config import RuntimeConfig
+from ..errors import Conflict, EngineTimeout, EngineUnavailable, InvalidInput, RuntimeFailure, StorageError
+from ..idempotency import record_claim
+from ..models.base import (
     ItemBreak, ModelBackend, ModelError, ModelRequest, ReasoningDelta, Retrying, TextDelta, ToolCall, ToolOutcome,
     ToolResult, Truncated, Usage, ValidText,
 )
-from .store import EventDraft, Store, WithEvents, WriteLane, WriteRequest
-from .transcript import apply_items, build_messages, preview as _preview, summarize
+from ..store import EventDraft, Store, WithEvents, WriteLane, WriteRequest
+from ..transcript import apply_items, build_messages, preview as _preview, summarize
 
 log = logging.getLogger(__name__)
 
@@ -606,7 +606,7 @@ class Engine:
     # ---- history control -------------------------------------------------------------------
 
     async def _history(self, op: ops.HistoryOp) -> None:
-        """Fork, rewind, retry, restore or delete (runtime.history): check, apply as one store write,
+        """Fork, rewind, retry, restore or delete (runtime.engine.history): check, apply as one store write,
         adopt the result, answer.
 
         The op loop itself waits for the change (bounded by final_write_seconds for each of: the turn
@@ -696,7 +696,7 @@ class Engine:
             raise EngineEvicted()
 
     def _history_write(self, op: ops.HistoryOp, now: str) -> tuple[Callable[[sqlite3.Connection], WithEvents], str]:
-        """The writer-thread function that checks and applies ``op`` (runtime.history), and its action."""
+        """The writer-thread function that checks and applies ``op`` (runtime.engine.history), and its action."""
         tid = self.thread_id
         if isinstance(op, ops.Fork):
             return functools.partial(history.fork, thread_id=tid, through_turn_id=op.through_turn_id,
@@ -804,7 +804,7 @@ class Engine:
     async def _start_tool(self, turn: _Turn, item: _Item, name: str, tool_input: dict[str, Any]) -> ToolOutcome:
         """At most once: the start is committed before the tool runs, so a process that dies while it runs
         never runs it again (restart recovery ends the item "outcome unknown")."""
-        from .models.tools import ToolContext  # the tool layer sits above the engine's own modules
+        from ..models.tools import ToolContext  # the tool layer sits above the engine's own modules
 
         item.metadata = {**(item.metadata or {}), "started_at": utc_now()}
         request = self._submit(f"record the start of tool '{name}' in turn '{turn.id}'", statements=[

@@ -14,7 +14,7 @@ import outcome
 import trio
 
 from . import ops
-from .errors import EngineTimeout, EngineUnavailable
+from ..errors import EngineTimeout, EngineUnavailable
 
 T = TypeVar("T")
 

@@ -23,25 +23,44 @@ import logging
 import sqlite3
 import threading
 import uuid
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable, Callable, Protocol
 
 import trio
 
-from . import codec, ops, portable, records
-from .clock import new_id, utc_now
-from .errors import Conflict, EngineTimeout, InvalidInput, NotFound, PreconditionFailed, StorageError
-from .idempotency import Claim
-from .session_files import (
+from .. import codec
+from ..clock import new_id, utc_now
+from ..config import RuntimeConfig
+from ..engine import ops
+from ..engine.manager import ThreadManager
+from ..errors import Conflict, EngineTimeout, InvalidInput, NotFound, PreconditionFailed, StorageError
+from ..idempotency import Claim
+from . import portable
+from .files import (
     BACKUP_SUFFIX, SESSION_SCHEMA_VERSION, Change, SessionFiles, encode_document, parse_document,
     validate_session_id,
 )
-from .store import EventDraft
-from .transcript import build_messages, derive_title, first_user_text, text_of
-
-if TYPE_CHECKING:
-    from .core import Runtime
+from ..store import EventDraft, Store, records
+from ..transcript import build_messages, derive_title, first_user_text, text_of
 
 log = logging.getLogger(__name__)
+
+
+class SessionHost(Protocol):
+    """What a SessionService uses of the Runtime that builds it (``Runtime`` is the one implementation).
+
+    Declared here, not imported from ``runtime.core``, so sessions never imports core: core builds the
+    service and passes itself, and the module graph stays acyclic (tests/test_layout.py)."""
+
+    config: RuntimeConfig
+    store: Store
+    manager: ThreadManager
+    # Runtime.create_thread and Runtime.get_session_snapshot: keyword arguments as there.
+    create_thread: Callable[..., Awaitable[dict[str, Any]]]
+    get_session_snapshot: Callable[..., Awaitable[ops.SessionSnapshot]]
+    # Runtime._request: send one op to a thread's engine (started or restored if needed) and await its
+    # reply; private to the Runtime's public face, shared with the service it builds.
+    _request: Callable[..., Awaitable[Any]]
+
 
 SORTS = {
     "recent": "updated_at DESC, id",
@@ -103,7 +122,7 @@ def _encode(doc: dict[str, Any]) -> bytes:
 
 
 class SessionService:
-    def __init__(self, runtime: "Runtime") -> None:
+    def __init__(self, runtime: SessionHost) -> None:
         self._rt = runtime
         self.files = SessionFiles(runtime.config.sessions_dir, runtime.config.session_fs)  # type: ignore[arg-type]
         self._locks: dict[str, list[Any]] = {}  # id -> [lock, holders and waiters]; dropped at zero
@@ -178,7 +197,7 @@ class SessionService:
                 continue
             try:
                 doc = parse_document(session_id, self.files.fs.read_bytes(entry))
-                _upsert_index(conn, doc, st.st_size, st.st_mtime_ns)
+                upsert_index(conn, doc, st.st_size, st.st_mtime_ns)
             except Exception as exc:  # one bad file must never stop the server from starting
                 log.warning("session file %s is not indexed: %s", entry.name, exc)
                 conn.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
@@ -298,7 +317,7 @@ class SessionService:
             retired = tuple(self._retired)
 
             def commit(conn: sqlite3.Connection) -> None:
-                _upsert_index(conn, doc, staged.size, staged.mtime_ns, search_text)
+                upsert_index(conn, doc, staged.size, staged.mtime_ns, search_text)
                 if thread_id is not None:
                     conn.execute("UPDATE threads SET session_id = ? WHERE id = ?", (session_id, thread_id))
                 _journal(conn, staged, retired)
@@ -698,7 +717,7 @@ class SessionService:
 
         Wait phase (cancellable, bounded by ``timeout``): both sessions' locks, loading and validating the
         session (400 for a file that does not parse), If-Match. Commit phase, shielded: the engine applies
-        the op (runtime.history.restore), whose one write stages and publishes the safety file, indexes and
+        the op (runtime.engine.history.restore), whose one write stages and publishes the safety file, indexes and
         journals it, and changes the thread; then the safety change is settled from the journal like every
         session change. So a timeout, a disconnect, a storage error or a kill -9 leaves thread and sessions
         exactly before or exactly after."""
@@ -738,7 +757,7 @@ class SessionService:
                         state["begun"] = True
                     try:
                         staged = self.files.stage(change, _encode(safety_doc), "save", replacing=False)
-                        _upsert_index(conn, safety_doc, staged.size, staged.mtime_ns)
+                        upsert_index(conn, safety_doc, staged.size, staged.mtime_ns)
                         _journal(conn, staged, retired)
                         self.files.publish(staged, "save")  # last: every failure before it changed no file
                     except StorageError as exc:
@@ -794,8 +813,17 @@ def _check_if_match(session_id: str, current: int | None, if_match: int | str | 
             f"Session '{session_id}' is at revision {current if current is not None else 'none'}, not {if_match}")
 
 
-def _upsert_index(conn: sqlite3.Connection, doc: dict[str, Any], size: int, mtime_ns: int,
-                  search_text: bytes | None = None) -> None:
+def upsert_index(conn: sqlite3.Connection, doc: dict[str, Any], size: int, mtime_ns: int,
+                 search_text: bytes | None = None) -> None:
+    """Insert or replace the ``sessions`` index row of session ``doc`` (a checked session document)
+    whose file is ``size`` bytes with mtime ``mtime_ns``; ``search_text`` defaults to the title and
+    message text the search reads.
+
+    The SessionService calls it in the same store transaction that puts the file in place, so the row
+    and the file never disagree after a commit. Public for tools that write session files outside a
+    server (bench/datagen.py): they must call it in one transaction with their writes, on a database
+    migrated by ``runtime.store.migrations``; the next start re-indexes a file whose size or mtime
+    disagrees with its row."""
     meta = doc["metadata"]
     if search_text is None:
         search_text = _search_text(meta["title"], doc["messages"])
