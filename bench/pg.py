@@ -1,5 +1,5 @@
 """``python -m bench.run --only pg``: the PostgreSQL driver choice of issue 15, measured on trio against
-SQLite doing the same work the way runtime/store.py does it (one connection, used from trio worker threads
+SQLite doing the same work the way runtime/store/sqlite.py does it (one connection, used from trio worker threads
 through ``trio.to_thread.run_sync``), in the same run, on a throwaway cluster (tests/support_pg.py).
 
 PostgreSQL side: psycopg 3 (sync API) from trio worker threads, one connection per writer. psycopg's
@@ -78,7 +78,7 @@ async def timed(n: int, step: Callable[[], Any]) -> list[float]:
 # ---- SQLite as the store runs it ------------------------------------------------------------------------
 
 def sqlite_connect(path: Path) -> sqlite3.Connection:
-    # The settings of runtime/store.py (_connect): WAL, synchronous=FULL, explicit BEGIN/COMMIT.
+    # The settings of runtime/store/sqlite.py (_connect): WAL, synchronous=FULL, explicit BEGIN/COMMIT.
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
