@@ -691,6 +691,45 @@ function duration(seconds) {
   return parts.filter(([n], i) => n || i === 3).map(([n, u]) => `${n}${u}`).join(' ');
 }
 
+// One MCP server of the Runtime panel: name, status (a hook for tests: data-status), the error of a failed
+// one, and a Reconnect button (POST …/reconnect answers once the server is ready or has failed again).
+function mcpServerItem(server) {
+  const li = document.createElement('li');
+  li.dataset.testid = 'mcp-server';
+  li.dataset.name = server.name;
+  li.dataset.status = server.status;
+  const head = document.createElement('div');
+  head.className = 'row wrap';
+  const name = document.createElement('strong');
+  name.textContent = server.name;
+  const status = document.createElement('span');
+  status.dataset.testid = 'mcp-server-status';
+  status.className = `mcp-status ${server.status}`;
+  status.textContent = server.status;
+  const info = document.createElement('small');
+  info.textContent = `${server.transport} · ${server.tools_count} tools`;
+  head.append(name, status, info);
+  li.append(head);
+  if (server.enabled) {
+    head.append(smallButton('Reconnect', 'mcp-reconnect', (event) => act(async () => {
+      event.target.disabled = true;
+      try {
+        await api('POST', `/v1/mcp/servers/${q(server.name)}/reconnect`);
+      } finally {
+        await refreshRuntime();
+      }
+    })));
+  }
+  if (server.error) {
+    const error = document.createElement('small');
+    error.dataset.testid = 'mcp-server-error';
+    error.className = 'error';
+    error.textContent = server.error;
+    li.append(error);
+  }
+  return li;
+}
+
 async function refreshRuntime() {
   const info = await api('GET', '/v1/runtime/info');
   const facts = $('runtime-info');
@@ -705,16 +744,17 @@ async function refreshRuntime() {
   const tools = $('mcp-tools');
   try {
     const [s, t] = await Promise.all([api('GET', '/v1/mcp/servers'), api('GET', '/v1/mcp/tools')]);
-    servers.replaceChildren(...s.servers.map((server) => {
-      const li = document.createElement('li');
-      li.textContent = `${server.name} (${server.transport}): ${server.status}, ${server.tools_count} tools`
-        + (server.error ? ` — ${server.error}` : '');
-      if (server.status === 'failed') li.className = 'error';
-      return li;
-    }));
+    servers.replaceChildren(...s.servers.map(mcpServerItem));
     tools.replaceChildren(...t.tools.map((tool) => {
       const li = document.createElement('li');
-      li.textContent = `${tool.name}${tool.read_only ? ' (read-only)' : ''}: ${tool.description || ''}`;
+      li.dataset.testid = 'mcp-tool';
+      li.dataset.name = tool.name;
+      li.dataset.server = tool.server;
+      const name = document.createElement('code');
+      name.textContent = tool.name;
+      const about = document.createElement('small');
+      about.textContent = `${tool.read_only ? 'read-only · ' : ''}${tool.description || ''}`;
+      li.append(name, about);
       return li;
     }));
     if (!s.servers.length) servers.textContent = 'No MCP servers configured.';
