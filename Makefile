@@ -52,7 +52,7 @@ test: $(VENV)/.installed test-tools
 soak: $(VENV)/.installed
 	$(BIN)/python -m pytest -q -m soak $(PYTEST_ARGS)
 
-# Not part of `make test` (which runs the short versions): the full reliability suite, about 17 minutes on
+# Not part of `make test` (which runs the short versions): the full reliability suite, about 15 minutes on
 # 2 cores (25 kill -9 restarts and 15 more during history changes, 1,000 dropped requests, long schemathesis runs that also read ~250 event
 # streams each, 300 slowloris clients, every engine and session operation failed at each I/O step with
 # every fault kind, a simulated kill -9 before every step of a session change, every MCP server change
