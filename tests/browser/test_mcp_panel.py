@@ -14,7 +14,8 @@ from pathlib import Path
 from selenium.webdriver.common.by import By
 
 from tests.browser.conftest import Page
-from tests.e2e.test_mcp_http import TOOLBOX, alive, children_of
+from tests.e2e.test_mcp_http import TOOLBOX
+from tests.procs import alive, children_of
 
 MISSING = "/nonexistent/mcp-server"
 

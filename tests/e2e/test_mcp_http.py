@@ -9,7 +9,6 @@ process are counted from /proc, so "no process left" is checked, not assumed.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
 from pathlib import Path
@@ -20,35 +19,13 @@ import trio
 
 from tests.conftest import E2E_LIMIT
 from tests.e2e.helpers import collect_until
+from tests.procs import alive, children_of
 from tests.e2e.process import ServerProcess
 from web.client import AsyncClient
 
 TOOLBOX = Path(__file__).parents[1] / "mcp" / "servers" / "toolbox.py"
 SECRET = "sk-e2e-5d2b7c41-never-in-a-response"
 HEADER_SECRET = "Bearer hdr-9a8b7c6d-never-in-a-response"
-
-
-def children_of(pid: int) -> set[int]:
-    """Live (not zombie) children of ``pid``, from /proc."""
-    found = set()
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            fields = Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid and fields[0] != "Z":
-            found.add(int(name))
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return False
-    return fields[0] != "Z"
 
 
 async def wait_gone(pid: int) -> None:

@@ -11,17 +11,8 @@ import signal
 from pathlib import Path
 
 from tests.e2e.process import ServerProcess
-from tests.e2e.test_mcp_http import TOOLBOX, Http, alive, children_of, toolbox, wait_gone
-
-
-def descendants(pid: int) -> set[int]:
-    """Live descendants of ``pid``, from /proc."""
-    found, todo = set(), [pid]
-    while todo:
-        kids = children_of(todo.pop())
-        found |= kids
-        todo.extend(kids)
-    return found
+from tests.e2e.test_mcp_http import TOOLBOX, Http, toolbox, wait_gone
+from tests.procs import alive, descendants
 
 
 def runs_toolbox(pid: int) -> bool:

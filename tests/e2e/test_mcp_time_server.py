@@ -17,7 +17,8 @@ from datetime import datetime, timezone
 
 from tests.e2e.helpers import collect_until
 from tests.e2e.process import ServerProcess
-from tests.e2e.test_mcp_http import Http, alive, children_of
+from tests.e2e.test_mcp_http import Http
+from tests.procs import alive, children_of
 from tests.conftest import E2E_LIMIT
 from web.client import AsyncClient
 

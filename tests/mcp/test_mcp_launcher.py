@@ -18,6 +18,7 @@ from pathlib import Path
 
 from runtime.mcp import launcher
 from runtime.mcp.supervisor import LAUNCHER
+from tests.procs import alive, children_of
 
 # Real-clock bound on any one wait (a loaded 2-core machine starts a Python process in well under this).
 LIMIT = 60.0
@@ -67,26 +68,6 @@ def wait_until(condition, limit: float = LIMIT) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not met within the limit"
         time.sleep(0.01)  # polling another process's state, bounded by the deadline
-
-
-def children_of(pid: int) -> set[int]:
-    found = set()
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                fields = Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid and fields[0] != "Z":
-                found.add(int(name))
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def read_line(proc: subprocess.Popen) -> bytes:
