@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable
@@ -33,6 +32,7 @@ from tests.cancellation.harness import (
 from tests.support import open_runtime
 
 from .harness import FaultRun, every_step
+from .crash import CrashAt
 from .seam import FaultPlan
 
 LIMIT = 10.0
@@ -407,26 +407,6 @@ SHORT_KINDS = {  # make test: one file kind and one SQLite kind per operation, r
 # ---- kill -9 at every step --------------------------------------------------------------------
 
 
-def crash_copy(data_dir: Path, dest: Path) -> None:
-    """What a kill -9 at this instant leaves on disk: the database and its WAL as they are (SQLite
-    ignores WAL frames of a transaction that never committed), and the session directory with its hard
-    links kept (the protocol's undo files are hard links). Not the -shm index: SQLite rebuilds it."""
-    dest.mkdir(parents=True)
-    for name in ("runtime.sqlite3", "runtime.sqlite3-wal"):
-        if (data_dir / name).exists():
-            shutil.copy2(data_dir / name, dest / name)
-    (dest / "sessions").mkdir()
-    first_copy: dict[int, Path] = {}
-    for entry in sorted(os.scandir(data_dir / "sessions"), key=lambda e: e.name):
-        target = dest / "sessions" / entry.name
-        inode = entry.stat(follow_symlinks=False).st_ino
-        if inode in first_copy:
-            os.link(first_copy[inode], target)
-        else:
-            shutil.copy2(entry.path, target)
-            first_copy[inode] = target
-
-
 HISTORY_EVENTS = ("session.saved", "thread.started", "thread.restored", "thread.rewound", "thread.forked")
 
 
@@ -441,18 +421,7 @@ def _durable(state: State) -> tuple[Any, ...]:
 
 async def run_every_crash(tmp_path: Path, case: Case) -> dict[str, int]:
     data_dir, plan = tmp_path / "data", FaultPlan()
-    crash = {"at": None, "total": 0, "where": None}
-    counted_step = plan.step
-
-    def step(layer: str, name: str) -> bool:
-        if plan.armed:
-            crash["total"] += 1
-            if crash["total"] == crash["at"]:
-                crash_copy(data_dir, tmp_path / f"crash-{crash['at']}")
-                crash["where"] = f"{layer}:{name}"
-        return counted_step(layer, name)
-
-    plan.step = step  # type: ignore[method-assign]
+    crash = CrashAt(plan, data_dir, tmp_path)
     seen = {"before": 0, "after": 0}
     async with faulty_runtime(data_dir, plan) as rt:
         ctx = Ctx(rt, data_dir, await thread_with_history(rt, "hello there"))
@@ -463,24 +432,23 @@ async def run_every_crash(tmp_path: Path, case: Case) -> dict[str, int]:
                 await case.setup(ctx)
             await settle(rt)
             before = capture(data_dir)
-            crash.update(at=k, total=0, where=None)
+            crash.reset(at=k)
             plan.arm(None, "eio")
             value = await case.action(ctx)
             plan.disarm()
-            n = crash["total"]
+            n = crash.total
             if k > n:
-                crash_copy(data_dir, tmp_path / f"crash-{k}")
-                crash["where"] = "the end"
+                crash.after_the_end(k)
             await settle(rt)
             after = capture(data_dir)
             assert case.check(before, after, ctx, value) is not None
-            copy = tmp_path / f"crash-{k}"
+            copy = crash.copy_path(k)
             async with open_runtime(copy) as restarted:
                 # No undo or temp file, index == files; the thread's engine, restored, agrees with the store.
                 found = await check_invariants(restarted, copy, (ctx.thread_id,))
             outcome = [name for name, state in (("before", before), ("after", after))
                        if _durable(found) == _durable(state)]
-            assert outcome, f"{case.name}: a kill -9 before step {k} ({crash['where']}) of {n} restarts in between"
+            assert outcome, f"{case.name}: a kill -9 before step {k} ({crash.where}) of {n} restarts in between"
             seen[outcome[0]] += 1
             shutil.rmtree(copy)
             k += 1

@@ -26,6 +26,7 @@ from runtime.errors import StorageError
 from runtime.mcp import config as mcp_config
 from runtime.mcp.changes import McpFileSystem
 from tests.cancellation.harness import claim
+from tests.faults.crash import CrashAt
 from tests.faults.seam import FaultPlan
 from tests.support import open_runtime
 
@@ -66,24 +67,6 @@ class SteppedFiles(McpFileSystem):
     def fsync_dir(self, directory):
         self._step("fsync_dir")
         super().fsync_dir(directory)
-
-
-def crash_copy(data_dir: Path, dest: Path) -> None:
-    """What a kill -9 now leaves: every file as it is (hard links kept), the database and its WAL (SQLite
-    ignores the frames of a transaction that never committed); not the -shm index (rebuilt)."""
-    dest.mkdir(parents=True)
-    first: dict[int, Path] = {}
-    for item in sorted(os.scandir(data_dir), key=lambda e: e.name):
-        target = dest / item.name
-        if item.is_dir(follow_symlinks=False):
-            shutil.copytree(item.path, target)
-        elif not item.name.endswith("-shm"):
-            inode = item.stat(follow_symlinks=False).st_ino
-            if inode in first:
-                os.link(first[inode], target)
-            else:
-                shutil.copy2(item.path, target)
-                first[inode] = target
 
 
 @dataclasses.dataclass
@@ -146,18 +129,7 @@ async def test_a_kill_before_every_step_of_a_change_restarts_before_or_after(tmp
     marks.mkdir()
     write_file(data_dir, {"box": _off(marks)})
     plan = FaultPlan(kind="sqlite_ioerr")
-    crash: dict[str, Any] = {"at": None, "total": 0, "where": None}
-    counted = plan.step
-
-    def step(layer: str, name: str) -> bool:
-        if plan.armed:
-            crash["total"] += 1
-            if crash["total"] == crash["at"]:
-                crash_copy(data_dir, tmp_path / f"crash-{crash['at']}")
-                crash["where"] = f"{layer}:{name}"
-        return counted(layer, name)
-
-    plan.step = step  # type: ignore[method-assign]
+    crash = CrashAt(plan, data_dir, tmp_path)
     seen = {"before": 0, "after": 0}
     wheres = []
     async with open_runtime(data_dir, sqlite_connection_factory=plan.connection_factory()) as rt:
@@ -167,20 +139,19 @@ async def test_a_kill_before_every_step_of_a_change_restarts_before_or_after(tmp
             assert k < MAX_STEPS
             await case.setup(rt, marks)
             before = _state(data_dir)
-            crash.update(at=k, total=0, where=None)
+            crash.reset(at=k)
             plan.arm(None, "sqlite_ioerr")
             await case.action(rt, marks)
             plan.disarm()
-            n = crash["total"]
+            n = crash.total
             if k > n:
-                crash_copy(data_dir, tmp_path / f"crash-{k}")
-                crash["where"] = "the end"
+                crash.after_the_end(k)
             after = _state(data_dir)
             assert after != before
-            copy = tmp_path / f"crash-{k}"
+            copy = crash.copy_path(k)
             outcome = await _judge_restart(copy, before, after, case.keyed)
             seen[outcome] += 1
-            wheres.append(f"{crash['where']}->{outcome}")
+            wheres.append(f"{crash.where}->{outcome}")
             shutil.rmtree(copy)
             k += 1
     print(f"\n{case.name}: kill -9 before each of {n} steps and after the last: {seen}\n  {wheres}", end="")
