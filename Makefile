@@ -1,6 +1,9 @@
 # Every target creates .venv and installs pinned dependencies itself; re-runs are fast because the
 # install step is skipped while its stamp file is newer than pyproject.toml and requirements.lock.
 PYTHON ?= python3
+# The apt-get installs below (strace, PostgreSQL, chromium, wrk) must never stop at a debconf question (a CI
+# run has no one to answer it): every recipe runs with the non-interactive frontend.
+export DEBIAN_FRONTEND := noninteractive
 VENV := .venv
 BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
