@@ -6,13 +6,14 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 
 from runtime import RuntimeConfig
 from runtime.models.tools import demo_registry
 from tests.conftest import E2E_LIMIT, LiveServer
 from web.cli import run_server
-from web.client import AsyncClient
+from web.client import ApiError, AsyncClient
 from web.settings import ServerSettings
 
 
@@ -47,3 +48,13 @@ async def wait_turn_end(client: AsyncClient, thread_id: str, turn_id: str) -> di
 
 def turn_of(detail: dict[str, Any], turn_id: str) -> dict[str, Any]:
     return next(t for t in detail["turns"] if t["id"] == turn_id)
+
+
+async def api_error(call, status: int, code: str, *fragments: str) -> ApiError:
+    """Await ``call``, which must fail with ``status`` and ``code`` and a message holding every fragment."""
+    with pytest.raises(ApiError) as info:
+        await call
+    assert (info.value.status, info.value.code) == (status, code), info.value
+    for fragment in fragments:
+        assert fragment in info.value.message, info.value.message
+    return info.value

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from tests.conftest import E2E_LIMIT, LiveServer
-from tests.e2e.helpers import collect_until, start_tool_server, turn_of, wait_turn_end
+from tests.e2e.helpers import api_error, collect_until, start_tool_server, turn_of, wait_turn_end
 from tests.e2e.process import ServerProcess
 from web.client import ApiError, AsyncClient
 
@@ -32,12 +32,6 @@ async def server(nursery, tmp_path):
     live = await start_tool_server(nursery, tmp_path / "data")
     yield live
     live.shutdown.set()
-
-
-@pytest.fixture
-async def client(server):
-    async with server.client() as c:
-        yield c
 
 
 def note_path(server: LiveServer, tid: str, name: str = "hello") -> Path:
@@ -75,15 +69,6 @@ def answer(detail: dict, turn_id: str) -> str:
 
 def seconds_between(earlier: str, later: str) -> float:
     return (datetime.fromisoformat(later) - datetime.fromisoformat(earlier)).total_seconds()
-
-
-async def error_of(call, status: int, code: str, *fragments: str) -> ApiError:
-    with pytest.raises(ApiError) as info:
-        await call
-    assert (info.value.status, info.value.code) == (status, code), info.value
-    for fragment in fragments:
-        assert fragment in info.value.message, info.value.message
-    return info.value
 
 
 # ---- allow, deny, remember -----------------------------------------------------------------------
@@ -269,7 +254,7 @@ async def test_a_bad_policy_is_400_and_changes_nothing(client):
     tid = (await client.create_thread())["id"]
     before = await client.get_thread(tid)
     for bad in ("never", 1, True):
-        await error_of(client.update_thread(tid, approval_policy=bad), 400, "invalid_input", "approval_policy")
+        await api_error(client.update_thread(tid, approval_policy=bad), 400, "invalid_input", "approval_policy")
     assert await client.get_thread(tid) == before
 
 
@@ -295,7 +280,7 @@ async def test_an_unanswered_approval_expires_as_a_denial_on_a_serve_process(tmp
             assert tool_item(detail, turn_id)["metadata"]["is_error"] is True
             assert answer(detail, turn_id) == "Tool write_note returned: denied: the approval expired"
             assert not (tmp_path / "data" / "notes" / tid).exists()
-            await error_of(client.decide_approval(tid, approval_id, "allow"), 409, "conflict", "expired")
+            await api_error(client.decide_approval(tid, approval_id, "allow"), 409, "conflict", "expired")
     finally:
         proc.kill()
         await proc.wait()
@@ -351,7 +336,7 @@ async def test_interrupt_while_pending_cancels_the_approval_and_the_turn_ends_in
     detail = await client.get_thread(tid)
     assert turn_of(detail, turn_id)["status"] == "interrupted"
     assert tool_item(detail, turn_id)["status"] == "interrupted"
-    await error_of(client.decide_approval(tid, approval_id, "allow"), 409, "conflict", "canceled")
+    await api_error(client.decide_approval(tid, approval_id, "allow"), 409, "conflict", "canceled")
     assert not note_path(server, tid).exists()
     # The thread goes on: the next turn asks again.
     since = (await client.get_thread(tid))["latest_seq"]
@@ -373,7 +358,7 @@ async def test_deciding_twice_is_409_and_changes_nothing(client):
     await wait_turn_end(client, tid, turn_id)
     before = await state(client, tid)
     for decision in ("allow", "deny"):
-        await error_of(client.decide_approval(tid, approval_id, decision), 409, "conflict", approval_id, "allowed")
+        await api_error(client.decide_approval(tid, approval_id, decision), 409, "conflict", approval_id, "allowed")
     assert await state(client, tid) == before
 
 
@@ -383,10 +368,10 @@ async def test_unknown_approval_another_threads_approval_and_unknown_thread_are_
     other = (await client.create_thread())["id"]
     before, other_before = await state(client, tid), await client.get_thread(other)
 
-    await error_of(client.decide_approval(tid, "appr_nope", "allow"), 404, "not_found", "appr_nope", tid)
-    await error_of(client.decide_approval(other, approval_id, "allow"), 404, "not_found", approval_id, other)
-    await error_of(client.decide_approval("thr_nope", approval_id, "allow"), 404, "not_found", "thr_nope")
-    await error_of(client.list_approvals("thr_nope"), 404, "not_found", "thr_nope")
+    await api_error(client.decide_approval(tid, "appr_nope", "allow"), 404, "not_found", "appr_nope", tid)
+    await api_error(client.decide_approval(other, approval_id, "allow"), 404, "not_found", approval_id, other)
+    await api_error(client.decide_approval("thr_nope", approval_id, "allow"), 404, "not_found", "thr_nope")
+    await api_error(client.list_approvals("thr_nope"), 404, "not_found", "thr_nope")
     assert await state(client, tid) == before and await client.get_thread(other) == other_before
 
     await client.decide_approval(tid, approval_id, "allow")  # still pending, still decidable
@@ -424,8 +409,8 @@ async def test_bad_bodies_are_400_and_change_nothing(server, client):
             response = await http.get(f"{server.url}/v1/threads/{tid}/approvals", params={"status": status})
             assert response.status_code == 400
     # Steering a turn that waits for a decision is refused too (nothing would read the steer).
-    await error_of(client.steer(tid, turn_id, "hurry up"), 409, "conflict", "waiting for an approval")
-    await error_of(client.start_turn(tid, "another"), 409, "conflict", turn_id)
+    await api_error(client.steer(tid, turn_id, "hurry up"), 409, "conflict", "waiting for an approval")
+    await api_error(client.start_turn(tid, "another"), 409, "conflict", turn_id)
     assert await state(client, tid) == before
 
     await client.decide_approval(tid, approval_id, "allow")
@@ -441,7 +426,7 @@ async def test_a_decision_retried_with_its_idempotency_key_gets_the_first_answer
     assert again == first and first["status"] == "denied"
     await wait_turn_end(client, tid, turn_id)
     # The same key with another body is refused, not replayed.
-    await error_of(client.decide_approval(tid, approval_id, "allow", idempotency_key="decide-1"), 422,
+    await api_error(client.decide_approval(tid, approval_id, "allow", idempotency_key="decide-1"), 422,
                    "idempotency_key_reused")
 
 

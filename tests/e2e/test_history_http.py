@@ -16,7 +16,7 @@ import pytest
 import trio
 
 from tests.conftest import E2E_LIMIT
-from tests.e2e.helpers import collect_until, wait_turn_end
+from tests.e2e.helpers import api_error, collect_until, wait_turn_end
 from web.client import ApiError, AsyncClient
 
 # The scripted model answers "You said: <prompt>": a one-word prompt gets a three-word reply, so a
@@ -53,15 +53,6 @@ async def _events_after(client: AsyncClient, thread_id: str, since_seq: int) -> 
 
 def _texts(detail: dict) -> list[tuple[str, str]]:
     return [(i["kind"], i["detail"]) for i in detail["items"]]
-
-
-async def _error(call, status: int, code: str, *fragments: str) -> ApiError:
-    with pytest.raises(ApiError) as info:
-        await call
-    assert (info.value.status, info.value.code) == (status, code), info.value
-    for fragment in fragments:
-        assert fragment in info.value.message, info.value.message
-    return info.value
 
 
 # ---- happy paths --------------------------------------------------------------------------------
@@ -162,7 +153,7 @@ async def test_rewind_takes_turns_out_of_the_live_history_and_keeps_them_stored(
 async def test_rewind_with_if_busy_interrupt_ends_the_running_turn_first(client):
     thread_id, (t1,) = await _conversation(client, "one")
     hang = await client.start_turn(thread_id, "/hang")
-    await _error(client.rewind(thread_id, t1), 409, "conflict", "turn in progress", "if_busy")
+    await api_error(client.rewind(thread_id, t1), 409, "conflict", "turn in progress", "if_busy")
     assert (await client.get_thread(thread_id))["turns"][-1]["status"] == "in_progress"
 
     result = await client.rewind(thread_id, t1, if_busy="interrupt")
@@ -272,13 +263,13 @@ async def test_delete_thread_removes_it_and_ends_its_open_event_streams(client, 
     assert [e["event"] for e in seen] == ["session.saved", "thread.deleted"]
     deleted = seen[-1]
     assert deleted["payload"] == {"thread_id": thread_id} and deleted["seq"] > latest
-    await _error(client.get_thread(thread_id), 404, "not_found", thread_id)
-    await _error(client.start_turn(thread_id, "hi"), 404, "not_found")
+    await api_error(client.get_thread(thread_id), 404, "not_found", thread_id)
+    await api_error(client.start_turn(thread_id, "hi"), 404, "not_found")
     with pytest.raises(ApiError) as info:
         async for _ in client.events(thread_id):
             pass
     assert info.value.status == 404
-    await _error(client.delete_thread(thread_id), 404, "not_found")
+    await api_error(client.delete_thread(thread_id), 404, "not_found")
     # The linked session stays; the deleted event's seq is never given to another event.
     assert (await client.get_session(saved["session_id"]))["metadata"]["message_count"] == 2
     other = await client.create_thread()
@@ -290,12 +281,12 @@ async def test_delete_of_a_busy_thread_is_409_unless_asked_to_interrupt(client):
     thread_id, _ = await _conversation(client, "one")
     hang = await client.start_turn(thread_id, "/hang")
     before = await client.get_thread(thread_id, include_rewound=True)
-    await _error(client.delete_thread(thread_id), 409, "conflict", "turn in progress")
-    await _error(client.delete_thread(thread_id, if_busy="reject"), 409, "conflict")
+    await api_error(client.delete_thread(thread_id), 409, "conflict", "turn in progress")
+    await api_error(client.delete_thread(thread_id, if_busy="reject"), 409, "conflict")
     assert await client.get_thread(thread_id, include_rewound=True) == before
     assert await client.delete_thread(thread_id, if_busy="interrupt") is None
-    await _error(client.get_thread(thread_id), 404, "not_found")
-    await _error(client.interrupt(thread_id, hang["id"]), 404, "not_found")
+    await api_error(client.get_thread(thread_id), 404, "not_found")
+    await api_error(client.interrupt(thread_id, hang["id"]), 404, "not_found")
 
 
 # ---- bad input: a clear JSON 4xx that changes nothing ------------------------------------------
@@ -344,9 +335,9 @@ async def test_unknown_and_foreign_anchors_are_404(client):
     async with Unchanged(client, thread_id, other_id):
         for anchor in ("turn_nope", foreign):
             message = f"Turn '{anchor}' not found in thread '{thread_id}'"
-            await _error(client.rewind(thread_id, anchor), 404, "not_found", message)
-            await _error(client.retry(thread_id, anchor), 404, "not_found", message)
-            await _error(client.fork_thread(thread_id, through_turn_id=anchor), 404, "not_found", message)
+            await api_error(client.rewind(thread_id, anchor), 404, "not_found", message)
+            await api_error(client.retry(thread_id, anchor), 404, "not_found", message)
+            await api_error(client.fork_thread(thread_id, through_turn_id=anchor), 404, "not_found", message)
 
 
 async def test_a_running_or_rewound_anchor_is_409(client):
@@ -355,17 +346,17 @@ async def test_a_running_or_rewound_anchor_is_409(client):
     async with Unchanged(client, thread_id):
         for call in (client.rewind(thread_id, t3), client.retry(thread_id, t3),
                      client.fork_thread(thread_id, through_turn_id=t3)):
-            await _error(call, 409, "conflict", f"turn '{t3}'", "rewound")
+            await api_error(call, 409, "conflict", f"turn '{t3}'", "rewound")
 
     hang = await client.start_turn(thread_id, "/hang")
     await collect_until(client, thread_id, lambda e: e["event"] == "turn.started" and e["turn_id"] == hang["id"])
     async with Unchanged(client, thread_id):
         # A fork checks the anchor itself (it leaves the running turn alone); the others find the thread busy.
-        await _error(client.fork_thread(thread_id, through_turn_id=hang["id"]), 409, "conflict",
+        await api_error(client.fork_thread(thread_id, through_turn_id=hang["id"]), 409, "conflict",
                      f"turn '{hang['id']}'", "in_progress", "only a finished turn")
-        await _error(client.rewind(thread_id, hang["id"]), 409, "conflict", "turn in progress")
-        await _error(client.retry(thread_id, hang["id"]), 409, "conflict", "turn in progress")
-        await _error(client.retry(thread_id), 409, "conflict", "turn in progress")
+        await api_error(client.rewind(thread_id, hang["id"]), 409, "conflict", "turn in progress")
+        await api_error(client.retry(thread_id, hang["id"]), 409, "conflict", "turn in progress")
+        await api_error(client.retry(thread_id), 409, "conflict", "turn in progress")
     await client.interrupt(thread_id, hang["id"])
 
 
@@ -374,8 +365,8 @@ async def test_a_thread_without_turns_cannot_be_rewound_or_retried(client):
     other_id, (foreign,) = await _conversation(client, "elsewhere")
     async with Unchanged(client, thread_id, other_id):
         for anchor in ("turn_nope", foreign):
-            await _error(client.rewind(thread_id, anchor), 404, "not_found", f"Turn '{anchor}' not found")
-        await _error(client.retry(thread_id), 409, "conflict", f"Thread '{thread_id}' has no turn to retry")
+            await api_error(client.rewind(thread_id, anchor), 404, "not_found", f"Turn '{anchor}' not found")
+        await api_error(client.retry(thread_id), 409, "conflict", f"Thread '{thread_id}' has no turn to retry")
 
 
 async def test_restore_errors_change_nothing(client, server):
@@ -383,13 +374,13 @@ async def test_restore_errors_change_nothing(client, server):
     saved = await client.save_session(thread_id=thread_id)
     (server.data_dir / "sessions" / "broken.json").write_text('{"schema_version": 1, "metadata": ')
     async with Unchanged(client, thread_id):
-        await _error(client.restore(thread_id, "broken"), 400, "invalid_data", "Failed to parse session 'broken'")
-        await _error(client.restore(thread_id, "missing"), 404, "not_found", "missing")
-        await _error(client.restore(thread_id, "../etc"), 400, "invalid_input")
-        await _error(client.restore(thread_id, saved["session_id"], if_match=7), 412, "precondition_failed")
-        await _error(client.restore(thread_id, saved["session_id"], if_busy="later"), 400, "invalid_input",
+        await api_error(client.restore(thread_id, "broken"), 400, "invalid_data", "Failed to parse session 'broken'")
+        await api_error(client.restore(thread_id, "missing"), 404, "not_found", "missing")
+        await api_error(client.restore(thread_id, "../etc"), 400, "invalid_input")
+        await api_error(client.restore(thread_id, saved["session_id"], if_match=7), 412, "precondition_failed")
+        await api_error(client.restore(thread_id, saved["session_id"], if_busy="later"), 400, "invalid_input",
                      "if_busy must be one of: reject, interrupt")
-        await _error(client.restore("thr_missing", saved["session_id"]), 404, "not_found", "thr_missing")
+        await api_error(client.restore("thr_missing", saved["session_id"]), 404, "not_found", "thr_missing")
     assert sorted(p.name for p in (server.data_dir / "sessions").iterdir() if p.suffix == ".json") == sorted(
         ["broken.json", f"{saved['session_id']}.json"])
 
@@ -402,7 +393,7 @@ async def test_restore_errors_change_nothing(client, server):
 async def test_fork_refuses_a_bad_new_id(client, new_id, status, code):
     thread_id, _ = await _conversation(client, "one")
     async with Unchanged(client, thread_id):
-        await _error(client.fork_thread(thread_id, id=new_id), status, code, "Invalid thread id")
+        await api_error(client.fork_thread(thread_id, id=new_id), status, code, "Invalid thread id")
     assert len(await client.fork_thread(thread_id, id="x" * 128)) == 3  # 128 characters is allowed
 
 
@@ -410,9 +401,9 @@ async def test_fork_to_an_existing_id_is_409(client):
     thread_id, _ = await _conversation(client, "one")
     other = await client.create_thread(title="taken")
     async with Unchanged(client, thread_id, other["id"]):
-        await _error(client.fork_thread(thread_id, id=other["id"]), 409, "conflict",
+        await api_error(client.fork_thread(thread_id, id=other["id"]), 409, "conflict",
                      f"Thread '{other['id']}' already exists")
-        await _error(client.fork_thread(thread_id, id=thread_id), 409, "conflict")
+        await api_error(client.fork_thread(thread_id, id=thread_id), 409, "conflict")
 
 
 ROUTES = ("fork", "rewind", "retry", "restore")

@@ -38,12 +38,6 @@ async def server(nursery, tmp_path, fake, registry):
     live.shutdown.set()
 
 
-@pytest.fixture
-async def client(server):
-    async with server.client() as c:
-        yield c
-
-
 def call_messages(tool_message: str) -> list[dict[str, Any]]:
     """What the second request ends with: the model's call, then the engine's result as the tool message."""
     return [{"role": "assistant", "content": None, "tool_calls": [
