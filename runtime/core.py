@@ -22,7 +22,7 @@ from .config import RuntimeConfig
 from .engine import ops
 from .engine.handle import EngineEvicted
 from .engine.manager import ThreadManager
-from .errors import Conflict, EngineTimeout, InvalidInput, NotFound
+from .errors import Conflict, EngineTimeout, InvalidInput, NotFound, NotOwner
 from .events import EventBus, EventStream
 from .idempotency import Claim, Idempotency, record_claim
 from .models.base import ModelBackend
@@ -101,6 +101,8 @@ class Runtime:
             await runtime.sessions.open()
             async with trio.open_nursery() as nursery:
                 await nursery.start(manager.run)
+                if getattr(store, "kind", "sqlite") == "postgresql":
+                    await runtime._start_cluster(nursery)
                 # MCP servers: each a supervised task in this nursery; their tools join the built-ins
                 # (started in parallel, each bounded by its startup_timeout; a failing one is only a status).
                 from .mcp import McpServers, RuntimeTools  # the tool layer sits above the core
@@ -119,6 +121,26 @@ class Runtime:
                     # After the turns ended (their MCP calls are cancelled): stop every server; each
                     # task kills and reaps its child, and the nursery waits for them.
                     await runtime.mcp.aclose()
+
+    async def _start_cluster(self, nursery: trio.Nursery) -> None:
+        """Several hosts on one PostgreSQL (runtime/cluster): leases for engines, the LISTEN connection
+        that wakes this host's event streams, and the sweeper of dead owners' turns. Streams are polled
+        from the events table (see EventBus.polled)."""
+        from .cluster.host import Cluster
+
+        self.bus.polled = True
+        self.cluster = Cluster(self, self.config.store_url or "", self.config.host_id or "", self.config.lease_ttl)
+        self.manager.attach_keeper(self.cluster.keeper)
+        await nursery.start(self.cluster.run)
+
+    async def _with_owner(self, records_: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """ThreadRecords with ``owner`` (PostgreSQL only; SQLite records have no such field)."""
+        cluster = getattr(self, "cluster", None)
+        if cluster is not None and records_:
+            owners = await cluster.owners([record["id"] for record in records_])
+            for record in records_:
+                record["owner"] = owners.get(record["id"])
+        return records_
 
     # ---- engine requests -------------------------------------------------------------------
 
@@ -193,22 +215,23 @@ class Runtime:
 
     async def list_threads(self, *, limit: int | None = None, include_archived: bool = False,
                            archived_only: bool = False) -> list[dict[str, Any]]:
-        return await self.store.read(functools.partial(
+        return await self._with_owner(await self.store.read(functools.partial(
             records.list_threads, limit=clamp_limit(limit), include_archived=include_archived,
-            archived_only=archived_only), inline=True)
+            archived_only=archived_only), inline=True))
 
     async def get_thread(self, thread_id: str, *, include_rewound: bool = False) -> dict[str, Any]:
         detail = await self.store.read(functools.partial(records.thread_detail, thread_id=thread_id,
                                                          include_rewound=include_rewound), inline=True)
         if detail is None:
             raise NotFound(f"Thread '{thread_id}' not found")
+        await self._with_owner([detail["thread"]])
         return detail
 
     async def thread_record(self, thread_id: str) -> dict[str, Any]:
         row = await self.store.read(functools.partial(records.get_thread_row, thread_id=thread_id), inline=True)
         if row is None:
             raise NotFound(f"Thread '{thread_id}' not found")
-        return records.thread_record(row)
+        return (await self._with_owner([records.thread_record(row)]))[0]
 
     # ---- approvals ---------------------------------------------------------------------------
 
@@ -246,6 +269,8 @@ class Runtime:
         for thread_id in await self.store.read(records.threads_with_active_turns):
             try:
                 await self.manager.handle(thread_id)
+            except NotOwner:
+                continue  # another live host runs it (several hosts on one PostgreSQL)
             except Exception:  # one thread must never stop the server from starting
                 log.exception("could not carry on the turn of thread %s", thread_id)
 

@@ -202,6 +202,16 @@ class ForkedFrom:
 
 
 @dataclasses.dataclass
+class LeaseOwner:
+    """The host that runs the thread's engine (several hosts on one PostgreSQL): its lease in the database."""
+
+    host_id: str
+    advertise_url: str | None
+    epoch: int
+    expires_at: str  # database clock
+
+
+@dataclasses.dataclass
 class ThreadRecord:
     id: str
     created_at: str
@@ -217,6 +227,8 @@ class ThreadRecord:
     forked_from: ForkedFrom | None = None
     approval_policy: str = "ask"  # ask | auto | deny
     allowed_tools: list[str] = dataclasses.field(default_factory=list)  # allowed for the rest of the thread
+    # PostgreSQL only (absent on SQLite): the lease's owner, null when no live host holds it.
+    owner: LeaseOwner | None = None
 
 
 @dataclasses.dataclass

@@ -87,7 +87,7 @@ def lease_of(conn: Any, thread_id: str) -> Lease | None:
     return None if row is None else _lease(row)
 
 
-def acquire(conn: Any, thread_id: str, host_id: str, advertise_url: str, ttl: float,
+def acquire(conn: Any, thread_id: str, host_id: str, advertise_url: str | None, ttl: float,
             recover: Callable[[Any, str], Any] | None = None) -> Acquired:
     """Take the thread's lease for ``host_id``, or renew it when this host already holds it live (same
     epoch). Raises NotOwner (nothing changed) while another host holds it live.
@@ -117,17 +117,19 @@ def acquire(conn: Any, thread_id: str, host_id: str, advertise_url: str, ttl: fl
     return Acquired(_lease(row), taken, before.owner if taken and before.owner else None)
 
 
-def renew(conn: Any, host_id: str, held: dict[str, int], ttl: float) -> set[str]:
+def renew(conn: Any, host_id: str, held: dict[str, int], ttl: float, advertise_url: str | None = None) -> set[str]:
     """Extend every lease in ``held`` (thread id -> epoch) that this host still holds at that epoch;
     returns the thread ids extended. One statement for all of them. A lease already expired but not taken
-    by anyone is extended too: its epoch is unchanged, so nobody else wrote meanwhile."""
+    by anyone is extended too: its epoch is unchanged, so nobody else wrote meanwhile. ``advertise_url``
+    (when given) is written too: leases taken before the server knew its bound port get it here."""
     if not held:
         return set()
     ids = list(held)
     rows = conn.execute(
-        "UPDATE thread_leases SET expires_at = now() + ? * interval '1 second'"
+        "UPDATE thread_leases SET expires_at = now() + ? * interval '1 second',"
+        " advertise_url = COALESCE(?, advertise_url)"
         " WHERE owner = ? AND thread_id = ANY(?) RETURNING thread_id, epoch",
-        (float(ttl), host_id, ids)).fetchall()
+        (float(ttl), advertise_url, host_id, ids)).fetchall()
     return {row[0] for row in rows if held.get(row[0]) == int(row[1])}
 
 
@@ -184,11 +186,12 @@ class LeaseKeeper:
     Cancellation: a lease write cancelled after it was queued still happens (the store's rule); a lease
     taken by a write whose caller was cancelled is found live-and-ours by the next acquire (a renewal)."""
 
-    def __init__(self, store: Any, host_id: str, advertise_url: str, ttl: float,
+    def __init__(self, store: Any, host_id: str, advertise_url: Callable[[], str | None], ttl: float,
                  recover: Callable[[Any, str], Any] | None = None) -> None:
         self._store = store
         self.host_id = host_id
-        self.advertise_url = advertise_url
+        # Read at each write: the CLI learns the bound URL (``--port 0``) after the runtime opened.
+        self._advertise_url = advertise_url
         self.ttl = float(ttl)
         self._recover = recover
         self._held: dict[str, Held] = {}
@@ -198,6 +201,10 @@ class LeaseKeeper:
         # whose renewal task does not run, while the rest of the process (and the database) go on.
         self.renewal_gate: trio.Event | None = None
         self.renewals = 0
+
+    @property
+    def advertise_url(self) -> str | None:
+        return self._advertise_url()
 
     # ---- queries ----------------------------------------------------------------------------
 
@@ -277,7 +284,8 @@ class LeaseKeeper:
         if self.renewal_gate is not None:
             await self.renewal_gate.wait()
         renewed, _ = await self._store.write(
-            fn=functools.partial(renew, host_id=self.host_id, held=held, ttl=self.ttl),
+            fn=functools.partial(renew, host_id=self.host_id, held=held, ttl=self.ttl,
+                                 advertise_url=self.advertise_url),
             action="renew this host's thread leases")
         self.renewals += 1
         for thread_id, epoch in held.items():
