@@ -118,6 +118,8 @@ class Runtime:
                     # bounded because every engine's final write is bounded (final_write_seconds).
                     with trio.CancelScope(shield=True):
                         await manager.aclose()
+                    if getattr(runtime, "cluster", None) is not None:
+                        runtime.cluster.close()  # after the engines released their leases
                     # After the turns ended (their MCP calls are cancelled): stop every server; each
                     # task kills and reaps its child, and the nursery waits for them.
                     await runtime.mcp.aclose()

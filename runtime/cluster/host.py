@@ -48,13 +48,20 @@ class Cluster:
                                          recover=recover_for_takeover)
         self.listener = Listener(dsn, runtime.bus.wake)
         self.sweeps = 0
+        self._scope = trio.CancelScope()
 
     async def run(self, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(self.keeper.run)
-            await nursery.start(self.listener.run)
-            nursery.start_soon(self._sweep_loop)
-            task_status.started()
+        """Until ``close``: the Runtime closes the cluster after its engines stopped and released their
+        leases (a lease still held then simply expires; the LISTEN connection is closed)."""
+        with self._scope:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.keeper.run)
+                await nursery.start(self.listener.run)
+                nursery.start_soon(self._sweep_loop)
+                task_status.started()
+
+    def close(self) -> None:
+        self._scope.cancel(reason="runtime closing")
 
     async def owners(self, thread_ids: list[str]) -> dict[str, dict[str, Any] | None]:
         """ThreadRecord's ``owner`` for each thread (null when no live host holds it), in one read."""
