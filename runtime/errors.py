@@ -93,3 +93,10 @@ class StorageFull(StorageError):
     """The disk is full: nothing was written."""
 
     code = "insufficient_storage"
+
+
+class LeaseLost(StorageError):
+    """A write of a thread's engine was refused because this host no longer holds the thread's lease at the
+    engine's epoch (PostgreSQL store, issue 15): another host took the thread over; nothing of it was stored."""
+
+    code = "lease_lost"
