@@ -205,3 +205,33 @@ async def test_the_store_url_password_never_appears_in_an_open_error(pg_cluster)
     assert "s3cret-pw" not in info.value.message
     assert info.value.message.startswith(f"Failed to open the store at postgresql://postgres@127.0.0.1:"
                                          f"{pg_cluster.port}/no_such_db: ")
+
+
+async def test_a_write_of_a_thread_waits_for_its_lease_row_before_taking_a_seq(pg_url):
+    """The seq rule through the store: while another transaction holds thread A's lease row, the store's
+    write of A's event waits before taking a seq (a writer of thread B commits a seq meanwhile), and takes
+    it once the row is free: A's seq is higher than B's, so no reader of A can have moved past it."""
+    async with PostgresStore.open(pg_url, lambda events: None) as store:
+        await store.write(events=[EventDraft("thr_a", "first", {})])  # creates A's lease row (epoch 0)
+        holder = psycopg.connect(pg_url, autocommit=False)
+        try:
+            holder.execute("SELECT 1 FROM thread_leases WHERE thread_id = 'thr_a' FOR UPDATE")
+            # Another host's writer of thread B commits a seq meanwhile (its own connection, the same rule).
+            with psycopg.connect(pg_url, autocommit=True) as other:
+                (b_seq,) = other.execute("INSERT INTO events (thread_id, event, timestamp, payload)"
+                                         " VALUES ('thr_b', 'b', 't', '{}') RETURNING seq").fetchone()
+            request = store.submit(WriteRequest(events=[EventDraft("thr_a", "second", {})]))
+            with psycopg.connect(pg_url, autocommit=True) as watcher:
+                with trio.fail_after(WAIT_LIMIT):
+                    while not watcher.execute("SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                                              " AND query LIKE '%%FOR UPDATE%%'").fetchone():
+                        await trio.sleep(0.01)  # polling another process's state (no event to wait on)
+                # The waiting writer has taken no seq yet: the sequence is where B left it.
+                assert watcher.execute("SELECT last_value FROM events_seq_seq").fetchone()[0] == b_seq
+            assert not request.done.is_set()
+            holder.rollback()
+            with trio.fail_after(WAIT_LIMIT):
+                await request.done.wait()
+        finally:
+            holder.close()
+        assert request.committed[0].seq == b_seq + 1
