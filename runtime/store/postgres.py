@@ -56,6 +56,10 @@ NOTIFY_CHANNEL = "trio_runtime_events"
 READ_POOL_SIZE = 4
 
 _TXN = psycopg.pq.TransactionStatus
+# The seq rule's lock (docs/design.md "seq on PostgreSQL"): the thread's lease row, created with epoch 0 and
+# no owner when missing.
+LOCK_LEASE_ROW = ("WITH created AS (INSERT INTO thread_leases (thread_id) VALUES (%s) ON CONFLICT (thread_id)"
+                  " DO NOTHING RETURNING 1) SELECT 1 FROM thread_leases WHERE thread_id = %s FOR UPDATE")
 
 
 class PgRow(tuple):
@@ -229,9 +233,9 @@ class PgConnection:
         transaction takes a seq for the thread; held to COMMIT/ROLLBACK."""
         if thread_id in self.locked:
             return
-        self.raw.execute("INSERT INTO thread_leases (thread_id) VALUES (%s) ON CONFLICT (thread_id) DO NOTHING",
-                         (thread_id,))
-        self.raw.execute("SELECT 1 FROM thread_leases WHERE thread_id = %s FOR UPDATE", (thread_id,))
+        # One round trip: a row the CTE inserts is ours until COMMIT (the SELECT does not see it, but a
+        # concurrent insert or lock of it waits for us); a row that was there is locked by the SELECT.
+        self.raw.execute(LOCK_LEASE_ROW, (thread_id, thread_id))
         self.locked.add(thread_id)
 
     def check_fence(self, thread_id: str, epoch: int, action: str) -> None:

@@ -235,3 +235,24 @@ async def test_a_write_of_a_thread_waits_for_its_lease_row_before_taking_a_seq(p
         finally:
             holder.close()
         assert request.committed[0].seq == b_seq + 1
+
+
+async def test_the_mcp_change_journal_is_kept_per_host(pg_url):
+    """mcp.json is a file of each host: on a shared database each host's journal rows are its own, so one
+    host's change neither drops nor settles another host's (runtime/mcp/changes.py)."""
+    from runtime.mcp import changes
+
+    class Change:
+        def __init__(self, token: str) -> None:
+            self.token = token
+
+    async with PostgresStore.open(pg_url, lambda events: None, host_id="host-a") as a:
+        async with PostgresStore.open(pg_url, lambda events: None, host_id="host-b") as b:
+            await a.write(fn=lambda conn: changes.journal(conn, Change("tok-a1")))
+            await b.write(fn=lambda conn: changes.journal(conn, Change("tok-b1")))
+            await a.write(fn=lambda conn: changes.journal(conn, Change("tok-a2")))  # drops a1 only
+            assert await a.read(changes.committed_tokens) == {"tok-a2"}
+            assert await b.read(changes.committed_tokens) == {"tok-b1"}
+            assert await b.read(lambda conn: changes.is_committed(conn, "tok-a2")) is False
+            assert await a.read(lambda conn: changes.is_committed(conn, "tok-a2")) is True
+    assert sorted(rows(pg_url, "SELECT host_id, token FROM mcp_commits")) == [("host-a", "tok-a2"), ("host-b", "tok-b1")]
