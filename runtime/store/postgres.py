@@ -54,6 +54,8 @@ NOTIFY_CHANNEL = "trio_runtime_events"
 # cores busy while a round trip waits, and is few enough that many hosts stay far below max_connections
 # (PostgreSQL's default is 100). Measured in docs/design.md ("PostgreSQL store").
 READ_POOL_SIZE = 4
+# Seconds a new connection may take (libpq's connect_timeout) unless the store URL sets its own.
+CONNECT_TIMEOUT = 10
 
 _TXN = psycopg.pq.TransactionStatus
 # The seq rule's lock (docs/design.md "seq on PostgreSQL"): the thread's lease row, created with epoch 0 and
@@ -164,18 +166,18 @@ class PgCursor:
     """The part of sqlite3.Cursor shared code uses: ``fetchone`` (None when no row or no result set),
     ``fetchall``, ``rowcount`` and iteration."""
 
-    def __init__(self, cursor: psycopg.Cursor) -> None:
-        self._cursor = cursor
+    def __init__(self, cursor: psycopg.Cursor | None) -> None:
+        self._cursor = cursor  # None: a statement deferred by the adapter (no result, no rows)
 
     @property
     def rowcount(self) -> int:
-        return self._cursor.rowcount
+        return self._cursor.rowcount if self._cursor is not None else -1
 
     def fetchone(self) -> Any:
-        return self._cursor.fetchone() if self._cursor.description is not None else None
+        return self._cursor.fetchone() if self._cursor is not None and self._cursor.description is not None else None
 
     def fetchall(self) -> list[Any]:
-        return self._cursor.fetchall() if self._cursor.description is not None else []
+        return self._cursor.fetchall() if self._cursor is not None and self._cursor.description is not None else []
 
     def __iter__(self) -> Iterator[Any]:
         return iter(self.fetchall())
@@ -273,7 +275,10 @@ def redact_url(url: str) -> str:
 
 def connect(url: str, host_id: str | None = None) -> PgConnection:
     """A connection in autocommit mode (we send BEGIN/COMMIT ourselves, as on SQLite)."""
-    raw = psycopg.connect(url, autocommit=True, row_factory=_row_factory)  # type: ignore[arg-type]
+    # A bound on connecting unless the URL sets one: libpq's default waits as long as the OS does, and the
+    # writer (shielded) must not hang on a database that is down; the batch fails and the next one retries.
+    timeout = {} if "connect_timeout" in psycopg.conninfo.conninfo_to_dict(url) else {"connect_timeout": CONNECT_TIMEOUT}
+    raw = psycopg.connect(url, autocommit=True, row_factory=_row_factory, **timeout)  # type: ignore[arg-type]
     raw.adapters.register_loader("numeric", _NumericLoader)
     return PgConnection(raw, host_id)
 
@@ -347,8 +352,9 @@ class PostgresStore(Store):
             conn.check_fence(fence[0], fence[1], request.action)
 
     def _before_commit(self, conn: Any) -> None:
-        for thread_id in sorted(conn.written):
-            conn.raw.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, thread_id))
+        if conn.written:  # one round trip for every thread of the batch
+            conn.raw.execute("SELECT pg_notify(%s, thread_id) FROM unnest(CAST(%s AS text[])) AS t (thread_id)",
+                             (NOTIFY_CHANNEL, sorted(conn.written)))
 
     # ---- reads -----------------------------------------------------------------------------------------
 
