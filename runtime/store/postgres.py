@@ -166,18 +166,18 @@ class PgCursor:
     """The part of sqlite3.Cursor shared code uses: ``fetchone`` (None when no row or no result set),
     ``fetchall``, ``rowcount`` and iteration."""
 
-    def __init__(self, cursor: psycopg.Cursor | None) -> None:
-        self._cursor = cursor  # None: a statement deferred by the adapter (no result, no rows)
+    def __init__(self, cursor: psycopg.Cursor) -> None:
+        self._cursor = cursor
 
     @property
     def rowcount(self) -> int:
-        return self._cursor.rowcount if self._cursor is not None else -1
+        return self._cursor.rowcount
 
     def fetchone(self) -> Any:
-        return self._cursor.fetchone() if self._cursor is not None and self._cursor.description is not None else None
+        return self._cursor.fetchone() if self._cursor.description is not None else None
 
     def fetchall(self) -> list[Any]:
-        return self._cursor.fetchall() if self._cursor is not None and self._cursor.description is not None else []
+        return self._cursor.fetchall() if self._cursor.description is not None else []
 
     def __iter__(self) -> Iterator[Any]:
         return iter(self.fetchall())
