@@ -13,7 +13,7 @@ is shared by both backends: portable SQL with ``?`` placeholders (see docs/desig
 from __future__ import annotations
 
 import sqlite3
-from typing import TYPE_CHECKING, Callable
+from typing import Any, Callable
 
 import psycopg
 
@@ -22,9 +22,6 @@ from .sqlite import (
     Store, WithEvents, WriteLane, WriteRequest, append_event, is_disk_full, read_snapshot, recover_thread,
     row_to_event, storage_error,
 )
-
-if TYPE_CHECKING:
-    from ..config import RuntimeConfig
 
 # What a storage failure raised inside a store transaction is, on either backend: catch this in shared code
 # (never sqlite3.Error, which a PostgreSQL store never raises).
@@ -36,8 +33,9 @@ def is_postgres_url(url: str | None) -> bool:
     return url is not None and url.split("://", 1)[0] in ("postgresql", "postgres")
 
 
-def open_store(config: "RuntimeConfig", publish: Callable[[list[Event]], None]):
-    """The configured backend's store as an async context manager (``async with open_store(...) as store``):
+def open_store(config: Any, publish: Callable[[list[Event]], None]):
+    """``config``: a RuntimeConfig (not imported here: runtime.config imports the store's users).
+    The configured backend's store as an async context manager (``async with open_store(...) as store``):
     SQLite at ``config.db_path`` unless ``config.store_url`` is a PostgreSQL URL."""
     if is_postgres_url(config.store_url):
         from .postgres import PostgresStore
