@@ -256,3 +256,40 @@ async def test_the_mcp_change_journal_is_kept_per_host(pg_url):
             assert await b.read(lambda conn: changes.is_committed(conn, "tok-a2")) is False
             assert await a.read(lambda conn: changes.is_committed(conn, "tok-a2")) is True
     assert sorted(rows(pg_url, "SELECT host_id, token FROM mcp_commits")) == [("host-a", "tok-a2"), ("host-b", "tok-b1")]
+
+
+async def test_recover_thread_settles_one_thread_and_leaves_the_others_running(pg_url):
+    """recover_thread (what a host runs at a lease takeover) on PostgreSQL: the dead owner's running turn
+    and item of that thread end interrupted with their events (seqs after every earlier one, NOTIFY sent);
+    another thread's running turn (another host's) is untouched. Nothing is recovered at open."""
+    from runtime.store import RESTART_ERROR, recover_thread
+
+    def running(tid: str) -> list[tuple[str, tuple]]:
+        return [thread_row(tid),
+                ("INSERT INTO turns (id, thread_id, ord, status, input_summary, created_at)"
+                 " VALUES (?, ?, 1, 'in_progress', 'p', 't')", (f"turn_{tid}", tid)),
+                ("INSERT INTO items (id, turn_id, thread_id, ord, kind, status, summary)"
+                 " VALUES (?, ?, ?, 1, 'agent_message', 'in_progress', '')", (f"item_{tid}", f"turn_{tid}", tid))]
+
+    async with PostgresStore.open(pg_url, lambda events: None) as store:
+        _, before = await store.write([*running("thr_dead"), *running("thr_live")],
+                                      [EventDraft("thr_dead", "item.delta", {"delta": "half a reply"},
+                                                  turn_id="turn_thr_dead", item_id="item_thr_dead")])
+    listener = psycopg.connect(pg_url, autocommit=True)
+    listener.execute(f"LISTEN {NOTIFY_CHANNEL}")
+    try:
+        async with PostgresStore.open(pg_url, lambda events: None) as store:
+            assert store.recovered_turns == 0
+            assert rows(pg_url, "SELECT status FROM turns ORDER BY id") == [("in_progress",), ("in_progress",)]
+            count, _ = await store.write(fn=lambda conn: recover_thread(conn, "thr_dead", "2026-01-01T00:00:00.000Z"))
+        notified = [n.payload for n in listener.notifies(timeout=1, stop_after=1)]
+    finally:
+        listener.close()
+    assert count == 1 and notified == ["thr_dead"]
+    assert rows(pg_url, "SELECT id, status, error FROM turns ORDER BY id") == [
+        ("turn_thr_dead", "interrupted", RESTART_ERROR), ("turn_thr_live", "in_progress", None)]
+    assert rows(pg_url, "SELECT id, status, detail FROM items ORDER BY id") == [
+        ("item_thr_dead", "interrupted", "half a reply"), ("item_thr_live", "in_progress", None)]
+    events = rows(pg_url, "SELECT seq, event FROM events WHERE thread_id = 'thr_dead' ORDER BY seq")
+    assert [e for _, e in events] == ["item.delta", "item.interrupted", "turn.completed"]
+    assert events[0][0] == before[0].seq and events[1][0] > before[0].seq
