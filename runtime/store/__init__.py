@@ -41,7 +41,7 @@ def open_store(config: Any, publish: Callable[[list[Event]], None]):
         from .postgres import PostgresStore
 
         return PostgresStore.open(config.store_url, publish, config.write_queue,  # type: ignore[arg-type]
-                                  host_id=config.host_id)
+                                  host_id=config.host_id, stalled_after=config.lease_ttl)
     return Store.open(config.db_path, publish, config.write_queue, config.sqlite_connection_factory)
 
 

@@ -54,6 +54,10 @@ NOTIFY_CHANNEL = "trio_runtime_events"
 # cores busy while a round trip waits, and is few enough that many hosts stay far below max_connections
 # (PostgreSQL's default is 100). Measured in docs/design.md ("PostgreSQL store").
 READ_POOL_SIZE = 4
+# Seconds a writer transaction may wait on this host (between two statements) before the server ends its
+# session (see PostgresStore._connect_writer); open_store passes the lease TTL: a host stalled that long has
+# lost its leases anyway. This default is for stores opened without a config (tests, tools).
+STALLED_TRANSACTION_SECONDS = 10.0
 # Seconds a new connection may take (libpq's connect_timeout) unless the store URL sets its own.
 CONNECT_TIMEOUT = 10
 
@@ -290,8 +294,10 @@ class PostgresStore(Store):
     db_errors: tuple[type[BaseException], ...] = (psycopg.Error,)
 
     def __init__(self, url: str, publish: Callable[[list[Event]], None], write_queue: int,
-                 host_id: str | None = None, read_pool: int = READ_POOL_SIZE) -> None:
+                 host_id: str | None = None, read_pool: int = READ_POOL_SIZE,
+                 stalled_after: float = STALLED_TRANSACTION_SECONDS) -> None:
         super().__init__(None, publish, write_queue)  # type: ignore[arg-type]
+        self.stalled_after = stalled_after
         self.url = url
         self.host_id = host_id
         self._read_limiter = trio.CapacityLimiter(read_pool)
@@ -300,10 +306,11 @@ class PostgresStore(Store):
 
     @classmethod
     def open(cls, url: str, publish: Callable[[list[Event]], None], write_queue: int = 4096,  # type: ignore[override]
-             host_id: str | None = None, read_pool: int = READ_POOL_SIZE):
+             host_id: str | None = None, read_pool: int = READ_POOL_SIZE,
+             stalled_after: float = STALLED_TRANSACTION_SECONDS):
         from .sqlite import _StoreContext
 
-        return _StoreContext(cls(url, publish, write_queue, host_id, read_pool))
+        return _StoreContext(cls(url, publish, write_queue, host_id, read_pool, stalled_after))
 
     @property
     def where(self) -> str:
@@ -312,7 +319,7 @@ class PostgresStore(Store):
     # ---- lifecycle -------------------------------------------------------------------------------------
 
     def _open_sync(self) -> None:
-        self._wconn = connect(self.url, self.host_id)  # type: ignore[assignment]
+        self._wconn = self._connect_writer()  # type: ignore[assignment]
         migrations.migrate_pg(self._wconn.raw)  # type: ignore[union-attr]
         # No recovery here: see the module docstring (recover_thread runs per thread at a lease takeover).
         self.recovered_turns = 0
@@ -329,11 +336,20 @@ class PostgresStore(Store):
 
     # ---- the writer's hooks ----------------------------------------------------------------------------
 
+    def _connect_writer(self) -> PgConnection:
+        """The writer's connection. The server ends its session when a transaction of it waits on this host
+        longer than ``stalled_after`` (idle_in_transaction_session_timeout): a host that is paused (SIGSTOP,
+        a VM freeze) mid-batch holds lease-row locks, and another host's takeover of those threads would
+        wait on them for as long as the pause lasts. The batch then fails like any lost connection."""
+        conn = connect(self.url, self.host_id)
+        conn.raw.execute(f"SET idle_in_transaction_session_timeout = {max(1, int(self.stalled_after * 1000))}")
+        return conn
+
     def _writer_connection(self) -> Any:
         if self._wconn is not None and self._wconn.raw.closed:  # type: ignore[attr-defined]
             self._drop_connection()
         if self._wconn is None:  # lost or dropped after a failure: a fresh one for this batch
-            self._wconn = connect(self.url, self.host_id)  # type: ignore[assignment]
+            self._wconn = self._connect_writer()  # type: ignore[assignment]
         return self._wconn
 
     def _begin(self, conn: Any) -> None:

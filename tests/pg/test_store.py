@@ -5,6 +5,7 @@ The behaviour both backends share is tested by the store suite in tests/runtime,
 from __future__ import annotations
 
 import threading
+import time
 
 import psycopg
 import pytest
@@ -293,3 +294,39 @@ async def test_recover_thread_settles_one_thread_and_leaves_the_others_running(p
     events = rows(pg_url, "SELECT seq, event FROM events WHERE thread_id = 'thr_dead' ORDER BY seq")
     assert [e for _, e in events] == ["item.delta", "item.interrupted", "turn.completed"]
     assert events[0][0] == before[0].seq and events[1][0] > before[0].seq
+
+
+async def test_a_writer_transaction_stalled_past_its_bound_releases_its_lease_row_locks(pg_url):
+    """A host paused mid-batch (SIGSTOP) must not hold a thread's lease row forever: the server ends the
+    writer's session once its transaction waits on the host longer than ``stalled_after``; another host's
+    takeover then gets the row, and the stalled batch fails like a lost connection (the writer goes on)."""
+    stalled = 0.5
+    async with PostgresStore.open(pg_url, lambda events: None, stalled_after=stalled) as store:
+        await store.write(events=[EventDraft("thr_s", "first", {})])  # creates the lease row
+        takeover_done = threading.Event()
+
+        def pause_mid_batch(conn):
+            # The lease row is locked by this batch (its event was appended first); the "host" stops here.
+            takeover_done.wait(WAIT_LIMIT)
+
+        stuck = store.submit(WriteRequest(events=[EventDraft("thr_s", "second", {})], action="append second"))
+        pause = store.submit(WriteRequest(fn=pause_mid_batch, action="pause"))
+
+        def takeover() -> float:
+            with psycopg.connect(pg_url, autocommit=True) as other:
+                t0 = time.monotonic()
+                other.execute("UPDATE thread_leases SET epoch = epoch + 1, owner = 'host-b' WHERE thread_id = 'thr_s'")
+                took = time.monotonic() - t0
+            takeover_done.set()
+            return took
+
+        took = await trio.to_thread.run_sync(takeover)
+        for request in (stuck, pause):
+            await request.done.wait()
+        assert took < WAIT_LIMIT / 2
+        with pytest.raises(StorageError):
+            stuck.result.unwrap()
+        _, events = await store.write(events=[EventDraft("thr_s", "third", {})])
+        assert [e.event for e in events] == ["third"]
+    assert rows(pg_url, "SELECT event FROM events ORDER BY seq") == [("first",), ("third",)]
+    assert rows(pg_url, "SELECT epoch, owner FROM thread_leases") == [(1, "host-b")]
