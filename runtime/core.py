@@ -8,6 +8,7 @@ expires, EngineUnavailable when the engine stops first; the engine itself is nev
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import re
@@ -18,7 +19,7 @@ import trio
 
 from . import codec
 from .clock import new_id, utc_now
-from .config import RuntimeConfig
+from .config import RuntimeConfig, resolve_host_id
 from .engine import ops
 from .engine.handle import EngineEvicted
 from .engine.manager import ThreadManager
@@ -28,7 +29,7 @@ from .idempotency import Claim, Idempotency, record_claim
 from .models.base import ModelBackend
 from .models.scripted import ScriptedModel
 from .sessions import SessionService
-from .store import EventDraft, Store, WriteRequest, records
+from .store import EventDraft, Store, WriteRequest, is_postgres_url, open_store, records
 from .version import __version__
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,9 @@ class Runtime:
         self.manager = manager
         self.backend = backend
         self.started_monotonic = time.monotonic()
+        # Where other hosts forward this host's threads' requests (issue 15): --advertise-url, else the URL the
+        # server bound (web/cli.py sets it once it knows the port).
+        self.advertise_url: str | None = config.advertise_url
         self.idempotency = Idempotency(store, config.idempotency_ttl)
         self.sessions = SessionService(self)
 
@@ -94,8 +98,12 @@ class Runtime:
     async def open(cls, config: RuntimeConfig) -> AsyncIterator["Runtime"]:
         backend: ModelBackend = config.model_factory() if config.model_factory else ScriptedModel()  # type: ignore[assignment]
         bus = EventBus(config.subscriber_buffer)
-        async with Store.open(config.db_path, bus.publish, config.write_queue,
-                              config.sqlite_connection_factory) as store:
+        # The host id is resolved once here (the CLI may have done it): never None while the runtime runs.
+        # "sqlite" as a store URL is the default store (the CLI's --store sqlite, TRIO_RUNTIME_STORE=sqlite).
+        config = dataclasses.replace(
+            config, host_id=config.host_id or await trio.to_thread.run_sync(resolve_host_id, config.data_dir),
+            store_url=config.store_url if is_postgres_url(config.store_url) else None)
+        async with open_store(config, bus.publish) as store:
             manager = ThreadManager(store, backend, config)
             runtime = cls(config, store, bus, manager, backend)
             await runtime.sessions.open()
@@ -406,6 +414,10 @@ class Runtime:
             "version": __version__,
             "data_dir": str(self.config.data_dir),
             "model_backend": getattr(self.backend, "name", type(self.backend).__name__),
+            # Issue 15: which store (never its URL, which may hold a password) and this host's name and URL.
+            "store": self.store.kind,
+            "host_id": self.config.host_id,
+            "advertise_url": self.advertise_url,
             "uptime_seconds": round(time.monotonic() - self.started_monotonic, 3),
             "live_engines": self.manager.live_count,
             "subscribers": self.bus.subscriber_count,

@@ -193,6 +193,9 @@ class RuntimeInfo:
     uptime_seconds: float
     live_engines: int
     subscribers: int
+    store: str
+    host_id: str
+    advertise_url: str | None
 
 
 @dataclasses.dataclass
