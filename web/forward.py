@@ -49,6 +49,8 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy
                         "te", "trailer", "transfer-encoding", "upgrade", "host", "content-length",
                         "content-encoding", "date", "server"})
 CLIENT_KEY = "TRIO_RUNTIME_FORWARD_CLIENT"
+# Set on the loop guard's 503: "I am not the owner" (as opposed to an owner's own 503, passed on as it is).
+NOT_OWNER_HEADER = "X-Trio-Runtime-Not-Owner"
 
 
 def client() -> httpx.AsyncClient:
@@ -134,14 +136,20 @@ async def not_owner(exc: NotOwner) -> Response:
     from .errors import status_for
 
     if request.headers.get(FORWARDED_BY):
-        return _error(503, exc.code, f"{exc.message}; the request was already forwarded by host "
-                                     f"'{request.headers.get(FORWARDED_BY)}', so it is not forwarded again")
+        refused = _error(503, exc.code, f"{exc.message}; the request was already forwarded by host "
+                                        f"'{request.headers.get(FORWARDED_BY)}', so it is not forwarded again")
+        refused.headers[NOT_OWNER_HEADER] = "1"  # the forwarding host looks the owner up again
+        return refused
     body = await _body()
+    rt = current_app.config["TRIO_RUNTIME"]
+    keeper = rt.cluster.keeper if getattr(rt, "cluster", None) is not None else None
     for _ in range(MAX_HOPS):
+        answer = None
         if exc.advertise_url:
             try:
-                return await _send(exc.advertise_url, body)
+                answer = await _send(exc.advertise_url, body)
             except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as error:
+                # Never reached the owner: nothing happened there.
                 log.warning("owner %s of thread %s unreachable at %s: %s", exc.owner_host_id, exc.thread_id,
                             exc.advertise_url, error)
             except httpx.TimeoutException:
@@ -152,9 +160,13 @@ async def not_owner(exc: NotOwner) -> Response:
                 return _error(502, "bad_gateway", f"Host '{exc.owner_host_id}' ({exc.advertise_url}) broke off its "
                                                   f"answer ({type(error).__name__}); the request may have been done "
                                                   f"there: retry with the same Idempotency-Key")
-        if not await _take_over(exc):
-            rt = current_app.config["TRIO_RUNTIME"]
-            lease = await rt.cluster.keeper.lookup(exc.thread_id) if getattr(rt, "cluster", None) else None
+            if answer is not None and (answer.status_code != 503 or answer.headers.get(NOT_OWNER_HEADER) != "1"):
+                return answer
+        # Unreachable, or not the owner any more (it released the thread and another took it): look again.
+        if keeper is not None and exc.thread_id:
+            keeper.forget_owner(exc.thread_id)
+        if answer is None and not await _take_over(exc):
+            lease = await keeper.lookup(exc.thread_id) if keeper is not None and exc.thread_id else None
             if lease is not None and lease.live and lease.owner != exc.owner_host_id and lease.advertise_url:
                 exc = NotOwner(lease.owner or "", lease.advertise_url, exc.thread_id)
                 continue  # another host took it meanwhile: forward there

@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 # Turn statuses that mean "someone must be running this turn" (as SQLite's restart recovery and
 # records.threads_with_active_turns read them).
 RUNNING_STATUSES = ("queued", "in_progress", "awaiting_approval")
+# Other hosts' leases a host remembers at most (one entry per thread it forwarded recently; oldest dropped).
+FOREIGN_REMEMBERED = 10_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +87,16 @@ def lease_of(conn: Any, thread_id: str) -> Lease | None:
     """The thread's lease row (None when no host ever held or wrote it); the owner lookup."""
     row = conn.execute(_SELECT, (thread_id,)).fetchone()
     return None if row is None else _lease(row)
+
+
+def owner_for(conn: Any, thread_id: str) -> tuple[Lease | None, float]:
+    """The lease and the seconds it has left by the database clock (0 when not live)."""
+    row = conn.execute(_SELECT.replace(" AS live", " AS live, EXTRACT(EPOCH FROM (expires_at - now())) AS left"),
+                       (thread_id,)).fetchone()
+    if row is None:
+        return None, 0.0
+    lease = _lease(row)
+    return lease, float(row[6]) if lease.live and row[6] is not None else 0.0
 
 
 def acquire(conn: Any, thread_id: str, host_id: str, advertise_url: str | None, ttl: float,
@@ -201,6 +213,12 @@ class LeaseKeeper:
         # whose renewal task does not run, while the rest of the process (and the database) go on.
         self.renewal_gate: trio.Event | None = None
         self.renewals = 0
+        # thread id -> (another host's live lease, trio time until which it is known live): see ``acquire``.
+        self._foreign: dict[str, tuple[Lease, float]] = {}
+
+    def forget_owner(self, thread_id: str) -> None:
+        """Drop the remembered owner of a thread (it could not be reached, or said it is not the owner)."""
+        self._foreign.pop(thread_id, None)
 
     @property
     def advertise_url(self) -> str | None:
@@ -224,6 +242,21 @@ class LeaseKeeper:
     async def acquire(self, thread_id: str) -> Held:
         """Take (or renew) the lease before an engine starts; NotOwner when another live host holds it.
         Recovery of the thread's orphaned turn commits in the same transaction."""
+        # While another live host owns the thread (every forwarded request's case) NotOwner costs nothing:
+        # the owner seen last is remembered for the lease's remaining time by the database clock, measured
+        # from the START of the read that saw it (so never past the database's expiry); else one pooled
+        # read, not a write transaction through the writer (bench row fwd1).
+        now = trio.current_time()
+        seen = self._foreign.get(thread_id)
+        if seen is not None and now < seen[1]:
+            raise NotOwner(seen[0].owner or "", seen[0].advertise_url or "", thread_id)
+        current, left = await self._store.read(functools.partial(owner_for, thread_id=thread_id))
+        if current is not None and current.live and current.owner != self.host_id:
+            if len(self._foreign) >= FOREIGN_REMEMBERED:
+                self._foreign.pop(next(iter(self._foreign)))
+            self._foreign[thread_id] = (current, now + left)
+            raise NotOwner(current.owner or "", current.advertise_url or "", thread_id)
+        self._foreign.pop(thread_id, None)
         start = trio.current_time()
         acquired, _ = await self._store.write(
             fn=functools.partial(acquire, thread_id=thread_id, host_id=self.host_id,

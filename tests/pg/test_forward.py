@@ -111,3 +111,21 @@ async def test_an_unreachable_owner_is_waited_out_and_the_thread_taken_over(tmp_
         assert took <= TTL + 2.5, took  # bounded by the lease's remaining time + 1 s (plus the hop)
         assert two.runtime.manager.engine(tid) is not None
         one.runtime.cluster.keeper.renewal_gate.set()
+
+
+async def test_a_remembered_owner_that_moved_on_is_looked_up_again(tmp_path, pg_url):
+    async with server(tmp_path, pg_url, "h1") as one, server(tmp_path, pg_url, "h2") as two, \
+            server(tmp_path, pg_url, "h3") as three, httpx.AsyncClient(headers=AUTH, timeout=WAIT) as http:
+        tid = (await http.post(f"{one.url}/v1/threads", json={"title": "t"})).json()["id"]
+        assert (await http.patch(f"{one.url}/v1/threads/{tid}", json={"title": "a"})).status_code == 200
+        assert (await http.patch(f"{two.url}/v1/threads/{tid}", json={"title": "b"})).status_code == 200
+        assert two.runtime.cluster.keeper._foreign[tid][0].owner == "h1"  # h2 remembers h1 as the owner
+        # h1 lets the thread go (its engine stops, the lease is released) and h3 takes it.
+        await one.runtime.manager.shutdown(tid)
+        assert (await http.patch(f"{three.url}/v1/threads/{tid}", json={"title": "c"})).status_code == 200
+        # h2 still forwards to h1 first; h1 answers "not the owner" (loop guard); h2 looks again, finds h3.
+        moved = await http.patch(f"{two.url}/v1/threads/{tid}", json={"title": "d"})
+        assert moved.status_code == 200, moved.text
+        assert moved.json()["title"] == "d" and moved.json()["owner"]["host_id"] == "h3"
+        assert two.runtime.cluster.keeper._foreign[tid][0].owner == "h3"
+        assert one.runtime.manager.engine(tid) is None and two.runtime.manager.engine(tid) is None
