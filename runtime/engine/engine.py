@@ -661,7 +661,11 @@ class Engine:
             raise EngineUnavailable("the request was abandoned before its change was made")
         now = utc_now()
         fn, action = self._history_write(op, now)
-        request = self._store.submit(WriteRequest(fn=fn, action=action))
+        # Fenced like the lane (PostgreSQL), on a lane of its own: its failure must not fail the engine's lane
+        # (a refusal changes nothing), but a paused owner's history change must be refused after a takeover.
+        fence = self._lane.fence
+        request = self._store.submit(WriteRequest(fn=fn, action=action,
+                                                  lane=None if fence is None else WriteLane(fence=fence)))
         self._claimed(op, request)
         # Shielded: the engine must know whether its thread changed before it serves another op (an engine
         # cancelled meanwhile is being torn down and waits for this anyway). Bounded: the writer only
@@ -676,6 +680,8 @@ class Engine:
             self._write_failed(error)  # memory may now be behind the store: a successor restores from it
             raise error
         assert request.result is not None
+        if isinstance(request.result, outcome.Error) and isinstance(request.result.error, LeaseLost):
+            self.lease_lost(request.result.error)  # another host owns the thread now: retire, write nothing
         change: history.Change = request.result.unwrap()  # a rejection or a storage error: nothing changed
         self._boundary = request
         self._idle_since = trio.current_time()

@@ -152,6 +152,33 @@ async def test_a_paused_owner_is_fenced_and_its_engine_retires_without_writing(t
         one.cluster.keeper.renewal_gate.set()
 
 
+async def test_a_paused_owners_history_change_is_refused_after_a_takeover(tmp_path, pg_url):
+    async with host(tmp_path, pg_url, "h1") as one, host(tmp_path, pg_url, "h2") as two:
+        tid = (await one.create_thread(title="kept"))["id"]
+        await one.update_thread(tid, {"title": "by h1"})
+        held = one.cluster.keeper.held(tid)
+        one.cluster.keeper.renewal_gate = trio.Event()
+        held.valid_until = float("inf")  # paused: its own validity check has not run when it goes on
+
+        async def expired():
+            return not (await lease(two, tid)).live
+
+        await until(expired, "h1's lease to expire")
+        await two.update_thread(tid, {"title": "by h2"})
+        before = await stored_events(two, tid)
+        # A history change (delete) from h1's stale engine: refused by the database, the thread stays.
+        with pytest.raises(LeaseLost):
+            await one.delete_thread(tid)
+        assert (await two.thread_record(tid))["title"] == "by h2"
+        assert [(e.seq, e.event) for e in await stored_events(two, tid)] == [(e.seq, e.event) for e in before]
+        with trio.fail_after(WAIT):
+            while one.manager.engine(tid) is not None:  # and h1's engine retired
+                await trio.sleep(0.01)
+        with pytest.raises(NotOwner):
+            await one.delete_thread(tid)
+        one.cluster.keeper.renewal_gate.set()
+
+
 async def test_a_dead_owners_turns_are_taken_over_interrupted_and_approvals_stay_pending(tmp_path, pg_url):
     async with host(tmp_path, pg_url, "h2") as two:
         async with host(tmp_path, pg_url, "h1", tools=demo_registry()) as one:
