@@ -179,6 +179,22 @@ async def test_a_paused_owners_history_change_is_refused_after_a_takeover(tmp_pa
         one.cluster.keeper.renewal_gate.set()
 
 
+async def test_an_engine_whose_lease_is_not_known_valid_serves_nothing(tmp_path, pg_url):
+    async with host(tmp_path, pg_url, "h1", lease_ttl=30) as one:
+        tid = (await one.create_thread(title="t"))["id"]
+        await one.update_thread(tid, {"title": "a"})
+        first = one.manager.engine(tid)
+        held = one.cluster.keeper.held(tid)
+        # Our own view lapsed (a renewal that did not come back in time) before the watchdog ran: the
+        # request must not reach that engine. It re-acquires (still ours in the database: same epoch) and a
+        # successor restored from the store serves it.
+        held.valid_until = trio.current_time() - 1
+        record = await one.update_thread(tid, {"title": "b"})
+        assert record["title"] == "b" and record["owner"]["epoch"] == 1
+        assert one.manager.engine(tid) is not first and first.diverged is not None
+        assert one.cluster.keeper.held(tid) is not held and one.cluster.keeper.valid(tid)
+
+
 async def test_a_dead_owners_turns_are_taken_over_interrupted_and_approvals_stay_pending(tmp_path, pg_url):
     async with host(tmp_path, pg_url, "h2") as two:
         async with host(tmp_path, pg_url, "h1", tools=demo_registry()) as one:
