@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 
@@ -19,9 +19,6 @@ from ..clock import utc_now
 from ..errors import EngineUnavailable, NotFound, NotOwner, RuntimeFailure
 from . import leases
 from .listener import Listener
-
-if TYPE_CHECKING:
-    from ..core import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +38,8 @@ def recover_for_takeover(conn: Any, thread_id: str) -> None:
 
 
 class Cluster:
-    def __init__(self, runtime: "Runtime", dsn: str, host_id: str, ttl: float) -> None:
+    def __init__(self, runtime: Any, dsn: str, host_id: str, ttl: float) -> None:
+        # ``runtime``: the Runtime (typed loosely: runtime.core imports this module, never the other way).
         self._runtime = runtime
         self.host_id = host_id
         self.keeper = leases.LeaseKeeper(runtime.store, host_id, lambda: getattr(runtime, "advertise_url", None), ttl,
