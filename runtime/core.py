@@ -75,6 +75,11 @@ def clamp_limit(limit: int | None, default: int = 50) -> int:
     return max(1, min(LIST_LIMIT_MAX, default if limit is None else int(limit)))
 
 
+def _thread_record(conn: Any, thread_id: str) -> dict[str, Any] | None:
+    row = records.get_thread_row(conn, thread_id)
+    return None if row is None else records.thread_record(row)
+
+
 class Runtime:
     """Open with ``async with Runtime.open(config) as rt:``; leaving the block interrupts running
     turns (they end ``interrupted``), fails queued ops with EngineUnavailable and flushes the store."""
@@ -143,14 +148,21 @@ class Runtime:
         self.manager.attach_keeper(self.cluster.keeper)
         await nursery.start(self.cluster.run)
 
-    async def _with_owner(self, records_: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """ThreadRecords with ``owner`` (PostgreSQL only; SQLite records have no such field)."""
-        cluster = getattr(self, "cluster", None)
-        if cluster is not None and records_:
-            owners = await cluster.owners([record["id"] for record in records_])
-            for record in records_:
-                record["owner"] = owners.get(record["id"])
-        return records_
+    def _owned(self, fn: Callable[[Any], Any], pick: Callable[[Any], list[dict[str, Any]]]) -> Callable[[Any], Any]:
+        """``fn`` (a store read) whose ThreadRecords (``pick(result)``) get ``owner`` in the SAME read (one
+        snapshot, one hop) on PostgreSQL; ``fn`` itself on SQLite (its records have no such field)."""
+        if getattr(self, "cluster", None) is None:
+            return fn
+
+        def read(conn: Any) -> Any:
+            from .cluster.host import add_owners
+
+            result = fn(conn)
+            if result is not None:
+                add_owners(conn, pick(result))
+            return result
+
+        return read
 
     # ---- engine requests -------------------------------------------------------------------
 
@@ -225,23 +237,24 @@ class Runtime:
 
     async def list_threads(self, *, limit: int | None = None, include_archived: bool = False,
                            archived_only: bool = False) -> list[dict[str, Any]]:
-        return await self._with_owner(await self.store.read(functools.partial(
+        return await self.store.read(self._owned(functools.partial(
             records.list_threads, limit=clamp_limit(limit), include_archived=include_archived,
-            archived_only=archived_only), inline=True))
+            archived_only=archived_only), lambda found: found), inline=True)
 
     async def get_thread(self, thread_id: str, *, include_rewound: bool = False) -> dict[str, Any]:
-        detail = await self.store.read(functools.partial(records.thread_detail, thread_id=thread_id,
-                                                         include_rewound=include_rewound), inline=True)
+        detail = await self.store.read(self._owned(functools.partial(
+            records.thread_detail, thread_id=thread_id, include_rewound=include_rewound),
+            lambda found: [found["thread"]]), inline=True)
         if detail is None:
             raise NotFound(f"Thread '{thread_id}' not found")
-        await self._with_owner([detail["thread"]])
         return detail
 
     async def thread_record(self, thread_id: str) -> dict[str, Any]:
-        row = await self.store.read(functools.partial(records.get_thread_row, thread_id=thread_id), inline=True)
-        if row is None:
+        record = await self.store.read(self._owned(
+            functools.partial(_thread_record, thread_id=thread_id), lambda found: [found]), inline=True)
+        if record is None:
             raise NotFound(f"Thread '{thread_id}' not found")
-        return (await self._with_owner([records.thread_record(row)]))[0]
+        return record
 
     # ---- approvals ---------------------------------------------------------------------------
 
@@ -406,7 +419,8 @@ class Runtime:
 
     async def subscribe(self, thread_id: str, since_seq: int = 0) -> EventStream:
         """Check the thread exists (NotFound), then return its replay-then-live event stream."""
-        await self.thread_record(thread_id)
+        if await self.store.read(functools.partial(records.get_thread_row, thread_id=thread_id), inline=True) is None:
+            raise NotFound(f"Thread '{thread_id}' not found")
         return self.bus.subscribe(self.store, thread_id, since_seq)
 
     def info(self) -> dict[str, Any]:

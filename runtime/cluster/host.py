@@ -37,6 +37,21 @@ def recover_for_takeover(conn: Any, thread_id: str) -> None:
     recover_thread(conn, thread_id, utc_now())
 
 
+def add_owners(conn: Any, found: list[dict[str, Any]]) -> None:
+    """Set ``owner`` on each ThreadRecord in ``found`` (null when no live host holds its lease), inside the
+    caller's read (one statement for all of them)."""
+    if not found:
+        return
+    rows = conn.execute(
+        "SELECT thread_id, owner, advertise_url, epoch, expires_at,"
+        " (owner IS NOT NULL AND expires_at IS NOT NULL AND expires_at > now())"
+        " FROM thread_leases WHERE thread_id = ANY(?)", ([record["id"] for record in found],)).fetchall()
+    owners = {row[0]: leases.Lease(row[0], row[1], row[2], int(row[3]), leases._stamp(row[4]), bool(row[5])).record()
+              for row in rows}
+    for record in found:
+        record["owner"] = owners.get(record["id"])
+
+
 class Cluster:
     def __init__(self, runtime: Any, dsn: str, host_id: str, ttl: float) -> None:
         # ``runtime``: the Runtime (typed loosely: runtime.core imports this module, never the other way).
@@ -60,22 +75,6 @@ class Cluster:
 
     def close(self) -> None:
         self._scope.cancel(reason="runtime closing")
-
-    async def owners(self, thread_ids: list[str]) -> dict[str, dict[str, Any] | None]:
-        """ThreadRecord's ``owner`` for each thread (null when no live host holds it), in one read."""
-        if not thread_ids:
-            return {}
-
-        def read(conn: Any) -> dict[str, dict[str, Any] | None]:
-            found = {row[0]: leases.Lease(row[0], row[1], row[2], int(row[3]), leases._stamp(row[4]),
-                                          bool(row[5])).record()
-                     for row in conn.execute(
-                         "SELECT thread_id, owner, advertise_url, epoch, expires_at,"
-                         " (owner IS NOT NULL AND expires_at IS NOT NULL AND expires_at > now())"
-                         " FROM thread_leases WHERE thread_id = ANY(?)", (list(thread_ids),)).fetchall()}
-            return {thread_id: found.get(thread_id) for thread_id in thread_ids}
-
-        return await self._runtime.store.read(read)
 
     async def sweep(self) -> list[str]:
         """One round: take over (and so recover) every thread with a running turn and no live owner."""
