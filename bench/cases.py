@@ -19,6 +19,7 @@ from bench.history import bench_history
 from bench.mcp import bench_mcp
 from bench.ui import bench_ui
 from bench.pg import bench_pg
+from bench.forward import bench_forward
 from bench.validation import bench_session_validation
 from bench.util import (
     HOST, PYTHON, ROOT, TOKEN, Conn, HealthProbe, bare, build_request, call, free_port, latencies,
@@ -746,4 +747,5 @@ BENCHMARKS: dict[str, Callable[[Sizes], list[Row]]] = {
     "mcp": bench_mcp,
     "ui": bench_ui,
     "pg": bench_pg,
+    "forward": bench_forward,
 }

@@ -24,6 +24,11 @@ DEFAULT_FINAL_WRITE_SECONDS = 10.0
 # An approval nobody answers expires after this long and counts as a denial (API.md, "Tools and
 # approvals": --approval-timeout, default 300 s): long enough for a person to read the request.
 DEFAULT_APPROVAL_TIMEOUT = 300.0
+# How long a thread's lease lasts unless its owner renews it (issue 15; API.md "Several hosts on one
+# PostgreSQL": --lease-ttl, default 10 s): a dead host's threads move within this plus a renewal period.
+DEFAULT_LEASE_TTL = 10.0
+# The file in the data dir that keeps a generated host id across restarts.
+HOST_ID_FILE = "host_id"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +55,16 @@ class RuntimeConfig:
     # opens, and the file-operation layer of session files (None: the real one).
     sqlite_connection_factory: type[sqlite3.Connection] = sqlite3.Connection
     session_fs: object | None = None
+    # The store (issue 15): None (or "sqlite") is SQLite at ``db_path``; a ``postgresql://`` URL is PostgreSQL
+    # shared by several hosts (CLI --store, env TRIO_RUNTIME_STORE). Never logged: it may hold a password.
+    store_url: str | None = None
+    # This host's name among the hosts of one PostgreSQL (lease owner): --host-id, else generated once and
+    # kept in <data-dir>/host_id (resolve_host_id; Runtime.open fills it in, never None after open).
+    host_id: str | None = None
+    # The URL other hosts forward requests for this host's threads to (--advertise-url; default the bound URL).
+    advertise_url: str | None = None
+    # Seconds a thread lease lasts without renewal (--lease-ttl).
+    lease_ttl: float = DEFAULT_LEASE_TTL
 
     @property
     def db_path(self) -> Path:
@@ -58,3 +73,25 @@ class RuntimeConfig:
     @property
     def sessions_dir(self) -> Path:
         return self.data_dir / "sessions"
+
+
+def resolve_host_id(data_dir: Path) -> str:
+    """This host's id kept in ``<data-dir>/host_id``: read it, or generate one and write it (atomically, so
+    two starts never see a half-written id). Kept so a restarted host keeps owning its leases' name."""
+    import os
+    import secrets
+    import socket
+
+    path = data_dir / HOST_ID_FILE
+    try:
+        value = path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        value = ""
+    if value:
+        return value
+    data_dir.mkdir(parents=True, exist_ok=True)
+    value = f"{socket.gethostname().split('.')[0] or 'host'}-{secrets.token_hex(4)}"
+    tmp = path.with_name(f".{HOST_ID_FILE}.{os.getpid()}.tmp")
+    tmp.write_text(value + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return value

@@ -8,6 +8,7 @@ expires, EngineUnavailable when the engine stops first; the engine itself is nev
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import re
@@ -18,17 +19,17 @@ import trio
 
 from . import codec
 from .clock import new_id, utc_now
-from .config import RuntimeConfig
+from .config import RuntimeConfig, resolve_host_id
 from .engine import ops
 from .engine.handle import EngineEvicted
 from .engine.manager import ThreadManager
-from .errors import Conflict, EngineTimeout, InvalidInput, NotFound
+from .errors import Conflict, EngineTimeout, InvalidInput, NotFound, NotOwner
 from .events import EventBus, EventStream
 from .idempotency import Claim, Idempotency, record_claim
 from .models.base import ModelBackend
 from .models.scripted import ScriptedModel
 from .sessions import SessionService
-from .store import EventDraft, Store, WriteRequest, records
+from .store import EventDraft, Store, WriteRequest, is_postgres_url, open_store, records
 from .version import __version__
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,11 @@ def clamp_limit(limit: int | None, default: int = 50) -> int:
     return max(1, min(LIST_LIMIT_MAX, default if limit is None else int(limit)))
 
 
+def _thread_record(conn: Any, thread_id: str) -> dict[str, Any] | None:
+    row = records.get_thread_row(conn, thread_id)
+    return None if row is None else records.thread_record(row)
+
+
 class Runtime:
     """Open with ``async with Runtime.open(config) as rt:``; leaving the block interrupts running
     turns (they end ``interrupted``), fails queued ops with EngineUnavailable and flushes the store."""
@@ -86,6 +92,9 @@ class Runtime:
         self.manager = manager
         self.backend = backend
         self.started_monotonic = time.monotonic()
+        # Where other hosts forward this host's threads' requests (issue 15): --advertise-url, else the URL the
+        # server bound (web/cli.py sets it once it knows the port).
+        self.advertise_url: str | None = config.advertise_url
         self.idempotency = Idempotency(store, config.idempotency_ttl)
         self.sessions = SessionService(self)
 
@@ -94,13 +103,19 @@ class Runtime:
     async def open(cls, config: RuntimeConfig) -> AsyncIterator["Runtime"]:
         backend: ModelBackend = config.model_factory() if config.model_factory else ScriptedModel()  # type: ignore[assignment]
         bus = EventBus(config.subscriber_buffer)
-        async with Store.open(config.db_path, bus.publish, config.write_queue,
-                              config.sqlite_connection_factory) as store:
+        # The host id is resolved once here (the CLI may have done it): never None while the runtime runs.
+        # "sqlite" as a store URL is the default store (the CLI's --store sqlite, TRIO_RUNTIME_STORE=sqlite).
+        config = dataclasses.replace(
+            config, host_id=config.host_id or await trio.to_thread.run_sync(resolve_host_id, config.data_dir),
+            store_url=config.store_url if is_postgres_url(config.store_url) else None)
+        async with open_store(config, bus.publish) as store:
             manager = ThreadManager(store, backend, config)
             runtime = cls(config, store, bus, manager, backend)
             await runtime.sessions.open()
             async with trio.open_nursery() as nursery:
                 await nursery.start(manager.run)
+                if getattr(store, "kind", "sqlite") == "postgresql":
+                    await runtime._start_cluster(nursery)
                 # MCP servers: each a supervised task in this nursery; their tools join the built-ins
                 # (started in parallel, each bounded by its startup_timeout; a failing one is only a status).
                 from .mcp import McpServers, RuntimeTools  # the tool layer sits above the core
@@ -116,9 +131,38 @@ class Runtime:
                     # bounded because every engine's final write is bounded (final_write_seconds).
                     with trio.CancelScope(shield=True):
                         await manager.aclose()
+                    if getattr(runtime, "cluster", None) is not None:
+                        runtime.cluster.close()  # after the engines released their leases
                     # After the turns ended (their MCP calls are cancelled): stop every server; each
                     # task kills and reaps its child, and the nursery waits for them.
                     await runtime.mcp.aclose()
+
+    async def _start_cluster(self, nursery: trio.Nursery) -> None:
+        """Several hosts on one PostgreSQL (runtime/cluster): leases for engines, the LISTEN connection
+        that wakes this host's event streams, and the sweeper of dead owners' turns. Streams are polled
+        from the events table (see EventBus.polled)."""
+        from .cluster.host import Cluster
+
+        self.bus.polled = True
+        self.cluster = Cluster(self, self.config.store_url or "", self.config.host_id or "", self.config.lease_ttl)
+        self.manager.attach_keeper(self.cluster.keeper)
+        await nursery.start(self.cluster.run)
+
+    def _owned(self, fn: Callable[[Any], Any], pick: Callable[[Any], list[dict[str, Any]]]) -> Callable[[Any], Any]:
+        """``fn`` (a store read) whose ThreadRecords (``pick(result)``) get ``owner`` in the SAME read (one
+        snapshot, one hop) on PostgreSQL; ``fn`` itself on SQLite (its records have no such field)."""
+        if getattr(self, "cluster", None) is None:
+            return fn
+
+        def read(conn: Any) -> Any:
+            from .cluster.host import add_owners
+
+            result = fn(conn)
+            if result is not None:
+                add_owners(conn, pick(result))
+            return result
+
+        return read
 
     # ---- engine requests -------------------------------------------------------------------
 
@@ -193,22 +237,24 @@ class Runtime:
 
     async def list_threads(self, *, limit: int | None = None, include_archived: bool = False,
                            archived_only: bool = False) -> list[dict[str, Any]]:
-        return await self.store.read(functools.partial(
+        return await self.store.read(self._owned(functools.partial(
             records.list_threads, limit=clamp_limit(limit), include_archived=include_archived,
-            archived_only=archived_only), inline=True)
+            archived_only=archived_only), lambda found: found), inline=True)
 
     async def get_thread(self, thread_id: str, *, include_rewound: bool = False) -> dict[str, Any]:
-        detail = await self.store.read(functools.partial(records.thread_detail, thread_id=thread_id,
-                                                         include_rewound=include_rewound), inline=True)
+        detail = await self.store.read(self._owned(functools.partial(
+            records.thread_detail, thread_id=thread_id, include_rewound=include_rewound),
+            lambda found: [found["thread"]]), inline=True)
         if detail is None:
             raise NotFound(f"Thread '{thread_id}' not found")
         return detail
 
     async def thread_record(self, thread_id: str) -> dict[str, Any]:
-        row = await self.store.read(functools.partial(records.get_thread_row, thread_id=thread_id), inline=True)
-        if row is None:
+        record = await self.store.read(self._owned(
+            functools.partial(_thread_record, thread_id=thread_id), lambda found: [found]), inline=True)
+        if record is None:
             raise NotFound(f"Thread '{thread_id}' not found")
-        return records.thread_record(row)
+        return record
 
     # ---- approvals ---------------------------------------------------------------------------
 
@@ -246,6 +292,8 @@ class Runtime:
         for thread_id in await self.store.read(records.threads_with_active_turns):
             try:
                 await self.manager.handle(thread_id)
+            except NotOwner:
+                continue  # another live host runs it (several hosts on one PostgreSQL)
             except Exception:  # one thread must never stop the server from starting
                 log.exception("could not carry on the turn of thread %s", thread_id)
 
@@ -371,7 +419,8 @@ class Runtime:
 
     async def subscribe(self, thread_id: str, since_seq: int = 0) -> EventStream:
         """Check the thread exists (NotFound), then return its replay-then-live event stream."""
-        await self.thread_record(thread_id)
+        if await self.store.read(functools.partial(records.get_thread_row, thread_id=thread_id), inline=True) is None:
+            raise NotFound(f"Thread '{thread_id}' not found")
         return self.bus.subscribe(self.store, thread_id, since_seq)
 
     def info(self) -> dict[str, Any]:
@@ -379,6 +428,10 @@ class Runtime:
             "version": __version__,
             "data_dir": str(self.config.data_dir),
             "model_backend": getattr(self.backend, "name", type(self.backend).__name__),
+            # Issue 15: which store (never its URL, which may hold a password) and this host's name and URL.
+            "store": self.store.kind,
+            "host_id": self.config.host_id,
+            "advertise_url": self.advertise_url,
             "uptime_seconds": round(time.monotonic() - self.started_monotonic, 3),
             "live_engines": self.manager.live_count,
             "subscribers": self.bus.subscriber_count,

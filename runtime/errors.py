@@ -78,9 +78,24 @@ class EngineTimeout(RuntimeFailure):
     code = "timeout"
 
 
+class NotOwner(RuntimeFailure):
+    """Another live host holds the thread's lease (several hosts on one PostgreSQL): the request must be
+    served by that host. Raised BEFORE anything changed; the HTTP layer forwards the request to
+    ``advertise_url`` (web/forward.py), or answers 503 when it cannot."""
+
+    code = "not_owner"
+
+    def __init__(self, owner_host_id: str, advertise_url: str = "", thread_id: str | None = None) -> None:
+        what = f"thread '{thread_id}'" if thread_id else "this thread"
+        super().__init__(f"Host '{owner_host_id}' ({advertise_url}) owns {what}; send the request there")
+        self.owner_host_id = owner_host_id
+        self.advertise_url = advertise_url
+        self.thread_id = thread_id
+
+
 # The caller's request was refused for what it asked (not for how the disk behaved): raised inside a
 # store write, it undoes that write only and never fails the writer's lane (see store.WriteLane).
-REJECTIONS = (NotFound, InvalidInput, Conflict, PreconditionFailed, IdempotencyKeyReused)
+REJECTIONS = (NotFound, InvalidInput, Conflict, PreconditionFailed, IdempotencyKeyReused, NotOwner)
 
 
 class StorageError(RuntimeFailure):
@@ -93,3 +108,10 @@ class StorageFull(StorageError):
     """The disk is full: nothing was written."""
 
     code = "insufficient_storage"
+
+
+class LeaseLost(StorageError):
+    """A write of a thread's engine was refused because this host no longer holds the thread's lease at the
+    engine's epoch (PostgreSQL store, issue 15): another host took the thread over; nothing of it was stored."""
+
+    code = "lease_lost"

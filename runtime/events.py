@@ -37,10 +37,35 @@ class EventBus:
         self._deleted: collections.OrderedDict[str, Event] = collections.OrderedDict()
         self.overflows = 0
         self._changed = trio.Event()
+        # Several hosts on one PostgreSQL (runtime/cluster/listener.py): events of a thread may be written
+        # by any host, so a stream cannot trust the order in which they reach this process. ``polled``
+        # streams treat every publication (local, or another host's notification) as a wake-up only and
+        # read the events table after their position (the seq rule makes that read gap-free).
+        self.polled = False
+        self._wakes: dict[str, trio.Event] = {}
+        self._polled_streams = 0
 
     @property
     def subscriber_count(self) -> int:
-        return sum(len(s) for s in self._subs.values())
+        return sum(len(s) for s in self._subs.values()) + self._polled_streams
+
+    def wake(self, thread_id: str | None) -> None:
+        """Wake the polled streams of ``thread_id`` (None: of every thread) to re-read the store."""
+        if thread_id is None:
+            wakes, self._wakes = self._wakes, {}
+            for event in wakes.values():
+                event.set()
+            return
+        event = self._wakes.pop(thread_id, None)
+        if event is not None:
+            event.set()
+
+    def wake_event(self, thread_id: str) -> trio.Event:
+        """The event the next ``wake(thread_id)`` sets (take it BEFORE reading, so no wake is missed)."""
+        event = self._wakes.get(thread_id)
+        if event is None:
+            event = self._wakes[thread_id] = trio.Event()
+        return event
 
     async def wait_for_subscribers(self, predicate) -> None:
         """Wait until ``predicate(subscriber_count)`` holds (lets shutdown and tests wait without polling)."""
@@ -71,6 +96,14 @@ class EventBus:
         return self._deleted.get(thread_id)
 
     def publish(self, events: list[Event]) -> None:
+        if self.polled:
+            for event in events:
+                if event.event == "thread.deleted":
+                    self._deleted[event.thread_id] = event
+                    while len(self._deleted) > DELETED_REMEMBERED:
+                        self._deleted.popitem(last=False)
+                self.wake(event.thread_id)
+            return
         for event in events:
             if event.event == "thread.deleted":
                 self._thread_deleted(event)
@@ -103,7 +136,9 @@ class EventBus:
                 pass
             self.detach(sub)
 
-    def subscribe(self, store: Store, thread_id: str, since_seq: int) -> "EventStream":
+    def subscribe(self, store: Store, thread_id: str, since_seq: int) -> "EventStream | PolledStream":
+        if self.polled:
+            return PolledStream(self, store, thread_id, since_seq)
         return EventStream(self, store, thread_id, since_seq)
 
 
@@ -168,6 +203,76 @@ class EventStream:
         self._sub.overflowed = False
 
     def __aiter__(self) -> "EventStream":
+        return self
+
+    async def __anext__(self) -> Event:
+        return await self.next()
+
+    async def aclose(self) -> None:
+        self.close()
+
+
+class PolledStream:
+    """EventStream's interface for a cluster (``EventBus.polled``): every event comes from the events table
+    (``seq > last_seq``, in order), read again whenever the bus wakes the thread (a local commit, or another
+    host's NOTIFY through the listener). Readers on any host see the same events in the same order, and
+    ``Last-Event-ID`` is only a position. ``next`` is cancellation-safe: the position moves only when an
+    event is returned. A thread deleted on another host (its events are gone) ends the stream once a wake
+    finds neither new events nor the thread."""
+
+    def __init__(self, bus: EventBus, store: Store, thread_id: str, since_seq: int) -> None:
+        self._bus = bus
+        self._store = store
+        self.thread_id = thread_id
+        self.last_seq = since_seq
+        self._pending: collections.deque[Event] = collections.deque()
+        self._ended = False
+        self._closed = False
+        self._woken = False
+        self.catch_ups = 0
+        bus._polled_streams += 1
+        bus._notify()
+
+    async def next(self) -> Event:
+        while True:
+            if self._pending:
+                event = self._pending.popleft()
+                self.last_seq = event.seq
+                if event.event == "thread.deleted":
+                    self._ended = True
+                    self._pending.clear()
+                return event
+            if self._ended or self._closed:
+                raise StopAsyncIteration
+            wake = self._bus.wake_event(self.thread_id)  # before the read: a wake during it is kept
+            page = await self._store.read(functools.partial(
+                records.events_after, thread_id=self.thread_id, since_seq=self.last_seq))
+            if page:
+                self._pending.extend(page)
+                self._woken = False
+                continue
+            deleted = self._bus.deleted(self.thread_id)
+            if deleted is not None:  # deleted by this host: its last event, then the end
+                self._ended = True
+                if deleted.seq > self.last_seq:
+                    self._pending.append(deleted)
+                continue
+            if self._woken:
+                # Woken and nothing new: a deletion on another host (its events went with the thread)?
+                self._woken = False
+                if await self._store.read(functools.partial(records.get_thread_row, thread_id=self.thread_id)) is None:
+                    self._ended = True
+                    continue
+            await wake.wait()
+            self._woken = True
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._bus._polled_streams -= 1
+            self._bus._notify()
+
+    def __aiter__(self) -> "PolledStream":
         return self
 
     async def __anext__(self) -> Event:

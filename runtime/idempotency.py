@@ -65,13 +65,16 @@ class Claim:
     abandoned: bool = False
 
     def statement(self, result: Any) -> tuple[str, tuple[Any, ...]]:
-        """The INSERT that stores the answer for ``result`` (encoded now). OR REPLACE: a row still there
-        for this key has expired (a live one is answered before any operation runs)."""
+        """The INSERT that stores the answer for ``result`` (encoded now). ON CONFLICT replaces (portable on
+        both stores, as INSERT OR REPLACE is not): a row still there for this key has expired
+        (a live one is answered before any operation runs)."""
         self.body = self.encode(result)
         if self.headers_of is not None:
             self.headers = {**self.headers, **self.headers_of(result)}
-        return ("INSERT OR REPLACE INTO idempotency (key, fingerprint, status, headers, body, created_at, expires_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+        return ("INSERT INTO idempotency (key, fingerprint, status, headers, body, created_at, expires_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET fingerprint = excluded.fingerprint,"
+                " status = excluded.status, headers = excluded.headers, body = excluded.body,"
+                " created_at = excluded.created_at, expires_at = excluded.expires_at",
                 (self.key, self.fingerprint, self.status, json.dumps(self.headers), self.body, utc_now(),
                  utc_after(self.ttl)))
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import ssl
 import threading
 from pathlib import Path
@@ -53,9 +54,32 @@ class ThreadGuard(trio.abc.Instrument):
             self.clock.autojump_threshold = wanted
 
 
+_PG_DATABASES: dict[Path, str] = {}
+_PG_CLUSTER: list = []
+
+
+def _pg_url_for(data_dir: Path) -> str:
+    """The PostgreSQL database of ``data_dir`` on a cluster started once for the whole run (removed at exit)."""
+    from tests.support_pg import start_cluster
+
+    if not _PG_CLUSTER:
+        _PG_CLUSTER.append(start_cluster())
+    cluster = _PG_CLUSTER[0]
+    key = Path(data_dir).resolve()
+    if key not in _PG_DATABASES:
+        _PG_DATABASES[key] = cluster.create_database()
+    return cluster.url(_PG_DATABASES[key])
+
+
 @contextlib.asynccontextmanager
 async def open_runtime(data_dir: Path, **overrides) -> AsyncIterator[Runtime]:
-    """``Runtime.open`` on ``data_dir``; under an autojumping MockClock it installs ThreadGuard."""
+    """``Runtime.open`` on ``data_dir``; under an autojumping MockClock it installs ThreadGuard.
+
+    With TRIO_TEST_STORE=postgresql (a whole-suite run on PostgreSQL, issue 15) and no ``store_url`` given,
+    the runtime opens on a database of the throwaway cluster that belongs to ``data_dir`` (a fresh one the
+    first time, the same one when the test reopens that data dir: a restart)."""
+    if "store_url" not in overrides and os.environ.get("TRIO_TEST_STORE") == "postgresql":
+        overrides["store_url"] = _pg_url_for(data_dir)
     config = RuntimeConfig(**{"data_dir": data_dir, **overrides})
     clock = trio.lowlevel.current_clock()
     guard = None

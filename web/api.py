@@ -74,6 +74,7 @@ async def read_body(cls: type) -> Any:
     raw = g.pop("raw_body", None)
     if raw is None:
         raw = await request.get_data(cache=False)
+        g.request_body = raw  # kept for a forward to the thread's owner (web/forward.py)
     if not raw.strip():
         return parse_body(cls, {})
     try:

@@ -10,7 +10,7 @@ from quart_trio.asgi import TrioASGIHTTPConnection
 
 from runtime import Runtime
 
-from . import auth, cors, errors, pages
+from . import auth, cors, errors, forward, pages
 from .routes import approvals, events, health, mcp, sessions, threads, turns
 from . import openapi
 from .settings import ServerSettings
@@ -137,4 +137,9 @@ def create_app(rt: Runtime, settings: ServerSettings, token: str | None) -> Quar
         app.register_blueprint(module.bp)
     pages.install(app)
     openapi.install(app)
+
+    @app.after_serving
+    async def close_forward_client() -> None:
+        await forward.aclose(app)
+
     return app

@@ -27,7 +27,8 @@ from hypercorn.trio import serve as hypercorn_serve
 
 from runtime import Runtime, RuntimeConfig, __version__
 from runtime.models.openai_compat import DEFAULT_READ_TIMEOUT, OpenAICompatModel
-from runtime.config import DEFAULT_APPROVAL_TIMEOUT
+from runtime.config import DEFAULT_APPROVAL_TIMEOUT, DEFAULT_LEASE_TTL
+from runtime.store import is_postgres_url
 from runtime.models.tools import RUN_LOG_ENV, ToolRegistry, demo_registry
 
 from . import server
@@ -44,6 +45,7 @@ log = logging.getLogger("trio_runtime")
 
 TOKEN_ENV = "TRIO_RUNTIME_TOKEN"
 REQUEST_TIMEOUT_ENV = "TRIO_RUNTIME_REQUEST_TIMEOUT"
+STORE_ENV = "TRIO_RUNTIME_STORE"
 
 # The numeric flags and the values they accept: (flag, its argparse dest, the Bound). Checked after
 # parsing (``check_numbers``) so that every refusal names the flag and the range in one format.
@@ -56,6 +58,7 @@ SERVE_NUMBERS = (
     ("--graceful-timeout", "graceful_timeout", SECONDS),
     ("--idle-evict", "idle_evict", IDLE_EVICT),
     ("--approval-timeout", "approval_timeout", APPROVAL_SECONDS),
+    ("--lease-ttl", "lease_ttl", SECONDS),
 )
 MODEL_NUMBERS = (
     ("--model-read-timeout", "model_read_timeout", SECONDS),
@@ -154,6 +157,16 @@ def tools_from_args(args: argparse.Namespace) -> ToolRegistry | None:
     return tools
 
 
+def store_url_from(parser: argparse.ArgumentParser, value: str | None) -> str | None:
+    """``--store``: "sqlite" (or nothing) is the default store (None); a postgresql:// URL is PostgreSQL;
+    anything else exits 2 (the message never repeats the value: a URL may hold a password)."""
+    if value in (None, "", "sqlite"):
+        return None
+    if not is_postgres_url(value):
+        parser.error("--store must be sqlite or a postgresql:// URL")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trio-runtime", description="A local agent runtime server.")
     parser.add_argument("--version", action="version", version=f"trio-runtime {__version__}")
@@ -186,6 +199,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--approval-timeout", type=float, default=DEFAULT_APPROVAL_TIMEOUT, metavar="SECONDS",
                        help="a tool call nobody allows or denies for this long is denied as expired"
                             f" (default 300; {APPROVAL_SECONDS})")
+    serve.add_argument("--store", default=_env(STORE_ENV, "sqlite"), metavar="URL",
+                       help="the database: sqlite (default: the data dir's SQLite file) or a postgresql:// URL shared"
+                            f" by several hosts [{STORE_ENV}]")
+    serve.add_argument("--host-id", default=None,
+                       help="this host's name among the hosts of one PostgreSQL (default: generated once, kept in"
+                            " <data-dir>/host_id)")
+    serve.add_argument("--advertise-url", default=None, metavar="URL",
+                       help="the URL other hosts forward this host's threads' requests to (default: the bound URL)")
+    serve.add_argument("--lease-ttl", type=float, default=DEFAULT_LEASE_TTL, metavar="SECONDS",
+                       help=f"seconds a thread's lease lasts unless its owner renews it (default 10; {SECONDS})")
     serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     doctor = commands.add_parser("doctor", help="check that the configured model backend is reachable and serves"
                                                 " the model; exit 0 if so, 1 with what is wrong")
@@ -268,6 +291,8 @@ async def run_server(settings: ServerSettings, runtime_config: RuntimeConfig, *,
         async with trio.open_nursery() as nursery:
             binds = await nursery.start(partial(hypercorn_serve, app, hyper, shutdown_trigger=stop_serving))
             url = binds[0] if binds else f"http://{settings.host}:{settings.port}"
+            if rt.advertise_url is None:  # --advertise-url not given: the bound URL (other hosts forward there)
+                rt.advertise_url = url
             print(f"trio-runtime listening on {url}", flush=True)
             print(f"trio-runtime dashboard: {sign_in_line(url, token)}", flush=True)
             task_status.started(RunningServer(url, token, rt, app))
@@ -321,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     config = RuntimeConfig(data_dir=settings.data_dir, model_factory=model_factory,
                            default_model=args.model_name if model_factory else "scripted",
                            tools=tools_from_args(args), approval_timeout=args.approval_timeout,
+                           store_url=store_url_from(parser, args.store), host_id=args.host_id,
+                           advertise_url=args.advertise_url, lease_ttl=args.lease_ttl,
                            **({"idle_evict_seconds": args.idle_evict} if args.idle_evict is not None else {}))
     # A full garbage collection walks every tracked object, and what start-up made (modules, classes,
     # the parser) lives as long as the process: move it out of the collector's reach once. A 12 MB

@@ -27,6 +27,7 @@ STATUS_BY_ERROR: dict[type[rt.RuntimeFailure], int] = {
     rt.StorageFull: 507,  # RFC 4918 Insufficient Storage: the disk is full, nothing was written
     rt.EngineUnavailable: 503,
     rt.EngineTimeout: 504,
+    rt.NotOwner: 503,  # only when forwarding is impossible (web/forward.py)
 }
 
 # Codes for HTTP errors raised by Quart/Werkzeug before a route runs.
@@ -49,6 +50,13 @@ def status_for(exc: rt.RuntimeFailure) -> int:
 
 
 def install(app: Quart) -> None:
+    @app.errorhandler(rt.NotOwner)
+    async def not_owner(exc: rt.NotOwner) -> Response:
+        # Several hosts on one PostgreSQL: served by the thread's owner (forwarded), or here after a takeover.
+        from .forward import not_owner as forward
+
+        return await forward(exc)
+
     @app.errorhandler(rt.RuntimeFailure)
     async def runtime_failure(exc: rt.RuntimeFailure) -> Response:
         status = status_for(exc)

@@ -76,7 +76,10 @@ def idempotent(view: Callable) -> Callable:
     @functools.wraps(view)
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
         key = parse_key()
-        g.raw_body = body = await request.get_data(cache=False)
+        body = g.pop("raw_body", None)  # set when the request runs again here after a takeover (web/forward.py)
+        if body is None:
+            body = await request.get_data(cache=False)
+        g.raw_body = g.request_body = body
         if key is None:
             return await view(*args, **kwargs)
         service = runtime().idempotency

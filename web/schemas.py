@@ -193,12 +193,25 @@ class RuntimeInfo:
     uptime_seconds: float
     live_engines: int
     subscribers: int
+    store: str
+    host_id: str
+    advertise_url: str | None
 
 
 @dataclasses.dataclass
 class ForkedFrom:
     thread_id: str
     through_turn_id: str | None
+
+
+@dataclasses.dataclass
+class LeaseOwner:
+    """The host that runs the thread's engine (several hosts on one PostgreSQL): its lease in the database."""
+
+    host_id: str
+    advertise_url: str | None
+    epoch: int
+    expires_at: str  # database clock
 
 
 @dataclasses.dataclass
@@ -217,6 +230,8 @@ class ThreadRecord:
     forked_from: ForkedFrom | None = None
     approval_policy: str = "ask"  # ask | auto | deny
     allowed_tools: list[str] = dataclasses.field(default_factory=list)  # allowed for the rest of the thread
+    # PostgreSQL only (absent on SQLite): the lease's owner, null when no live host holds it.
+    owner: LeaseOwner | None = None
 
 
 @dataclasses.dataclass

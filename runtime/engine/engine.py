@@ -32,7 +32,9 @@ from . import history, ops
 from .handle import EngineEvicted
 from ..clock import new_id, seconds_until, utc_after, utc_now
 from ..config import RuntimeConfig
-from ..errors import Conflict, EngineTimeout, EngineUnavailable, InvalidInput, RuntimeFailure, StorageError
+from ..errors import (
+    Conflict, EngineTimeout, EngineUnavailable, InvalidInput, LeaseLost, RuntimeFailure, StorageError,
+)
 from ..idempotency import record_claim
 from ..models.base import (
     ItemBreak, ModelBackend, ModelError, ModelRequest, ReasoningDelta, Retrying, TextDelta, ToolCall, ToolOutcome,
@@ -124,6 +126,7 @@ class Engine:
         inbox: trio.MemoryReceiveChannel[ops.Op],
         retire: Callable[["Engine", bool], bool],
         end_later: Callable[[str, str, Callable[[sqlite3.Connection], list[EventDraft]]], None] | None = None,
+        fence: tuple[str, int] | None = None,
     ) -> None:
         self.thread: dict[str, Any] = state["thread"]
         self.thread_id: str = self.thread["id"]
@@ -145,6 +148,9 @@ class Engine:
         self._end_later = end_later
         # Every write of this engine, in order; the writer stops the lane at its first failure.
         self._lane = WriteLane(on_failure=self._write_failed)
+        # (thread id, epoch) of the lease this engine writes under (PostgreSQL): the writer refuses a write of
+        # an older epoch with LeaseLost, which retires the engine like any failed write, without another write.
+        self._lane.fence = fence
         # The first storage failure of the lane: from then on the engine only winds down.
         self.diverged: RuntimeFailure | None = None
         self._nursery: trio.Nursery | None = None
@@ -228,6 +234,15 @@ class Engine:
         self._retire(self, False)
         if self.active is not None:
             self._cancel_turn("failed", str(error), reason="a write of the turn failed")
+
+    def lease_lost(self, error: LeaseLost) -> None:
+        """This host no longer knows it holds the thread's lease (PostgreSQL): stop like after a failed write,
+        but write NOTHING more (another host may own the thread now; its takeover recovery ends the turn).
+        Writes still queued on the lane fail without running."""
+        if self._lane.failed is None:
+            self._lane.failed = error
+            self._lane.notified = True
+        self._write_failed(error)
 
     def _failure(self) -> RuntimeFailure:
         """A fresh copy of the lane's failure, to raise in a requester (one instance per raise)."""
@@ -646,7 +661,11 @@ class Engine:
             raise EngineUnavailable("the request was abandoned before its change was made")
         now = utc_now()
         fn, action = self._history_write(op, now)
-        request = self._store.submit(WriteRequest(fn=fn, action=action))
+        # Fenced like the lane (PostgreSQL), on a lane of its own: its failure must not fail the engine's lane
+        # (a refusal changes nothing), but a paused owner's history change must be refused after a takeover.
+        fence = self._lane.fence
+        request = self._store.submit(WriteRequest(fn=fn, action=action,
+                                                  lane=None if fence is None else WriteLane(fence=fence)))
         self._claimed(op, request)
         # Shielded: the engine must know whether its thread changed before it serves another op (an engine
         # cancelled meanwhile is being torn down and waits for this anyway). Bounded: the writer only
@@ -661,6 +680,8 @@ class Engine:
             self._write_failed(error)  # memory may now be behind the store: a successor restores from it
             raise error
         assert request.result is not None
+        if isinstance(request.result, outcome.Error) and isinstance(request.result.error, LeaseLost):
+            self.lease_lost(request.result.error)  # another host owns the thread now: retire, write nothing
         change: history.Change = request.result.unwrap()  # a rejection or a storage error: nothing changed
         self._boundary = request
         self._idle_since = trio.current_time()
@@ -1218,6 +1239,13 @@ class Engine:
             # The engine's committed state moves to the new boundary in the same step as the write is queued.
             apply_items(self.messages, [item.record(turn.id, now) for item in turn.items])
             self.total_tokens += usage.input_tokens + usage.output_tokens
+        elif isinstance(self.diverged, LeaseLost):
+            # Not ours any more: nothing is written (it would be refused, or race the new owner); the new
+            # owner's takeover recovery ends the turn ``interrupted``. Waiters get the LeaseLost error.
+            status, error = "failed", str(self.diverged)
+            request = WriteRequest(action=f"record the end of turn '{turn.id}'")
+            request.result = outcome.Error(self._failure())
+            request.done.set()
         else:
             status, error = "failed", str(self.diverged)
             request = self._store.submit(self._end_after_failure(turn, error, now, usage, duration_ms))
@@ -1253,7 +1281,7 @@ class Engine:
             log.error("turn %s: final state not committed within %s s", turn.id, self._config.final_write_seconds)
         else:
             log.error("turn %s: failed to record its end: %s", turn.id, request.result.error)
-        if self._end_later is not None:
+        if self._end_later is not None and not isinstance(self.diverged, LeaseLost):
             # A failed write has made this engine diverge (its lane told it before ``done``); an
             # unfinished one may still commit, and then the retried end finds the turn ended and does nothing.
             reason = str(self.diverged) if self.diverged is not None else (

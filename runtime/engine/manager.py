@@ -23,7 +23,7 @@ import trio
 
 from ..config import RuntimeConfig
 from .engine import Engine
-from ..errors import EngineUnavailable, NotFound
+from ..errors import EngineUnavailable, LeaseLost, NotFound
 from .handle import EngineHandle
 from ..models.base import ModelBackend
 from .ops import Op
@@ -50,6 +50,7 @@ class _Entry:
     handle: EngineHandle
     engine: Engine
     exited: trio.Event = dataclasses.field(default_factory=trio.Event)
+    lease: object | None = None  # runtime.cluster.leases.Held on PostgreSQL: the lease the engine writes under
 
 
 class ThreadManager:
@@ -71,6 +72,29 @@ class ThreadManager:
         # The tools every engine offers its model when the runtime has more than the config's built-ins
         # (a registry-like object: get, spec, call, len); None: the config's registry.
         self.tools: object | None = None
+        # Several hosts on PostgreSQL (runtime.cluster.leases.LeaseKeeper): an engine starts only under the
+        # thread's lease and serves only while the lease is known valid. None on SQLite (one host, no lease).
+        self.keeper = None
+
+    def attach_keeper(self, keeper) -> None:  # type: ignore[no-untyped-def]
+        self.keeper = keeper
+        keeper.on_lost = self._lease_lost
+
+    def _lease_valid(self, thread_id: str) -> bool:
+        return self.keeper is None or self.keeper.valid(thread_id)
+
+    def _lease_lost(self, thread_id: str) -> None:
+        """The lease of a live engine is no longer known valid (not renewed in time, or taken): the engine
+        retires WITHOUT another write (a new owner may be writing already); requests wait for its exit and
+        re-acquire (finding another owner: NotOwner; or renewing ours: a successor restores from the store)."""
+        entry = self._entries.get(thread_id)
+        if entry is None:
+            return
+        held = entry.lease
+        epoch = getattr(held, "epoch", "?")
+        entry.engine.lease_lost(LeaseLost(f"Failed to go on with thread '{thread_id}': this host no longer holds "
+                                          f"its lease (epoch {epoch})"))
+        self._retire(entry.engine, False)
 
     @property
     def live_count(self) -> int:
@@ -135,7 +159,7 @@ class ThreadManager:
     def live_handle(self, thread_id: str) -> EngineHandle | None:
         """The running engine's handle when there is one to route to right now (no spawn, no wait)."""
         entry = self._entries.get(thread_id)
-        if entry is None or entry.handle.evicted or self._closing:
+        if entry is None or entry.handle.evicted or self._closing or not self._lease_valid(thread_id):
             return None
         return entry.handle
 
@@ -146,6 +170,8 @@ class ThreadManager:
             if self._closing:
                 raise EngineUnavailable("The runtime is shutting down")
             entry = self._entries.get(thread_id)
+            if entry is not None and not entry.handle.evicted and not self._lease_valid(thread_id):
+                self._lease_lost(thread_id)  # never serve from an engine whose lease is not known valid
             if entry is not None and not entry.handle.evicted:
                 return entry.handle
             if entry is not None:
@@ -174,16 +200,30 @@ class ThreadManager:
             await unconfirmed.done.wait()
             if self._unconfirmed.get(thread_id) is unconfirmed:
                 del self._unconfirmed[thread_id]
-        state = await self._store.read(functools.partial(records.engine_state, thread_id=thread_id))
-        if state is None:
-            raise NotFound(f"Thread '{thread_id}' not found")
-        if self._closing or self._nursery is None:
-            raise EngineUnavailable("The runtime is shutting down")
+        lease = None
+        if self.keeper is not None:
+            # Before the engine restores: NotOwner (nothing changed) while another live host owns the thread;
+            # otherwise the lease is ours and what a previous owner left running is settled in the same
+            # transaction (runtime.cluster.host.recover_for_takeover), so the restore below sees it ended.
+            lease = await self.keeper.acquire(thread_id)
+        try:
+            state = await self._store.read(functools.partial(records.engine_state, thread_id=thread_id))
+            if state is None:
+                raise NotFound(f"Thread '{thread_id}' not found")
+            if self._closing or self._nursery is None:
+                raise EngineUnavailable("The runtime is shutting down")
+        except BaseException:
+            if lease is not None:
+                with trio.CancelScope(shield=True):  # one bounded lease write; the lease expires anyway
+                    with trio.move_on_after(self._config.final_write_seconds):
+                        await self.keeper.release(lease)
+            raise
         send, receive = trio.open_memory_channel[Op](self._config.inbox_capacity)
         engine = Engine(state, store=self._store, backend=self._backend, config=self._config,
-                        inbox=receive, retire=self._retire, end_later=self._end_later)
+                        inbox=receive, retire=self._retire, end_later=self._end_later,
+                        fence=None if lease is None else (thread_id, lease.epoch))
         engine.tools = self.tools
-        entry = _Entry(EngineHandle(thread_id, send), engine)
+        entry = _Entry(EngineHandle(thread_id, send), engine, lease=lease)
         await self._nursery.start(self._supervise, entry)
         return entry.handle
 
@@ -205,6 +245,15 @@ class ThreadManager:
             if self._entries.get(thread_id) is entry:
                 del self._entries[thread_id]
             entry.handle.close(evicted=entry.handle.evicted)
+            if entry.lease is not None and self.keeper is not None:
+                if isinstance(entry.engine.diverged, LeaseLost):
+                    self.keeper.lose(thread_id, "a write was refused for its epoch")
+                # Released before ``exited``: a successor on this host acquires only after it, so this can
+                # never release the successor's lease. Shielded and bounded: one small write (failing, the
+                # lease just expires); it runs when the engine stops at shutdown too.
+                with trio.CancelScope(shield=True):
+                    with trio.move_on_after(self._config.final_write_seconds):
+                        await self.keeper.release(entry.lease)
             entry.exited.set()
             if entry.engine.parked is not None and not self._closing and self._nursery is not None:
                 # The engine stopped (from outside) while the runtime goes on, leaving a turn that waits for

@@ -152,19 +152,36 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
+def _host(conn: Any) -> str | None:
+    """The host whose mcp.json this is, on a store several hosts share (PostgreSQL: the journal's rows are
+    keyed by host, since each host has its own data dir and mcp.json); None on SQLite (one host)."""
+    return getattr(conn, "host_id", None)
+
+
 def journal(conn: sqlite3.Connection, change: FileChange) -> None:
     """Record ``change`` as committed (the row commits with the change or not at all). Earlier rows go: each
     earlier change was settled (its undo file removed) before this one began, and this change's staging
     fsynced the directory, so no removed undo file can come back while its row is gone."""
+    host = _host(conn)
+    if host is not None:
+        conn.execute("DELETE FROM mcp_commits WHERE host_id = ?", (host,))
+        conn.execute("INSERT INTO mcp_commits (host_id, token) VALUES (?, ?)", (host, change.token))
+        return
     conn.execute("DELETE FROM mcp_commits")
     conn.execute("INSERT INTO mcp_commits (token) VALUES (?)", (change.token,))
 
 
 def is_committed(conn: sqlite3.Connection, token: str) -> bool:
+    host = _host(conn)
+    if host is not None:
+        return conn.execute("SELECT 1 FROM mcp_commits WHERE host_id = ? AND token = ?", (host, token)).fetchone() is not None
     return conn.execute("SELECT 1 FROM mcp_commits WHERE token = ?", (token,)).fetchone() is not None
 
 
 def committed_tokens(conn: sqlite3.Connection) -> set[str]:
+    host = _host(conn)
+    if host is not None:
+        return {row[0] for row in conn.execute("SELECT token FROM mcp_commits WHERE host_id = ?", (host,))}
     return {row[0] for row in conn.execute("SELECT token FROM mcp_commits")}
 
 

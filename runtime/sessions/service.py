@@ -39,7 +39,7 @@ from .files import (
     BACKUP_SUFFIX, SESSION_SCHEMA_VERSION, Change, SessionFiles, encode_document, parse_document,
     validate_session_id,
 )
-from ..store import EventDraft, Store, records
+from ..store import DatabaseError, EventDraft, Store, records
 from ..transcript import build_messages, derive_title, first_user_text, text_of
 
 log = logging.getLogger(__name__)
@@ -389,7 +389,7 @@ class SessionService:
             if await trio.to_thread.run_sync(self.files.settle, change, committed):
                 self._retired.add(change.token)
             return committed
-        except (StorageError, sqlite3.Error) as exc:
+        except (StorageError, *DatabaseError) as exc:
             log.error("could not settle a change of session '%s': %s; it is settled before the session's "
                       "next change", change.session_id, exc)
             self._unsettled.add(change.session_id)
@@ -411,7 +411,7 @@ class SessionService:
                                    f"{self.commit_timeout:g} s")
             try:
                 committed = await self._rt.store.read(functools.partial(_committed_tokens, session_id=session_id))
-            except sqlite3.Error as exc:
+            except DatabaseError as exc:
                 raise StorageError(f"Failed to recover session '{session_id}': {exc}") from exc
 
             def settle() -> list[str]:
@@ -879,7 +879,7 @@ def _named(exc: Exception, action: str, session_id: str) -> Exception:
         return exc
     reason, cause = exc.message, exc.__cause__
     while cause is not None:  # the store keeps SQLite's own error as the cause: it is the reason
-        if isinstance(cause, sqlite3.Error):
+        if isinstance(cause, DatabaseError):
             reason = str(cause)
             break
         cause = cause.__cause__

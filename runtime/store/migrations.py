@@ -171,3 +171,166 @@ def migrate(conn: sqlite3.Connection) -> None:
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+
+
+# ---- PostgreSQL (issue 15) -------------------------------------------------------------------------------
+#
+# The same tables and columns as the SQLite schema above after all its migrations (shared code runs the same
+# SQL on both), plus ``thread_leases``. Types: TEXT stays TEXT with the "C" collation (byte order, as SQLite
+# compares: ids and ISO timestamps sort the same on both), INTEGER becomes BIGINT (SQLite's integers are 64
+# bits; nanosecond mtimes need it), BLOB becomes BYTEA, and the events' seq comes from a sequence (BIGSERIAL;
+# the lease-row lock rule of docs/design.md "seq on PostgreSQL" keeps a thread's seqs visible in order).
+# Versioned in ``trio_runtime_schema``; each entry upgrades from version i to i + 1, applied under an
+# advisory lock so that hosts starting together migrate once. Never edit a shipped entry, append a new one.
+PG_MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE threads (
+        id TEXT COLLATE "C" PRIMARY KEY,
+        created_at TEXT COLLATE "C" NOT NULL,
+        updated_at TEXT COLLATE "C" NOT NULL,
+        model TEXT COLLATE "C" NOT NULL,
+        workspace TEXT COLLATE "C",
+        mode TEXT COLLATE "C" NOT NULL,
+        archived BIGINT NOT NULL DEFAULT 0,
+        title TEXT COLLATE "C",
+        system_prompt TEXT COLLATE "C",
+        latest_turn_id TEXT COLLATE "C",
+        session_id TEXT COLLATE "C",
+        base_messages TEXT COLLATE "C",
+        base_tokens BIGINT NOT NULL DEFAULT 0,
+        forked_from TEXT COLLATE "C",
+        approval_policy TEXT COLLATE "C" NOT NULL DEFAULT 'ask',
+        allowed_tools TEXT COLLATE "C"
+    );
+    CREATE INDEX threads_by_update ON threads (updated_at DESC, id DESC);
+    CREATE TABLE turns (
+        id TEXT COLLATE "C" PRIMARY KEY,
+        thread_id TEXT COLLATE "C" NOT NULL REFERENCES threads (id),
+        ord BIGINT NOT NULL,
+        status TEXT COLLATE "C" NOT NULL,
+        input_summary TEXT COLLATE "C" NOT NULL,
+        created_at TEXT COLLATE "C" NOT NULL,
+        started_at TEXT COLLATE "C",
+        ended_at TEXT COLLATE "C",
+        duration_ms BIGINT,
+        input_tokens BIGINT,
+        output_tokens BIGINT,
+        error TEXT COLLATE "C",
+        steer_count BIGINT NOT NULL DEFAULT 0,
+        rewound BIGINT NOT NULL DEFAULT 0,
+        retry_of TEXT COLLATE "C"
+    );
+    CREATE INDEX turns_by_thread ON turns (thread_id, ord);
+    CREATE INDEX turns_active ON turns (status) WHERE status IN ('queued', 'in_progress');
+    CREATE TABLE items (
+        id TEXT COLLATE "C" PRIMARY KEY,
+        turn_id TEXT COLLATE "C" NOT NULL REFERENCES turns (id),
+        thread_id TEXT COLLATE "C" NOT NULL,
+        ord BIGINT NOT NULL,
+        kind TEXT COLLATE "C" NOT NULL,
+        status TEXT COLLATE "C" NOT NULL,
+        summary TEXT COLLATE "C" NOT NULL,
+        detail TEXT COLLATE "C",
+        metadata TEXT COLLATE "C",
+        started_at TEXT COLLATE "C",
+        ended_at TEXT COLLATE "C"
+    );
+    CREATE INDEX items_by_thread ON items (thread_id, ord);
+    CREATE INDEX items_active ON items (status) WHERE status IN ('queued', 'in_progress');
+    CREATE TABLE events (
+        seq BIGSERIAL PRIMARY KEY,
+        thread_id TEXT COLLATE "C" NOT NULL,
+        turn_id TEXT COLLATE "C",
+        item_id TEXT COLLATE "C",
+        event TEXT COLLATE "C" NOT NULL,
+        timestamp TEXT COLLATE "C" NOT NULL,
+        payload TEXT COLLATE "C" NOT NULL
+    );
+    CREATE INDEX events_by_thread ON events (thread_id, seq);
+    CREATE INDEX events_by_item ON events (item_id) WHERE item_id IS NOT NULL;
+    CREATE TABLE sessions (
+        id TEXT COLLATE "C" PRIMARY KEY,
+        title TEXT COLLATE "C" NOT NULL,
+        created_at TEXT COLLATE "C" NOT NULL,
+        updated_at TEXT COLLATE "C" NOT NULL,
+        message_count BIGINT NOT NULL,
+        total_tokens TEXT COLLATE "C" NOT NULL,
+        model TEXT COLLATE "C",
+        workspace TEXT COLLATE "C",
+        mode TEXT COLLATE "C",
+        archived BIGINT NOT NULL DEFAULT 0,
+        revision BIGINT NOT NULL,
+        size BIGINT NOT NULL,
+        file_mtime_ns BIGINT NOT NULL,
+        search_text TEXT COLLATE "C" NOT NULL
+    );
+    CREATE INDEX sessions_by_update ON sessions (archived, updated_at DESC);
+    CREATE TABLE session_commits (
+        token TEXT COLLATE "C" PRIMARY KEY,
+        session_id TEXT COLLATE "C" NOT NULL
+    );
+    CREATE INDEX session_commits_by_session ON session_commits (session_id);
+    CREATE TABLE idempotency (
+        key TEXT COLLATE "C" PRIMARY KEY,
+        fingerprint TEXT COLLATE "C" NOT NULL,
+        status BIGINT NOT NULL,
+        headers TEXT COLLATE "C" NOT NULL,
+        body BYTEA NOT NULL,
+        created_at TEXT COLLATE "C" NOT NULL,
+        expires_at TEXT COLLATE "C" NOT NULL
+    );
+    CREATE INDEX idempotency_by_expiry ON idempotency (expires_at);
+    CREATE TABLE approvals (
+        id TEXT COLLATE "C" PRIMARY KEY,
+        thread_id TEXT COLLATE "C" NOT NULL,
+        turn_id TEXT COLLATE "C" NOT NULL,
+        item_id TEXT COLLATE "C" NOT NULL,
+        tool TEXT COLLATE "C" NOT NULL,
+        input TEXT COLLATE "C" NOT NULL,
+        status TEXT COLLATE "C" NOT NULL,
+        created_at TEXT COLLATE "C" NOT NULL,
+        expires_at TEXT COLLATE "C" NOT NULL,
+        resolved_at TEXT COLLATE "C",
+        decided_by TEXT COLLATE "C",
+        message TEXT COLLATE "C"
+    );
+    CREATE INDEX approvals_by_thread ON approvals (thread_id, created_at);
+    CREATE INDEX approvals_pending ON approvals (created_at) WHERE status = 'pending';
+    -- mcp.json is a file of each host: its change journal is keyed by the host (runtime/mcp/changes.py).
+    CREATE TABLE mcp_commits (
+        host_id TEXT COLLATE "C" NOT NULL,
+        token TEXT COLLATE "C" NOT NULL,
+        PRIMARY KEY (host_id, token)
+    );
+    CREATE TABLE thread_leases (
+        thread_id TEXT COLLATE "C" PRIMARY KEY,
+        owner TEXT COLLATE "C",
+        advertise_url TEXT COLLATE "C",
+        epoch BIGINT NOT NULL DEFAULT 0,
+        expires_at TIMESTAMPTZ
+    );
+    """,
+)
+
+PG_SCHEMA_VERSION = len(PG_MIGRATIONS)
+# pg_advisory_xact_lock key serialising migrations of hosts that start together (any constant; "trio" in ASCII).
+PG_MIGRATION_LOCK = 0x7472696F
+
+
+def migrate_pg(conn) -> None:
+    """Bring a PostgreSQL database to PG_SCHEMA_VERSION (``conn``: a psycopg connection in autocommit
+    mode, outside any transaction); refuses a database written by a newer runtime. Each step is one
+    transaction (PostgreSQL's DDL is transactional): a failure leaves the previous version whole."""
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (PG_MIGRATION_LOCK,))
+        conn.execute("CREATE TABLE IF NOT EXISTS trio_runtime_schema (version BIGINT NOT NULL)")
+        row = conn.execute("SELECT version FROM trio_runtime_schema").fetchone()
+        version = 0 if row is None else row[0]
+        if row is None:
+            conn.execute("INSERT INTO trio_runtime_schema (version) VALUES (0)")
+        if version > PG_SCHEMA_VERSION:
+            raise RuntimeError(f"database schema version {version} is newer than this runtime supports "
+                               f"({PG_SCHEMA_VERSION})")
+        for target in range(version + 1, PG_SCHEMA_VERSION + 1):
+            conn.execute(PG_MIGRATIONS[target - 1])
+            conn.execute("UPDATE trio_runtime_schema SET version = %s", (target,))

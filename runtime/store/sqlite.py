@@ -48,6 +48,8 @@ RESTART_ERROR = "interrupted by process restart"
 # The result of a tool that was running when the process died (API.md, "Tools and approvals"): it is never
 # run again by itself, and the model is told so.
 OUTCOME_UNKNOWN = "outcome unknown: the server restarted while the tool ran"
+# PostgreSQL's SQLSTATE for a full disk (class 53, "insufficient resources": disk_full).
+PG_DISK_FULL = "53100"
 # Items whose text arrives as item.delta events (and is written to the item row when it closes).
 STREAMED_KINDS = ("agent_message", "agent_reasoning")
 
@@ -114,6 +116,10 @@ class WriteLane:
     on_failure: Callable[[RuntimeFailure], None] | None = None
     failed: RuntimeFailure | None = None
     notified: bool = False
+    # (thread_id, epoch) of the lease the producer writes under (PostgreSQL, issue 15): the writer checks it
+    # before each write of the lane and refuses the write with LeaseLost once the epoch is no longer the
+    # lease's. The SQLite store ignores it (one process owns the whole file).
+    fence: tuple[str, int] | None = None
 
 
 @dataclasses.dataclass(eq=False)
@@ -143,6 +149,8 @@ def is_disk_full(exc: BaseException) -> bool:
         return True
     if isinstance(exc, sqlite3.Error):
         return (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF == sqlite3.SQLITE_FULL
+    if getattr(exc, "sqlstate", None) == PG_DISK_FULL:
+        return True
     return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
@@ -172,7 +180,15 @@ def _connect(path: Path, factory: type[sqlite3.Connection] = sqlite3.Connection)
 
 
 class Store:
-    """Open with ``async with Store.open(path, publish=...) as store``."""
+    """Open with ``async with Store.open(path, publish=...) as store``.
+
+    The writer below is shared with the PostgreSQL store (postgres.py subclasses this class): what differs
+    is behind the hooks ``_begin``, ``_request_mark``/``_request_undo``, ``_check_fence`` and
+    ``_before_commit`` and the error classes in ``db_errors``."""
+
+    kind = "sqlite"
+    # The driver's error classes: a failure of one of these is a storage failure (StorageError).
+    db_errors: tuple[type[BaseException], ...] = (sqlite3.Error,)
 
     def __init__(self, path: Path, publish: Callable[[list[Event]], None], write_queue: int,
                  connection_factory: type[sqlite3.Connection] = sqlite3.Connection) -> None:
@@ -190,6 +206,11 @@ class Store:
         self._rconn: sqlite3.Connection | None = None
         self._iconn: sqlite3.Connection | None = None  # inline reads, on the event loop's thread only
         self.recovered_turns = 0
+
+    @property
+    def where(self) -> str:
+        """The store's location for messages and logs."""
+        return str(self.path)
 
     @classmethod
     def open(cls, path: Path, publish: Callable[[list[Event]], None], write_queue: int = 4096,
@@ -210,65 +231,17 @@ class Store:
 
     @staticmethod
     def _recover(conn: sqlite3.Connection) -> int:
-        """Settle what a crash left running, with an event for each change:
-
-        - a tool call whose start was recorded but not its result ran, or did not, when the process died:
-          it is never run again; its item ends ``failed`` with OUTCOME_UNKNOWN, which is also the tool's
-          result the model gets, and its turn goes on (it stays ``in_progress``; its engine starts with the
-          runtime and carries it on);
-        - a turn waiting for an approval keeps waiting (the approval and its deadline are stored);
-        - every other queued or in-progress turn and item becomes ``interrupted``.
-        Returns the number of turns interrupted."""
+        """Settle, at open, what a crash left running in every thread (``recover_thread`` for each thread
+        with a queued or in-progress turn or item), in one transaction. Returns the number of turns
+        interrupted. Only the SQLite store does this globally: one process owns the whole file; on
+        PostgreSQL other hosts' turns are running, and a thread is recovered when its lease is taken over."""
         now = utc_now()
         conn.execute("BEGIN IMMEDIATE")
         try:
-            items = conn.execute(
-                "SELECT id, turn_id, thread_id, kind, metadata FROM items WHERE status IN ('queued', 'in_progress')"
-            ).fetchall()
-            going_on: set[str] = set()
-            for item in items:
-                meta = json.loads(item["metadata"]) if item["metadata"] else {}
-                if item["kind"] == "tool_call" and meta.get("started_at") and "result" not in meta:
-                    meta.update(result=OUTCOME_UNKNOWN, is_error=True)
-                    conn.execute("UPDATE items SET status = 'failed', summary = ?, detail = ?, metadata = ?,"
-                                 " ended_at = ? WHERE id = ?",
-                                 (OUTCOME_UNKNOWN, OUTCOME_UNKNOWN, json.dumps(meta), now, item["id"]))
-                    append_event(conn, EventDraft(
-                        item["thread_id"], "item.failed", {"kind": item["kind"], "text": OUTCOME_UNKNOWN,
-                                                           "metadata": meta},
-                        turn_id=item["turn_id"], item_id=item["id"], timestamp=now))
-                    going_on.add(item["turn_id"])
-                    continue
-                # The text streamed so far is in the item's deltas (the item row gets its text when it
-                # closes, which a crash prevented): the item keeps it, so its deltas still concatenate to
-                # its stored text and the live history has the partial reply, as after an interrupt.
-                if item["kind"] in STREAMED_KINDS:
-                    text = "".join(json.loads(row[0]).get("delta", "") for row in conn.execute(
-                        "SELECT payload FROM events WHERE item_id = ? AND event = 'item.delta' ORDER BY seq",
-                        (item["id"],)))
-                    conn.execute("UPDATE items SET summary = ?, detail = ? WHERE id = ?",
-                                 (preview(text), text, item["id"]))
-                conn.execute(
-                    "UPDATE items SET status = 'interrupted', ended_at = ? WHERE id = ?", (now, item["id"])
-                )
-                append_event(conn, EventDraft(
-                    item["thread_id"], "item.interrupted", {"kind": item["kind"], "reason": RESTART_ERROR},
-                    turn_id=item["turn_id"], item_id=item["id"], timestamp=now))
-            rows = [row for row in conn.execute(
-                "SELECT id, thread_id, input_tokens, output_tokens FROM turns"
-                " WHERE status IN ('queued', 'in_progress')"
-            ).fetchall() if row["id"] not in going_on]
-            for row in rows:
-                conn.execute(
-                    "UPDATE turns SET status = 'interrupted', error = ?, ended_at = ? WHERE id = ?",
-                    (RESTART_ERROR, now, row["id"]),
-                )
-                append_event(conn, EventDraft(
-                    row["thread_id"], "turn.completed",
-                    {"status": "interrupted", "error": RESTART_ERROR,
-                     "usage": {"input_tokens": row["input_tokens"] or 0,
-                               "output_tokens": row["output_tokens"] or 0}},
-                    turn_id=row["id"], timestamp=now))
+            thread_ids = [row[0] for row in conn.execute(
+                "SELECT thread_id FROM items WHERE status IN ('queued', 'in_progress')"
+                " UNION SELECT thread_id FROM turns WHERE status IN ('queued', 'in_progress') ORDER BY 1")]
+            counts = [_recover_thread(conn, thread_id, now) for thread_id in thread_ids]
             conn.execute("COMMIT")
         except BaseException:
             # SQLite may have rolled back by itself (a full disk at COMMIT always does): a second
@@ -276,12 +249,14 @@ class Store:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
-        if rows:
-            log.warning("marked %d turn(s) interrupted after an unclean stop", len(rows))
+        interrupted = sum(count for count, _ in counts)
+        going_on = sum(count for _, count in counts)
+        if interrupted:
+            log.warning("marked %d turn(s) interrupted after an unclean stop", interrupted)
         if going_on:
             log.warning("%d turn(s) go on after a tool whose outcome is unknown (the process stopped while it ran)",
-                        len(going_on))
-        return len(rows)
+                        going_on)
+        return interrupted
 
     def _close_sync(self) -> None:
         for conn in (self._rconn, self._iconn, self._wconn):
@@ -410,8 +385,8 @@ class Store:
         because the transaction was lost before their turn (empty when all were settled)."""
         try:
             conn = self._writer_connection()
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
+            self._begin(conn)
+        except self.db_errors as exc:
             self._abort()
             for request in requests:
                 self._fail(request, storage_error(request.action, exc, "the store could not begin a transaction"))
@@ -424,9 +399,12 @@ class Store:
                 self._fail(request, storage_error(request.action, lane.failed, "an earlier write of its thread failed"))
                 continue
             savepoint = False
+            mark = None
             try:
                 conn.execute("SAVEPOINT req")
                 savepoint = True
+                mark = self._request_mark(conn)
+                self._check_fence(conn, request)
                 value = request.fn(conn) if request.fn is not None else None
                 appended: Sequence[Event] = ()
                 if isinstance(value, WithEvents):
@@ -441,8 +419,10 @@ class Store:
                 request.result = outcome.Value(value)
                 applied.append(request)
             except Exception as exc:
-                error = storage_error(request.action, exc) if isinstance(exc, sqlite3.Error) else exc
+                error = storage_error(request.action, exc) if isinstance(exc, self.db_errors) else exc
                 if conn.in_transaction and (not savepoint or self._rollback_savepoint(conn)):
+                    if savepoint:
+                        self._request_undo(conn, mark)
                     self._fail(request, error)  # only this request is undone; the others go on
                     continue
                 # The transaction is gone: SQLite rolled it back by itself (it may on SQLITE_FULL or
@@ -454,8 +434,9 @@ class Store:
                         earlier.action, exc, "the transaction was rolled back after another write failed"))
                 return requests[index + 1:]
         try:
+            self._before_commit(conn)
             conn.execute("COMMIT")
-        except sqlite3.Error as exc:
+        except self.db_errors as exc:
             # On SQLITE_FULL / SQLITE_IOERR at COMMIT SQLite has already rolled back; _abort checks
             # ``in_transaction`` instead of assuming (a blind ROLLBACK raised and killed the writer).
             log.error("store commit failed: %s", exc)
@@ -473,13 +454,31 @@ class Store:
         if request.lane is not None and request.lane.failed is None:
             request.lane.failed = error if isinstance(error, RuntimeFailure) else storage_error(request.action, error)
 
-    @staticmethod
-    def _rollback_savepoint(conn: sqlite3.Connection) -> bool:
+    # ---- backend hooks (the PostgreSQL store overrides them) --------------------------------------
+
+    def _begin(self, conn: Any) -> None:
+        """Open the batch's transaction; IMMEDIATE takes SQLite's write lock now, not at the first write."""
+        conn.execute("BEGIN IMMEDIATE")
+
+    def _request_mark(self, conn: Any) -> Any:
+        """What the backend tracks per transaction, before a request runs (restored if it is undone)."""
+        return None
+
+    def _request_undo(self, conn: Any, mark: Any) -> None:
+        """The request's savepoint was rolled back: forget what it added since ``mark``."""
+
+    def _check_fence(self, conn: Any, request: WriteRequest) -> None:
+        """Refuse a write of a fenced lane whose lease epoch is gone (PostgreSQL only; see WriteLane.fence)."""
+
+    def _before_commit(self, conn: Any) -> None:
+        """Last statements of the batch's transaction (PostgreSQL: NOTIFY the threads written)."""
+
+    def _rollback_savepoint(self, conn: Any) -> bool:
         """Undo the current request's savepoint; False when that is impossible (the transaction is lost)."""
         try:
             conn.execute("ROLLBACK TO req")
             conn.execute("RELEASE req")
-        except sqlite3.Error as exc:
+        except self.db_errors as exc:
             log.error("store savepoint rollback failed: %s", exc)
             return False
         return True
@@ -499,7 +498,7 @@ class Store:
                 conn.execute("ROLLBACK")
             if not conn.in_transaction:
                 return
-        except sqlite3.Error as exc:
+        except self.db_errors as exc:
             log.error("store rollback failed: %s", exc)
         self._drop_connection()
 
@@ -509,7 +508,7 @@ class Store:
         if conn is not None:
             try:
                 conn.close()
-            except sqlite3.Error as exc:
+            except self.db_errors as exc:
                 log.error("closing the store's write connection failed: %s", exc)
 
     # ---- reads -----------------------------------------------------------------------------
@@ -550,6 +549,73 @@ class Store:
         return await trio.to_thread.run_sync(read_snapshot, self._rconn, fn, limiter=self._read_limiter)
 
 
+def recover_thread(conn: Any, thread_id: str, now: str) -> int:
+    """Settle what a stopped owner left running in one thread, with an event for each change, inside the
+    caller's transaction (portable SQL: the SQLite store runs it for every thread at open, the PostgreSQL
+    store's hosts when they take a thread's lease over from a dead owner):
+
+    - a tool call whose start was recorded but not its result ran, or did not, when the owner stopped:
+      it is never run again; its item ends ``failed`` with OUTCOME_UNKNOWN, which is also the tool's
+      result the model gets, and its turn goes on (it stays ``in_progress``; its engine carries it on);
+    - a turn waiting for an approval keeps waiting (the approval and its deadline are stored);
+    - every other queued or in-progress turn and item becomes ``interrupted``.
+    Returns the number of turns interrupted."""
+    return _recover_thread(conn, thread_id, now)[0]
+
+
+def _recover_thread(conn: Any, thread_id: str, now: str) -> tuple[int, int]:
+    """``recover_thread``, also counting the turns that go on after a tool of unknown outcome."""
+    items = conn.execute(
+        "SELECT id, turn_id, thread_id, kind, metadata FROM items WHERE thread_id = ?"
+        " AND status IN ('queued', 'in_progress') ORDER BY ord", (thread_id,)
+    ).fetchall()
+    going_on: set[str] = set()
+    for item in items:
+        meta = json.loads(item["metadata"]) if item["metadata"] else {}
+        if item["kind"] == "tool_call" and meta.get("started_at") and "result" not in meta:
+            meta.update(result=OUTCOME_UNKNOWN, is_error=True)
+            conn.execute("UPDATE items SET status = 'failed', summary = ?, detail = ?, metadata = ?,"
+                         " ended_at = ? WHERE id = ?",
+                         (OUTCOME_UNKNOWN, OUTCOME_UNKNOWN, json.dumps(meta), now, item["id"]))
+            append_event(conn, EventDraft(
+                item["thread_id"], "item.failed", {"kind": item["kind"], "text": OUTCOME_UNKNOWN,
+                                                   "metadata": meta},
+                turn_id=item["turn_id"], item_id=item["id"], timestamp=now))
+            going_on.add(item["turn_id"])
+            continue
+        # The text streamed so far is in the item's deltas (the item row gets its text when it
+        # closes, which a crash prevented): the item keeps it, so its deltas still concatenate to
+        # its stored text and the live history has the partial reply, as after an interrupt.
+        if item["kind"] in STREAMED_KINDS:
+            text = "".join(json.loads(row[0]).get("delta", "") for row in conn.execute(
+                "SELECT payload FROM events WHERE item_id = ? AND event = 'item.delta' ORDER BY seq",
+                (item["id"],)))
+            conn.execute("UPDATE items SET summary = ?, detail = ? WHERE id = ?",
+                         (preview(text), text, item["id"]))
+        conn.execute(
+            "UPDATE items SET status = 'interrupted', ended_at = ? WHERE id = ?", (now, item["id"])
+        )
+        append_event(conn, EventDraft(
+            item["thread_id"], "item.interrupted", {"kind": item["kind"], "reason": RESTART_ERROR},
+            turn_id=item["turn_id"], item_id=item["id"], timestamp=now))
+    rows = [row for row in conn.execute(
+        "SELECT id, thread_id, input_tokens, output_tokens FROM turns"
+        " WHERE thread_id = ? AND status IN ('queued', 'in_progress') ORDER BY ord", (thread_id,)
+    ).fetchall() if row["id"] not in going_on]
+    for row in rows:
+        conn.execute(
+            "UPDATE turns SET status = 'interrupted', error = ?, ended_at = ? WHERE id = ?",
+            (RESTART_ERROR, now, row["id"]),
+        )
+        append_event(conn, EventDraft(
+            row["thread_id"], "turn.completed",
+            {"status": "interrupted", "error": RESTART_ERROR,
+             "usage": {"input_tokens": row["input_tokens"] or 0,
+                       "output_tokens": row["output_tokens"] or 0}},
+            turn_id=row["id"], timestamp=now))
+    return len(rows), len(going_on)
+
+
 def read_snapshot(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], Any]) -> Any:
     """``fn(conn)`` inside one read transaction (``BEGIN`` ... ``ROLLBACK``; the connections run with
     isolation_level=None, where each bare SELECT would be its own snapshot). In WAL mode the snapshot is
@@ -568,7 +634,11 @@ def read_snapshot(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], A
 
 
 def append_event(conn: sqlite3.Connection, draft: EventDraft) -> Event:
-    """Append one event to the log inside the caller's transaction (the writer thread); it gets its seq now."""
+    """Append one event to the log inside the caller's transaction (the writer thread); it gets its seq now.
+    On PostgreSQL the connection adapter does it (it first locks the thread's lease row: the seq rule)."""
+    backend_append = getattr(conn, "append_event", None)
+    if backend_append is not None:
+        return backend_append(draft)
     payload = json.dumps(draft.payload, separators=(",", ":"))
     cur = conn.execute(
         "INSERT INTO events (thread_id, turn_id, item_id, event, timestamp, payload) VALUES (?, ?, ?, ?, ?, ?)",
@@ -591,9 +661,9 @@ class _StoreContext:
     async def __aenter__(self) -> Store:
         try:
             await trio.to_thread.run_sync(self._store._open_sync)
-        except (sqlite3.Error, OSError) as exc:
+        except (*self._store.db_errors, OSError) as exc:
             self._store._close_sync()
-            raise StorageError(f"Failed to open the store at {self._store.path}: {exc}") from exc
+            raise StorageError(f"Failed to open the store at {self._store.where}: {exc}") from exc
         nursery = await self._nursery_cm.__aenter__()
         await nursery.start(self._store._writer)
         return self._store

@@ -45,6 +45,9 @@ async def test_runtime_info_reports_the_server(server):
         info = await c.info()
     assert info["model_backend"] == "scripted" and info["data_dir"] == str(server.data_dir)
     assert info["live_engines"] == 0 and info["version"]
+    # Issue 15: the store's kind (never its URL), this host's id and the URL other hosts forward to (bound).
+    assert info["store"] == "sqlite" and info["advertise_url"] == server.url
+    assert info["host_id"] == (server.data_dir / "host_id").read_text().strip()
 
 
 async def test_no_token_file_or_auth_with_insecure_no_auth(nursery, tmp_path):

@@ -64,12 +64,13 @@ def tree(root: Path, skip: Path | None = None) -> dict[str, tuple[int, int]]:
     return found
 
 
-DATA_FILES = {"runtime.sqlite3", "runtime.sqlite3-wal", "runtime.sqlite3-shm", "runtime.token"}
+# host_id: the host's generated name among the hosts of one PostgreSQL (issue 15), kept across restarts.
+DATA_FILES = {"runtime.sqlite3", "runtime.sqlite3-wal", "runtime.sqlite3-shm", "runtime.token", "host_id"}
 
 
 def unexpected_data_files(data_dir: Path) -> list[str]:
     """Files in the data dir that the server has no business writing (anything but its database,
-    its token and well-named session files and their temp and undo files)."""
+    its token, its host_id and well-named session files and their temp and undo files)."""
     odd = []
     for path in sorted(data_dir.rglob("*")):
         rel = path.relative_to(data_dir)

@@ -283,6 +283,7 @@ async def test_a_pending_approval_survives_a_restart_and_the_turn_completes_once
         assert detail["items"][-1]["detail"].startswith("Tool write_note returned: write_note ran")
 
 
+@pytest.mark.sqlite_only(reason="a crash is an SQLite backup taken mid-turn; on PostgreSQL a thread is recovered at a lease takeover")
 async def test_a_tool_running_when_the_process_died_is_never_run_again(opener, tools, tmp_path):
     live, crashed = tmp_path / "live", tmp_path / "crashed"
     async with opener(data_dir=live) as rt:
@@ -360,6 +361,7 @@ class HeldStart(sqlite3.Connection):
         return super().execute(sql, parameters)
 
 
+@pytest.mark.sqlite_only(reason="holds the COMMIT through the SQLite connection factory seam")
 async def test_an_interrupt_while_the_tools_start_commits_means_the_tool_never_runs(opener, tools):
     HeldStart.held.clear()
     HeldStart.release.clear()

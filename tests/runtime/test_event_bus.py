@@ -102,8 +102,13 @@ async def test_slow_subscriber_is_detached_without_blocking_the_turn_and_then_ca
             end = (await collect_events(rt, tid, turn_completed(turn["id"])))[-1]
 
             assert end.payload["status"] == "completed"
-            assert rt.bus.overflows > 0
-            assert rt.bus.subscriber_count == 0  # stalled was detached, not allowed to block the writer
+            if rt.bus.polled:
+                # PostgreSQL (several hosts): a stream reads the events table when woken and buffers nothing,
+                # so a stalled one holds nothing up and is never detached.
+                assert rt.bus.overflows == 0 and rt.bus.subscriber_count == 1
+            else:
+                assert rt.bus.overflows > 0
+                assert rt.bus.subscriber_count == 0  # stalled was detached, not allowed to block the writer
 
             rest = []
             with trio.fail_after(5):

@@ -21,10 +21,35 @@ from tests.faults.seam import FaultPlan
 from tests.support import held_writer, open_runtime
 
 
-def _rows(data_dir: Path, sql: str, *params: Any) -> list[tuple]:
+# The test's PostgreSQL database when it runs on that backend (set by the autouse fixture below), else None.
+_PG_URL: list[str | None] = [None]
+
+
+@pytest.fixture(autouse=True)
+def _backend_of_rows(request):
+    _PG_URL[0] = request.getfixturevalue("store_url") if "store_url" in request.fixturenames else None
+    yield
+    _PG_URL[0] = None
+
+
+def _rows(data_dir: Path, sql: str, *params: Any, many: list | None = None) -> list[tuple]:
+    """Run ``sql`` on the test's database through a connection of its own (committed); ``many``: executemany."""
+    if _PG_URL[0] is not None:
+        import psycopg
+
+        with psycopg.connect(_PG_URL[0], autocommit=True) as pg:
+            if many is not None:
+                pg.cursor().executemany(sql.replace("?", "%s"), many)
+                return []
+            return [tuple(bytes(v) if isinstance(v, memoryview) else v for v in row)
+                    for row in pg.execute(sql.replace("?", "%s"), params).fetchall()]
     db = sqlite3.connect(data_dir / "runtime.sqlite3")
     try:
-        return db.execute(sql, params).fetchall()
+        with db:
+            if many is not None:
+                db.executemany(sql, many)
+                return []
+            return db.execute(sql, params).fetchall()
     finally:
         db.close()
 
@@ -80,11 +105,8 @@ async def test_each_new_record_purges_a_bounded_batch_of_expired_ones(open_runti
             await keyed_create(rt, f"k{i}", f"t{i}")
         # Each record deleted the expired ones before it (at most PURGE_BATCH): only the last is left.
         assert _rows(tmp_path, "SELECT key FROM idempotency") == [(f"k{PURGE_BATCH + 2}",)]
-        db = sqlite3.connect(tmp_path / "runtime.sqlite3")
-        with db:
-            db.executemany("INSERT INTO idempotency VALUES (?, 'fp', 201, '{}', x'00', '2000-01-01', '2000-01-01')",
-                           [(f"old{i}",) for i in range(PURGE_BATCH + 5)])
-        db.close()
+        _rows(tmp_path, "INSERT INTO idempotency VALUES (?, 'fp', 201, '{}', ?, '2000-01-01', '2000-01-01')",
+              many=[(f"old{i}", b"\x00") for i in range(PURGE_BATCH + 5)])
         await keyed_create(rt, "new", "new")
         # Oldest first, PURGE_BATCH of them: 5 of the old rows and the previous record are left for later.
         left = {key for (key,) in _rows(tmp_path, "SELECT key FROM idempotency")}

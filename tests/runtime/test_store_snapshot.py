@@ -21,9 +21,16 @@ THREAD_ROW = ("INSERT INTO threads (id, created_at, updated_at, model, mode) VAL
               " (?, '2026-01-01T00:00:00.000Z', '2026-01-01T00:00:00.000Z', 'scripted', 'default')")
 
 
-def commit_thread_outside(db_path, thread_id: str) -> int:
-    """Insert a thread through a connection of its own and commit; returns the count it then sees."""
-    outside = sqlite3.connect(db_path, isolation_level=None)
+def commit_thread_outside(rt, thread_id: str) -> int:
+    """Insert a thread through a connection of its own and commit; returns the count it then sees. On
+    PostgreSQL (the store suite runs on both backends) the connection is psycopg's, to the same database."""
+    if rt.store.kind == "postgresql":
+        import psycopg
+
+        with psycopg.connect(rt.config.store_url, autocommit=True) as outside:
+            outside.execute(THREAD_ROW.replace("?", "%s"), (thread_id,))
+            return outside.execute(THREAD_COUNT).fetchone()[0]
+    outside = sqlite3.connect(rt.config.db_path, isolation_level=None)
     try:
         outside.execute("PRAGMA busy_timeout=5000")
         outside.execute(THREAD_ROW, (thread_id,))
@@ -32,8 +39,15 @@ def commit_thread_outside(db_path, thread_id: str) -> int:
         outside.close()
 
 
-def read_connections(rt) -> tuple[sqlite3.Connection, sqlite3.Connection]:
-    return rt.store._iconn, rt.store._rconn
+def read_connections(rt) -> list:
+    """The store's read connections (PostgreSQL: every connection of its read pool)."""
+    if rt.store.kind == "postgresql":
+        return sorted(rt.store._all_readers, key=id)
+    return [rt.store._iconn, rt.store._rconn]
+
+
+def outside_transactions(rt) -> bool:
+    return not any(conn.in_transaction for conn in read_connections(rt))
 
 
 @pytest.mark.parametrize("inline", [True, False], ids=["inline", "worker-thread"])
@@ -42,12 +56,12 @@ async def test_a_write_committed_between_two_selects_of_one_read_is_not_seen(rt,
 
     def fn(conn: sqlite3.Connection) -> tuple[int, int, int]:
         before = conn.execute(THREAD_COUNT).fetchone()[0]
-        outside = commit_thread_outside(rt.config.db_path, "thr_outside")
+        outside = commit_thread_outside(rt, "thr_outside")
         after = conn.execute(THREAD_COUNT).fetchone()[0]
         return before, outside, after
 
     assert await rt.store.read(fn, inline=inline) == (1, 2, 1)
-    assert [conn.in_transaction for conn in read_connections(rt)] == [False, False]
+    assert outside_transactions(rt)
     # The snapshot ended with the read: the next read of either kind sees the committed row.
     for kind in (True, False):
         assert await rt.store.read(lambda conn: conn.execute(THREAD_COUNT).fetchone()[0], inline=kind) == 2
@@ -63,8 +77,8 @@ async def test_a_read_that_raises_leaves_no_snapshot_behind(rt, inline):
 
     with pytest.raises(LookupError, match="the read function failed"):
         await rt.store.read(failing, inline=inline)
-    assert [conn.in_transaction for conn in read_connections(rt)] == [False, False]
-    assert await trio.to_thread.run_sync(commit_thread_outside, rt.config.db_path, "thr_later") == 2
+    assert outside_transactions(rt)
+    assert await trio.to_thread.run_sync(commit_thread_outside, rt, "thr_later") == 2
     assert await rt.store.read(lambda conn: conn.execute(THREAD_COUNT).fetchone()[0], inline=inline) == 2
     assert (await rt.thread_record("thr_later"))["id"] == "thr_later"
 
@@ -94,8 +108,8 @@ async def test_a_reader_cancelled_while_its_thread_runs_still_ends_the_transacti
             await trio.lowlevel.checkpoint()
             raise AssertionError("the caller's cancellation was lost")
     assert scope.cancelled_caught and results == [1]
-    assert [conn.in_transaction for conn in read_connections(rt)] == [False, False]
-    assert await trio.to_thread.run_sync(commit_thread_outside, rt.config.db_path, "thr_after_cancel") == 2
+    assert outside_transactions(rt)
+    assert await trio.to_thread.run_sync(commit_thread_outside, rt, "thr_after_cancel") == 2
     assert await rt.store.read(lambda conn: conn.execute(THREAD_COUNT).fetchone()[0]) == 2
 
 
@@ -105,9 +119,10 @@ async def test_an_inline_read_cancelled_before_it_starts_runs_nothing(rt):
         scope.cancel()
         await rt.store.read(ran.append, inline=True)
     assert scope.cancelled_caught and ran == []
-    assert [conn.in_transaction for conn in read_connections(rt)] == [False, False]
+    assert outside_transactions(rt)
 
 
+@pytest.mark.sqlite_only(reason="PostgreSQL has no inline reads (every read hops to a worker thread)")
 async def test_a_busy_inline_read_rolls_back_and_runs_again_in_a_worker_thread(rt):
     await rt.create_thread()
     inline_conn, thread_conn = read_connections(rt)
@@ -119,7 +134,7 @@ async def test_a_busy_inline_read_rolls_back_and_runs_again_in_a_worker_thread(r
         if conn is inline_conn:
             # What SQLite raises at a SELECT when the database is busy (busy_timeout=0 inline); the
             # fallback must not inherit this half-done read's snapshot.
-            commit_thread_outside(rt.config.db_path, "thr_meanwhile")
+            commit_thread_outside(rt, "thr_meanwhile")
             raise sqlite3.OperationalError("database is locked")
         return count, conn.execute(THREAD_COUNT).fetchone()[0]
 
@@ -129,6 +144,7 @@ async def test_a_busy_inline_read_rolls_back_and_runs_again_in_a_worker_thread(r
     assert await rt.store.read(lambda conn: conn.execute(THREAD_COUNT).fetchone()[0], inline=True) == 2
 
 
+@pytest.mark.sqlite_only(reason="PostgreSQL has no inline reads (every read hops to a worker thread)")
 async def test_an_inline_read_error_other_than_busy_is_raised_not_retried(rt):
     calls = []
 
@@ -139,7 +155,7 @@ async def test_an_inline_read_error_other_than_busy_is_raised_not_retried(rt):
     with pytest.raises(sqlite3.OperationalError, match="no such table"):
         await rt.store.read(fn, inline=True)
     assert calls == [rt.store._iconn]
-    assert [conn.in_transaction for conn in read_connections(rt)] == [False, False]
+    assert outside_transactions(rt)
 
 
 def test_read_snapshot_recovers_a_connection_left_inside_a_transaction(tmp_path):

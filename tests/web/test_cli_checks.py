@@ -187,3 +187,62 @@ def test_doctor_checks_its_timeout(capsys):
         cli.main(["doctor", "--timeout", "0"])
     assert exited.value.code == 2
     assert "error: --timeout must be between 0.1 and 3600 seconds: got 0\n" in capsys.readouterr().err
+
+
+# ---- the store and the host (issue 15) ------------------------------------------------------------
+
+
+@pytest.fixture
+def configs(monkeypatch, tmp_path):
+    """Runs ``main`` with the server replaced; returns the RuntimeConfig it would have opened."""
+    for name in (*ENV, cli.STORE_ENV):
+        monkeypatch.delenv(name, raising=False)
+    seen: list[RuntimeConfig] = []
+
+    async def fake_serve(settings, runtime_config):
+        seen.append(runtime_config)
+
+    monkeypatch.setattr(cli, "serve", fake_serve)
+
+    def run(*flags: str) -> RuntimeConfig:
+        assert cli.main(["serve", "--data-dir", str(tmp_path), *flags]) == 0
+        return seen.pop()
+
+    return run
+
+
+def test_store_flags_and_their_environment_variable(configs, monkeypatch):
+    default = configs()
+    assert (default.store_url, default.host_id, default.advertise_url, default.lease_ttl) == (None, None, None, 10.0)
+    assert configs("--store", "sqlite").store_url is None
+    url = "postgresql://app:pw@db.example:5432/trio"
+    got = configs("--store", url, "--host-id", "h1", "--advertise-url", "http://10.0.0.1:7878", "--lease-ttl", "2.5")
+    assert (got.store_url, got.host_id, got.advertise_url, got.lease_ttl) == (url, "h1", "http://10.0.0.1:7878", 2.5)
+    monkeypatch.setenv(cli.STORE_ENV, "postgres://x@h/d")
+    assert configs().store_url == "postgres://x@h/d"
+    monkeypatch.setenv(cli.STORE_ENV, "sqlite")
+    assert configs().store_url is None
+
+
+def test_a_store_that_is_not_sqlite_or_postgresql_is_refused_without_echoing_it(configs, capsys):
+    with pytest.raises(SystemExit) as exited:
+        configs("--store", "mysql://root:hunter2@db/x")
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: --store must be sqlite or a postgresql:// URL" in err and "hunter2" not in err
+    with pytest.raises(SystemExit):
+        configs("--lease-ttl", "0")
+    assert "error: --lease-ttl must be" in capsys.readouterr().err
+
+
+async def test_the_host_id_is_generated_once_and_kept_in_the_data_dir(tmp_path):
+    async with Runtime.open(RuntimeConfig(data_dir=tmp_path)) as rt:
+        first = rt.config.host_id
+        info = rt.info()
+    assert first and (tmp_path / "host_id").read_text().strip() == first
+    assert (info["store"], info["host_id"], info["advertise_url"]) == ("sqlite", first, None)
+    async with Runtime.open(RuntimeConfig(data_dir=tmp_path)) as rt:
+        assert rt.config.host_id == first
+    async with Runtime.open(RuntimeConfig(data_dir=tmp_path, host_id="given", store_url="sqlite")) as rt:
+        assert rt.info()["host_id"] == "given" and rt.store.kind == "sqlite"
+    assert (tmp_path / "host_id").read_text().strip() == first

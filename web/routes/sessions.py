@@ -175,6 +175,7 @@ async def import_session():
     data = g.pop("raw_body", None)
     if data is None:
         data = await request.get_data(cache=False)
+        g.request_body = data  # kept for a forward to the thread's owner (web/forward.py)
     made = claim(201)
     result = await runtime().sessions.import_document(data, session_id=request.args.get("id") or None,
                                                       timeout=settings().request_timeout, claim=made)

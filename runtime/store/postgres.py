@@ -1,0 +1,421 @@
+"""Durable state in PostgreSQL (issue 15): the SQLite store's API and writer on a database that several hosts
+share.
+
+What is the same as runtime/store/sqlite.py (this class subclasses it): one group-commit writer task with
+one connection, a batch in one transaction with a savepoint per request, storage failures failing the
+requests they touched and never the writer, lanes kept a prefix, events published only after COMMIT.
+What differs, and why:
+
+- The driver is psycopg 3's sync API, called from trio worker threads (docs/design.md, "PostgreSQL driver":
+  its async API does not run on trio). Shared code (engine, history, sessions, idempotency, records) passes
+  ``fn(conn)`` functions written for sqlite3; they get a ``PgConnection`` adapter that takes ``?``
+  placeholders, returns rows indexable by name and by position, and maps bytes to BYTEA.
+- Every read runs in a worker thread (``inline=`` is ignored: a network round trip must never block the
+  event loop), in one ``REPEATABLE READ READ ONLY`` transaction (a snapshot, as a SQLite read transaction),
+  on one of a small pool of read connections behind ``read_limiter``.
+- A transaction that writes events of a thread first locks the thread's lease row (created with epoch 0 and
+  no owner if missing), then takes seqs from the sequence (docs/design.md "seq on PostgreSQL": a thread's
+  seqs become visible in order). A lane with ``fence = (thread_id, epoch)`` has that lock taken at its epoch
+  before each of its writes; no such row means another host took the thread over, and the write fails with
+  LeaseLost (a StorageError: the lane fails, the engine retires) with nothing of it stored.
+- Before COMMIT the writer sends ``pg_notify('trio_runtime_events', thread_id)`` once per thread written;
+  PostgreSQL delivers notifications only when the transaction commits, never after a rollback.
+- There is no recovery at open: other hosts' turns are running. A thread is settled by ``recover_thread``
+  when a host takes its lease over (runtime/cluster, helper C).
+- A lost connection (server restart, ``pg_terminate_backend``, network) fails the requests of the batch it
+  was in, exactly as a failed COMMIT does on SQLite, and the next batch opens a new connection. A read on a
+  lost connection fails (the driver's error) and its connection is replaced for the next read.
+"""
+
+from __future__ import annotations
+
+import decimal
+import functools
+import json
+import logging
+import re
+from typing import Any, Callable, Iterator, Sequence
+
+import psycopg
+import psycopg.adapt
+import psycopg.conninfo
+import psycopg.pq
+import trio
+
+from . import migrations
+from .sqlite import Event, EventDraft, Store, WriteRequest
+from ..errors import LeaseLost
+
+log = logging.getLogger(__name__)
+
+# The channel every host LISTENs on (docs/design.md, "Events across hosts"); the payload is a thread id.
+NOTIFY_CHANNEL = "trio_runtime_events"
+# Read connections, each used by one read at a time. Reads are short (indexed, one snapshot); 4 keeps two
+# cores busy while a round trip waits, and is few enough that many hosts stay far below max_connections
+# (PostgreSQL's default is 100). Measured in docs/design.md ("PostgreSQL store").
+READ_POOL_SIZE = 4
+# Seconds a writer transaction may wait on this host (between two statements) before the server ends its
+# session (see PostgresStore._connect_writer); open_store passes the lease TTL: a host stalled that long has
+# lost its leases anyway. This default is for stores opened without a config (tests, tools).
+STALLED_TRANSACTION_SECONDS = 10.0
+# Seconds a new connection may take (libpq's connect_timeout) unless the store URL sets its own.
+CONNECT_TIMEOUT = 10
+
+_TXN = psycopg.pq.TransactionStatus
+# The seq rule's lock (docs/design.md "seq on PostgreSQL"): the thread's lease row, created with epoch 0 and
+# no owner when missing.
+LOCK_LEASE_ROW = ("WITH created AS (INSERT INTO thread_leases (thread_id) VALUES (%s) ON CONFLICT (thread_id)"
+                  " DO NOTHING RETURNING 1) SELECT 1 FROM thread_leases WHERE thread_id = %s FOR UPDATE")
+
+
+class PgRow(tuple):
+    """A row like sqlite3.Row: indexable by position and by column name; ``keys()`` for ``dict(row)``."""
+
+    __slots__ = ()
+    _index: dict[str, int] = {}
+
+    def __getitem__(self, key: Any) -> Any:  # type: ignore[override]
+        if isinstance(key, str):
+            return tuple.__getitem__(self, self._index[key])
+        return tuple.__getitem__(self, key)
+
+    def keys(self) -> list[str]:
+        return list(self._index)
+
+
+@functools.lru_cache(maxsize=256)
+def _row_class(names: tuple[str, ...]) -> type[PgRow]:
+    return type("PgRow", (PgRow,), {"__slots__": (), "_index": {name: i for i, name in enumerate(names)}})
+
+
+def _row_factory(cursor: psycopg.Cursor) -> Callable[[Sequence[Any]], PgRow]:
+    cls = _row_class(tuple(column.name for column in cursor.description or ()))
+    return cls
+
+
+class _NumericLoader(psycopg.adapt.Loader):
+    """NUMERIC (what SUM over BIGINT returns) as an int when whole, as SQLite's SUM gives an integer."""
+
+    def load(self, data: Any) -> Any:
+        value = decimal.Decimal(bytes(data).decode())
+        return int(value) if value == value.to_integral_value() else float(value)
+
+
+# ``CAST(? AS TEXT)`` of UTF-8 bytes (SQLite turns a BLOB into TEXT that way; the core passes encoded JSON
+# so the encoding happens off the loop): on PostgreSQL a BYTEA cast to text is its hex escape, so it
+# becomes convert_from(?, 'UTF8'), and ``CAST(column AS BLOB)`` convert_to(column, 'UTF8'). ``json_each(?)`` (a JSON array as a table with a ``value`` column) has
+# its PostgreSQL twin.
+_CAST_TEXT = re.compile(r"CAST\(\s*\?\s+AS\s+TEXT\s*\)", re.IGNORECASE)
+_JSON_EACH = re.compile(r"json_each\(\s*\?\s*\)", re.IGNORECASE)
+# ``CAST(column AS BLOB)``: the column's text as UTF-8 bytes (records.engine_state decodes them off the loop).
+_CAST_BLOB = re.compile(r"CAST\(\s*([A-Za-z_][A-Za-z0-9_.]*)\s+AS\s+BLOB\s*\)", re.IGNORECASE)
+_BYTES_MARK = "\x00B"
+
+
+@functools.lru_cache(maxsize=1024)
+def translate(sql: str) -> tuple[str, tuple[int, ...]]:
+    """SQLite-flavoured shared SQL -> psycopg's: ``?`` outside string literals and quoted names becomes
+    ``%s``, a literal ``%`` becomes ``%%``. Returns the query and the positions of parameters that must be
+    sent as bytes (``CAST(? AS TEXT)``)."""
+    sql = _CAST_TEXT.sub("convert_from(" + _BYTES_MARK + ", 'UTF8')", sql)
+    sql = _JSON_EACH.sub("json_array_elements_text(CAST(? AS json))", sql)
+    sql = _CAST_BLOB.sub(r"convert_to(\1, 'UTF8')", sql)
+    out: list[str] = []
+    as_bytes: list[int] = []
+    index = 0
+    quote: str | None = None
+    i = 0
+    while i < len(sql):
+        ch = sql[i]
+        if quote is not None:
+            out.append("%%" if ch == "%" else ch)
+            if ch == quote:
+                quote = None
+        elif ch in ("'", '"'):
+            quote = ch
+            out.append(ch)
+        elif ch == "?":
+            out.append("%s")
+            index += 1
+        elif sql.startswith(_BYTES_MARK, i):
+            out.append("%b")
+            as_bytes.append(index)
+            index += 1
+            i += len(_BYTES_MARK)
+            continue
+        elif ch == "%":
+            out.append("%%")
+        else:
+            out.append(ch)
+        i += 1
+    return "".join(out), tuple(as_bytes)
+
+
+def _params(params: Sequence[Any] | None, as_bytes: tuple[int, ...]) -> list[Any]:
+    """sqlite3's parameter conventions -> psycopg's: a bool is an integer (the columns are BIGINT, as
+    SQLite stores booleans), memoryview/bytearray are bytes (BYTEA), and a ``CAST(? AS TEXT)`` gets bytes."""
+    out = []
+    for position, value in enumerate(params or ()):
+        if isinstance(value, bool):
+            value = int(value)
+        elif isinstance(value, (memoryview, bytearray)):
+            value = bytes(value)
+        if position in as_bytes and isinstance(value, str):
+            value = value.encode()
+        out.append(value)
+    return out
+
+
+class PgCursor:
+    """The part of sqlite3.Cursor shared code uses: ``fetchone`` (None when no row or no result set),
+    ``fetchall``, ``rowcount`` and iteration."""
+
+    def __init__(self, cursor: psycopg.Cursor) -> None:
+        self._cursor = cursor
+
+    @property
+    def rowcount(self) -> int:
+        return self._cursor.rowcount
+
+    def fetchone(self) -> Any:
+        return self._cursor.fetchone() if self._cursor.description is not None else None
+
+    def fetchall(self) -> list[Any]:
+        return self._cursor.fetchall() if self._cursor.description is not None else []
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.fetchall())
+
+
+class PgConnection:
+    """The connection adapter shared ``fn(conn)`` code gets on PostgreSQL (see the module docstring).
+
+    It also keeps, per transaction of the writer, the threads whose lease row it locked (taken once per
+    transaction) and the threads it wrote events of (NOTIFY before COMMIT); ``mark``/``undo`` forget what a
+    rolled-back savepoint added (PostgreSQL releases the row locks taken inside it)."""
+
+    def __init__(self, raw: psycopg.Connection, host_id: str | None = None) -> None:
+        self.raw = raw
+        self.host_id = host_id
+        self.locked: set[str] = set()
+        self.written: set[str] = set()
+
+    # -- sqlite3-like surface ---------------------------------------------------------------------------
+    def execute(self, sql: str, params: Sequence[Any] | None = None) -> PgCursor:
+        query, as_bytes = translate(sql)
+        if params is None and not as_bytes and "%" not in query:
+            # No parameters: sent as it is (simple protocol), so SAVEPOINT/BEGIN/COMMIT are never prepared.
+            return PgCursor(self.raw.execute(sql))  # type: ignore[arg-type]
+        return PgCursor(self.raw.execute(query, _params(params, as_bytes)))  # type: ignore[arg-type]
+
+    def executemany(self, sql: str, seq: Sequence[Sequence[Any]]) -> PgCursor:
+        query, as_bytes = translate(sql)
+        cursor = self.raw.cursor()
+        cursor.executemany(query, [_params(p, as_bytes) for p in seq])  # type: ignore[arg-type]
+        return PgCursor(cursor)
+
+    @property
+    def in_transaction(self) -> bool:
+        """True inside a transaction, also a failed one, and when the connection's state is unknown (lost):
+        the writer then tries a ROLLBACK, which fails on a lost connection and makes it drop the connection."""
+        return self.raw.info.transaction_status != _TXN.IDLE
+
+    def close(self) -> None:
+        self.raw.close()
+
+    # -- the writer's bookkeeping -----------------------------------------------------------------------
+    def reset(self) -> None:
+        self.locked.clear()
+        self.written.clear()
+
+    def mark(self) -> tuple[frozenset[str], frozenset[str]]:
+        return frozenset(self.locked), frozenset(self.written)
+
+    def undo(self, mark: tuple[frozenset[str], frozenset[str]]) -> None:
+        self.locked, self.written = set(mark[0]), set(mark[1])
+
+    def lock_thread(self, thread_id: str) -> None:
+        """The seq rule: lock the thread's lease row (creating it with epoch 0 and no owner) before this
+        transaction takes a seq for the thread; held to COMMIT/ROLLBACK."""
+        if thread_id in self.locked:
+            return
+        # One round trip: a row the CTE inserts is ours until COMMIT (the SELECT does not see it, but a
+        # concurrent insert or lock of it waits for us); a row that was there is locked by the SELECT.
+        self.raw.execute(LOCK_LEASE_ROW, (thread_id, thread_id))
+        self.locked.add(thread_id)
+
+    def check_fence(self, thread_id: str, epoch: int, action: str) -> None:
+        """Lock the lease row at ``epoch``; none: LeaseLost. Under READ COMMITTED a row whose epoch another
+        host bumped while we waited for its lock is re-checked after that commit, and not found."""
+        row = self.raw.execute("SELECT 1 FROM thread_leases WHERE thread_id = %s AND epoch = %s FOR UPDATE",
+                               (thread_id, epoch)).fetchone()
+        if row is None:
+            raise LeaseLost(f"Failed to {action}: this host no longer holds the lease of thread '{thread_id}' "
+                            f"(epoch {epoch})")
+        self.locked.add(thread_id)
+
+    def append_event(self, draft: EventDraft) -> Event:
+        """``append_event`` on PostgreSQL: the lease-row lock first, then the seq (RETURNING it)."""
+        self.lock_thread(draft.thread_id)
+        payload = json.dumps(draft.payload, separators=(",", ":"))
+        (seq,) = self.raw.execute(
+            "INSERT INTO events (thread_id, turn_id, item_id, event, timestamp, payload)"
+            " VALUES (%s, %s, %s, %s, %s, %s) RETURNING seq",
+            (draft.thread_id, draft.turn_id, draft.item_id, draft.event, draft.timestamp, payload)).fetchone()
+        self.written.add(draft.thread_id)
+        return Event(seq, draft.timestamp, draft.thread_id, draft.turn_id, draft.item_id, draft.event, draft.payload)
+
+
+def redact_url(url: str) -> str:
+    """The store's URL for messages and logs: never its password (``postgresql://user@host:port/db``)."""
+    try:
+        info = psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.Error:
+        return "postgresql://(unparseable URL)"
+    user = f"{info['user']}@" if info.get("user") else ""
+    port = f":{info['port']}" if info.get("port") else ""
+    return f"postgresql://{user}{info.get('host', '')}{port}/{info.get('dbname', '')}"
+
+
+def connect(url: str, host_id: str | None = None) -> PgConnection:
+    """A connection in autocommit mode (we send BEGIN/COMMIT ourselves, as on SQLite)."""
+    # A bound on connecting unless the URL sets one: libpq's default waits as long as the OS does, and the
+    # writer (shielded) must not hang on a database that is down; the batch fails and the next one retries.
+    timeout = {} if "connect_timeout" in psycopg.conninfo.conninfo_to_dict(url) else {"connect_timeout": CONNECT_TIMEOUT}
+    raw = psycopg.connect(url, autocommit=True, row_factory=_row_factory, **timeout)  # type: ignore[arg-type]
+    raw.adapters.register_loader("numeric", _NumericLoader)
+    return PgConnection(raw, host_id)
+
+
+class PostgresStore(Store):
+    """Open with ``async with PostgresStore.open(url, publish=..., host_id=...) as store``."""
+
+    kind = "postgresql"
+    db_errors: tuple[type[BaseException], ...] = (psycopg.Error,)
+
+    def __init__(self, url: str, publish: Callable[[list[Event]], None], write_queue: int,
+                 host_id: str | None = None, read_pool: int = READ_POOL_SIZE,
+                 stalled_after: float = STALLED_TRANSACTION_SECONDS) -> None:
+        super().__init__(None, publish, write_queue)  # type: ignore[arg-type]
+        self.stalled_after = stalled_after
+        self.url = url
+        self.host_id = host_id
+        self._read_limiter = trio.CapacityLimiter(read_pool)
+        self._idle_readers: list[PgConnection] = []
+        self._all_readers: set[PgConnection] = set()
+
+    @classmethod
+    def open(cls, url: str, publish: Callable[[list[Event]], None], write_queue: int = 4096,  # type: ignore[override]
+             host_id: str | None = None, read_pool: int = READ_POOL_SIZE,
+             stalled_after: float = STALLED_TRANSACTION_SECONDS):
+        from .sqlite import _StoreContext
+
+        return _StoreContext(cls(url, publish, write_queue, host_id, read_pool, stalled_after))
+
+    @property
+    def where(self) -> str:
+        return redact_url(self.url)
+
+    # ---- lifecycle -------------------------------------------------------------------------------------
+
+    def _open_sync(self) -> None:
+        self._wconn = self._connect_writer()  # type: ignore[assignment]
+        migrations.migrate_pg(self._wconn.raw)  # type: ignore[union-attr]
+        # No recovery here: see the module docstring (recover_thread runs per thread at a lease takeover).
+        self.recovered_turns = 0
+
+    def _close_sync(self) -> None:
+        for conn in [self._wconn, *self._all_readers]:
+            if conn is not None:
+                try:
+                    conn.close()
+                except psycopg.Error as exc:
+                    log.error("closing a store connection failed: %s", exc)
+        self._all_readers.clear()
+        self._idle_readers.clear()
+
+    # ---- the writer's hooks ----------------------------------------------------------------------------
+
+    def _connect_writer(self) -> PgConnection:
+        """The writer's connection. The server ends its session when a transaction of it waits on this host
+        longer than ``stalled_after`` (idle_in_transaction_session_timeout): a host that is paused (SIGSTOP,
+        a VM freeze) mid-batch holds lease-row locks, and another host's takeover of those threads would
+        wait on them for as long as the pause lasts. The batch then fails like any lost connection."""
+        conn = connect(self.url, self.host_id)
+        conn.raw.execute(f"SET idle_in_transaction_session_timeout = {max(1, int(self.stalled_after * 1000))}")
+        return conn
+
+    def _writer_connection(self) -> Any:
+        if self._wconn is not None and self._wconn.raw.closed:  # type: ignore[attr-defined]
+            self._drop_connection()
+        if self._wconn is None:  # lost or dropped after a failure: a fresh one for this batch
+            self._wconn = self._connect_writer()  # type: ignore[assignment]
+        return self._wconn
+
+    def _begin(self, conn: Any) -> None:
+        conn.reset()
+        conn.execute("BEGIN")  # READ COMMITTED: the fence's re-check after a lock wait depends on it
+
+    def _request_mark(self, conn: Any) -> Any:
+        return conn.mark()
+
+    def _request_undo(self, conn: Any, mark: Any) -> None:
+        conn.undo(mark)
+
+    def _check_fence(self, conn: Any, request: WriteRequest) -> None:
+        fence = request.lane.fence if request.lane is not None else None
+        if fence is not None:
+            conn.check_fence(fence[0], fence[1], request.action)
+
+    def _before_commit(self, conn: Any) -> None:
+        if conn.written:  # one round trip for every thread of the batch
+            conn.raw.execute("SELECT pg_notify(%s, thread_id) FROM unnest(CAST(%s AS text[])) AS t (thread_id)",
+                             (NOTIFY_CHANNEL, sorted(conn.written)))
+
+    # ---- reads -----------------------------------------------------------------------------------------
+
+    async def read(self, fn: Callable[[Any], Any], *, inline: bool = False) -> Any:
+        """``fn(conn)`` in one REPEATABLE READ READ ONLY transaction (one snapshot for all its SELECTs) on a
+        pooled read connection, always in a worker thread (``inline`` is accepted and ignored: a round trip
+        must never block the loop). A cancellation waits for the worker thread to finish (trio never
+        abandons it), and the connection goes back to the pool outside any transaction."""
+        async with self._read_limiter:
+            conn = self._idle_readers.pop() if self._idle_readers else None
+            holder = [conn]
+            try:
+                return await trio.to_thread.run_sync(self._read_sync, holder, fn)
+            finally:
+                if holder[0] is not None:
+                    self._idle_readers.append(holder[0])
+
+    def _read_sync(self, holder: list[PgConnection | None], fn: Callable[[Any], Any]) -> Any:
+        conn = holder[0]
+        if conn is not None and conn.raw.closed:
+            self._forget_reader(holder)
+            conn = None
+        if conn is None:
+            conn = connect(self.url, self.host_id)
+            holder[0] = conn
+            self._all_readers.add(conn)
+        try:
+            if conn.in_transaction:  # never expected; a stale snapshot must not outlive whatever left it
+                conn.raw.execute("ROLLBACK")
+            conn.raw.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            try:
+                return fn(conn)
+            finally:
+                if conn.in_transaction:
+                    conn.raw.execute("ROLLBACK")
+        except psycopg.OperationalError:
+            if conn.raw.broken or conn.raw.closed:  # lost: the next read opens a new one
+                self._forget_reader(holder)
+            raise
+
+    def _forget_reader(self, holder: list[PgConnection | None]) -> None:
+        conn, holder[0] = holder[0], None
+        if conn is not None:
+            self._all_readers.discard(conn)
+            try:
+                conn.close()
+            except psycopg.Error:
+                pass
