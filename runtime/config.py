@@ -50,6 +50,10 @@ class RuntimeConfig:
     # opens, and the file-operation layer of session files (None: the real one).
     sqlite_connection_factory: type[sqlite3.Connection] = sqlite3.Connection
     session_fs: object | None = None
+    # Where session documents live: "files" (one JSON file each under sessions_dir, the default) or
+    # "store" (a row of the store's ``session_docs`` table, written in the same transaction as the index
+    # row; runtime/sessions/docs.py). A PostgreSQL store always uses "store" (issue 15).
+    session_storage: str = "files"
 
     @property
     def db_path(self) -> Path:
