@@ -53,10 +53,14 @@ class ThreadGuard(trio.abc.Instrument):
             self.clock.autojump_threshold = wanted
 
 
+# The RuntimeConfig.session_storage of every Runtime and server the tests open unless they say otherwise:
+# the session suites run each test with "files" and with "store" (tests/sessions/conftest.py sets it).
+SESSION_STORAGE = "files"
+
 @contextlib.asynccontextmanager
 async def open_runtime(data_dir: Path, **overrides) -> AsyncIterator[Runtime]:
     """``Runtime.open`` on ``data_dir``; under an autojumping MockClock it installs ThreadGuard."""
-    config = RuntimeConfig(**{"data_dir": data_dir, **overrides})
+    config = RuntimeConfig(**{"data_dir": data_dir, "session_storage": SESSION_STORAGE, **overrides})
     clock = trio.lowlevel.current_clock()
     guard = None
     if isinstance(clock, trio.testing.MockClock) and clock.autojump_threshold < math.inf:
