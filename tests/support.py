@@ -56,6 +56,20 @@ class ThreadGuard(trio.abc.Instrument):
 # The RuntimeConfig.session_storage of every Runtime and server the tests open unless they say otherwise:
 # the session suites run each test with "files" and with "store" (tests/sessions/conftest.py sets it).
 SESSION_STORAGE = "files"
+SESSION_STORAGES = ("files", "store")
+
+
+@contextlib.contextmanager
+def session_storage(kind: str) -> Iterator[str]:
+    """Open every Runtime and server with ``session_storage=kind`` inside the block. Set by hand, not with
+    ``monkeypatch``: a test's own ``monkeypatch.undo()`` must not switch it back."""
+    global SESSION_STORAGE
+    SESSION_STORAGE = kind
+    try:
+        yield kind
+    finally:
+        SESSION_STORAGE = "files"
+
 
 @contextlib.asynccontextmanager
 async def open_runtime(data_dir: Path, **overrides) -> AsyncIterator[Runtime]:

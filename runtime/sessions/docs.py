@@ -305,7 +305,8 @@ class StoreDocs:
         failure: Exception | None = None
         with trio.move_on_after(self.commit_timeout) as bound:
             try:
-                await self._store.write(fn=guarded, events=events, action=f"{action} session '{session_id}'")
+                # No ``action``: ``named`` makes the message, with the database's own reason (as for files).
+                await self._store.write(fn=guarded, events=events)
             except Exception as exc:
                 failure = exc
         if bound.cancelled_caught:

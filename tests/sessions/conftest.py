@@ -26,19 +26,18 @@ from tests import support
 LIMIT = 10.0
 
 
-@pytest.fixture(params=["files", "store"], autouse=True)
+@pytest.fixture(params=support.SESSION_STORAGES, autouse=True)
 def session_storage(request) -> Iterator[str]:
     """Every sessions test runs with each RuntimeConfig.session_storage (session files, or documents in the
     store's ``session_docs`` table): every session feature must behave the same. A test of the files
-    themselves is marked ``files_only`` and runs with files only."""
+    themselves is marked ``files_only`` and runs with files only; one that chooses its storages itself is
+    marked ``store_only`` and runs once."""
     if request.param == "store" and request.node.get_closest_marker("files_only"):
         pytest.skip("a test of the session files themselves: with session_storage=store there are none")
-    # Set by hand, not with ``monkeypatch``: a test's own ``monkeypatch.undo()`` must not switch it back.
-    support.SESSION_STORAGE = request.param
-    try:
+    if request.param == "files" and request.node.get_closest_marker("store_only"):
+        pytest.skip("a test that chooses its storages itself: runs once")
+    with support.session_storage(request.param):
         yield request.param
-    finally:
-        support.SESSION_STORAGE = "files"
 
 
 @pytest.fixture
