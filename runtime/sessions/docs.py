@@ -25,7 +25,7 @@ from typing import Any, Awaitable, Callable, Protocol
 import trio
 
 from .. import codec
-from ..errors import NotFound, StorageError
+from ..errors import EngineTimeout, NotFound, StorageError
 from ..idempotency import Claim
 from ..store import EventDraft, Store
 from ..transcript import text_of
@@ -375,8 +375,6 @@ class StoreDocs:
         with trio.CancelScope(shield=True):
             try:
                 return await send(safety)
-            except StorageError:
-                raise
-            except BaseException:
+            except EngineTimeout:  # the engine may still write it: the safety session's next change waits
                 self._unsettled.add(safety_id)
                 raise
