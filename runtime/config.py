@@ -65,6 +65,10 @@ class RuntimeConfig:
     advertise_url: str | None = None
     # Seconds a thread lease lasts without renewal (--lease-ttl).
     lease_ttl: float = DEFAULT_LEASE_TTL
+    # Where session documents live: "files" (one JSON file each under sessions_dir, the default) or
+    # "store" (a row of the store's ``session_docs`` table, written in the same transaction as the index
+    # row; runtime/sessions/docs.py). A PostgreSQL store always uses "store" (issue 15).
+    session_storage: str = "files"
 
     @property
     def db_path(self) -> Path:

@@ -16,6 +16,7 @@ from web.cli import RunningServer, run_server
 from web.client import AsyncClient
 from web.settings import ServerSettings
 
+from tests import support
 from tests.support import E2E_LIMIT
 
 __all__ = ["E2E_LIMIT", "LiveServer", "start_server"]
@@ -47,7 +48,8 @@ async def start_server(nursery: trio.Nursery, data_dir: Path, **settings_overrid
     settings = ServerSettings(**{"host": "127.0.0.1", "port": 0, "data_dir": data_dir, "auth_token": "test-token",
                                  **settings_overrides})
     shutdown = trio.Event()
-    running = await nursery.start(partial(run_server, settings, RuntimeConfig(data_dir=data_dir),
+    config = RuntimeConfig(data_dir=data_dir, session_storage=support.SESSION_STORAGE)
+    running = await nursery.start(partial(run_server, settings, config,
                                           shutdown=shutdown))
     return LiveServer(running, data_dir, shutdown)
 

@@ -71,6 +71,24 @@ def _pg_url_for(data_dir: Path) -> str:
     return cluster.url(_PG_DATABASES[key])
 
 
+# The RuntimeConfig.session_storage of every Runtime and server the tests open unless they say otherwise:
+# the session suites run each test with "files" and with "store" (tests/sessions/conftest.py sets it).
+SESSION_STORAGE = "files"
+SESSION_STORAGES = ("files", "store")
+
+
+@contextlib.contextmanager
+def session_storage(kind: str) -> Iterator[str]:
+    """Open every Runtime and server with ``session_storage=kind`` inside the block. Set by hand, not with
+    ``monkeypatch``: a test's own ``monkeypatch.undo()`` must not switch it back."""
+    global SESSION_STORAGE
+    SESSION_STORAGE = kind
+    try:
+        yield kind
+    finally:
+        SESSION_STORAGE = "files"
+
+
 @contextlib.asynccontextmanager
 async def open_runtime(data_dir: Path, **overrides) -> AsyncIterator[Runtime]:
     """``Runtime.open`` on ``data_dir``; under an autojumping MockClock it installs ThreadGuard.
@@ -80,7 +98,7 @@ async def open_runtime(data_dir: Path, **overrides) -> AsyncIterator[Runtime]:
     first time, the same one when the test reopens that data dir: a restart)."""
     if "store_url" not in overrides and os.environ.get("TRIO_TEST_STORE") == "postgresql":
         overrides["store_url"] = _pg_url_for(data_dir)
-    config = RuntimeConfig(**{"data_dir": data_dir, **overrides})
+    config = RuntimeConfig(**{"data_dir": data_dir, "session_storage": SESSION_STORAGE, **overrides})
     clock = trio.lowlevel.current_clock()
     guard = None
     if isinstance(clock, trio.testing.MockClock) and clock.autojump_threshold < math.inf:

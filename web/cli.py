@@ -65,6 +65,8 @@ MODEL_NUMBERS = (
     ("--model-max-tokens", "model_max_tokens", MAX_TOKENS),
 )
 DOCTOR_NUMBERS = (("--timeout", "timeout", SECONDS),)
+SESSION_STORAGE_ENV = "TRIO_RUNTIME_SESSION_STORAGE"
+SESSION_STORAGES = ("files", "store")  # RuntimeConfig.session_storage
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -209,6 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the URL other hosts forward this host's threads' requests to (default: the bound URL)")
     serve.add_argument("--lease-ttl", type=float, default=DEFAULT_LEASE_TTL, metavar="SECONDS",
                        help=f"seconds a thread's lease lasts unless its owner renews it (default 10; {SECONDS})")
+    serve.add_argument("--session-storage", choices=SESSION_STORAGES,
+                       default=_env(SESSION_STORAGE_ENV, "files"),
+                       help="where saved sessions live: 'files' (JSON files under <data-dir>/sessions; the default)"
+                            " or 'store' (the database, in the change's own transaction; always with PostgreSQL;"
+                            f" {SESSION_STORAGE_ENV})")
     serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     doctor = commands.add_parser("doctor", help="check that the configured model backend is reachable and serves"
                                                 " the model; exit 0 if so, 1 with what is wrong")
@@ -343,7 +350,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     model_factory = model_factory_from_args(parser, args)
+    if args.session_storage not in SESSION_STORAGES:  # argparse checks a flag's value, not an env default
+        parser.error(f"{SESSION_STORAGE_ENV} must be one of: {', '.join(SESSION_STORAGES)}, "
+                     f"not {args.session_storage!r}")
     config = RuntimeConfig(data_dir=settings.data_dir, model_factory=model_factory,
+                           session_storage=args.session_storage,
                            default_model=args.model_name if model_factory else "scripted",
                            tools=tools_from_args(args), approval_timeout=args.approval_timeout,
                            store_url=store_url_from(parser, args.store), host_id=args.host_id,

@@ -148,6 +148,18 @@ MIGRATIONS: tuple[str, ...] = (
         token TEXT PRIMARY KEY
     );
     """,
+    # 7: sessions in the database (issue 15; RuntimeConfig.session_storage = "store"): each session's whole
+    # document (the bytes a session file would hold), written in the same transaction as its ``sessions``
+    # index row, so a change is all or nothing by the database alone. Empty with session files.
+    """
+    CREATE TABLE session_docs (
+        id TEXT PRIMARY KEY,
+        revision INTEGER NOT NULL,
+        document BLOB NOT NULL,
+        size INTEGER NOT NULL,
+        updated_at TEXT NOT NULL
+    );
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -301,6 +313,14 @@ PG_MIGRATIONS: tuple[str, ...] = (
         host_id TEXT COLLATE "C" NOT NULL,
         token TEXT COLLATE "C" NOT NULL,
         PRIMARY KEY (host_id, token)
+    );
+    -- Sessions always live in the database on PostgreSQL (SQLite migration 7; runtime/sessions/docs.py).
+    CREATE TABLE session_docs (
+        id TEXT COLLATE "C" PRIMARY KEY,
+        revision BIGINT NOT NULL,
+        document BYTEA NOT NULL,
+        size BIGINT NOT NULL,
+        updated_at TEXT COLLATE "C" NOT NULL
     );
     CREATE TABLE thread_leases (
         thread_id TEXT COLLATE "C" PRIMARY KEY,

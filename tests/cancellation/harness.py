@@ -322,7 +322,7 @@ def capture(data_dir: Path) -> State:
     """Everything durable, read with a separate connection (what a restart would see)."""
     sessions_dir = data_dir / "sessions"
     files, temps = {}, []
-    for entry in sorted(sessions_dir.iterdir()):
+    for entry in sorted(sessions_dir.iterdir()) if sessions_dir.exists() else ():  # none: sessions in the store
         if entry.name.startswith("."):
             temps.append(entry.name)
         else:
@@ -330,6 +330,8 @@ def capture(data_dir: Path) -> State:
     conn = sqlite3.connect(data_dir / "runtime.sqlite3")
     conn.row_factory = sqlite3.Row
     try:
+        # Documents kept in the store (session_storage="store") count as the session's file.
+        files.update({f"{row[0]}.json": bytes(row[1]) for row in conn.execute("SELECT id, document FROM session_docs")})
         def table(name: str) -> dict[str, dict[str, Any]]:
             return {row["id"]: dict(row) for row in conn.execute(f"SELECT * FROM {name}")}
 

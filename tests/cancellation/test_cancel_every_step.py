@@ -91,7 +91,7 @@ async def _ensure_running(ctx: Ctx) -> None:
 
 
 async def _ensure_session(ctx: Ctx, session_id: str = SESSION) -> None:
-    if not (ctx.data_dir / "sessions" / f"{session_id}.json").exists():
+    if f"{session_id}.json" not in capture(ctx.data_dir).files:  # its file, or its row in the store
         await ensure_idle(ctx)
         await ctx.rt.sessions.save(thread_id=ctx.thread_id, session_id=session_id, timeout=10)
 
@@ -230,7 +230,7 @@ def _check_resume(before: State, after: State, ctx: Ctx) -> bool:
 
 async def _import_setup(ctx: Ctx) -> None:
     await _ensure_session(ctx)
-    ctx.memo["doc"] = (ctx.data_dir / "sessions" / f"{SESSION}.json").read_bytes()
+    ctx.memo["doc"] = capture(ctx.data_dir).files[f"{SESSION}.json"]
 
 
 def _check_import(before: State, after: State, ctx: Ctx) -> bool:
@@ -853,8 +853,13 @@ APPROVAL_CASES = [
          _approval_setup, thread=lambda c: c.memo["athread"], post=_decided_again, writer_tries=APPROVAL_WRITER_TRIES),
 ]
 CASES += APPROVAL_CASES
-PARAMS = [pytest.param(case, target, id=f"{case.name} [{target}]")
+PARAMS = [pytest.param(case, target, "files", id=f"{case.name} [{target}]")
           for case in CASES for target in TARGETS if target != "engine" or case.uses_engine]
+# The session operations once more with session_storage="store" (documents in the store's session_docs
+# table): cancelled at any step, the database alone must leave the old document or the new one.
+SESSION_CASES = [case for case in CASES if "session" in case.name or case.name.startswith(("resume", "restore"))]
+PARAMS += [pytest.param(case, target, "store", id=f"{case.name} [{target}, store]")
+           for case in SESSION_CASES for target in TARGETS if target != "engine" or case.uses_engine]
 
 
 # Writer target only: group commit folds the writes an op sets going into one batch or two, depending on
@@ -936,12 +941,12 @@ async def _run_and_check(ctx: Ctx, case: Case, canceller: StepCanceller, release
     return result
 
 
-@pytest.mark.parametrize("case,target", PARAMS)
-async def test_cancelled_at_every_step_changes_all_or_nothing(tmp_path, case: Case, target: str):
+@pytest.mark.parametrize("case,target,storage", PARAMS)
+async def test_cancelled_at_every_step_changes_all_or_nothing(tmp_path, case: Case, target: str, storage: str):
     data_dir = tmp_path / "data"
     model = HeldModel()
     tools = demo_registry()  # the approval cases call ``wait``; no other case asks for a tool
-    config = RuntimeConfig(data_dir=data_dir, model_factory=lambda: model, tools=tools)
+    config = RuntimeConfig(data_dir=data_dir, model_factory=lambda: model, tools=tools, session_storage=storage)
     canceller = StepCanceller()
     release = ReleaseWhenParked(model)
     async with trio.open_nursery() as nursery:

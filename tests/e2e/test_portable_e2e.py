@@ -1,10 +1,12 @@
 """Moving a session between two real servers (two ``trio-runtime serve`` processes, two data dirs):
 export from one, import into the other, and the document, its listing and its next turn are the same
-there. Real sockets, real files, the typed client; no sleeps."""
+there, whichever storage each server keeps its sessions in (--session-storage). Real sockets, real files,
+the typed client; no sleeps."""
 
 from __future__ import annotations
 
 import json
+import sqlite3
 
 import pytest
 
@@ -18,10 +20,23 @@ async def _turn(client: AsyncClient, thread_id: str, prompt: str) -> None:
     assert (await wait_turn_end(client, thread_id, turn["id"]))["payload"]["status"] == "completed"
 
 
-async def test_a_session_moves_to_another_server_and_back_unchanged(tmp_path):
-    first = await ServerProcess(tmp_path / "first").start()
+def _stored(data_dir, storage: str, session_id: str) -> bytes:
+    """The stored document as the server keeps it: its file, or its row in the store (session_docs)."""
+    if storage == "files":
+        return (data_dir / "sessions" / f"{session_id}.json").read_bytes()
+    conn = sqlite3.connect(data_dir / "runtime.sqlite3")
     try:
-        second = await ServerProcess(tmp_path / "second").start()
+        return bytes(conn.execute("SELECT document FROM session_docs WHERE id = ?", (session_id,)).fetchone()[0])
+    finally:
+        conn.close()
+
+
+# Each server's --session-storage: the document travels between the two storages unchanged too.
+@pytest.mark.parametrize("first_storage,second_storage", [("files", "files"), ("files", "store"), ("store", "files")])
+async def test_a_session_moves_to_another_server_and_back_unchanged(tmp_path, first_storage, second_storage):
+    first = await ServerProcess(tmp_path / "first", "--session-storage", first_storage).start()
+    try:
+        second = await ServerProcess(tmp_path / "second", "--session-storage", second_storage).start()
         try:
             async with AsyncClient(first.url, first.token) as a, AsyncClient(second.url, second.token) as b:
                 thread = await a.create_thread(title="travelling", system_prompt="Be brief.")
@@ -30,13 +45,14 @@ async def test_a_session_moves_to_another_server_and_back_unchanged(tmp_path):
                 saved = await a.save_session(thread_id=thread["id"], session_id="trip")
                 assert saved["session"]["metadata"]["revision"] == 1
                 exported = await a.export_session("trip")
-                assert exported == (tmp_path / "first" / "sessions" / "trip.json").read_bytes()
+                assert exported == _stored(tmp_path / "first", first_storage, "trip")
                 markdown = await a.export_session("trip", format="markdown")
                 assert markdown.startswith("# travelling\n")
                 assert "\n\n> **Thinking**\n>\n> weighing it\n\nYou said: first question\n\n" in markdown
 
                 assert await b.import_session(exported) == {"session_id": "trip", "revision": 1}
                 assert await b.export_session("trip") == exported  # revision 1: byte for byte
+                assert _stored(tmp_path / "second", second_storage, "trip") == exported
                 assert await b.export_session("trip", format="markdown") == markdown
                 assert [s["id"] for s in await b.list_sessions(search="second question")] == ["trip"]
                 with pytest.raises(ApiError) as info:
@@ -60,6 +76,9 @@ async def test_a_session_moves_to_another_server_and_back_unchanged(tmp_path):
                 assert back == expected
                 assert sorted(s["id"] for s in await a.list_sessions()) == ["trip", "trip-back"]
                 assert (await a.health())["status"] == "ok" and (await b.health())["status"] == "ok"
+                for data_dir, storage in ((tmp_path / "first", first_storage), (tmp_path / "second", second_storage)):
+                    # Each server kept its sessions where it was told: no file at all in the store's case.
+                    assert (data_dir / "sessions").exists() == (storage == "files")
         finally:
             second.kill()
             await second.wait()

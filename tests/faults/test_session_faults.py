@@ -17,6 +17,7 @@ import errno
 import functools
 import os
 import threading
+from typing import Iterator
 
 import pytest
 import trio
@@ -25,19 +26,28 @@ import trio.testing
 from runtime import StorageError, StorageFull
 from runtime.sessions.files import FileSystem
 from tests.cancellation.harness import capture, check_invariants
+from tests import support
 from tests.support import open_runtime
 
 from .seam import FaultPlan
 from .session_cases import (
     CASES, CRASH_ONLY, CRASH_SHORT, LIMIT, SESSION, SHORT_KINDS, Case, assert_unchanged, faulty_runtime, run_every_crash,
-    run_every_step, step_of, thread_with_history,
+    run_every_step, step_of, store_kinds, thread_with_history,
 )
+
+
+@pytest.fixture(params=support.SESSION_STORAGES)
+def storage(request) -> Iterator[str]:
+    """Run the test with session files and with sessions in the store (RuntimeConfig.session_storage);
+    only the tests whose faults reach both take it (a file fault needs files)."""
+    with support.session_storage(request.param):
+        yield request.param
 
 
 # ---- defect 1, session side: the file changed before the COMMIT that failed -------------------
 
 
-async def test_a_failed_commit_of_a_save_keeps_the_previous_file(tmp_path):
+async def test_a_failed_commit_of_a_save_keeps_the_previous_file(tmp_path, storage):
     """The save renamed its file into place inside the writer's transaction: when COMMIT then failed
     (SQLite rolled back by itself, as on a full disk), the client heard "nothing was saved" while the
     file on disk was the new one, neither indexed nor linked."""
@@ -67,7 +77,7 @@ async def test_a_failed_commit_of_a_save_keeps_the_previous_file(tmp_path):
         await check_invariants(rt, data_dir)
 
 
-async def test_a_failed_commit_of_a_delete_keeps_the_file(tmp_path):
+async def test_a_failed_commit_of_a_delete_keeps_the_file(tmp_path, storage):
     """DELETE unlinked the file inside the writer's transaction: a failing COMMIT left the session
     indexed and linked with no file behind it."""
     data_dir, plan = tmp_path / "data", FaultPlan()
@@ -92,7 +102,7 @@ async def test_a_failed_commit_of_a_delete_keeps_the_file(tmp_path):
         assert info.value.message == "Failed to delete session 'doomed': disk I/O error"
         assert (await rt.thread_record(tid))["session_id"] == "doomed"
         await rt.sessions.delete("doomed", timeout=LIMIT)
-        assert not (data_dir / "sessions" / "doomed.json").exists()
+        assert "doomed.json" not in capture(data_dir).files  # neither a file nor a row in the store
         await check_invariants(rt, data_dir)
 
 
@@ -294,7 +304,7 @@ async def test_a_save_abandoned_on_a_stuck_disk_is_settled_before_the_session_ch
         await check_invariants(rt, data_dir)
 
 
-async def test_a_change_the_busy_writer_never_began_is_refused_and_cleaned_up(tmp_path):
+async def test_a_change_the_busy_writer_never_began_is_refused_and_cleaned_up(tmp_path, storage):
     """The writer is stuck on an earlier request past the commit bound: the save gives up, the writer
     refuses it when it gets there, and nothing of it is left (real clock; every wait bounded)."""
     data_dir = tmp_path / "data"
@@ -351,15 +361,69 @@ async def test_a_change_whose_commit_outlives_the_bound_is_settled_from_the_jour
         assert state.event_counts["session.saved"] == 3
 
 
+async def test_a_change_in_the_store_whose_commit_outlives_the_bound_is_waited_for_by_the_next(tmp_path):
+    """Sessions in the store: the writer is stuck at the change's own COMMIT past the commit bound, so the
+    outcome is unknown when the request gives up. The session's next change, started while the writer is
+    still stuck, must wait for it (an empty write behind it) before it reads the session: read earlier, it
+    saw revision 1 and wrote revision 2 over the one that then committed (a lost update, two saves with one
+    revision)."""
+    data_dir, plan = tmp_path / "data", FaultPlan()
+    release, entered = threading.Event(), threading.Event()
+    counted_step = plan.step
+
+    def step(layer: str, name: str) -> bool:
+        if plan.armed and name == "COMMIT":
+            entered.set()
+            release.wait(timeout=30)
+        return counted_step(layer, name)
+
+    plan.step = step  # type: ignore[method-assign]
+    with support.session_storage("store"):
+        async with faulty_runtime(data_dir, plan) as rt:
+            tid = await thread_with_history(rt, "hello there")
+            await rt.sessions.save(thread_id=tid, session_id=SESSION, timeout=LIMIT)
+            rt.sessions.commit_timeout = 0.3
+            plan.arm(None, "sqlite_ioerr")
+            with trio.fail_after(30):
+                with pytest.raises(StorageError, match="did not finish within 0.3 s; the change is saved whole or not"):
+                    await rt.sessions.save(thread_id=tid, session_id=SESSION, timeout=LIMIT)
+            assert entered.is_set() and rt.sessions._unsettled == {SESSION}
+            plan.disarm()
+            rt.sessions.commit_timeout = LIMIT
+            results: list[dict] = []
+            async with trio.open_nursery() as nursery:
+                async def next_save() -> None:
+                    results.append(await rt.sessions.save(thread_id=tid, session_id=SESSION, timeout=LIMIT))
+
+                nursery.start_soon(next_save)
+                with trio.fail_after(30):
+                    await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+                assert results == []  # waiting behind the stuck change, not racing it
+                release.set()
+            assert results[0]["session"]["metadata"]["revision"] == 3  # the unknown one committed: 2, then 3
+            assert rt.sessions._unsettled == set()
+            state = await check_invariants(rt, data_dir)
+            assert state.event_counts["session.saved"] == 3
+            assert sorted(e.payload["revision"] for e in await _saved_events(rt, tid)) == [1, 2, 3]
+            assert not (data_dir / "sessions").exists()  # no file, no directory: the store holds it all
+
+
+async def _saved_events(rt, thread_id: str) -> list:
+    from runtime.store import records
+    return [e for e in await rt.store.read(functools.partial(records.events_after, thread_id=thread_id, since_seq=0))
+            if e.event == "session.saved"]
+
+
 # ---- fault at every step, kill at every step (short versions) ---------------------------------
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-async def test_a_fault_at_every_step_changes_all_or_nothing(tmp_path, case: Case):
-    await run_every_step(tmp_path, case, SHORT_KINDS[case.name])
+async def test_a_fault_at_every_step_changes_all_or_nothing(tmp_path, case: Case, storage: str):
+    kinds = SHORT_KINDS[case.name]
+    await run_every_step(tmp_path, case, kinds if storage == "files" else store_kinds(kinds))
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.name in CRASH_SHORT] + CRASH_ONLY,
                          ids=[*CRASH_SHORT, *(c.name for c in CRASH_ONLY)])
-async def test_a_kill_at_every_step_restarts_before_or_after(tmp_path, case: Case):
+async def test_a_kill_at_every_step_restarts_before_or_after(tmp_path, case: Case, storage: str):
     await run_every_crash(tmp_path, case)

@@ -9,9 +9,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import sqlite3
 import threading
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Iterator
 
 import pytest
 import trio
@@ -23,6 +24,20 @@ from tests import support
 
 # Upper bound on any single real-clock wait in these tests: a bug fails the test instead of hanging.
 LIMIT = 10.0
+
+
+@pytest.fixture(params=support.SESSION_STORAGES, autouse=True)
+def session_storage(request) -> Iterator[str]:
+    """Every sessions test runs with each RuntimeConfig.session_storage (session files, or documents in the
+    store's ``session_docs`` table): every session feature must behave the same. A test of the files
+    themselves is marked ``files_only`` and runs with files only; one that chooses its storages itself is
+    marked ``store_only`` and runs once."""
+    if request.param == "store" and request.node.get_closest_marker("files_only"):
+        pytest.skip("a test of the session files themselves: with session_storage=store there are none")
+    if request.param == "files" and request.node.get_closest_marker("store_only"):
+        pytest.skip("a test that chooses its storages itself: runs once")
+    with support.session_storage(request.param):
+        yield request.param
 
 
 @pytest.fixture
@@ -51,20 +66,48 @@ def sessions_dir(rt_or_dir: Any) -> Path:
     return rt_or_dir.config.sessions_dir
 
 
+def stored_documents(data_dir: Path) -> dict[str, bytes]:
+    """``<id>.json`` -> the document's bytes, of every session kept in the store (``session_docs``), read
+    with a connection of its own (what a restart would see). Empty with session files."""
+    conn = sqlite3.connect(data_dir / "runtime.sqlite3")
+    try:
+        return {f"{row[0]}.json": bytes(row[1]) for row in conn.execute("SELECT id, document FROM session_docs")}
+    except sqlite3.OperationalError:  # no database yet, or one from before migration 7
+        return {}
+    finally:
+        conn.close()
+
+
 def dir_snapshot(directory: Path) -> dict[str, Any]:
-    """Every entry of ``directory`` (recursively): file name -> bytes, directory name -> nested dict."""
+    """Every entry of ``directory`` (recursively): file name -> bytes, directory name -> nested dict. For
+    the sessions directory with session_storage=store, the documents kept in the store are its files (so
+    "nothing changed" and "nothing saved" read the same in both storages); a missing directory is empty."""
     result: dict[str, Any] = {}
+    if directory.name == "sessions" and support.SESSION_STORAGE == "store":
+        result.update(stored_documents(directory.parent))
+    if not directory.exists():
+        return result
     for entry in sorted(directory.iterdir()):
         result[entry.name] = dir_snapshot(entry) if entry.is_dir() else entry.read_bytes()
     return result
 
 
 def temp_files(directory: Path) -> list[str]:
+    if not directory.exists():
+        return []
     return sorted(entry.name for entry in directory.iterdir() if entry.name.startswith("."))
 
 
-def read_session_file(rt: Runtime, session_id: str) -> dict[str, Any]:
-    return json.loads((sessions_dir(rt) / f"{session_id}.json").read_bytes())
+def stored_bytes(rt_or_dir: Any, session_id: str) -> bytes | None:
+    """The stored document of ``session_id`` (its file, or its row in the store), None when there is none."""
+    directory = sessions_dir(rt_or_dir)
+    return dir_snapshot(directory).get(f"{session_id}.json")
+
+
+def read_session_file(rt: Any, session_id: str) -> dict[str, Any]:
+    data = stored_bytes(rt, session_id)
+    assert data is not None, f"session {session_id!r} is not stored"
+    return json.loads(data)
 
 
 async def events_of(rt: Runtime, thread_id: str, name: str | None = None) -> list[Any]:

@@ -25,6 +25,8 @@ from runtime.transcript import derive_title
 from tests.conftest import E2E_LIMIT
 from tests.e2e.helpers import wait_turn_end
 
+from .conftest import stored_bytes
+
 AUTH = {"Authorization": "Bearer test-token"}
 # Text with what the codecs must keep: non-ASCII, an emoji, escapes, a Greek final sigma.
 TEXT = 'Grüße, café ☕ 😀 "quoted" back\\slash tab\t ΟΔΟΣ'
@@ -86,7 +88,7 @@ async def test_put_answers_with_the_file_bytes_encoded_once(server, client, http
     assert response.status_code == 200, response.text
     assert big_codecs == ["codec.dumps_sliced"]  # the file's encoding, and nothing else
 
-    stored = (server.data_dir / "sessions" / "big.json").read_bytes()
+    stored = stored_bytes(server.data_dir, "big")  # the file, or the row in the store
     head = json.dumps({"session_id": "big", "thread_id": tid, "turn_in_progress": False}, separators=(",", ":"))
     assert response.content == head[:-1].encode() + b',"session":' + stored + b"}"
     assert response.headers["content-type"] == "application/json"
@@ -97,6 +99,19 @@ async def test_put_answers_with_the_file_bytes_encoded_once(server, client, http
     assert [m["content"][0]["text"] for m in session["messages"]] == [TEXT, REPLY]
 
 
+async def test_get_sends_the_stored_document_as_it_is(server, client, http, big_codecs):
+    tid = await saved_thread(client)
+    assert (await http.put("/v1/sessions", json={"thread_id": tid, "session_id": "big"})).status_code == 200
+    stored = stored_bytes(server.data_dir, "big")
+
+    big_codecs.clear()
+    response = await http.get("/v1/sessions/big")
+    assert response.status_code == 200 and response.content == stored
+    assert response.headers["etag"] == '"1"' and response.headers["content-type"] == "application/json"
+    assert big_codecs == []  # trusted: sent without a decode or an encode
+
+
+@pytest.mark.files_only
 async def test_get_sends_the_indexed_file_as_stored_and_validates_a_file_changed_behind_the_index(
         server, client, http, big_codecs):
     tid = await saved_thread(client)
@@ -137,14 +152,19 @@ async def test_a_big_session_resumes_whole_and_its_thread_reads_leave_the_base_m
         server, client, http, big_codecs):
     tid = await saved_thread(client)
     assert (await http.put("/v1/sessions", json={"thread_id": tid, "session_id": "big"})).status_code == 200
-    path = server.data_dir / "sessions" / "big.json"
-    doc = json.loads(path.read_bytes())
-    # Make it big enough to be decoded in slices, then let the server validate it (it changed on disk).
+    doc = json.loads(stored_bytes(server.data_dir, "big"))
+    # Make it big enough to be decoded in slices, then let the server validate it (it changed on disk;
+    # in the store, there is no disk to change: it is imported under the same id instead).
     doc["messages"] = [{"role": "user" if i % 2 == 0 else "assistant",
                         "content": [{"type": "text", "text": f"{i} {TEXT} " * 300}]} for i in range(200)]
     doc["metadata"]["message_count"] = 200
-    path.write_bytes(codec.dumps(doc))
-    assert path.stat().st_size > codec.SLICE_ABOVE
+    if server.runtime.sessions.storage == "files":
+        path = server.data_dir / "sessions" / "big.json"
+        path.write_bytes(codec.dumps(doc))
+    else:
+        assert (await http.delete("/v1/sessions/big")).status_code == 204
+        assert (await http.post("/v1/sessions/import", content=codec.dumps(doc))).status_code == 201
+    assert len(stored_bytes(server.data_dir, "big")) > codec.SLICE_ABOVE
 
     big_codecs.clear()
     resumed = await http.post("/v1/sessions/big/resume-thread", json={})

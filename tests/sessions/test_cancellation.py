@@ -21,14 +21,17 @@ from runtime.sessions.files import parse_document
 from tests.conftest import E2E_LIMIT
 from tests.e2e.helpers import wait_turn_end
 
-from .conftest import events_of, sessions_dir, temp_files
+from .conftest import dir_snapshot, events_of, sessions_dir, stored_bytes, temp_files
 
 def files_on_disk(directory) -> dict[str, dict[str, Any]]:
+    """Every stored document (a file, or a row in the store), parsed."""
     docs = {}
-    for path in directory.glob("*.json"):
-        doc = parse_document(path.stem, path.read_bytes())  # every file is whole and well-formed
-        assert doc["metadata"]["id"] == path.stem
-        docs[path.stem] = doc
+    for name, data in dir_snapshot(directory).items():
+        if not name.endswith(".json"):
+            continue
+        doc = parse_document(name[:-5], data)  # every file is whole and well-formed
+        assert doc["metadata"]["id"] == name[:-5]
+        docs[name[:-5]] = doc
     return docs
 
 
@@ -42,7 +45,7 @@ async def assert_consistent(rt) -> dict[str, dict[str, Any]]:
     for sid, doc in docs.items():
         assert listed[sid]["revision"] == doc["metadata"]["revision"]
         assert listed[sid]["title"] == doc["metadata"]["title"]
-        assert listed[sid]["size"] == (directory / f"{sid}.json").stat().st_size
+        assert listed[sid]["size"] == len(stored_bytes(rt, sid))
     for thread in await rt.list_threads(include_archived=True, limit=500):
         if thread["session_id"] is not None:
             assert thread["session_id"] in docs, thread
@@ -175,4 +178,4 @@ async def test_client_disconnects_during_put_never_leave_a_partial_or_unlinked_s
     await inflight.settle()
     docs = await assert_consistent(rt)
     for sid, doc in docs.items():
-        assert json.loads((server.data_dir / "sessions" / f"{sid}.json").read_bytes()) == doc
+        assert json.loads(stored_bytes(server.data_dir, sid)) == doc

@@ -12,7 +12,7 @@ from tests.conftest import E2E_LIMIT, start_server
 from tests.e2e.helpers import collect_until, wait_turn_end
 from web.client import ApiError
 
-from .conftest import dir_snapshot, temp_files
+from .conftest import dir_snapshot, stored_bytes, temp_files
 
 AUTH = {"Authorization": "Bearer test-token"}
 HELLO = [
@@ -198,6 +198,7 @@ async def test_unknown_session_is_404_for_every_method(server, http):
     assert dir_snapshot(sessions_path(server)) == {}
 
 
+@pytest.mark.files_only
 async def test_unparseable_file_is_400_and_directory_in_the_way_is_500(server, http, client):
     tid = await thread_with_turn(client)
     (sessions_path(server) / "bad.json").write_bytes(b'{"schema_version": 1, "meta')
@@ -260,7 +261,7 @@ async def test_patch_delete_and_list_over_http(server, http, client):
 
     response = await http.delete(f"/v1/sessions/{sid}")
     assert response.status_code == 204 and response.content == b""
-    assert not (sessions_path(server) / f"{sid}.json").exists()
+    assert stored_bytes(server.data_dir, sid) is None
     assert [s["id"] for s in await client.list_sessions(include_archived=True)] == [other]
     assert_error(await http.get(f"/v1/sessions/{sid}"), 404, "not_found")
 
@@ -283,4 +284,4 @@ async def test_resume_thread_201_and_the_new_thread_sees_the_whole_history(serve
     assert saved["session"]["messages"][:2] == HELLO and len(saved["session"]["messages"]) == 4
     assert_error(await http.post(f"/v1/sessions/{sid}/resume-thread", json={"bogus": 1}), 400, "invalid_input")
     assert temp_files(sessions_path(server)) == []
-    assert json.loads((sessions_path(server) / f"{sid}.json").read_bytes())["metadata"]["revision"] == 2
+    assert json.loads(stored_bytes(server.data_dir, sid))["metadata"]["revision"] == 2

@@ -18,7 +18,7 @@ import trio
 from runtime import Conflict
 from runtime.store import records
 
-from .conftest import LIMIT, events_of, read_session_file, run_turn, sessions_dir
+from .conftest import LIMIT, dir_snapshot, events_of, read_session_file, run_turn, sessions_dir
 
 
 def usage_total(turn: dict) -> int:
@@ -100,7 +100,7 @@ async def test_a_turn_running_when_the_rebuild_snapshot_is_taken_is_a_conflict(r
     assert str(refused.value) == f"Thread '{tid}' has a turn in progress ('{started[0]}')"
 
     # Nothing of the refused rebuild exists; the turn really ran and ended meanwhile.
-    assert list(sessions_dir(rt).glob("*.json")) == []
+    assert dir_snapshot(sessions_dir(rt)) == {}
     assert await events_of(rt, tid, "session.saved") == []
     assert (await rt.get_thread(tid))["turns"][-1]["status"] == "interrupted"
     assert (await rt.thread_record(tid))["session_id"] is None

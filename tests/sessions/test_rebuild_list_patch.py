@@ -8,7 +8,8 @@ import trio
 from runtime import Conflict, InvalidData, InvalidInput, NotFound
 
 from .conftest import (
-    LIMIT, dir_snapshot, events_of, read_session_file, run_turn, session_ids_listed, sessions_dir, wait_turn_end,
+    LIMIT, dir_snapshot, events_of, read_session_file, run_turn, session_ids_listed, sessions_dir, stored_bytes,
+    wait_turn_end,
 )
 
 # ---- rebuild ---------------------------------------------------------------------------------
@@ -191,6 +192,7 @@ async def test_list_hides_archived_unless_asked_and_honours_limit(rt, fake_now):
     assert listed[0]["archived"] is True and listed[0]["revision"] == 2
 
 
+@pytest.mark.files_only
 async def test_a_corrupt_file_added_on_disk_is_skipped_by_the_listing_after_reopen(open_rt, data_dir):
     async with open_rt() as rt:
         good = await _session(rt, "good one", "hello there")
@@ -261,8 +263,8 @@ async def test_delete_removes_file_index_row_and_every_thread_link(rt):
 
     assert await rt.sessions.delete(sid, timeout=LIMIT) is None
 
-    assert not (sessions_dir(rt) / f"{sid}.json").exists()
-    assert (sessions_dir(rt) / f"{keep}.json").exists()
+    assert stored_bytes(rt, sid) is None
+    assert stored_bytes(rt, keep) is not None
     assert await session_ids_listed(rt, include_archived=True) == [keep]
     assert (await rt.thread_record(tid))["session_id"] is None
     assert (await rt.thread_record(resumed))["session_id"] is None
@@ -284,6 +286,7 @@ async def test_delete_of_unknown_session_is_not_found_and_changes_nothing(rt):
     assert await session_ids_listed(rt) == [keep]
 
 
+@pytest.mark.files_only
 async def test_delete_of_an_unparseable_session_file_is_allowed(rt):
     (sessions_dir(rt) / "junk.json").write_bytes(b"{not json")
     await rt.sessions.delete("junk", timeout=LIMIT)

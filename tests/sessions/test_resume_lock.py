@@ -23,7 +23,7 @@ from runtime.store import records
 from runtime.errors import Conflict, NotFound
 from tests.support import held_writer
 
-from .conftest import LIMIT, run_turn, sessions_dir
+from .conftest import LIMIT, run_turn, stored_bytes
 
 
 async def saved_session(rt: Runtime) -> str:
@@ -41,7 +41,7 @@ async def dangling_links(rt: Runtime) -> list[tuple[str, str]]:
     """(thread, session) pairs where the thread is linked to a session with no file or no index row."""
     indexed = {m["id"] for m in await rt.sessions.list(limit=500, include_archived=True)}
     return [(t["id"], t["session_id"]) for t in await all_threads(rt) if t.get("session_id") and (
-        t["session_id"] not in indexed or not (sessions_dir(rt) / f"{t['session_id']}.json").exists())]
+        t["session_id"] not in indexed or stored_bytes(rt, t["session_id"]) is None)]
 
 
 async def test_a_delete_during_a_resume_never_leaves_the_new_thread_linked_to_a_deleted_session(rt, monkeypatch):
@@ -77,7 +77,7 @@ async def test_a_delete_during_a_resume_never_leaves_the_new_thread_linked_to_a_
     # The resume came first (it held the lock); then the delete removed the session and unlinked its thread.
     resumed = await rt.thread_record(results["resume"]["thread_id"])
     assert (resumed["session_id"], resumed["title"]) == (None, "to resume")
-    assert not (sessions_dir(rt) / f"{session_id}.json").exists()
+    assert stored_bytes(rt, session_id) is None
     assert session_id not in {m["id"] for m in await rt.sessions.list(limit=500, include_archived=True)}
     assert rt.sessions._locks == {}
 

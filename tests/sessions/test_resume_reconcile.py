@@ -78,6 +78,7 @@ async def test_resume_of_unknown_or_invalid_session_creates_no_thread(rt):
 # ---- reconcile -------------------------------------------------------------------------------
 
 
+@pytest.mark.files_only
 async def test_index_reconciles_files_added_removed_or_edited_while_closed(open_rt, data_dir, tmp_path):
     from runtime import Runtime, RuntimeConfig
 
@@ -111,6 +112,7 @@ async def test_index_reconciles_files_added_removed_or_edited_while_closed(open_
         assert (await rt.sessions.resume(imported["session_id"]))["message_count"] == 2
 
 
+@pytest.mark.files_only
 async def test_a_file_whose_metadata_names_another_id_never_writes_to_that_other_session(rt):
     """Files are addressed by name. A copy of A.json saved as B.json (a user duplicating a session)
     must not make operations on B write A's file."""
@@ -132,6 +134,7 @@ async def test_a_file_whose_metadata_names_another_id_never_writes_to_that_other
         assert read_session_file(rt, "copy-of-a")["metadata"]["title"] == "the copy"
 
 
+@pytest.mark.files_only
 async def test_a_copy_made_while_closed_does_not_take_over_the_original_in_the_index(open_rt, data_dir):
     """A user duplicates A.json as B.json and edits B's title (metadata.id still says A)."""
     async with open_rt() as rt:
@@ -158,6 +161,7 @@ ODD_METADATA = {
 }
 
 
+@pytest.mark.files_only
 @pytest.mark.parametrize("edit", sorted(ODD_METADATA))
 async def test_a_hand_edited_file_with_odd_optional_fields_breaks_neither_open_nor_listing(open_rt, data_dir, edit):
     async with open_rt() as rt:

@@ -20,7 +20,7 @@ from web.errors import status_for
 
 from .conftest import (
     LIMIT, dir_snapshot, events_of, read_session_file, real_time_limit, run_turn, session_ids_listed, sessions_dir,
-    temp_files,
+    stored_bytes, temp_files,
 )
 
 HELLO = [
@@ -73,7 +73,7 @@ async def test_save_without_session_id_creates_a_uuid_session_linked_to_the_thre
     assert on_disk["metadata"] == meta
     assert on_disk["messages"] == HELLO + THINK
     assert on_disk["system_prompt"] == "be brief"
-    assert sorted(p.name for p in sessions_dir(rt).iterdir()) == [f"{sid}.json"]
+    assert sorted(dir_snapshot(sessions_dir(rt))) == [f"{sid}.json"]
 
     assert (await rt.thread_record(tid))["session_id"] == sid
     saved = await events_of(rt, tid, "session.saved")
@@ -82,7 +82,7 @@ async def test_save_without_session_id_creates_a_uuid_session_linked_to_the_thre
     listed = await rt.sessions.list(limit=10)
     assert [m["id"] for m in listed] == [sid]
     assert {k: listed[0][k] for k in meta if k != "thread_id"} == {k: meta[k] for k in meta if k != "thread_id"}
-    assert listed[0]["size"] == (sessions_dir(rt) / f"{sid}.json").stat().st_size
+    assert listed[0]["size"] == len(stored_bytes(rt, sid))
 
 
 async def test_save_title_falls_back_to_the_first_user_message_trimmed_to_50_chars(rt):
@@ -135,13 +135,14 @@ async def test_save_with_existing_session_id_updates_in_place(rt, fake_now):
     assert meta["total_tokens"] == tokens(first, second)
 
     assert read_session_file(rt, sid) == {"schema_version": 1, **updated["session"]}
-    assert sorted(p.name for p in sessions_dir(rt).iterdir()) == [f"{sid}.json"]
+    assert sorted(dir_snapshot(sessions_dir(rt))) == [f"{sid}.json"]
     saved = await events_of(rt, tid, "session.saved")
     assert [(e.payload["revision"], e.payload["created"]) for e in saved] == [(1, True), (3, False)]
     listed = await rt.sessions.list(limit=10, include_archived=True)
     assert [(m["id"], m["revision"], m["message_count"]) for m in listed] == [(sid, 3, 4)]
 
 
+@pytest.mark.files_only
 @pytest.mark.parametrize("edit", ["new size", "same size, later mtime"])
 async def test_save_over_a_session_file_edited_on_disk_carries_the_files_revision_and_title(rt, edit):
     # The file is the source of truth; the index row only spares a parse while the file is unchanged.
@@ -434,6 +435,7 @@ async def _call(rt, op: str, tid: str, session_id: str):
     raise AssertionError(op)
 
 
+@pytest.mark.files_only
 @pytest.mark.parametrize("op", ["save", "get", "patch", "resume"])
 @pytest.mark.parametrize("kind", sorted(BAD_FILES))
 async def test_unparseable_session_file_is_invalid_data_and_is_not_overwritten(rt, op, kind):
@@ -447,6 +449,7 @@ async def test_unparseable_session_file_is_invalid_data_and_is_not_overwritten(r
     assert (sessions_dir(rt) / "bad.json").read_bytes() == BAD_FILES[kind]
 
 
+@pytest.mark.files_only
 @pytest.mark.parametrize("op", ["save", "get", "patch", "resume", "delete"])
 async def test_directory_in_place_of_a_session_file_is_storage_error(rt, op):
     tid, _ = await _linked_session(rt)
@@ -461,6 +464,7 @@ async def test_directory_in_place_of_a_session_file_is_storage_error(rt, op):
     assert await _observable_state(rt, tid) == before
 
 
+@pytest.mark.files_only
 @pytest.mark.parametrize("op", ["save", "get", "patch", "resume"])
 async def test_permission_denied_reading_a_session_is_storage_error(rt, monkeypatch, op):
     tid, sid = await _linked_session(rt)
@@ -492,9 +496,10 @@ async def test_invalid_session_ids_are_invalid_input_before_any_file_access(rt, 
     tid, _ = await _linked_session(rt)
     before = await _observable_state(rt, tid)
     touched = []
-    fs = rt.sessions.files.fs
-    for name in ("read_bytes", "stage", "publish", "remove"):
-        monkeypatch.setattr(fs, name, lambda *a, _n=name: touched.append(_n))
+    if rt.sessions.storage == "files":
+        fs = rt.sessions.files.fs
+        for name in ("read_bytes", "stage", "publish", "remove"):
+            monkeypatch.setattr(fs, name, lambda *a, _n=name: touched.append(_n))
     for bad in INVALID_IDS:
         with pytest.raises(InvalidInput, match="Invalid session id"):
             await _call(rt, op, tid, bad)
@@ -572,7 +577,7 @@ async def test_concurrent_saves_to_one_session_are_serialised(rt):
     for tid in threads:
         assert (await rt.thread_record(tid))["session_id"] == sid
     [listed] = await rt.sessions.list(limit=10)
-    assert listed["revision"] == 6 and listed["size"] == (sessions_dir(rt) / f"{sid}.json").stat().st_size
+    assert listed["revision"] == 6 and listed["size"] == len(stored_bytes(rt, sid))
     assert rt.sessions._locks == {}  # lock slots are dropped when the last holder leaves
 
 
@@ -583,6 +588,7 @@ def _enospc(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
+@pytest.mark.files_only
 @pytest.mark.parametrize("fault", ["write_data", "replace"])
 async def test_a_failed_session_write_changes_nothing(rt, monkeypatch, fault):
     tid, sid = await _linked_session(rt)
@@ -627,6 +633,7 @@ class FailNth:
         return getattr(FileSystem, self.name)(self.fs, *args)
 
 
+@pytest.mark.files_only
 async def test_a_directory_fsync_failure_after_the_replace_changes_nothing(rt, monkeypatch):
     """``fsync_dir`` after ``os.replace`` decides whether the rename is durable, and the COMMIT comes
     after it: failing there, the save puts the previous file back (create: removes the new one) and
@@ -654,6 +661,7 @@ async def test_a_directory_fsync_failure_after_the_replace_changes_nothing(rt, m
     assert again["session"]["metadata"]["revision"] == 2
 
 
+@pytest.mark.files_only
 async def test_a_failed_delete_changes_nothing(rt, monkeypatch):
     tid, sid = await _linked_session(rt)
     before = await _observable_state(rt, tid)
@@ -678,6 +686,7 @@ async def test_a_failed_delete_changes_nothing(rt, monkeypatch):
     assert dir_snapshot(sessions_dir(rt)) == files_before  # the file is back under its own name
 
 
+@pytest.mark.files_only
 async def test_temp_files_left_by_a_crash_are_removed_on_open(open_rt, data_dir):
     async with open_rt() as rt:
         tid, sid = await _linked_session(rt)

@@ -185,6 +185,7 @@ def test_an_escaped_surrogate_pair_is_one_valid_character():
 AUTH = {"Authorization": "Bearer test-token"}
 
 
+@pytest.mark.files_only
 @pytest.mark.parametrize("shape", ["content_string_block", "tool_use_input_string", "unknown_type"])
 async def test_a_bad_file_is_the_same_400_on_every_route_and_is_not_listed(nursery, tmp_path, caplog, shape):
     data_dir = tmp_path / "data"
@@ -224,6 +225,7 @@ async def test_a_bad_file_is_the_same_400_on_every_route_and_is_not_listed(nurse
     assert logged == [f"session file bad.json is not indexed: {expected}"]
 
 
+@pytest.mark.files_only
 async def test_a_bad_file_indexed_by_an_older_version_leaves_the_list_at_the_next_start(open_rt, data_dir):
     """The old shallow check let ``input: "{}"`` through, and the index row's size and mtime still match
     the file, so reconcile would never look at it again: the schema upgrade makes it look once."""

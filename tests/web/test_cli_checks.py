@@ -182,6 +182,27 @@ def test_the_request_timeout_variable_applies_unless_the_flag_is_given(started, 
     assert started().request_timeout == 10.0
 
 
+def test_the_session_storage_comes_from_the_flag_or_the_variable_and_is_checked(monkeypatch, tmp_path, capsys):
+    monkeypatch.delenv("TRIO_RUNTIME_SESSION_STORAGE", raising=False)
+    configs = []
+
+    async def fake_serve(settings, runtime_config):
+        configs.append(runtime_config)
+
+    monkeypatch.setattr(cli, "serve", fake_serve)
+    serve = ["serve", "--data-dir", str(tmp_path)]
+    assert cli.main(serve) == 0 and configs.pop().session_storage == "files"
+    assert cli.main([*serve, "--session-storage", "store"]) == 0 and configs.pop().session_storage == "store"
+    monkeypatch.setenv("TRIO_RUNTIME_SESSION_STORAGE", "store")
+    assert cli.main(serve) == 0 and configs.pop().session_storage == "store"
+    assert cli.main([*serve, "--session-storage", "files"]) == 0 and configs.pop().session_storage == "files"
+    monkeypatch.setenv("TRIO_RUNTIME_SESSION_STORAGE", "disk")
+    with pytest.raises(SystemExit) as exited:
+        cli.main(serve)
+    assert exited.value.code == 2 and configs == []
+    assert "error: TRIO_RUNTIME_SESSION_STORAGE must be one of: files, store, not 'disk'\n" in capsys.readouterr().err
+
+
 def test_doctor_checks_its_timeout(capsys):
     with pytest.raises(SystemExit) as exited:
         cli.main(["doctor", "--timeout", "0"])

@@ -1,0 +1,374 @@
+"""Where session documents live: the one seam between the SessionService and its storage.
+
+``RuntimeConfig.session_storage`` picks the implementation (``SessionService`` builds it):
+
+- ``"files"`` (the default on SQLite): ``filedocs.FileDocs``, one JSON file per session under
+  ``sessions_dir`` and the file change protocol of runtime/sessions/files.py (temp and undo files, the
+  ``session_commits`` journal, recovery at start).
+- ``"store"`` (always on PostgreSQL): ``StoreDocs`` below, each document a row of the store's
+  ``session_docs`` table, written by the store's writer in the SAME transaction as the ``sessions``
+  index row, the thread link, the ``session.saved`` event and the idempotency record. The database alone
+  makes every change all or nothing: no temp files, no journal, nothing to settle after a crash.
+
+The SessionService keeps what both share (the per-session locks, If-Match, building documents from
+engine state, the index queries); an implementation only stores, reads and deletes documents. The SQL
+here is portable (``?`` placeholders, ``ON CONFLICT ... DO UPDATE``; docs/design.md, "Sessions").
+"""
+
+from __future__ import annotations
+
+import functools
+import sqlite3
+import threading
+from typing import Any, Awaitable, Callable, Protocol
+
+import trio
+
+from .. import codec
+from ..errors import EngineTimeout, NotFound, StorageError
+from ..idempotency import Claim
+from ..store import DatabaseError, EventDraft, Store
+from ..transcript import text_of
+from .files import encode_document, parse_document
+
+# The commit phase is shielded; this bounds it so a wedged disk or store cannot hold a request forever.
+COMMIT_TIMEOUT = 60.0
+STORAGE_KINDS = ("files", "store")
+# What the index's readers select: never ``search_text`` (a session's whole text, 1 MB for a 1 MB
+# session), which only the WHERE of a search reads, inside the database.
+INDEX_COLUMNS = ("id, title, created_at, updated_at, message_count, total_tokens, model, workspace, mode,"
+                 " archived, revision, size, file_mtime_ns")
+
+
+
+# Called by the engine with its live state (the snapshot of runtime.engine.history.restore); returns the
+# writer-thread part of the restore's one write.
+SafetyWriter = Callable[[Any], Callable[[Any], None]]
+
+
+class SessionDocs(Protocol):
+    """The storage of session documents. Every method that changes something is all or nothing and
+    is called with the session's lock held (SessionService._locked); the ``commit_timeout`` bounds the
+    shielded commit phase of each."""
+
+    commit_timeout: float
+
+    async def open(self) -> None:
+        """Prepare the storage at start (files: settle changes a crash left, reconcile the index)."""
+
+    async def before_change(self, session_id: str, deadline: float) -> None:
+        """Called under the session's lock before every change: finish what an earlier change of it
+        left unknown (a timed-out commit), so two changes of one session never overlap."""
+
+    async def metadata(self, session_id: str) -> dict[str, Any] | None:
+        """The stored session's metadata (None: no such session)."""
+
+    async def read_document(self, session_id: str) -> tuple[bytes, int]:
+        """The stored document's bytes, sent as they are, and its revision. NotFound if none."""
+
+    async def load(self, session_id: str) -> dict[str, Any]:
+        """The stored document, checked (InvalidData for one that does not parse). NotFound if none."""
+
+    async def load_for_resume(self, session_id: str) -> tuple[dict[str, Any], bytes | None]:
+        """``load`` and the messages encoded for ``threads.base_messages``, off the event loop."""
+
+    async def exists(self, session_id: str, action: str) -> bool:
+        """Whether the session exists; a failure to tell is a StorageError naming ``action``."""
+
+    async def commit(self, doc: dict[str, Any], *, action: str, thread_id: str | None,
+                     events: list[EventDraft], replacing: bool, claim: Claim | None, answer: Any) -> None:
+        """Store ``doc`` (its index row, the thread link, ``events`` and ``claim``'s record in the same
+        transaction), shielded: the caller always learns the outcome."""
+
+    async def delete(self, session_id: str) -> None:
+        """Delete the document, its index row and every thread's link to it. NotFound if none."""
+
+    async def restore(self, *, thread_id: str, session_id: str, safety_id: str,
+                      make_doc: Callable[[Any], dict[str, Any]],
+                      send: Callable[[SafetyWriter], Awaitable[Any]]) -> Any:
+        """Run a restore's engine op (``send``) whose one write also stores the safety session
+        ``make_doc(snapshot)``; returns the op's result. Shielded: the engine may apply the op."""
+
+
+# ---- shared by both implementations ---------------------------------------------------------
+
+
+def index_text(title: str, messages: list[dict[str, Any]]) -> bytes:
+    """The lower-cased text search matches, UTF-8 encoded (stored with ``CAST(? AS TEXT)``). Built a
+    message at a time, handing the GIL to the event loop in between: lower-casing or encoding 12 MB in
+    one call holds the GIL for ~60 ms, which stalls the event loop even from the staging thread.
+    (Joined by newlines, the parts lower-case exactly as the whole would: no letter meets a letter
+    across a boundary.)"""
+    def lowered(message: dict[str, Any]) -> bytes:
+        codec.let_others_run()
+        return text_of(message).lower().encode("utf-8")
+
+    return b"\n".join([title.lower().encode("utf-8"), *(lowered(m) for m in messages)])
+
+
+class Document(dict):
+    """A session document that keeps the bytes it was saved as, so that PUT's response, which repeats
+    the whole session, reuses the stored bytes instead of encoding 12 MB again on the event loop."""
+
+    encoded: bytes | None = None
+
+
+def encode(doc: dict[str, Any]) -> bytes:
+    """The document's stored bytes (runs in a worker thread); a ``Document`` keeps them."""
+    data = encode_document(doc)
+    if isinstance(doc, Document):
+        doc.encoded = data
+    return data
+
+
+def upsert_index(conn: sqlite3.Connection, doc: dict[str, Any], size: int, mtime_ns: int,
+                 search_text: bytes | str | None = None) -> None:
+    """Insert or replace the ``sessions`` index row of session ``doc`` (a checked session document)
+    whose stored bytes are ``size`` long (a file's mtime ``mtime_ns``; 0 for a document in the store);
+    ``search_text`` defaults to the title and message text the search reads.
+
+    The SessionService calls it in the same store transaction that stores the document, so the row
+    and the document never disagree after a commit. Public for tools that write session files outside a
+    server (bench/datagen.py): they must call it in one transaction with their writes, on a database
+    migrated by ``runtime.store.migrations``; the next start re-indexes a file whose size or mtime
+    disagrees with its row. ``search_text`` as ``str`` is the portable form (PostgreSQL casts bytes to
+    hex text); SQLite stores bytes and str alike."""
+    meta = doc["metadata"]
+    if search_text is None:
+        search_text = index_text(meta["title"], doc["messages"])
+    conn.execute(
+        "INSERT INTO sessions (id, title, created_at, updated_at, message_count, total_tokens, model, workspace,"
+        " mode, archived, revision, size, file_mtime_ns, search_text)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, CAST(? AS TEXT))"
+        " ON CONFLICT (id) DO UPDATE SET title = excluded.title, created_at = excluded.created_at,"
+        " updated_at = excluded.updated_at, message_count = excluded.message_count,"
+        " total_tokens = excluded.total_tokens, model = excluded.model, workspace = excluded.workspace,"
+        " mode = excluded.mode, archived = excluded.archived, revision = excluded.revision, size = excluded.size,"
+        " file_mtime_ns = excluded.file_mtime_ns, search_text = excluded.search_text",
+        (meta["id"], meta["title"], meta["created_at"], meta["updated_at"], len(doc["messages"]),
+         str(meta.get("total_tokens", 0)), meta.get("model"), meta.get("workspace"), meta.get("mode"),
+         int(bool(meta.get("archived", False))), meta["revision"], size, mtime_ns, search_text),
+    )
+
+
+def index_metadata(row: Any) -> dict[str, Any]:
+    return {
+        "id": row["id"], "title": row["title"], "created_at": row["created_at"], "updated_at": row["updated_at"],
+        "message_count": row["message_count"], "total_tokens": int(row["total_tokens"]), "model": row["model"],
+        "workspace": row["workspace"], "mode": row["mode"], "archived": bool(row["archived"]),
+        "revision": row["revision"], "size": row["size"],
+    }
+
+
+def index_row(conn: sqlite3.Connection, session_id: str) -> Any:
+    return conn.execute(f"SELECT {INDEX_COLUMNS} FROM sessions WHERE id = ?", (session_id,)).fetchone()
+
+
+def named(exc: Exception, action: str, session_id: str) -> Exception:
+    """A store error names the session action it broke (``Failed to save session 'x': disk I/O error``),
+    keeping its class (StorageFull stays StorageFull); other errors pass unchanged."""
+    if not isinstance(exc, StorageError):
+        return exc
+    prefix = f"Failed to {action} session '{session_id}'"
+    if exc.message.startswith(prefix):
+        return exc
+    reason, cause = exc.message, exc.__cause__
+    while cause is not None:  # the store keeps the database's own error as the cause: it is the reason
+        if isinstance(cause, DatabaseError):
+            reason = str(cause)
+            break
+        cause = cause.__cause__
+    return type(exc)(f"{prefix}: {reason}")
+
+
+def raise_named(exc: Exception, action: str, session_id: str) -> None:
+    error = named(exc, action, session_id)
+    if error is exc:
+        raise exc
+    raise error from exc
+
+
+# ---- the store implementation ---------------------------------------------------------------
+
+
+def _document_row(conn: sqlite3.Connection, session_id: str) -> tuple[bytes, int] | None:
+    row = conn.execute("SELECT document, revision FROM session_docs WHERE id = ?", (session_id,)).fetchone()
+    return (bytes(row[0]), row[1]) if row is not None else None
+
+
+def _write_document(conn: sqlite3.Connection, doc: dict[str, Any], data: bytes, text: str) -> None:
+    """The index row and the document row of ``doc`` (its encoded bytes ``data``), in the caller's
+    transaction."""
+    meta = doc["metadata"]
+    upsert_index(conn, doc, len(data), 0, text)
+    conn.execute(
+        "INSERT INTO session_docs (id, revision, document, size, updated_at) VALUES (?, ?, ?, ?, ?)"
+        " ON CONFLICT (id) DO UPDATE SET revision = excluded.revision, document = excluded.document,"
+        " size = excluded.size, updated_at = excluded.updated_at",
+        (meta["id"], meta["revision"], data, len(data), meta["updated_at"]))
+
+
+def _staged(doc: dict[str, Any]) -> tuple[bytes, str]:
+    """The document's bytes and its search text as ``str`` (the portable binding), made in a worker
+    thread: decoding is one pass over bytes that ``index_text`` built a message at a time."""
+    data = encode(doc)
+    return data, index_text(doc["metadata"]["title"], doc["messages"]).decode("utf-8")
+
+
+class StoreDocs:
+    """Session documents as rows of the store (``session_docs``): every change is one writer request,
+    so it commits with its index row, thread link, event and idempotency record, or not at all.
+
+    A change whose writer request did not finish within ``commit_timeout`` has an unknown outcome (the
+    writer may still commit it whole): the session is marked, and its next change first waits for every
+    write queued before (an empty write: the writer is FIFO) so it reads the committed revision."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self.commit_timeout = COMMIT_TIMEOUT
+        self._unsettled: set[str] = set()
+
+    async def open(self) -> None:
+        """Drop index rows without a document (sessions indexed while this data directory kept files:
+        they are not moved into the store, see docs/design.md "Sessions")."""
+        await self._store.write(fn=lambda conn: conn.execute(
+            "DELETE FROM sessions WHERE id NOT IN (SELECT id FROM session_docs)"), action="open the sessions")
+
+    async def before_change(self, session_id: str, deadline: float) -> None:
+        if session_id not in self._unsettled:
+            return
+        with trio.move_on_at(deadline):
+            # A failed empty batch is a barrier all the same: every write queued before it has finished.
+            try:
+                await self._store.write(action=f"wait for an earlier change of session '{session_id}'")
+            except StorageError:
+                pass
+            self._unsettled.discard(session_id)
+            return
+        raise StorageError(f"Failed to change session '{session_id}': the store has not finished an earlier "
+                           f"change of it")
+
+    async def metadata(self, session_id: str) -> dict[str, Any] | None:
+        row = await self._store.read(functools.partial(index_row, session_id=session_id), inline=True)
+        return index_metadata(row) if row is not None else None
+
+    async def read_document(self, session_id: str) -> tuple[bytes, int]:
+        """The stored bytes as they are: only this class writes them, from a checked document, in the
+        transaction that wrote the index row. A 10 MB read runs in the store's read thread."""
+        found = await self._store.read(functools.partial(_document_row, session_id=session_id))
+        if found is None:
+            raise NotFound(f"Session '{session_id}' not found")
+        return found
+
+    async def load(self, session_id: str) -> dict[str, Any]:
+        data, _ = await self.read_document(session_id)
+        return await trio.to_thread.run_sync(parse_document, session_id, data)
+
+    async def load_for_resume(self, session_id: str) -> tuple[dict[str, Any], bytes | None]:
+        data, _ = await self.read_document(session_id)
+
+        def load() -> tuple[dict[str, Any], bytes | None]:
+            doc = parse_document(session_id, data)
+            return doc, codec.dumps_sliced(doc["messages"]) if doc["messages"] else None
+
+        return await trio.to_thread.run_sync(load)
+
+    async def exists(self, session_id: str, action: str) -> bool:
+        def query(conn: sqlite3.Connection) -> bool:
+            return conn.execute("SELECT 1 FROM session_docs WHERE id = ?", (session_id,)).fetchone() is not None
+
+        try:
+            return await self._store.read(query, inline=True)
+        except DatabaseError as exc:
+            raise StorageError(f"Failed to {action} session '{session_id}': {exc}") from exc
+
+    async def _write(self, session_id: str, action: str, fn: Callable[[Any], Any],
+                     events: list[EventDraft]) -> None:
+        """One writer request, waited for under the caller's shield and bounded by commit_timeout. Past
+        the bound, a request the writer has not begun is refused when the writer reaches it (nothing was
+        saved); one it has begun commits whole or not at all, and the session is unsettled."""
+        guard, state = threading.Lock(), {"begun": False, "gave_up": False}
+
+        def guarded(conn: Any) -> Any:
+            with guard:
+                if state["gave_up"]:
+                    raise StorageError(f"Failed to {action} session '{session_id}': the request gave up")
+                state["begun"] = True
+            return fn(conn)
+
+        failure: Exception | None = None
+        with trio.move_on_after(self.commit_timeout) as bound:
+            try:
+                # No ``action``: ``named`` makes the message, with the database's own reason (as for files).
+                await self._store.write(fn=guarded, events=events)
+            except Exception as exc:
+                failure = exc
+        if bound.cancelled_caught:
+            with guard:
+                state["gave_up"] = True
+                begun = state["begun"]
+            if not begun:
+                raise StorageError(f"Failed to {action} session '{session_id}': the store did not begin the "
+                                   f"change within {self.commit_timeout:g} s; nothing was saved")
+            self._unsettled.add(session_id)
+            raise StorageError(f"Failed to {action} session '{session_id}': the store did not finish within "
+                               f"{self.commit_timeout:g} s; the change is saved whole or not at all")
+        if failure is not None:
+            raise_named(failure, action, session_id)
+
+    async def commit(self, doc: dict[str, Any], *, action: str, thread_id: str | None,
+                     events: list[EventDraft], replacing: bool, claim: Claim | None = None,
+                     answer: Any = None) -> None:
+        """Encode the document in a worker thread, then one writer request writes index row, document
+        row, thread link, idempotency record and ``events``. Shielded as a whole (the caller always
+        learns the outcome and holds the lock to the end); bounded by commit_timeout per stage.
+        ``replacing`` needs nothing here: the upsert covers both, under the session's lock."""
+        session_id = doc["metadata"]["id"]
+        # Shielded: see the docstring. The encoding is CPU work in one thread; the write is bounded.
+        with trio.CancelScope(shield=True):
+            data, text = await trio.to_thread.run_sync(_staged, doc)
+
+            def write(conn: Any) -> None:
+                _write_document(conn, doc, data, text)
+                if thread_id is not None:
+                    conn.execute("UPDATE threads SET session_id = ? WHERE id = ?", (session_id, thread_id))
+                if claim is not None:
+                    claim.record(conn, answer)
+
+            await self._write(session_id, action, write, events)
+
+    async def delete(self, session_id: str) -> None:
+        def write(conn: Any) -> None:
+            if conn.execute("DELETE FROM session_docs WHERE id = ?", (session_id,)).rowcount == 0:
+                raise NotFound(f"Session '{session_id}' not found")
+            conn.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
+            conn.execute("UPDATE threads SET session_id = NULL WHERE session_id = ?", (session_id,))
+
+        # Shielded like commit: the caller learns whether the delete committed; bounded by commit_timeout.
+        with trio.CancelScope(shield=True):
+            await self._write(session_id, "delete", write, [])
+
+    async def restore(self, *, thread_id: str, session_id: str, safety_id: str,
+                      make_doc: Callable[[Any], dict[str, Any]],
+                      send: Callable[[SafetyWriter], Awaitable[Any]]) -> Any:
+        """The engine's one write also writes the safety session's rows (encoded in the writer thread,
+        where the engine's snapshot is taken). The database makes it all or nothing; a timeout of the
+        engine's answer leaves an unknown outcome, so the safety session is unsettled as after commit."""
+
+        def safety(snapshot: Any) -> Callable[[Any], None]:
+            doc = make_doc(snapshot)
+
+            def write(conn: Any) -> None:
+                data, text = _staged(doc)
+                _write_document(conn, doc, data, text)
+
+            return write
+
+        # Shielded: once sent, the engine may apply the op, and the caller must learn its outcome; bounded
+        # by the engine request's own timeout (commit_timeout, given by the service).
+        with trio.CancelScope(shield=True):
+            try:
+                return await send(safety)
+            except EngineTimeout:  # the engine may still write it: the safety session's next change waits
+                self._unsettled.add(safety_id)
+                raise
