@@ -103,6 +103,8 @@ class Runtime:
     async def open(cls, config: RuntimeConfig) -> AsyncIterator["Runtime"]:
         backend: ModelBackend = config.model_factory() if config.model_factory else ScriptedModel()  # type: ignore[assignment]
         bus = EventBus(config.subscriber_buffer)
+        # The data dir holds this host's own files (host_id, mcp.json, logs) whichever store holds the rest.
+        await trio.to_thread.run_sync(functools.partial(config.data_dir.mkdir, parents=True, exist_ok=True))
         # The host id is resolved once here (the CLI may have done it): never None while the runtime runs.
         # "sqlite" as a store URL is the default store (the CLI's --store sqlite, TRIO_RUNTIME_STORE=sqlite).
         config = dataclasses.replace(

@@ -13,7 +13,7 @@ import functools
 import pytest
 import trio
 
-from runtime import Conflict, InvalidData, InvalidInput, NotFound, PreconditionFailed
+from runtime import Conflict, InvalidData, InvalidInput, NotFound, PreconditionFailed, Runtime
 from runtime.sessions.service import _rebuild_state
 from runtime.transcript import build_messages, word_count
 
@@ -300,13 +300,33 @@ async def test_restore_replaces_the_history_and_its_safety_session_undoes_it(rt,
     assert list(rt.config.sessions_dir.glob(".*")) == []  # no work file left behind
 
 
+async def _plant_unparseable_session(rt: Runtime, session_id: str) -> None:
+    """A stored session ``session_id`` whose document does not parse: a file in files mode, a
+    ``session_docs`` row where sessions live in the database (always on PostgreSQL)."""
+    if rt.sessions.storage == "files":
+        (rt.config.sessions_dir / f"{session_id}.json").write_text("{not json")
+        return
+    await rt.store.write(fn=lambda conn: conn.execute(
+        "INSERT INTO session_docs (id, revision, document, size, updated_at) VALUES (?, 1, ?, 9, '')",
+        (session_id, b"{not json")))
+
+
+async def _stored_sessions(rt: Runtime) -> list:
+    """Everything stored for sessions, byte for byte: the files, or the document rows."""
+    if rt.sessions.storage == "files":
+        return sorted((p.name, p.read_bytes()) for p in rt.config.sessions_dir.iterdir())
+    rows = await rt.store.read(lambda conn: conn.execute(
+        "SELECT id, revision, document FROM session_docs ORDER BY id").fetchall())
+    return [(row[0], row[1], bytes(row[2])) for row in rows]
+
+
 async def test_restore_refusals_change_nothing(rt, thread_id):
     await run_turn(rt, thread_id, "one alpha")
     saved = await rt.sessions.save(thread_id=thread_id, timeout=10)
-    (rt.config.sessions_dir / "broken.json").write_text("{not json")
+    await _plant_unparseable_session(rt, "broken")
     await run_turn(rt, thread_id, "two beta")
     before = await rt.get_thread(thread_id, include_rewound=True)
-    sessions_before = sorted(p.name for p in rt.config.sessions_dir.iterdir())
+    sessions_before = await _stored_sessions(rt)
 
     with pytest.raises(PreconditionFailed):
         await rt.restore_thread(thread_id, saved["session_id"], if_match=7)
@@ -323,7 +343,7 @@ async def test_restore_refusals_change_nothing(rt, thread_id):
 
     after = await rt.get_thread(thread_id, include_rewound=True)
     assert [t["id"] for t in after["turns"]] == [t["id"] for t in before["turns"]] + [running["id"]]
-    assert sorted(p.name for p in rt.config.sessions_dir.iterdir()) == sessions_before
+    assert await _stored_sessions(rt) == sessions_before
     result = await rt.restore_thread(thread_id, saved["session_id"], if_match=1)
     assert result["revision"] == 1
 
