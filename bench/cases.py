@@ -18,6 +18,7 @@ from bench import datagen
 from bench.history import bench_history
 from bench.mcp import bench_mcp
 from bench.ui import bench_ui
+from bench.cluster import bench_cluster
 from bench.pg import bench_pg
 from bench.forward import bench_forward
 from bench.validation import bench_session_validation
@@ -748,4 +749,5 @@ BENCHMARKS: dict[str, Callable[[Sizes], list[Row]]] = {
     "ui": bench_ui,
     "pg": bench_pg,
     "forward": bench_forward,
+    "cluster": bench_cluster,
 }
