@@ -64,7 +64,7 @@ async def stream_with_last_event_id(host: Host, thread_id: str, last_event_id: i
 
 
 async def owner_of(host: Host, thread_id: str) -> dict[str, Any] | None:
-    return (await host.client.get_thread(thread_id))["owner"]
+    return (await host.client.get_thread(thread_id))["thread"]["owner"]
 
 
 async def wait_until(predicate, what: str) -> None:
@@ -88,7 +88,7 @@ async def test_a_thread_lives_on_every_host_and_streams_across_them(tmp_path, pg
         thread = await a.client.create_thread(title="shared")
         thread_id = thread["id"]
         for host in (b, c):  # read on the others
-            assert (await host.client.get_thread(thread_id))["title"] == "shared"
+            assert (await host.client.get_thread(thread_id))["thread"]["title"] == "shared"
 
         # SSE on C follows a turn started on B, no gap, no duplicate.
         async with trio.open_nursery() as nursery:
@@ -120,10 +120,11 @@ async def test_a_thread_lives_on_every_host_and_streams_across_them(tmp_path, pg
         non_owners = [h for h in (a, b, c) if h.host_id != owner["host_id"]]
         saved = await non_owners[0].client.save_session(thread_id=thread_id)
         for host in (a, b, c):
-            got = await host.client.get_session(saved["id"])
-            assert got["revision"] == saved["revision"] and got["thread_id"] == thread_id
+            got = await host.client.get_session(saved["session_id"])
+            assert got == saved["session"]
+        assert len(saved["session"]["messages"]) == 2  # the turn's prompt and answer
         listed = await non_owners[1].client.list_sessions()
-        assert [s["id"] for s in listed["sessions"]] == [saved["id"]]
+        assert [s["id"] for s in listed] == [saved["session_id"]]
 
         # A second turn from the third host; a reader that saw the first turn reconnects on yet another
         # host with Last-Event-ID and gets exactly the rest.
@@ -141,7 +142,7 @@ async def test_kill_9_of_the_owner_during_a_turn_fails_over_within_the_lease(tmp
     async with cluster(tmp_path, pg_url) as hosts:
         a = hosts[0]
         thread_id = (await a.client.create_thread())["id"]
-        turn = await a.client.start_turn(thread_id, "/slow 60 " + " ".join(f"word{i}" for i in range(40)))
+        turn = await a.client.start_turn(thread_id, "/slow 60\n" + " ".join(f"word{i}" for i in range(40)))
         before = await collect_until(a.client, thread_id, lambda e: e["event"] == "item.delta")
         owner = await owner_of(a, thread_id)
         assert owner is not None
@@ -163,7 +164,7 @@ async def test_kill_9_of_the_owner_during_a_turn_fails_over_within_the_lease(tmp
         detail = await other.client.get_thread(thread_id)
         statuses = {t["id"]: t["status"] for t in detail["turns"]}
         assert statuses == {turn["id"]: "interrupted", new["id"]: "completed"}
-        taken = detail["owner"]
+        taken = detail["thread"]["owner"]
         assert taken["host_id"] == other.host_id and taken["epoch"] > owner["epoch"]
         everything = await collect_until(other.client, thread_id, ended(new["id"]))
         assert strictly_increasing(everything)  # no seq reused
@@ -177,7 +178,7 @@ async def test_an_owner_paused_past_its_lease_writes_nothing_more_after_another_
     async with cluster(tmp_path, pg_url) as hosts:
         a = hosts[0]
         thread_id = (await a.client.create_thread())["id"]
-        turn = await a.client.start_turn(thread_id, "/slow 60 " + " ".join(f"word{i}" for i in range(40)))
+        turn = await a.client.start_turn(thread_id, "/slow 60\n" + " ".join(f"word{i}" for i in range(40)))
         await collect_until(a.client, thread_id, lambda e: e["event"] == "item.delta")
         owner = await owner_of(a, thread_id)
         (old,) = [h for h in hosts if h.host_id == owner["host_id"]]
@@ -208,7 +209,8 @@ async def test_an_owner_paused_past_its_lease_writes_nothing_more_after_another_
         if third is not None:
             await wait_turn_end(new_host.client, thread_id, third["id"])
         detail = await new_host.client.get_thread(thread_id)
-        assert detail["owner"]["host_id"] == new_host.host_id and detail["owner"]["epoch"] == now_owner["epoch"]
+        assert detail["thread"]["owner"]["host_id"] == new_host.host_id
+        assert detail["thread"]["owner"]["epoch"] == now_owner["epoch"]
         expected = {turn["id"]: "interrupted", taken["id"]: "completed"}
         if third is not None:
             expected[third["id"]] = "completed"
