@@ -448,12 +448,12 @@ def bench_concurrent(sz: Sizes, peer: PeerServer, mine: ServerProcess) -> list[P
     rp = trio.run(concurrent_turns, Peer(peer.port), text, CLIENTS, seconds)
     ro = trio.run(with_ours, mine.port, lambda side: concurrent_turns(side, text, CLIENTS, seconds))
     gen = f"python, {CLIENTS} conns (+ {CLIENTS} SSE for ours)"
-    spread = (f"turns per client {rp['min_per_client']}-{rp['max_per_client']} vs "
-              f"{ro['min_per_client']}-{ro['max_per_client']}")
+    per_client = (f"turns per client {rp['min_per_client']}-{rp['max_per_client']} vs "
+                  f"{ro['min_per_client']}-{ro['max_per_client']}")
     return [
         PeerRow("2a", f"{CLIENTS} clients x {CLIENTS} threads, turns back to back {seconds:g} s: rate", "turns/s",
                 rp["rate"], ro["rate"], True, generator=gen,
-                notes=f"{rp['turns']} vs {ro['turns']} turns in {rp['elapsed']:.1f} / {ro['elapsed']:.1f} s; {spread}"),
+                notes=f"{rp['turns']} vs {ro['turns']} turns in {rp['elapsed']:.1f} / {ro['elapsed']:.1f} s; {per_client}"),
         PeerRow("2b", "Same: turn latency p99", "ms", rp["p99"], ro["p99"], False, generator=gen,
                 notes=f"p50 {rp['p50']:.0f} vs {ro['p50']:.0f} ms"),
     ]
