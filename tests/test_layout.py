@@ -145,7 +145,7 @@ def test_store_backend_is_reached_through_its_package():
     ``runtime.store``, the one place a second backend (postgres.py) will be chosen."""
     modules = runtime_modules()
     found = []
-    for path in sorted(p for d in ("runtime", "web", "tests", "bench", "examples") for p in (ROOT / d).rglob("*.py")):
+    for path in sorted(p for d in ("runtime", "web", "tests", "bench", "examples") for p in project_files(ROOT / d)):
         if path.is_relative_to(RUNTIME / "store"):
             continue
         if path.is_relative_to(RUNTIME):
@@ -197,6 +197,21 @@ def test_private_use_finder(tmp_path):
     assert sorted(private_uses(sample)) == ["runtime._hidden", "runtime.sessions._upsert_index", "st._iconn"]
 
 
-@pytest.mark.parametrize("path", sorted(BENCH.rglob("*.py")), ids=lambda p: str(p.relative_to(ROOT)))
+def project_files(folder: Path, root: Path = ROOT) -> list[Path]:
+    """The project's own ``*.py`` under ``folder``: not a venv inside it (``make bench-peer`` installs
+    LangGraph's server into bench/peer/.venv, thousands of files that are not ours)."""
+    return sorted(p for p in folder.rglob("*.py") if ".venv" not in p.relative_to(root).parts)
+
+
+def test_project_files_leave_out_venvs(tmp_path):
+    for name in ("bench/run.py", "bench/peer/run.py", "bench/peer/.venv/lib/site-packages/langgraph/graph.py",
+                 ".venv/lib/site.py"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("")
+    found = [str(p.relative_to(tmp_path)) for p in project_files(tmp_path / "bench", tmp_path)]
+    assert found == ["bench/peer/run.py", "bench/run.py"]
+
+
+@pytest.mark.parametrize("path", project_files(BENCH), ids=lambda p: str(p.relative_to(ROOT)))
 def test_bench_uses_public_runtime_names_only(path):
     assert private_uses(path) == []
