@@ -220,7 +220,7 @@ class Runtime:
             # UTF-8 bytes that become TEXT inside SQLite, in the writer thread.
             (thread_id, now, now, record["model"], workspace, record["mode"], int(bool(archived)), title,
              system_prompt, session_id, base_messages_json, base_tokens, policy),
-        ), *record_claim(claim, record if answer is None else answer)]
+        ), *record_claim(claim, self._as_answer(record) if answer is None else answer)]
 
         def refuse_taken(conn: Any) -> None:
             # A refusal (not an IntegrityError turned 500): the write undoes only itself (see WriteRequest.fn).
@@ -235,7 +235,22 @@ class Runtime:
         await request.done.wait()
         assert request.result is not None
         request.result.unwrap()
-        return record
+        return self._as_answer(record)
+
+    def _as_answer(self, record: dict[str, Any]) -> dict[str, Any]:
+        """A new thread's record as the answer: on PostgreSQL with ``owner`` null (creating a thread takes no
+        lease; its first engine request does), so every ThreadRecord there has the field."""
+        return record if getattr(self, "cluster", None) is None else {**record, "owner": None}
+
+    async def _with_owner(self, result: dict[str, Any]) -> dict[str, Any]:
+        """``result["thread"]`` (a history change's answer) with its ``owner`` read from the database on
+        PostgreSQL, as GET shows it; ``result`` itself on SQLite."""
+        if getattr(self, "cluster", None) is None or not isinstance(result.get("thread"), dict):
+            return result
+        from .cluster.host import add_owners
+
+        await self.store.read(functools.partial(add_owners, found=[result["thread"]]), inline=True)
+        return result
 
     async def list_threads(self, *, limit: int | None = None, include_archived: bool = False,
                            archived_only: bool = False) -> list[dict[str, Any]]:
@@ -379,18 +394,18 @@ class Runtime:
         new_id_ = validate_thread_id(new_thread_id) if new_thread_id is not None else new_id("thr")
         if title is not None and not title.strip():
             raise InvalidInput("title must not be blank")
-        return await self._request(thread_id, lambda r: ops.Fork(
+        return await self._with_owner(await self._request(thread_id, lambda r: ops.Fork(
             through_turn_id=through_turn_id, title=title, new_thread_id=new_id_, claim=claim, reply=r),
-            timeout=timeout, what="fork the thread")
+            timeout=timeout, what="fork the thread"))
 
     async def rewind_thread(self, thread_id: str, before_turn_id: str, *, if_busy: str = "reject",
                             timeout: float = DEFAULT_TIMEOUT, claim: Claim | None = None) -> dict[str, Any]:
         """``before_turn_id`` and every later turn leave the live history (they stay stored, flagged)."""
         _check_id(before_turn_id, "before_turn_id")
         if_busy = _if_busy(if_busy)
-        return await self._request(thread_id, lambda r: ops.Rewind(
+        return await self._with_owner(await self._request(thread_id, lambda r: ops.Rewind(
             before_turn_id=before_turn_id, if_busy=if_busy, claim=claim, reply=r),
-            timeout=timeout, what="rewind the thread")
+            timeout=timeout, what="rewind the thread"))
 
     async def retry_turn(self, thread_id: str, turn_id: str | None = None, *, model: str | None = None,
                          mode: str | None = None, if_busy: str = "reject", timeout: float = DEFAULT_TIMEOUT,
@@ -408,8 +423,8 @@ class Runtime:
                              if_match: int | str | None = None, timeout: float = DEFAULT_TIMEOUT,
                              claim: Claim | None = None) -> dict[str, Any]:
         """Replace the live history with a saved session's (see SessionService.restore)."""
-        return await self.sessions.restore(thread_id, session_id, if_busy=_if_busy(if_busy), if_match=if_match,
-                                           timeout=timeout, claim=claim)
+        return await self._with_owner(await self.sessions.restore(
+            thread_id, session_id, if_busy=_if_busy(if_busy), if_match=if_match, timeout=timeout, claim=claim))
 
     async def delete_thread(self, thread_id: str, *, if_busy: str = "reject", timeout: float = DEFAULT_TIMEOUT) -> None:
         """Delete the thread with its turns, items and events; its engine stops and its streams end."""

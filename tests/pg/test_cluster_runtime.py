@@ -19,7 +19,7 @@ from runtime.errors import LeaseLost, NotOwner
 from runtime.models.tools import demo_registry
 from runtime.store import records
 from tests import support
-from tests.runtime.helpers import collect_events, stored_events, turn_completed
+from tests.runtime.helpers import collect_events, run_turn, stored_events, turn_completed
 
 # Lease ttl of the hosts below (seconds): short so that expiry happens within a test, long enough that a
 # loaded 2-core machine renews in time (renewal every ttl/3).
@@ -241,3 +241,27 @@ async def test_a_dead_owners_turns_are_taken_over_interrupted_and_approvals_stay
         done = await collect_events(two, asking, turn_completed(waiting["id"]), limit=WAIT)
         assert done[-1].payload["status"] == "completed"
         check_seqs(await stored_events(two, asking))
+
+
+async def test_every_thread_record_an_answer_carries_has_the_owner_get_shows(tmp_path, pg_url):
+    """API.md: on PostgreSQL a ThreadRecord has ``owner``; the answers of create, fork, rewind and restore
+    carry one as GET would show it at that moment (a new thread: null, no lease until its first engine use)."""
+    async with host(tmp_path, pg_url, "h1") as one:
+        created = await one.create_thread(title="owned")
+        tid = created["id"]
+        assert created["owner"] is None
+        with trio.fail_after(WAIT):
+            await run_turn(one, tid, "first")
+        mine = (await one.thread_record(tid))["owner"]
+        assert mine["host_id"] == "h1" and mine["epoch"] >= 1
+
+        forked = await one.fork_thread(tid)
+        assert forked["thread"]["owner"] is None and (await one.thread_record(forked["thread"]["id"]))["owner"] is None
+        saved = await one.sessions.save(thread_id=tid, timeout=WAIT)
+        with trio.fail_after(WAIT):
+            second = await run_turn(one, tid, "second")
+        rewound = await one.rewind_thread(tid, second["id"])
+        restored = await one.restore_thread(tid, saved["session_id"])
+        for answer in (rewound, restored):
+            assert answer["thread"]["owner"]["host_id"] == "h1"
+            assert answer["thread"]["owner"]["epoch"] == mine["epoch"]
