@@ -19,13 +19,12 @@ import signal
 import time
 from typing import Any
 
-import httpx
 import trio
 
 from runtime.clock import parse_utc, utc_now
 from tests.cluster.conftest import LEASE_TTL, TOKEN, Host, cluster
 from tests.conftest import E2E_LIMIT
-from tests.e2e.helpers import collect_until, wait_turn_end
+from tests.e2e.helpers import collect_until, comparable, stream_from, wait_turn_end
 from web.client import ApiError
 
 POLL = 0.05  # seconds between looks at a condition polled under a deadline
@@ -33,34 +32,6 @@ POLL = 0.05  # seconds between looks at a condition polled under a deadline
 
 def ended(turn_id: str):
     return lambda e: e["event"] == "turn.completed" and e.get("turn_id") == turn_id
-
-
-def comparable(events: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
-    return [(e["seq"], e["event"], e.get("turn_id"), e.get("item_id"), json.dumps(e["payload"], sort_keys=True))
-            for e in events]
-
-
-async def stream_with_last_event_id(host: Host, thread_id: str, last_event_id: int, turn_id: str) -> list[dict[str, Any]]:
-    """Reconnect as a browser's EventSource does (the ``Last-Event-ID`` header, no query) until the turn ends."""
-    seen: list[dict[str, Any]] = []
-    headers = {"Authorization": f"Bearer {TOKEN}", "Last-Event-ID": str(last_event_id)}
-    event: dict[str, Any] = {}
-    with trio.fail_after(E2E_LIMIT):
-        async with httpx.AsyncClient(base_url=host.url, headers=headers, timeout=httpx.Timeout(None, connect=10)) as http:
-            async with http.stream("GET", f"/v1/threads/{thread_id}/events") as response:
-                assert response.status_code == 200
-                async for line in response.aiter_lines():
-                    if line.startswith("id: "):
-                        event["id"] = int(line[4:])
-                    elif line.startswith("data: "):
-                        event["data"] = json.loads(line[6:])
-                    elif line == "" and "data" in event:
-                        data = event.pop("data")
-                        assert data["seq"] == event.pop("id")
-                        seen.append(data)
-                        if ended(turn_id)(data):
-                            return seen
-    raise AssertionError("event stream ended early")
 
 
 async def owner_of(host: Host, thread_id: str) -> dict[str, Any] | None:
@@ -130,7 +101,7 @@ async def test_a_thread_lives_on_every_host_and_streams_across_them(tmp_path, pg
         # host with Last-Event-ID and gets exactly the rest.
         last_seen = followed[-1]["seq"]
         second = await c.client.start_turn(thread_id, "and a second turn from host c")
-        rest = await stream_with_last_event_id(a, thread_id, last_seen, second["id"])
+        rest = await stream_from(a.url, TOKEN, thread_id, last_seen, second["id"])
         everything = await collect_until(b.client, thread_id, ended(second["id"]))
         assert comparable(followed + rest) == comparable(everything)
         assert rest[0]["seq"] > last_seen and rest[-1]["payload"]["status"] == "completed"

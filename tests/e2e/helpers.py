@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from functools import partial
+import json
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import trio
 
@@ -58,3 +60,33 @@ async def api_error(call, status: int, code: str, *fragments: str) -> ApiError:
     for fragment in fragments:
         assert fragment in info.value.message, info.value.message
     return info.value
+
+
+async def stream_from(url: str, token: str, thread_id: str, last_event_id: int, turn_id: str) -> list[dict[str, Any]]:
+    """Reconnect as a browser's EventSource does: the header ``Last-Event-ID``, no query; read until the
+    turn's end. Returns the events (seq, event, turn_id, item_id, payload)."""
+    seen: list[dict[str, Any]] = []
+    headers = {"Authorization": f"Bearer {token}", "Last-Event-ID": str(last_event_id)}
+    event: dict[str, Any] = {}
+    with trio.fail_after(E2E_LIMIT):
+        async with httpx.AsyncClient(base_url=url, headers=headers, timeout=httpx.Timeout(None, connect=10)) as http:
+            async with http.stream("GET", f"/v1/threads/{thread_id}/events") as response:
+                assert response.status_code == 200
+                async for line in response.aiter_lines():
+                    if line.startswith("id: "):
+                        event["id"] = int(line[4:])
+                    elif line.startswith("data: "):
+                        event["data"] = json.loads(line[6:])
+                    elif line == "" and "data" in event:
+                        data = event.pop("data")
+                        assert data["seq"] == event.pop("id")  # the SSE id is the event's seq
+                        seen.append(data)
+                        if data["event"] == "turn.completed" and data.get("turn_id") == turn_id:
+                            return seen
+    raise AssertionError("event stream ended early")
+
+
+def comparable(events: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    """Events as comparable tuples (seq, event, turn_id, item_id, payload as canonical JSON)."""
+    return [(e["seq"], e["event"], e.get("turn_id"), e.get("item_id"), json.dumps(e["payload"], sort_keys=True))
+            for e in events]

@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import json
 from pathlib import Path
 from typing import Any, AsyncIterator
 
-import httpx
 import pytest
 import trio
 
@@ -28,7 +26,7 @@ from runtime.clock import parse_utc, utc_now
 from runtime.models.tools import RUN_LOG_ENV
 from runtime.store import OUTCOME_UNKNOWN
 from tests.conftest import E2E_LIMIT
-from tests.e2e.helpers import collect_until
+from tests.e2e.helpers import collect_until, comparable, stream_from
 from tests.e2e.process import ServerProcess
 from tests.reliability.support import serving
 from web.client import AsyncClient, _q
@@ -72,35 +70,6 @@ async def approvals(client: AsyncClient, thread_id: str, status: str | None = No
 
 async def decide(client: AsyncClient, thread_id: str, approval_id: str, **body: Any) -> dict[str, Any]:
     return await client._call("POST", f"/v1/threads/{_q(thread_id)}/approvals/{_q(approval_id)}", json_body=body)
-
-
-async def stream_from(url: str, token: str, thread_id: str, last_event_id: int, turn_id: str) -> list[dict[str, Any]]:
-    """Reconnect as a browser's EventSource does: the header ``Last-Event-ID``, no query; read until the
-    turn's end. Returns the events (seq, event, turn_id, item_id, payload)."""
-    seen: list[dict[str, Any]] = []
-    headers = {"Authorization": f"Bearer {token}", "Last-Event-ID": str(last_event_id)}
-    event: dict[str, Any] = {}
-    with trio.fail_after(E2E_LIMIT):
-        async with httpx.AsyncClient(base_url=url, headers=headers, timeout=httpx.Timeout(None, connect=10)) as http:
-            async with http.stream("GET", f"/v1/threads/{thread_id}/events") as response:
-                assert response.status_code == 200
-                async for line in response.aiter_lines():
-                    if line.startswith("id: "):
-                        event["id"] = int(line[4:])
-                    elif line.startswith("data: "):
-                        event["data"] = json.loads(line[6:])
-                    elif line == "" and "data" in event:
-                        data = event.pop("data")
-                        assert data["seq"] == event.pop("id")  # the SSE id is the event's seq
-                        seen.append(data)
-                        if data["event"] == "turn.completed" and data.get("turn_id") == turn_id:
-                            return seen
-    raise AssertionError("event stream ended early")
-
-
-def comparable(events: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
-    return [(e["seq"], e["event"], e.get("turn_id"), e.get("item_id"), json.dumps(e["payload"], sort_keys=True))
-            for e in events]
 
 
 async def replay(client: AsyncClient, thread_id: str, turn_id: str) -> list[dict[str, Any]]:
