@@ -171,6 +171,27 @@ async def open_runtime(data_dir: Path, **overrides) -> AsyncIterator[Runtime]:
             clock.autojump_threshold = guard.threshold
 
 
+async def plant_session_document(rt: Runtime, session_id: str, data: bytes) -> None:
+    """Store ``data`` as session ``session_id``'s document behind the service's back (an unparseable one, say):
+    a file in files mode, a ``session_docs`` row where sessions live in the database (always on PostgreSQL)."""
+    if rt.sessions.storage == "files":
+        rt.config.sessions_dir.mkdir(parents=True, exist_ok=True)
+        (rt.config.sessions_dir / f"{session_id}.json").write_bytes(data)
+        return
+    await rt.store.write(fn=lambda conn: conn.execute(
+        "INSERT INTO session_docs (id, revision, document, size, updated_at) VALUES (?, 1, ?, ?, '')",
+        (session_id, data, len(data))))
+
+
+async def stored_session_ids(rt: Runtime) -> list[str]:
+    """The ids of every stored session document, sorted: the ``.json`` files in files mode, the
+    ``session_docs`` rows where sessions live in the database."""
+    if rt.sessions.storage == "files":
+        return sorted(p.stem for p in rt.config.sessions_dir.iterdir() if p.suffix == ".json")
+    rows = await rt.store.read(lambda conn: conn.execute("SELECT id FROM session_docs").fetchall())
+    return sorted(row[0] for row in rows)
+
+
 # Real-time bound on a held store writer: a test that forgets to let it go fails instead of hanging.
 HOLD_LIMIT = 20.0
 
