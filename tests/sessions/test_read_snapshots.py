@@ -16,8 +16,7 @@ import pytest
 import trio
 
 from runtime import Conflict
-from runtime.store import records
-from runtime.store.sqlite import EventDraft
+from runtime.store import EventDraft, records
 from tests import support
 
 from .conftest import LIMIT, dir_snapshot, events_of, read_session_file, run_turn, sessions_dir
