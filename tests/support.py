@@ -16,10 +16,11 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sqlite3
 import ssl
 import threading
 from pathlib import Path
-from typing import AsyncIterator, Iterator
+from typing import Any, AsyncIterator, Iterator
 
 import trio
 import trio.testing
@@ -60,15 +61,70 @@ _PG_CLUSTER: list = []
 
 def _pg_url_for(data_dir: Path) -> str:
     """The PostgreSQL database of ``data_dir`` on a cluster started once for the whole run (removed at exit)."""
-    from tests.support_pg import start_cluster
+    import pytest
+
+    from tests.support_pg import PgUnavailable, start_cluster
 
     if not _PG_CLUSTER:
-        _PG_CLUSTER.append(start_cluster())
+        try:
+            _PG_CLUSTER.append(start_cluster())
+        except PgUnavailable as e:  # no PostgreSQL here: the test is skipped with the reason, never passed
+            pytest.skip(str(e))
     cluster = _PG_CLUSTER[0]
     key = Path(data_dir).resolve()
     if key not in _PG_DATABASES:
         _PG_DATABASES[key] = cluster.create_database()
     return cluster.url(_PG_DATABASES[key])
+
+
+# The whole-suite switch (issue 15): TRIO_TEST_STORE=postgresql opens every Runtime and server the tests start
+# on a PostgreSQL database of a throwaway cluster, one per data dir (README, "Tests").
+STORE_ENV = "TRIO_TEST_STORE"
+
+
+def on_postgresql() -> bool:
+    """True in a whole-suite run on PostgreSQL (TRIO_TEST_STORE=postgresql)."""
+    return os.environ.get(STORE_ENV) == "postgresql"
+
+
+def store_url_for(data_dir: Path) -> str | None:
+    """The ``store_url`` a Runtime or server on ``data_dir`` gets: None (SQLite in the data dir), or on
+    PostgreSQL the URL of that data dir's database."""
+    return _pg_url_for(data_dir) if on_postgresql() else None
+
+
+def serve_store_args(data_dir: Path) -> list[str]:
+    """The ``trio-runtime serve`` arguments that put a server subprocess on ``data_dir``'s store: none on
+    SQLite, ``--store <url>`` on PostgreSQL (the same database open_runtime uses for that data dir)."""
+    url = store_url_for(data_dir)
+    return [] if url is None else ["--store", url]
+
+
+@contextlib.contextmanager
+def store_connection(data_dir: Path) -> Iterator[Any]:
+    """A connection of its own to ``data_dir``'s store, in autocommit mode: what a restart or another writer
+    sees, also of a stopped server's data. On SQLite an sqlite3 connection to the data dir's file; on
+    PostgreSQL the store's own adapter (runtime.store.postgres.PgConnection: ``?`` placeholders, rows by name
+    and by position), so a test writes its SQL once. ``store_errors()`` are what a missing table raises."""
+    if on_postgresql():
+        from runtime.store.postgres import connect
+
+        conn = connect(_pg_url_for(data_dir))
+    else:
+        conn = sqlite3.connect(Path(data_dir) / "runtime.sqlite3", isolation_level=None)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def store_errors() -> tuple[type[BaseException], ...]:
+    """The errors a statement on ``store_connection`` raises (a missing table, a bad statement)."""
+    if on_postgresql():
+        import psycopg
+
+        return (psycopg.Error,)
+    return (sqlite3.Error,)
 
 
 # The RuntimeConfig.session_storage of every Runtime and server the tests open unless they say otherwise:
@@ -96,7 +152,7 @@ async def open_runtime(data_dir: Path, **overrides) -> AsyncIterator[Runtime]:
     With TRIO_TEST_STORE=postgresql (a whole-suite run on PostgreSQL, issue 15) and no ``store_url`` given,
     the runtime opens on a database of the throwaway cluster that belongs to ``data_dir`` (a fresh one the
     first time, the same one when the test reopens that data dir: a restart)."""
-    if "store_url" not in overrides and os.environ.get("TRIO_TEST_STORE") == "postgresql":
+    if "store_url" not in overrides and on_postgresql():
         overrides["store_url"] = _pg_url_for(data_dir)
     config = RuntimeConfig(**{"data_dir": data_dir, "session_storage": SESSION_STORAGE, **overrides})
     clock = trio.lowlevel.current_clock()
@@ -113,6 +169,27 @@ async def open_runtime(data_dir: Path, **overrides) -> AsyncIterator[Runtime]:
         if guard is not None:
             trio.lowlevel.remove_instrument(guard)
             clock.autojump_threshold = guard.threshold
+
+
+async def plant_session_document(rt: Runtime, session_id: str, data: bytes) -> None:
+    """Store ``data`` as session ``session_id``'s document behind the service's back (an unparseable one, say):
+    a file in files mode, a ``session_docs`` row where sessions live in the database (always on PostgreSQL)."""
+    if rt.sessions.storage == "files":
+        rt.config.sessions_dir.mkdir(parents=True, exist_ok=True)
+        (rt.config.sessions_dir / f"{session_id}.json").write_bytes(data)
+        return
+    await rt.store.write(fn=lambda conn: conn.execute(
+        "INSERT INTO session_docs (id, revision, document, size, updated_at) VALUES (?, 1, ?, ?, '')",
+        (session_id, data, len(data))))
+
+
+async def stored_session_ids(rt: Runtime) -> list[str]:
+    """The ids of every stored session document, sorted: the ``.json`` files in files mode, the
+    ``session_docs`` rows where sessions live in the database."""
+    if rt.sessions.storage == "files":
+        return sorted(p.stem for p in rt.config.sessions_dir.iterdir() if p.suffix == ".json")
+    rows = await rt.store.read(lambda conn: conn.execute("SELECT id FROM session_docs").fetchall())
+    return sorted(row[0] for row in rows)
 
 
 # Real-time bound on a held store writer: a test that forgets to let it go fails instead of hanging.

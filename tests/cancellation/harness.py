@@ -34,6 +34,7 @@ from runtime.idempotency import Claim
 from runtime.models.base import ModelRequest, TextDelta
 from runtime.models.scripted import ScriptedModel
 from runtime.transcript import build_messages
+from tests import support
 
 # Real-clock bound on any one wait of the harness: a hang fails the case instead of the suite.
 LIMIT = 20.0
@@ -327,9 +328,9 @@ def capture(data_dir: Path) -> State:
             temps.append(entry.name)
         else:
             files[entry.name] = entry.read_bytes()
-    conn = sqlite3.connect(data_dir / "runtime.sqlite3")
-    conn.row_factory = sqlite3.Row
-    try:
+    with support.store_connection(data_dir) as conn:
+        if not support.on_postgresql():
+            conn.row_factory = sqlite3.Row
         # Documents kept in the store (session_storage="store") count as the session's file.
         files.update({f"{row[0]}.json": bytes(row[1]) for row in conn.execute("SELECT id, document FROM session_docs")})
         def table(name: str) -> dict[str, dict[str, Any]]:
@@ -340,13 +341,12 @@ def capture(data_dir: Path) -> State:
         for row in conn.execute("SELECT turn_id, event, COUNT(*) FROM events WHERE event IN"
                                 " ('turn.started', 'turn.completed') GROUP BY turn_id, event"):
             turn_events.setdefault(row[0], {})[row[1]] = row[2]
-        row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone()
+        row = conn.execute("SELECT COALESCE(pg_sequence_last_value('events_seq_seq'), 0)" if support.on_postgresql()
+                           else "SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone()
         return State(files, temps, table("threads"), table("turns"), table("items"), table("sessions"), counts,
                      turn_events, row[0] if row else 0,
                      dict(conn.execute("SELECT thread_id, COUNT(*) FROM events GROUP BY thread_id").fetchall()),
                      dict(conn.execute("SELECT key, body FROM idempotency").fetchall()), table("approvals"))
-    finally:
-        conn.close()
 
 
 # Tasks an operation may legitimately add or end: a turn it started or interrupted; and hypercorn's

@@ -13,6 +13,7 @@ import trio
 
 from runtime import RuntimeConfig
 from runtime.models.tools import demo_registry
+from tests import support
 from tests.conftest import E2E_LIMIT, LiveServer
 from web.cli import run_server
 from web.client import ApiError, AsyncClient
@@ -26,7 +27,8 @@ async def start_tool_server(nursery: trio.Nursery, data_dir: Path, *, settings: 
     server_settings = ServerSettings(**{"host": "127.0.0.1", "port": 0, "data_dir": data_dir,
                                         "auth_token": "test-token", **(settings or {})})
     shutdown = trio.Event()
-    runtime_config = RuntimeConfig(**{"data_dir": data_dir, "tools": demo_registry(), **config})
+    runtime_config = RuntimeConfig(**{"data_dir": data_dir, "tools": demo_registry(),
+                                      "store_url": support.store_url_for(data_dir), **config})
     running = await nursery.start(partial(run_server, server_settings, runtime_config, shutdown=shutdown))
     return LiveServer(running, data_dir, shutdown)
 

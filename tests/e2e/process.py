@@ -11,6 +11,7 @@ from typing import Callable
 import trio
 
 from tests.conftest import E2E_LIMIT
+from tests.support import serve_store_args
 
 
 class ServerProcess:
@@ -20,8 +21,11 @@ class ServerProcess:
         self.token = token
         self.cwd = cwd
         self.preexec_fn = preexec_fn  # runs in the child before exec (e.g. a resource limit)
+        # In a whole-suite run on PostgreSQL the server opens its data dir's database (tests/support.py), unless
+        # the test chooses a store itself.
+        store = [] if "--store" in extra else serve_store_args(data_dir)
         self.args = [sys.executable, "-m", "web.cli", "serve", "--port", "0", "--data-dir", str(data_dir),
-                     "--auth-token", token, "--log-level", "warning", *extra]
+                     "--auth-token", token, "--log-level", "warning", *store, *extra]
         self.process: trio.Process | None = None
         self.url: str | None = None
         self.output: list[str] = []

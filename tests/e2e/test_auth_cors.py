@@ -8,6 +8,7 @@ import httpx
 import pytest
 import trio
 
+from tests import support
 from tests.conftest import E2E_LIMIT, start_server
 from tests.e2e.process import ServerProcess
 from web.client import SseParser
@@ -46,7 +47,8 @@ async def test_runtime_info_reports_the_server(server):
     assert info["model_backend"] == "scripted" and info["data_dir"] == str(server.data_dir)
     assert info["live_engines"] == 0 and info["version"]
     # Issue 15: the store's kind (never its URL), this host's id and the URL other hosts forward to (bound).
-    assert info["store"] == "sqlite" and info["advertise_url"] == server.url
+    assert info["store"] == ("postgresql" if support.on_postgresql() else "sqlite")
+    assert info["advertise_url"] == server.url
     assert info["host_id"] == (server.data_dir / "host_id").read_text().strip()
 
 

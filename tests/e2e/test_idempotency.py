@@ -5,7 +5,6 @@ thread or turn per key, a record only where a change was made."""
 from __future__ import annotations
 
 import json
-import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ import httpx
 import pytest
 import trio
 
+from tests import support
 from tests.conftest import E2E_LIMIT, start_server
 from tests.e2e.helpers import wait_turn_end
 from tests.e2e.process import ServerProcess
@@ -29,11 +29,8 @@ def _http(server: Any) -> httpx.AsyncClient:
 
 
 def _rows(data_dir: Path, sql: str, *params: Any) -> list[tuple]:
-    db = sqlite3.connect(data_dir / "runtime.sqlite3")
-    try:
-        return db.execute(sql, params).fetchall()
-    finally:
-        db.close()
+    with support.store_connection(data_dir) as db:
+        return [tuple(row) for row in db.execute(sql, params).fetchall()]
 
 
 def _count(data_dir: Path, table: str) -> int:

@@ -1,12 +1,13 @@
 """The sessions' SQL runs unchanged on PostgreSQL (issue 15): StoreDocs and the SessionService's index
-queries on the real cluster, before the PostgreSQL store exists.
+queries on the real cluster, on their tables alone.
 
-The store backend is not here yet (helper A), so this test drives the shared ``fn(conn)`` code through the
-smallest stand-in for its adapter (``?`` -> ``%s``, rows by name and position, one transaction per write),
-on the tables the sessions use, created with the PostgreSQL DDL of docs/design.md / NEWS (``session_docs``
-with BYTEA). What it proves: the SQL is portable (placeholders, ON CONFLICT, CAST, LIKE ... ESCAPE,
-LOWER(title), NOT IN), a document's bytes come back byte for byte, search matches exactly what it matches
-on SQLite (both sides lower-cased by Python), and the name sort is the same.
+The test drives the shared ``fn(conn)`` code through the store's own adapter (runtime.store.postgres
+PgConnection: ``?`` placeholders, rows by name and position) with one transaction per write, on the tables
+the sessions use alone (``session_docs`` with BYTEA); tests/sessions runs the whole sessions suite on the
+real PostgreSQL store (TRIO_TEST_STORE=postgresql, in ``make test``). What it proves: the SQL is portable
+(placeholders, ON CONFLICT, CAST, LIKE ... ESCAPE, LOWER(title), NOT IN), a document's bytes come back
+byte for byte, search matches exactly what it matches on SQLite (both sides lower-cased by Python), and the
+name sort is the same.
 """
 
 from __future__ import annotations
@@ -14,13 +15,13 @@ from __future__ import annotations
 import types
 from typing import Any
 
-import psycopg
 import pytest
 import trio
 
 from runtime.errors import NotFound
 from runtime.sessions import SessionService
 from runtime.sessions.files import encode_document
+from runtime.store.postgres import PgConnection, connect
 
 # The PostgreSQL form of the tables the sessions write (SQLite: runtime/store/migrations.py 1 and 7).
 SCHEMA = """
@@ -38,59 +39,25 @@ CREATE TABLE session_docs (
 """
 
 
-class Row(tuple):
-    """A row readable by position and by column name, like sqlite3.Row (the contract's adapter rows)."""
-
-    names: tuple[str, ...] = ()
-
-    def __getitem__(self, key: Any) -> Any:  # type: ignore[override]
-        if isinstance(key, str):
-            return tuple.__getitem__(self, self.names.index(key))
-        return tuple.__getitem__(self, key)
-
-
-class Conn:
-    """The contract's connection for shared ``fn(conn)`` code: ``?`` placeholders, rows as ``Row``."""
-
-    def __init__(self, conn: psycopg.Connection) -> None:
-        self._conn = conn
-
-    def execute(self, sql: str, params: Any = ()) -> Any:
-        assert "%" not in sql  # a literal % would need escaping for psycopg; the sessions' SQL has none
-        cursor = self._conn.cursor(row_factory=lambda cur: self._row(cur))
-        cursor.execute(sql.replace("?", "%s"), tuple(params))
-        return cursor
-
-    @staticmethod
-    def _row(cursor: psycopg.Cursor) -> Any:
-        names = tuple(column.name for column in cursor.description or ())
-
-        def make(values: Any) -> Row:
-            row = Row(values)
-            row.names = names
-            return row
-
-        return make
-
-
 class FakeStore:
-    """``Store.read``/``write`` on one PostgreSQL connection: a write is one transaction (all or nothing)."""
+    """``Store.read``/``write`` on one PostgreSQL connection (the store's own adapter, PgConnection): a write
+    is one transaction (all or nothing)."""
 
     kind = "postgresql"
 
-    def __init__(self, conn: psycopg.Connection) -> None:
+    def __init__(self, conn: PgConnection) -> None:
         self.conn = conn
 
     async def read(self, fn: Any, *, inline: bool = False) -> Any:
         await trio.lowlevel.checkpoint()
-        with self.conn.transaction():
-            return fn(Conn(self.conn))
+        with self.conn.raw.transaction():
+            return fn(self.conn)
 
     async def write(self, statements: Any = (), events: Any = (), fn: Any = None, **_: Any) -> Any:
         await trio.lowlevel.checkpoint()
         assert not statements and not events  # the sessions' writes used here carry neither
-        with self.conn.transaction():
-            return (fn(Conn(self.conn)) if fn is not None else None), []
+        with self.conn.raw.transaction():
+            return (fn(self.conn) if fn is not None else None), []
 
 
 def document(session_id: str, title: str, text: str, revision: int = 1) -> dict[str, Any]:
@@ -108,13 +75,16 @@ def document(session_id: str, title: str, text: str, revision: int = 1) -> dict[
 
 @pytest.fixture
 def service(pg_dsn):
-    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+    conn = connect(pg_dsn)
+    try:
         conn.execute(SCHEMA)
         conn.execute("INSERT INTO threads VALUES ('thr_1', NULL)")
         host = types.SimpleNamespace(
             store=FakeStore(conn),
             config=types.SimpleNamespace(session_storage="files", sessions_dir=None, session_fs=None))
         yield SessionService(host), conn
+    finally:
+        conn.close()
 
 
 async def test_store_docs_sql_runs_on_postgresql_with_the_same_results(service):

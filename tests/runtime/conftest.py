@@ -26,10 +26,6 @@ BOTH_BACKENDS = {
 STORE_ENV = "TRIO_TEST_STORE"
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "sqlite_only(reason): uses an SQLite-only seam; skipped on PostgreSQL")
-
-
 def pytest_generate_tests(metafunc):
     if "store_backend" in metafunc.fixturenames and metafunc.module.__name__.rsplit(".", 1)[-1] in BOTH_BACKENDS:
         metafunc.parametrize("store_backend", ["sqlite", "postgresql"], indirect=True)

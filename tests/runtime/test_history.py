@@ -17,6 +17,7 @@ from runtime import Conflict, InvalidData, InvalidInput, NotFound, PreconditionF
 from runtime.sessions.service import _rebuild_state
 from runtime.transcript import build_messages, word_count
 
+from tests import support
 from .helpers import run_turn, stored_events, wait_turn_end
 
 
@@ -301,14 +302,8 @@ async def test_restore_replaces_the_history_and_its_safety_session_undoes_it(rt,
 
 
 async def _plant_unparseable_session(rt: Runtime, session_id: str) -> None:
-    """A stored session ``session_id`` whose document does not parse: a file in files mode, a
-    ``session_docs`` row where sessions live in the database (always on PostgreSQL)."""
-    if rt.sessions.storage == "files":
-        (rt.config.sessions_dir / f"{session_id}.json").write_text("{not json")
-        return
-    await rt.store.write(fn=lambda conn: conn.execute(
-        "INSERT INTO session_docs (id, revision, document, size, updated_at) VALUES (?, 1, ?, 9, '')",
-        (session_id, b"{not json")))
+    """A stored session ``session_id`` whose document does not parse (tests/support.py)."""
+    await support.plant_session_document(rt, session_id, b"{not json")
 
 
 async def _stored_sessions(rt: Runtime) -> list:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import sqlite3
 import threading
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterator
@@ -32,6 +31,9 @@ def session_storage(request) -> Iterator[str]:
     store's ``session_docs`` table): every session feature must behave the same. A test of the files
     themselves is marked ``files_only`` and runs with files only; one that chooses its storages itself is
     marked ``store_only`` and runs once."""
+    if request.param == "files" and support.on_postgresql():
+        pytest.skip("on PostgreSQL sessions always live in the store (files on one host's disk cannot be shared "
+                    "by several hosts): the store variant runs")
     if request.param == "store" and request.node.get_closest_marker("files_only"):
         pytest.skip("a test of the session files themselves: with session_storage=store there are none")
     if request.param == "files" and request.node.get_closest_marker("store_only"):
@@ -68,14 +70,12 @@ def sessions_dir(rt_or_dir: Any) -> Path:
 
 def stored_documents(data_dir: Path) -> dict[str, bytes]:
     """``<id>.json`` -> the document's bytes, of every session kept in the store (``session_docs``), read
-    with a connection of its own (what a restart would see). Empty with session files."""
-    conn = sqlite3.connect(data_dir / "runtime.sqlite3")
-    try:
-        return {f"{row[0]}.json": bytes(row[1]) for row in conn.execute("SELECT id, document FROM session_docs")}
-    except sqlite3.OperationalError:  # no database yet, or one from before migration 7
-        return {}
-    finally:
-        conn.close()
+    with a connection of its own (what a restart would see), on the suite's backend. Empty with session files."""
+    with support.store_connection(data_dir) as conn:
+        try:
+            return {f"{row[0]}.json": bytes(row[1]) for row in conn.execute("SELECT id, document FROM session_docs")}
+        except support.store_errors():  # no database yet, or one from before migration 7
+            return {}
 
 
 def dir_snapshot(directory: Path) -> dict[str, Any]:

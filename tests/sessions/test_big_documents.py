@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import threading
 
 import httpx
@@ -22,6 +21,7 @@ import pytest
 
 from runtime import codec
 from runtime.transcript import derive_title
+from tests import support
 from tests.conftest import E2E_LIMIT
 from tests.e2e.helpers import wait_turn_end
 
@@ -31,6 +31,12 @@ AUTH = {"Authorization": "Bearer test-token"}
 # Text with what the codecs must keep: non-ASCII, an emoji, escapes, a Greek final sigma.
 TEXT = 'Grüße, café ☕ 😀 "quoted" back\\slash tab\t ΟΔΟΣ'
 REPLY = "You said: " + " ".join(TEXT.split())  # the scripted model answers word by word
+
+
+def typeof(column: str) -> str:
+    """SQL naming the stored type of ``column``'s value: SQLite's is per value ("text", "blob"); PostgreSQL's
+    is the column's ("text")."""
+    return f"pg_typeof({column})::text" if support.on_postgresql() else f"typeof({column})"
 
 
 @pytest.fixture
@@ -174,12 +180,9 @@ async def test_a_big_session_resumes_whole_and_its_thread_reads_leave_the_base_m
     new_tid = resumed.json()["thread_id"]
     assert resumed.json()["message_count"] == 200
 
-    db = sqlite3.connect(server.data_dir / "runtime.sqlite3")
-    try:
-        kind, text = db.execute("SELECT typeof(base_messages), base_messages FROM threads WHERE id = ?",
+    with support.store_connection(server.data_dir) as db:
+        kind, text = db.execute(f"SELECT {typeof('base_messages')}, base_messages FROM threads WHERE id = ?",
                                 (new_tid,)).fetchone()
-    finally:
-        db.close()
     assert kind == "text" and json.loads(text) == doc["messages"]
 
     detail = await http.get(f"/v1/threads/{new_tid}")
@@ -196,11 +199,8 @@ async def test_a_big_session_resumes_whole_and_its_thread_reads_leave_the_base_m
 async def test_search_text_is_stored_as_text_and_matches_any_case(server, client, http):
     tid = await saved_thread(client)
     assert (await http.put("/v1/sessions", json={"thread_id": tid, "session_id": "big"})).status_code == 200
-    db = sqlite3.connect(server.data_dir / "runtime.sqlite3")
-    try:
-        kind, text = db.execute("SELECT typeof(search_text), search_text FROM sessions WHERE id = 'big'").fetchone()
-    finally:
-        db.close()
+    with support.store_connection(server.data_dir) as db:
+        kind, text = db.execute(f"SELECT {typeof('search_text')}, search_text FROM sessions WHERE id = 'big'").fetchone()
     assert kind == "text"
     title = derive_title(TEXT)  # whitespace collapsed, cut to 50 characters
     assert text == "\n".join([title, TEXT, REPLY]).lower()

@@ -2,9 +2,11 @@
 
 ``sessions.search_text`` holds every message's text (1 MB for a 1 MB session). A ``SELECT *`` brought
 it into Python for every listed row, on the event loop for a plain listing. The test records every
-statement the store's read connections run (SQLite's trace callback gives them with their values
-bound), runs each SELECT again on a connection of its own and checks the columns it returns: search
-may still match in SQL (``WHERE search_text LIKE``), but no row may carry the text back.
+statement the store's read connections run and checks the columns each SELECT returns: search may still
+match in SQL (``WHERE search_text LIKE``), but no row may carry the text back. On SQLite the trace
+callback gives the statements with their values bound, and each runs again on a connection of its own
+for its columns; on PostgreSQL the read connections' adapter (PgConnection.execute) is wrapped, and the
+columns are those of the very result the read got.
 """
 
 from __future__ import annotations
@@ -13,15 +15,45 @@ import contextlib
 import sqlite3
 from typing import Iterator
 
+import pytest
+
+from runtime.store.postgres import PgConnection
+
 from .conftest import LIMIT, run_turn
+
+# A traced statement: its SQL with the values bound, and the names of the columns it returns (None: not
+# known yet; on SQLite they are read after the trace by running the statement again).
+Traced = tuple[str, "list[str] | None"]
+
+
+def bind(sql: str, params) -> str:
+    """``sql`` with each ``?`` replaced by its value as an SQL literal (as SQLite's trace shows it)."""
+    for value in params or ():
+        literal = "'" + value.replace("'", "''") + "'" if isinstance(value, str) else str(value)
+        sql = sql.replace("?", literal, 1)
+    return sql
 
 
 @contextlib.contextmanager
-def traced_reads(rt) -> Iterator[list[str]]:
-    statements: list[str] = []
+def traced_reads(rt) -> Iterator[list[Traced]]:
+    statements: list[Traced] = []
+    if rt.store.kind == "postgresql":
+        with pytest.MonkeyPatch.context() as patch:
+            original = PgConnection.execute
+
+            def execute(conn, sql, params=None):
+                cursor = original(conn, sql, params)
+                if conn is not rt.store._wconn:  # a read connection of the pool
+                    columns = [d.name for d in cursor._cursor.description or ()]
+                    statements.append((bind(sql, params), columns))
+                return cursor
+
+            patch.setattr(PgConnection, "execute", execute)
+            yield statements
+        return
     connections = (rt.store._iconn, rt.store._rconn)
     for conn in connections:
-        conn.set_trace_callback(statements.append)
+        conn.set_trace_callback(lambda sql: statements.append((sql, None)))
     try:
         yield statements
     finally:
@@ -29,17 +61,24 @@ def traced_reads(rt) -> Iterator[list[str]]:
             conn.set_trace_callback(None)
 
 
-def session_selects(rt, statements: list[str]) -> list[tuple[str, list[str]]]:
-    """Each traced SELECT on the sessions table with the names of the columns it returns."""
+def selects(rt, statements: list[Traced], table: str) -> list[Traced]:
+    """Each traced SELECT containing ``table`` with the names of the columns it returns (on SQLite: from
+    running it again on a connection of its own)."""
     out = []
-    check = sqlite3.connect(rt.config.db_path)
-    try:
-        for sql in statements:
-            if sql.lstrip().upper().startswith("SELECT") and " sessions" in sql:
-                out.append((sql, [d[0] for d in check.execute(sql).description]))
-    finally:
-        check.close()
+    for sql, columns in statements:
+        if sql.lstrip().upper().startswith("SELECT") and table in sql:
+            if columns is None:
+                check = sqlite3.connect(rt.config.db_path)
+                try:
+                    columns = [d[0] for d in check.execute(sql).description]
+                finally:
+                    check.close()
+            out.append((sql, columns))
     return out
+
+
+def session_selects(rt, statements: list[Traced]) -> list[Traced]:
+    return selects(rt, statements, " sessions")
 
 
 async def test_listing_searching_and_saving_fetch_no_search_text(rt):
@@ -73,16 +112,8 @@ async def test_listing_searching_and_saving_fetch_no_search_text(rt):
     assert any("search_text LIKE '%needle%'" in sql for sql, _ in operations["search"])
 
 
-def thread_selects(rt, statements: list[str]) -> list[tuple[str, list[str]]]:
-    out = []
-    check = sqlite3.connect(rt.config.db_path)
-    try:
-        for sql in statements:
-            if sql.lstrip().upper().startswith("SELECT") and " FROM threads" in sql:
-                out.append((sql, [d[0] for d in check.execute(sql).description]))
-    finally:
-        check.close()
-    return out
+def thread_selects(rt, statements: list[Traced]) -> list[Traced]:
+    return selects(rt, statements, " FROM threads")
 
 
 async def test_thread_reads_on_the_event_loop_fetch_no_base_messages(rt):

@@ -4,19 +4,20 @@ thread detail.
 Each test makes a write land at an exact point between two SELECTs of one read, by wrapping a records
 function the read calls: the rebuild's read runs in a worker thread, so its hook drives a real turn on
 the event loop (``trio.from_thread.run``) and waits for its commit; the thread detail's read runs inline
-on the loop, so its hook commits through a second SQLite connection, as another writer would.
+on the loop (on SQLite), so its hook commits through a connection of its own, as another writer would.
+On PostgreSQL every read runs in a worker thread on a pooled read connection; the hooks are the same.
 """
 
 from __future__ import annotations
 
 import functools
-import sqlite3
 
 import pytest
 import trio
 
 from runtime import Conflict
-from runtime.store import records
+from runtime.store import EventDraft, records
+from tests import support
 
 from .conftest import LIMIT, dir_snapshot, events_of, read_session_file, run_turn, sessions_dir
 
@@ -26,8 +27,28 @@ def usage_total(turn: dict) -> int:
     return usage["input_tokens"] + usage["output_tokens"]
 
 
-def in_worker_read(rt, conn: sqlite3.Connection) -> bool:
-    """Hooks fire only inside the store's worker-thread read, never in inline reads on the loop."""
+def on_loop(afn):
+    """Run ``afn`` on the event loop from a read's worker thread and wait for it, in a task of its own:
+    ``trio.from_thread.run`` runs it as the task that waits for the thread, and that task holds a token of
+    the read limiter (PostgreSQL's pool) that a read of ``afn`` would ask for again."""
+    result: list = []
+
+    async def in_own_task() -> None:
+        async def run() -> None:
+            result.append(await afn())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run)
+
+    trio.from_thread.run(in_own_task)
+    return result[0]
+
+
+def in_worker_read(rt, conn) -> bool:
+    """Hooks fire only inside the store's worker-thread read, never in inline reads on the loop (on
+    PostgreSQL every read is one; the writer's connection is not)."""
+    if rt.store.kind == "postgresql":
+        return conn is not rt.store._wconn
     return conn is rt.store._rconn
 
 
@@ -47,7 +68,7 @@ async def test_a_turn_that_ends_between_the_rebuilds_reads_is_wholly_out_of_the_
     def items_then_a_whole_turn(conn, thread_id):
         items = original(conn, thread_id)
         if in_worker_read(rt, conn) and not fired:
-            fired.append(trio.from_thread.run(second_turn))
+            fired.append(on_loop(second_turn))
         return items
 
     monkeypatch.setattr(records, "thread_items", items_then_a_whole_turn)
@@ -83,13 +104,13 @@ async def test_a_turn_running_when_the_rebuild_snapshot_is_taken_is_a_conflict(r
 
     def turn_starts_before_the_first_select(conn, thread_id):
         if in_worker_read(rt, conn) and not started:
-            trio.from_thread.run(start_hanging_turn)
+            on_loop(start_hanging_turn)
         return original_row(conn, thread_id)
 
     def turn_ends_after_the_items_are_read(conn, thread_id):
         items = original_items(conn, thread_id)
         if in_worker_read(rt, conn) and started:
-            trio.from_thread.run(end_it)
+            on_loop(end_it)
         return items
 
     monkeypatch.setattr(records, "get_thread_row", turn_starts_before_the_first_select)
@@ -115,27 +136,31 @@ async def test_thread_detail_reads_items_and_latest_seq_from_one_snapshot(rt, mo
     [turn] = before["turns"]
 
     def commit_an_item_and_its_event() -> int:
-        outside = sqlite3.connect(rt.config.db_path, isolation_level=None)
-        try:
-            outside.execute("PRAGMA busy_timeout=5000")
-            outside.execute("BEGIN IMMEDIATE")
+        with support.store_connection(rt.config.data_dir) as outside:
+            if rt.store.kind == "sqlite":
+                outside.execute("PRAGMA busy_timeout=5000")
+            outside.execute("BEGIN IMMEDIATE" if rt.store.kind == "sqlite" else "BEGIN")
             outside.execute("INSERT INTO items (id, turn_id, thread_id, ord, kind, status, summary, detail)"
                             " VALUES ('item_late', ?, ?, 99, 'agent_message', 'completed', 'late', 'late')",
                             (turn["id"], tid))
-            seq = outside.execute("INSERT INTO events (thread_id, turn_id, item_id, event, timestamp, payload)"
-                                  " VALUES (?, ?, 'item_late', 'item.completed', '2026-01-01T00:00:00.000Z',"
-                                  " '{\"kind\":\"agent_message\",\"text\":\"late\"}')", (tid, turn["id"])).lastrowid
+            if rt.store.kind == "sqlite":
+                seq = outside.execute(
+                    "INSERT INTO events (thread_id, turn_id, item_id, event, timestamp, payload)"
+                    " VALUES (?, ?, 'item_late', 'item.completed', '2026-01-01T00:00:00.000Z',"
+                    " '{\"kind\":\"agent_message\",\"text\":\"late\"}')", (tid, turn["id"])).lastrowid
+            else:  # the store's own event append: the lease-row lock, then the seq (the seq rule)
+                seq = outside.append_event(EventDraft(
+                    tid, "item.completed", {"kind": "agent_message", "text": "late"}, turn_id=turn["id"],
+                    item_id="item_late", timestamp="2026-01-01T00:00:00.000Z")).seq
             outside.execute("COMMIT")
             return seq
-        finally:
-            outside.close()
 
     original = records.thread_turns
     late: list[int] = []
 
     def turns_after_a_commit(conn, thread_id, items, *rest):
         if not late:
-            late.append(commit_an_item_and_its_event())  # inline read: we are on the loop, no trio here
+            late.append(commit_an_item_and_its_event())  # inline read on SQLite: we are on the loop, no trio here
         return original(conn, thread_id, items, *rest)
 
     monkeypatch.setattr(records, "thread_turns", turns_after_a_commit)

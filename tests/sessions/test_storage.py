@@ -7,7 +7,6 @@ what a data directory switched from files to the store shows, and how the storag
 
 from __future__ import annotations
 
-import sqlite3
 import types
 
 import pytest
@@ -16,6 +15,7 @@ from runtime import codec
 from runtime.errors import NotFound
 from runtime.sessions import SessionService
 from runtime.sessions.files import encode_document
+from tests import support
 
 from .conftest import LIMIT, dir_snapshot, run_turn, session_ids_listed, sessions_dir, stored_bytes
 
@@ -74,6 +74,7 @@ async def test_a_10_mb_session_round_trips_whole_through_every_route(rt, session
 
 
 @pytest.mark.store_only
+@pytest.mark.sqlite_only(reason="PostgreSQL always keeps sessions in the store: a data dir cannot switch from files")
 async def test_switching_a_data_dir_from_files_to_the_store_lists_only_the_stores_sessions(open_rt, data_dir):
     """Session files are not moved into the store: with session_storage=store, their index rows (written
     while the directory kept files) are dropped at start, so nothing is listed that cannot be read; the
@@ -91,11 +92,8 @@ async def test_switching_a_data_dir_from_files_to_the_store_lists_only_the_store
             await rt.sessions.get("on-disk")
         await rt.sessions.save(thread_id=tid, session_id="in-store", timeout=LIMIT)
         assert await session_ids_listed(rt) == ["in-store"]
-    conn = sqlite3.connect(data_dir / "runtime.sqlite3")
-    try:
+    with support.store_connection(data_dir) as conn:
         assert [row[0] for row in conn.execute("SELECT id FROM session_docs")] == ["in-store"]
-    finally:
-        conn.close()
     assert {p.name: p.read_bytes() for p in sessions_dir(data_dir).iterdir()} == files  # untouched
 
     async with open_rt(session_storage="files") as rt:

@@ -271,11 +271,9 @@ READABLE_BASE = [
 
 def store_legacy_thread(data_dir: Path, thread_id: str) -> None:
     """Put LEGACY_BASE into the thread's base_messages as an older version's resume did (json.dumps)."""
-    conn = sqlite3.connect(data_dir / "runtime.sqlite3")
-    with conn:
+    with support.store_connection(data_dir) as conn:
         conn.execute("UPDATE threads SET base_messages = ?, base_tokens = 7 WHERE id = ?",
                      (json.dumps(LEGACY_BASE), thread_id))
-    conn.close()
 
 
 async def test_an_old_thread_with_bad_base_messages_runs_a_turn_compacts_and_saves(open_rt, data_dir, caplog):
