@@ -76,6 +76,11 @@ LOCK_LEASE_ROWS = ("WITH created AS (INSERT INTO thread_leases (thread_id) SELEC
 # The fence (PgConnection.check_fence), an event's INSERT (PgConnection.append_event) and the NOTIFY of the
 # threads a batch wrote (PostgresStore._before_commit), in the shared ``?`` style.
 FENCE = "SELECT 1 FROM thread_leases WHERE thread_id = ? AND epoch = ? FOR UPDATE"
+# The fence inside a one-query batch, which must stop the query before its COMMIT when the lease is gone: the
+# same lock (READ COMMITTED re-checks the epoch after a wait), and no row makes the third parameter (a message)
+# the value cast to an integer, an error (22P02) that aborts the transaction.
+FENCE_OR_FAIL = ("SELECT CAST(COALESCE((SELECT '1' FROM thread_leases WHERE thread_id = ? AND epoch = ?"
+                 " FOR UPDATE), ?) AS integer)")
 INSERT_EVENT = ("INSERT INTO events (thread_id, turn_id, item_id, event, timestamp, payload)"
                 " VALUES (?, ?, ?, ?, ?, ?) RETURNING seq")
 NOTIFY_THREADS = "SELECT pg_notify(?, thread_id) FROM unnest(CAST(? AS text[])) AS t (thread_id)"
@@ -423,7 +428,6 @@ class PostgresStore(Store):
         conn.reset()
         cursor = psycopg.ClientCursor(conn.raw)
         script = ["BEGIN"]
-        fences: list[int] = []
         inserts: list[list[int]] = []
 
         def add(sql: str, params: Sequence[Any]) -> int:
@@ -431,50 +435,49 @@ class PostgresStore(Store):
             script.append(cursor.mogrify(query, _params(params, as_bytes)))
             return len(script) - 1
 
+        sent = False
         try:
             # The seq rule for every thread the batch writes events of, in one statement, first: the rows are
             # locked (in thread id order) before any seq is taken, and held to COMMIT.
             threads = sorted({draft.thread_id for request in requests for draft in request.events})
             if threads:
                 add(LOCK_LEASE_ROWS, (threads, threads))
-                conn.locked.update(threads)
             for request in requests:
                 fence = request.lane.fence if request.lane is not None else None
                 if fence is not None:
-                    fences.append(add(FENCE, fence))
-                    conn.locked.add(fence[0])
+                    add(FENCE_OR_FAIL, (fence[0], fence[1], f"the lease of thread {fence[0]} (epoch {fence[1]}) is lost"))
                 for sql, params in request.statements:
                     add(sql, params)
                 inserts.append([add(INSERT_EVENT, (draft.thread_id, draft.turn_id, draft.item_id, draft.event,
                                                    draft.timestamp, json.dumps(draft.payload, separators=(",", ":"))))
                                 for draft in request.events])
-            conn.written.update(threads)
-            if conn.written:
-                add(NOTIFY_THREADS, (NOTIFY_CHANNEL, sorted(conn.written)))
+            if threads:
+                add(NOTIFY_THREADS, (NOTIFY_CHANNEL, threads))
+            script.append("COMMIT")
+            sent = True
             cursor.execute(";\n".join(script))
-            results: list[list[Any]] = []
-            while True:
-                results.append(cursor.fetchall() if cursor.description is not None else [])
-                if not cursor.nextset():
-                    break
-            held = len(results) == len(script) and all(results[index] for index in fences)
-        except Exception as exc:  # a storage error, or one request's bad data (e.g. a payload json refuses)
-            log.info("a batch of %d write(s) failed in one query (%s); applying it one request at a time",
-                     len(requests), exc)
-            held = False
-        if not held:
-            self._abort()
-            return super()._apply_transaction(requests)
-        try:
-            done = conn.execute("COMMIT")._cursor.statusmessage
-            if done != "COMMIT":  # PostgreSQL answers COMMIT of a failed transaction with ROLLBACK, no error
-                raise psycopg.OperationalError(f"the transaction was rolled back at COMMIT ({done})")
-        except self.db_errors as exc:
+        except Exception as exc:  # a storage error, a fence that did not hold, one request's bad data
+            status = conn.raw.info.transaction_status
+            if not sent or status == _TXN.INERROR:
+                # Stopped before its COMMIT (or never sent): nothing of it stays; applied the shared way, a
+                # failure stays with its request (a lost fence: LeaseLost for that lane's write only).
+                log.info("a batch of %d write(s) failed in one query (%s); applying it one request at a time",
+                         len(requests), exc)
+                self._abort()
+                return super()._apply_transaction(requests)
+            # The COMMIT itself failed (the transaction is over: IDLE), or the connection was lost and the
+            # outcome is unknown: never run again; every request fails, as a failed COMMIT on SQLite.
             log.error("store commit failed: %s", exc)
             self._abort()
             for request in requests:
                 self._fail(request, storage_error(request.action, exc, "the store could not commit"))
             return []
+        # Committed. The seqs, from the results of the event INSERTs (one result per statement, in order).
+        results: list[Any] = []
+        while True:
+            results.append(cursor.fetchall() if cursor.description is not None else None)
+            if not cursor.nextset():
+                break
         for request, indexes in zip(requests, inserts):
             request.result = outcome.Value(None)
             request.committed = [Event(results[index][0][0], draft.timestamp, draft.thread_id, draft.turn_id,
