@@ -397,24 +397,25 @@ class PostgresStore(Store):
             conn.check_fence(fence[0], fence[1], request.action)
 
     def _apply_transaction(self, requests: list[WriteRequest]) -> list[WriteRequest]:
-        """A batch of plain data writes in two round trips (docs/design.md, "PostgreSQL driver").
+        """A batch of plain data writes in one round trip (docs/design.md, "PostgreSQL driver").
 
         When no request of the batch has an ``fn`` (statements and events only: an engine's item and delta
         writes, thread creations) and none is on a failed lane, the whole batch goes as ONE simple-protocol
         query, the parameters bound client-side (``ClientCursor.mogrify``): ``BEGIN``, the lease-row locks of
         every thread it writes events of (one statement, before any seq: the seq rule), then for each request
-        its fence, its statements and its event INSERTs, then the NOTIFY. The server runs it to its end before
-        it answers, so the connection never waits on this host mid-batch outside
-        ``idle_in_transaction_session_timeout`` (a paused host holds no lock past that bound; pipeline mode
-        would). Then the fences are read, and COMMIT is the second round trip. Without savepoints nothing of
-        the batch may stay when any part of it failed or any fence did not hold: the transaction is rolled
-        back (the seqs it took are a gap, never reused, never published) and the batch runs again the shared
-        way, one savepoint per request, where a failure stays with the request that caused it. Running such
-        requests twice is safe: they are plain data, with no effect outside the database. A COMMIT that fails
-        is never run again (its outcome may be unknown): every request of the batch fails, as on SQLite.
+        its fence (FENCE_OR_FAIL: an error when the lease is gone), its statements and its event INSERTs, the
+        NOTIFY, ``COMMIT``. The server runs it to its end before it answers, so the connection never waits on
+        this host mid-transaction outside ``idle_in_transaction_session_timeout`` (a paused host holds no lock
+        past that bound; pipeline mode would). Without savepoints nothing of the batch may stay when any part
+        of it failed: a query that stopped with its transaction open (INERROR) is rolled back (the seqs it
+        took are a gap, never reused, never published) and the batch runs again the shared way, one savepoint
+        per request, where a failure stays with the request that caused it (LeaseLost for a stale lane).
+        Running such requests twice is safe: they are plain data, with no effect outside the database. A
+        failed COMMIT or a lost connection (the outcome may be unknown) is never run again: every request of
+        the batch fails, as a failed COMMIT on SQLite.
 
         The shared way costs ~5 round trips per request (SAVEPOINT, statements, lease lock, event INSERT,
-        RELEASE), each a wait on the socket in the writer thread: 16 thread creations were 83, now 2."""
+        RELEASE), each a wait on the socket in the writer thread: 16 thread creations were 83, now 1."""
         if not all(request.fn is None and (request.lane is None or request.lane.failed is None)
                    for request in requests):
             return super()._apply_transaction(requests)
@@ -445,7 +446,8 @@ class PostgresStore(Store):
             for request in requests:
                 fence = request.lane.fence if request.lane is not None else None
                 if fence is not None:
-                    add(FENCE_OR_FAIL, (fence[0], fence[1], f"the lease of thread {fence[0]} (epoch {fence[1]}) is lost"))
+                    lost = f"the lease of thread {fence[0]} (epoch {fence[1]}) is lost"
+                    add(FENCE_OR_FAIL, (fence[0], fence[1], lost))
                 for sql, params in request.statements:
                     add(sql, params)
                 inserts.append([add(INSERT_EVENT, (draft.thread_id, draft.turn_id, draft.item_id, draft.event,
