@@ -73,14 +73,13 @@ LOCK_LEASE_ROW = ("WITH created AS (INSERT INTO thread_leases (thread_id) VALUES
 LOCK_LEASE_ROWS = ("WITH created AS (INSERT INTO thread_leases (thread_id) SELECT unnest(CAST(? AS text[]))"
                    " ON CONFLICT (thread_id) DO NOTHING RETURNING 1)"
                    " SELECT 1 FROM thread_leases WHERE thread_id = ANY(CAST(? AS text[])) FOR UPDATE")
-# The fence (PgConnection.check_fence), an event's INSERT (PgConnection.append_event) and the NOTIFY of the
-# threads a batch wrote (PostgresStore._before_commit), in the shared ``?`` style.
-FENCE = "SELECT 1 FROM thread_leases WHERE thread_id = ? AND epoch = ? FOR UPDATE"
-# The fence inside a one-query batch, which must stop the query before its COMMIT when the lease is gone: the
-# same lock (READ COMMITTED re-checks the epoch after a wait), and no row makes the third parameter (a message)
-# the value cast to an integer, an error (22P02) that aborts the transaction.
+# The fence (PgConnection.check_fence) inside a one-query batch, which must stop the query before its COMMIT
+# when the lease is gone: the same lock (READ COMMITTED re-checks the epoch after a wait), and no row makes the
+# third parameter (a message) the value cast to an integer, an error (22P02) that aborts the transaction.
 FENCE_OR_FAIL = ("SELECT CAST(COALESCE((SELECT '1' FROM thread_leases WHERE thread_id = ? AND epoch = ?"
                  " FOR UPDATE), ?) AS integer)")
+# An event's INSERT (PgConnection.append_event) and the NOTIFY of the threads a batch wrote
+# (PostgresStore._before_commit), in the shared ``?`` style.
 INSERT_EVENT = ("INSERT INTO events (thread_id, turn_id, item_id, event, timestamp, payload)"
                 " VALUES (?, ?, ?, ?, ?, ?) RETURNING seq")
 NOTIFY_THREADS = "SELECT pg_notify(?, thread_id) FROM unnest(CAST(? AS text[])) AS t (thread_id)"
@@ -426,7 +425,6 @@ class PostgresStore(Store):
             for request in requests:
                 self._fail(request, storage_error(request.action, exc, "the store could not begin a transaction"))
             return []
-        conn.reset()
         cursor = psycopg.ClientCursor(conn.raw)
         script = ["BEGIN"]
         inserts: list[list[int]] = []
