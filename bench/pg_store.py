@@ -17,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import psycopg
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -66,9 +67,15 @@ def main() -> None:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 200
     cluster = start_cluster()
     try:
+        url = cluster.url(cluster.create_database())
+        # Said on every run: the cluster is the tests' own, started as tests/support_pg.py starts it (durable).
+        with psycopg.connect(url) as conn:
+            settings = ", ".join(f"{name}={conn.execute(f'SHOW {name}').fetchone()[0]}"
+                                 for name in ("fsync", "synchronous_commit", "wal_sync_method"))
+        print(f"postgresql: the throwaway cluster of tests/support_pg.py, unchanged ({settings})")
         with tempfile.TemporaryDirectory() as d:
             sqlite = trio.run(measure, RuntimeConfig(data_dir=Path(d) / "s"), n)
-            pg = trio.run(measure, RuntimeConfig(data_dir=Path(d) / "p", store_url=cluster.url(cluster.create_database())), n)
+            pg = trio.run(measure, RuntimeConfig(data_dir=Path(d) / "p", store_url=url), n)
     finally:
         cluster.stop()
     for name, got in (("sqlite", sqlite), ("postgresql", pg)):

@@ -1,0 +1,129 @@
+"""The PostgreSQL writer's batch of plain data writes (runtime/store/postgres.py, PostgresStore._apply_transaction):
+one query for the whole batch, its COMMIT included, and the same guarantees as one savepoint per request (a failing
+request fails alone, a stale fence refuses only its own write, nothing of a refused write is stored or
+published). Speed itself is measured in bench/pg_store.py and bench/cluster.py, never here: these tests count
+statements sent to the server, which is what the speed depends on."""
+
+from __future__ import annotations
+
+import threading
+
+import psycopg
+import pytest
+
+from runtime import StorageError
+from runtime.errors import LeaseLost
+from runtime.store import EventDraft, WriteLane, WriteRequest
+from runtime.store.postgres import PostgresStore
+
+from .test_store import rows, set_lease, thread_row
+
+# Thread creations folded into one batch: bench/pg_store.py's 16 concurrent creators.
+CREATORS = 16
+
+
+@pytest.fixture
+def pg_url(pg_cluster):
+    name = pg_cluster.create_database()
+    try:
+        yield pg_cluster.url(name)
+    finally:
+        pg_cluster.drop_database(name)
+
+
+class CountWriterStatements:
+    """Counts the statements (each one round trip) the store's writer connection sends, by wrapping
+    ``psycopg.Cursor.execute`` (``Connection.execute`` and ``ClientCursor`` go through it)."""
+
+    def __init__(self, monkeypatch, store: PostgresStore) -> None:
+        self.sent: list[str] = []
+        original = psycopg.Cursor.execute
+        lock = threading.Lock()
+
+        def execute(cursor, query, *args, **kwargs):
+            if store._wconn is not None and cursor.connection is store._wconn.raw:
+                with lock:
+                    self.sent.append(str(query).split(None, 1)[0].upper())
+            return original(cursor, query, *args, **kwargs)
+
+        monkeypatch.setattr(psycopg.Cursor, "execute", execute)
+
+
+def create(tid: str) -> WriteRequest:
+    return WriteRequest([thread_row(tid)], [EventDraft(tid, "thread.started", {"thread": {"id": tid}})],
+                        action=f"create thread {tid}")
+
+
+async def test_a_batch_of_thread_creations_is_one_query(pg_url, monkeypatch):
+    published: list = []
+    async with PostgresStore.open(pg_url, published.extend) as store:
+        counter = CountWriterStatements(monkeypatch, store)
+        # Submitted without a checkpoint in between: the writer takes all of them as one batch.
+        requests = [store.submit(create(f"thr_{i:02d}")) for i in range(CREATORS)]
+        for request in requests:
+            await request.done.wait()
+        assert [request.result.unwrap() for request in requests] == [None] * CREATORS
+        # Was ~5 per request (SAVEPOINT, INSERT, lease lock, event INSERT, RELEASE) + BEGIN, NOTIFY, COMMIT.
+        assert counter.sent == ["BEGIN;"]  # BEGIN; ...; COMMIT: one query, one round trip
+    seqs = [request.committed[0].seq for request in requests]
+    assert seqs == sorted(seqs) and len(set(seqs)) == CREATORS
+    assert [(e.thread_id, e.event) for e in published] == [(f"thr_{i:02d}", "thread.started") for i in range(CREATORS)]
+    assert rows(pg_url, "SELECT seq, thread_id FROM events ORDER BY seq") == \
+        [(e.seq, e.thread_id) for e in published]
+    assert rows(pg_url, "SELECT count(*) FROM threads") == [(CREATORS,)]
+    # Each thread's lease row was created (epoch 0, no owner) by the seq rule's lock.
+    assert rows(pg_url, "SELECT count(*) FROM thread_leases WHERE epoch = 0 AND owner IS NULL") == [(CREATORS,)]
+
+
+async def test_a_failing_request_in_a_plain_batch_fails_alone_and_its_seqs_are_never_published(pg_url):
+    published: list = []
+    async with PostgresStore.open(pg_url, published.extend) as store:
+        await store.write([thread_row("thr_taken")])
+        requests = [store.submit(create("thr_a")), store.submit(create("thr_taken")), store.submit(create("thr_b"))]
+        for request in requests:
+            await request.done.wait()
+        assert requests[0].result.unwrap() is None and requests[2].result.unwrap() is None
+        with pytest.raises(StorageError, match="create thread thr_taken"):
+            requests[1].result.unwrap()
+        assert requests[1].committed == []
+        _, later = await store.write(events=[EventDraft("thr_a", "after", {})])
+    assert [(e.thread_id, e.event) for e in published] == [("thr_a", "thread.started"), ("thr_b", "thread.started"),
+                                                           ("thr_a", "after")]
+    # What the database holds is exactly what was published: the first attempt's seqs are a gap, not rows.
+    assert rows(pg_url, "SELECT seq, thread_id, event FROM events ORDER BY seq") == \
+        [(e.seq, e.thread_id, e.event) for e in published]
+    assert published[0].seq < published[1].seq < later[0].seq
+    assert rows(pg_url, "SELECT id FROM threads ORDER BY id") == [("thr_a",), ("thr_b",), ("thr_taken",)]
+
+
+async def test_a_stale_fence_in_a_plain_batch_refuses_only_its_own_writes(pg_url):
+    published: list = []
+    async with PostgresStore.open(pg_url, published.extend) as store:
+        await store.write([thread_row("thr_old"), thread_row("thr_cur")])
+        set_lease(pg_url, "thr_old", 2)  # taken over by another host
+        set_lease(pg_url, "thr_cur", 1)
+        heard: list = []
+        stale = WriteLane(on_failure=heard.append, fence=("thr_old", 1))
+        current = WriteLane(fence=("thr_cur", 1))
+        requests = [
+            store.submit(WriteRequest([("UPDATE threads SET title = 'mine' WHERE id = ?", ("thr_cur",))],
+                                      [EventDraft("thr_cur", "thread.updated", {})], action="update cur",
+                                      lane=current)),
+            store.submit(WriteRequest([("UPDATE threads SET title = 'stale' WHERE id = ?", ("thr_old",))],
+                                      [EventDraft("thr_old", "thread.updated", {})], action="update old",
+                                      lane=stale)),
+            store.submit(create("thr_new")),
+        ]
+        for request in requests:
+            await request.done.wait()
+        with pytest.raises(LeaseLost, match="update old"):
+            requests[1].result.unwrap()
+        assert requests[0].result.unwrap() is None and requests[2].result.unwrap() is None
+        assert len(heard) == 1 and isinstance(heard[0], LeaseLost)
+    assert [(e.thread_id, e.event) for e in published] == [("thr_cur", "thread.updated"),
+                                                           ("thr_new", "thread.started")]
+    assert rows(pg_url, "SELECT id, title FROM threads ORDER BY id") == [("thr_cur", "mine"), ("thr_new", None),
+                                                                         ("thr_old", None)]
+    assert rows(pg_url, "SELECT seq, thread_id FROM events ORDER BY seq") == [(e.seq, e.thread_id) for e in published]
+    assert rows(pg_url, "SELECT thread_id, epoch FROM thread_leases ORDER BY thread_id") == [
+        ("thr_cur", 1), ("thr_new", 0), ("thr_old", 2)]
