@@ -9,10 +9,12 @@ catches up from the store and re-attaches, so it has no gap and no duplicate eit
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 
 import trio
 
+from .errors import StorageError
 from .store import Event, Store, records
 
 
@@ -229,6 +231,7 @@ class PolledStream:
         self._ended = False
         self._closed = False
         self._woken = False
+        self._gone = False
         self.catch_ups = 0
         bus._polled_streams += 1
         bus._notify()
@@ -257,11 +260,19 @@ class PolledStream:
                 if deleted.seq > self.last_seq:
                     self._pending.append(deleted)
                 continue
+            if self._gone:  # the thread is gone and no deletion of this host says so: another host's
+                self._ended = True
+                continue
             if self._woken:
                 # Woken and nothing new: a deletion on another host (its events went with the thread)?
                 self._woken = False
                 if await self._store.read(functools.partial(records.get_thread_row, thread_id=self.thread_id)) is None:
-                    self._ended = True
+                    # Or this host's own, committed but not yet published (``deleted`` above is set after
+                    # the commit): an empty write returns once every earlier batch is committed and
+                    # published, so the next pass finds it there and hands out its ``thread.deleted``.
+                    with contextlib.suppress(StorageError):  # a failed empty batch is a barrier all the same
+                        await self._store.write()
+                    self._gone = True
                     continue
             await wake.wait()
             self._woken = True
