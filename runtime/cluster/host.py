@@ -61,6 +61,9 @@ class Cluster:
                                          recover=recover_for_takeover)
         self.listener = Listener(dsn, runtime.bus.wake)
         self.sweeps = 0
+        # A test seam like LeaseKeeper.renewal_gate: while set and not yet set off, no sweep round starts
+        # (a host "dies" in tests/pg by stopping both its renewals and its sweeps).
+        self.sweep_gate: trio.Event | None = None
         self._scope = trio.CancelScope()
 
     async def run(self, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
@@ -98,6 +101,8 @@ class Cluster:
     async def _sweep_loop(self) -> None:
         while True:
             await trio.sleep(self.keeper.ttl / 2)
+            if self.sweep_gate is not None:
+                await self.sweep_gate.wait()
             try:
                 await self.sweep()
             except RuntimeFailure as exc:  # the database is unreachable: the next round tries again

@@ -208,9 +208,11 @@ async def test_a_dead_owners_turns_are_taken_over_interrupted_and_approvals_stay
             (approval,) = await one.list_approvals(thread_id=asking, status="pending")
             before = {tid: await stored_events(one, tid) for tid in (hanging, asking)}
 
-            # h1 "dies": its renewals stop; its own watchdog retires both engines WITHOUT a write (the local
+            # h1 "dies": its renewals and its sweeps stop (its sweeper would otherwise take its own expired
+            # threads back, racing h2's); its own watchdog retires both engines WITHOUT a write (the local
             # validity ends before the database's expiry), so the store keeps the turns as h1 left them.
             one.cluster.keeper.renewal_gate = trio.Event()
+            one.cluster.sweep_gate = trio.Event()
             with trio.fail_after(WAIT):
                 while one.manager.live_count:
                     await trio.sleep(0.01)
@@ -224,6 +226,7 @@ async def test_a_dead_owners_turns_are_taken_over_interrupted_and_approvals_stay
 
             await until(taken_by_h2, "h2's sweeper to take both threads")
             one.cluster.keeper.renewal_gate.set()
+            one.cluster.sweep_gate.set()
 
         detail = await two.get_thread(hanging)
         (ended,) = [t for t in detail["turns"] if t["id"] == turn["id"]]
