@@ -24,8 +24,10 @@ from bench.pg import cluster_db
 from bench.util import Conn, build_request, call, load, ours, pct, temp_dir
 
 
-async def _round_trips(port: int, sse_port: int, thread_id: str, reps: int, prompt: str) -> list[float]:
-    """POST a turn on ``port`` and wait for its ``turn.completed`` on ``sse_port``'s stream: seconds each."""
+async def _turns(port: int, sse_port: int, thread_id: str, reps: int, prompt: str, *,
+                 until_completed: bool) -> list[float]:
+    """POST ``reps`` turns on ``port``, one after the other, each waited for to its ``turn.completed`` on
+    ``sse_port``'s stream. Seconds each: to that event (``until_completed``: the round trip) or to the 201."""
     from bench.cases import SSEReader
 
     completed = trio.Semaphore(0)
@@ -46,43 +48,26 @@ async def _round_trips(port: int, sse_port: int, thread_id: str, reps: int, prom
             for _ in range(reps):
                 t0 = time.perf_counter()
                 status, body = await conn.request(raw)
+                if not until_completed:
+                    out.append(time.perf_counter() - t0)
                 assert status == 201, (status, body[:300])
                 await completed.acquire()
-                out.append(time.perf_counter() - t0)
-                await trio.sleep(0.01)
+                if until_completed:
+                    out.append(time.perf_counter() - t0)
+                    await trio.sleep(0.01)
         await conn.aclose()
         nursery.cancel_scope.cancel()
     return out
+
+
+async def _round_trips(port: int, sse_port: int, thread_id: str, reps: int, prompt: str) -> list[float]:
+    """POST a turn on ``port`` and wait for its ``turn.completed`` on ``sse_port``'s stream: seconds each."""
+    return await _turns(port, sse_port, thread_id, reps, prompt, until_completed=True)
 
 
 async def _post_latencies(port: int, owner_port: int, thread_id: str, reps: int) -> list[float]:
     """POST turn -> 201 on ``port`` (timed), then its end on the owner's stream (untimed)."""
-    from bench.cases import SSEReader
-
-    completed = trio.Semaphore(0)
-
-    def on_frame(frame: bytes) -> bool:
-        if b"\nevent: turn.completed\n" in frame:
-            completed.release()
-        return False
-
-    out: list[float] = []
-    async with trio.open_nursery() as nursery:
-        reader = SSEReader(owner_port, f"/v1/threads/{thread_id}/events?since_seq=1")
-        nursery.start_soon(reader.run, on_frame)
-        await reader.connected.wait()
-        conn = await Conn.open(port)
-        raw = build_request("POST", f"/v1/threads/{thread_id}/turns", body=b'{"prompt":"hello there"}')
-        with trio.fail_after(180):
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                status, body = await conn.request(raw)
-                out.append(time.perf_counter() - t0)
-                assert status == 201, (status, body[:300])
-                await completed.acquire()
-        await conn.aclose()
-        nursery.cancel_scope.cancel()
-    return out
+    return await _turns(port, owner_port, thread_id, reps, "hello there", until_completed=False)
 
 
 def bench_cluster(sz) -> list:
