@@ -229,8 +229,10 @@ class Engine:
         if self.diverged is not None:
             return
         self.diverged = error
-        log.error("thread %s: a write failed, the engine retires and a successor restores from the store: %s",
-                  self.thread_id, error)
+        # A lost lease is expected in a cluster (another host took the thread over): a warning, not an error.
+        log.log(logging.WARNING if isinstance(error, LeaseLost) else logging.ERROR,
+                "thread %s: a write failed, the engine retires and a successor restores from the store: %s",
+                self.thread_id, error)
         self._retire(self, False)
         if self.active is not None:
             self._cancel_turn("failed", str(error), reason="a write of the turn failed")
