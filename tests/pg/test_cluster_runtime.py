@@ -6,7 +6,6 @@ wait is on a condition with a bound."""
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 from pathlib import Path
 from typing import Any, AsyncIterator
@@ -18,7 +17,6 @@ from runtime import Runtime
 from runtime.cluster import leases
 from runtime.errors import LeaseLost, NotOwner
 from runtime.models.tools import demo_registry
-from runtime.store import records
 from tests import support
 from tests.runtime.helpers import collect_events, run_turn, stored_events, turn_completed
 
