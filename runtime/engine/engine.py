@@ -188,6 +188,9 @@ class Engine:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 task_status.started()
+                # trio's task status keeps the temporary nursery of ``nursery.start`` (~1 KiB): not for the
+                # engine's whole life.
+                del task_status
                 if self._carried is not None:
                     self._resume_turn(self._carried)
                     self._carried = None
@@ -279,6 +282,9 @@ class Engine:
 
     async def _op_loop(self) -> None:
         while True:
+            # Drop the last op before parking: an idle engine would otherwise keep it (its closed reply
+            # channel with its buffer, its arguments) alive until the next op arrives.
+            op = None
             with trio.move_on_at(self._idle_since + self._config.idle_evict_seconds) as idle:
                 try:
                     op = await self._inbox.receive()

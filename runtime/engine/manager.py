@@ -237,7 +237,10 @@ class ThreadManager:
             entry.engine.request_stop(self._close_reason)
             entry.handle.close(evicted=False)
         try:
-            await entry.engine.run(task_status=task_status)
+            # Not kept in this frame while the engine lives: it holds the temporary nursery of ``start``.
+            running = entry.engine.run(task_status=task_status)
+            del task_status
+            await running
         finally:
             unconfirmed = entry.engine.unconfirmed
             if unconfirmed is not None and not unconfirmed.done.is_set():
