@@ -49,6 +49,10 @@ UPDATABLE_FIELDS = ("archived", "model", "mode", "title", "system_prompt", "appr
 # The error of a turn whose engine was cancelled from outside without a stop reason (the runtime around
 # it cancelled): the turn ends interrupted, as at a shutdown; "engine crashed" is kept for real crashes.
 STOPPED = "engine stopped"
+# An engine still handling an op when its idle deadline comes (a history change waiting for its write, which
+# is bounded by final_write_seconds) is asked again this much later (at most one idle period): the deadline
+# counts from the op's arrival, as it did when the op loop's own timer fired right after a long op.
+BUSY_RECHECK_SECONDS = 1.0
 
 
 @dataclasses.dataclass(eq=False)
@@ -347,8 +351,8 @@ class Engine:
         if now < deadline:
             return deadline  # an op or a turn's end moved it: wait out the rest
         if not self._inbox.statistics().tasks_waiting_receive:
-            # Handling an op (a history change waiting for its write): not idle; look again a period later.
-            return now + self._config.idle_evict_seconds
+            # Handling an op, not parked on the inbox: never retired in the middle of one.
+            return now + min(BUSY_RECHECK_SECONDS, self._config.idle_evict_seconds)
         if self.active is None and not self._idle_waiters and self._retire(self, True):
             return None
         self._idle_since = now

@@ -163,7 +163,11 @@ class ThreadManager:
                 entry = self._entries.get(thread_id)
                 if entry is None or entry.idle_seq != seq or entry.handle.evicted:
                     continue  # exited, succeeded, or leaving already
-                deadline = entry.engine.idle_due()
+                try:
+                    deadline = entry.engine.idle_due()
+                except Exception:  # a bug in one engine's check must not stop eviction (or the manager)
+                    log.exception("idle check of the engine of thread %s failed", thread_id)
+                    continue
                 if deadline is not None:
                     self._idle_watch(entry, deadline)
 

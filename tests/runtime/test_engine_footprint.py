@@ -17,6 +17,8 @@ from trio._core._run import _TaskStatus  # trio's task status of ``nursery.start
 from runtime.engine import ops
 from runtime.store import WriteLane
 
+from tests.support import held_writer
+
 from .helpers import run_turn
 
 IDLE = 5.0
@@ -123,3 +125,28 @@ async def test_the_idle_timer_forgets_engines_that_exited(open_runtime, autojump
 
         assert rt.manager._idle_heap == [] and rt.manager.live_count == 0  # ... and are dropped then
         assert rt.manager.spawned == 4
+
+
+async def test_an_engine_busy_with_an_op_at_its_idle_deadline_is_not_retired_in_the_middle(
+        open_runtime, autojump_clock):
+    async with open_runtime(idle_evict_seconds=IDLE) as rt:
+        tid = (await rt.create_thread())["id"]
+        first = await run_turn(rt, tid, "hello")
+        engine = rt.manager.engine(tid)
+        done: dict[str, object] = {}
+
+        async def rewind() -> None:
+            done["rewind"] = await rt.rewind_thread(tid, first["id"])
+
+        async with trio.open_nursery() as nursery:
+            with held_writer(rt) as release:  # the rewind's one write waits: the engine is inside the op
+                nursery.start_soon(rewind)
+                await trio.testing.wait_all_tasks_blocked()
+                autojump_clock.jump(IDLE + 0.5)  # past the deadline counted from the op's arrival
+                await trio.testing.wait_all_tasks_blocked()
+                assert rt.manager.engine(tid) is engine and rt.manager.live_handle(tid) is not None
+                release.set()
+        assert "rewind" in done and (await rt.get_session_snapshot(tid)).messages == ()  # the turn left
+        assert rt.manager.engine(tid) is engine  # served on; the change counts as activity: idle from now
+        await trio.sleep(IDLE + 1)
+        assert rt.manager.live_count == 0 and rt.manager.spawned == 1
