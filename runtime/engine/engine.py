@@ -49,6 +49,10 @@ UPDATABLE_FIELDS = ("archived", "model", "mode", "title", "system_prompt", "appr
 # The error of a turn whose engine was cancelled from outside without a stop reason (the runtime around
 # it cancelled): the turn ends interrupted, as at a shutdown; "engine crashed" is kept for real crashes.
 STOPPED = "engine stopped"
+# An engine still handling an op when its idle deadline comes (a history change waiting for its write, which
+# is bounded by final_write_seconds) is asked again this much later (at most one idle period): the deadline
+# counts from the op's arrival, as it did when the op loop's own timer fired right after a long op.
+BUSY_RECHECK_SECONDS = 1.0
 
 
 @dataclasses.dataclass(eq=False)
@@ -116,6 +120,16 @@ class _Waiter:
 
 
 class Engine:
+    # One per live thread (issue 16, bench row 6): slots, as an instance dict stops sharing its keys past 30
+    # attributes in CPython 3.11 and then costs ~1.3 KiB more per engine. "__dict__" stays for what is not
+    # listed (a test's monkeypatch); a new attribute belongs in this list.
+    __slots__ = (
+        "_backend", "_base", "_boundary", "_carried", "_config", "_end_later", "_fence", "_gone", "_idle_since",
+        "_idle_waiters", "_inbox", "_item_ord", "_lane_made", "_nursery", "_retire", "_retrying", "_stopping",
+        "_store", "_turn_ord", "_waiters", "active", "crashed", "diverged", "messages", "parked", "thread",
+        "thread_id", "tools", "total_tokens", "unconfirmed", "__dict__",
+    )
+
     def __init__(
         self,
         state: dict[str, Any],
@@ -146,11 +160,12 @@ class Engine:
         # Hands the manager the write that ends a turn whose end could not be recorded: (thread id,
         # turn id, idempotent closing fn); the manager retries it until it commits.
         self._end_later = end_later
-        # Every write of this engine, in order; the writer stops the lane at its first failure.
-        self._lane = WriteLane(on_failure=self._write_failed)
+        # Every write of this engine, in order (``_lane``, made at the first write: an engine that only
+        # answers snapshots never needs one, ~0.3 KiB); the writer stops the lane at its first failure.
+        self._lane_made: WriteLane | None = None
         # (thread id, epoch) of the lease this engine writes under (PostgreSQL): the writer refuses a write of
         # an older epoch with LeaseLost, which retires the engine like any failed write, without another write.
-        self._lane.fence = fence
+        self._fence = fence
         # The first storage failure of the lane: from then on the engine only winds down.
         self.diverged: RuntimeFailure | None = None
         self._nursery: trio.Nursery | None = None
@@ -188,6 +203,9 @@ class Engine:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 task_status.started()
+                # trio's task status keeps the temporary nursery of ``nursery.start`` (~1 KiB): not for the
+                # engine's whole life.
+                del task_status
                 if self._carried is not None:
                     self._resume_turn(self._carried)
                     self._carried = None
@@ -246,6 +264,12 @@ class Engine:
             self._lane.notified = True
         self._write_failed(error)
 
+    @property
+    def _lane(self) -> WriteLane:
+        if self._lane_made is None:
+            self._lane_made = WriteLane(on_failure=self._write_failed, fence=self._fence)
+        return self._lane_made
+
     def _failure(self) -> RuntimeFailure:
         """A fresh copy of the lane's failure, to raise in a requester (one instance per raise)."""
         assert self.diverged is not None
@@ -281,20 +305,15 @@ class Engine:
 
     async def _op_loop(self) -> None:
         while True:
-            with trio.move_on_at(self._idle_since + self._config.idle_evict_seconds) as idle:
-                try:
-                    op = await self._inbox.receive()
-                except trio.EndOfChannel:
-                    return
-            if idle.cancelled_caught:
-                # Compare with the very deadline just reached (not now - since: floats would disagree).
-                if trio.current_time() < self._idle_since + self._config.idle_evict_seconds:
-                    continue  # a turn ended meanwhile and moved the deadline: wait out the rest
-                if self.active is None and not self._idle_waiters:
-                    # The manager forgets us and closes our inbox; ops already queued are still served.
-                    self._retire(self, True)
-                self._idle_since = trio.current_time()
-                continue
+            # Drop the last op before parking: an idle engine would otherwise keep it (its closed reply
+            # channel with its buffer, its arguments) alive until the next op arrives.
+            op = None
+            # No deadline here: the manager's one idle timer calls ``idle_due`` (a cancel scope per parked
+            # engine cost ~0.8 KiB of it, issue 16).
+            try:
+                op = await self._inbox.receive()
+            except trio.EndOfChannel:
+                return
             self._idle_since = trio.current_time()
             if self._stopping is not None:
                 if op.reply is not None:
@@ -318,6 +337,28 @@ class Engine:
             self._dispatch(op)
             # Yield so a flood of ops cannot starve the turn task and the reply helpers.
             await trio.lowlevel.cancel_shielded_checkpoint()
+
+    @property
+    def idle_deadline(self) -> float:
+        """When this engine is due for eviction if nothing moves it (trio clock)."""
+        return self._idle_since + self._config.idle_evict_seconds
+
+    def idle_due(self) -> float | None:
+        """Called by the manager's idle timer once ``idle_deadline`` as it was has passed: an engine with no
+        op, no running turn and no snapshot waiting for one for ``idle_evict_seconds`` retires (the manager
+        forgets it and closes its inbox; ops already queued are still served). Returns the deadline to check
+        next, or None once retired."""
+        now = trio.current_time()
+        deadline = self.idle_deadline
+        if now < deadline:
+            return deadline  # an op or a turn's end moved it: wait out the rest
+        if not self._inbox.statistics().tasks_waiting_receive:
+            # Handling an op, not parked on the inbox: never retired in the middle of one.
+            return now + min(BUSY_RECHECK_SECONDS, self._config.idle_evict_seconds)
+        if self.active is None and not self._idle_waiters and self._retire(self, True):
+            return None
+        self._idle_since = now
+        return self.idle_deadline
 
     def _dispatch(self, op: ops.Op) -> None:
         if op.claim is not None and op.claim.abandoned:

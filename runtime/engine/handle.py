@@ -24,6 +24,8 @@ class EngineEvicted(Exception):
 
 
 class EngineHandle:
+    __slots__ = ("thread_id", "_inbox", "evicted")  # one per live engine (issue 16: RSS per idle engine)
+
     def __init__(self, thread_id: str, inbox: trio.MemorySendChannel[ops.Op]) -> None:
         self.thread_id = thread_id
         self._inbox = inbox

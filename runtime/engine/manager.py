@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import heapq
+import itertools
 import logging
+import math
 import sqlite3
 from typing import Callable
 
@@ -37,6 +40,8 @@ log = logging.getLogger(__name__)
 # the store can write again" costs. A request for the thread tries at once anyway (see ``_spawn``).
 REPAIR_FIRST_DELAY = 0.1
 REPAIR_MAX_DELAY = 5.0
+# The name of every engine's task: the name trio would give it, but one string, not one per engine (~0.1 KiB).
+SUPERVISE_TASK = f"{__name__}.ThreadManager._supervise"
 
 
 @dataclasses.dataclass(eq=False)
@@ -45,12 +50,29 @@ class _Unended:
     end: Callable[[sqlite3.Connection], list[EventDraft]]
 
 
-@dataclasses.dataclass(eq=False)
+@dataclasses.dataclass(eq=False, slots=True)
 class _Entry:
     handle: EngineHandle
     engine: Engine
-    exited: trio.Event = dataclasses.field(default_factory=trio.Event)
     lease: object | None = None  # runtime.cluster.leases.Held on PostgreSQL: the lease the engine writes under
+    idle_seq: int = -1  # the idle timer's current watch of this entry (ThreadManager._idle_watch)
+    gone: bool = False  # the engine has exited
+    # Made on first wait (``exited``): most engines are never waited for, and an Event costs ~0.3 KiB.
+    _exited: trio.Event | None = None
+
+    @property
+    def exited(self) -> trio.Event:
+        """Set once the engine has exited."""
+        if self._exited is None:
+            self._exited = trio.Event()
+            if self.gone:
+                self._exited.set()
+        return self._exited
+
+    def set_exited(self) -> None:
+        self.gone = True
+        if self._exited is not None:
+            self._exited.set()
 
 
 class ThreadManager:
@@ -75,6 +97,13 @@ class ThreadManager:
         # Several hosts on PostgreSQL (runtime.cluster.leases.LeaseKeeper): an engine starts only under the
         # thread's lease and serves only while the lease is known valid. None on SQLite (one host, no lease).
         self.keeper = None
+        # Idle eviction: ONE timer for all engines (``_idle_loop``), not a cancel scope per parked engine (with
+        # its deadline entry ~0.8 KiB each, issue 16). A heap of (deadline, seq, thread id); an entry is watched
+        # by one seq at a time (``_Entry.idle_seq``): items of exited engines are dropped when reached, and a
+        # deadline an op moved meanwhile is checked then and watched again (``Engine.idle_due``).
+        self._idle_heap: list[tuple[float, int, str]] = []
+        self._idle_seqs = itertools.count()
+        self._idle_wake: trio.CancelScope | None = None
 
     def attach_keeper(self, keeper) -> None:  # type: ignore[no-untyped-def]
         self.keeper = keeper
@@ -108,8 +137,39 @@ class ThreadManager:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._repair_loop)
+            nursery.start_soon(self._idle_loop)
             task_status.started()
             await trio.sleep_forever()
+
+    # ---- idle eviction ---------------------------------------------------------------------------
+
+    def _idle_watch(self, entry: _Entry, deadline: float) -> None:
+        entry.idle_seq = seq = next(self._idle_seqs)
+        heapq.heappush(self._idle_heap, (deadline, seq, entry.handle.thread_id))
+        if self._idle_wake is not None and deadline < self._idle_wake.deadline:
+            self._idle_wake.deadline = deadline
+
+    async def _idle_loop(self) -> None:
+        """Sleep until the earliest idle deadline, then ask every engine whose deadline passed
+        (``Engine.idle_due``); watch again those that stay. Stops with the manager; holds nothing then."""
+        heap = self._idle_heap
+        while True:
+            with trio.CancelScope(deadline=heap[0][0] if heap else math.inf) as self._idle_wake:
+                await trio.sleep_forever()
+            self._idle_wake = None
+            now = trio.current_time()
+            while heap and heap[0][0] <= now:
+                _, seq, thread_id = heapq.heappop(heap)
+                entry = self._entries.get(thread_id)
+                if entry is None or entry.idle_seq != seq or entry.handle.evicted:
+                    continue  # exited, succeeded, or leaving already
+                try:
+                    deadline = entry.engine.idle_due()
+                except Exception:  # a bug in one engine's check must not stop eviction (or the manager)
+                    log.exception("idle check of the engine of thread %s failed", thread_id)
+                    continue
+                if deadline is not None:
+                    self._idle_watch(entry, deadline)
 
     # ---- turns whose end was not recorded ---------------------------------------------------
 
@@ -224,20 +284,24 @@ class ThreadManager:
                         fence=None if lease is None else (thread_id, lease.epoch))
         engine.tools = self.tools
         entry = _Entry(EngineHandle(thread_id, send), engine, lease=lease)
-        await self._nursery.start(self._supervise, entry)
+        await self._nursery.start(self._supervise, entry, name=SUPERVISE_TASK)
         return entry.handle
 
     async def _supervise(self, entry: _Entry, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         thread_id = entry.handle.thread_id
         self._entries[thread_id] = entry
         self.spawned += 1
+        self._idle_watch(entry, entry.engine.idle_deadline)
         if self._closing:
             # Spawned in the step between _spawn's "closing?" check and this registration, after aclose
             # took its list: stop before the first op, so it never takes work it would not finish.
             entry.engine.request_stop(self._close_reason)
             entry.handle.close(evicted=False)
         try:
-            await entry.engine.run(task_status=task_status)
+            # Not kept in this frame while the engine lives: it holds the temporary nursery of ``start``.
+            running = entry.engine.run(task_status=task_status)
+            del task_status
+            await running
         finally:
             unconfirmed = entry.engine.unconfirmed
             if unconfirmed is not None and not unconfirmed.done.is_set():
@@ -254,7 +318,7 @@ class ThreadManager:
                 with trio.CancelScope(shield=True):
                     with trio.move_on_after(self._config.final_write_seconds):
                         await self.keeper.release(entry.lease)
-            entry.exited.set()
+            entry.set_exited()
             if entry.engine.parked is not None and not self._closing and self._nursery is not None:
                 # The engine stopped (from outside) while the runtime goes on, leaving a turn that waits for
                 # an approval: a successor carries it on now, as a restart would, so the approval's
