@@ -70,10 +70,12 @@ async def test_a_dead_http_server_is_noticed_without_a_call_then_reconnected(tmp
             # No call is made: the supervisor's ping notices the dead server.
             view = await wait_status(rt, "web", "failed")
             # Refused (httpx's words); or a ping was in flight when the server died: cut off before its answer's
-            # headers (httpx's words), or within its SSE answer, which the SDK swallows, so the ping times out.
-            assert view["error"] in (f"all attempts to connect to 127.0.0.1:{port} failed",
-                                     "Server disconnected without sending a response.",
-                                     "the server did not answer a ping within 10 s; reconnecting")
+            # headers (httpx's words), reset while it was sent or read (the OS's words, seen on a loaded
+            # machine), or within its SSE answer, which the SDK swallows, so the ping times out.
+            assert (view["error"] in (f"all attempts to connect to 127.0.0.1:{port} failed",
+                                      "Server disconnected without sending a response.",
+                                      "the server did not answer a ping within 10 s; reconnecting")
+                    or view["error"].endswith("Connection reset by peer")), view["error"]
             assert view["tools_count"] == 0 and not [t for t in rt.mcp.tools()]
             assert rt.mcp.state("web") is first  # the same supervised start: its backoff loop reconnects
             proc = await http_toolbox(port, marks)
