@@ -228,7 +228,7 @@ class _Walk:
             count += 1
             if count % YIELD_ELEMENTS == 0:
                 let_others_run()
-            if len(self.text) - self.i < READ_AHEAD:
+            if not self.eof and len(self.text) - self.i < READ_AHEAD:
                 self.more()
             text = self.text
             try:
