@@ -36,6 +36,11 @@ SLICE_ABOVE = 1 << 20
 # Bytes turned into text per call while slicing (~1 ms each); also about the most text held at once.
 TEXT_CHUNK = 1 << 20
 
+# When less than this much decoded text is left, the next chunk is decoded before the next array element
+# is: an element that runs past the text makes the C scanner raise a JSONDecodeError, whose constructor
+# counts the newlines of the whole text before it (~0.3 ms per MB; two per chunk boundary were a quarter of
+# decoding a 12 MB non-ASCII session, profiled for issue 16). Only an element longer than this still can.
+READ_AHEAD = 64 * 1024
 # Array elements decoded between two calls of let_others_run (which itself acts at most every 2 ms).
 YIELD_ELEMENTS = 64
 # Elements per orjson call in dumps_sliced: ~1.3 MB of 5 KB messages, ~1.5 ms.
@@ -210,7 +215,8 @@ class _Walk:
     def array(self) -> list[Any]:
         """An array at ``i``, element by element: each one by the stdlib's C scanner straight (no Python
         wrapper in between: tool-heavy sessions have ~100,000 small elements), ``decoded`` only for one
-        that runs past the decoded text, and ``let_others_run`` every YIELD_ELEMENTS elements."""
+        that runs past the decoded text (rare: the next chunk is decoded READ_AHEAD before the end), and
+        ``let_others_run`` every YIELD_ELEMENTS elements."""
         items: list[Any] = []
         append, scan = items.append, _DECODER.scan_once
         self.i += 1
@@ -222,6 +228,8 @@ class _Walk:
             count += 1
             if count % YIELD_ELEMENTS == 0:
                 let_others_run()
+            if not self.eof and len(self.text) - self.i < READ_AHEAD:
+                self.more()
             text = self.text
             try:
                 value, end = scan(text, self.i)

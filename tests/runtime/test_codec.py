@@ -263,3 +263,30 @@ def test_dumps_sliced_hands_the_gil_over_between_batches(monkeypatch):
     doc = big_document(messages=3 * codec.ARRAY_BATCH + 1)
     codec.dumps_sliced(doc)
     assert len(calls) == 4  # one per batch of messages
+
+
+def test_a_big_non_ascii_document_crosses_chunk_boundaries_without_decode_errors(monkeypatch):
+    """Issue 16: each element that ran past the decoded text made the C scanner raise a JSONDecodeError,
+    whose constructor counts the newlines of all the text before it (a quarter of decoding a 12 MB
+    session); the next chunk is now decoded READ_AHEAD before the end, so no element runs past it."""
+    raised = []
+
+    class Counted(json.JSONDecodeError):
+        def __init__(self, *args):
+            raised.append(args[2])
+            super().__init__(*args)
+
+    doc = big_document(messages=400)
+    raw = stdlib_bytes(doc)
+    monkeypatch.setattr(codec, "TEXT_CHUNK", 256 * 1024)
+    assert len(raw) // codec.TEXT_CHUNK >= 6 and not raw.isascii()  # several boundaries, sliced text
+    monkeypatch.setattr(json.decoder, "JSONDecodeError", Counted)  # what the C scanner raises
+    assert codec.loads(raw) == doc
+    assert raised == []
+    # A damaged document still raises the stdlib's own error (it is decoded again whole by json.loads).
+    with pytest.raises(json.JSONDecodeError) as info:
+        codec.loads(raw[:-2])
+    monkeypatch.undo()
+    with pytest.raises(json.JSONDecodeError) as expected:
+        json.loads(raw[:-2])
+    assert str(info.value) == str(expected.value)

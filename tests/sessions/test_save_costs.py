@@ -1,0 +1,94 @@
+"""What one save costs the event loop and the GIL (issue 16, row 3 of ``make bench``): fewer chunks in a
+small PUT answer, unbuffered session files (no extra system calls per open), and no GIL hand-over while
+a small document's search text is made. Counted, never timed; results are compared with what they were.
+"""
+
+from __future__ import annotations
+
+import builtins
+import io
+import json
+
+from runtime.sessions import docs as session_docs
+from runtime.sessions.docs import INDEX_TEXT_SLICE, index_text
+from runtime.sessions.files import FileSystem
+from runtime.transcript import text_of
+from web.routes import sessions as session_routes
+
+
+def _messages(count: int, text: str) -> list[dict]:
+    return [{"role": "user" if i % 2 == 0 else "assistant", "content": [{"type": "text", "text": f"{i} {text}"}]}
+            for i in range(count)]
+
+
+async def _body(response) -> tuple[list[bytes], bytes]:
+    """The chunks quart would send for ``response``, and their concatenation."""
+    chunks = []
+    async with response.response as body:
+        async for chunk in body:
+            chunks.append(chunk)
+    return chunks, b"".join(chunks)
+
+
+async def test_a_small_put_answer_is_one_body_and_a_big_one_goes_chunk_by_chunk():
+    small_doc = json.dumps({"metadata": {"revision": 4}, "messages": _messages(20, "Grüße ☕")}).encode()
+    fields = {"session_id": "s", "thread_id": "thr_1", "turn_in_progress": False, "session": None}
+    chunks = session_routes._json_around(fields, "session", small_doc)
+    response = session_routes._json_response(chunks, 4)
+    sent, whole = await _body(response)
+    assert len(sent) == 1  # was 3: head, document, "}" each a trip through hypercorn
+    assert json.loads(whole) == {**fields, "session": json.loads(small_doc)}
+    assert response.headers["Content-Length"] == str(len(whole)) and response.headers["ETag"] == '"4"'
+
+    big_doc = b'{"messages":["' + b"x" * session_routes.JOIN_BELOW + b'"]}'
+    chunks = session_routes._json_around(fields, "session", big_doc)
+    response = session_routes._json_response(chunks, 5)
+    sent, whole = await _body(response)
+    assert sent == chunks and sent[1] is big_doc  # the stored bytes as they are, never copied into one buffer
+    assert json.loads(whole)["session"] == json.loads(big_doc)
+    assert response.headers["Content-Length"] == str(len(whole)) and response.headers["ETag"] == '"5"'
+
+
+def test_session_files_are_written_and_read_unbuffered_and_whole(tmp_path, monkeypatch):
+    """Unbuffered: one system call per open fewer each way. A raw write may take only part of the data,
+    so write_data loops; checked with a file that takes 7 bytes per call."""
+    fs = FileSystem()
+    seen = []
+
+    class Trickle(FileSystem):
+        def write_data(self, f, data):
+            seen.append(type(f))
+            real = f.write
+            f = type("Trickling", (), {"write": lambda _self, view: real(view[:7]), "fileno": f.fileno})()
+            super().write_data(f, data)
+
+    data = ("Grüße ☕ " * 1000).encode()
+    tmp = Trickle().stage(tmp_path / "s.json", data)
+    assert seen == [io.FileIO]
+    assert tmp.read_bytes() == data
+    opened = []
+    real_open = open
+
+    def spy_open(*args, **kwargs):
+        f = real_open(*args, **kwargs)
+        opened.append(type(f))
+        return f
+
+    monkeypatch.setattr(builtins, "open", spy_open)
+    assert fs.read_bytes(tmp) == data
+    monkeypatch.undo()
+    assert opened == [io.FileIO]
+
+
+def test_a_small_documents_search_text_offers_the_gil_to_no_one(monkeypatch):
+    offers = []
+    monkeypatch.setattr(session_docs.codec, "let_others_run", lambda: offers.append(1))
+    small = _messages(20, "Héllo WORLD")
+    text = index_text("Tïtle", small)
+    assert offers == []  # was one per message, and the first slept (a GIL hand-over) in every save
+    assert text == "\n".join(["tïtle", *(text_of(m).lower() for m in small)]).encode("utf-8")
+
+    big = _messages(400, "Ü" * 2000)  # ~1.6 MB of UTF-8 text: offered about every INDEX_TEXT_SLICE bytes
+    text = index_text("T", big)
+    assert text == "\n".join(["t", *(text_of(m).lower() for m in big)]).encode("utf-8")
+    assert len(text) // INDEX_TEXT_SLICE - 1 <= len(offers) <= len(text) // INDEX_TEXT_SLICE + 1
