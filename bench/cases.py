@@ -20,6 +20,7 @@ from bench.mcp import bench_mcp
 from bench.ui import bench_ui
 from bench.cluster import bench_cluster
 from bench.pg import bench_pg
+from bench.floor import bench_floor
 from bench.forward import bench_forward
 from bench.validation import bench_session_validation
 from bench.util import (
@@ -750,4 +751,5 @@ BENCHMARKS: dict[str, Callable[[Sizes], list[Row]]] = {
     "pg": bench_pg,
     "forward": bench_forward,
     "cluster": bench_cluster,
+    "floor": bench_floor,
 }

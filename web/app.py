@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import math
+from typing import Any
 
+import orjson
 import trio
+from flask.json.provider import DefaultJSONProvider
+from quart import Response
+from quart.utils import encode_headers
+from quart.wrappers.response import DataBody
 from quart_trio import QuartTrio
 from quart_trio.asgi import TrioASGIHTTPConnection
 
@@ -54,8 +61,28 @@ class HTTPConnection(TrioASGIHTTPConnection):
     def __init__(self, app, scope) -> None:  # type: ignore[no-untyped-def]
         super().__init__(app, scope)
         self.body_received = trio.Event()  # hypercorn passed on the request body's last message
+        if _declared_length(scope["headers"]) == 0:
+            # A head that declares no body is the whole request: nothing of it can still be on its way.
+            # Without this every GET waited for its empty body message, which quart-trio reads in a task of
+            # its own that runs after the answer is ready (one more send and a task switch per request:
+            # issue 16, the /health floor).
+            self.body_received.set()
+
+    async def __call__(self, receive, send) -> None:  # type: ignore[no-untyped-def, override]
+        """quart-trio's, with the request handled in this task rather than a second child: the same
+        nursery, so the same cancellation (a disconnect cancels the nursery, this body included) and the
+        same errors (an exception here cancels ``handle_messages`` and leaves as an ExceptionGroup, as
+        from a child), one task spawn less per request (issue 16, the /health floor)."""
+        request = self._create_request_from_scope(send)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.handle_messages, nursery, request, receive)
+            await self.handle_request(nursery, request, send)
 
     async def handle_messages(self, nursery, request, receive):  # type: ignore[override]
+        if self.body_received.is_set():  # a request without a body: nothing to watch for
+            await super().handle_messages(nursery, request, receive)
+            return
+
         async def watch_receive():
             message = await receive()
             if message["type"] == "http.request" and not message.get("more_body", False):
@@ -63,6 +90,19 @@ class HTTPConnection(TrioASGIHTTPConnection):
             return message
 
         await super().handle_messages(nursery, request, watch_receive)
+
+    async def _send_response(self, send, response) -> None:  # type: ignore[no-untyped-def, override]
+        """Quart's, except that a body of fixed bytes (every JSON answer) goes in one message that also ends
+        the response, where Quart sends it with ``more_body`` and then an empty last message: one send, and
+        one pass through hypercorn, less per request (issue 16, the /health floor). hypercorn writes the
+        same bytes either way. Streamed bodies (SSE, pages) are Quart's own path."""
+        body = getattr(response, "response", None)
+        if type(body) is not DataBody:
+            await super()._send_response(send, response)
+            return
+        await send({"type": "http.response.start", "status": response.status_code,
+                    "headers": encode_headers(response.headers)})
+        await send({"type": "http.response.body", "body": body.data[body.begin:body.end], "more_body": False})
 
     async def handle_request(self, nursery, request, send):  # type: ignore[override]
         wait_for_body = False
@@ -97,19 +137,48 @@ def _says_close(headers) -> bool:  # type: ignore[no-untyped-def]
 
 
 def _small_body(headers) -> bool:  # type: ignore[no-untyped-def]
-    """True if the request's body has a declared length of at most UNREAD_BODY_LIMIT (no length and no
-    Transfer-Encoding is an empty body). A chunked body's length is unknown until its end."""
+    """True if the request's body has a declared length of at most UNREAD_BODY_LIMIT."""
+    length = _declared_length(headers)
+    return length is not None and length <= UNREAD_BODY_LIMIT
+
+
+def _declared_length(headers) -> int | None:  # type: ignore[no-untyped-def]
+    """The body length the request's head declares: no length and no Transfer-Encoding is an empty body;
+    None for a chunked body (its length is unknown until its end) or a Content-Length that is no number."""
     length = 0
     for name, value in headers:
         name = name.lower()
         if name == b"transfer-encoding":
-            return False
+            return None
         if name == b"content-length":
             try:
                 length = int(value)
             except ValueError:
-                return False
-    return length <= UNREAD_BODY_LIMIT
+                return None
+    return length
+
+
+# What orjson hands to the provider's ``default`` instead of encoding itself: a date (Quart writes an HTTP
+# date, orjson would write ISO 8601) and a dataclass (Quart uses dataclasses.asdict), so every answer has
+# the same JSON as with Quart's own provider.
+ORJSON_OPTIONS = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
+
+
+class JSONProvider(DefaultJSONProvider):
+    """Quart's JSON provider with orjson for ``jsonify``: every JSON answer, the small ones included, is
+    encoded several times faster (issue 16: the /health floor and ``GET /v1/threads/{id}``). The same
+    compact JSON and trailing newline, except that non-ASCII text is sent as UTF-8 rather than as ``\\u``
+    escapes (the same JSON value). What orjson refuses (an integer beyond 64 bits, a non-string key) goes
+    to the standard library as before."""
+
+    def response(self, *args: Any, **kwargs: Any) -> Response:
+        obj = self._prepare_response_obj(args, kwargs)
+        try:
+            body = orjson.dumps(obj, default=self.default, option=ORJSON_OPTIONS | orjson.OPT_APPEND_NEWLINE)
+        except TypeError:  # orjson.JSONEncodeError
+            body = (json.dumps(obj, default=self.default, ensure_ascii=False, separators=(",", ":"))
+                    + "\n").encode()
+        return self._app.response_class(body, mimetype=self.mimetype)
 
 
 def create_app(rt: Runtime, settings: ServerSettings, token: str | None) -> QuartTrio:
@@ -117,6 +186,7 @@ def create_app(rt: Runtime, settings: ServerSettings, token: str | None) -> Quar
     # static_folder=None: Quart's own /static route served the folder 'static' under the working directory
     # the server was started from, to anyone, without the token. web/pages.py serves the package's files.
     app = QuartTrio("trio_runtime", static_folder=None)
+    app.json = JSONProvider(app)
     app.asgi_http_class = HTTPConnection
     app.config.update(
         MAX_CONTENT_LENGTH=settings.max_body,
@@ -130,8 +200,17 @@ def create_app(rt: Runtime, settings: ServerSettings, token: str | None) -> Quar
     )
     app.json.sort_keys = False
     app.url_map.strict_slashes = False
-    cors.install(app, settings.cors_origins)
-    auth.install(app, token, settings.cors_origins)
+    preflight = cors.install(app, settings.cors_origins)
+    check_auth = auth.install(app, token, settings.cors_origins)
+
+    # One hook for both, in this order (a preflight is answered before auth, which it never carries):
+    # Quart pays for every before-request hook on every request (an inspect.iscoroutinefunction check and
+    # a coroutine each), and most requests need neither (issue 16: the /health floor).
+    @app.before_request
+    async def guard():
+        answer = preflight()
+        return check_auth() if answer is None else answer
+
     errors.install(app)
     for module in (health, threads, turns, events, sessions, approvals, mcp, auth, openapi):
         app.register_blueprint(module.bp)

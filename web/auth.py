@@ -17,6 +17,7 @@ import hmac
 import os
 import secrets
 from pathlib import Path
+from typing import Callable
 
 from quart import Blueprint, Quart, Response, current_app, request
 
@@ -75,8 +76,11 @@ def own_origin() -> str:
     return f"{request.scheme}://{request.host}"
 
 
-def install(app: Quart, token: str | None, cors_origins: tuple[str, ...] = ()) -> None:
-    """``token`` None: no auth (the CLI allows that only with ``--insecure-no-auth`` on loopback). Any other
+def install(app: Quart, token: str | None, cors_origins: tuple[str, ...] = ()) -> Callable[[], Response | None]:
+    """Returns the check every request passes (None: let in; else the refusal to send), which web/app.py
+    runs in its one before-request hook.
+
+    ``token`` None: no auth (the CLI allows that only with ``--insecure-no-auth`` on loopback). Any other
     token must pass ``token_problem``: an empty one would authorize every request that sends an empty one.
 
     Without auth a page of ANY site the user visits could drive the agents: a "simple" cross-origin POST
@@ -88,8 +92,7 @@ def install(app: Quart, token: str | None, cors_origins: tuple[str, ...] = ()) -
     if token is None:
         trusted = frozenset(cors_origins)
 
-        @app.before_request
-        async def refuse_foreign_pages():
+        def refuse_foreign_pages() -> Response | None:
             if not request.path.startswith("/v1/") or request.method not in STATE_CHANGING:
                 return None
             origin = request.headers.get("Origin")
@@ -99,15 +102,14 @@ def install(app: Quart, token: str | None, cors_origins: tuple[str, ...] = ()) -
                 403, "forbidden_origin",
                 f"Refusing a {request.method} from origin {origin!r} on a server without auth: only "
                 f"{own_origin()} (or a --cors-origin) may change state")
-        return
+        return refuse_foreign_pages
     if problem := token_problem(token):
         raise ValueError(f"refusing to serve with this auth token: it {problem}")
     expected = token.encode()
     expected_cookie = cookie_value(token).encode()
     app.config["TRIO_RUNTIME_COOKIE"] = expected_cookie.decode()
 
-    @app.before_request
-    async def require_token():
+    def require_token() -> Response | None:
         if not request.path.startswith("/v1/") or request.method == "OPTIONS":
             return None
         if request.path.rstrip("/") == "/v1/auth/cookie" and request.method == "DELETE":
@@ -122,6 +124,8 @@ def install(app: Quart, token: str | None, cors_origins: tuple[str, ...] = ()) -
         if not supplied or not hmac.compare_digest(supplied.encode(), expected):
             return _unauthorized()
         return None
+
+    return require_token
 
 
 def _check_cookie(supplied: str | None, expected: bytes) -> Response | None:

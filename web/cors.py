@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 from quart import Quart, Response, request
 
 from .errors import error_response
@@ -12,11 +14,14 @@ EXPOSE_HEADERS = "ETag, Idempotent-Replayed"
 PREFLIGHT_MAX_AGE = "600"  # seconds a browser may cache a preflight answer
 
 
-def install(app: Quart, origins: tuple[str, ...]) -> None:
+def install(app: Quart, origins: tuple[str, ...]) -> Callable[[], Response | None]:
+    """Returns the preflight check, which web/app.py runs in its one before-request hook (each hook Quart
+    runs costs every request, ``/health`` included: issue 16). The after-request hook that adds
+    ``Access-Control-Allow-Origin`` is installed only when there are origins to allow: without any it never
+    added anything."""
     allowed = frozenset(origins)
 
-    @app.before_request
-    async def preflight():
+    def preflight() -> Response | None:
         if request.method != "OPTIONS" or "Access-Control-Request-Method" not in request.headers:
             return None
         origin = request.headers.get("Origin")
@@ -32,6 +37,9 @@ def install(app: Quart, origins: tuple[str, ...]) -> None:
         })
         return response
 
+    if not allowed:
+        return preflight
+
     @app.after_request
     async def allow_origin(response: Response) -> Response:
         origin = request.headers.get("Origin")
@@ -40,3 +48,5 @@ def install(app: Quart, origins: tuple[str, ...]) -> None:
             response.headers["Access-Control-Expose-Headers"] = EXPOSE_HEADERS
             response.headers["Vary"] = "Origin"
         return response
+
+    return preflight

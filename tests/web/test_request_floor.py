@@ -1,0 +1,126 @@
+"""What every request pays (issue 16, the /health floor), at the ASGI boundary on MockClock: a request
+without a body does not wait for its empty body message, a JSON answer goes out as one body message that
+ends the response, JSON answers are encoded by orjson with the same values as before, and a write to a
+client is shielded from cancellation from outside while its deadline still bounds it (web/server.py).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+
+import pytest
+import trio
+import trio.testing
+
+from tests.support import open_runtime
+from tests.web.test_send_bounds import Client
+from tests.web.test_unread_body import AT_ONCE, REQUEST_TIMEOUT, TOKEN, Exchange, _scope
+from web.app import create_app
+from web.server import SendBounds
+from web.settings import ServerSettings
+
+
+@pytest.fixture
+async def app(tmp_path):
+    async with open_runtime(tmp_path) as runtime:
+        yield create_app(runtime, ServerSettings(data_dir=tmp_path, auth_token=TOKEN,
+                                                 request_timeout=REQUEST_TIMEOUT), TOKEN)
+
+
+async def _exchange(nursery: trio.Nursery, app, scope: dict) -> Exchange:
+    exchange = Exchange()
+    nursery.start_soon(app, scope, exchange.receive, exchange.send)
+    await trio.testing.wait_all_tasks_blocked()
+    return exchange
+
+
+@pytest.mark.parametrize("headers", [[], [(b"content-length", b"0")]], ids=["no length", "length 0"])
+async def test_a_request_without_a_body_is_answered_whole_without_its_body_message(app, headers, autojump_clock):
+    # The empty http.request message is never delivered here: the head already said there is no body, so
+    # nothing is waited for (before: the end of the answer waited for it, up to the request timeout).
+    async with trio.open_nursery() as nursery:
+        exchange = await _exchange(nursery, app, _scope("GET", "/health", headers))
+        with trio.fail_after(1):
+            await exchange.ended.wait()
+        nursery.cancel_scope.cancel()
+    assert exchange.ended_at < AT_ONCE
+    assert exchange.start["status"] == 200 and exchange.header(b"connection") is None
+    assert json.loads(exchange.body) == {"status": "ok", "service": "trio-runtime", "mode": "local"}
+
+
+async def test_a_json_answer_is_one_body_message_that_ends_the_response(app, autojump_clock):
+    async with trio.open_nursery() as nursery:
+        exchange = await _exchange(nursery, app, _scope("GET", "/health", []))
+        await exchange.incoming_in.send({"type": "http.request", "body": b"", "more_body": False})
+        with trio.fail_after(1):
+            await exchange.ended.wait()
+        nursery.cancel_scope.cancel()
+    body = b'{"status":"ok","service":"trio-runtime","mode":"local"}\n'
+    assert [m["type"] for _, m in exchange.sent] == ["http.response.start", "http.response.body"]
+    assert exchange.sent[1][1] == {"type": "http.response.body", "body": body, "more_body": False}
+    assert exchange.header(b"content-length") == str(len(body)).encode()
+
+
+async def test_a_json_answer_has_non_ascii_text_as_utf8_and_the_same_value(app, autojump_clock):
+    title = "Grüße ✓ 日本 😀"
+    body = json.dumps({"title": title}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    async with trio.open_nursery() as nursery:
+        exchange = await _exchange(nursery, app, _scope("POST", "/v1/threads", headers))
+        await exchange.incoming_in.send({"type": "http.request", "body": body, "more_body": False})
+        with trio.fail_after(5):
+            await exchange.ended.wait()
+        nursery.cancel_scope.cancel()
+    assert exchange.start["status"] == 201
+    assert f'"title":"{title}"'.encode() in exchange.body  # UTF-8, not \\u escapes
+    assert json.loads(exchange.body)["title"] == title
+    assert exchange.header(b"content-type") == b"application/json"
+
+
+async def test_the_json_provider_keeps_quarts_output_for_what_orjson_would_write_otherwise(app):
+    async with app.app_context():
+        big = app.json.response({"n": 2**70, "neg": -(2**65)})
+        assert await big.get_data() == b'{"n":1180591620717411303424,"neg":-36893488147419103232}\n'
+        when = app.json.response({"at": datetime.datetime(2026, 12, 3, 6, 0, tzinfo=datetime.timezone.utc)})
+        assert await when.get_data() == b'{"at":"Thu, 03 Dec 2026 06:00:00 GMT"}\n'
+        keys = app.json.response({1: "a"})  # a non-string key: the standard library turns it into "1"
+        assert await keys.get_data() == b'{"1":"a"}\n'
+
+
+async def test_a_write_is_shielded_from_a_cancel_from_outside_but_not_from_its_deadline(autojump_clock):
+    bounds, client = SendBounds(10.0), Client()
+    results: list[tuple[bool, float]] = []
+
+    async def write(task_status=trio.TASK_STATUS_IGNORED) -> None:
+        with trio.CancelScope() as outer:
+            task_status.started(outer)
+            results.append((await bounds.send_all(client, b"frame"), trio.current_time()))
+            await trio.sleep(0)  # where the cancel from outside lands: after the whole write
+            results.append((None, -1))  # never reached
+
+    async with trio.open_nursery() as nursery:
+        outer = await nursery.start(write)
+        await trio.sleep(1.0)
+        outer.cancel()  # e.g. the client disconnected; the write must not stop half-way
+        await trio.sleep(1.0)
+        client.permits_in.send_nowait(None)
+    assert results == [(True, 2.0)] and client.taken == [(2.0, 5)]
+    # The deadline still cuts a write that is shielded: a client that takes nothing is given up at 10 s.
+    with trio.CancelScope() as outer:
+        outer.cancel()
+        assert await bounds.send_all(client, b"frame") is False
+    assert trio.current_time() == 12.0 and bounds._waiting == set()
+
+
+async def test_an_empty_write_to_a_closed_socket_still_raises():
+    # hypercorn relies on send_all(b"") raising on a closed socket (web/server.py's fast path for b"").
+    a, b = trio.socket.socketpair()
+    stream = trio.SocketStream(a)
+    await stream.aclose()
+    with pytest.raises(trio.ClosedResourceError):
+        await SendBounds(10.0).send_all(stream, b"")
+    b.close()
+    c, d = trio.socket.socketpair()
+    with c, d:
+        assert await SendBounds(10.0).send_all(trio.SocketStream(c), b"") is True
