@@ -14,6 +14,12 @@ from runtime.store import Event
 def frame(event: Event) -> bytes:
     """One SSE frame: ``id`` (the seq), ``event`` (the name) and ``data`` (the JSON envelope); ``item_schema``
     describes exactly this shape."""
+    data = event.envelope_json  # made once for every subscriber (orjson), or None: the stdlib's way below
+    if data is not None:
+        try:
+            return b"".join((f"id: {event.seq}\nevent: {event.event}\ndata: ".encode(), data, b"\n\n"))
+        except UnicodeEncodeError:
+            pass  # a lone surrogate in the name: repaired below
     data = json.dumps(event.envelope(), separators=(",", ":"), ensure_ascii=False)
     text = f"id: {event.seq}\nevent: {event.event}\ndata: {data}\n\n"
     try:
