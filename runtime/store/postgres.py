@@ -320,6 +320,7 @@ class PostgresStore(Store):
 
     kind = "postgresql"
     db_errors: tuple[type[BaseException], ...] = (psycopg.Error,)
+    statement_undone_alone = False  # a failed statement aborts the transaction: every request in its savepoint
 
     def __init__(self, url: str, publish: Callable[[list[Event]], None], write_queue: int,
                  host_id: str | None = None, read_pool: int = READ_POOL_SIZE,

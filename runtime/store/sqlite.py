@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 MAX_BATCH = 512
 # Requests published between two yields to the scheduler after a big batch committed.
 PUBLISH_SLICE = 64
+# Rows of one multi-row event INSERT at most (``_append_lone``): 6 parameters a row stays under 999, the
+# smallest SQLITE_MAX_VARIABLE_NUMBER any SQLite build has had (3.32 raised the default to 32,766).
+ROWS_PER_INSERT = 128
 RESTART_ERROR = "interrupted by process restart"
 # The result of a tool that was running when the process died (API.md, "Tools and approvals"): it is never
 # run again by itself, and the model is told so.
@@ -225,6 +228,12 @@ class Store:
     kind = "sqlite"
     # The driver's error classes: a failure of one of these is a storage failure (StorageError).
     db_errors: tuple[type[BaseException], ...] = (sqlite3.Error,)
+    # A failed statement is undone alone and the transaction goes on (SQLite's statement journal), unless
+    # the backend rolls the whole transaction back (seen as ``in_transaction`` False). Then a request that is
+    # one event append needs no savepoint, and a run of them can be one multi-row INSERT (issue 16: per
+    # event, 3 statements and 3 GIL hand-offs in the writer thread became a fraction of one). PostgreSQL
+    # aborts the whole transaction on any failed statement: False there.
+    statement_undone_alone = True
 
     def __init__(self, path: Path, publish: Callable[[list[Event]], None], write_queue: int,
                  connection_factory: type[sqlite3.Connection] = sqlite3.Connection) -> None:
@@ -428,15 +437,53 @@ class Store:
                 self._fail(request, storage_error(request.action, exc, "the store could not begin a transaction"))
             return []
         applied: list[WriteRequest] = []
+        appended_until = 0  # requests[:appended_until] were appended by one multi-row INSERT (``_append_lone``)
+        one_by_one_until = 0  # ... or are to be applied one at a time (that INSERT failed and was undone alone)
         for index, request in enumerate(requests):
+            if index < appended_until:
+                continue
             lane = request.lane
             if lane is not None and lane.failed is not None:
                 request.skipped = True
                 self._fail(request, storage_error(request.action, lane.failed, "an earlier write of its thread failed"))
                 continue
+            lone = self.statement_undone_alone and _lone_event(request)
+            if lone and index >= one_by_one_until:
+                end = index + 1
+                while end < len(requests) and end - index < ROWS_PER_INSERT and _lone_event(requests[end]) \
+                        and (requests[end].lane is None or requests[end].lane.failed is None):
+                    end += 1
+                if end - index > 1:
+                    run = requests[index:end]
+                    try:
+                        _append_lone(conn, run)
+                    except Exception as exc:
+                        if not conn.in_transaction:  # SQLite rolled the transaction back by itself
+                            self._abort()
+                            for failed in run:
+                                self._fail(failed, storage_error(failed.action, exc)
+                                           if isinstance(exc, self.db_errors) else exc)
+                            for earlier in applied:
+                                self._fail(earlier, storage_error(
+                                    earlier.action, exc, "the transaction was rolled back after another write failed"))
+                            return requests[end:]
+                        # The INSERT was undone alone: the run one request at a time, so that a failure
+                        # stays with its own request (below).
+                        one_by_one_until = end
+                    else:
+                        applied += run
+                        appended_until = end
+                        continue
             savepoint = False
             mark = None
             try:
+                if lone:
+                    # One statement needs no savepoint: SQLite undoes a failed statement alone (the except
+                    # below fails only this request), or the whole transaction (handled there too).
+                    request.committed = [append_event(conn, request.events[0])]
+                    request.result = outcome.Value(None)
+                    applied.append(request)
+                    continue
                 conn.execute("SAVEPOINT req")
                 savepoint = True
                 mark = self._request_mark(conn)
@@ -690,6 +737,40 @@ def encode_payload(payload: dict[str, Any]) -> tuple[bytes | None, str]:
     is stored escaped, as ``\\ud83d``). Both read back as the same payload."""
     data = fast_json(payload)
     return data, data.decode() if data is not None else json.dumps(payload, separators=(",", ":"))
+
+
+def _lone_event(request: WriteRequest) -> bool:
+    """The request is one event append and nothing else (a streamed delta, most writes of a turn)."""
+    return request.fn is None and not request.statements and len(request.events) == 1
+
+
+@functools.lru_cache(maxsize=ROWS_PER_INSERT)
+def _insert_rows_sql(rows: int) -> str:
+    """``INSERT INTO events`` of ``rows`` rows (the same text for the same count: sqlite3's statement cache)."""
+    return ("INSERT INTO events (thread_id, turn_id, item_id, event, timestamp, payload) VALUES "
+            + ", ".join(["(?, ?, ?, ?, ?, ?)"] * rows))
+
+
+def _append_lone(conn: sqlite3.Connection, run: Sequence[WriteRequest]) -> None:
+    """Append the one event of each request of ``run`` (``_lone_event``) with one INSERT, in order, and set
+    each request's result. One statement: SQLite applies it whole or undoes it alone (or, on a full disk,
+    may roll the whole transaction back), and the writer thread takes the GIL back once instead of once
+    per event. The seqs are consecutive and end at ``lastrowid``: under the write lock AUTOINCREMENT gives
+    each row max(largest seq, sqlite_sequence) + 1, so row k+1 gets row k's seq + 1 (test_event_bus checks
+    them against the stored rows). Writes nothing of ``run``'s results when it raises."""
+    drafts = [request.events[0] for request in run]
+    encoded = [encode_payload(draft.payload) for draft in drafts]
+    params: list[Any] = []
+    for draft, (_, text) in zip(drafts, encoded):
+        params += (draft.thread_id, draft.turn_id, draft.item_id, draft.event, draft.timestamp, text)
+    last = conn.execute(_insert_rows_sql(len(run)), params).lastrowid
+    assert last is not None
+    seq = last - len(run)
+    for request, draft, (data, _) in zip(run, drafts, encoded):
+        seq += 1
+        request.committed = [Event(seq, draft.timestamp, draft.thread_id, draft.turn_id, draft.item_id,
+                                   draft.event, draft.payload, data)]
+        request.result = outcome.Value(None)
 
 
 def row_to_event(row: sqlite3.Row) -> Event:
