@@ -756,8 +756,9 @@ def _append_lone(conn: sqlite3.Connection, run: Sequence[WriteRequest]) -> None:
     each request's result. One statement: SQLite applies it whole or undoes it alone (or, on a full disk,
     may roll the whole transaction back), and the writer thread takes the GIL back once instead of once
     per event. The seqs are consecutive and end at ``lastrowid``: under the write lock AUTOINCREMENT gives
-    each row max(largest seq, sqlite_sequence) + 1, so row k+1 gets row k's seq + 1 (test_event_bus checks
-    them against the stored rows). Writes nothing of ``run``'s results when it raises."""
+    each row max(largest seq, sqlite_sequence) + 1, so row k+1 gets row k's seq + 1
+    (tests/runtime/test_store_durability.py checks them against the stored rows). Writes nothing of
+    ``run``'s results when it raises."""
     drafts = [request.events[0] for request in run]
     encoded = [encode_payload(draft.payload) for draft in drafts]
     params: list[Any] = []
