@@ -14,8 +14,7 @@ import json
 import httpx
 import trio
 
-from runtime.store import Event, EventDraft, records
-from runtime.store.sqlite import encode_payload
+from runtime.store import Event, EventDraft, encode_payload, records
 from tests.conftest import E2E_LIMIT
 from web.sse import frame
 
