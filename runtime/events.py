@@ -200,6 +200,27 @@ class EventStream:
                     self._ended = True  # nothing can follow: the thread is gone
                 return event
 
+    def next_nowait(self) -> Event | None:
+        """The event ``next`` would return at once, or None when it would have to wait (or read the store):
+        the events a writer's batch published together are taken in one go (web/sse.py sends them as one
+        chunk). Synchronous, so nothing is lost to a cancellation; the position moves as with ``next``."""
+        if self._pending:
+            event = self._pending.popleft()
+            self.last_seq = event.seq
+            return event
+        if self._ended or self._replaying:
+            return None
+        while True:
+            try:
+                event = self._sub.receive.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                return None  # ``next`` waits, ends the stream or catches up after an overflow
+            if event.seq > self.last_seq:
+                self.last_seq = event.seq
+                if event.event == "thread.deleted":
+                    self._ended = True
+                return event
+
     def close(self) -> None:
         self._bus.detach(self._sub)
         self._sub.overflowed = False
@@ -276,6 +297,17 @@ class PolledStream:
                     continue
             await wake.wait()
             self._woken = True
+
+    def next_nowait(self) -> Event | None:
+        """An event of the page already read, or None (``next`` then reads or waits); as ``next`` otherwise."""
+        if not self._pending:
+            return None
+        event = self._pending.popleft()
+        self.last_seq = event.seq
+        if event.event == "thread.deleted":
+            self._ended = True
+            self._pending.clear()
+        return event
 
     def close(self) -> None:
         if not self._closed:

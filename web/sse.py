@@ -14,6 +14,12 @@ from runtime.store import Event
 def frame(event: Event) -> bytes:
     """One SSE frame: ``id`` (the seq), ``event`` (the name) and ``data`` (the JSON envelope); ``item_schema``
     describes exactly this shape."""
+    data = event.envelope_json  # made once for every subscriber (orjson), or None: the stdlib's way below
+    if data is not None:
+        try:
+            return b"".join((f"id: {event.seq}\nevent: {event.event}\ndata: ".encode(), data, b"\n\n"))
+        except UnicodeEncodeError:
+            pass  # a lone surrogate in the name: repaired below
     data = json.dumps(event.envelope(), separators=(",", ":"), ensure_ascii=False)
     text = f"id: {event.seq}\nevent: {event.event}\ndata: {data}\n\n"
     try:
@@ -28,6 +34,9 @@ def frame(event: Event) -> bytes:
 
 
 KEEPALIVE = b": keepalive\n\n"
+# Bytes of frames sent as one body chunk at most (more stay for the next): web/server.py's SEND_SLICE, the
+# most one socket write is given per send timeout.
+CHUNK_BYTES = 64 * 1024
 
 # The JSON in each frame's ``data`` (runtime.store.Event.envelope). Names are not an enum: new events
 # may be added (docs/API.md lists them), and a client should skip the ones it does not know.
@@ -78,6 +87,25 @@ class StreamRegistry:
         for scope in self._scopes:
             scope.cancel(reason="server shutting down")
 
+    @staticmethod
+    def _chunk(stream: EventStream, first: bytes) -> bytes:
+        """``first`` and the frames of every event the stream has ready now, up to CHUNK_BYTES: one body
+        chunk (one ASGI message, one HTTP chunk, one socket write) for what a writer's batch published
+        together, instead of one each. Only events already there are taken, so no frame waits for another."""
+        ready = stream.next_nowait()
+        if ready is None:
+            return first
+        parts = [first]
+        size = len(first)
+        while ready is not None:
+            data = frame(ready)
+            parts.append(data)
+            size += len(data)
+            if size >= CHUNK_BYTES:
+                break
+            ready = stream.next_nowait()
+        return b"".join(parts)
+
     async def frames(self, stream: EventStream, keepalive: float) -> AsyncIterator[bytes]:
         """Yield frames until the client goes away (this generator is cancelled), the stream ends or shutdown.
 
@@ -101,7 +129,7 @@ class StreamRegistry:
                 finally:
                     self._scopes.discard(scope)
                 if event is not None:
-                    yield frame(event)
+                    yield self._chunk(stream, frame(event))
                 elif not self.closed:
                     yield KEEPALIVE
         finally:

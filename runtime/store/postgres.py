@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import decimal
 import functools
-import json
 import logging
 import re
 from typing import Any, Callable, Iterator, Sequence
@@ -44,7 +43,7 @@ import psycopg.pq
 import trio
 
 from . import migrations
-from .sqlite import Event, EventDraft, Store, WriteRequest, storage_error
+from .sqlite import Event, EventDraft, Store, WriteRequest, encode_payload, storage_error
 from ..errors import LeaseLost
 
 log = logging.getLogger(__name__)
@@ -285,13 +284,14 @@ class PgConnection:
     def append_event(self, draft: EventDraft) -> Event:
         """``append_event`` on PostgreSQL: the lease-row lock first, then the seq (RETURNING it)."""
         self.lock_thread(draft.thread_id)
-        payload = json.dumps(draft.payload, separators=(",", ":"))
+        data, payload = encode_payload(draft.payload)
         (seq,) = self.raw.execute(
             "INSERT INTO events (thread_id, turn_id, item_id, event, timestamp, payload)"
             " VALUES (%s, %s, %s, %s, %s, %s) RETURNING seq",
             (draft.thread_id, draft.turn_id, draft.item_id, draft.event, draft.timestamp, payload)).fetchone()
         self.written.add(draft.thread_id)
-        return Event(seq, draft.timestamp, draft.thread_id, draft.turn_id, draft.item_id, draft.event, draft.payload)
+        return Event(seq, draft.timestamp, draft.thread_id, draft.turn_id, draft.item_id, draft.event, draft.payload,
+                     data)
 
 
 def redact_url(url: str) -> str:
@@ -320,6 +320,7 @@ class PostgresStore(Store):
 
     kind = "postgresql"
     db_errors: tuple[type[BaseException], ...] = (psycopg.Error,)
+    statement_undone_alone = False  # a failed statement aborts the transaction: every request in its savepoint
 
     def __init__(self, url: str, publish: Callable[[list[Event]], None], write_queue: int,
                  host_id: str | None = None, read_pool: int = READ_POOL_SIZE,
@@ -428,6 +429,7 @@ class PostgresStore(Store):
         cursor = psycopg.ClientCursor(conn.raw)
         script = ["BEGIN"]
         inserts: list[list[int]] = []
+        payloads: list[list[bytes | None]] = []  # each event's payload JSON, for its Event (encoded once)
 
         def add(sql: str, params: Sequence[Any]) -> int:
             query, as_bytes = client_query(sql)
@@ -448,9 +450,11 @@ class PostgresStore(Store):
                     add(FENCE_OR_FAIL, (fence[0], fence[1], lost))
                 for sql, params in request.statements:
                     add(sql, params)
+                encoded = [encode_payload(draft.payload) for draft in request.events]
+                payloads.append([data for data, _ in encoded])
                 inserts.append([add(INSERT_EVENT, (draft.thread_id, draft.turn_id, draft.item_id, draft.event,
-                                                   draft.timestamp, json.dumps(draft.payload, separators=(",", ":"))))
-                                for draft in request.events])
+                                                   draft.timestamp, text))
+                                for draft, (_, text) in zip(request.events, encoded)])
             if threads:
                 add(NOTIFY_THREADS, (NOTIFY_CHANNEL, threads))
             script.append("COMMIT")
@@ -478,11 +482,11 @@ class PostgresStore(Store):
             results.append(cursor.fetchall() if cursor.description is not None else None)
             if not cursor.nextset():
                 break
-        for request, indexes in zip(requests, inserts):
+        for request, indexes, datas in zip(requests, inserts, payloads):
             request.result = outcome.Value(None)
             request.committed = [Event(results[index][0][0], draft.timestamp, draft.thread_id, draft.turn_id,
-                                       draft.item_id, draft.event, draft.payload)
-                                 for index, draft in zip(indexes, request.events)]
+                                       draft.item_id, draft.event, draft.payload, data)
+                                 for index, draft, data in zip(indexes, request.events, datas)]
         return []
 
     def _before_commit(self, conn: Any) -> None:

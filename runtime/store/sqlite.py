@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import functools
 import json
 import logging
 import math
@@ -30,6 +31,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import orjson
 import outcome
 import trio
 
@@ -44,6 +46,9 @@ log = logging.getLogger(__name__)
 MAX_BATCH = 512
 # Requests published between two yields to the scheduler after a big batch committed.
 PUBLISH_SLICE = 64
+# Rows of one multi-row event INSERT at most (``_append_lone``): 6 parameters a row stays under 999, the
+# smallest SQLITE_MAX_VARIABLE_NUMBER any SQLite build has had (3.32 raised the default to 32,766).
+ROWS_PER_INSERT = 128
 RESTART_ERROR = "interrupted by process restart"
 # The result of a tool that was running when the process died (API.md, "Tools and approvals"): it is never
 # run again by itself, and the model is told so.
@@ -52,6 +57,27 @@ OUTCOME_UNKNOWN = "outcome unknown: the server restarted while the tool ran"
 PG_DISK_FULL = "53100"
 # Items whose text arrives as item.delta events (and is written to the item row when it closes).
 STREAMED_KINDS = ("agent_message", "agent_reasoning")
+
+
+# What orjson must hand back (TypeError) instead of encoding, because the stdlib encodes it differently or
+# refuses it: dataclasses and datetimes (the stdlib raises), subclasses of str, int, dict and list (the
+# stdlib may call their own methods).
+FAST_JSON_OPTIONS = orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_SUBCLASS
+
+
+def fast_json(value: Any) -> bytes | None:
+    """``value`` as compact UTF-8 JSON made by orjson (~10x faster than ``json.dumps`` on an event), or None
+    where that would not mean what the stdlib's ``json.dumps(value, ensure_ascii=False, separators=(",",
+    ":"))`` means: what orjson refuses (a lone surrogate, an int beyond 64 bits, a non-str key; see
+    FAST_JSON_OPTIONS), and any result holding ``null``, because orjson writes NaN and the infinities as
+    null where the stdlib writes ``NaN``/``Infinity`` (a ``null`` that is a real None, or text, takes the
+    stdlib's way too; rare in events). Otherwise the same bytes (some floats spelled differently, ``1e-05``
+    as ``0.00001``: the same number)."""
+    try:
+        data = orjson.dumps(value, option=FAST_JSON_OPTIONS)
+    except TypeError:  # orjson.JSONEncodeError
+        return None
+    return None if b"null" in data else data
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +89,9 @@ class Event:
     item_id: str | None
     event: str
     payload: dict[str, Any]
+    # The payload's JSON as the writer stored it (``fast_json``), when it made it that way: ``envelope_json``
+    # reuses it instead of encoding the payload again (issue 16: an event is encoded once).
+    payload_json: bytes | None = dataclasses.field(default=None, compare=False, repr=False)
 
     def envelope(self) -> dict[str, Any]:
         env: dict[str, Any] = {"seq": self.seq, "timestamp": self.timestamp, "thread_id": self.thread_id}
@@ -73,6 +102,16 @@ class Event:
         env["event"] = self.event
         env["payload"] = self.payload
         return env
+
+    @functools.cached_property
+    def envelope_json(self) -> bytes | None:
+        """``envelope()`` as compact UTF-8 JSON (``fast_json``), made once however many subscribers send the
+        event (the bus hands them all this object), its payload part the stored bytes when there are some.
+        None when ``fast_json`` declines: the caller encodes ``envelope()`` the stdlib's way."""
+        env = self.envelope()
+        if self.payload_json is not None:
+            env["payload"] = orjson.Fragment(self.payload_json)
+        return fast_json(env)
 
 
 @dataclasses.dataclass
@@ -189,6 +228,12 @@ class Store:
     kind = "sqlite"
     # The driver's error classes: a failure of one of these is a storage failure (StorageError).
     db_errors: tuple[type[BaseException], ...] = (sqlite3.Error,)
+    # A failed statement is undone alone and the transaction goes on (SQLite's statement journal), unless
+    # the backend rolls the whole transaction back (seen as ``in_transaction`` False). Then a request that is
+    # one event append needs no savepoint, and a run of them can be one multi-row INSERT (issue 16: per
+    # event, 3 statements and 3 GIL hand-offs in the writer thread became a fraction of one). PostgreSQL
+    # aborts the whole transaction on any failed statement: False there.
+    statement_undone_alone = True
 
     def __init__(self, path: Path, publish: Callable[[list[Event]], None], write_queue: int,
                  connection_factory: type[sqlite3.Connection] = sqlite3.Connection) -> None:
@@ -392,15 +437,53 @@ class Store:
                 self._fail(request, storage_error(request.action, exc, "the store could not begin a transaction"))
             return []
         applied: list[WriteRequest] = []
+        appended_until = 0  # requests[:appended_until] were appended by one multi-row INSERT (``_append_lone``)
+        one_by_one_until = 0  # ... or are to be applied one at a time (that INSERT failed and was undone alone)
         for index, request in enumerate(requests):
+            if index < appended_until:
+                continue
             lane = request.lane
             if lane is not None and lane.failed is not None:
                 request.skipped = True
                 self._fail(request, storage_error(request.action, lane.failed, "an earlier write of its thread failed"))
                 continue
+            lone = self.statement_undone_alone and _lone_event(request)
+            if lone and index >= one_by_one_until:
+                end = index + 1
+                while end < len(requests) and end - index < ROWS_PER_INSERT and _lone_event(requests[end]) \
+                        and (requests[end].lane is None or requests[end].lane.failed is None):
+                    end += 1
+                if end - index > 1:
+                    run = requests[index:end]
+                    try:
+                        _append_lone(conn, run)
+                    except Exception as exc:
+                        if not conn.in_transaction:  # SQLite rolled the transaction back by itself
+                            self._abort()
+                            for failed in run:
+                                self._fail(failed, storage_error(failed.action, exc)
+                                           if isinstance(exc, self.db_errors) else exc)
+                            for earlier in applied:
+                                self._fail(earlier, storage_error(
+                                    earlier.action, exc, "the transaction was rolled back after another write failed"))
+                            return requests[end:]
+                        # The INSERT was undone alone: the run one request at a time, so that a failure
+                        # stays with its own request (below).
+                        one_by_one_until = end
+                    else:
+                        applied += run
+                        appended_until = end
+                        continue
             savepoint = False
             mark = None
             try:
+                if lone:
+                    # One statement needs no savepoint: SQLite undoes a failed statement alone (the except
+                    # below fails only this request), or the whole transaction (handled there too).
+                    request.committed = [append_event(conn, request.events[0])]
+                    request.result = outcome.Value(None)
+                    applied.append(request)
+                    continue
                 conn.execute("SAVEPOINT req")
                 savepoint = True
                 mark = self._request_mark(conn)
@@ -639,13 +722,56 @@ def append_event(conn: sqlite3.Connection, draft: EventDraft) -> Event:
     backend_append = getattr(conn, "append_event", None)
     if backend_append is not None:
         return backend_append(draft)
-    payload = json.dumps(draft.payload, separators=(",", ":"))
+    data, payload = encode_payload(draft.payload)
     cur = conn.execute(
         "INSERT INTO events (thread_id, turn_id, item_id, event, timestamp, payload) VALUES (?, ?, ?, ?, ?, ?)",
         (draft.thread_id, draft.turn_id, draft.item_id, draft.event, draft.timestamp, payload),
     )
     return Event(cur.lastrowid, draft.timestamp, draft.thread_id, draft.turn_id, draft.item_id,
-                 draft.event, draft.payload)
+                 draft.event, draft.payload, data)
+
+
+def encode_payload(payload: dict[str, Any]) -> tuple[bytes | None, str]:
+    """An event payload's JSON: ``fast_json``'s bytes (None where it declines) and the text to store, the
+    same JSON, or else the stdlib's (ASCII, as every payload was stored before issue 16: a lone surrogate
+    is stored escaped, as ``\\ud83d``). Both read back as the same payload."""
+    data = fast_json(payload)
+    return data, data.decode() if data is not None else json.dumps(payload, separators=(",", ":"))
+
+
+def _lone_event(request: WriteRequest) -> bool:
+    """The request is one event append and nothing else (a streamed delta, most writes of a turn)."""
+    return request.fn is None and not request.statements and len(request.events) == 1
+
+
+@functools.lru_cache(maxsize=ROWS_PER_INSERT)
+def _insert_rows_sql(rows: int) -> str:
+    """``INSERT INTO events`` of ``rows`` rows (the same text for the same count: sqlite3's statement cache)."""
+    return ("INSERT INTO events (thread_id, turn_id, item_id, event, timestamp, payload) VALUES "
+            + ", ".join(["(?, ?, ?, ?, ?, ?)"] * rows))
+
+
+def _append_lone(conn: sqlite3.Connection, run: Sequence[WriteRequest]) -> None:
+    """Append the one event of each request of ``run`` (``_lone_event``) with one INSERT, in order, and set
+    each request's result. One statement: SQLite applies it whole or undoes it alone (or, on a full disk,
+    may roll the whole transaction back), and the writer thread takes the GIL back once instead of once
+    per event. The seqs are consecutive and end at ``lastrowid``: under the write lock AUTOINCREMENT gives
+    each row max(largest seq, sqlite_sequence) + 1, so row k+1 gets row k's seq + 1
+    (tests/runtime/test_store_durability.py checks them against the stored rows). Writes nothing of
+    ``run``'s results when it raises."""
+    drafts = [request.events[0] for request in run]
+    encoded = [encode_payload(draft.payload) for draft in drafts]
+    params: list[Any] = []
+    for draft, (_, text) in zip(drafts, encoded):
+        params += (draft.thread_id, draft.turn_id, draft.item_id, draft.event, draft.timestamp, text)
+    last = conn.execute(_insert_rows_sql(len(run)), params).lastrowid
+    assert last is not None
+    seq = last - len(run)
+    for request, draft, (data, _) in zip(run, drafts, encoded):
+        seq += 1
+        request.committed = [Event(seq, draft.timestamp, draft.thread_id, draft.turn_id, draft.item_id,
+                                   draft.event, draft.payload, data)]
+        request.result = outcome.Value(None)
 
 
 def row_to_event(row: sqlite3.Row) -> Event:

@@ -1,5 +1,6 @@
 """EventBus subscriptions: replay then live with no gap and no duplicate, since_seq, isolation between
-threads, and slow subscribers that are detached instead of slowing the turn."""
+threads, slow subscribers that are detached instead of slowing the turn, and the SSE chunks made of
+the events a stream has ready together (web/sse.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ import contextlib
 
 import trio
 
-from .helpers import collect_events, nth, stored_events, turn_completed
+from runtime.store import EventDraft
+from web.sse import CHUNK_BYTES, StreamRegistry, frame
+
+from .helpers import collect_events, nth, stored_events, turn_completed, wait_turn_end
 
 REAL_LIMIT = 10.0  # bound for the real-clock tests below
 
@@ -120,3 +124,69 @@ async def test_slow_subscriber_is_detached_without_blocking_the_turn_and_then_ca
         expected = [e.seq for e in await stored_events(rt, tid)]
         assert [first.seq] + [e.seq for e in rest] == expected
         assert sum(e.event == "item.delta" for e in rest) == 50
+
+
+async def test_sse_sends_the_events_a_replay_page_holds_as_one_chunk_of_the_same_bytes(rt, thread_id):
+    turn = await rt.start_turn(thread_id, " ".join(f"w{i}" for i in range(30)))
+    await wait_turn_end(rt, thread_id, turn["id"])
+    stored = await stored_events(rt, thread_id)
+    assert sum(e.event == "item.delta" for e in stored) == 32  # "You said:" and the 30 words
+
+    with trio.fail_after(REAL_LIMIT):
+        async with contextlib.aclosing(StreamRegistry().frames(await rt.subscribe(thread_id, 0), 60.0)) as chunks:
+            chunk = await chunks.__anext__()
+
+    # One chunk, byte for byte the frames one by one, in seq order.
+    assert chunk == b"".join(frame(e) for e in stored)
+    assert rt.bus.subscriber_count == 0
+
+
+async def test_sse_sends_the_events_one_write_published_as_one_chunk(rt, thread_id):
+    registry = StreamRegistry()
+    with trio.fail_after(REAL_LIMIT):
+        async with contextlib.aclosing(registry.frames(await rt.subscribe(thread_id, 0), 60.0)) as chunks:
+            started = await chunks.__anext__()
+            assert started.startswith(b"id: ") and b"\nevent: thread.started\n" in started
+            _, committed = await rt.store.write(events=[
+                EventDraft(thread_id, "item.delta", {"delta": f" d{i}", "kind": "agent_message"}, "turn_x", "item_x")
+                for i in range(5)])
+            live = await chunks.__anext__()
+
+    assert [e.seq for e in committed] == sorted(e.seq for e in committed)
+    assert live == b"".join(frame(e) for e in committed)
+    assert live.count(b"\nevent: item.delta\n") == 5
+    assert rt.bus.subscriber_count == 0 and len(registry) == 0
+
+
+async def test_sse_chunks_stop_at_chunk_bytes_and_keep_every_frame_in_order(rt, thread_id):
+    text = "x" * 1000
+    drafts = [EventDraft(thread_id, "item.delta", {"delta": f"{i} {text}", "kind": "agent_message"}, "turn_x", "item_x")
+              for i in range(200)]  # ~210 KB of frames, all committed (and published) together
+    _, committed = await rt.store.write(events=drafts)
+    expected = b"".join(frame(e) for e in await stored_events(rt, thread_id))
+    largest = max(len(frame(e)) for e in committed)
+
+    chunks: list[bytes] = []
+    with trio.fail_after(REAL_LIMIT):
+        async with contextlib.aclosing(StreamRegistry().frames(await rt.subscribe(thread_id, 0), 60.0)) as stream:
+            async for chunk in stream:
+                chunks.append(chunk)
+                if chunk.endswith(frame(committed[-1])):
+                    break
+
+    assert b"".join(chunks) == expected
+    assert len(chunks) >= 4  # 210 KB in chunks of at most CHUNK_BYTES and one frame
+    assert all(len(chunk) < CHUNK_BYTES + largest for chunk in chunks)
+    assert all(chunk.startswith(b"id: ") and chunk.endswith(b"\n\n") for chunk in chunks)
+
+
+async def test_sse_chunk_ends_with_thread_deleted_and_the_stream_ends(rt, thread_id):
+    with trio.fail_after(REAL_LIMIT):
+        async with contextlib.aclosing(StreamRegistry().frames(await rt.subscribe(thread_id, 0), 60.0)) as chunks:
+            await chunks.__anext__()  # thread.started
+            await rt.delete_thread(thread_id)
+            rest = [chunk async for chunk in chunks]
+
+    assert len(rest) == 1 and rest[0].count(b"\nevent: ") == 1
+    assert b"\nevent: thread.deleted\n" in rest[0]
+    assert rt.bus.subscriber_count == 0

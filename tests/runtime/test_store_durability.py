@@ -13,6 +13,7 @@ place a fault on an exact statement of an exact request and read the outcome fro
 
 from __future__ import annotations
 
+import json
 import sqlite3
 
 import outcome
@@ -365,3 +366,92 @@ async def test_a_lane_told_of_a_failure_that_is_not_sqlite_gets_it_as_a_storage_
     assert [type(e) for e in heard] == [StorageError]
     assert heard[0].message == "Failed to apply a broken request: a bug in the request"
     assert later.skipped and _stored_threads(tmp_path / "db.sqlite3") == [] and published == []
+
+
+# ---- event appends in one statement (issue 16) --------------------------------------------------
+
+def _delta(i: int, lane: WriteLane | None = None, thread: str = "thr_t") -> WriteRequest:
+    """A request that is one event append and nothing else, as a streamed delta is."""
+    return WriteRequest(events=[EventDraft(thread, "item.delta", {"delta": f" w{i}", "kind": "agent_message"},
+                                           "turn_t", "item_t")], action=f"append delta {i}", lane=lane)
+
+
+def _stored_rows(path) -> list[tuple]:
+    db = sqlite3.connect(path)
+    try:
+        return [(seq, thread_id, event, json.loads(payload)) for seq, thread_id, event, payload in db.execute(
+            "SELECT seq, thread_id, event, payload FROM events ORDER BY seq")]
+    finally:
+        db.close()
+
+
+async def test_lone_event_appends_of_a_batch_take_one_insert_per_128_and_no_savepoints(faulty_store, tmp_path):
+    store, plan, published = faulty_store
+    plan.arm(None)  # count and log the writer's statements, fail none
+    requests = await _batch(store, *(_delta(i) for i in range(300)))
+    plan.disarm()
+    # BEGIN, 128 + 128 + 44 rows, COMMIT (it was a SAVEPOINT, an INSERT and a RELEASE per event).
+    assert plan.log == ["sqlite:BEGIN", "sqlite:INSERT", "sqlite:INSERT", "sqlite:INSERT", "sqlite:COMMIT"]
+    assert all(request.result == outcome.Value(None) for request in requests)
+    assert [e.payload["delta"] for e in published] == [f" w{i}" for i in range(300)]
+
+
+async def test_event_appends_of_one_batch_get_the_seqs_of_their_stored_rows_in_order(faulty_store, tmp_path):
+    store, plan, published = faulty_store
+    two = WriteRequest(events=[EventDraft("thr_t", "item.completed", {"kind": "agent_message", "text": "x"}),
+                               EventDraft("thr_t", "turn.completed", {"status": "completed"})], action="end a turn")
+    requests = await _batch(store, *(_delta(i) for i in range(5)), _thread_write("a"),
+                            *(_delta(i) for i in range(5, 300)), two, _delta(300),
+                            _delta(301, thread="thr_u"), _delta(302, thread="d\u00e9j\u00e0 \U0001F600"))
+    committed = [event for request in requests for event in request.committed]
+
+    rows = _stored_rows(tmp_path / "db.sqlite3")
+    assert len(rows) == len(committed) == 306
+    assert [(e.seq, e.thread_id, e.event, e.payload) for e in committed] == rows
+    assert [e.seq for e in committed] == list(range(rows[0][0], rows[0][0] + 306))
+    assert published == committed
+    # Each event's stored JSON is the JSON it carries for its subscribers (encoded once).
+    assert all(json.loads(e.payload_json) == e.payload for e in committed)
+
+
+async def test_a_failing_multi_row_insert_is_applied_again_one_request_at_a_time(tmp_path):
+    """One event that cannot be written fails its own request (and stops its lane), never its neighbours'."""
+
+    class Poisoned(sqlite3.Connection):
+        def execute(self, sql, parameters=(), /):
+            if sql.startswith("INSERT INTO events") and any("poison" in str(p) for p in parameters):
+                raise sqlite3.IntegrityError("CHECK constraint failed: poison")
+            return super().execute(sql, parameters)
+
+    published: list = []
+    lane = WriteLane()
+    requests = [_delta(0), _delta(1, lane), _delta(2), _delta(3, lane), _delta(4)]
+    requests[1].events[0].payload["delta"] = "poison"
+    async with Store.open(tmp_path / "db.sqlite3", published.extend, connection_factory=Poisoned) as store:
+        await _batch(store, *requests)
+        (after,) = await _batch(store, _delta(5))
+
+    assert _error(requests[1]).message == "Failed to append delta 1: CHECK constraint failed: poison"
+    assert requests[3].skipped  # the poisoned request's lane stops there
+    assert all(r.result == outcome.Value(None) for r in (requests[0], requests[2], requests[4], after))
+    rows = _stored_rows(tmp_path / "db.sqlite3")
+    assert [row[3]["delta"] for row in rows] == [" w0", " w2", " w4", " w5"]
+    assert [(e.seq, e.payload["delta"]) for e in published] == [(row[0], row[3]["delta"]) for row in rows]
+
+
+async def test_sqlite_rolling_back_at_a_multi_row_insert_fails_the_writes_it_lost(faulty_store, tmp_path):
+    store, plan, published = faulty_store
+    # a's four statements, then the one INSERT of the three deltas: SQLite rolls everything back.
+    plan.arm(BEGIN + STEPS_PER_REQUEST + 1, "sqlite_full", rollback=True)
+    a, *deltas, c = await _batch(store, _thread_write("a"), _delta(0), _delta(1), _delta(2), _thread_write("c"))
+    plan.disarm()
+    assert plan.fired == "sqlite:INSERT"
+    assert _error(a).message == ("Failed to create thread 'a': the transaction was rolled back after another "
+                                 "write failed (database or disk is full)")
+    assert [_error(d).message for d in deltas] == [f"Failed to append delta {i}: database or disk is full"
+                                                   for i in range(3)]
+    assert all(isinstance(_error(d), StorageFull) for d in deltas)
+    # c was not applied yet when the transaction was lost: it went on in a new one.
+    assert c.result == outcome.Value(None)
+    assert _stored_threads(tmp_path / "db.sqlite3") == ["c"] == [e.thread_id for e in published]
+    assert _stored_event_threads(tmp_path / "db.sqlite3") == ["c"]
