@@ -88,6 +88,30 @@ def _like_pattern(search: str) -> str:
     return f"%{escaped}%"
 
 
+# The FTS5 trigram tokenizer indexes runs of this many characters: a shorter query cannot use the index.
+TRIGRAM = 3
+# At most this many of a query's trigrams narrow a search: each one is a lookup, and any of them is a
+# correct filter (a row holding the whole query holds every one of them); 32 keep a 100-character query
+# exact to the character.
+MAX_TRIGRAMS = 32
+
+
+def _trigram_match(search: str) -> str | None:
+    """The FTS5 query that finds every session whose search text may contain ``search`` (SQLite migration 8),
+    or None when the query is too short for the index. It ANDs trigrams of the lower-cased query, each
+    quoted (so ``"``, ``AND``, ``*`` and the like are text): every third one and the last, enough to cover
+    each character. Only the part before a NUL counts, because LIKE reads its pattern only that far (so a
+    NUL never makes the index miss a row the LIKE would match). The candidates may include rows without the
+    substring (trigrams out of order, FTS5's case folding): ``list`` keeps only those the LIKE matches."""
+    text = search.lower().split("\x00", 1)[0]
+    if len(text) < TRIGRAM:
+        return None
+    last = len(text) - TRIGRAM
+    starts = sorted({*range(0, last, TRIGRAM), last})[:MAX_TRIGRAMS - 1] + [last]
+    trigrams = dict.fromkeys(text[i:i + TRIGRAM] for i in starts)
+    return " AND ".join('"' + trigram.replace('"', '""') + '"' for trigram in trigrams)
+
+
 class SessionService:
     def __init__(self, runtime: SessionHost) -> None:
         self._rt = runtime
@@ -295,6 +319,12 @@ class SessionService:
         elif not include_archived:
             where.append("archived = 0")
         if search:
+            # SQLite: the trigram index narrows the rows, the LIKE checks each (the answers are the scan's);
+            # PostgreSQL's pg_trgm index serves the LIKE itself (PG migration 2).
+            match = _trigram_match(search) if getattr(self._rt.store, "kind", "sqlite") == "sqlite" else None
+            if match is not None:
+                where.append("rowid IN (SELECT rowid FROM sessions_search WHERE sessions_search MATCH ?)")
+                params.append(match)
             where.append("search_text LIKE ? ESCAPE '\\'")
             params.append(_like_pattern(search))
         sql = (f"SELECT {INDEX_COLUMNS} FROM sessions {'WHERE ' + ' AND '.join(where) if where else ''}"

@@ -206,3 +206,54 @@ async def test_search_finds_sessions_indexed_at_start(open_rt, data_dir, fake_no
         assert await listed(rt, "quarterly budget") == []
         expected = {q: names for q, names in EXPECTED.items() if q != "QUARTERLY bud"}
         assert await check_all(rt, ids, expected) == len(nul_free(QUERIES))
+
+
+# The objects SQLite migration 8 adds: dropping them (and the version) gives the schema of version 7.
+INDEX_OBJECTS = ("TRIGGER sessions_search_insert", "TRIGGER sessions_search_delete",
+                 "TRIGGER sessions_search_update", "TABLE sessions_search")
+
+
+def schema_of(conn) -> set[tuple[str, str]]:
+    return {(row[0], row[1]) for row in conn.execute(
+        "SELECT type, name FROM sqlite_master WHERE name NOT LIKE 'sqlite_%' AND name NOT LIKE 'sessions_search_%'"
+        " OR type = 'trigger'")}
+
+
+@pytest.mark.store_only
+@pytest.mark.skipif(support.on_postgresql(), reason="SQLite's migration 8; tests/pg covers PostgreSQL's")
+async def test_the_migration_indexes_sessions_saved_before_it(open_rt, data_dir, fake_now):
+    """A data dir of schema version 7 (sessions saved before the index existed) opens at version 8 with
+    every session indexed: search answers as the scan did, and FTS5's own check finds the index whole."""
+    import sqlite3
+
+    from runtime.store.migrations import MIGRATIONS, SCHEMA_VERSION, migrate
+
+    async with open_rt() as rt:
+        ids = await make_corpus(rt)
+    conn = sqlite3.connect(data_dir / "runtime.sqlite3", isolation_level=None)
+    try:
+        for name in INDEX_OBJECTS:
+            conn.execute(f"DROP {name}")
+        conn.execute("PRAGMA user_version = 7")
+        reference = sqlite3.connect(":memory:", isolation_level=None)
+        for script in MIGRATIONS[:7]:
+            reference.executescript(script)
+        assert schema_of(conn) == schema_of(reference)  # exactly version 7's tables and indexes
+        assert conn.execute("SELECT COUNT(*) FROM sessions").fetchone()[0] == len(nul_free(CORPUS))
+    finally:
+        conn.close()
+
+    async with open_rt() as rt:
+        assert await check_all(rt, ids, EXPECTED) == len(nul_free(QUERIES))
+        assert await listed(rt, "quarterly budget") == [ids["plain"]]
+    conn = sqlite3.connect(data_dir / "runtime.sqlite3", isolation_level=None)
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 8
+        assert {("trigger", n.split()[1]) for n in INDEX_OBJECTS if n.startswith("TRIGGER")} <= schema_of(conn)
+        conn.execute("INSERT INTO sessions_search (sessions_search, rank) VALUES ('integrity-check', 1)")
+        indexed = conn.execute("SELECT COUNT(*) FROM sessions_search WHERE sessions_search MATCH '\"udg\"'")
+        assert indexed.fetchone()[0] == 1  # "budget"
+        migrate(conn)  # a second start migrates nothing
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 8
+    finally:
+        conn.close()
