@@ -147,7 +147,19 @@ async def check_all(rt, ids: dict[str, str], expected: dict[str, set[str]]) -> i
     return checked
 
 
-async def test_search_answers_as_the_like_scan_on_tricky_strings(rt, fake_now):
+@pytest.fixture(params=["by rowid", "by rowid off the loop", "index walk"])
+def candidates_plan(request, monkeypatch) -> str:
+    """Every plan of a search that uses the trigram index: the candidates fetched by rowid and sorted (at
+    most FEW_CANDIDATES of them), on the loop when they are small, else in a worker thread; or the
+    listing's index walked in order (more candidates)."""
+    if request.param == "index walk":
+        monkeypatch.setattr("runtime.sessions.service.FEW_CANDIDATES", 0)
+    if request.param == "by rowid off the loop":
+        monkeypatch.setattr("runtime.sessions.service.INLINE_SEARCH_BYTES", 0)
+    return request.param
+
+
+async def test_search_answers_as_the_like_scan_on_tricky_strings(rt, fake_now, candidates_plan):
     ids = await make_corpus(rt)
     assert await check_all(rt, ids, EXPECTED) == len(nul_free(QUERIES))
     # Every sort order, archived sessions and a limit give the scan's order and cut too.
@@ -164,7 +176,7 @@ async def test_search_answers_as_the_like_scan_on_tricky_strings(rt, fake_now):
     assert await listed(rt, "%", archived_only=True) == [ids["percent"]]
 
 
-async def test_search_follows_renames_saves_and_deletes(rt, fake_now):
+async def test_search_follows_renames_saves_and_deletes(rt, fake_now, candidates_plan):
     ids = await make_corpus(rt)
     # Rename: the old title no longer matches, the new one does.
     await rt.sessions.patch(ids["german"], title="Renamed zebra", timeout=LIMIT)
@@ -257,3 +269,36 @@ async def test_the_migration_indexes_sessions_saved_before_it(open_rt, data_dir,
         assert conn.execute("PRAGMA user_version").fetchone()[0] == 8
     finally:
         conn.close()
+
+
+async def test_a_search_that_reads_much_text_stays_off_the_event_loop(rt, fake_now, monkeypatch):
+    """Only a search whose few candidates are small runs on the event loop (an inline read): a query too
+    short for the index scans every text, and many or big candidates mean much text for the LIKE."""
+    import runtime.sessions.service as service
+
+    ids = await make_corpus(rt)
+    reads: list[bool] = []
+    original = rt.store.read
+
+    async def read(fn, *, inline=False):
+        reads.append(inline)
+        return await original(fn, inline=inline)
+
+    monkeypatch.setattr(rt.store, "read", read)
+
+    async def where(search: str) -> str:
+        reads.clear()
+        got = await listed(rt, search)
+        place = "loop" if reads[-1] else "thread"  # the read that answered
+        assert got == await oracle(rt, search)
+        return place
+
+    indexed = rt.store.kind == "sqlite"
+    assert await where("budget") == ("loop" if indexed else "thread")
+    assert await listed(rt, "budget") == [ids["plain"]]
+    assert await where("bu") == "thread"  # shorter than a trigram: scans
+    monkeypatch.setattr(service, "INLINE_SEARCH_BYTES", 100)  # smaller than any session
+    assert await where("budget") == "thread"
+    monkeypatch.setattr(service, "INLINE_SEARCH_BYTES", 10**6)
+    monkeypatch.setattr(service, "FEW_CANDIDATES", 0)
+    assert await where("budget") == "thread"
