@@ -99,6 +99,9 @@ FEW_CANDIDATES = 500
 # read): their search text is at most about as long, and SQLite's LIKE reads 1 MB in 0.2-0.5 ms (measured
 # for issue 16), less than the hop to a worker thread costs a request under load.
 INLINE_SEARCH_BYTES = 1_000_000
+# What SQLite migration 8 indexes instead of a search text longer than 32,768 characters (three Unicode
+# noncharacters): every trigram query also asks for it, so long sessions are always candidates.
+LONG_TEXT_MARKER = "\ufdd0\ufdd1\ufdd2"
 # At most this many of a query's trigrams narrow a search: each one is a lookup, and any of them is a
 # correct filter (a row holding the whole query holds every one of them); 32 keep a 100-character query
 # exact to the character.
@@ -109,7 +112,7 @@ def _trigram_match(search: str) -> str | None:
     """The FTS5 query that finds every session whose search text may contain ``search`` (SQLite migration 8),
     or None when the query is too short for the index. It ANDs trigrams of the lower-cased query, each
     quoted (so ``"``, ``AND``, ``*`` and the like are text): every third one and the last, enough to cover
-    each character. Only the part before a NUL counts, because LIKE reads its pattern only that far (so a
+    each character, or the marker of a text too long to be indexed. Only the part before a NUL counts, because LIKE reads its pattern only that far (so a
     NUL never makes the index miss a row the LIKE would match). The candidates may include rows without the
     substring (trigrams out of order, FTS5's case folding): ``list`` keeps only those the LIKE matches."""
     text = search.lower().split("\x00", 1)[0]
@@ -118,7 +121,9 @@ def _trigram_match(search: str) -> str | None:
     last = len(text) - TRIGRAM
     starts = sorted({*range(0, last, TRIGRAM), last})[:MAX_TRIGRAMS - 1] + [last]
     trigrams = dict.fromkeys(text[i:i + TRIGRAM] for i in starts)
-    return " AND ".join('"' + trigram.replace('"', '""') + '"' for trigram in trigrams)
+    terms = " AND ".join('"' + trigram.replace('"', '""') + '"' for trigram in trigrams)
+    return f'({terms}) OR "{LONG_TEXT_MARKER}"'
+
 
 
 def _candidates(conn: sqlite3.Connection, match: str) -> tuple[int, int]:

@@ -163,28 +163,36 @@ MIGRATIONS: tuple[str, ...] = (
     # 8: a trigram index of the session search text (issue 16): FTS5's trigram tokenizer indexes every run
     # of three characters, so a substring search of 3 characters or more reads the few rows holding all of
     # the query's trigrams instead of every row's text; the same LIKE then checks those rows, so the answers
-    # are the scan's (runtime/sessions/service.py, ``SessionService.list``). An external-content table: the
-    # text stays in ``sessions`` only, keyed by its rowid (the runtime never renumbers rows: no VACUUM, and
-    # SQLite's VACUUM keeps the rowids anyway as of 3.40, checked). The triggers write the index in the same statement, so in the same
-    # transaction, as every insert, update and delete of an index row (saves, renames, deletes, the start-up
-    # reconcile, bench/datagen.py); 'rebuild' indexes the rows already there. detail='none': no positions
-    # (a tenth of the size of the full index); the LIKE does the exact check. Case-insensitive (the default):
-    # search_text is already lower-cased, and folding can only add candidates that the LIKE drops.
+    # are the scan's (runtime/sessions/service.py, ``SessionService.list``). Tokenizing costs ~0.1-0.2 s per
+    # MB in the writer (measured: a changed 10 MB save took 1.7-2.7 s instead of 0.03), so only a text of
+    # at most 32,768 characters is indexed; a longer one is indexed as the marker U+FDD0 U+FDD1 U+FDD2 (three
+    # Unicode noncharacters), which every search also matches: long sessions stay candidates whose text the
+    # LIKE reads, as before. Contentless (content=''): the index keeps no copy of the text, and a row is
+    # deleted from it with the value it was indexed with. The triggers write it in the same statement, so in
+    # the same transaction, as every insert, update and delete of an index row (saves, renames, deletes, the
+    # start-up reconcile, bench/datagen.py); the INSERT ... SELECT indexes the rows already there.
+    # detail='none': no positions (a tenth of the size of the full index); the LIKE does the exact check.
+    # Case-insensitive (the default): search_text is already lower-cased, and folding only adds candidates.
     """
     CREATE VIRTUAL TABLE sessions_search USING fts5 (
-        search_text, content = 'sessions', content_rowid = 'rowid', tokenize = 'trigram', detail = 'none'
+        search_text, content = '', tokenize = 'trigram', detail = 'none'
     );
-    INSERT INTO sessions_search (sessions_search) VALUES ('rebuild');
+    INSERT INTO sessions_search (rowid, search_text) SELECT rowid, CASE WHEN length(search_text) > 32768
+        THEN char(64976, 64977, 64978) ELSE search_text END FROM sessions;
     CREATE TRIGGER sessions_search_insert AFTER INSERT ON sessions BEGIN
-        INSERT INTO sessions_search (rowid, search_text) VALUES (new.rowid, new.search_text);
+        INSERT INTO sessions_search (rowid, search_text) VALUES (new.rowid, CASE WHEN length(new.search_text)
+            > 32768 THEN char(64976, 64977, 64978) ELSE new.search_text END);
     END;
     CREATE TRIGGER sessions_search_delete AFTER DELETE ON sessions BEGIN
-        INSERT INTO sessions_search (sessions_search, rowid, search_text) VALUES ('delete', old.rowid, old.search_text);
+        INSERT INTO sessions_search (sessions_search, rowid, search_text) VALUES ('delete', old.rowid,
+            CASE WHEN length(old.search_text) > 32768 THEN char(64976, 64977, 64978) ELSE old.search_text END);
     END;
     CREATE TRIGGER sessions_search_update AFTER UPDATE OF search_text ON sessions
     WHEN old.search_text IS NOT new.search_text BEGIN
-        INSERT INTO sessions_search (sessions_search, rowid, search_text) VALUES ('delete', old.rowid, old.search_text);
-        INSERT INTO sessions_search (rowid, search_text) VALUES (new.rowid, new.search_text);
+        INSERT INTO sessions_search (sessions_search, rowid, search_text) VALUES ('delete', old.rowid,
+            CASE WHEN length(old.search_text) > 32768 THEN char(64976, 64977, 64978) ELSE old.search_text END);
+        INSERT INTO sessions_search (rowid, search_text) VALUES (new.rowid, CASE WHEN length(new.search_text)
+            > 32768 THEN char(64976, 64977, 64978) ELSE new.search_text END);
     END;
     """,
 )

@@ -302,3 +302,40 @@ async def test_a_search_that_reads_much_text_stays_off_the_event_loop(rt, fake_n
     monkeypatch.setattr(service, "INLINE_SEARCH_BYTES", 10**6)
     monkeypatch.setattr(service, "FEW_CANDIDATES", 0)
     assert await where("budget") == "thread"
+
+
+@pytest.mark.skipif(support.on_postgresql(), reason="SQLite's FTS5 index; pg_trgm indexes every text")
+async def test_a_long_session_is_searched_without_indexing_its_whole_text(rt, fake_now):
+    """Tokenizing costs the writer ~0.1-0.2 s per MB (a changed 10 MB save took seconds with every text
+    indexed), so a text over 32,768 characters is indexed as a marker only, and every search reads it: it
+    is still found by text anywhere in it, also after it changes, and never by text it lost."""
+    from runtime.sessions.service import LONG_TEXT_MARKER
+
+    ids = await make_corpus(rt)
+    tid = (await rt.create_thread())["id"]
+    filler = "lorem ipsum dolor " * 2000  # 36,000 characters: over the limit
+    await run_turn(rt, tid, filler + "qqzzy at the very end")
+    long_id = (await rt.sessions.save(thread_id=tid, timeout=LIMIT))["session_id"]
+    assert await listed(rt, "QQZZY AT THE VERY END") == [long_id]
+    assert await listed(rt, "budget") == [ids["plain"]]  # short sessions by their trigrams, long one checked
+
+    def indexed(term: str) -> list[int]:
+        def query(conn):
+            return [row[0] for row in conn.execute(
+                "SELECT rowid FROM sessions_search WHERE sessions_search MATCH ?", (f'"{term}"',))]
+        return query
+
+    def rowid_of(conn):
+        return conn.execute("SELECT rowid FROM sessions WHERE id = ?", (long_id,)).fetchone()[0]
+
+    rowid = await rt.store.read(rowid_of)
+    assert await rt.store.read(indexed("qzz")) == []  # its trigrams are not in the index ...
+    assert await rt.store.read(indexed(LONG_TEXT_MARKER)) == [rowid]  # ... its marker is
+    await run_turn(rt, tid, "wxxyv appended later")
+    await rt.sessions.save(thread_id=tid, session_id=long_id, timeout=LIMIT)
+    assert await listed(rt, "wxxyv appended") == [long_id]
+    assert await listed(rt, "qqzzy") == [long_id]
+    await rt.sessions.delete(long_id, timeout=LIMIT)
+    assert await listed(rt, "qqzzy") == []
+    assert await rt.store.read(indexed(LONG_TEXT_MARKER)) == []  # deleted from the index with its marker
+    assert await check_all(rt, ids, EXPECTED) == len(nul_free(QUERIES))
