@@ -165,34 +165,31 @@ MIGRATIONS: tuple[str, ...] = (
     # the query's trigrams instead of every row's text; the same LIKE then checks those rows, so the answers
     # are the scan's (runtime/sessions/service.py, ``SessionService.list``). Tokenizing costs ~0.1-0.2 s per
     # MB in the writer (measured: a changed 10 MB save took 1.7-2.7 s instead of 0.03), so only a text of
-    # at most 32,768 characters is indexed; a longer one is indexed as the marker U+FDD0 U+FDD1 U+FDD2 (three
-    # Unicode noncharacters), which every search also matches: long sessions stay candidates whose text the
-    # LIKE reads, as before. Contentless (content=''): the index keeps no copy of the text, and a row is
-    # deleted from it with the value it was indexed with. The triggers write it in the same statement, so in
-    # the same transaction, as every insert, update and delete of an index row (saves, renames, deletes, the
-    # start-up reconcile, bench/datagen.py); the INSERT ... SELECT indexes the rows already there.
-    # detail='none': no positions (a tenth of the size of the full index); the LIKE does the exact check.
-    # Case-insensitive (the default): search_text is already lower-cased, and folding only adds candidates.
+    # at most 32,768 characters is indexed (``substr(t, 32769, 1) = ''`` reads no further than that); a
+    # longer one is indexed as the marker U+FDD0 U+FDD1 U+FDD2 (three Unicode noncharacters), which every
+    # search also matches: long sessions stay candidates whose text the LIKE reads, as before. The table
+    # keeps its own copy of what it indexed (at most 32,768 characters a row), so a row leaves it by rowid:
+    # the triggers never read a replaced or deleted row's text (a 10 MB one cost a save tens of ms). They
+    # write the index in the same statement, so in the same transaction, as every insert, update and delete
+    # of an index row (saves, renames, deletes, the start-up reconcile, bench/datagen.py); the INSERT ...
+    # SELECT indexes the rows already there. detail='none': no positions (a tenth of the size of the full
+    # index); the LIKE does the exact check. Case-insensitive (the default): search_text is already
+    # lower-cased, and folding only adds candidates.
     """
-    CREATE VIRTUAL TABLE sessions_search USING fts5 (
-        search_text, content = '', tokenize = 'trigram', detail = 'none'
-    );
-    INSERT INTO sessions_search (rowid, search_text) SELECT rowid, CASE WHEN length(search_text) > 32768
-        THEN char(64976, 64977, 64978) ELSE search_text END FROM sessions;
+    CREATE VIRTUAL TABLE sessions_search USING fts5 (search_text, tokenize = 'trigram', detail = 'none');
+    INSERT INTO sessions_search (rowid, search_text) SELECT rowid, CASE WHEN substr(search_text, 32769, 1) = ''
+        THEN search_text ELSE char(64976, 64977, 64978) END FROM sessions;
     CREATE TRIGGER sessions_search_insert AFTER INSERT ON sessions BEGIN
-        INSERT INTO sessions_search (rowid, search_text) VALUES (new.rowid, CASE WHEN length(new.search_text)
-            > 32768 THEN char(64976, 64977, 64978) ELSE new.search_text END);
+        INSERT INTO sessions_search (rowid, search_text) VALUES (new.rowid, CASE WHEN
+            substr(new.search_text, 32769, 1) = '' THEN new.search_text ELSE char(64976, 64977, 64978) END);
     END;
     CREATE TRIGGER sessions_search_delete AFTER DELETE ON sessions BEGIN
-        INSERT INTO sessions_search (sessions_search, rowid, search_text) VALUES ('delete', old.rowid,
-            CASE WHEN length(old.search_text) > 32768 THEN char(64976, 64977, 64978) ELSE old.search_text END);
+        DELETE FROM sessions_search WHERE rowid = old.rowid;
     END;
-    CREATE TRIGGER sessions_search_update AFTER UPDATE OF search_text ON sessions
-    WHEN old.search_text IS NOT new.search_text BEGIN
-        INSERT INTO sessions_search (sessions_search, rowid, search_text) VALUES ('delete', old.rowid,
-            CASE WHEN length(old.search_text) > 32768 THEN char(64976, 64977, 64978) ELSE old.search_text END);
-        INSERT INTO sessions_search (rowid, search_text) VALUES (new.rowid, CASE WHEN length(new.search_text)
-            > 32768 THEN char(64976, 64977, 64978) ELSE new.search_text END);
+    CREATE TRIGGER sessions_search_update AFTER UPDATE OF search_text ON sessions BEGIN
+        DELETE FROM sessions_search WHERE rowid = old.rowid;
+        INSERT INTO sessions_search (rowid, search_text) VALUES (new.rowid, CASE WHEN
+            substr(new.search_text, 32769, 1) = '' THEN new.search_text ELSE char(64976, 64977, 64978) END);
     END;
     """,
 )

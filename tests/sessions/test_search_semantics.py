@@ -331,6 +331,11 @@ async def test_a_long_session_is_searched_without_indexing_its_whole_text(rt, fa
     rowid = await rt.store.read(rowid_of)
     assert await rt.store.read(indexed("qzz")) == []  # its trigrams are not in the index ...
     assert await rt.store.read(indexed(LONG_TEXT_MARKER)) == [rowid]  # ... its marker is
+
+    def kept(conn):  # what the index keeps of a row (deleted by rowid, it never reads the row's text)
+        return conn.execute("SELECT search_text FROM sessions_search WHERE rowid = ?", (rowid,)).fetchone()[0]
+
+    assert await rt.store.read(kept) == LONG_TEXT_MARKER
     await run_turn(rt, tid, "wxxyv appended later")
     await rt.sessions.save(thread_id=tid, session_id=long_id, timeout=LIMIT)
     assert await listed(rt, "wxxyv appended") == [long_id]
