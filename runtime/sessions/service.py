@@ -112,9 +112,10 @@ def _trigram_match(search: str) -> str | None:
     """The FTS5 query that finds every session whose search text may contain ``search`` (SQLite migration 8),
     or None when the query is too short for the index. It ANDs trigrams of the lower-cased query, each
     quoted (so ``"``, ``AND``, ``*`` and the like are text): every third one and the last, enough to cover
-    each character, or the marker of a text too long to be indexed. Only the part before a NUL counts, because LIKE reads its pattern only that far (so a
-    NUL never makes the index miss a row the LIKE would match). The candidates may include rows without the
-    substring (trigrams out of order, FTS5's case folding): ``list`` keeps only those the LIKE matches."""
+    each character; or the marker of a text too long to be indexed. Only the part before a NUL counts,
+    because LIKE reads its pattern only that far (so a NUL never makes the index miss a row the LIKE would
+    match). The candidates may include rows without the substring (trigrams out of order, FTS5's case
+    folding): ``list`` keeps only those the LIKE matches."""
     text = search.lower().split("\x00", 1)[0]
     if len(text) < TRIGRAM:
         return None

@@ -1,9 +1,9 @@
-"""PostgreSQL's trigram index of the session search text (issue 16, PG migration 2) on the real cluster.
+"""PostgreSQL's trigram index of the session search text (issue 16) on the real cluster.
 
-A database of schema version 1 holding sessions migrates to version 2: pg_trgm is created (the test cluster's
-role is its superuser), the GIN index ``sessions_search`` covers the rows already there, the service's own
-search SQL can be answered from it (EXPLAIN, with the other plans off: at a few rows the planner rightly
-prefers them), and the answers are the scan's.
+A database at the schema version before the index, holding sessions, migrates to the current one: pg_trgm
+is created (the test cluster's role is its superuser), the GIN index ``sessions_search`` covers the rows
+already there, the service's own search SQL can be answered from it (EXPLAIN, with the other plans off: at
+a few rows the planner rightly prefers them), and the answers are the scan's.
 """
 
 from __future__ import annotations
@@ -19,12 +19,17 @@ SEARCH = "SELECT id FROM sessions WHERE search_text LIKE ? ESCAPE '\\' ORDER BY 
 TEXTS = {"a": "Review the BUDGET", "b": "100% done_now", "c": "c:\\temp and Straße", "d": "nothing here"}
 
 
-def version_1(dsn: str) -> None:
-    """A database as PG_MIGRATIONS[0] left it (what migrate_pg made before issue 16)."""
+# The PostgreSQL schema version that adds the index (found by content, wherever it lands among others).
+SEARCH_VERSION = next(n for n, script in enumerate(migrations.PG_MIGRATIONS, 1) if "gin_trgm_ops" in script)
+
+
+def version_before(dsn: str) -> None:
+    """A database as migrate_pg left it at the version before the index."""
     with psycopg.connect(dsn, autocommit=True) as raw:
         raw.execute("CREATE TABLE trio_runtime_schema (version BIGINT NOT NULL)")
-        raw.execute("INSERT INTO trio_runtime_schema (version) VALUES (1)")
-        raw.execute(migrations.PG_MIGRATIONS[0])
+        raw.execute("INSERT INTO trio_runtime_schema (version) VALUES (%s)", (SEARCH_VERSION - 1,))
+        for script in migrations.PG_MIGRATIONS[:SEARCH_VERSION - 1]:
+            raw.execute(script)
 
 
 def add_session(conn, sid: str, text: str, n: int) -> None:
@@ -41,8 +46,8 @@ def search(conn, term: str) -> list[str]:
     return [row[0] for row in conn.execute(SEARCH, (pattern, 50))]
 
 
-def test_migration_2_indexes_the_sessions_already_stored(pg_dsn):
-    version_1(pg_dsn)
+def test_the_migration_indexes_the_sessions_already_stored(pg_dsn):
+    version_before(pg_dsn)
     parts = dict(item.split("=", 1) for item in pg_dsn.split())
     url = f"postgresql://{parts['user']}@{parts['host']}:{parts['port']}/{parts['dbname']}"
     conn = connect(url)
@@ -55,13 +60,14 @@ def test_migration_2_indexes_the_sessions_already_stored(pg_dsn):
 
         with psycopg.connect(pg_dsn, autocommit=True) as raw:
             migrations.migrate_pg(raw)
-            assert raw.execute("SELECT version FROM trio_runtime_schema").fetchone()[0] == 2
+            current = migrations.PG_SCHEMA_VERSION
+            assert raw.execute("SELECT version FROM trio_runtime_schema").fetchone()[0] == current
             assert raw.execute("SELECT 1 FROM pg_extension WHERE extname = 'pg_trgm'").fetchone() is not None
             (definition,) = raw.execute("SELECT indexdef FROM pg_indexes WHERE indexname = 'sessions_search'"
                                         ).fetchone()
             assert "USING gin (search_text gin_trgm_ops)" in definition
             migrations.migrate_pg(raw)  # a second start migrates nothing
-            assert raw.execute("SELECT version FROM trio_runtime_schema").fetchone()[0] == 2
+            assert raw.execute("SELECT version FROM trio_runtime_schema").fetchone()[0] == current
 
         conn.execute("SET enable_seqscan = off")  # and plain index scans: a bitmap of an index is left
         conn.execute("SET enable_indexscan = off")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pytest
 
+from runtime.store.migrations import MIGRATIONS, SCHEMA_VERSION, migrate, statements
 from tests import support
 
 from .conftest import LIMIT, run_turn
@@ -220,53 +221,53 @@ async def test_search_finds_sessions_indexed_at_start(open_rt, data_dir, fake_no
         assert await check_all(rt, ids, expected) == len(nul_free(QUERIES))
 
 
-# The objects SQLite migration 8 adds: dropping them (and the version) gives the schema of version 7.
-INDEX_OBJECTS = ("TRIGGER sessions_search_insert", "TRIGGER sessions_search_delete",
-                 "TRIGGER sessions_search_update", "TABLE sessions_search")
-
-
-def schema_of(conn) -> set[tuple[str, str]]:
-    return {(row[0], row[1]) for row in conn.execute(
-        "SELECT type, name FROM sqlite_master WHERE name NOT LIKE 'sqlite_%' AND name NOT LIKE 'sessions_search_%'"
-        " OR type = 'trigger'")}
+# The SQLite schema version that adds the search index (found by content, not by number, so the test
+# holds wherever the migration lands among others).
+SEARCH_VERSION = next(n for n, script in enumerate(MIGRATIONS, 1) if "CREATE VIRTUAL TABLE sessions_search" in script)
+SESSION_COLUMNS = ("id, title, created_at, updated_at, message_count, total_tokens, model, workspace, mode, archived,"
+                   " revision, size, file_mtime_ns, search_text")
 
 
 @pytest.mark.store_only
-@pytest.mark.skipif(support.on_postgresql(), reason="SQLite's migration 8; tests/pg covers PostgreSQL's")
-async def test_the_migration_indexes_sessions_saved_before_it(open_rt, data_dir, fake_now):
-    """A data dir of schema version 7 (sessions saved before the index existed) opens at version 8 with
-    every session indexed: search answers as the scan did, and FTS5's own check finds the index whole."""
+@pytest.mark.skipif(support.on_postgresql(), reason="SQLite's migration; tests/pg covers PostgreSQL's")
+async def test_the_migration_indexes_sessions_saved_before_it(open_rt, data_dir, tmp_path, fake_now):
+    """A data dir at the schema version before the index (sessions saved before it existed) opens at the
+    current version with every session indexed: search answers as the scan did, and FTS5's own check
+    finds the index whole."""
     import sqlite3
-
-    from runtime.store.migrations import MIGRATIONS, SCHEMA_VERSION, migrate
 
     async with open_rt() as rt:
         ids = await make_corpus(rt)
-    conn = sqlite3.connect(data_dir / "runtime.sqlite3", isolation_level=None)
+    old_dir = tmp_path / "old"
+    old_dir.mkdir()
+    conn = sqlite3.connect(old_dir / "runtime.sqlite3", isolation_level=None)
     try:
-        for name in INDEX_OBJECTS:
-            conn.execute(f"DROP {name}")
-        conn.execute("PRAGMA user_version = 7")
-        reference = sqlite3.connect(":memory:", isolation_level=None)
-        for script in MIGRATIONS[:7]:
-            reference.executescript(script)
-        assert schema_of(conn) == schema_of(reference)  # exactly version 7's tables and indexes
+        for version in range(1, SEARCH_VERSION):
+            for statement in statements(MIGRATIONS[version - 1]):
+                conn.execute(statement)
+        conn.execute(f"PRAGMA user_version = {SEARCH_VERSION - 1}")
+        conn.execute("ATTACH DATABASE ? AS saved", (str(data_dir / "runtime.sqlite3"),))
+        conn.execute(f"INSERT INTO sessions ({SESSION_COLUMNS}) SELECT {SESSION_COLUMNS} FROM saved.sessions")
+        conn.execute("INSERT INTO session_docs SELECT * FROM saved.session_docs")
+        conn.execute("DETACH DATABASE saved")
         assert conn.execute("SELECT COUNT(*) FROM sessions").fetchone()[0] == len(nul_free(CORPUS))
+        assert conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'sessions_search'").fetchone() is None
     finally:
         conn.close()
 
-    async with open_rt() as rt:
+    async with support.open_runtime(old_dir) as rt:
         assert await check_all(rt, ids, EXPECTED) == len(nul_free(QUERIES))
         assert await listed(rt, "quarterly budget") == [ids["plain"]]
-    conn = sqlite3.connect(data_dir / "runtime.sqlite3", isolation_level=None)
+    conn = sqlite3.connect(old_dir / "runtime.sqlite3", isolation_level=None)
     try:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 8
-        assert {("trigger", n.split()[1]) for n in INDEX_OBJECTS if n.startswith("TRIGGER")} <= schema_of(conn)
-        conn.execute("INSERT INTO sessions_search (sessions_search, rank) VALUES ('integrity-check', 1)")
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION >= SEARCH_VERSION
+        triggers = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")}
+        assert {"sessions_search_insert", "sessions_search_delete", "sessions_search_update"} <= triggers
+        conn.execute("INSERT INTO sessions_search (sessions_search) VALUES ('integrity-check')")
         indexed = conn.execute("SELECT COUNT(*) FROM sessions_search WHERE sessions_search MATCH '\"udg\"'")
         assert indexed.fetchone()[0] == 1  # "budget"
         migrate(conn)  # a second start migrates nothing
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 8
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     finally:
         conn.close()
 
