@@ -88,6 +88,54 @@ def _like_pattern(search: str) -> str:
     return f"%{escaped}%"
 
 
+# The FTS5 trigram tokenizer indexes runs of this many characters: a shorter query cannot use the index.
+TRIGRAM = 3
+# A search whose trigrams leave at most this many candidate rows fetches them by rowid and sorts them;
+# with more, it walks the listing's index in order and stops at ``limit`` matches. Measured on the bench
+# store (issue 16, 10,000 sessions): fetching and checking a candidate costs about what walking 50 index
+# entries does, so 500 candidates cost about a walk of 25,000 sessions.
+FEW_CANDIDATES = 500
+# Candidates whose documents add up to at most this many bytes are searched on the event loop (an inline
+# read): their search text is at most about as long, and SQLite's LIKE reads 1 MB in 0.2-0.5 ms (measured
+# for issue 16), less than the hop to a worker thread costs a request under load.
+INLINE_SEARCH_BYTES = 1_000_000
+# What SQLite migration 8 indexes instead of a search text longer than 32,768 characters (three Unicode
+# noncharacters): every trigram query also asks for it, so long sessions are always candidates.
+LONG_TEXT_MARKER = "\ufdd0\ufdd1\ufdd2"
+# At most this many of a query's trigrams narrow a search: each one is a lookup, and any of them is a
+# correct filter (a row holding the whole query holds every one of them); 32 keep a 100-character query
+# exact to the character.
+MAX_TRIGRAMS = 32
+
+
+def _trigram_match(search: str) -> str | None:
+    """The FTS5 query that finds every session whose search text may contain ``search`` (SQLite migration 8),
+    or None when the query is too short for the index. It ANDs trigrams of the lower-cased query, each
+    quoted (so ``"``, ``AND``, ``*`` and the like are text): every third one and the last, enough to cover
+    each character; or the marker of a text too long to be indexed. Only the part before a NUL counts,
+    because LIKE reads its pattern only that far (so a NUL never makes the index miss a row the LIKE would
+    match). The candidates may include rows without the substring (trigrams out of order, FTS5's case
+    folding): ``list`` keeps only those the LIKE matches."""
+    text = search.lower().split("\x00", 1)[0]
+    if len(text) < TRIGRAM:
+        return None
+    last = len(text) - TRIGRAM
+    starts = sorted({*range(0, last, TRIGRAM), last})[:MAX_TRIGRAMS - 1] + [last]
+    trigrams = dict.fromkeys(text[i:i + TRIGRAM] for i in starts)
+    terms = " AND ".join('"' + trigram.replace('"', '""') + '"' for trigram in trigrams)
+    return f'({terms}) OR "{LONG_TEXT_MARKER}"'
+
+
+
+def _candidates(conn: sqlite3.Connection, match: str) -> tuple[int, int]:
+    """How many sessions the trigram query ``match`` leaves (counted up to FEW_CANDIDATES + 1) and the
+    bytes of their documents (``size``: read from each row's first page, not its search text)."""
+    row = conn.execute(
+        "SELECT COUNT(*), TOTAL(size) FROM (SELECT size FROM sessions WHERE rowid IN (SELECT rowid FROM"
+        " sessions_search WHERE sessions_search MATCH ? LIMIT ?))", (match, FEW_CANDIDATES + 1)).fetchone()
+    return row[0], int(row[1])
+
+
 class SessionService:
     def __init__(self, runtime: SessionHost) -> None:
         self._rt = runtime
@@ -294,18 +342,38 @@ class SessionService:
             where.append("archived = 1")
         elif not include_archived:
             where.append("archived = 0")
+        match = None
         if search:
+            # SQLite: the trigram index narrows the rows, the LIKE checks each (the answers are the scan's);
+            # PostgreSQL's pg_trgm index serves the LIKE itself (PG migration 2).
+            if getattr(self._rt.store, "kind", "sqlite") == "sqlite":
+                match = _trigram_match(search)
+            if match is not None:
+                where.append("rowid IN (SELECT rowid FROM sessions_search WHERE sessions_search MATCH ?)")
+                params.append(match)
             where.append("search_text LIKE ? ESCAPE '\\'")
             params.append(_like_pattern(search))
         sql = (f"SELECT {INDEX_COLUMNS} FROM sessions {'WHERE ' + ' AND '.join(where) if where else ''}"
                f" ORDER BY {SORTS[sort]} LIMIT ?")
         params.append(limit)
+        # With few candidates, fetch them by rowid and sort them, instead of walking the sessions_by_update
+        # index through every listed session in order: ``+archived`` keeps SQLite off that index.
+        by_rowid = sql.replace("WHERE archived =", "WHERE +archived =")
+        inline = not search
+        if match is not None:
+            count, size = await self._rt.store.read(functools.partial(_candidates, match=match), inline=True)
+            if count <= FEW_CANDIDATES:
+                sql = by_rowid
+                # Few small candidates: the LIKE reads at most INLINE_SEARCH_BYTES, on the loop, cheaper
+                # than the thread hop. Decided in its own snapshot: only where the query runs depends on it.
+                inline = size <= INLINE_SEARCH_BYTES
 
         def query(conn: sqlite3.Connection) -> list[dict[str, Any]]:
             return [index_metadata(row) for row in conn.execute(sql, params)]
 
-        # A page of index rows is a small read; a search scans search_text, so it stays off the loop.
-        return await self._rt.store.read(query, inline=not search)
+        # A page of index rows is a small read; a search without the index scans search_text, and one
+        # with many or big candidates reads theirs, so it stays off the loop.
+        return await self._rt.store.read(query, inline=inline)
 
     async def read_document(self, session_id: str) -> tuple[bytes, int]:
         """The stored document's bytes, to be sent as they are, and its revision (for the ETag); how

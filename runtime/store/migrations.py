@@ -160,9 +160,57 @@ MIGRATIONS: tuple[str, ...] = (
         updated_at TEXT NOT NULL
     );
     """,
+    # 8: a trigram index of the session search text (issue 16): FTS5's trigram tokenizer indexes every run
+    # of three characters, so a substring search of 3 characters or more reads the few rows holding all of
+    # the query's trigrams instead of every row's text; the same LIKE then checks those rows, so the answers
+    # are the scan's (runtime/sessions/service.py, ``SessionService.list``). Tokenizing costs ~0.1-0.2 s per
+    # MB in the writer (measured: a changed 10 MB save took 1.7-2.7 s instead of 0.03), so only a text of
+    # at most 32,768 characters is indexed (``substr(t, 32769, 1) = ''`` reads no further than that); a
+    # longer one is indexed as the marker U+FDD0 U+FDD1 U+FDD2 (three Unicode noncharacters), which every
+    # search also matches: long sessions stay candidates whose text the LIKE reads, as before. The table
+    # keeps its own copy of what it indexed (at most 32,768 characters a row), so a row leaves it by rowid:
+    # the triggers never read a replaced or deleted row's text (a 10 MB one cost a save tens of ms). They
+    # write the index in the same statement, so in the same transaction, as every insert, update and delete
+    # of an index row (saves, renames, deletes, the start-up reconcile, bench/datagen.py); the INSERT ...
+    # SELECT indexes the rows already there. detail='none': no positions (a tenth of the size of the full
+    # index); the LIKE does the exact check. Case-insensitive (the default): search_text is already
+    # lower-cased, and folding only adds candidates.
+    """
+    CREATE VIRTUAL TABLE sessions_search USING fts5 (search_text, tokenize = 'trigram', detail = 'none');
+    INSERT INTO sessions_search (rowid, search_text) SELECT rowid, CASE WHEN substr(search_text, 32769, 1) = ''
+        THEN search_text ELSE char(64976, 64977, 64978) END FROM sessions;
+    CREATE TRIGGER sessions_search_insert AFTER INSERT ON sessions BEGIN
+        INSERT INTO sessions_search (rowid, search_text) VALUES (new.rowid, CASE WHEN
+            substr(new.search_text, 32769, 1) = '' THEN new.search_text ELSE char(64976, 64977, 64978) END);
+    END;
+    CREATE TRIGGER sessions_search_delete AFTER DELETE ON sessions BEGIN
+        DELETE FROM sessions_search WHERE rowid = old.rowid;
+    END;
+    CREATE TRIGGER sessions_search_update AFTER UPDATE OF search_text ON sessions BEGIN
+        DELETE FROM sessions_search WHERE rowid = old.rowid;
+        INSERT INTO sessions_search (rowid, search_text) VALUES (new.rowid, CASE WHEN
+            substr(new.search_text, 32769, 1) = '' THEN new.search_text ELSE char(64976, 64977, 64978) END);
+    END;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def statements(script: str) -> list[str]:
+    """The statements of ``script`` one by one (``execute`` runs one; ``executescript`` would commit the
+    migration's transaction). Split at each ``;`` that ends a complete statement, so a trigger's body,
+    whose statements end with ``;`` too, stays whole."""
+    out, pending = [], ""
+    for piece in script.split(";"):
+        pending += piece + ";"
+        if sqlite3.complete_statement(pending):
+            if pending.strip(" \n;"):
+                out.append(pending)
+            pending = ""
+    if pending.strip(" \n;"):
+        out.append(pending)
+    return out
 
 
 def migrate(conn: sqlite3.Connection) -> None:
@@ -175,9 +223,8 @@ def migrate(conn: sqlite3.Connection) -> None:
     for target in range(version + 1, SCHEMA_VERSION + 1):
         conn.execute("BEGIN IMMEDIATE")
         try:
-            for statement in MIGRATIONS[target - 1].split(";"):
-                if statement.strip():
-                    conn.execute(statement)
+            for statement in statements(MIGRATIONS[target - 1]):
+                conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {target}")
             conn.execute("COMMIT")
         except BaseException:
@@ -329,6 +376,26 @@ PG_MIGRATIONS: tuple[str, ...] = (
         epoch BIGINT NOT NULL DEFAULT 0,
         expires_at TIMESTAMPTZ
     );
+    """,
+    # 2: a trigram index of the session search text (issue 16; SQLite migration 8): pg_trgm's GIN index
+    # answers ``search_text LIKE '%...%'`` itself (PostgreSQL rechecks each row it returns, so the answers
+    # are the scan's). pg_trgm ships with PostgreSQL (contrib) and is a trusted extension (13+): a role with
+    # CREATE on the database may create it. Where it cannot be had (not installed, no privilege), the step
+    # warns and search keeps scanning; ``CREATE EXTENSION pg_trgm`` as a superuser and
+    # ``CREATE INDEX sessions_search ON sessions USING gin (search_text gin_trgm_ops)`` add it later.
+    """
+    DO $$
+    BEGIN
+        BEGIN
+            CREATE EXTENSION IF NOT EXISTS pg_trgm;
+        EXCEPTION WHEN OTHERS THEN
+            RAISE WARNING 'pg_trgm is not available, session search scans every session: %', SQLERRM;
+        END;
+        IF EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'pg_trgm') THEN
+            CREATE INDEX sessions_search ON sessions USING gin (search_text gin_trgm_ops);
+        END IF;
+    END
+    $$;
     """,
 )
 
