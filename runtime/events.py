@@ -138,10 +138,12 @@ class EventBus:
                 pass
             self.detach(sub)
 
-    def subscribe(self, store: Store, thread_id: str, since_seq: int) -> "EventStream | PolledStream":
+    def subscribe(self, store: Store, thread_id: str, since_seq: int,
+                  encoded: bool = False) -> "EventStream | PolledStream":
+        """``encoded``: stored events come as ``records.EncodedEvent`` (for a consumer that only sends them on)."""
         if self.polled:
             return PolledStream(self, store, thread_id, since_seq)
-        return EventStream(self, store, thread_id, since_seq)
+        return EventStream(self, store, thread_id, since_seq, encoded)
 
 
 class EventStream:
@@ -153,11 +155,13 @@ class EventStream:
     so callers may wrap it in timeouts. Use as an async iterator, and ``close`` it when done.
     """
 
-    def __init__(self, bus: EventBus, store: Store, thread_id: str, since_seq: int) -> None:
+    def __init__(self, bus: EventBus, store: Store, thread_id: str, since_seq: int, encoded: bool = False) -> None:
         self._bus = bus
         self._store = store
         self.thread_id = thread_id
         self.last_seq = since_seq
+        # Stored events as records.EncodedEvent (their envelope's JSON, payload not decoded); live ones stay Events.
+        self._read_page = records.encoded_events_after if encoded else records.events_after
         self._sub = bus.attach(thread_id)
         self._pending: collections.deque[Event] = collections.deque()
         self._replaying = True
@@ -174,7 +178,7 @@ class EventStream:
                 raise StopAsyncIteration
             if self._replaying:
                 page = await self._store.read(functools.partial(
-                    records.events_after, thread_id=self.thread_id, since_seq=self.last_seq))
+                    self._read_page, thread_id=self.thread_id, since_seq=self.last_seq))
                 self._pending.extend(page)
                 if len(page) < records.EVENT_PAGE:
                     self._replaying = False
@@ -199,6 +203,17 @@ class EventStream:
                 if event.event == "thread.deleted":
                     self._ended = True  # nothing can follow: the thread is gone
                 return event
+
+    def ready(self, limit: int) -> list[Event]:
+        """Up to ``limit`` events already read from the store (a replay page's rest), without waiting: what
+        ``next`` would return next, in order, with the same bookkeeping. A consumer sends them together
+        (one write for a page instead of one per event); nothing is lost if it then stops, as with ``next``."""
+        out: list[Event] = []
+        while self._pending and len(out) < limit:
+            event = self._pending.popleft()
+            self.last_seq = event.seq
+            out.append(event)
+        return out
 
     def close(self) -> None:
         self._bus.detach(self._sub)
@@ -276,6 +291,19 @@ class PolledStream:
                     continue
             await wake.wait()
             self._woken = True
+
+    def ready(self, limit: int) -> list[Event]:
+        """Up to ``limit`` events already read from the store, without waiting (see EventStream.ready); stops
+        after ``thread.deleted``, which ends the stream."""
+        out: list[Event] = []
+        while self._pending and len(out) < limit and not self._ended:
+            event = self._pending.popleft()
+            self.last_seq = event.seq
+            out.append(event)
+            if event.event == "thread.deleted":
+                self._ended = True
+                self._pending.clear()
+        return out
 
     def close(self) -> None:
         if not self._closed:

@@ -29,7 +29,7 @@ def _since_seq() -> int:
        query=(QueryParam("since_seq", "integer", "Replay events with a greater seq (default 0: all)", minimum=0),),
        content_type="text/event-stream", errors=(400, 404))
 async def stream_events(thread_id: str):
-    stream = await runtime().subscribe(thread_id, _since_seq())  # 404 before any byte is sent
+    stream = await runtime().subscribe(thread_id, _since_seq(), encoded=True)  # 404 before any byte is sent
     registry = current_app.config["TRIO_RUNTIME_STREAMS"]
     response = Response(registry.frames(stream, settings().sse_keepalive), content_type="text/event-stream")
     response.headers["Cache-Control"] = "no-cache"
