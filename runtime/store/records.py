@@ -6,6 +6,7 @@ Every function here is synchronous and takes a connection: callers run them thro
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import sqlite3
@@ -13,6 +14,7 @@ from json.encoder import encode_basestring  # type: ignore[attr-defined]  # json
 from typing import Any
 
 from .. import codec
+from ..errors import InvalidInput
 from .sqlite import Event, row_to_event
 from ..text import valid_text
 from ..transcript import readable_messages
@@ -31,6 +33,14 @@ LIVE_ITEMS = ("SELECT * FROM items WHERE thread_id = ? AND turn_id NOT IN"
               " (SELECT id FROM turns WHERE thread_id = ? AND rewound = 1) ORDER BY ord")
 # Replay reads the log in pages of this many events, so a long history never sits in memory at once.
 EVENT_PAGE = 500
+# GET /v1/threads/{id} returns a page of turns (issue 16: a 10,000-turn thread as cheap to read as a small one):
+# the latest TURNS_PAGE by default, at most MAX_TURNS_PAGE when asked (``turns_limit`` is clamped to 1..max,
+# as ``limit`` is on lists). 20 turns (40 items of a plain chat) fill a screen or two of the dashboard; bench
+# row 16a: a page must cost at most 2x a whole 10-turn thread.
+TURNS_PAGE = 20
+MAX_TURNS_PAGE = 1000
+# A turns cursor: the ``ord`` of the oldest turn already seen, as opaque URL-safe text (see turns_cursor).
+_CURSOR_PREFIX = "turns-before:"
 
 
 def thread_record(row: sqlite3.Row) -> dict[str, Any]:
@@ -132,16 +142,59 @@ def get_turn(conn: sqlite3.Connection, turn_id: str) -> dict[str, Any] | None:
     return turn_record(row, ids)
 
 
-def thread_detail(conn: sqlite3.Connection, thread_id: str, include_rewound: bool = False) -> dict[str, Any] | None:
-    """ThreadDetail: the live history (turns and items), or with ``include_rewound`` every stored turn
-    (rewound ones say ``rewound: true``)."""
+def turns_items(conn: sqlite3.Connection, turn_ids: list[str]) -> list[dict[str, Any]]:
+    """The items of these turns, in order (index ``items_by_turn``)."""
+    if not turn_ids:
+        return []
+    return [item_record(r) for r in conn.execute(
+        "SELECT * FROM items WHERE turn_id IN (SELECT value FROM json_each(?)) ORDER BY ord", (json.dumps(turn_ids),))]
+
+
+def turns_cursor(ord_: int) -> str:
+    """The cursor that pages to the turns before the one of ``ord_`` (opaque to clients)."""
+    return base64.urlsafe_b64encode(f"{_CURSOR_PREFIX}{ord_}".encode()).decode().rstrip("=")
+
+
+def parse_turns_cursor(cursor: str) -> int:
+    """The turn ord a ``turns_cursor`` names; InvalidInput for anything this server did not give out."""
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
+    except (ValueError, UnicodeError):
+        text = ""
+    digits = text[len(_CURSOR_PREFIX):] if text.startswith(_CURSOR_PREFIX) else ""
+    if not (digits.isascii() and digits.isdigit() and len(digits) <= 18 and int(digits) >= 1):
+        raise InvalidInput(f"Query parameter 'before' ({cursor[:40]!r}) is not a turns cursor: pass the"
+                           f" page.next_before of an earlier answer, or leave it out for the latest turns")
+    return int(digits)
+
+
+def thread_detail(conn: sqlite3.Connection, thread_id: str, include_rewound: bool = False,
+                  turns_limit: int | None = None, before: str | None = None) -> dict[str, Any] | None:
+    """ThreadDetail: a page of the live history (turns, oldest first, and their items), or with
+    ``include_rewound`` of every stored turn (rewound ones say ``rewound: true``). The page is the latest
+    ``turns_limit`` turns (default TURNS_PAGE) before the cursor ``before`` (default: the latest turns);
+    ``page.next_before`` pages on to older turns, null on the oldest page. Reads only the page's rows."""
+    limit = min(max(TURNS_PAGE if turns_limit is None else turns_limit, 1), MAX_TURNS_PAGE)
+    before_ord = parse_turns_cursor(before) if before is not None else None
     row = get_thread_row(conn, thread_id)
     if row is None:
         return None
-    items = thread_items(conn, thread_id, include_rewound)
-    turns = thread_turns(conn, thread_id, items, include_rewound)
+    live = "" if include_rewound else " AND rewound = 0"
+    older = "" if before_ord is None else " AND ord < ?"
+    params = (thread_id,) if before_ord is None else (thread_id, before_ord)
+    rows = conn.execute(f"SELECT * FROM turns WHERE thread_id = ?{live}{older} ORDER BY ord DESC LIMIT ?",
+                        (*params, limit + 1)).fetchall()
+    more = len(rows) > limit
+    rows = rows[:limit][::-1]
+    items = turns_items(conn, [r["id"] for r in rows])
+    ids_by_turn: dict[str, list[str]] = {}
+    for item in items:
+        ids_by_turn.setdefault(item["turn_id"], []).append(item["id"])
+    turns = [turn_record(r, ids_by_turn.get(r["id"], [])) for r in rows]
     latest = conn.execute("SELECT MAX(seq) AS s FROM events WHERE thread_id = ?", (thread_id,)).fetchone()
-    return {"thread": thread_record(row), "turns": turns, "items": items, "latest_seq": latest["s"] or 0}
+    page = {"turns_limit": limit, "before": before, "next_before": turns_cursor(rows[0]["ord"]) if more else None}
+    return {"thread": thread_record(row), "turns": turns, "items": items, "latest_seq": latest["s"] or 0,
+            "page": page}
 
 
 def events_after(conn: sqlite3.Connection, thread_id: str, since_seq: int, limit: int = EVENT_PAGE) -> list[Event]:

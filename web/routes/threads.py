@@ -36,12 +36,16 @@ async def list_threads():
     return jsonify(threads)
 
 
-@route(bp, "/<thread_id>", "GET", summary="A thread with its turns, items and latest event seq",
-       response=ThreadDetail,
-       query=(QueryParam("include_rewound", "boolean", "Also list rewound turns and their items (rewound: true)"),),
+@route(bp, "/<thread_id>", "GET", summary="A thread with a page of its turns (default the latest), their items"
+       " and the latest event seq", response=ThreadDetail,
+       query=(QueryParam("include_rewound", "boolean", "Also list rewound turns and their items (rewound: true)"),
+              QueryParam("turns_limit", "integer", "Turns per page (default 20, clamped to 1..1000)"),
+              QueryParam("before", "string", "A page.next_before cursor: the turns before that page")),
        errors=(400, 404))
 async def get_thread(thread_id: str):
-    return jsonify(await runtime().get_thread(thread_id, include_rewound=query_bool("include_rewound")))
+    return jsonify(await runtime().get_thread(
+        thread_id, include_rewound=query_bool("include_rewound"), turns_limit=query_int("turns_limit"),
+        before=request.args.get("before") or None))
 
 
 @route(bp, "/<thread_id>", "PATCH", summary="Update a thread (at least one field)", body=UpdateThreadBody,
