@@ -437,12 +437,13 @@ class Runtime:
 
     # ---- events ----------------------------------------------------------------------------
 
-    async def subscribe(self, thread_id: str, since_seq: int = 0, *, encoded: bool = False) -> EventStream:
-        """Check the thread exists (NotFound), then return its replay-then-live event stream (``encoded``: its
-        stored events as records.EncodedEvent, for a consumer that sends them on as JSON)."""
+    async def subscribe(self, thread_id: str, since_seq: int = 0, *,
+                        render: Callable[[list[tuple[Any, ...]]], bytes] | None = None) -> EventStream:
+        """Check the thread exists (NotFound), then return its replay-then-live event stream (``render``: its
+        stored events come as records.EncodedEvents pages made by it, see EventBus.subscribe)."""
         if await self.store.read(functools.partial(records.get_thread_row, thread_id=thread_id), inline=True) is None:
             raise NotFound(f"Thread '{thread_id}' not found")
-        return self.bus.subscribe(self.store, thread_id, since_seq, encoded)
+        return self.bus.subscribe(self.store, thread_id, since_seq, render)
 
     def info(self) -> dict[str, Any]:
         return {

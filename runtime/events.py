@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+from typing import Any, Callable
 
 import trio
 
@@ -139,11 +140,12 @@ class EventBus:
             self.detach(sub)
 
     def subscribe(self, store: Store, thread_id: str, since_seq: int,
-                  encoded: bool = False) -> "EventStream | PolledStream":
-        """``encoded``: stored events come as ``records.EncodedEvent`` (for a consumer that only sends them on)."""
+                  render: "Callable[[list[tuple[Any, ...]]], bytes] | None" = None) -> "EventStream | PolledStream":
+        """``render``: stored events come as ``records.EncodedEvents`` pages made by it (for a consumer that only
+        sends them on; see records.encoded_events_after); live ones are Events either way."""
         if self.polled:
-            return PolledStream(self, store, thread_id, since_seq)
-        return EventStream(self, store, thread_id, since_seq, encoded)
+            return PolledStream(self, store, thread_id, since_seq, render)
+        return EventStream(self, store, thread_id, since_seq, render)
 
 
 class EventStream:
@@ -155,13 +157,15 @@ class EventStream:
     so callers may wrap it in timeouts. Use as an async iterator, and ``close`` it when done.
     """
 
-    def __init__(self, bus: EventBus, store: Store, thread_id: str, since_seq: int, encoded: bool = False) -> None:
+    def __init__(self, bus: EventBus, store: Store, thread_id: str, since_seq: int,
+                 render: "Callable[[list[tuple[Any, ...]]], bytes] | None" = None) -> None:
         self._bus = bus
         self._store = store
         self.thread_id = thread_id
         self.last_seq = since_seq
-        # Stored events as records.EncodedEvent (their envelope's JSON, payload not decoded); live ones stay Events.
-        self._read_page = records.encoded_events_after if encoded else records.events_after
+        # Stored events as one records.EncodedEvents per page (``render``'s bytes), or as Events; live ones are Events.
+        self._read_page = records.events_after if render is None else functools.partial(
+            records.encoded_events_after, render=render)
         self._sub = bus.attach(thread_id)
         self._pending: collections.deque[Event] = collections.deque()
         self._replaying = True
@@ -180,7 +184,8 @@ class EventStream:
                 page = await self._store.read(functools.partial(
                     self._read_page, thread_id=self.thread_id, since_seq=self.last_seq))
                 self._pending.extend(page)
-                if len(page) < records.EVENT_PAGE:
+                read = page[0].count if page and type(page[0]) is records.EncodedEvents else len(page)
+                if read < records.EVENT_PAGE:
                     self._replaying = False
                     deleted = self._bus.deleted(self.thread_id)
                     if deleted is not None and not page:  # gone while catching up: its last event, then the end
@@ -204,17 +209,6 @@ class EventStream:
                     self._ended = True  # nothing can follow: the thread is gone
                 return event
 
-    def ready(self, limit: int) -> list[Event]:
-        """Up to ``limit`` events already read from the store (a replay page's rest), without waiting: what
-        ``next`` would return next, in order, with the same bookkeeping. A consumer sends them together
-        (one write for a page instead of one per event); nothing is lost if it then stops, as with ``next``."""
-        out: list[Event] = []
-        while self._pending and len(out) < limit:
-            event = self._pending.popleft()
-            self.last_seq = event.seq
-            out.append(event)
-        return out
-
     def close(self) -> None:
         self._bus.detach(self._sub)
         self._sub.overflowed = False
@@ -237,11 +231,15 @@ class PolledStream:
     event is returned. A thread deleted on another host (its events are gone) ends the stream once a wake
     finds neither new events nor the thread."""
 
-    def __init__(self, bus: EventBus, store: Store, thread_id: str, since_seq: int) -> None:
+    def __init__(self, bus: EventBus, store: Store, thread_id: str, since_seq: int,
+                 render: "Callable[[list[tuple[Any, ...]]], bytes] | None" = None) -> None:
         self._bus = bus
         self._store = store
         self.thread_id = thread_id
         self.last_seq = since_seq
+        # As EventStream's: pages of stored events as records.EncodedEvents when ``render`` is given.
+        self._read_page = records.events_after if render is None else functools.partial(
+            records.encoded_events_after, render=render)
         self._pending: collections.deque[Event] = collections.deque()
         self._ended = False
         self._closed = False
@@ -256,7 +254,8 @@ class PolledStream:
             if self._pending:
                 event = self._pending.popleft()
                 self.last_seq = event.seq
-                if event.event == "thread.deleted":
+                # (a page of stored events never holds thread.deleted: it is stored nowhere)
+                if type(event) is not records.EncodedEvents and event.event == "thread.deleted":
                     self._ended = True
                     self._pending.clear()
                 return event
@@ -264,7 +263,7 @@ class PolledStream:
                 raise StopAsyncIteration
             wake = self._bus.wake_event(self.thread_id)  # before the read: a wake during it is kept
             page = await self._store.read(functools.partial(
-                records.events_after, thread_id=self.thread_id, since_seq=self.last_seq))
+                self._read_page, thread_id=self.thread_id, since_seq=self.last_seq))
             if page:
                 self._pending.extend(page)
                 self._woken = False
@@ -291,19 +290,6 @@ class PolledStream:
                     continue
             await wake.wait()
             self._woken = True
-
-    def ready(self, limit: int) -> list[Event]:
-        """Up to ``limit`` events already read from the store, without waiting (see EventStream.ready); stops
-        after ``thread.deleted``, which ends the stream."""
-        out: list[Event] = []
-        while self._pending and len(out) < limit and not self._ended:
-            event = self._pending.popleft()
-            self.last_seq = event.seq
-            out.append(event)
-            if event.event == "thread.deleted":
-                self._ended = True
-                self._pending.clear()
-        return out
 
     def close(self) -> None:
         if not self._closed:

@@ -3,22 +3,22 @@
 from __future__ import annotations
 
 import json
+from json.encoder import encode_basestring as _quote  # type: ignore[attr-defined]  # json.dumps's own
 from typing import AsyncIterator
 
 import trio
 
 from runtime.events import EventStream
 from runtime.store import Event
-from runtime.store.records import EncodedEvent
+from runtime.store.records import EncodedEvents
 
 
-def frame(event: Event | EncodedEvent) -> bytes:
-    """One SSE frame: ``id`` (the seq), ``event`` (the name) and ``data`` (the JSON envelope); ``item_schema``
-    describes exactly this shape. A replayed event comes with its envelope already encoded (the same bytes)."""
-    if type(event) is EncodedEvent:
-        return b"id: %d\nevent: %s\ndata: %s\n\n" % (event.seq, event.event.encode(), event.data)
+def _frame_text(event: Event) -> str:
     data = json.dumps(event.envelope(), separators=(",", ":"), ensure_ascii=False)
-    text = f"id: {event.seq}\nevent: {event.event}\ndata: {data}\n\n"
+    return f"id: {event.seq}\nevent: {event.event}\ndata: {data}\n\n"
+
+
+def _encode(text: str) -> bytes:
     try:
         return text.encode()
     except UnicodeEncodeError:
@@ -30,11 +30,39 @@ def frame(event: Event | EncodedEvent) -> bytes:
         return valid_text(text).encode()
 
 
+def frame(event: Event | EncodedEvents) -> bytes:
+    """One SSE frame: ``id`` (the seq), ``event`` (the name) and ``data`` (the JSON envelope); ``item_schema``
+    describes exactly this shape. A replay page (EncodedEvents) is already its frames (``render_stored``)."""
+    if type(event) is EncodedEvents:
+        return event.data
+    return _encode(_frame_text(event))
+
+
+# A stored event's frame (``_frame_text``'s shape) with its strings JSON-quoted and its payload spliced in.
+_STORED_FRAME = ('id: %d\nevent: %s\ndata: {"seq":%d,"timestamp":%s,"thread_id":%s%s%s,"event":%s,"payload":%s}'
+                 '\n\n')
+
+
+def render_stored(rows: list[tuple]) -> bytes:
+    """The frames of stored events (rows of records.ENCODED_COLUMNS), byte for byte what ``frame`` makes of
+    each, in one pass (runs in the store reader's worker thread). The writers store a payload as
+    ``json.dumps(payload, separators=(",", ":"))``: such a text without a backslash-u escape (so pure ASCII)
+    and without a line break is exactly what the envelope's encoder writes for the payload, and is spliced in
+    as it is; decoding and encoding every payload again was most of a replay's cost (issue 16). Any other
+    payload takes ``frame``'s own path."""
+    parts = []
+    for seq, timestamp, thread_id, turn_id, item_id, event, payload in rows:
+        if "\\u" in payload or "\n" in payload or "\r" in payload:
+            parts.append(_frame_text(Event(seq, timestamp, thread_id, turn_id, item_id, event, json.loads(payload))))
+            continue
+        parts.append(_STORED_FRAME % (
+            seq, event, seq, _quote(timestamp), _quote(thread_id),
+            "" if turn_id is None else ',"turn_id":' + _quote(turn_id),
+            "" if item_id is None else ',"item_id":' + _quote(item_id), _quote(event), payload))
+    return _encode("".join(parts))
+
+
 KEEPALIVE = b": keepalive\n\n"
-# Frames already read from the store (a replay page) go out in one body chunk of at most this many: one
-# socket write per page instead of one per event (per-event writes were 56% of a replay's server time, issue 16).
-# The store's replay page (records.EVENT_PAGE) is the natural size; this only bounds a chunk's memory.
-FRAMES_PER_CHUNK = 500
 
 # The JSON in each frame's ``data`` (runtime.store.Event.envelope). Names are not an enum: new events
 # may be added (docs/API.md lists them), and a client should skip the ones it does not know.
@@ -108,8 +136,7 @@ class StreamRegistry:
                 finally:
                     self._scopes.discard(scope)
                 if event is not None:
-                    rest = stream.ready(FRAMES_PER_CHUNK - 1)
-                    yield frame(event) if not rest else b"".join([frame(event), *map(frame, rest)])
+                    yield frame(event)  # a replay page is one chunk: one socket write per page, not per event
                 elif not self.closed:
                     yield KEEPALIVE
         finally:

@@ -10,13 +10,11 @@ import base64
 import dataclasses
 import json
 import sqlite3
-from json.encoder import encode_basestring  # type: ignore[attr-defined]  # json.dumps's own C string encoder
-from typing import Any
+from typing import Any, Callable
 
 from .. import codec
 from ..errors import InvalidInput
 from .sqlite import Event, row_to_event
-from ..text import valid_text
 from ..transcript import readable_messages
 
 # A turn that has not ended: queued, streaming, or waiting for a client's decision on a tool call.
@@ -205,53 +203,32 @@ def events_after(conn: sqlite3.Connection, thread_id: str, since_seq: int, limit
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class EncodedEvent:
-    """A stored event as the JSON of its envelope (``Event.envelope``), for a consumer that only sends it on
-    (an SSE replay): ``data`` is exactly ``json.dumps(event.envelope(), ensure_ascii=False, separators=(",",
-    ":"))`` as UTF-8, made without decoding the payload (see ``encoded_events_after``)."""
+class EncodedEvents:
+    """Stored events in one encoded block, for a consumer that only sends them on (an SSE replay): ``data`` is
+    what that consumer's ``render`` made of their rows, ``seq`` the last one's seq, ``count`` how many."""
 
     seq: int
-    thread_id: str
-    event: str
+    count: int
     data: bytes
 
 
-def _encoded(row: Any) -> EncodedEvent:
-    seq, timestamp, thread_id, turn_id, item_id, event, payload = row
-    if "\\u" in payload or "\n" in payload or "\r" in payload:
-        # An escape (non-ASCII, a control character, a lone surrogate) or a line break: the stored text is
-        # not what ``ensure_ascii=False`` gives, so decode and encode it as ``Event.envelope`` would.
-        data = json.dumps(row_to_event(_row_dict(row)).envelope(), ensure_ascii=False, separators=(",", ":"))
-    else:
-        parts = ['{"seq":', str(seq), ',"timestamp":', encode_basestring(timestamp), ',"thread_id":',
-                 encode_basestring(thread_id)]
-        if turn_id is not None:
-            parts += (',"turn_id":', encode_basestring(turn_id))
-        if item_id is not None:
-            parts += (',"item_id":', encode_basestring(item_id))
-        parts += (',"event":', encode_basestring(event), ',"payload":', payload, "}")
-        data = "".join(parts)
-    try:
-        encoded = data.encode()
-    except UnicodeEncodeError:  # a lone surrogate (an older version's event): repaired as web/sse.frame repairs it
-        encoded = valid_text(data).encode()
-    return EncodedEvent(seq, thread_id, event, encoded)
-
-
-def _row_dict(row: Any) -> dict[str, Any]:
-    return dict(zip(("seq", "timestamp", "thread_id", "turn_id", "item_id", "event", "payload"), row))
+# The columns ``render`` gets, in this order (one tuple per stored event, in seq order).
+ENCODED_COLUMNS = ("seq", "timestamp", "thread_id", "turn_id", "item_id", "event", "payload")
 
 
 def encoded_events_after(conn: sqlite3.Connection, thread_id: str, since_seq: int,
-                         limit: int = EVENT_PAGE) -> list[EncodedEvent]:
-    """``events_after`` as EncodedEvents, built in the reader's worker thread. The writers store payloads as
-    ``json.dumps(payload, separators=(",", ":"))``; such a text without a backslash-u escape (so pure ASCII) is
-    exactly what the envelope's encoder writes for the payload, and is spliced in as it is: decoding and
-    encoding every payload again was 60% of a replay's cost (issue 16). Any other text takes the slow path."""
+                         render: Callable[[list[tuple[Any, ...]]], bytes],
+                         limit: int = EVENT_PAGE) -> list[EncodedEvents]:
+    """``events_after`` as one EncodedEvents (none when no event follows ``since_seq``), rendered in the reader's
+    worker thread from the raw rows (ENCODED_COLUMNS; the payload as stored text, not decoded): a replay
+    turns a page into bytes in one pass instead of decoding and encoding every event (issue 16)."""
     rows = conn.execute(
-        "SELECT seq, timestamp, thread_id, turn_id, item_id, event, payload FROM events WHERE thread_id = ? AND"
-        " seq > ? ORDER BY seq LIMIT ?", (thread_id, since_seq, limit)).fetchall()
-    return [_encoded(tuple(row)) for row in rows]
+        f"SELECT {', '.join(ENCODED_COLUMNS)} FROM events WHERE thread_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+        (thread_id, since_seq, limit)).fetchall()
+    if not rows:
+        return []
+    rows = [tuple(row) for row in rows] if type(rows[0]) is not tuple else rows
+    return [EncodedEvents(rows[-1][0], len(rows), render(rows))]
 
 
 def approval_record(row: sqlite3.Row) -> dict[str, Any]:
@@ -322,8 +299,8 @@ def engine_state(conn: sqlite3.Connection, thread_id: str, use_boundary: bool = 
     else:
         through = boundary["through_turn_ord"]
         items = [item_record(r) for r in conn.execute(
-            "SELECT * FROM items WHERE turn_id IN (SELECT id FROM turns WHERE thread_id = ? AND rewound = 0 AND ord > ?)"
-            " ORDER BY ord", (thread_id, through))]
+            "SELECT * FROM items WHERE turn_id IN"
+            " (SELECT id FROM turns WHERE thread_id = ? AND rewound = 0 AND ord > ?) ORDER BY ord", (thread_id, through))]
     # A turn that has not ended (it outlived the process: see threads_with_active_turns) is carried on by the
     # engine: its items are not history yet.
     active = conn.execute(

@@ -206,8 +206,8 @@ async def test_thread_detail_turns_limit_is_clamped_and_a_bad_cursor_is_a_400(cl
     assert [t["id"] for t in page["turns"]] == ids and page["page"]["turns_limit"] == 1000
     assert page["page"]["next_before"] is None
     one = await client.get_thread(tid, turns_limit=1)
-    assert [t["id"] for t in (await client.get_thread(tid, turns_limit=2, before=one["page"]["next_before"]))["turns"]] \
-        == ids[:2]
+    two = await client.get_thread(tid, turns_limit=2, before=one["page"]["next_before"])
+    assert [t["id"] for t in two["turns"]] == ids[:2]
     await api_error(client.get_thread(tid, turns_limit="many"), 400, "invalid_input", "turns_limit")
 
     import base64

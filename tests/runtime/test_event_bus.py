@@ -128,8 +128,8 @@ async def test_slow_subscriber_is_detached_without_blocking_the_turn_and_then_ca
 
 # ---- replay of a long history (issue 16): encoded pages, bounded, handed over to live events ----------------
 
-# Payloads whose stored text takes each path of records.encoded_events_after: plain ASCII (spliced as stored)
-# and every kind of escape (decoded and encoded again), with JSON-significant and LIKE-significant characters.
+# Payloads whose stored text takes each path of web/sse.render_stored: plain ASCII (spliced as stored) and every
+# kind of escape (decoded and encoded again), with JSON-significant and LIKE-significant characters.
 ODD_PAYLOADS = [
     {"delta": " plain", "kind": "agent_message"},
     {"text": "d\u00e9j\u00e0 vu \U0001F600", "n": 1},
@@ -141,32 +141,31 @@ ODD_PAYLOADS = [
 ]
 
 
-def _envelope_bytes(event) -> bytes:
-    """What web/sse.frame sends as ``data`` for ``event``: the compact JSON, a lone surrogate repaired."""
-    from runtime.text import valid_text
+async def test_a_replayed_page_is_byte_for_byte_the_frames_of_its_events(rt, thread_id):
+    from web.sse import frame, render_stored
 
-    return valid_text(json.dumps(event.envelope(), ensure_ascii=False, separators=(",", ":"))).encode()
-
-
-async def test_encoded_replay_is_the_envelope_json_of_every_stored_event(rt, thread_id):
     drafts = [EventDraft(thread_id, "test.odd", payload, turn_id=("turn_x" if i % 2 else None),
                          item_id=("item_\u00e9" if i % 3 == 0 else None)) for i, payload in enumerate(ODD_PAYLOADS)]
     await rt.store.write(events=drafts)
 
     decoded = await rt.store.read(functools.partial(records.events_after, thread_id=thread_id, since_seq=0))
-    encoded = await rt.store.read(functools.partial(records.encoded_events_after, thread_id=thread_id, since_seq=0))
+    (page,) = await rt.store.read(functools.partial(records.encoded_events_after, thread_id=thread_id, since_seq=0,
+                                                    render=render_stored))
 
-    assert [e.seq for e in encoded] == [e.seq for e in decoded] and len(encoded) == 1 + len(ODD_PAYLOADS)
-    for plain, fast in zip(decoded, encoded):
-        assert (fast.thread_id, fast.event) == (thread_id, plain.event)
-        assert fast.data == _envelope_bytes(plain), plain.payload
-    assert json.loads(encoded[-2].data)["payload"] == {"lone": "smile \ufffd", "\ufffdkey": "v"}
+    assert len(decoded) == 1 + len(ODD_PAYLOADS) and (page.seq, page.count) == (decoded[-1].seq, len(decoded))
+    assert frame(page) == page.data == b"".join(frame(event) for event in decoded)
+    envelopes = [json.loads(line[6:]) for line in page.data.decode().split("\n") if line.startswith("data: ")]
+    assert [e["payload"] for e in envelopes[1:]] == [
+        {**p, "lone": "smile \ufffd", "\ufffdkey": "v"} if "lone" in p else p for p in
+        [{k: v for k, v in p.items() if k != "\ude00key"} for p in ODD_PAYLOADS]]
+    assert await rt.store.read(functools.partial(records.encoded_events_after, thread_id=thread_id,
+                                                 since_seq=page.seq, render=render_stored)) == []
 
 
 async def test_a_replay_longer_than_a_page_is_sent_in_page_chunks_and_hands_over_to_live_events(rt, thread_id):
     """A replay reads the store a page at a time (never the whole history), sends each page in one chunk,
     and events appended while it replays come once each, in order, after the stored ones."""
-    from web.sse import StreamRegistry
+    from web.sse import StreamRegistry, render_stored
 
     stored = 3 * records.EVENT_PAGE + 7
     for start in range(0, stored, 400):
@@ -174,7 +173,7 @@ async def test_a_replay_longer_than_a_page_is_sent_in_page_chunks_and_hands_over
                                      for n in range(start, min(stored, start + 400))])
     expected = [e.seq for e in await stored_events(rt, thread_id)]
     registry = StreamRegistry()
-    stream = await rt.subscribe(thread_id, 0, encoded=True)
+    stream = await rt.subscribe(thread_id, 0, render=render_stored)
     chunks: list[bytes] = []
     appended = 0
     frames = registry.frames(stream, keepalive=REAL_LIMIT)
