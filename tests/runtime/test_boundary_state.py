@@ -109,3 +109,36 @@ async def test_a_restored_engine_equals_one_rebuilt_from_all_items(open_runtime)
         # Deleting the thread deletes its boundary state.
         await rt.delete_thread(tid)
         assert await boundary(rt, tid) is None
+
+
+def test_boundary_messages_are_read_back_exactly(tmp_path):
+    """Whatever a message holds (tool input numbers orjson would read as floats, NaN, a lone surrogate, any
+    text), the boundary state reads back what was written, in order, across chunk lines."""
+    import json
+    import math
+    import sqlite3
+
+    from runtime.store import migrations
+
+    odd = {"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "n", "input": {
+        "big": 2**70, "neg": -(2**64), "nan": math.nan, "inf": -math.inf, "f": 0.1, "lone": "x\ud800", "\u00e9": "\U0001F600",
+        "nl": "a\nb", "s": "s[1]"}}]}
+    plain = [{"role": "user" if i % 2 == 0 else "assistant", "content": [{"type": "text", "text": f"m{i} caf\u00e9"}]}
+             for i in range(2 * records.BOUNDARY_CHUNK + 3)]
+    messages = plain[:5] + [odd] + plain[5:]
+    conn = sqlite3.connect(tmp_path / "b.sqlite3")
+    conn.row_factory = sqlite3.Row
+    migrations.migrate(conn)
+    conn.execute("INSERT INTO threads (id, created_at, updated_at, model, mode, archived, base_tokens)"
+                 " VALUES ('thr_b', 'x', 'x', 'scripted', 'default', 0, 0)")
+    records.boundary_write("thr_b", 0, 7, tuple(messages))(conn)
+    stored = conn.execute("SELECT messages FROM thread_states").fetchone()[0]
+    assert [line[:1] for line in stored.split("\n")] == ["s", "[", "["]  # the odd chunk goes to the stdlib
+    state = records.engine_state(conn, "thr_b", use_boundary=True)
+    got = state["boundary_messages"]
+    assert len(got) == len(messages) and got[:5] == messages[:5] and got[6:] == messages[6:]
+    read = got[5]["content"][0]["input"]
+    assert math.isnan(read.pop("nan")) and json.dumps(read) == json.dumps({k: v for k, v in
+                                                                           odd["content"][0]["input"].items() if k != "nan"})
+    assert type(read["big"]) is int and read["big"] == 2**70 and read["lone"] == "x\ud800"
+    assert state["items"] == [] and state["turn_tokens"] == 7
