@@ -72,7 +72,7 @@ def test_a_reply_streams_word_by_word_and_escape_interrupts(page: Page):
     # The requests ride on the cookie: no URL the page fetched carries the token (an open event stream is
     # listed only once it ends; the server side checks its logs for every URL: tests/e2e/test_auth_cors.py).
     urls = page.driver.execute_script("return performance.getEntriesByType('resource').map(r => r.name)")
-    assert f"{page.server.url}/v1/threads/{thread_id}" in urls
+    assert f"{page.server.url}/v1/threads/{thread_id}?turns_limit=1000" in urls
     assert [url for url in urls if "token" in url] == []
 
     page.send("/hang")

@@ -210,20 +210,14 @@ async def test_thread_detail_turns_limit_is_clamped_and_a_bad_cursor_is_a_400(cl
     assert [t["id"] for t in two["turns"]] == ids[:2]
     await api_error(client.get_thread(tid, turns_limit="many"), 400, "invalid_input", "turns_limit")
 
-    import base64
-
-    def cursor(text: str) -> str:
-        return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
-
-    for bad in ("garbage", "", cursor("turns-before:0"), cursor("turns-before:-1"), cursor("turns-before:1x"),
-                cursor("turns-after:3"), cursor("turns-before:" + "9" * 30), "%%%", "\u00e9t\u00e9"):
+    for bad in ("garbage", "", "t0", "t-1", "t1x", "t01", "T3", "u3", "t", " t3", "t" + "9" * 30, "%%%", "\u00e9t\u00e9"):
         if bad == "":
             continue  # an empty cursor is no cursor (the latest page), as for every empty query parameter
         error = await api_error(client.get_thread(tid, before=bad), 400, "invalid_input", "'before'",
                                 "next_before")
         assert error.status == 400
     # A cursor past the first turn gives an empty, last page (a turn's ord is never reused).
-    empty = await client.get_thread(tid, before=cursor("turns-before:1"))
+    empty = await client.get_thread(tid, before="t1")
     assert empty["turns"] == [] and empty["items"] == [] and empty["page"]["next_before"] is None
     assert (await client.get_thread(tid, before=""))["turns"][-1]["id"] == ids[-1]
     assert (await client.get_thread(tid))["thread"]["id"] == tid  # the server answers on after the 400s

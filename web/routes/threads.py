@@ -2,6 +2,8 @@ from __future__ import annotations
 
 from quart import Blueprint, Response, jsonify, request
 
+from runtime.store.records import TURNS_CURSOR_PATTERN
+
 from ..api import LIMIT, QueryParam, query_bool, query_int, read_body, route, runtime, settings
 from ..idempotency import claim, idempotent, respond
 from ..schemas import (
@@ -40,7 +42,8 @@ async def list_threads():
        " and the latest event seq", response=ThreadDetail,
        query=(QueryParam("include_rewound", "boolean", "Also list rewound turns and their items (rewound: true)"),
               QueryParam("turns_limit", "integer", "Turns per page (default 20, clamped to 1..1000)"),
-              QueryParam("before", "string", "A page.next_before cursor: the turns before that page")),
+              QueryParam("before", "string", "A page.next_before cursor: the turns before that page",
+                         pattern=TURNS_CURSOR_PATTERN)),
        errors=(400, 404))
 async def get_thread(thread_id: str):
     return jsonify(await runtime().get_thread(
