@@ -16,6 +16,7 @@ import trio
 
 from bench import datagen
 from bench.history import bench_history
+from bench.huge import bench_huge
 from bench.mcp import bench_mcp
 from bench.ui import bench_ui
 from bench.cluster import bench_cluster
@@ -745,6 +746,7 @@ BENCHMARKS: dict[str, Callable[[Sizes], list[Row]]] = {
     "health_list": bench_health_list,
     "session_validation": bench_session_validation,
     "history": bench_history,
+    "huge": bench_huge,
     "idempotency": bench_idempotency,
     "mcp": bench_mcp,
     "ui": bench_ui,

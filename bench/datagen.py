@@ -25,6 +25,11 @@ def text(n_words: int, seed: int = 0) -> str:
     return " ".join(WORDS[(seed + i * 7) % len(WORDS)] for i in range(n_words))
 
 
+def _payload(value: Any) -> str:
+    """An event payload as the store's writers encode it (compact separators, ASCII escapes)."""
+    return json.dumps(value, separators=(",", ":"))
+
+
 def open_db(data_dir: Path) -> sqlite3.Connection:
     data_dir.mkdir(parents=True, exist_ok=True)
     (data_dir / "sessions").mkdir(exist_ok=True)
@@ -63,7 +68,7 @@ def add_threads(conn: sqlite3.Connection, count: int, *, turns: int = 1, events_
         ids.append(tid)
         updated = f"2026-01-01T00:00:{n % 60:02d}.{n % 1000:03d}Z"
         last_turn = None
-        events.append((tid, None, None, "thread.started", TS, json.dumps({"thread": {"id": tid}})))
+        events.append((tid, None, None, "thread.started", TS, _payload({"thread": {"id": tid}})))
         item_ord = 0
         for t in range(turns):
             turn_id = f"turn_{uuid.uuid4().hex}"
@@ -75,15 +80,15 @@ def add_threads(conn: sqlite3.Connection, count: int, *, turns: int = 1, events_
             items.append((u, turn_id, tid, item_ord + 1, "user_message", prompt[:120], prompt, TS, TS))
             items.append((a, turn_id, tid, item_ord + 2, "agent_message", reply[:120], reply, TS, TS))
             item_ord += 2
-            events.append((tid, turn_id, None, "turn.started", TS, json.dumps({"prompt": prompt})))
+            events.append((tid, turn_id, None, "turn.started", TS, _payload({"prompt": prompt})))
             events.append((tid, turn_id, u, "item.started", TS, '{"kind":"user_message"}'))
-            events.append((tid, turn_id, u, "item.completed", TS, json.dumps({"kind": "user_message", "text": prompt})))
+            events.append((tid, turn_id, u, "item.completed", TS, _payload({"kind": "user_message", "text": prompt})))
             events.append((tid, turn_id, a, "item.started", TS, '{"kind":"agent_message"}'))
             per_turn = deltas // turns + (1 if t < deltas % turns else 0)
             for d in range(per_turn):
                 events.append((tid, turn_id, a, "item.delta", TS,
-                               json.dumps({"delta": " " + WORDS[d % len(WORDS)], "kind": "agent_message"})))
-            events.append((tid, turn_id, a, "item.completed", TS, json.dumps({"kind": "agent_message", "text": reply})))
+                               _payload({"delta": " " + WORDS[d % len(WORDS)], "kind": "agent_message"})))
+            events.append((tid, turn_id, a, "item.completed", TS, _payload({"kind": "agent_message", "text": reply})))
             events.append((tid, turn_id, None, "turn.completed", TS,
                            '{"status":"completed","usage":{"input_tokens":10,"output_tokens":12},"error":null}'))
         threads.append((tid, TS, updated, f"thread {n}", last_turn))

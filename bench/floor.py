@@ -1,4 +1,4 @@
-"""Row 16 (issue 16, part 3): the floor under every request. ``GET /health`` req/s of ``trio-runtime serve``
+"""Row 17 (issue 16, part 3): the floor under every request. ``GET /health`` req/s of ``trio-runtime serve``
 against a bare quart-trio app on the same hypercorn worker (bench/bare_server.py), same body, same load
 generator, same run. Both servers run at once (idle while the other is loaded) and are loaded in turns,
 ``ROUNDS`` times each, so that a burst of load from elsewhere on the machine hits both sides alike; the
@@ -49,7 +49,7 @@ def bench_floor(sz) -> list:
     if errors:
         raise RuntimeError(f"/health answered errors under load: bare {[r.errors for r in b]}, "
                            f"ours {[r.errors for r in o]}")
-    return [Row("16", "Floor: GET /health req/s (50 conns)", "bare quart-trio /health", median([r.rps for r in b]),
+    return [Row("17", "Floor: GET /health req/s (50 conns)", "bare quart-trio /health", median([r.rps for r in b]),
                 median([r.rps for r in o]), "req/s", TARGET, True, generator=o[0].generator,
                 notes=f"{rounds} runs each in turns, medians; bare {[round(r.rps) for r in b]}, ours"
                       f" {[round(r.rps) for r in o]}; p50 bare {median([r.p50_ms for r in b]):.1f} ms, ours"

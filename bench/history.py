@@ -46,7 +46,8 @@ def bench_history(sz) -> list:
                 out: dict[str, list[float]] = {"get": [], "fork": [], "put": [], "rewind": []}
                 c = await Conn.open(srv.port)
                 try:
-                    get = build_request("GET", f"/v1/threads/{tid}")
+                    # all 100 turns (a page holds 50 by default): the same turns and items the fork copies
+                    get = build_request("GET", f"/v1/threads/{tid}?turns_limit={TURNS}")
                     fork = build_request("POST", f"/v1/threads/{tid}/fork", body=b"{}")
                     _, body = await _timed(c, get, 200)
                     assert len(json.loads(body)["turns"]) == TURNS

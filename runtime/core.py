@@ -258,9 +258,12 @@ class Runtime:
             records.list_threads, limit=clamp_limit(limit), include_archived=include_archived,
             archived_only=archived_only), lambda found: found), inline=True)
 
-    async def get_thread(self, thread_id: str, *, include_rewound: bool = False) -> dict[str, Any]:
+    async def get_thread(self, thread_id: str, *, include_rewound: bool = False, turns_limit: int | None = None,
+                         before: str | None = None) -> dict[str, Any]:
+        """ThreadDetail: a page of turns with their items (records.thread_detail; default the latest)."""
         detail = await self.store.read(self._owned(functools.partial(
-            records.thread_detail, thread_id=thread_id, include_rewound=include_rewound),
+            records.thread_detail, thread_id=thread_id, include_rewound=include_rewound, turns_limit=turns_limit,
+            before=before),
             lambda found: [found["thread"]]), inline=True)
         if detail is None:
             raise NotFound(f"Thread '{thread_id}' not found")
@@ -434,11 +437,13 @@ class Runtime:
 
     # ---- events ----------------------------------------------------------------------------
 
-    async def subscribe(self, thread_id: str, since_seq: int = 0) -> EventStream:
-        """Check the thread exists (NotFound), then return its replay-then-live event stream."""
+    async def subscribe(self, thread_id: str, since_seq: int = 0, *,
+                        render: Callable[[list[tuple[Any, ...]]], bytes] | None = None) -> EventStream:
+        """Check the thread exists (NotFound), then return its replay-then-live event stream (``render``: its
+        stored events come as records.EncodedEvents pages made by it, see EventBus.subscribe)."""
         if await self.store.read(functools.partial(records.get_thread_row, thread_id=thread_id), inline=True) is None:
             raise NotFound(f"Thread '{thread_id}' not found")
-        return self.bus.subscribe(self.store, thread_id, since_seq)
+        return self.bus.subscribe(self.store, thread_id, since_seq, render)
 
     def info(self) -> dict[str, Any]:
         return {

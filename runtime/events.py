@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+from typing import Any, Callable
 
 import trio
 
@@ -138,10 +139,13 @@ class EventBus:
                 pass
             self.detach(sub)
 
-    def subscribe(self, store: Store, thread_id: str, since_seq: int) -> "EventStream | PolledStream":
+    def subscribe(self, store: Store, thread_id: str, since_seq: int,
+                  render: "Callable[[list[tuple[Any, ...]]], bytes] | None" = None) -> "EventStream | PolledStream":
+        """``render``: stored events come as ``records.EncodedEvents`` pages made by it (for a consumer that only
+        sends them on; see records.encoded_events_after); live ones are Events either way."""
         if self.polled:
-            return PolledStream(self, store, thread_id, since_seq)
-        return EventStream(self, store, thread_id, since_seq)
+            return PolledStream(self, store, thread_id, since_seq, render)
+        return EventStream(self, store, thread_id, since_seq, render)
 
 
 class EventStream:
@@ -153,11 +157,15 @@ class EventStream:
     so callers may wrap it in timeouts. Use as an async iterator, and ``close`` it when done.
     """
 
-    def __init__(self, bus: EventBus, store: Store, thread_id: str, since_seq: int) -> None:
+    def __init__(self, bus: EventBus, store: Store, thread_id: str, since_seq: int,
+                 render: "Callable[[list[tuple[Any, ...]]], bytes] | None" = None) -> None:
         self._bus = bus
         self._store = store
         self.thread_id = thread_id
         self.last_seq = since_seq
+        # Stored events as one records.EncodedEvents per page (``render``'s bytes), or as Events; live ones are Events.
+        self._read_page = records.events_after if render is None else functools.partial(
+            records.encoded_events_after, render=render)
         self._sub = bus.attach(thread_id)
         self._pending: collections.deque[Event] = collections.deque()
         self._replaying = True
@@ -174,9 +182,10 @@ class EventStream:
                 raise StopAsyncIteration
             if self._replaying:
                 page = await self._store.read(functools.partial(
-                    records.events_after, thread_id=self.thread_id, since_seq=self.last_seq))
+                    self._read_page, thread_id=self.thread_id, since_seq=self.last_seq))
                 self._pending.extend(page)
-                if len(page) < records.EVENT_PAGE:
+                read = page[0].count if page and type(page[0]) is records.EncodedEvents else len(page)
+                if read < records.EVENT_PAGE:
                     self._replaying = False
                     deleted = self._bus.deleted(self.thread_id)
                     if deleted is not None and not page:  # gone while catching up: its last event, then the end
@@ -243,11 +252,15 @@ class PolledStream:
     event is returned. A thread deleted on another host (its events are gone) ends the stream once a wake
     finds neither new events nor the thread."""
 
-    def __init__(self, bus: EventBus, store: Store, thread_id: str, since_seq: int) -> None:
+    def __init__(self, bus: EventBus, store: Store, thread_id: str, since_seq: int,
+                 render: "Callable[[list[tuple[Any, ...]]], bytes] | None" = None) -> None:
         self._bus = bus
         self._store = store
         self.thread_id = thread_id
         self.last_seq = since_seq
+        # As EventStream's: pages of stored events as records.EncodedEvents when ``render`` is given.
+        self._read_page = records.events_after if render is None else functools.partial(
+            records.encoded_events_after, render=render)
         self._pending: collections.deque[Event] = collections.deque()
         self._ended = False
         self._closed = False
@@ -262,7 +275,8 @@ class PolledStream:
             if self._pending:
                 event = self._pending.popleft()
                 self.last_seq = event.seq
-                if event.event == "thread.deleted":
+                # (a page of stored events never holds thread.deleted: it is stored nowhere)
+                if type(event) is not records.EncodedEvents and event.event == "thread.deleted":
                     self._ended = True
                     self._pending.clear()
                 return event
@@ -270,7 +284,7 @@ class PolledStream:
                 raise StopAsyncIteration
             wake = self._bus.wake_event(self.thread_id)  # before the read: a wake during it is kept
             page = await self._store.read(functools.partial(
-                records.events_after, thread_id=self.thread_id, since_seq=self.last_seq))
+                self._read_page, thread_id=self.thread_id, since_seq=self.last_seq))
             if page:
                 self._pending.extend(page)
                 self._woken = False
@@ -304,7 +318,8 @@ class PolledStream:
             return None
         event = self._pending.popleft()
         self.last_seq = event.seq
-        if event.event == "thread.deleted":
+        # (a page of stored events never holds thread.deleted: it is stored nowhere)
+        if type(event) is not records.EncodedEvents and event.event == "thread.deleted":
             self._ended = True
             self._pending.clear()
         return event

@@ -25,6 +25,7 @@ class QueryParam:
     description: str
     enum: tuple[str, ...] = ()
     minimum: int | None = None
+    pattern: str | None = None  # a string's regular expression (every match must be accepted)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -120,8 +120,11 @@ class _Api:
         return self._call("GET", "/v1/threads", params=_params(limit=limit, include_archived=include_archived,
                                                                archived_only=archived_only))
 
-    def get_thread(self, thread_id: str, *, include_rewound: bool = False):
-        return self._call("GET", f"/v1/threads/{_q(thread_id)}", params=_params(include_rewound=include_rewound))
+    def get_thread(self, thread_id: str, *, include_rewound: bool = False, turns_limit: int | None = None,
+                   before: str | None = None):
+        """A page of the thread's turns (the latest by default); ``before=page["next_before"]`` pages back."""
+        return self._call("GET", f"/v1/threads/{_q(thread_id)}",
+                          params=_params(include_rewound=include_rewound, turns_limit=turns_limit, before=before))
 
     def update_thread(self, thread_id: str, **changes: Any):
         return self._call("PATCH", f"/v1/threads/{_q(thread_id)}", json_body=changes)

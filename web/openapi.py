@@ -43,6 +43,8 @@ def build_spec() -> dict[str, Any]:
                 schema["enum"] = list(q.enum)
             if q.minimum is not None:
                 schema["minimum"] = q.minimum
+            if q.pattern is not None:
+                schema["pattern"] = q.pattern
             # An empty value (``?sort=``) means "not given" for every query parameter.
             params.append({"name": q.name, "in": "query", "required": False, "description": q.description,
                            "allowEmptyValue": True, "schema": schema})

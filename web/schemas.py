@@ -272,11 +272,19 @@ class TurnItemRecord:
 
 
 @dataclasses.dataclass
+class TurnsPage:
+    turns_limit: int  # the page size used (turns_limit clamped to 1..1000; default 20)
+    before: str | None  # the cursor this page was asked with (null: the latest turns)
+    next_before: str | None  # the cursor of the older turns; null when this page has the oldest one
+
+
+@dataclasses.dataclass
 class ThreadDetail:
     thread: ThreadRecord
     turns: list[TurnRecord]
     items: list[TurnItemRecord]
     latest_seq: int
+    page: TurnsPage
 
 
 @dataclasses.dataclass

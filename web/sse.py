@@ -3,25 +3,22 @@
 from __future__ import annotations
 
 import json
+from json.encoder import encode_basestring as _quote  # type: ignore[attr-defined]  # json.dumps's own
 from typing import AsyncIterator
 
 import trio
 
 from runtime.events import EventStream
 from runtime.store import Event
+from runtime.store.records import EncodedEvents
 
 
-def frame(event: Event) -> bytes:
-    """One SSE frame: ``id`` (the seq), ``event`` (the name) and ``data`` (the JSON envelope); ``item_schema``
-    describes exactly this shape."""
-    data = event.envelope_json  # made once for every subscriber (orjson), or None: the stdlib's way below
-    if data is not None:
-        try:
-            return b"".join((f"id: {event.seq}\nevent: {event.event}\ndata: ".encode(), data, b"\n\n"))
-        except UnicodeEncodeError:
-            pass  # a lone surrogate in the name: repaired below
+def _frame_text(event: Event) -> str:
     data = json.dumps(event.envelope(), separators=(",", ":"), ensure_ascii=False)
-    text = f"id: {event.seq}\nevent: {event.event}\ndata: {data}\n\n"
+    return f"id: {event.seq}\nevent: {event.event}\ndata: {data}\n\n"
+
+
+def _encode(text: str) -> bytes:
     try:
         return text.encode()
     except UnicodeEncodeError:
@@ -31,6 +28,46 @@ def frame(event: Event) -> bytes:
         from runtime.text import valid_text  # only this rare path needs it
 
         return valid_text(text).encode()
+
+
+def frame(event: Event | EncodedEvents) -> bytes:
+    """One SSE frame: ``id`` (the seq), ``event`` (the name) and ``data`` (the JSON envelope); ``item_schema``
+    describes exactly this shape. A replay page (EncodedEvents) is already its frames (``render_stored``)."""
+    if type(event) is EncodedEvents:
+        return event.data
+    data = event.envelope_json  # made once for every subscriber (orjson), or None: the stdlib's way below
+    if data is not None:
+        try:
+            return b"".join((f"id: {event.seq}\nevent: {event.event}\ndata: ".encode(), data, b"\n\n"))
+        except UnicodeEncodeError:
+            pass  # a lone surrogate in the name: repaired below
+    return _encode(_frame_text(event))
+
+
+# A stored event's frame (``_frame_text``'s shape) with its strings JSON-quoted and its payload spliced in.
+_STORED_FRAME = ('id: %d\nevent: %s\ndata: {"seq":%d,"timestamp":%s,"thread_id":%s%s%s,"event":%s,"payload":%s}'
+                 '\n\n')
+
+
+def render_stored(rows: list[tuple]) -> bytes:
+    """The frames of stored events (rows of records.ENCODED_COLUMNS), byte for byte what ``frame`` makes of
+    each, in one pass (runs in the store reader's worker thread). The writers store a payload as
+    ``runtime.store.encode_payload`` makes it: orjson's compact UTF-8 JSON, the text a live frame carries
+    (``Event.envelope_json``), or, where orjson declines, ``json.dumps(payload, separators=(",", ":"))``
+    (ASCII, as before issue 16). Either text without a backslash-u escape and without a line break is what the
+    live frame wrote for the payload, and is spliced in as it is; decoding and encoding every payload again
+    was most of a replay's cost (issue 16). Any other payload (an escaped character: old rows with non-ASCII
+    text, control characters, a repaired lone surrogate) takes ``frame``'s stdlib path."""
+    parts = []
+    for seq, timestamp, thread_id, turn_id, item_id, event, payload in rows:
+        if "\\u" in payload or "\n" in payload or "\r" in payload:
+            parts.append(_frame_text(Event(seq, timestamp, thread_id, turn_id, item_id, event, json.loads(payload))))
+            continue
+        parts.append(_STORED_FRAME % (
+            seq, event, seq, _quote(timestamp), _quote(thread_id),
+            "" if turn_id is None else ',"turn_id":' + _quote(turn_id),
+            "" if item_id is None else ',"item_id":' + _quote(item_id), _quote(event), payload))
+    return _encode("".join(parts))
 
 
 KEEPALIVE = b": keepalive\n\n"
@@ -129,6 +166,7 @@ class StreamRegistry:
                 finally:
                     self._scopes.discard(scope)
                 if event is not None:
+                    # A replay page is one chunk already (one socket write per page, not per event).
                     yield self._chunk(stream, frame(event))
                 elif not self.closed:
                     yield KEEPALIVE

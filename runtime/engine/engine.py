@@ -40,7 +40,7 @@ from ..models.base import (
     ItemBreak, ModelBackend, ModelError, ModelRequest, ReasoningDelta, Retrying, TextDelta, ToolCall, ToolOutcome,
     ToolResult, Truncated, Usage, ValidText,
 )
-from ..store import EventDraft, Store, WithEvents, WriteLane, WriteRequest
+from ..store import EventDraft, Store, WithEvents, WriteLane, WriteRequest, records
 from ..transcript import apply_items, build_messages, preview as _preview, summarize
 
 log = logging.getLogger(__name__)
@@ -146,7 +146,12 @@ class Engine:
         self.thread_id: str = self.thread["id"]
         # The resumed (or restored) messages the live history starts from; turns' items fold in after.
         self._base: list[dict[str, Any]] = state["base_messages"]
-        self.messages = build_messages(self._base, state["items"])
+        # From the boundary state when there is one (records.engine_state): only the items after it are folded.
+        boundary = state.get("boundary_messages")
+        self.messages = build_messages(self._base if boundary is None else boundary, state["items"])
+        # Items folded into ``messages`` since the stored boundary state: from BOUNDARY_EVERY_ITEMS on, a new one
+        # is written (_keep_boundary), so a successor's start folds few.
+        self._unfolded = len(state["items"])
         self.total_tokens: int = state["base_tokens"] + state["turn_tokens"]
         self._turn_ord: int = state["turn_count"]
         self._item_ord: int = state["item_count"]
@@ -209,6 +214,8 @@ class Engine:
                 if self._carried is not None:
                     self._resume_turn(self._carried)
                     self._carried = None
+                else:
+                    self._keep_boundary()  # restored from many items: store a boundary for the next start
                 try:
                     await self._op_loop()
                 except Exception:
@@ -276,6 +283,19 @@ class Engine:
         copy = type(self.diverged)(self.diverged.message)
         copy.__cause__ = self.diverged.__cause__
         return copy
+
+    def _keep_boundary(self) -> None:
+        """Store the engine's boundary state (records.boundary_write) once BOUNDARY_EVERY_ITEMS items were folded
+        since the last one, between turns. On the lane: after the turn end it covers, before any later
+        change (a rewind deletes it in its own transaction). The messages are a copy of the list (its
+        messages are never changed in place), encoded in the writer thread."""
+        if (self._unfolded < records.BOUNDARY_EVERY_ITEMS or self.active is not None or self._retrying is not None
+                or self.diverged is not None or self._stopping is not None):
+            return
+        self._unfolded = 0
+        self._store.submit(WriteRequest(
+            fn=records.boundary_write(self.thread_id, self._turn_ord, self.total_tokens, tuple(self.messages)),
+            action=f"store the boundary state of thread '{self.thread_id}'", lane=self._lane))
 
     def _submit(self, action: str, statements: list[tuple[str, tuple[Any, ...]]] | tuple[()] = (),
                 events: list[EventDraft] | tuple[()] = ()) -> WriteRequest:
@@ -812,6 +832,9 @@ class Engine:
             self.messages = state.messages
             self.total_tokens = state.total_tokens
             self.thread.update(state.thread)
+            # The change deleted the boundary state (history._rewind) or made a new thread: the next start
+            # folds the whole live history, of about this many items at least.
+            self._unfolded = len(state.messages)
         if isinstance(op, ops.Retry):
             turn, self._retrying = self._retrying, None
             assert turn is not None and change.prompt is not None
@@ -1296,6 +1319,9 @@ class Engine:
         turn.ended.set()
         self._boundary = request
         self._idle_since = trio.current_time()
+        if self.diverged is None:
+            self._unfolded += len(turn.items)
+            self._keep_boundary()
         record = {**self._turn_record(turn, status), "ended_at": now, "duration_ms": duration_ms,
                   "usage": usage_json, "error": error}
         for waiter in turn.interrupt_waiters:

@@ -95,6 +95,9 @@ def _rewind(conn: sqlite3.Connection, thread_id: str, from_ord: int, now: str) -
             raise Conflict(f"Thread '{thread_id}' has a turn in progress ('{row['id']}')")
     removed = [row["id"] for row in rows]
     conn.execute("UPDATE turns SET rewound = 1 WHERE thread_id = ? AND rewound = 0 AND ord >= ?", (thread_id, from_ord))
+    # The engine's boundary state may fold a turn just rewound (and a restore replaces the base it starts
+    # from): gone with the change, so no later start folds from it (records.engine_state).
+    conn.execute("DELETE FROM thread_states WHERE thread_id = ?", (thread_id,))
     latest = conn.execute("SELECT id FROM turns WHERE thread_id = ? AND rewound = 0 ORDER BY ord DESC LIMIT 1",
                           (thread_id,)).fetchone()
     conn.execute("UPDATE threads SET latest_turn_id = ?, updated_at = ? WHERE id = ?",
@@ -270,7 +273,7 @@ def delete(conn: sqlite3.Connection, *, thread_id: str, now: str) -> WithEvents:
     the same transaction: it is published to open streams, which end with it, and stored nowhere.
     Sessions linked to the thread stay (they are documents of their own)."""
     _thread_row(conn, thread_id)
-    for table in ("items", "turns", "events", "approvals"):
+    for table in ("items", "turns", "events", "approvals", "thread_states"):
         conn.execute(f"DELETE FROM {table} WHERE thread_id = ?", (thread_id,))
     conn.execute("DELETE FROM threads WHERE id = ?", (thread_id,))
     event = append_event(conn, EventDraft(thread_id, "thread.deleted", {"thread_id": thread_id}, timestamp=now))

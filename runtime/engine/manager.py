@@ -267,7 +267,8 @@ class ThreadManager:
             # transaction (runtime.cluster.host.recover_for_takeover), so the restore below sees it ended.
             lease = await self.keeper.acquire(thread_id)
         try:
-            state = await self._store.read(functools.partial(records.engine_state, thread_id=thread_id))
+            state = await self._store.read(functools.partial(records.engine_state, thread_id=thread_id,
+                                                             use_boundary=True))
             if state is None:
                 raise NotFound(f"Thread '{thread_id}' not found")
             if self._closing or self._nursery is None:

@@ -192,6 +192,21 @@ MIGRATIONS: tuple[str, ...] = (
             substr(new.search_text, 32769, 1) = '' THEN new.search_text ELSE char(64976, 64977, 64978) END);
     END;
     """,
+    # 9: one huge thread as cheap as a small one (issue 16). ``items_by_turn``: a page of a thread's turns
+    # reads just those turns' items (GET /v1/threads/{id} pages its turns). ``thread_states``: an engine's
+    # compact boundary state, the thread's messages (base and live items folded, runtime.transcript) through
+    # the live turns with ``ord <= through_turn_ord`` and the token total then; an engine starts from it and
+    # folds only the later turns' items (records.engine_state). Written by the engine, in its write lane
+    # (runtime/engine/engine.py, _checkpoint); deleted by any change of the history it folds (history._rewind).
+    """
+    CREATE INDEX items_by_turn ON items (turn_id, ord);
+    CREATE TABLE thread_states (
+        thread_id TEXT PRIMARY KEY,
+        through_turn_ord INTEGER NOT NULL,
+        total_tokens INTEGER NOT NULL,
+        messages TEXT NOT NULL
+    );
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -396,6 +411,16 @@ PG_MIGRATIONS: tuple[str, ...] = (
         END IF;
     END
     $$;
+    """,
+    # 3: SQLite migration 9 (issue 16): items by turn, and the engines' boundary states.
+    """
+    CREATE INDEX items_by_turn ON items (turn_id, ord);
+    CREATE TABLE thread_states (
+        thread_id TEXT COLLATE "C" PRIMARY KEY,
+        through_turn_ord BIGINT NOT NULL,
+        total_tokens BIGINT NOT NULL,
+        messages TEXT COLLATE "C" NOT NULL
+    );
     """,
 )
 

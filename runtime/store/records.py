@@ -6,11 +6,16 @@ Every function here is synchronous and takes a connection: callers run them thro
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 import sqlite3
-from typing import Any
+
+import orjson
+from typing import Any, Callable
 
 from .. import codec
+from ..errors import InvalidInput
 from .sqlite import Event, row_to_event
 from ..transcript import readable_messages
 
@@ -28,6 +33,17 @@ LIVE_ITEMS = ("SELECT * FROM items WHERE thread_id = ? AND turn_id NOT IN"
               " (SELECT id FROM turns WHERE thread_id = ? AND rewound = 1) ORDER BY ord")
 # Replay reads the log in pages of this many events, so a long history never sits in memory at once.
 EVENT_PAGE = 500
+# GET /v1/threads/{id} returns a page of turns (issue 16: a 10,000-turn thread as cheap to read as a small one):
+# the latest TURNS_PAGE by default, at most MAX_TURNS_PAGE when asked (``turns_limit`` is clamped to 1..max,
+# as ``limit`` is on lists). 20 turns (40 items of a plain chat) fill a screen or two of the dashboard; bench
+# row 16a: a page must cost at most 2x a whole 10-turn thread.
+TURNS_PAGE = 20
+MAX_TURNS_PAGE = 1000
+# A turns cursor: "t" and the ``ord`` of the oldest turn already seen (opaque to clients). Every string this
+# pattern matches is a cursor this server accepts (the OpenAPI document publishes it: a fuzzer's valid
+# cursors are accepted, anything else is a 400).
+TURNS_CURSOR_PATTERN = "^t[1-9][0-9]{0,17}$"
+_CURSOR = re.compile(TURNS_CURSOR_PATTERN)
 
 
 def thread_record(row: sqlite3.Row) -> dict[str, Any]:
@@ -129,16 +145,54 @@ def get_turn(conn: sqlite3.Connection, turn_id: str) -> dict[str, Any] | None:
     return turn_record(row, ids)
 
 
-def thread_detail(conn: sqlite3.Connection, thread_id: str, include_rewound: bool = False) -> dict[str, Any] | None:
-    """ThreadDetail: the live history (turns and items), or with ``include_rewound`` every stored turn
-    (rewound ones say ``rewound: true``)."""
+def turns_items(conn: sqlite3.Connection, turn_ids: list[str]) -> list[dict[str, Any]]:
+    """The items of these turns, in order (index ``items_by_turn``)."""
+    if not turn_ids:
+        return []
+    return [item_record(r) for r in conn.execute(
+        "SELECT * FROM items WHERE turn_id IN (SELECT value FROM json_each(?)) ORDER BY ord", (json.dumps(turn_ids),))]
+
+
+def turns_cursor(ord_: int) -> str:
+    """The cursor that pages to the turns before the one of ``ord_`` (opaque to clients)."""
+    return f"t{ord_}"
+
+
+def parse_turns_cursor(cursor: str) -> int:
+    """The turn ord a ``turns_cursor`` names; InvalidInput for anything this server did not give out."""
+    if not _CURSOR.fullmatch(cursor):
+        raise InvalidInput(f"Query parameter 'before' ({cursor[:40]!r}) is not a turns cursor: pass the"
+                           f" page.next_before of an earlier answer, or leave it out for the latest turns")
+    return int(cursor[1:])
+
+
+def thread_detail(conn: sqlite3.Connection, thread_id: str, include_rewound: bool = False,
+                  turns_limit: int | None = None, before: str | None = None) -> dict[str, Any] | None:
+    """ThreadDetail: a page of the live history (turns, oldest first, and their items), or with
+    ``include_rewound`` of every stored turn (rewound ones say ``rewound: true``). The page is the latest
+    ``turns_limit`` turns (default TURNS_PAGE) before the cursor ``before`` (default: the latest turns);
+    ``page.next_before`` pages on to older turns, null on the oldest page. Reads only the page's rows."""
+    limit = min(max(TURNS_PAGE if turns_limit is None else turns_limit, 1), MAX_TURNS_PAGE)
+    before_ord = parse_turns_cursor(before) if before is not None else None
     row = get_thread_row(conn, thread_id)
     if row is None:
         return None
-    items = thread_items(conn, thread_id, include_rewound)
-    turns = thread_turns(conn, thread_id, items, include_rewound)
+    live = "" if include_rewound else " AND rewound = 0"
+    older = "" if before_ord is None else " AND ord < ?"
+    params = (thread_id,) if before_ord is None else (thread_id, before_ord)
+    rows = conn.execute(f"SELECT * FROM turns WHERE thread_id = ?{live}{older} ORDER BY ord DESC LIMIT ?",
+                        (*params, limit + 1)).fetchall()
+    more = len(rows) > limit
+    rows = rows[:limit][::-1]
+    items = turns_items(conn, [r["id"] for r in rows])
+    ids_by_turn: dict[str, list[str]] = {}
+    for item in items:
+        ids_by_turn.setdefault(item["turn_id"], []).append(item["id"])
+    turns = [turn_record(r, ids_by_turn.get(r["id"], [])) for r in rows]
     latest = conn.execute("SELECT MAX(seq) AS s FROM events WHERE thread_id = ?", (thread_id,)).fetchone()
-    return {"thread": thread_record(row), "turns": turns, "items": items, "latest_seq": latest["s"] or 0}
+    page = {"turns_limit": limit, "before": before, "next_before": turns_cursor(rows[0]["ord"]) if more else None}
+    return {"thread": thread_record(row), "turns": turns, "items": items, "latest_seq": latest["s"] or 0,
+            "page": page}
 
 
 def events_after(conn: sqlite3.Connection, thread_id: str, since_seq: int, limit: int = EVENT_PAGE) -> list[Event]:
@@ -146,6 +200,35 @@ def events_after(conn: sqlite3.Connection, thread_id: str, since_seq: int, limit
         "SELECT * FROM events WHERE thread_id = ? AND seq > ? ORDER BY seq LIMIT ?", (thread_id, since_seq, limit)
     ).fetchall()
     return [row_to_event(row) for row in rows]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class EncodedEvents:
+    """Stored events in one encoded block, for a consumer that only sends them on (an SSE replay): ``data`` is
+    what that consumer's ``render`` made of their rows, ``seq`` the last one's seq, ``count`` how many."""
+
+    seq: int
+    count: int
+    data: bytes
+
+
+# The columns ``render`` gets, in this order (one tuple per stored event, in seq order).
+ENCODED_COLUMNS = ("seq", "timestamp", "thread_id", "turn_id", "item_id", "event", "payload")
+
+
+def encoded_events_after(conn: sqlite3.Connection, thread_id: str, since_seq: int,
+                         render: Callable[[list[tuple[Any, ...]]], bytes],
+                         limit: int = EVENT_PAGE) -> list[EncodedEvents]:
+    """``events_after`` as one EncodedEvents (none when no event follows ``since_seq``), rendered in the reader's
+    worker thread from the raw rows (ENCODED_COLUMNS; the payload as stored text, not decoded): a replay
+    turns a page into bytes in one pass instead of decoding and encoding every event (issue 16)."""
+    rows = conn.execute(
+        f"SELECT {', '.join(ENCODED_COLUMNS)} FROM events WHERE thread_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+        (thread_id, since_seq, limit)).fetchall()
+    if not rows:
+        return []
+    rows = [tuple(row) for row in rows] if type(rows[0]) is not tuple else rows
+    return [EncodedEvents(rows[-1][0], len(rows), render(rows))]
 
 
 def approval_record(row: sqlite3.Row) -> dict[str, Any]:
@@ -184,15 +267,73 @@ def threads_with_active_turns(conn: sqlite3.Connection) -> list[str]:
     return [row["thread_id"] for row in rows]
 
 
-def engine_state(conn: sqlite3.Connection, thread_id: str) -> dict[str, Any] | None:
+# An engine writes its boundary state (table thread_states) once it has folded at least this many items
+# since the last one: its next start reads that and folds at most about this many items (plus a running
+# turn's), whatever the thread's length (issue 16: a 10,000-turn thread restored in under 50 ms, bench 16d).
+# Each boundary costs one write of the whole messages JSON (~150 bytes a message of a plain chat), so this is
+# also the number of folded items that write is spread over: 3 MB per ~500 turns of a 10,000-turn thread.
+BOUNDARY_EVERY_ITEMS = 1000
+# A boundary state's messages are stored as lines of JSON arrays of at most this many messages each, decoded
+# a line per call with let_others_run in between, so the GIL is never held for long (runtime.codec's sliced
+# walk took ~230 ms for 20,000 messages, 3 MB, on a busy machine where this takes ~25-50 ms; one call for all
+# of them would hold the GIL, and so the event loop, that long at once).
+BOUNDARY_CHUNK = 256
+
+
+# A boundary line that orjson would not read back exactly (an integer beyond 64 bits, NaN or an infinity) starts
+# with this byte and is read by the stdlib; every other line by orjson (~2x faster on these many small objects).
+STDLIB_LINE = "s"
+
+
+def _boundary_messages(data: bytes) -> list[dict[str, Any]]:
+    messages: list[dict[str, Any]] = []
+    for line in data.split(b"\n"):
+        if line.startswith(STDLIB_LINE.encode()):
+            messages.extend(json.loads(line[1:]))
+        elif line:
+            try:
+                messages.extend(orjson.loads(line))
+            except orjson.JSONDecodeError:  # a lone surrogate's escape: the stdlib reads it as it was
+                messages.extend(json.loads(line))
+        codec.let_others_run()
+    return messages
+
+
+def _boundary_line(chunk: list[dict[str, Any]]) -> str:
+    line = json.dumps(chunk, separators=(",", ":"))  # ASCII escapes: any string is stored, read back exactly
+    try:
+        orjson.dumps(chunk)  # refuses integers beyond 64 bits (orjson.loads would turn them into floats)
+    except TypeError:
+        return STDLIB_LINE + line
+    return STDLIB_LINE + line if "NaN" in line or "Infinity" in line else line
+
+
+def engine_state(conn: sqlite3.Connection, thread_id: str, use_boundary: bool = False) -> dict[str, Any] | None:
     """Everything an engine needs to restore itself after a spawn or a process restart. Runs in a worker
     thread; the base messages come as bytes and are decoded in slices (see runtime.codec), so a 12 MB
-    resumed session does not hold the GIL, and with it the event loop, for one long call."""
+    resumed session does not hold the GIL, and with it the event loop, for one long call.
+
+    ``items`` are folded (runtime.transcript) onto ``boundary_messages`` when that is not None, else onto
+    ``base_messages``. With ``use_boundary`` and a boundary state stored (thread_states), ``boundary_messages``
+    are its messages and ``items`` only the items of the live turns after it (``boundary_turn_ord``): the same
+    messages as folding every live item onto the base, since the boundary is deleted by every change of the
+    turns it covers (history._rewind) and covers only finished turns, whose items no longer change."""
     row = get_thread_row(conn, thread_id)
     if row is None:
         return None
     (base,) = conn.execute("SELECT CAST(base_messages AS BLOB) FROM threads WHERE id = ?", (thread_id,)).fetchone()
-    items = thread_items(conn, thread_id)
+    boundary = None
+    if use_boundary:
+        boundary = conn.execute("SELECT through_turn_ord, total_tokens, CAST(messages AS BLOB) AS m FROM thread_states"
+                                " WHERE thread_id = ?", (thread_id,)).fetchone()
+    if boundary is None:
+        items = thread_items(conn, thread_id)
+        through = 0
+    else:
+        through = boundary["through_turn_ord"]
+        items = [item_record(r) for r in conn.execute(
+            "SELECT * FROM items WHERE turn_id IN"
+            " (SELECT id FROM turns WHERE thread_id = ? AND rewound = 0 AND ord > ?) ORDER BY ord", (thread_id, through))]
     # A turn that has not ended (it outlived the process: see threads_with_active_turns) is carried on by the
     # engine: its items are not history yet.
     active = conn.execute(
@@ -206,21 +347,46 @@ def engine_state(conn: sqlite3.Connection, thread_id: str) -> dict[str, Any] | N
                                " LIMIT 1", (active["id"],)).fetchone()
         active_turn = {"turn": turn_record(active, [item["id"] for item in own]), "items": own,
                        "approval": approval_record(pending) if pending else None}
-    # Tokens of the live history; ords over every turn and item (rewound ones too), since ords only grow.
-    totals = conn.execute(
-        "SELECT COALESCE(SUM(CASE WHEN rewound = 0 THEN COALESCE(input_tokens, 0) + COALESCE(output_tokens, 0)"
-        " ELSE 0 END), 0) AS t, COALESCE(MAX(ord), 0) AS n FROM turns WHERE thread_id = ?",
-        (thread_id,),
-    ).fetchone()
-    item_ord = conn.execute("SELECT COALESCE(MAX(ord), 0) AS n FROM items WHERE thread_id = ?", (thread_id,)).fetchone()
+    # Tokens of the live history (the boundary's total, then the later live turns'); ords over every turn and
+    # item (rewound ones too), since ords only grow.
+    (tokens,) = conn.execute(
+        "SELECT COALESCE(SUM(COALESCE(input_tokens, 0) + COALESCE(output_tokens, 0)), 0) FROM turns"
+        " WHERE thread_id = ? AND rewound = 0 AND ord > ?", (thread_id, through)).fetchone()
+    if boundary is not None:
+        tokens += boundary["total_tokens"] - row["base_tokens"]
+    (turn_ord,) = conn.execute("SELECT COALESCE(MAX(ord), 0) FROM turns WHERE thread_id = ?", (thread_id,)).fetchone()
+    (item_ord,) = conn.execute("SELECT COALESCE(MAX(ord), 0) FROM items WHERE thread_id = ?", (thread_id,)).fetchone()
     return {
         "thread": thread_record(row),
         # Stored by resume; an older version stored them without validation (see readable_messages).
         "base_messages": readable_messages(codec.loads(base), f"thread {thread_id}: base_messages") if base else [],
         "base_tokens": row["base_tokens"],
+        # Written by an engine from valid messages (transcript's fold keeps them valid): read as they are.
+        "boundary_messages": _boundary_messages(boundary["m"]) if boundary is not None else None,
+        "boundary_turn_ord": through,
         "items": items,
-        "turn_tokens": totals["t"],
-        "turn_count": totals["n"],
-        "item_count": item_ord["n"],
+        "turn_tokens": tokens,
+        "turn_count": turn_ord,
+        "item_count": item_ord,
         "active_turn": active_turn,
     }
+
+
+def boundary_write(thread_id: str, through_turn_ord: int, total_tokens: int,
+                   messages: tuple[dict[str, Any], ...]) -> Any:
+    """The ``fn`` of the write that stores an engine's boundary state: its messages and token total once the
+    live turns through ``through_turn_ord`` are folded in. Encodes in the writer thread, BOUNDARY_CHUNK messages
+    a line (the stdlib's compact ASCII JSON: read back exactly, NaN and big integers included)."""
+    def write(conn: sqlite3.Connection) -> None:
+        lines = []
+        for start in range(0, len(messages), BOUNDARY_CHUNK):
+            lines.append(_boundary_line(list(messages[start:start + BOUNDARY_CHUNK])))
+            codec.let_others_run()
+        conn.execute(
+            "INSERT INTO thread_states (thread_id, through_turn_ord, total_tokens, messages)"
+            " VALUES (?, ?, ?, ?) ON CONFLICT (thread_id) DO UPDATE SET"
+            " through_turn_ord = excluded.through_turn_ord, total_tokens = excluded.total_tokens,"
+            " messages = excluded.messages",
+            (thread_id, through_turn_ord, total_tokens, "\n".join(lines)))
+
+    return write

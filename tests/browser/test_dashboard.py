@@ -72,7 +72,7 @@ def test_a_reply_streams_word_by_word_and_escape_interrupts(page: Page):
     # The requests ride on the cookie: no URL the page fetched carries the token (an open event stream is
     # listed only once it ends; the server side checks its logs for every URL: tests/e2e/test_auth_cors.py).
     urls = page.driver.execute_script("return performance.getEntriesByType('resource').map(r => r.name)")
-    assert f"{page.server.url}/v1/threads/{thread_id}" in urls
+    assert f"{page.server.url}/v1/threads/{thread_id}?turns_limit=1000" in urls
     assert [url for url in urls if "token" in url] == []
 
     page.send("/hang")
@@ -479,3 +479,29 @@ def test_a_thread_opened_mid_reply_shows_the_reply_from_its_first_word(page: Pag
     page.turn_ends("interrupted")
     final = page.messages()[1][2]
     assert final.startswith("You said: w0 w1") and len(final.split()) >= 5
+
+
+def test_a_thread_longer_than_a_page_shows_its_earlier_turns_on_demand(page: Page):
+    """The view asks for the latest 1,000 turns (GET /v1/threads/{id} pages them, issue 16); "Earlier turns"
+    puts the older ones above them, in order, and goes away once the oldest is on screen."""
+    import sqlite3
+
+    from bench import datagen
+
+    conn = sqlite3.connect(page.server.data_dir / "runtime.sqlite3", isolation_level=None)
+    try:
+        (thread_id,) = datagen.add_threads(conn, 1, turns=1003, events_per_thread=1 + 1003 * 6, prefix="thr_long")
+        stored = [row[0] for row in conn.execute("SELECT id FROM turns WHERE thread_id = ? ORDER BY ord", (thread_id,))]
+    finally:
+        conn.close()
+    page.driver.get(f"{page.server.url}/#/thread/{thread_id}")
+    page.driver.refresh()
+    page.wait(lambda d: len(_turn_ids(page)) == 1000, "the latest page of turns never showed")
+    assert _turn_ids(page) == stored[3:]
+    older = page.visible("older-turns")
+    older.click()
+    page.wait(lambda d: len(_turn_ids(page)) == 1003, "the earlier turns never showed")
+    assert _turn_ids(page) == stored
+    assert not page.hook("older-turns").is_displayed()
+    messages = page.messages()
+    assert len(messages) == 2006 and messages[0] == ("user", "completed", datagen.text(10, 0))

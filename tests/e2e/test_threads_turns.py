@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.e2e.helpers import collect_until, turn_of, wait_turn_end
+from tests.e2e.helpers import api_error, collect_until, turn_of, wait_turn_end
 from web.client import ApiError
 
 
@@ -135,3 +135,89 @@ async def test_patch_after_a_save_reports_the_session_link(client):
     saved = await client.save_session(thread_id=thread["id"])
     updated = await client.update_thread(thread["id"], title="linked")
     assert updated["session_id"] == saved["session_id"] and updated["title"] == "linked"
+
+
+# ---- a page of turns (issue 16: a huge thread as cheap to read as a small one) --------------------------------
+
+
+async def _turns(client, thread_id: str, prompts: list[str]) -> list[str]:
+    ids = []
+    for prompt in prompts:
+        turn = await client.start_turn(thread_id, prompt)
+        await wait_turn_end(client, thread_id, turn["id"])
+        ids.append(turn["id"])
+    return ids
+
+
+def _check_page(page: dict, turn_ids: list[str]) -> None:
+    """The page's turns are ``turn_ids`` in order, and its items exactly theirs, in their order."""
+    assert [t["id"] for t in page["turns"]] == turn_ids
+    assert [i["id"] for i in page["items"]] == [i for t in page["turns"] for i in t["item_ids"]]
+    assert {i["turn_id"] for i in page["items"]} == set(turn_ids)
+    assert all(len(t["item_ids"]) == 2 for t in page["turns"])
+
+
+async def test_thread_detail_pages_turns_latest_first_with_cursors(client):
+    thread = await client.create_thread()
+    tid = thread["id"]
+    ids = await _turns(client, tid, [f"prompt {n}" for n in range(25)])
+
+    latest = await client.get_thread(tid)  # the default page: the latest 20 turns, oldest first
+    _check_page(latest, ids[5:])
+    assert latest["page"]["turns_limit"] == 20 and latest["page"]["before"] is None
+    assert latest["items"][0]["detail"] == "prompt 5" and latest["items"][-1]["detail"] == "You said: prompt 24"
+    older = await client.get_thread(tid, before=latest["page"]["next_before"])
+    _check_page(older, ids[:5])
+    assert older["page"]["next_before"] is None and older["page"]["before"] == latest["page"]["next_before"]
+    assert older["latest_seq"] == latest["latest_seq"]
+
+    # Small pages, followed to the oldest: every turn exactly once, no gap.
+    seen: list[list[str]] = []
+    cursor = None
+    for _ in range(10):
+        page = await client.get_thread(tid, turns_limit=7, before=cursor)
+        seen.append([t["id"] for t in page["turns"]])
+        _check_page(page, seen[-1])
+        cursor = page["page"]["next_before"]
+        if cursor is None:
+            break
+    assert [len(p) for p in seen] == [7, 7, 7, 4]
+    assert [t for p in reversed(seen) for t in p] == ids
+
+    # Rewound turns leave the live pages; include_rewound pages over every stored turn.
+    await client.rewind(tid, ids[22])
+    live = await client.get_thread(tid)
+    _check_page(live, ids[2:22])
+    everything = await client.get_thread(tid, include_rewound=True)
+    _check_page(everything, ids[5:])
+    assert [t["rewound"] for t in everything["turns"]] == [False] * 17 + [True] * 3
+    rest = await client.get_thread(tid, include_rewound=True, before=everything["page"]["next_before"])
+    _check_page(rest, ids[:5])
+    assert rest["page"]["next_before"] is None
+
+
+async def test_thread_detail_turns_limit_is_clamped_and_a_bad_cursor_is_a_400(client):
+    tid = (await client.create_thread())["id"]
+    ids = await _turns(client, tid, ["one", "two", "three"])
+
+    assert [t["id"] for t in (await client.get_thread(tid, turns_limit=0))["turns"]] == ids[2:]
+    assert [t["id"] for t in (await client.get_thread(tid, turns_limit=-4))["turns"]] == ids[2:]
+    page = await client.get_thread(tid, turns_limit=100_000)
+    assert [t["id"] for t in page["turns"]] == ids and page["page"]["turns_limit"] == 1000
+    assert page["page"]["next_before"] is None
+    one = await client.get_thread(tid, turns_limit=1)
+    two = await client.get_thread(tid, turns_limit=2, before=one["page"]["next_before"])
+    assert [t["id"] for t in two["turns"]] == ids[:2]
+    await api_error(client.get_thread(tid, turns_limit="many"), 400, "invalid_input", "turns_limit")
+
+    for bad in ("garbage", "", "t0", "t-1", "t1x", "t01", "T3", "u3", "t", " t3", "t" + "9" * 30, "%%%", "\u00e9t\u00e9"):
+        if bad == "":
+            continue  # an empty cursor is no cursor (the latest page), as for every empty query parameter
+        error = await api_error(client.get_thread(tid, before=bad), 400, "invalid_input", "'before'",
+                                "next_before")
+        assert error.status == 400
+    # A cursor past the first turn gives an empty, last page (a turn's ord is never reused).
+    empty = await client.get_thread(tid, before="t1")
+    assert empty["turns"] == [] and empty["items"] == [] and empty["page"]["next_before"] is None
+    assert (await client.get_thread(tid, before=""))["turns"][-1]["id"] == ids[-1]
+    assert (await client.get_thread(tid))["thread"]["id"] == tid  # the server answers on after the 400s

@@ -20,7 +20,7 @@ from tests.support_pg import pg_cluster  # noqa: F401  (a fixture pytest finds b
 # The store suite: these modules run on both backends in `make test`.
 BOTH_BACKENDS = {
     "test_store_durability", "test_store_snapshot", "test_turns", "test_history", "test_idempotency",
-    "test_approvals", "test_event_bus",
+    "test_approvals", "test_event_bus", "test_boundary_state",
 }
 # The whole-suite switch (see the module docstring).
 STORE_ENV = "TRIO_TEST_STORE"

@@ -5,10 +5,12 @@ the events a stream has ready together (web/sse.py)."""
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
 
 import trio
 
-from runtime.store import EventDraft
+from runtime.store import EventDraft, records
 from web.sse import CHUNK_BYTES, StreamRegistry, frame
 
 from .helpers import collect_events, nth, stored_events, turn_completed, wait_turn_end
@@ -189,4 +191,77 @@ async def test_sse_chunk_ends_with_thread_deleted_and_the_stream_ends(rt, thread
 
     assert len(rest) == 1 and rest[0].count(b"\nevent: ") == 1
     assert b"\nevent: thread.deleted\n" in rest[0]
+    assert rt.bus.subscriber_count == 0
+
+
+# ---- replay of a long history (issue 16): encoded pages, bounded, handed over to live events ----------------
+
+# Payloads whose stored text takes each path of web/sse.render_stored: plain ASCII (spliced as stored) and every
+# kind of escape (decoded and encoded again), with JSON-significant and LIKE-significant characters.
+ODD_PAYLOADS = [
+    {"delta": " plain", "kind": "agent_message"},
+    {"text": "d\u00e9j\u00e0 vu \U0001F600", "n": 1},
+    {"text": "line\nbreak\r\tand \x01 control"},
+    {"text": 'quote " and backslash \\ and slash /', "pct": "100% _x_"},
+    {"f": 1.5, "big": 10**20, "neg": -0.0, "e": 1e16, "list": [1, None, True, {"k": []}], "empty": {}},
+    {"lone": "smile \ud83d", "\ude00key": "v"},
+    {},
+]
+
+
+async def test_a_replayed_page_is_byte_for_byte_the_frames_of_its_events(rt, thread_id):
+    from web.sse import frame, render_stored
+
+    drafts = [EventDraft(thread_id, "test.odd", payload, turn_id=("turn_x" if i % 2 else None),
+                         item_id=("item_\u00e9" if i % 3 == 0 else None)) for i, payload in enumerate(ODD_PAYLOADS)]
+    await rt.store.write(events=drafts)
+
+    decoded = await rt.store.read(functools.partial(records.events_after, thread_id=thread_id, since_seq=0))
+    (page,) = await rt.store.read(functools.partial(records.encoded_events_after, thread_id=thread_id, since_seq=0,
+                                                    render=render_stored))
+
+    assert len(decoded) == 1 + len(ODD_PAYLOADS) and (page.seq, page.count) == (decoded[-1].seq, len(decoded))
+    assert frame(page) == page.data == b"".join(frame(event) for event in decoded)
+    envelopes = [json.loads(line[6:]) for line in page.data.decode().split("\n") if line.startswith("data: ")]
+    assert [e["payload"] for e in envelopes[1:]] == [
+        {**p, "lone": "smile \ufffd", "\ufffdkey": "v"} if "lone" in p else p for p in
+        [{k: v for k, v in p.items() if k != "\ude00key"} for p in ODD_PAYLOADS]]
+    assert await rt.store.read(functools.partial(records.encoded_events_after, thread_id=thread_id,
+                                                 since_seq=page.seq, render=render_stored)) == []
+
+
+async def test_a_replay_longer_than_a_page_is_sent_in_page_chunks_and_hands_over_to_live_events(rt, thread_id):
+    """A replay reads the store a page at a time (never the whole history), sends each page in one chunk,
+    and events appended while it replays come once each, in order, after the stored ones."""
+    from web.sse import StreamRegistry, render_stored
+
+    stored = 3 * records.EVENT_PAGE + 7
+    for start in range(0, stored, 400):
+        await rt.store.write(events=[EventDraft(thread_id, "test.old", {"n": n})
+                                     for n in range(start, min(stored, start + 400))])
+    expected = [e.seq for e in await stored_events(rt, thread_id)]
+    registry = StreamRegistry()
+    stream = await rt.subscribe(thread_id, 0, render=render_stored)
+    chunks: list[bytes] = []
+    appended = 0
+    frames = registry.frames(stream, keepalive=REAL_LIMIT)
+    with trio.fail_after(REAL_LIMIT):
+        async with contextlib.aclosing(frames):
+            async for chunk in frames:
+                chunks.append(chunk)
+                assert len(stream._pending) <= records.EVENT_PAGE  # one page in memory at most
+                if len(chunks) == 2:  # mid-replay: more than a page of history still to read
+                    _, live = await rt.store.write(events=[EventDraft(thread_id, "test.new", {"n": n})
+                                                           for n in range(30)])
+                    appended = len(live)
+                    expected += [e.seq for e in live]
+                if stream.last_seq >= expected[-1] and appended:
+                    break
+
+    body = b"".join(chunks)
+    seqs = [int(line[4:]) for line in body.split(b"\n") if line.startswith(b"id: ")]
+    assert seqs == expected and len(seqs) == stored + 1 + 30  # + thread.started; no gap, no duplicate
+    assert body.count(b"event: test.new") == 30
+    # The stored history went out a page per chunk, not an event per chunk.
+    assert len(chunks) <= 4 + 30
     assert rt.bus.subscriber_count == 0

@@ -155,15 +155,15 @@ async def test_thread_detail_reads_items_and_latest_seq_from_one_snapshot(rt, mo
             outside.execute("COMMIT")
             return seq
 
-    original = records.thread_turns
+    original = records.turns_items
     late: list[int] = []
 
-    def turns_after_a_commit(conn, thread_id, items, *rest):
+    def items_after_a_commit(conn, turn_ids):  # the detail has read its page of turns, not yet their items
         if not late:
             late.append(commit_an_item_and_its_event())  # inline read on SQLite: we are on the loop, no trio here
-        return original(conn, thread_id, items, *rest)
+        return original(conn, turn_ids)
 
-    monkeypatch.setattr(records, "thread_turns", turns_after_a_commit)
+    monkeypatch.setattr(records, "turns_items", items_after_a_commit)
     detail = await rt.get_thread(tid)
     monkeypatch.undo()
 

@@ -5,6 +5,7 @@ from quart import Blueprint, Response, current_app, request
 from runtime.errors import InvalidInput
 
 from ..api import QueryParam, query_int, route, runtime, settings
+from ..sse import render_stored
 
 bp = Blueprint("events", __name__, url_prefix="/v1/threads")
 MAX_SEQ = 2**63 - 1
@@ -29,7 +30,8 @@ def _since_seq() -> int:
        query=(QueryParam("since_seq", "integer", "Replay events with a greater seq (default 0: all)", minimum=0),),
        content_type="text/event-stream", errors=(400, 404))
 async def stream_events(thread_id: str):
-    stream = await runtime().subscribe(thread_id, _since_seq())  # 404 before any byte is sent
+    # 404 before any byte is sent; stored events come as pages of frames rendered in the reader's thread
+    stream = await runtime().subscribe(thread_id, _since_seq(), render=render_stored)
     registry = current_app.config["TRIO_RUNTIME_STREAMS"]
     response = Response(registry.frames(stream, settings().sse_keepalive), content_type="text/event-stream")
     response.headers["Cache-Control"] = "no-cache"

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 from quart import Blueprint, Response, jsonify, request
 
+from runtime.store.records import TURNS_CURSOR_PATTERN
+
 from ..api import LIMIT, QueryParam, query_bool, query_int, read_body, route, runtime, settings
 from ..idempotency import claim, idempotent, respond
 from ..schemas import (
@@ -36,12 +38,17 @@ async def list_threads():
     return jsonify(threads)
 
 
-@route(bp, "/<thread_id>", "GET", summary="A thread with its turns, items and latest event seq",
-       response=ThreadDetail,
-       query=(QueryParam("include_rewound", "boolean", "Also list rewound turns and their items (rewound: true)"),),
+@route(bp, "/<thread_id>", "GET", summary="A thread with a page of its turns (default the latest), their items"
+       " and the latest event seq", response=ThreadDetail,
+       query=(QueryParam("include_rewound", "boolean", "Also list rewound turns and their items (rewound: true)"),
+              QueryParam("turns_limit", "integer", "Turns per page (default 20, clamped to 1..1000)"),
+              QueryParam("before", "string", "A page.next_before cursor: the turns before that page",
+                         pattern=TURNS_CURSOR_PATTERN)),
        errors=(400, 404))
 async def get_thread(thread_id: str):
-    return jsonify(await runtime().get_thread(thread_id, include_rewound=query_bool("include_rewound")))
+    return jsonify(await runtime().get_thread(
+        thread_id, include_rewound=query_bool("include_rewound"), turns_limit=query_int("turns_limit"),
+        before=request.args.get("before") or None))
 
 
 @route(bp, "/<thread_id>", "PATCH", summary="Update a thread (at least one field)", body=UpdateThreadBody,

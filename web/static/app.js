@@ -35,6 +35,7 @@ const state = {
   reconnectTimer: null,
   reconnectDelay: RECONNECT_FIRST_MS,
   replay: null, // {turnId, until}: while the stream replays up to seq `until`, only that turn's events apply
+  olderCursor: null, // page.next_before of the oldest page on screen: older turns exist (null: none)
   revisions: new Map(), // session id -> the revision this page last saved or saw (sent as If-Match)
   approvals: new Map(), // approval id -> card element
   threadsDrawn: '', // what the thread list on screen was drawn from
@@ -233,12 +234,30 @@ function showThreadHead(thread) {
   $('archive-thread').textContent = thread.archived ? 'Unarchive' : 'Archive';
 }
 
+// The thread view asks for this many of the latest turns (the server's page limit); older ones come a page
+// at a time with the "Earlier turns" button (the server pages GET /v1/threads/{id}, issue 16).
+const DETAIL_TURNS = 1000;
+
+function showOlder(page) {
+  state.olderCursor = (page && page.next_before) || null;
+  $('older-turns').hidden = !state.olderCursor;
+}
+
+$('older-turns').addEventListener('click', () => act(async () => {
+  const threadId = state.threadId;
+  if (!threadId || !state.olderCursor) return;
+  const older = await api('GET', `/v1/threads/${q(threadId)}?turns_limit=${DETAIL_TURNS}&before=${q(state.olderCursor)}`);
+  if (state.threadId !== threadId) return; // another thread was opened meanwhile
+  transcript.prepend(older.turns, older.items);
+  showOlder(older.page);
+}));
+
 // Shows a thread: its stored detail first, then its events after the detail's latest_seq (one snapshot on
 // the server, so the hand-off has no gap and no overlap).
 async function openThread(threadId) {
   const started = performance.now();
   closeStream();
-  const detail = await api('GET', `/v1/threads/${q(threadId)}`);
+  const detail = await api('GET', `/v1/threads/${q(threadId)}?turns_limit=${DETAIL_TURNS}`);
   performance.mark('thread-view-fetched', { detail: { threadId } });
   state.threadId = threadId;
   state.lastSeq = detail.latest_seq || 0;
@@ -261,6 +280,7 @@ async function openThread(threadId) {
   $('composer').hidden = false;
   $('session-saved').textContent = '';
   transcript.load(detail.turns, detail.items);
+  showOlder(detail.page);
   updateTurnState();
   for (const li of $('thread-list').children) {
     if (li.dataset.threadId === threadId) li.setAttribute('aria-current', 'true');
@@ -369,7 +389,7 @@ function applyEvent(envelope) {
     case 'thread.deleted':
       closeStream();
       state.threadId = null;
-      for (const id of ['thread-head', 'transcript', 'composer']) $(id).hidden = true;
+      for (const id of ['thread-head', 'transcript', 'composer', 'older-turns']) $(id).hidden = true;
       $('approvals').replaceChildren();
       $('empty').hidden = false;
       history.replaceState(null, '', location.pathname + location.search);

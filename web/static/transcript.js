@@ -59,6 +59,24 @@ export class Transcript {
     this.root.replaceChildren(fragment);
   }
 
+  // Older turns (a page before the oldest on screen) go above the others; the scroll position stays put.
+  prepend(turns, items) {
+    const later = [...this.turns];
+    this.turns.clear();
+    const fragment = document.createDocumentFragment();
+    for (const turn of turns) fragment.append(this._newTurn(turn.id, turn).el);
+    for (const [id, turn] of later) if (!this.turns.has(id)) this.turns.set(id, turn);
+    for (const item of items) {
+      const turn = this.turns.get(item.turn_id);
+      if (turn && !this.items.has(item.id)) {
+        this._newItem(turn, item.id, item.kind, item.metadata || {}, item.detail ?? item.summary ?? '', item.status);
+      }
+    }
+    const height = this.root.scrollHeight;
+    this.root.prepend(fragment);
+    this.root.scrollTop += this.root.scrollHeight - height;
+  }
+
   scrollToEnd() {
     this.root.scrollTop = this.root.scrollHeight;
   }
