@@ -126,8 +126,8 @@ class Engine:
     __slots__ = (
         "_backend", "_base", "_boundary", "_carried", "_config", "_end_later", "_fence", "_gone", "_idle_since",
         "_idle_waiters", "_inbox", "_item_ord", "_lane_made", "_nursery", "_retire", "_retrying", "_stopping",
-        "_store", "_turn_ord", "_waiters", "active", "crashed", "diverged", "messages", "parked", "thread",
-        "thread_id", "tools", "total_tokens", "unconfirmed", "__dict__",
+        "_store", "_turn_ord", "_unfolded", "_waiters", "active", "crashed", "diverged", "messages", "parked",
+        "thread", "thread_id", "tools", "total_tokens", "unconfirmed", "__dict__",
     )
 
     def __init__(
