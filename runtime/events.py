@@ -273,13 +273,7 @@ class PolledStream:
     async def next(self) -> Event:
         while True:
             if self._pending:
-                event = self._pending.popleft()
-                self.last_seq = event.seq
-                # (a page of stored events never holds thread.deleted: it is stored nowhere)
-                if type(event) is not records.EncodedEvents and event.event == "thread.deleted":
-                    self._ended = True
-                    self._pending.clear()
-                return event
+                return self.next_nowait()  # type: ignore[return-value]  # not None: one is pending
             if self._ended or self._closed:
                 raise StopAsyncIteration
             wake = self._bus.wake_event(self.thread_id)  # before the read: a wake during it is kept
