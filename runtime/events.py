@@ -175,9 +175,7 @@ class EventStream:
     async def next(self) -> Event:
         while True:
             if self._pending:
-                event = self._pending.popleft()
-                self.last_seq = event.seq
-                return event
+                return self.next_nowait()  # type: ignore[return-value]  # not None: one is pending
             if self._ended:
                 raise StopAsyncIteration
             if self._replaying:
