@@ -26,7 +26,7 @@ from bench.forward import bench_forward
 from bench.validation import bench_session_validation
 from bench.util import (
     HOST, PYTHON, ROOT, TOKEN, Conn, HealthProbe, bare, build_request, call, free_port, latencies,
-    load, median, ours, ours_argv, pct, temp_dir,
+    Sizes, load, median, ours, ours_argv, pct, temp_dir,
 )
 
 
@@ -66,18 +66,6 @@ class Row:
                 "ours": self.ours, "unit": self.unit, "ratio": self.ratio, "target": self.target_text,
                 "status": "PASS" if self.passed else "MISS", "generator": self.generator, "notes": self.notes,
                 **({"extra": self.extra} if self.extra else {})}
-
-
-@dataclass
-class Sizes:
-    quick: bool
-
-    def pick(self, full: Any, quick: Any) -> Any:
-        return quick if self.quick else full
-
-    @property
-    def load_seconds(self) -> float:
-        return self.pick(5.0, 2.0)
 
 
 def inproc(name: str, args: dict) -> dict:

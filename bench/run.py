@@ -17,20 +17,10 @@ import time
 import traceback
 from pathlib import Path
 
-from bench.cases import BENCHMARKS, Row, Sizes
-from bench.util import WRK, raise_fd_limit
+from bench.cases import BENCHMARKS, Row
+from bench.util import WRK, Sizes, fmt, raise_fd_limit, selected
 
 RESULTS = Path(__file__).resolve().parent / "results.json"
-
-
-def fmt(value: float) -> str:
-    if value != value:  # nan
-        return "-"
-    if abs(value) >= 100:
-        return f"{value:,.0f}"
-    if abs(value) >= 10:
-        return f"{value:.1f}"
-    return f"{value:.2f}"
 
 
 def table(rows: list[Row]) -> str:
@@ -50,10 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="", help=f"comma-separated subset of: {', '.join(BENCHMARKS)}")
     parser.add_argument("--output", type=Path, default=RESULTS, help="where to write the JSON results")
     args = parser.parse_args(argv)
-    names = [n.strip() for n in args.only.split(",") if n.strip()] or list(BENCHMARKS)
-    unknown = [n for n in names if n not in BENCHMARKS]
-    if unknown:
-        parser.error(f"unknown benchmark(s): {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
+    names = selected(parser, args.only, BENCHMARKS)
     raise_fd_limit()
     sizes = Sizes(quick=args.quick)
     print(f"trio-runtime benchmarks ({'quick' if args.quick else 'full'}); load generator: "

@@ -6,6 +6,7 @@ Everything here talks to 127.0.0.1 only, and every loop is bounded in count and 
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -446,3 +447,37 @@ def ours(data_dir: Path, *extra: str) -> ServerProcess:
 
 def bare(*extra: str) -> ServerProcess:
     return ServerProcess([PYTHON, "-m", "bench.bare_server", "--port", "0", *extra])
+
+
+@dataclass
+class Sizes:
+    """Full or ``--quick`` sizes of one run (bench.run and bench.peer.run)."""
+
+    quick: bool
+
+    def pick(self, full: Any, quick: Any) -> Any:
+        return quick if self.quick else full
+
+    @property
+    def load_seconds(self) -> float:
+        return self.pick(5.0, 2.0)
+
+
+def fmt(value: float) -> str:
+    """A figure for the printed tables: thousands separated, three significant digits below 100."""
+    if value != value:  # nan
+        return "-"
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    if abs(value) >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def selected(parser: argparse.ArgumentParser, only: str, known: dict) -> list[str]:
+    """The benchmark names of ``--only`` (every one when empty); an unknown name is a usage error."""
+    names = [n.strip() for n in only.split(",") if n.strip()] or list(known)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        parser.error(f"unknown benchmark(s): {', '.join(unknown)}; choose from {', '.join(known)}")
+    return names

@@ -11,6 +11,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from bench.util import fmt
+
 
 @dataclass
 class PeerRow:
@@ -46,16 +48,6 @@ class PeerRow:
             del out["extra"]
         ratio = self.ratio
         return {**out, "ratio": None if ratio != ratio else round(ratio, 4), "ahead": self.ahead}
-
-
-def fmt(value: float) -> str:
-    if value != value:  # nan
-        return "-"
-    if abs(value) >= 100:
-        return f"{value:,.0f}"
-    if abs(value) >= 10:
-        return f"{value:.1f}"
-    return f"{value:.2f}"
 
 
 def table(rows: list[PeerRow]) -> str:

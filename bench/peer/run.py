@@ -37,7 +37,6 @@ import tempfile
 import time
 import traceback
 from contextlib import ExitStack
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
@@ -45,11 +44,12 @@ import trio
 
 from bench import datagen
 from bench.cases import SSEReader
-from bench.peer.report import PeerRow, fmt, results_json, table
+from bench.peer.report import PeerRow, results_json, table
 from bench.util import (
     HOST, WRK, Conn, Load, ServerProcess, bare, build_request, call, free_port, load, ours, pct,
-    raise_fd_limit, temp_dir,
+    fmt, raise_fd_limit, selected, temp_dir,
 )
+from bench.util import Sizes as BaseSizes
 
 HERE = Path(__file__).resolve().parent
 GRAPH_DIR = HERE / "graph"
@@ -70,17 +70,7 @@ THREADS_STORED = 15_000
 STATE_TURNS = 10
 
 
-@dataclass
-class Sizes:
-    quick: bool
-
-    def pick(self, full: Any, quick: Any) -> Any:
-        return quick if self.quick else full
-
-    @property
-    def load_seconds(self) -> float:
-        return self.pick(5.0, 2.0)
-
+class Sizes(BaseSizes):
     @property
     def rounds(self) -> int:
         """Load runs per side for the rows measured on a shared server (floor, state), taken in turns."""
@@ -556,10 +546,7 @@ def main(argv: list[str] | None = None) -> int:
                              " slower on workload 2 here, as every batch of runs waits for the queue's next poll)")
     parser.add_argument("--output", type=Path, default=RESULTS, help="where to write the JSON results")
     args = parser.parse_args(argv)
-    names = [n.strip() for n in args.only.split(",") if n.strip()] or list(BENCHMARKS)
-    unknown = [n for n in names if n not in BENCHMARKS]
-    if unknown:
-        parser.error(f"unknown benchmark(s): {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
+    names = selected(parser, args.only, BENCHMARKS)
     raise_fd_limit()
     sz = Sizes(quick=args.quick)
     load_before = os.getloadavg()
