@@ -160,6 +160,15 @@ def upsert_index(conn: sqlite3.Connection, doc: dict[str, Any], size: int, mtime
     )
 
 
+def link_thread(conn: Any, thread_id: str, session_id: str) -> None:
+    """Link thread ``thread_id`` to session ``session_id`` (in the caller's transaction), writing its row
+    only when the link changes. A save of the thread a session was saved from (every save in place but the
+    first) changes nothing, and writing the row anyway rewrote the whole record, with its base messages:
+    ~35 ms for a thread resumed from a 10 MB session (issue 16, row 9 of ``make bench``)."""
+    conn.execute("UPDATE threads SET session_id = ? WHERE id = ? AND (session_id IS NULL OR session_id <> ?)",
+                 (session_id, thread_id, session_id))
+
+
 def index_metadata(row: Any) -> dict[str, Any]:
     return {
         "id": row["id"], "title": row["title"], "created_at": row["created_at"], "updated_at": row["updated_at"],
@@ -340,7 +349,7 @@ class StoreDocs:
             def write(conn: Any) -> None:
                 _write_document(conn, doc, data, text)
                 if thread_id is not None:
-                    conn.execute("UPDATE threads SET session_id = ? WHERE id = ?", (session_id, thread_id))
+                    link_thread(conn, thread_id, session_id)
                 if claim is not None:
                     claim.record(conn, answer)
 

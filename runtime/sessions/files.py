@@ -264,8 +264,9 @@ class SessionFiles:
         return dataclasses.replace(change, size=st.st_size, mtime_ns=st.st_mtime_ns)
 
     def publish(self, change: Change, action: str) -> None:
-        """Step 2, in the writer's transaction before COMMIT: the staged file replaces the session's
-        file, and the directory is fsynced (the COMMIT must never be durable before the rename)."""
+        """The end of step 1, in the staging thread, before the writer's request is sent: the staged file
+        replaces the session's file, and the directory is fsynced (the COMMIT must never be durable before
+        the rename). Not official until that COMMIT: settling without it puts the undo file back."""
         try:
             self.fs.publish(change.tmp, change.path)
         except OSError as exc:
