@@ -17,6 +17,7 @@ here is portable (``?`` placeholders, ``ON CONFLICT ... DO UPDATE``; docs/design
 
 from __future__ import annotations
 
+import codecs
 import functools
 import sqlite3
 import threading
@@ -98,19 +99,46 @@ class SessionDocs(Protocol):
 # ---- shared by both implementations ---------------------------------------------------------
 
 
+def _lower_run(exc: UnicodeError) -> tuple[bytes, int]:
+    """``lower_utf8``'s encode error handler: a run of non-ASCII characters, lower-cased and UTF-8 encoded."""
+    if not isinstance(exc, UnicodeEncodeError):
+        raise exc
+    return exc.object[exc.start:exc.end].lower().encode("utf-8"), exc.end
+
+
+codecs.register_error("runtime.sessions.lower", _lower_run)
+# The one character whose lower case depends on its neighbours in str.lower (Greek final sigma).
+CAPITAL_SIGMA = "\u03a3"
+
+
+def lower_utf8(text: str) -> bytes:
+    """``text.lower().encode("utf-8")``, byte for byte, without lower-casing every character through the
+    Unicode tables. ``str.lower`` takes that slow path for the whole string as soon as it holds one
+    non-ASCII character: ~140 ms of 12 MB of text with a "café" per message, all with the GIL held (row
+    14a of ``make bench``, issue 16). Here the ASCII characters are copied by the ASCII encoder and
+    lower-cased by ``bytes.lower`` (A-Z only), and only the runs of other characters go through
+    ``str.lower``, in the encoder's error handler: ~25 ms. Exact because a character's lower case depends on
+    no other character (but capital sigma's: such a text takes ``str.lower`` whole), and what a lowered
+    run holds is UTF-8 of lower-case text, which ``bytes.lower`` leaves alone. A lone surrogate raises
+    UnicodeEncodeError, as ``encode`` does."""
+    if CAPITAL_SIGMA in text:
+        return text.lower().encode("utf-8")
+    return text.encode("ascii", "runtime.sessions.lower").lower()
+
+
 def index_text(title: str, messages: list[dict[str, Any]]) -> bytes:
     """The lower-cased text search matches, UTF-8 encoded (stored with ``CAST(? AS TEXT)``). Built a
     message at a time, handing the GIL to the event loop in between: lower-casing or encoding 12 MB in
     one call holds the GIL for ~60 ms, which stalls the event loop even from the staging thread.
     (Joined by newlines, the parts lower-case exactly as the whole would: no letter meets a letter
     across a boundary.)"""
-    parts = [title.lower().encode("utf-8")]
+    parts = [lower_utf8(title)]
     since = 0  # bytes made since the GIL was last offered
     for message in messages:
         if since >= INDEX_TEXT_SLICE:
             codec.let_others_run()
             since = 0
-        parts.append(text_of(message).lower().encode("utf-8"))
+        parts.append(lower_utf8(text_of(message)))
         since += len(parts[-1])
     return b"\n".join(parts)
 
@@ -158,6 +186,15 @@ def upsert_index(conn: sqlite3.Connection, doc: dict[str, Any], size: int, mtime
          str(meta.get("total_tokens", 0)), meta.get("model"), meta.get("workspace"), meta.get("mode"),
          int(bool(meta.get("archived", False))), meta["revision"], size, mtime_ns, search_text),
     )
+
+
+def link_thread(conn: Any, thread_id: str, session_id: str) -> None:
+    """Link thread ``thread_id`` to session ``session_id`` (in the caller's transaction), writing its row
+    only when the link changes. A save of the thread a session was saved from (every save in place but the
+    first) changes nothing, and writing the row anyway rewrote the whole record, with its base messages:
+    ~35 ms for a thread resumed from a 10 MB session (issue 16, row 9 of ``make bench``)."""
+    conn.execute("UPDATE threads SET session_id = ? WHERE id = ? AND (session_id IS NULL OR session_id <> ?)",
+                 (session_id, thread_id, session_id))
 
 
 def index_metadata(row: Any) -> dict[str, Any]:
@@ -340,7 +377,7 @@ class StoreDocs:
             def write(conn: Any) -> None:
                 _write_document(conn, doc, data, text)
                 if thread_id is not None:
-                    conn.execute("UPDATE threads SET session_id = ? WHERE id = ?", (session_id, thread_id))
+                    link_thread(conn, thread_id, session_id)
                 if claim is not None:
                     claim.record(conn, answer)
 

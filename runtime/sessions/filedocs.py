@@ -2,9 +2,10 @@
 the all-or-nothing change protocol of runtime/sessions/files.py driven against the store.
 
 Every change has a *commit* phase run under a shield: stage the new file beside the old one (kept as an
-undo file), then one request to the store's writer puts the file in place and writes the index row, the
-thread link, the ``session.saved`` event and a journal row in one transaction; after it the undo file is
-dropped, or, when the transaction did not commit, put back. A cancellation (timeout, client disconnect,
+undo file) and put it in place, then one request to the store's writer writes the index row, the thread
+link, the ``session.saved`` event and a journal row in one transaction; after it the undo file is
+dropped, or, when the transaction did not commit, put back (a delete moves its file aside inside that
+transaction). A cancellation (timeout, client disconnect,
 shutdown) arriving meanwhile waits for it to finish; a kill -9 at any point is settled at the next start
 from the journal. So every outcome is "nothing changed" or "the whole save is durable and linked"
 (docs/design.md, "Sessions").
@@ -32,7 +33,8 @@ from ..errors import EngineTimeout, NotFound, StorageError
 from ..idempotency import Claim
 from ..store import DatabaseError, EventDraft, Store
 from .docs import (
-    COMMIT_TIMEOUT, SafetyWriter, encode, index_metadata, index_row, index_text, raise_named, upsert_index,
+    COMMIT_TIMEOUT, SafetyWriter, encode, index_metadata, index_row, index_text, link_thread, raise_named,
+    upsert_index,
 )
 from .files import BACKUP_SUFFIX, Change, SessionFiles, parse_document, validate_session_id
 
@@ -146,11 +148,12 @@ class FileDocs:
         """The commit phase, shielded as a whole: once it starts it runs to its end, so the caller
         always learns the outcome and never releases the session's lock early.
 
-        Encoding the document, writing + fsyncing the temp file and keeping the previous file as an
-        undo file run in a worker thread of their own, so saves of different sessions overlap (and the
+        Encoding the document, writing + fsyncing the temp file, keeping the previous file as an undo
+        file and putting the new one in place (``replacing``: over the previous one; the directory fsynced
+        after each) run in a worker thread of their own, so saves of different sessions overlap (and the
         event loop never encodes a 10 MB document). Then one writer request writes index row, thread
-        link and journal row, and last puts the file in place (``replacing``: over the previous one);
-        ``_apply`` settles what follows. Raises StorageError (StorageFull for a full disk) naming
+        link and journal row; ``_apply`` settles what follows (the journal decides: not committed, the
+        undo file goes back). Raises StorageError (StorageFull for a full disk) naming
         ``action`` when nothing was saved. ``claim``: the request's idempotency record of ``answer``,
         written by that same writer request (so it commits with the change or not at all).
         """
@@ -161,10 +164,19 @@ class FileDocs:
         guard, flags, staged_or_abandoned = threading.Lock(), {"done": False, "abandoned": False}, trio.Event()
         token = trio.lowlevel.current_trio_token()
 
+        # Captured before staging: the staging thread's directory fsyncs come after these changes' undo
+        # files were removed, so this change's COMMIT may forget their journal rows (``_journal``).
+        retired = tuple(self._retired)
+
         def stage() -> tuple[Change, str]:
             try:
                 data = encode(doc)
                 staged = self.files.stage(change, data, action, replacing=replacing)
+                # The file goes in place here, not in the writer's transaction: the writer ran every save's
+                # replace + directory fsync one after the other (~5 ms each under row 3's load, the writer
+                # busy all the time); from many staging threads the kernel commits them together. The
+                # COMMIT still comes after the rename is durable, and the journal still decides.
+                self.files.publish(staged, action)
                 return staged, index_text(doc["metadata"]["title"], doc["messages"])
             finally:
                 with guard:
@@ -181,14 +193,14 @@ class FileDocs:
         with trio.CancelScope(shield=True):
             failure: Exception | None = None
             with trio.move_on_after(self.commit_timeout) as bound:
-                # Abandonable: if the disk is stuck, give up (nothing was published) and let the
-                # thread clean up after itself when it finishes.
+                # Abandonable: if the disk is stuck, give up (nothing was committed) and let the
+                # thread clean up after itself when it finishes (it puts the undo file back).
                 try:
                     staged, search_text = await trio.to_thread.run_sync(stage, abandon_on_cancel=True)
                 except Exception as exc:
                     failure = exc
             if failure is not None:
-                await self._settle_change(change)  # nothing was published; in case the stage's cleanup failed
+                await self._settle_change(change)  # not committed: puts back a file the stage may have replaced
                 raise failure
             if bound.cancelled_caught:
                 with guard:
@@ -199,16 +211,14 @@ class FileDocs:
                     self._staging[session_id] = staged_or_abandoned
                 raise StorageError(f"Failed to {action} session '{session_id}': the disk did not finish "
                                    f"writing within {self.commit_timeout:g} s; nothing was saved")
-            retired = tuple(self._retired)
 
             def commit(conn: sqlite3.Connection) -> None:
                 upsert_index(conn, doc, staged.size, staged.mtime_ns, search_text)
                 if thread_id is not None:
-                    conn.execute("UPDATE threads SET session_id = ? WHERE id = ?", (session_id, thread_id))
+                    link_thread(conn, thread_id, session_id)
                 _journal(conn, staged, retired)
                 if claim is not None:
                     claim.record(conn, answer)
-                self.files.publish(staged, action)  # last: every failure before it changed no file
 
             await self._apply(staged, commit, events, retired, action)
 

@@ -328,15 +328,16 @@ async def test_a_change_the_busy_writer_never_began_is_refused_and_cleaned_up(tm
 
 
 async def test_a_change_whose_commit_outlives_the_bound_is_settled_from_the_journal_first(tmp_path):
-    """The writer is stuck inside the change itself (the directory fsync after the replace): the outcome
-    is unknown when the request gives up, so nothing is undone then. The session's next change waits for
-    the writer, finds the change committed in the journal and builds on it."""
+    """The writer is stuck inside the change itself (its COMMIT, after the file went in place and its
+    directory was fsynced): the outcome is unknown when the request gives up, so nothing is undone then.
+    The session's next change waits for the writer, finds the change committed in the journal and builds
+    on it."""
     data_dir, plan = tmp_path / "data", FaultPlan()
     release, entered = threading.Event(), threading.Event()
     counted_step = plan.step
 
     def step(layer: str, name: str) -> bool:
-        if plan.armed and name == "fsync_dir" and "file:replace" in plan.log:
+        if plan.armed and name == "COMMIT" and "file:replace" in plan.log:
             entered.set()
             release.wait(timeout=30)
         return counted_step(layer, name)

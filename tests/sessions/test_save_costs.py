@@ -9,10 +9,14 @@ import builtins
 import io
 import json
 
+import pytest
+
 from runtime.sessions import docs as session_docs
 from runtime.sessions.docs import INDEX_TEXT_SLICE, index_text
 from runtime.sessions.files import FileSystem
 from runtime.transcript import text_of
+from tests import support
+from tests.sessions.conftest import LIMIT, run_turn
 from web.routes import sessions as session_routes
 
 
@@ -92,3 +96,91 @@ def test_a_small_documents_search_text_offers_the_gil_to_no_one(monkeypatch):
     text = index_text("T", big)
     assert text == "\n".join(["t", *(text_of(m).lower() for m in big)]).encode("utf-8")
     assert len(text) // INDEX_TEXT_SLICE - 1 <= len(offers) <= len(text) // INDEX_TEXT_SLICE + 1
+
+
+async def test_a_save_writes_its_threads_row_only_when_the_link_changes(rt):
+    """Writing the thread's row rewrites its whole record, base messages too (~35 ms for a thread resumed
+    from a 10 MB session, row 9 of ``make bench``): a save of an already linked thread leaves it alone. Counted
+    by a trigger on ``threads.session_id`` (SQLite: PostgreSQL has the same statement, and other tests
+    check the links it makes)."""
+    if support.on_postgresql():
+        pytest.skip("counts row writes with an SQLite trigger")
+    first, second = (await rt.create_thread())["id"], (await rt.create_thread())["id"]
+    await run_turn(rt, first, "hello there")
+    await run_turn(rt, second, "something else")
+
+    def count_link_writes(conn) -> None:
+        conn.execute("CREATE TABLE link_writes (thread_id TEXT)")
+        conn.execute("CREATE TRIGGER count_link_writes AFTER UPDATE OF session_id ON threads"
+                     " BEGIN INSERT INTO link_writes VALUES (new.id); END")
+
+    await rt.store.write(fn=count_link_writes)
+
+    async def writes() -> list[str]:
+        return await rt.store.read(lambda conn: [row[0] for row in conn.execute("SELECT thread_id FROM link_writes")])
+
+    async def linked(thread_id: str) -> str | None:
+        return (await rt.thread_record(thread_id))["session_id"]
+
+    await rt.sessions.save(thread_id=first, session_id="one", timeout=LIMIT)  # links the thread
+    assert await writes() == [first] and await linked(first) == "one"
+    for _ in range(2):  # saves in place of the linked thread: nothing to write
+        await rt.sessions.save(thread_id=first, session_id="one", timeout=LIMIT)
+    assert await writes() == [first] and await linked(first) == "one"
+    await rt.sessions.save(thread_id=second, session_id="one", timeout=LIMIT)  # another thread, linked now
+    await rt.sessions.save(thread_id=first, session_id="two", timeout=LIMIT)  # the thread moves to another session
+    assert await writes() == [first, second, first]
+    assert (await linked(first), await linked(second)) == ("two", "one")
+    rebuilt = await rt.sessions.rebuild(thread_id=second, timeout=LIMIT)  # POST: a new session, a new link
+    assert await writes() == [first, second, first, second] and await linked(second) == rebuilt["session_id"]
+
+
+@pytest.mark.files_only
+async def test_a_save_puts_its_file_in_place_before_it_asks_the_writer(rt, monkeypatch):
+    """The replace and its directory fsync run in the save's staging thread, before the writer's request
+    (which then only writes rows): in the writer they ran one save after another (~5 ms each under row 3's
+    50 connections, the writer busy all the time). The COMMIT still follows the durable rename
+    (tests/faults/test_session_faults.py checks the whole order)."""
+    tid = (await rt.create_thread())["id"]
+    await run_turn(rt, tid, "hello there")
+    fs, store_write, log = rt.sessions.files.fs, rt.store.write, []
+    for name in ("link", "replace", "fsync_dir"):
+        def logged(*args, _name=name):
+            log.append(_name)
+            return getattr(FileSystem, _name)(fs, *args)
+
+        monkeypatch.setattr(fs, name, logged)
+
+    async def write(*args, **kwargs):
+        log.append("store.write")
+        return await store_write(*args, **kwargs)
+
+    monkeypatch.setattr(rt.store, "write", write)
+    for revision in (1, 2):  # create, then update in place
+        log.clear()
+        saved = await rt.sessions.save(thread_id=tid, session_id="s", timeout=LIMIT)
+        assert saved["session"]["metadata"]["revision"] == revision
+        assert log == ["link", "fsync_dir", "replace", "fsync_dir", "store.write"]
+    monkeypatch.undo()
+    assert (await rt.sessions.get("s"))["metadata"]["revision"] == 2
+    assert [s["revision"] for s in await rt.sessions.list(limit=10)] == [2]
+
+
+def test_the_search_text_is_lower_cased_exactly_as_str_lower_does():
+    """``lower_utf8`` sends only the non-ASCII runs through ``str.lower`` (which lower-cases a whole
+    non-ASCII string through the Unicode tables, ~140 ms for 12 MB): the bytes must be exactly
+    ``str.lower``'s, for every code point, next to ASCII letters, marks and other non-ASCII characters,
+    and with Greek capital sigma, whose lower case depends on its neighbours."""
+    every = [chr(c) for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF and c != 0x3A3]
+    for joint in ("", "A", " ", "é", "\u0301"):
+        text = joint.join(every)
+        assert session_docs.lower_utf8(text) == text.lower().encode("utf-8")
+    for text in ("ΣΑΣ", "AΣ", "aΣ b", "Σ", "ΌΣΟΣ. ΣΑ", "x\u0301Σ\u0301", "café ΟΔΟΣ", "KELVIN \u212a ΣΑΣ İ"):
+        assert session_docs.lower_utf8(text) == text.lower().encode("utf-8"), text
+        assert session_docs.lower_utf8(text * 3) == (text * 3).lower().encode("utf-8"), text
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Grüße ☕ ÀÉÎ Hello ΟΔΟΣ"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "İstanbul \u212aelvin STRASSE ẞ"}]}]
+    assert index_text("Café TITLE", messages) == "\n".join(
+        ["Café TITLE".lower(), *(text_of(m).lower() for m in messages)]).encode("utf-8")
+    with pytest.raises(UnicodeEncodeError):  # a lone surrogate fails as ``encode`` does
+        session_docs.lower_utf8("A\ud800b")

@@ -179,6 +179,30 @@ def test_an_escaped_surrogate_pair_is_one_valid_character():
     assert parse_document("s", data)["messages"][0]["content"][0]["text"] == f"smile {SMILE}"
 
 
+def test_a_surrogate_escape_is_found_wherever_it_is_in_the_sliced_scan(monkeypatch):
+    """The scan for surrogate escapes runs a slice at a time (``ESCAPE_SCAN_SLICE``, 1 MB; 16 bytes here) and
+    skips data without a backslash: an escape is found at every offset, across every slice border,
+    whatever other escapes come before it, and a long document with one only in its last message is
+    refused as before."""
+    from runtime.sessions import files
+
+    monkeypatch.setattr(files, "ESCAPE_SCAN_SLICE", 16)
+    for offset in range(40):
+        for before in (b"x", b"\\n"):
+            head = (before * 40)[:offset]
+            assert files.has_surrogate_escape(head + b"\\udc00" + b"y" * 30), (offset, before)
+            assert files.has_surrogate_escape(head + b"\\uD83d"), (offset, before)
+            assert not files.has_surrogate_escape(head + b"\\u00e9\\ud7ff" + b"y" * 30), (offset, before)
+    assert not files.has_surrogate_escape(b"no backslash at all " * 10)
+
+    messages = [{"role": "user", "content": [{"type": "text", "text": f"line {i}\nnext"}]} for i in range(40)]
+    messages[-1]["content"][0]["text"] = "@@lone@@"
+    data = json.dumps(document("s", messages)).replace("@@lone@@", "\\udfff").encode()
+    assert len(data) > 100 * files.ESCAPE_SCAN_SLICE
+    with pytest.raises(InvalidData, match=r"messages\[39\]\.content\[0\]\.text: holds a lone UTF-16 surrogate"):
+        parse_document("s", data)
+
+
 # ---- over HTTP: the same 400 everywhere, the list skips the file -------------------------------------
 
 
