@@ -107,6 +107,16 @@ class HTTPConnection(TrioASGIHTTPConnection):
     async def handle_request(self, nursery, request, send):  # type: ignore[override]
         wait_for_body = False
 
+        async def send_shielded(message):
+            # Safe: bounded by the socket write under it, which web/server.py gives a deadline (the send
+            # timeout, or the end of the grace at shutdown); a client that stopped reading is dropped.
+            with trio.CancelScope(shield=True):
+                await send(message)
+
+        # Not recursive (it used to call itself for the body of an answer that waits for its request's
+        # body): a closure that refers to itself is a reference cycle, which kept this connection, hypercorn's
+        # stream and its channels alive after every request until the cyclic garbage collector found them
+        # (issue 16, the /health floor under load).
         async def send_whole(message):
             nonlocal wait_for_body
             if message["type"] == "http.response.start" and not self.body_received.is_set():
@@ -118,16 +128,13 @@ class HTTPConnection(TrioASGIHTTPConnection):
                     message = {**message, "headers": [*message["headers"], (b"connection", b"close")]}
             elif message["type"] == "http.response.body" and not message.get("more_body", False) and wait_for_body:
                 if message.get("body"):
-                    await send_whole({**message, "more_body": True})
+                    await send_shielded({**message, "more_body": True})
                     message = {**message, "body": b""}
                 # Not shielded: a cancel here means the client is gone (or the grace ran out), and then
                 # there is no connection left to keep.
                 with trio.move_on_after(self.app.config["BODY_TIMEOUT"] or math.inf):
                     await self.body_received.wait()
-            # Safe: bounded by the socket write under it, which web/server.py gives a deadline (the send
-            # timeout, or the end of the grace at shutdown); a client that stopped reading is dropped.
-            with trio.CancelScope(shield=True):
-                await send(message)
+            await send_shielded(message)
 
         await super().handle_request(nursery, request, send_whole)
 
