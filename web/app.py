@@ -107,6 +107,16 @@ class HTTPConnection(TrioASGIHTTPConnection):
     async def handle_request(self, nursery, request, send):  # type: ignore[override]
         wait_for_body = False
 
+        async def send_shielded(message):
+            # Safe: bounded by the socket write under it, which web/server.py gives a deadline (the send
+            # timeout, or the end of the grace at shutdown); a client that stopped reading is dropped.
+            with trio.CancelScope(shield=True):
+                await send(message)
+
+        # Not recursive (it used to call itself for the body of an answer that waits for its request's
+        # body): a closure that refers to itself is a reference cycle, which kept this connection, hypercorn's
+        # stream and its channels alive after every request until the cyclic garbage collector found them
+        # (issue 16, the /health floor under load).
         async def send_whole(message):
             nonlocal wait_for_body
             if message["type"] == "http.response.start" and not self.body_received.is_set():
@@ -118,16 +128,13 @@ class HTTPConnection(TrioASGIHTTPConnection):
                     message = {**message, "headers": [*message["headers"], (b"connection", b"close")]}
             elif message["type"] == "http.response.body" and not message.get("more_body", False) and wait_for_body:
                 if message.get("body"):
-                    await send_whole({**message, "more_body": True})
+                    await send_shielded({**message, "more_body": True})
                     message = {**message, "body": b""}
                 # Not shielded: a cancel here means the client is gone (or the grace ran out), and then
                 # there is no connection left to keep.
                 with trio.move_on_after(self.app.config["BODY_TIMEOUT"] or math.inf):
                     await self.body_received.wait()
-            # Safe: bounded by the socket write under it, which web/server.py gives a deadline (the send
-            # timeout, or the end of the grace at shutdown); a client that stopped reading is dropped.
-            with trio.CancelScope(shield=True):
-                await send(message)
+            await send_shielded(message)
 
         await super().handle_request(nursery, request, send_whole)
 
@@ -181,6 +188,53 @@ class JSONProvider(DefaultJSONProvider):
         return self._app.response_class(body, mimetype=self.mimetype)
 
 
+# Distinct (host, path, method) answers StaticRoutes keeps: far more than the API's fixed paths times their
+# methods and slash variants (~200), so that any number of clients cannot make it grow without end.
+STATIC_ROUTES_LIMIT = 1024
+
+
+class StaticRoutes:
+    """werkzeug's route matcher (``Map._matcher``) with the answers for rules without variables remembered.
+
+    Why: every request was routed by ``StateMachineMatcher.match``, which builds a recursive closure per
+    call: a reference cycle of 8 objects per request left for the cyclic garbage collector, and the walk of
+    the rule tree itself (issue 16, the floor under load). A rule without variables answers one path, so
+    its match is a pure function of (host, path, method, websocket) while the rules stay the same: adding a
+    rule forgets every answer. Only successful matches are kept; 404, 405 and redirects are werkzeug's every
+    time, and each hit returns a new empty ``values`` dict (Quart's URL preprocessors may change it)."""
+
+    def __init__(self, matcher: Any) -> None:
+        self._matcher = matcher
+        self._rules: dict[tuple[str, str, str, bool], Any] = {}
+
+    @property
+    def merge_slashes(self) -> bool:
+        return self._matcher.merge_slashes
+
+    @merge_slashes.setter
+    def merge_slashes(self, value: bool) -> None:
+        self._matcher.merge_slashes = value
+        self._rules.clear()
+
+    def add(self, rule: Any) -> None:
+        self._rules.clear()
+        self._matcher.add(rule)
+
+    def update(self) -> None:
+        self._rules.clear()
+        self._matcher.update()
+
+    def match(self, domain: str, path: str, method: str, websocket: bool) -> tuple[Any, dict[str, Any]]:
+        key = (domain, path, method, websocket)
+        rule = self._rules.get(key)
+        if rule is not None:
+            return rule, {}
+        rule, values = self._matcher.match(domain, path, method, websocket)
+        if not values and not rule.arguments and len(self._rules) < STATIC_ROUTES_LIMIT:
+            self._rules[key] = rule
+        return rule, values
+
+
 def create_app(rt: Runtime, settings: ServerSettings, token: str | None) -> QuartTrio:
     """``token`` None means no auth (only with ``--insecure-no-auth``)."""
     # static_folder=None: Quart's own /static route served the folder 'static' under the working directory
@@ -200,6 +254,7 @@ def create_app(rt: Runtime, settings: ServerSettings, token: str | None) -> Quar
     )
     app.json.sort_keys = False
     app.url_map.strict_slashes = False
+    app.url_map._matcher = StaticRoutes(app.url_map._matcher)  # before any rule: see StaticRoutes
     preflight = cors.install(app, settings.cors_origins)
     check_auth = auth.install(app, token, settings.cors_origins)
 
