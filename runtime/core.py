@@ -30,6 +30,7 @@ from .models.base import ModelBackend
 from .models.scripted import ScriptedModel
 from .sessions import SessionService
 from .store import EventDraft, Store, WriteRequest, is_postgres_url, open_store, records
+from .threads_detail import DetailCache
 from .version import __version__
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,7 @@ class Runtime:
         self.advertise_url: str | None = config.advertise_url
         self.idempotency = Idempotency(store, config.idempotency_ttl)
         self.sessions = SessionService(self)
+        self.details = DetailCache()
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -268,6 +270,14 @@ class Runtime:
         if detail is None:
             raise NotFound(f"Thread '{thread_id}' not found")
         return detail
+
+    async def get_thread_json(self, thread_id: str, *, include_rewound: bool = False, turns_limit: int | None = None,
+                              before: str | None = None) -> bytes:
+        """``get_thread`` encoded (codec.dumps), the same bytes again while the database is unchanged
+        (runtime/threads_detail.py)."""
+        return await self.details.encoded(
+            self.store, (thread_id, include_rewound, turns_limit, before), functools.partial(
+                self.get_thread, thread_id, include_rewound=include_rewound, turns_limit=turns_limit, before=before))
 
     async def thread_record(self, thread_id: str) -> dict[str, Any]:
         record = await self.store.read(self._owned(

@@ -41,6 +41,9 @@ PURGE_BATCH = 16
 # a 12 MB session); below it the inline read is cheaper than the thread hop (see Store.read).
 INLINE_BODY_MAX = 256 * 1024
 
+# The stored headers of an answer without any (most of them): ``json.dumps({})``, spelled once.
+NO_HEADERS = "{}"
+
 PURGE = ("DELETE FROM idempotency WHERE key IN (SELECT key FROM idempotency WHERE expires_at <= ?"
          " ORDER BY expires_at LIMIT ?)")
 
@@ -75,25 +78,32 @@ class Claim:
                 " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET fingerprint = excluded.fingerprint,"
                 " status = excluded.status, headers = excluded.headers, body = excluded.body,"
                 " created_at = excluded.created_at, expires_at = excluded.expires_at",
-                (self.key, self.fingerprint, self.status, json.dumps(self.headers), self.body, utc_now(),
-                 utc_after(self.ttl)))
+                (self.key, self.fingerprint, self.status, json.dumps(self.headers) if self.headers else NO_HEADERS,
+                 self.body, utc_now(), utc_after(self.ttl)))
+
+    def statements(self, result: Any) -> list[tuple[str, tuple[Any, ...]]]:
+        """A bounded purge of expired records, then ``statement(result)``; the purge's "now" is the record's
+        ``created_at`` (one clock reading, formatted once, for both)."""
+        record = self.statement(result)
+        return [purge_statement(record[1][5]), record]
 
     def record(self, conn: sqlite3.Connection, result: Any) -> None:
         """Store the answer inside a writer-thread ``fn`` (the change's own transaction), and purge a
         bounded batch of expired records in the same transaction."""
-        conn.execute(*purge_statement())
-        conn.execute(*self.statement(result))
+        for statement in self.statements(result):
+            conn.execute(*statement)
 
 
-def purge_statement() -> tuple[str, tuple[Any, ...]]:
-    """Delete at most PURGE_BATCH expired records (oldest first, by the expiry index)."""
-    return PURGE, (utc_now(), PURGE_BATCH)
+def purge_statement(now: str | None = None) -> tuple[str, tuple[Any, ...]]:
+    """Delete at most PURGE_BATCH records expired at ``now`` (default: the clock's now; oldest first, by the
+    expiry index)."""
+    return PURGE, (utc_now() if now is None else now, PURGE_BATCH)
 
 
 def record_claim(claim: Claim | None, result: Any) -> list[tuple[str, tuple[Any, ...]]]:
     """The statements to add to a change's write: none without a claim; with one, a bounded purge of
-    expired records and the claim's own record."""
-    return [] if claim is None else [purge_statement(), claim.statement(result)]
+    expired records and the claim's own record (``Claim.statements``)."""
+    return [] if claim is None else claim.statements(result)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -596,6 +596,21 @@ class Store:
 
     # ---- reads -----------------------------------------------------------------------------
 
+    def version(self) -> tuple[int, int] | None:
+        """A token that changes whenever anything is committed to the database, by any connection or process
+        (SQLite's ``PRAGMA data_version`` on the inline connection, which counts the others' commits, and
+        that connection's own ``total_changes``): equal tokens read at two moments mean the database did not
+        change in between (runtime/threads_detail.py keeps encoded answers on it). None when it cannot say:
+        the store is not open (or is PostgreSQL's, which has no inline connection), the inline connection is
+        inside a transaction (its view is pinned), or SQLite failed to answer."""
+        conn = self._iconn
+        if conn is None or conn.in_transaction:
+            return None
+        try:
+            return conn.execute("PRAGMA data_version").fetchone()[0], conn.total_changes
+        except sqlite3.Error:
+            return None
+
     @property
     def read_limiter(self) -> trio.CapacityLimiter:
         """The limiter store reads hop through (tests that drive a MockClock watch it)."""

@@ -46,9 +46,12 @@ async def list_threads():
                          pattern=TURNS_CURSOR_PATTERN)),
        errors=(400, 404))
 async def get_thread(thread_id: str):
-    return jsonify(await runtime().get_thread(
+    # The encoded answer (kept while the database is unchanged: runtime/threads_detail.py), with the newline
+    # that jsonify ends every JSON answer with.
+    body = await runtime().get_thread_json(
         thread_id, include_rewound=query_bool("include_rewound"), turns_limit=query_int("turns_limit"),
-        before=request.args.get("before") or None))
+        before=request.args.get("before") or None)
+    return Response(body + b"\n", content_type="application/json")
 
 
 @route(bp, "/<thread_id>", "PATCH", summary="Update a thread (at least one field)", body=UpdateThreadBody,
