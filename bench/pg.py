@@ -10,9 +10,13 @@ so native on trio) when it is installed; it is not a dependency (docs/design.md,
 Workloads (latencies in ms as seen by the calling trio task, p50 over N):
 - insert_commit: one event row INSERT + COMMIT (durable: fsync on, synchronous_commit on; SQLite WAL with
   synchronous=FULL as the store runs it)
-- batch100: 100 event rows in one transaction + COMMIT (PostgreSQL: one INSERT ... SELECT FROM unnest(...)
-  RETURNING seq; executemany in the notes)
-- select_pk: one row by primary key
+- batch100: 100 event rows in one transaction + COMMIT. PostgreSQL: what the store's writer sends for a run of
+  100 event writes (runtime/store/postgres.py INSERT_EVENT_ROWS: the rows as one JSON parameter, bound
+  client-side, BEGIN and COMMIT in the same query: one round trip); the store's batch also locks the thread's
+  lease row and sends a NOTIFY in it. The notes give the earlier workload (INSERT ... SELECT FROM unnest(text
+  arrays) + COMMIT, three round trips: not what the store does) and executemany.
+- select_pk: one row by primary key. PostgreSQL: a store read (``snapshot_read``: BEGIN REPEATABLE READ READ
+  ONLY, the SELECT, ROLLBACK, on the store's connection adapter); the notes give a plain psycopg SELECT + COMMIT.
 - notify: LISTEN/NOTIFY wake-up: another connection commits a NOTIFY, a trio task waiting on the listener
   (its socket in ``trio.lowlevel.wait_readable``, no thread) wakes up; baseline: an in-process wake-up
   from a worker thread (what the SQLite store does: publish after commit, same process)
@@ -140,13 +144,34 @@ async def in_process_wakeups(n: int) -> list[float]:
 # ---- psycopg 3 from worker threads ----------------------------------------------------------------------
 
 async def psycopg_workloads(dsn: str, n: dict[str, int]) -> dict[str, list[float]]:
+    import orjson
     import psycopg
+
+    from runtime.store.postgres import INSERT_EVENT_ROWS, client_query, connect, snapshot_read
 
     conn = psycopg.connect(dsn)
     conn.execute(PG_DDL)
     conn.commit()
     limiter = trio.CapacityLimiter(1)
     sql = INSERT_SQL.format(", ".join(["%s"] * 6))
+    # The store's own connection and paths (runtime/store/postgres.py): what rows pg2 and pg3 time.
+    store_conn = connect(dsn)
+    store_cursor = psycopg.ClientCursor(store_conn.raw)
+    rows_query, _ = client_query(INSERT_EVENT_ROWS)
+
+    def batch100_store() -> None:
+        # The store writer's batch (PostgresStore._apply_transaction) for a run of 100 event writes: the rows
+        # encoded as one JSON parameter, bound client-side, one INSERT, BEGIN and COMMIT in the same query
+        # (one round trip). The store's batch also locks the thread's lease row and sends a NOTIFY in it.
+        rows = orjson.dumps([EVENT_ROW] * 100).decode()
+        store_cursor.execute(f"BEGIN;\n{store_cursor.mogrify(rows_query, (rows,))};\nCOMMIT")
+        store_cursor.nextset()
+        assert len(store_cursor.fetchall()) == 100
+
+    def select_pk_store() -> None:
+        # A store read (PostgresStore.read's worker thread): one REPEATABLE READ READ ONLY snapshot.
+        row = snapshot_read(store_conn, lambda c: c.execute("SELECT * FROM events WHERE seq = ?", (7,)).fetchone())
+        assert row[0] == 7
 
     def insert_commit() -> None:
         conn.execute(sql, EVENT_ROW)
@@ -177,13 +202,16 @@ async def psycopg_workloads(dsn: str, n: dict[str, int]) -> dict[str, list[float
 
     try:
         return {"insert_commit": await timed(n["insert_commit"], run(insert_commit)),
-                "batch100": await timed(n["batch100"], run(batch100)),
+                "batch100": await timed(n["batch100"], run(batch100_store)),
+                "batch100_unnest": await timed(n["batch100"], run(batch100)),
                 "batch100_executemany": await timed(n["batch100"], run(batch100_executemany)),
-                "select_pk": await timed(n["select_pk"], run(select_pk)),
+                "select_pk": await timed(n["select_pk"], run(select_pk_store)),
+                "select_pk_plain": await timed(n["select_pk"], run(select_pk)),
                 "notify": await psycopg_notify_wakeups(dsn, n["notify"]),
                 "notify_thread": await psycopg_notify_thread_wakeups(dsn, n["notify"])}
     finally:
         conn.close()
+        store_conn.close()
 
 
 async def psycopg_notify_wakeups(dsn: str, n: int) -> list[float]:
@@ -340,13 +368,18 @@ def bench_pg(sz) -> list:
             p50_ms(p["insert_commit"]), "ms", 2.0, False,
             notes=f"p99 {p99_ms(p['insert_commit']):.2f} vs {p99_ms(s['insert_commit']):.2f} ms; "
                   f"n={got['n']['insert_commit']}; psycopg AsyncConnection on trio: {probe}"),
-        Row("pg2", "PG 100-row batch (unnest)+COMMIT p50", "SQLite FULL, thread", p50_ms(s["batch100"]),
+        Row("pg2", "PG 100-row batch (store's run INSERT)+COMMIT p50", "SQLite FULL, thread", p50_ms(s["batch100"]),
             p50_ms(p["batch100"]), "ms", 2.0, False,
-            notes=f"p99 {p99_ms(p['batch100']):.2f} vs {p99_ms(s['batch100']):.2f} ms; one INSERT ... SELECT "
-                  f"FROM unnest(arrays) RETURNING seq; executemany (pipeline): p50 "
+            notes=f"p99 {p99_ms(p['batch100']):.2f} vs {p99_ms(s['batch100']):.2f} ms; the store writer's INSERT "
+                  f"of a run of events (rows as one JSON parameter) with BEGIN and COMMIT in one query; before "
+                  f"issue 16's second pass: INSERT ... SELECT FROM unnest(text arrays) + COMMIT p50 "
+                  f"{p50_ms(p['batch100_unnest']):.2f} ms; executemany (pipeline): p50 "
                   f"{p50_ms(p['batch100_executemany']):.2f} ms"),
-        Row("pg3", "PG SELECT by pk p50", "SQLite, thread", p50_ms(s["select_pk"]), p50_ms(p["select_pk"]),
-            "ms", 2.0, False, notes=f"p99 {p99_ms(p['select_pk']):.3f} vs {p99_ms(s['select_pk']):.3f} ms"),
+        Row("pg3", "PG SELECT by pk p50 (store read)", "SQLite, thread", p50_ms(s["select_pk"]),
+            p50_ms(p["select_pk"]), "ms", 2.0, False,
+            notes=f"p99 {p99_ms(p['select_pk']):.3f} vs {p99_ms(s['select_pk']):.3f} ms; a store read "
+                  f"(snapshot_read: BEGIN REPEATABLE READ READ ONLY, SELECT, ROLLBACK: 3 round trips); a plain "
+                  f"psycopg SELECT + COMMIT (also 3): p50 {p50_ms(p['select_pk_plain']):.3f} ms"),
         Row("pg4", "PG NOTIFY wake-up p50 (wait_readable)", "in-process wake", p50_ms(s["notify"]),
             p50_ms(p["notify"]), "ms", 0.0, False, absolute_target=10.0,
             notes=f"p99 {p99_ms(p['notify']):.2f} ms; a thread blocked in conn.notifies(): "
@@ -357,7 +390,8 @@ def bench_pg(sz) -> list:
 def main(argv: list[str]) -> int:
     got = measure("--quick" in argv, purepy="--purepy" in argv)
     print(f"psycopg AsyncConnection on trio: {got['async_probe']}")
-    for name in ("insert_commit", "batch100", "batch100_executemany", "select_pk", "notify", "notify_thread"):
+    for name in ("insert_commit", "batch100", "batch100_unnest", "batch100_executemany", "select_pk",
+                 "select_pk_plain", "notify", "notify_thread"):
         cells = [f"{name:14}"]
         for side in ("sqlite", "psycopg", "purepy"):
             if side in got and name in got[side]:

@@ -304,15 +304,20 @@ async def test_a_writer_transaction_stalled_past_its_bound_releases_its_lease_ro
     async with PostgresStore.open(pg_url, lambda events: None, stalled_after=stalled) as store:
         await store.write(events=[EventDraft("thr_s", "first", {})])  # creates the lease row
         takeover_done = threading.Event()
+        paused = threading.Event()
 
         def pause_mid_batch(conn):
             # The lease row is locked by this batch (its event was appended first); the "host" stops here.
+            paused.set()
             takeover_done.wait(WAIT_LIMIT)
 
         stuck = store.submit(WriteRequest(events=[EventDraft("thr_s", "second", {})], action="append second"))
         pause = store.submit(WriteRequest(fn=pause_mid_batch, action="pause"))
 
         def takeover() -> float:
+            # Only once the batch holds the row: on a loaded machine the writer's thread may start after this
+            # one, and a takeover that came first would leave nothing to wait for (seen in `make test`).
+            assert paused.wait(WAIT_LIMIT)
             with psycopg.connect(pg_url, autocommit=True) as other:
                 t0 = time.monotonic()
                 other.execute("UPDATE thread_leases SET epoch = epoch + 1, owner = 'host-b' WHERE thread_id = 'thr_s'")

@@ -127,3 +127,88 @@ async def test_a_stale_fence_in_a_plain_batch_refuses_only_its_own_writes(pg_url
     assert rows(pg_url, "SELECT seq, thread_id FROM events ORDER BY seq") == [(e.seq, e.thread_id) for e in published]
     assert rows(pg_url, "SELECT thread_id, epoch FROM thread_leases ORDER BY thread_id") == [
         ("thr_cur", 1), ("thr_new", 0), ("thr_old", 2)]
+
+
+class CountWriterQueries(CountWriterStatements):
+    """Also keeps each query's whole text (the batch is one query: its statements are in it)."""
+
+    def __init__(self, monkeypatch, store: PostgresStore) -> None:
+        self.queries: list[str] = []
+        original = psycopg.Cursor.execute
+
+        def execute(cursor, query, *args, **kwargs):
+            if store._wconn is not None and cursor.connection is store._wconn.raw:
+                self.queries.append(str(query))
+            return original(cursor, query, *args, **kwargs)
+
+        monkeypatch.setattr(psycopg.Cursor, "execute", execute)
+
+
+# Streamed deltas of two engines folded into one batch, and text that JSON, SQL literals and psycopg's
+# placeholders each treat specially.
+DELTAS = 40
+ODD_TEXT = "é \"quoted\" \\ back\nslash 😀 100% ? 'single' %s {}"
+
+
+async def test_a_run_of_event_writes_is_one_insert_and_each_seq_is_its_stored_row(pg_url, monkeypatch):
+    published: list = []
+    async with PostgresStore.open(pg_url, published.extend) as store:
+        await store.write([thread_row("thr_a"), thread_row("thr_b")])
+        set_lease(pg_url, "thr_a", 1)
+        set_lease(pg_url, "thr_b", 1)
+        lanes = {"thr_a": WriteLane(fence=("thr_a", 1)), "thr_b": WriteLane(fence=("thr_b", 1))}
+        counter = CountWriterQueries(monkeypatch, store)
+        requests = [store.submit(WriteRequest(events=[EventDraft(tid, "item.delta", {"delta": f"{ODD_TEXT} {i}"},
+                                                                 turn_id=f"turn_{tid}", item_id=None)],
+                                              action=f"delta {i}", lane=lanes[tid]))
+                    for i in range(DELTAS) for tid in ("thr_a", "thr_b")]
+        # An engine's item end in the middle: statements and two events of its own.
+        requests.append(store.submit(WriteRequest(
+            [("UPDATE threads SET title = ? WHERE id = ?", ("done", "thr_a"))],
+            [EventDraft("thr_a", "item.completed", {"text": ODD_TEXT}), EventDraft("thr_a", "turn.completed", {})],
+            action="end", lane=lanes["thr_a"])))
+        requests += [store.submit(WriteRequest(events=[EventDraft("thr_b", "item.delta", {"delta": "tail"})],
+                                               action="tail", lane=lanes["thr_b"]))]
+        for request in requests:
+            await request.done.wait()
+        assert [request.result.unwrap() for request in requests] == [None] * len(requests)
+        assert len(counter.queries) == 1
+        script = counter.queries[0]
+        # Before: one INSERT per event (83) and a fence check per request (82); now one INSERT per run of
+        # event-only requests and per request with statements, and one fence per lease.
+        assert script.count("INSERT INTO events") == 3
+        assert script.count("FROM thread_leases WHERE thread_id") == 2 + 1  # two fences + the seq rule's lock
+    committed = [event for request in requests for event in request.committed]
+    assert [e.event for e in committed] == ["item.delta"] * (2 * DELTAS) + ["item.completed", "turn.completed",
+                                                                            "item.delta"]
+    assert committed == published
+    seqs = [e.seq for e in committed]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    stored = rows(pg_url, "SELECT seq, thread_id, turn_id, item_id, event, payload FROM events ORDER BY seq")
+    import json
+    assert [(s, t, u, i, e, json.loads(p)) for s, t, u, i, e, p in stored] == \
+        [(e.seq, e.thread_id, e.turn_id, e.item_id, e.event, e.payload) for e in committed]
+    assert stored[0][5] == json.dumps({"delta": f"{ODD_TEXT} 0"}, ensure_ascii=False, separators=(",", ":"))
+    assert rows(pg_url, "SELECT title FROM threads WHERE id = 'thr_a'") == [("done",)]
+
+
+async def test_a_failing_request_in_a_run_of_event_writes_fails_alone(pg_url):
+    published: list = []
+    async with PostgresStore.open(pg_url, published.extend) as store:
+        heard: list = []
+        lane = WriteLane(on_failure=heard.append)
+        requests = [store.submit(WriteRequest(events=[EventDraft("thr_a", name, {"n": i})], action=f"event {i}",
+                                              lane=None if i == 2 else lane))
+                    for i, name in enumerate(["one", "two", "bad\x00name", "four"])]
+        for request in requests:
+            await request.done.wait()
+        with pytest.raises(StorageError, match="event 2"):
+            requests[2].result.unwrap()
+        assert [requests[i].result.unwrap() for i in (0, 1, 3)] == [None, None, None]
+        assert heard == [] and lane.failed is None
+        _, later = await store.write(events=[EventDraft("thr_a", "after", {})])
+    assert [(e.event, e.payload) for e in published] == [("one", {"n": 0}), ("two", {"n": 1}), ("four", {"n": 3}),
+                                                         ("after", {})]
+    # The stored rows are exactly the published events: the failed attempt's seqs are a gap, never rows.
+    assert rows(pg_url, "SELECT seq, event FROM events ORDER BY seq") == [(e.seq, e.event) for e in published]
+    assert published[2].seq < later[0].seq
