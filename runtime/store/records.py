@@ -212,23 +212,33 @@ class EncodedEvents:
     data: bytes
 
 
-# The columns ``render`` gets, in this order (one tuple per stored event, in seq order).
-ENCODED_COLUMNS = ("seq", "timestamp", "thread_id", "turn_id", "item_id", "event", "payload")
+# The columns ``render`` gets, in this order (one tuple per stored event, in seq order), after the thread's id:
+# ``render(thread_id, rows)``. Not the thread_id column, which is the query's own (each column costs a GIL
+# release and a tenth of a page's read: issue 16 second pass, callgrind).
+ENCODED_COLUMNS = ("seq", "timestamp", "turn_id", "item_id", "event", "payload")
+# What makes a page's bytes from the thread's id and its rows (web/sse.render_stored for an SSE replay).
+Render = Callable[[str, list[tuple[Any, ...]]], bytes]
+_ENCODED_PAGE = (f"SELECT {', '.join(ENCODED_COLUMNS)} FROM events WHERE thread_id = ? AND seq > ? ORDER BY seq"
+                 " LIMIT ?")
 
 
 def encoded_events_after(conn: sqlite3.Connection, thread_id: str, since_seq: int,
-                         render: Callable[[list[tuple[Any, ...]]], bytes],
+                         render: Render,
                          limit: int = EVENT_PAGE) -> list[EncodedEvents]:
     """``events_after`` as one EncodedEvents (none when no event follows ``since_seq``), rendered in the reader's
     worker thread from the raw rows (ENCODED_COLUMNS; the payload as stored text, not decoded): a replay
     turns a page into bytes in one pass instead of decoding and encoding every event (issue 16)."""
-    rows = conn.execute(
-        f"SELECT {', '.join(ENCODED_COLUMNS)} FROM events WHERE thread_id = ? AND seq > ? ORDER BY seq LIMIT ?",
-        (thread_id, since_seq, limit)).fetchall()
+    # SQLite's rows come as plain tuples (no sqlite3.Row, then no tuple() of each: a fifth of a page's cost);
+    # PostgreSQL's adapter makes its own rows, and a fault seam's subclass (RuntimeConfig.sqlite_connection_factory)
+    # keeps its own ``execute``.
+    cursor = conn.cursor() if type(conn) is sqlite3.Connection else conn
+    if cursor is not conn:
+        cursor.row_factory = None
+    rows = cursor.execute(_ENCODED_PAGE, (thread_id, since_seq, limit)).fetchall()
     if not rows:
         return []
     rows = [tuple(row) for row in rows] if type(rows[0]) is not tuple else rows
-    return [EncodedEvents(rows[-1][0], len(rows), render(rows))]
+    return [EncodedEvents(rows[-1][0], len(rows), render(thread_id, rows))]
 
 
 def approval_record(row: sqlite3.Row) -> dict[str, Any]:
