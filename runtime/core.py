@@ -448,7 +448,7 @@ class Runtime:
     # ---- events ----------------------------------------------------------------------------
 
     async def subscribe(self, thread_id: str, since_seq: int = 0, *,
-                        render: Callable[[list[tuple[Any, ...]]], bytes] | None = None) -> EventStream:
+                        render: records.Render | None = None) -> EventStream:
         """Check the thread exists (NotFound), then return its replay-then-live event stream (``render``: its
         stored events come as records.EncodedEvents pages made by it, see EventBus.subscribe)."""
         if await self.store.read(functools.partial(records.get_thread_row, thread_id=thread_id), inline=True) is None:

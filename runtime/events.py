@@ -11,7 +11,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
-from typing import Any, Callable
 
 import trio
 
@@ -140,7 +139,7 @@ class EventBus:
             self.detach(sub)
 
     def subscribe(self, store: Store, thread_id: str, since_seq: int,
-                  render: "Callable[[list[tuple[Any, ...]]], bytes] | None" = None) -> "EventStream | PolledStream":
+                  render: "records.Render | None" = None) -> "EventStream | PolledStream":
         """``render``: stored events come as ``records.EncodedEvents`` pages made by it (for a consumer that only
         sends them on; see records.encoded_events_after); live ones are Events either way."""
         if self.polled:
@@ -158,7 +157,7 @@ class EventStream:
     """
 
     def __init__(self, bus: EventBus, store: Store, thread_id: str, since_seq: int,
-                 render: "Callable[[list[tuple[Any, ...]]], bytes] | None" = None) -> None:
+                 render: "records.Render | None" = None) -> None:
         self._bus = bus
         self._store = store
         self.thread_id = thread_id
@@ -251,7 +250,7 @@ class PolledStream:
     finds neither new events nor the thread."""
 
     def __init__(self, bus: EventBus, store: Store, thread_id: str, since_seq: int,
-                 render: "Callable[[list[tuple[Any, ...]]], bytes] | None" = None) -> None:
+                 render: "records.Render | None" = None) -> None:
         self._bus = bus
         self._store = store
         self.thread_id = thread_id

@@ -6,13 +6,15 @@ Every function here is synchronous and takes a connection: callers run them thro
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import json
 import re
 import sqlite3
 
 import orjson
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from .. import codec
 from ..errors import InvalidInput
@@ -212,23 +214,33 @@ class EncodedEvents:
     data: bytes
 
 
-# The columns ``render`` gets, in this order (one tuple per stored event, in seq order).
-ENCODED_COLUMNS = ("seq", "timestamp", "thread_id", "turn_id", "item_id", "event", "payload")
+# The columns ``render`` gets, in this order (one tuple per stored event, in seq order), after the thread's id:
+# ``render(thread_id, rows)``. Not the thread_id column, which is the query's own (each column costs a GIL
+# release and a tenth of a page's read: issue 16 second pass, callgrind).
+ENCODED_COLUMNS = ("seq", "timestamp", "turn_id", "item_id", "event", "payload")
+# What makes a page's bytes from the thread's id and its rows (web/sse.render_stored for an SSE replay).
+Render = Callable[[str, list[tuple[Any, ...]]], bytes]
+_ENCODED_PAGE = (f"SELECT {', '.join(ENCODED_COLUMNS)} FROM events WHERE thread_id = ? AND seq > ? ORDER BY seq"
+                 " LIMIT ?")
 
 
 def encoded_events_after(conn: sqlite3.Connection, thread_id: str, since_seq: int,
-                         render: Callable[[list[tuple[Any, ...]]], bytes],
+                         render: Render,
                          limit: int = EVENT_PAGE) -> list[EncodedEvents]:
     """``events_after`` as one EncodedEvents (none when no event follows ``since_seq``), rendered in the reader's
     worker thread from the raw rows (ENCODED_COLUMNS; the payload as stored text, not decoded): a replay
     turns a page into bytes in one pass instead of decoding and encoding every event (issue 16)."""
-    rows = conn.execute(
-        f"SELECT {', '.join(ENCODED_COLUMNS)} FROM events WHERE thread_id = ? AND seq > ? ORDER BY seq LIMIT ?",
-        (thread_id, since_seq, limit)).fetchall()
+    # SQLite's rows come as plain tuples (no sqlite3.Row, then no tuple() of each: a fifth of a page's cost);
+    # PostgreSQL's adapter makes its own rows, and a fault seam's subclass (RuntimeConfig.sqlite_connection_factory)
+    # keeps its own ``execute``.
+    cursor = conn.cursor() if type(conn) is sqlite3.Connection else conn
+    if cursor is not conn:
+        cursor.row_factory = None
+    rows = cursor.execute(_ENCODED_PAGE, (thread_id, since_seq, limit)).fetchall()
     if not rows:
         return []
     rows = [tuple(row) for row in rows] if type(rows[0]) is not tuple else rows
-    return [EncodedEvents(rows[-1][0], len(rows), render(rows))]
+    return [EncodedEvents(rows[-1][0], len(rows), render(thread_id, rows))]
 
 
 def approval_record(row: sqlite3.Row) -> dict[str, Any]:
@@ -285,16 +297,51 @@ BOUNDARY_CHUNK = 256
 STDLIB_LINE = "s"
 
 
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """CPython's cyclic garbage collector off for the block (back on after it, if it was on).
+
+    For a decode whose every new container stays alive (a boundary state's messages: a dict and a list per
+    message, 40,000 for 20,000 messages). With the collector on, every 700 of them start a young-generation
+    pass that can free none of them (~85 passes for 20,000 messages), and the growth they add starts a full
+    pass over the whole heap on about every second start of a huge thread: 30-50 ms of a ~20 ms start on a
+    busy machine (bench row 16d, gc.callbacks; issue 16 second pass). Paused, one young pass looks at them once
+    afterwards; full passes still come when the heap has grown by a quarter, as always. No cycle is freed
+    meanwhile (reference counting frees everything else); the process-wide switch is only off for the
+    decode (~10 ms), and another thread's pause overlapping this one just ends early."""
+    was_on = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_on:
+            gc.enable()
+
+
 def _boundary_messages(data: bytes) -> list[dict[str, Any]]:
+    with _collector_paused():
+        return _decode_boundary(data)
+
+
+def _decode_boundary(data: bytes) -> list[dict[str, Any]]:
+    """The lines are found with ``bytes.find`` (memchr) and handed to orjson as views: ``bytes.split`` walked
+    the 3 MB a byte at a time and copied every line, a tenth of the decode (callgrind, issue 16 second pass)."""
     messages: list[dict[str, Any]] = []
-    for line in data.split(b"\n"):
-        if line.startswith(STDLIB_LINE.encode()):
-            messages.extend(json.loads(line[1:]))
-        elif line:
+    view = memoryview(data)
+    stdlib = ord(STDLIB_LINE)
+    start, size = 0, len(data)
+    while start < size:
+        end = data.find(b"\n", start)
+        if end < 0:
+            end = size
+        if data[start] == stdlib:
+            messages.extend(json.loads(data[start + 1:end]))
+        elif end > start:
             try:
-                messages.extend(orjson.loads(line))
+                messages.extend(orjson.loads(view[start:end]))
             except orjson.JSONDecodeError:  # a lone surrogate's escape: the stdlib reads it as it was
-                messages.extend(json.loads(line))
+                messages.extend(json.loads(data[start:end]))
+        start = end + 1
         codec.let_others_run()
     return messages
 
@@ -335,10 +382,13 @@ def engine_state(conn: sqlite3.Connection, thread_id: str, use_boundary: bool = 
             "SELECT * FROM items WHERE turn_id IN"
             " (SELECT id FROM turns WHERE thread_id = ? AND rewound = 0 AND ord > ?) ORDER BY ord", (thread_id, through))]
     # A turn that has not ended (it outlived the process: see threads_with_active_turns) is carried on by the
-    # engine: its items are not history yet.
+    # engine: its items are not history yet. Only a turn after the boundary can be one (a boundary covers only
+    # finished turns, and later turns get higher ords): the index range of those turns, not all of the thread's
+    # (~3 ms for 10,000 turns, issue 16 row 16d).
     active = conn.execute(
-        f"SELECT * FROM turns WHERE thread_id = ? AND rewound = 0 AND status IN ({','.join('?' * len(ACTIVE_TURN_STATUSES))})"
-        " ORDER BY ord DESC LIMIT 1", (thread_id, *ACTIVE_TURN_STATUSES)).fetchone()
+        f"SELECT * FROM turns WHERE thread_id = ? AND ord > ? AND rewound = 0"
+        f" AND status IN ({','.join('?' * len(ACTIVE_TURN_STATUSES))}) ORDER BY ord DESC LIMIT 1",
+        (thread_id, through, *ACTIVE_TURN_STATUSES)).fetchone()
     active_turn = None
     if active is not None:
         own = [item for item in items if item["turn_id"] == active["id"]]

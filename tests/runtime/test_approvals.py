@@ -283,6 +283,37 @@ async def test_a_pending_approval_survives_a_restart_and_the_turn_completes_once
         assert detail["items"][-1]["detail"].startswith("Tool write_note returned: write_note ran")
 
 
+async def test_a_turn_waiting_after_a_boundary_state_is_carried_on_after_a_restart(opener, tools, monkeypatch):
+    """records.engine_state looks for a turn that has not ended only after the boundary state (it covers only
+    finished turns): a parked turn after one is still found and carried on, not folded into the history."""
+    from runtime.store import records
+
+    monkeypatch.setattr(records, "BOUNDARY_EVERY_ITEMS", 2)
+    async with opener() as rt:
+        tid = (await rt.create_thread())["id"]
+        for n in range(3):
+            await run_turn(rt, tid, f"plain {n}")
+        turn = await rt.start_turn(tid, '/tool write_note {"name": "n", "text": "t"}')
+        await wait_for(rt, tid, "approval.requested")
+        through = await rt.store.read(lambda conn: conn.execute(
+            "SELECT through_turn_ord FROM thread_states WHERE thread_id = ?", (tid,)).fetchone())
+        assert through is not None and through[0] == 3  # the three plain turns; the waiting one (ord 4) after it
+    async with opener() as rt:
+        state = await rt.store.read(functools.partial(records.engine_state, thread_id=tid, use_boundary=True))
+        assert state["boundary_turn_ord"] == 3 and state["active_turn"]["turn"]["id"] == turn["id"]
+        assert state["items"] == [] and len(state["boundary_messages"]) == 6
+        (pending,) = await approvals(rt, tid, "pending")
+        await rt.decide_approval(tid, pending["id"], "allow")
+        await wait_turn_end(rt, tid, turn["id"])
+        row, detail = await turn_row(rt, tid, turn["id"])
+        assert row["status"] == "completed" and tools.runs["write_note"] == 1
+        snapshot = await rt.get_session_snapshot(tid)
+        # The three plain turns, then the tool turn: prompt, tool use, tool result, answer.
+        assert [m["role"] for m in snapshot.messages] == ["user", "assistant"] * 5
+        assert snapshot.messages[6]["content"][0]["text"].startswith("/tool write_note")
+        assert snapshot.messages[-1]["content"][-1]["text"].startswith("Tool write_note returned: write_note ran")
+
+
 @pytest.mark.sqlite_only(reason="a crash is an SQLite backup taken mid-turn; on PostgreSQL a thread is recovered at a lease takeover")
 async def test_a_tool_running_when_the_process_died_is_never_run_again(opener, tools, tmp_path):
     live, crashed = tmp_path / "live", tmp_path / "crashed"

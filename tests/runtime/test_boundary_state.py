@@ -142,3 +142,38 @@ def test_boundary_messages_are_read_back_exactly(tmp_path):
                                                                            odd["content"][0]["input"].items() if k != "nan"})
     assert type(read["big"]) is int and read["big"] == 2**70 and read["lone"] == "x\ud800"
     assert state["items"] == [] and state["turn_tokens"] == 7
+
+
+def test_the_collector_is_paused_while_a_boundary_state_is_decoded_and_restored_after():
+    """Decoding a boundary state starts no garbage collection pass (every container it makes stays alive: see
+    records._collector_paused), and leaves the collector as it found it, after an error too."""
+    import gc
+
+    messages = tuple({"role": "user" if i % 2 == 0 else "assistant", "content": [{"type": "text", "text": f"m{i}"}]}
+                     for i in range(5000))  # 10,000 new containers: ~20 passes with the collector on
+    data = "\n".join(records._boundary_line(list(messages[i:i + records.BOUNDARY_CHUNK]))  # as boundary_write
+                     for i in range(0, len(messages), records.BOUNDARY_CHUNK)).encode()
+    passes: list[int] = []
+
+    def count(phase: str, info: dict) -> None:
+        if phase == "start":
+            passes.append(info["generation"])
+
+    assert gc.isenabled()
+    gc.collect()  # no pass still due from the setup above
+    gc.callbacks.append(count)
+    try:
+        decoded = records._boundary_messages(data)
+        # At most the one young pass that follows the decode (the first new container after it starts it).
+        assert passes in ([], [0]) and gc.isenabled()
+        assert decoded == list(messages)
+        gc.disable()  # a caller's own pause is left as it was
+        try:
+            assert records._boundary_messages(data) == list(messages) and not gc.isenabled()
+        finally:
+            gc.enable()
+        with pytest.raises(ValueError):
+            records._boundary_messages(data[:-5])
+        assert gc.isenabled()
+    finally:
+        gc.callbacks.remove(count)

@@ -230,6 +230,41 @@ async def test_a_replayed_page_is_byte_for_byte_the_frames_of_its_events(rt, thr
                                                  since_seq=page.seq, render=render_stored)) == []
 
 
+async def test_a_replayed_page_of_runs_of_events_sharing_fields_is_byte_for_byte_their_frames(rt, thread_id):
+    """render_stored quotes the envelope's fields from thread_id to the payload's key once for each run of events
+    that share them (an item's deltas): every change of one of them alone (turn, item, event name, to and from
+    None), and an escaped payload inside a run, still gives each event its own fields."""
+    from web.sse import render_stored
+
+    plain, escaped = {"delta": " w"}, {"delta": "\u00e9t\u00e9 \n"}
+    shapes = [  # (turn_id, item_id, event, payload)
+        ("turn_a", "item_1", "item.delta", plain), ("turn_a", "item_1", "item.delta", plain),
+        ("turn_a", "item_1", "item.completed", plain),  # the event name alone changes
+        ("turn_a", "item_2", "item.completed", plain),  # the item alone
+        ("turn_b", "item_2", "item.completed", plain),  # the turn alone
+        ("turn_b", None, "item.completed", plain),  # the item to None
+        (None, None, "item.completed", plain),  # the turn to None
+        (None, "item_2", "item.completed", plain),  # the item from None
+        ("turn_b", "item_2", "item.completed", plain),  # the turn from None
+        ("turn_b", "item_2", "item.delta", plain), ("turn_b", "item_2", "item.delta", escaped),
+        ("turn_b", "item_2", "item.delta", plain), ("turn_b", "item_2", "item.delta", plain),
+        ("turn_b", "item_3", "item.delta", plain),
+    ]
+    await rt.store.write(events=[EventDraft(thread_id, event, {**payload, "i": i}, turn_id=turn_id, item_id=item_id)
+                                 for i, (turn_id, item_id, event, payload) in enumerate(shapes)])
+
+    decoded = await rt.store.read(functools.partial(records.events_after, thread_id=thread_id, since_seq=0))
+    (page,) = await rt.store.read(functools.partial(records.encoded_events_after, thread_id=thread_id, since_seq=0,
+                                                    render=render_stored))
+
+    assert page.count == len(decoded) == 1 + len(shapes)
+    assert page.data == b"".join(frame(event) for event in decoded)
+    envelopes = [json.loads(line[6:]) for line in page.data.decode().split("\n") if line.startswith("data: ")]
+    assert [(e.get("turn_id"), e.get("item_id"), e["event"], e["payload"]["i"]) for e in envelopes[1:]] == [
+        (turn_id, item_id, event, i) for i, (turn_id, item_id, event, _) in enumerate(shapes)]
+    assert {e["thread_id"] for e in envelopes} == {thread_id}
+
+
 async def test_a_replay_longer_than_a_page_is_sent_in_page_chunks_and_hands_over_to_live_events(rt, thread_id):
     """A replay reads the store a page at a time (never the whole history), sends each page in one chunk,
     and events appended while it replays come once each, in order, after the stored ones."""
