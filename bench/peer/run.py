@@ -68,6 +68,8 @@ CLIENTS = 20
 CONNECTIONS = 50
 THREADS_STORED = 15_000
 STATE_TURNS = 10
+# Turns per page when a check reads a whole thread of ours (the most `turns_limit` allows).
+DETAIL_PAGE = 1000
 
 
 class Sizes(BaseSizes):
@@ -249,12 +251,22 @@ class Ours(Side):
 
 
 async def check_ours_thread(port: int, tid: str, turns: int, text: str) -> None:
-    """Every turn of ``tid`` completed with the scripted reply (our turns are awaited on SSE only)."""
-    doc = await call(port, "GET", f"/v1/threads/{tid}")
-    statuses = [t["status"] for t in doc["turns"]]
+    """Every turn of ``tid`` completed with the scripted reply (our turns are awaited on SSE only). The detail
+    pages its turns (the latest 20 by default, docs/API.md): every page is read, following ``next_before``."""
+    statuses: list[str] = []
+    pages: list[str] = []
+    path = f"/v1/threads/{tid}?turns_limit={DETAIL_PAGE}"
+    while True:
+        doc = await call(port, "GET", path)
+        statuses = [t["status"] for t in doc["turns"]] + statuses
+        pages.append(json.dumps(doc))
+        cursor = doc["page"]["next_before"]
+        if cursor is None:
+            break
+        path = f"/v1/threads/{tid}?turns_limit={DETAIL_PAGE}&before={cursor}"
     if statuses != ["completed"] * turns:
         raise RuntimeError(f"thread {tid}: turn statuses {statuses}, expected {turns} completed")
-    if json.dumps(f"You said: {text}") not in json.dumps(doc):
+    if not any(json.dumps(f"You said: {text}") in page for page in pages):
         raise RuntimeError(f"thread {tid}: no item holds the scripted reply")
 
 
