@@ -490,10 +490,9 @@ class PostgresStore(Store):
                 payloads.append([data for data, _ in texts])
                 if rows is not None:
                     inserts.append([(position, offset + k) for k in range(len(texts))])
-                    offset += len(texts)
                 else:
                     inserts.append([(add(INSERT_EVENT, column), 0) for column in columns[offset:offset + len(texts)]])
-                    offset += len(texts)
+                offset += len(texts)
 
         sent = False
         try:

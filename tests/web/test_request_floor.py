@@ -79,6 +79,17 @@ async def test_a_json_answer_has_non_ascii_text_as_utf8_and_the_same_value(app, 
     assert exchange.header(b"content-type") == b"application/json"
 
 
+async def _one_request(app, method, path, headers, auth):
+    """One whole request through the app (its small body sent when it has headers for one); its exchange."""
+    async with trio.open_nursery() as nursery:
+        exchange = await _exchange(nursery, app, _scope(method, path, headers, auth=auth))
+        if headers:
+            await exchange.incoming_in.send({"type": "http.request", "body": BODY, "more_body": False})
+        with trio.fail_after(1):
+            await exchange.ended.wait()
+    return exchange
+
+
 @pytest.mark.parametrize("method,path,headers,auth,status", [
     ("GET", "/health", [], True, 200),
     ("POST", "/v1/threads", SMALL, False, 401),  # the answer whose end waits for the request's small body
@@ -91,12 +102,7 @@ async def test_a_request_leaves_no_reference_cycle_behind(app, method, path, hea
     gc.collect()
     gc.disable()  # only what reference counting frees is gone after the request
     try:
-        async with trio.open_nursery() as nursery:
-            exchange = await _exchange(nursery, app, _scope(method, path, headers, auth=auth))
-            if headers:
-                await exchange.incoming_in.send({"type": "http.request", "body": BODY, "more_body": False})
-            with trio.fail_after(1):
-                await exchange.ended.wait()
+        exchange = await _one_request(app, method, path, headers, auth)
         left = [type(o).__name__ for o in gc.get_objects() if isinstance(o, HTTPConnection)]
     finally:
         gc.enable()
@@ -118,12 +124,7 @@ async def test_a_request_to_a_path_without_variables_leaves_no_garbage(app, meth
         gc.collect()
         gc.set_debug(gc.DEBUG_SAVEALL)  # what the collector finds is kept in gc.garbage, not freed
         try:
-            async with trio.open_nursery() as nursery:
-                exchange = await _exchange(nursery, app, _scope(method, path, headers, auth=auth))
-                if headers:
-                    await exchange.incoming_in.send({"type": "http.request", "body": BODY, "more_body": False})
-                with trio.fail_after(1):
-                    await exchange.ended.wait()
+            exchange = await _one_request(app, method, path, headers, auth)
             gc.collect()
             garbage = [type(o).__name__ for o in gc.garbage]
         finally:
