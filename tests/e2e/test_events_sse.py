@@ -9,6 +9,7 @@ import pytest
 import trio
 
 from tests.conftest import E2E_LIMIT, start_server
+from tests.support import ThreadGuard
 from tests.e2e.helpers import collect_until
 from web.client import ApiError, AsyncClient, SseParser
 
@@ -89,32 +90,48 @@ async def test_unknown_thread_is_404_before_the_stream_starts(client):
     assert info.value.status == 404
 
 
-async def test_keepalive_comment_on_a_quiet_stream(nursery, tmp_path):
-    """A quiet stream gets ``: keepalive`` comments and stays open: an event after them still arrives on
-    it. (Reading until the comment alone also passed when the server ended the stream instead.)"""
-    live = await start_server(nursery, tmp_path / "d", sse_keepalive=0.05)
+# The keepalive period of the quiet-stream test, in virtual seconds (MockClock): any value works there; this
+# one is well inside E2E_LIMIT for the two periods the test waits, and below httpx's 5 s read timeout.
+KEEPALIVE = 2.0
+
+
+async def test_keepalive_comment_on_a_quiet_stream(nursery, tmp_path, autojump_clock):
+    """A quiet stream gets ``: keepalive`` comments, one period apart, and stays open: an event after them
+    still arrives on it. (Reading until the comment alone also passed when the server ended the stream.)
+
+    On MockClock (the server runs in this trio run, so its timers are virtual): time moves only when the
+    server and the client are both idle, never while a store thread works (ThreadGuard). So the first
+    comment comes exactly one period after the stream opened, after the replayed event, whatever the load
+    (on the real clock, with a short period, a slow replay read let a comment go first)."""
+    guard = ThreadGuard(autojump_clock)
+    trio.lowlevel.add_instrument(guard)  # stays for the whole run: the server's shutdown uses threads too
+    live = await start_server(nursery, tmp_path / "d", sse_keepalive=KEEPALIVE)
+    guard.limiters.append(live.runtime.store.read_limiter)
     async with live.client() as c:
         thread = await c.create_thread()
-        lines: list[str] = []
+        lines: list[tuple[float, str]] = []  # (virtual seconds since the stream opened, line)
         with trio.fail_after(E2E_LIMIT):
             async with httpx.AsyncClient(base_url=live.url, headers={"Authorization": "Bearer test-token"}) as http:
                 async with http.stream("GET", f"/v1/threads/{thread['id']}/events") as response:
+                    opened = trio.current_time()
                     stream = response.aiter_lines()
                     async for line in stream:
-                        lines.append(line)
-                        if lines.count(": keepalive") == 2:  # two: the stream outlived one keepalive period
+                        lines.append((trio.current_time() - opened, line))
+                        if [text for _, text in lines].count(": keepalive") == 2:  # the stream outlived a period
                             break
                     # Still open: an event published after the keepalives is delivered on the same stream.
                     await c.update_thread(thread["id"], title="after the keepalives")
                     parser, event = SseParser(), None
                     async for line in stream:
-                        lines.append(line)
+                        lines.append((trio.current_time() - opened, line))
                         if (event := parser.feed(line)) is not None:
                             break
-    assert lines.count(": keepalive") == 2, f"the stream ended instead: {lines}"
+    texts = [text for _, text in lines]
+    assert texts.count(": keepalive") == 2, f"the stream ended instead: {lines}"
     assert event is not None, f"the stream ended after the keepalives: {lines}"
-    assert lines[:3] == ["id: 1", "event: thread.started", lines[2]] and lines[2].startswith("data: {")
-    assert lines.index(": keepalive") > 2  # after the replayed event
+    assert texts[:3] == ["id: 1", "event: thread.started", texts[2]] and texts[2].startswith("data: {")
+    assert all(at == 0 for at, _ in lines[:3])  # the replay at once, before any comment
+    assert [at for at, text in lines if text == ": keepalive"] == [KEEPALIVE, 2 * KEEPALIVE]
     assert event["event"] == "thread.updated" and event["payload"]["changes"] == {"title": "after the keepalives"}
     assert event["seq"] > 1
     live.shutdown.set()
