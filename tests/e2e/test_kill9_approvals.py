@@ -29,6 +29,7 @@ from tests.conftest import E2E_LIMIT
 from tests.e2e.helpers import collect_until, comparable, stream_from
 from tests.e2e.process import ServerProcess
 from tests.reliability.support import serving
+from tests.support import store_connection
 from web.client import AsyncClient, _q
 
 POLL = 0.02  # seconds between looks at the run log (a poll on a condition, under a deadline)
@@ -142,31 +143,52 @@ async def test_an_approval_pending_at_kill_9_is_decided_after_the_restart_and_th
         assert (await client.health())["status"] == "ok"
 
 
+# The approval timeout of the deadline test: far longer than the test runs, so an approval whose deadline
+# counted from the restart could not expire within E2E_LIMIT.
+APPROVAL_TIMEOUT = 600.0
+# How much of that timeout is left when the stopped server's approval has its downtime simulated: the test
+# waits this long (real seconds) for the expiry, at most.
+LEFT_AT_RESTART = 1.0
+
+
+def stamp(moment: dt.datetime) -> str:
+    """``moment`` in the stored format (runtime.clock.utc_now: milliseconds, ``Z``)."""
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
 async def test_an_approval_deadline_counts_from_its_creation_across_a_kill_9(tmp_path, run_log):
+    """The server dies with an approval pending; while it is down, all but LEFT_AT_RESTART seconds of the
+    approval's APPROVAL_TIMEOUT pass: its stored creation and deadline move back by the same amount (the
+    wall clock is the seam: a stopped server's downtime is only those stored times, so this is what a long
+    downtime leaves). The restarted server expires it at the stored deadline, about a second later; had it
+    counted from the restart, nothing would expire within E2E_LIMIT. No real wait on a timeout, no bound
+    that a slow restart can break (a restart slower than LEFT_AT_RESTART expires it at once, also right)."""
     data_dir = tmp_path / "data"
-    timeout = 6.0  # a real deadline of a few seconds (a slow restart must take less): checked against stored times
-    async with running(data_dir, "--approval-timeout", str(timeout)) as (server, client):
+    timeout = ("--approval-timeout", str(APPROVAL_TIMEOUT))
+    async with running(data_dir, *timeout) as (server, client):
         thread_id = (await client.create_thread())["id"]
         turn = await client.start_turn(thread_id, '/tool wait {"seconds": 1}')
         before = await collect_until(client, thread_id, lambda e: e["event"] == "approval.requested")
         (pending,) = await approvals(client, thread_id, "pending")
         created, expires = parse_utc(pending["created_at"]), parse_utc(pending["expires_at"])
-        assert (expires - created).total_seconds() == pytest.approx(timeout, abs=0.01)
-        # The process lives until half the timeout has passed by the stored creation time, then dies.
-        half = created + dt.timedelta(seconds=timeout / 2)
-        await trio.sleep(max(0.0, (half - dt.datetime.now(dt.timezone.utc)).total_seconds()))
+        assert (expires - created).total_seconds() == pytest.approx(APPROVAL_TIMEOUT, abs=0.01)
         await kill_9(server)
 
+    # The downtime: the deadline is now LEFT_AT_RESTART ahead, the creation a whole timeout before it.
+    deadline = parse_utc(utc_now()) + dt.timedelta(seconds=LEFT_AT_RESTART)
+    moved = (stamp(deadline - (expires - created)), stamp(deadline))
+    with store_connection(data_dir) as conn:
+        conn.execute("UPDATE approvals SET created_at = ?, expires_at = ? WHERE id = ? AND status = 'pending'",
+                     (*moved, pending["id"]))
     restarted_at = parse_utc(utc_now())
-    assert restarted_at >= half
-    async with running(data_dir, "--approval-timeout", str(timeout)) as (server, client):
+    async with running(data_dir, *timeout) as (server, client):
         rest = await stream_from(server.url, server.token, thread_id, before[-1]["seq"], turn["id"])
         (record,) = await approvals(client, thread_id)
         assert (record["id"], record["status"], record["decided_by"]) == (pending["id"], "expired", "timeout")
-        assert record["expires_at"] == pending["expires_at"]
+        assert (record["created_at"], record["expires_at"]) == moved
         resolved = parse_utc(record["resolved_at"])
         # Expired at the stored deadline (creation + T), not T after the restart.
-        assert expires <= resolved < restarted_at + dt.timedelta(seconds=timeout), (
+        assert deadline <= resolved < restarted_at + dt.timedelta(seconds=APPROVAL_TIMEOUT), (
             record, restarted_at.isoformat())
         assert [(e["event"], e["payload"]) for e in rest if e["event"] == "approval.resolved"] == [
             ("approval.resolved", {"approval_id": pending["id"], "decision": "deny", "decided_by": "timeout"})]
