@@ -148,6 +148,8 @@ def test_store_backend_is_reached_through_its_package():
     for path in sorted(p for d in ("runtime", "web", "tests", "bench", "examples") for p in project_files(ROOT / d)):
         if path.is_relative_to(RUNTIME / "store"):
             continue
+        if "sqlite" not in path.read_text():  # no import can name the module without the word: no need to parse
+            continue
         if path.is_relative_to(RUNTIME):
             targets = import_targets(module_name(path), path, modules)
         else:
