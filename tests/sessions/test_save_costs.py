@@ -166,6 +166,9 @@ async def test_a_save_puts_its_file_in_place_before_it_asks_the_writer(rt, monke
     assert [s["revision"] for s in await rt.sessions.list(limit=10)] == [2]
 
 
+# A pure function (no Runtime, no storage): the session_storage parametrization ran it twice, and once more in
+# the PostgreSQL pass, the same ~3 s each time. files_only runs it once (the store and PostgreSQL runs skip it).
+@pytest.mark.files_only
 def test_the_search_text_is_lower_cased_exactly_as_str_lower_does():
     """``lower_utf8`` sends only the non-ASCII runs through ``str.lower`` (which lower-cases a whole
     non-ASCII string through the Unicode tables, ~140 ms for 12 MB): the bytes must be exactly
