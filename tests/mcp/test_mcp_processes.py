@@ -56,6 +56,10 @@ async def test_a_dead_http_server_is_noticed_without_a_call_then_reconnected(tmp
     monkeypatch.setattr(supervisor, "HTTP_PING_SECONDS", 0.05)
     monkeypatch.setattr(supervisor, "RESTART_BACKOFF_FIRST", 0.05)
     monkeypatch.setattr(supervisor, "RESTART_BACKOFF_MAX", 0.2)
+    # Every status change kept: at a 0.2 s backoff, a toolbox that takes seconds to start again (a loaded
+    # machine) means more failed/starting rounds than the 20 kept by default, which pushed the first ones
+    # (ready, failed) out of the deque checked below.
+    monkeypatch.setattr(supervisor, "TRANSITIONS_KEPT", 10_000)
     data, marks = tmp_path / "data", tmp_path / "marks"
     data.mkdir(), marks.mkdir()
     port = free_port()
