@@ -10,10 +10,12 @@ import orjson
 import trio
 from flask.json.provider import DefaultJSONProvider
 from quart import Response
+from quart.helpers import _split_blueprint_path
 from quart.utils import encode_headers
 from quart.wrappers.response import DataBody
 from quart_trio import QuartTrio
 from quart_trio.asgi import TrioASGIHTTPConnection
+from quart_trio.wrappers.request import TrioRequest
 
 from runtime import Runtime
 
@@ -100,12 +102,24 @@ class HTTPConnection(TrioASGIHTTPConnection):
         if type(body) is not DataBody:
             await super()._send_response(send, response)
             return
-        await send({"type": "http.response.start", "status": response.status_code,
-                    "headers": encode_headers(response.headers)})
-        await send({"type": "http.response.body", "body": body.data[body.begin:body.end], "more_body": False})
+        start = {"type": "http.response.start", "status": response.status_code,
+                 "headers": encode_headers(response.headers)}
+        end = {"type": "http.response.body", "body": body.data[body.begin:body.end], "more_body": False}
+        if self.body_received.is_set():
+            # What ``send_whole`` does with each of the two messages once the request body is in (every
+            # request without a body): send it shielded. One shielded scope for both instead of one each
+            # (issue 16, the floor). Safe: bounded by the socket writes under it, which web/server.py gives a
+            # deadline (the send timeout, or the end of the grace at shutdown).
+            with trio.CancelScope(shield=True):
+                await self._asgi_send(start)
+                await self._asgi_send(end)
+            return
+        await send(start)
+        await send(end)
 
     async def handle_request(self, nursery, request, send):  # type: ignore[override]
         wait_for_body = False
+        self._asgi_send = send  # the server's own send, for _send_response
 
         async def send_shielded(message):
             # Safe: bounded by the socket write under it, which web/server.py gives a deadline (the send
@@ -163,6 +177,24 @@ def _declared_length(headers) -> int | None:  # type: ignore[no-untyped-def]
             except ValueError:
                 return None
     return length
+
+
+class Request(TrioRequest):
+    """quart-trio's request, with ``blueprints`` read from the matched rule's endpoint in one step.
+
+    Quart reads ``request.blueprints`` six times per request (hooks, context processors, error handlers,
+    URL defaults), each through ``blueprint`` and ``endpoint``, which read the endpoint twice more: ~40
+    Python calls of every request in a blueprint, that is every route of ours (issue 16, the floor). The
+    value is the same (Quart's cached ``_split_blueprint_path`` of the endpoint's blueprint part, the same
+    list object), and it follows ``url_rule`` as Quart's does."""
+
+    @property
+    def blueprints(self) -> list[str]:
+        rule = self.url_rule
+        if rule is None:
+            return []
+        blueprint, dot, _ = rule.endpoint.rpartition(".")
+        return _split_blueprint_path(blueprint) if dot else []
 
 
 # What orjson hands to the provider's ``default`` instead of encoding itself: a date (Quart writes an HTTP
@@ -242,6 +274,7 @@ def create_app(rt: Runtime, settings: ServerSettings, token: str | None) -> Quar
     app = QuartTrio("trio_runtime", static_folder=None)
     app.json = JSONProvider(app)
     app.asgi_http_class = HTTPConnection
+    app.request_class = Request
     app.config.update(
         MAX_CONTENT_LENGTH=settings.max_body,
         RESPONSE_TIMEOUT=None,  # SSE streams are long-lived; engine waits carry their own timeouts

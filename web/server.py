@@ -28,7 +28,7 @@ import trio
 from hypercorn.config import Config as HyperConfig
 from hypercorn.events import Closed, Event, RawData
 from hypercorn.trio import run as hypercorn_run
-from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 
 log = logging.getLogger("trio_runtime")
 
@@ -96,13 +96,25 @@ class ServerConfig(HyperConfig):
 class BoundedTCPServer(TCPServer):
     """hypercorn's connection handler, with every write bounded by ``config.send_bounds``.
 
-    With a config that has no ``send_bounds`` (another hypercorn server in the same process) it is
-    hypercorn's handler unchanged."""
+    Also its reads: with no read timeout (ours) they are not wrapped in a scope that can never fire. With
+    a config that has no ``send_bounds`` (another hypercorn server in the same process) it is hypercorn's
+    handler unchanged."""
 
     async def protocol_send(self, event: Event) -> None:
         bounds: SendBounds | None = getattr(self.config, "send_bounds", None)
         if bounds is None or not isinstance(event, RawData):
             await super().protocol_send(event)
+            return
+        if not event.data and isinstance(self.stream, trio.SocketStream) and not self.send_lock.locked():
+            # The empty end of every response (h11 frames a fixed-length body with no end bytes): a
+            # SocketStream writes nothing for it, and only raises if the socket is closed or shut down for
+            # writing, which hypercorn relies on to notice a connection that went away. That check is made
+            # here directly, without the lock, the shielded scope and the checkpoint of a write: each cost
+            # every request (issue 16, the floor under load). With a write in progress (the lock held),
+            # the end waits for it as before.
+            socket = self.stream.socket
+            if socket.fileno() == -1 or socket.did_shutdown_SHUT_WR:
+                await self.protocol.handle(Closed())  # what a write to a closed socket leads to, below
             return
         async with self.send_lock:
             # SendBounds shields the write for hypercorn's reason, with a deadline inside the shield: the
@@ -122,6 +134,26 @@ class BoundedTCPServer(TCPServer):
                         await self.stream.aclose()  # wakes this connection's reader with ClosedResourceError
             if not delivered:
                 await self.protocol.handle(Closed())
+
+    async def _read_data(self) -> None:
+        """hypercorn's read loop, without its per-read ``fail_after(read_timeout or inf)`` when there is no
+        read timeout (our config sets none: an idle keep-alive connection is closed by hypercorn's idle
+        timer instead). A scope with an infinite deadline can never fire, yet was entered and left around
+        every read, with its context manager: ~45 Python calls of each request (issue 16, the floor).
+        With a read timeout it is hypercorn's loop unchanged."""
+        if self.config.read_timeout is not None or getattr(self.config, "send_bounds", None) is None:
+            await super()._read_data()
+            return
+        while True:
+            try:
+                data = await self.stream.receive_some(MAX_RECV)
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                break
+            else:
+                await self.protocol.handle(RawData(bytes(data)))
+                if data == b"":
+                    break
+        await self.protocol.handle(Closed())
 
 
 def _peer(server: TCPServer) -> str:

@@ -13,12 +13,15 @@ import json
 import pytest
 import trio
 import trio.testing
+from hypercorn.events import Closed, RawData
+from quart_trio.wrappers.request import TrioRequest
+from werkzeug.routing import Rule
 
 from tests.support import open_runtime
 from tests.web.test_send_bounds import Client
 from tests.web.test_unread_body import AT_ONCE, BODY, REQUEST_TIMEOUT, SMALL, TOKEN, Exchange, _scope
-from web.app import STATIC_ROUTES_LIMIT, HTTPConnection, StaticRoutes, create_app
-from web.server import SendBounds
+from web.app import STATIC_ROUTES_LIMIT, HTTPConnection, Request, StaticRoutes, create_app
+from web.server import BoundedTCPServer, SendBounds, ServerConfig
 from web.settings import ServerSettings
 
 
@@ -258,3 +261,117 @@ def test_a_body_class_has_its_type_hints_resolved_once_not_per_request(monkeypat
     with pytest.raises(InvalidInput, match="Unknown field 'nope'"):
         schemas.parse_body(schemas.UpdateThreadBody, {"nope": 1})
     assert calls == [schemas.UpdateThreadBody]
+
+
+async def test_a_json_answer_to_a_request_without_a_body_is_sent_under_one_shielded_scope(app, monkeypatch,
+                                                                                         autojump_clock):
+    # Each of the two messages went under a shielded scope of its own; once the request body is in, both go
+    # under one (issue 16, the floor: a scope costs ~30 Python calls). Still shielded: see the test above.
+    real, shields = trio.CancelScope, []
+    monkeypatch.setattr(trio, "CancelScope", lambda *a, **k: shields.append(k.get("shield", False)) or real(*a, **k))
+    exchange = await _one_request(app, "GET", "/health", [], True)
+    monkeypatch.undo()
+    assert exchange.start["status"] == 200 and json.loads(exchange.body)["status"] == "ok"
+    assert [m["type"] for _, m in exchange.sent] == ["http.response.start", "http.response.body"]
+    assert shields.count(True) == 1
+
+
+def _endpoint_request(endpoint: str | None) -> Request:
+    request = Request.__new__(Request)  # only url_rule is read
+    request.url_rule = None if endpoint is None else Rule("/x", endpoint=endpoint)
+    return request
+
+
+@pytest.mark.parametrize("endpoint", [None, "health.health", "threads.get_thread", "plain", "a.b.c", ".x", "a."])
+def test_a_requests_blueprints_are_quarts_own_read_in_one_step(endpoint):
+    # Quart computes request.blueprints through request.blueprint and request.endpoint, six times per request;
+    # ours reads the rule's endpoint once and must give the same list (the same cached object).
+    request = _endpoint_request(endpoint)
+    quarts = TrioRequest.blueprints.fget(request)
+    assert request.blueprints == quarts and (request.blueprints is quarts or quarts == [])
+    assert request.blueprints == {None: [], "health.health": ["health"], "threads.get_thread": ["threads"],
+                                  "plain": [], "a.b.c": ["a.b", "a"], ".x": [""], "a.": ["a"]}[endpoint]
+
+
+async def test_the_app_builds_its_requests_with_blueprints_read_in_one_step(app):
+    assert app.request_class is Request
+    for rule in app.url_map.iter_rules():
+        request = _endpoint_request(rule.endpoint)
+        assert request.blueprints == TrioRequest.blueprints.fget(request)
+
+
+class _Protocol:
+    def __init__(self) -> None:
+        self.events: list = []
+
+    async def handle(self, event) -> None:  # type: ignore[no-untyped-def]
+        self.events.append(event)
+
+
+def _tcp_server(stream, read_timeout=None) -> BoundedTCPServer:  # type: ignore[no-untyped-def]
+    config = ServerConfig()
+    config.send_bounds, config.read_timeout = SendBounds(10.0), read_timeout
+    server = BoundedTCPServer(None, config, None, None, stream)  # type: ignore[arg-type]
+    server.protocol = _Protocol()  # type: ignore[assignment]
+    return server
+
+
+def _events(server: BoundedTCPServer) -> list:
+    return [(type(e).__name__, getattr(e, "data", None)) for e in server.protocol.events]  # type: ignore[attr-defined]
+
+
+async def test_the_empty_end_of_a_response_is_no_write_yet_a_gone_client_still_ends_the_connection():
+    # h11 ends a fixed-length body with no bytes: the write of b"" took the send lock, a shielded scope and a
+    # checkpoint on every request. Now nothing, unless the socket is closed or shut down for writing: then
+    # hypercorn's protocol is told the connection is gone, as the write's ClosedResourceError led to before.
+    a, b = trio.socket.socketpair()
+    with b:
+        server = _tcp_server(trio.SocketStream(a))
+        with trio.testing.assert_no_checkpoints():
+            await server.protocol_send(RawData(b""))
+        assert _events(server) == []
+        await server.stream.send_eof()
+        await server.protocol_send(RawData(b""))
+        assert _events(server) == [("Closed", None)]
+        await server.stream.aclose()
+        await server.protocol_send(RawData(b""))
+        assert _events(server) == [("Closed", None), ("Closed", None)]
+    # A write that waits holds the lock: the end waits for it (hypercorn's order), through the write path.
+    c, d = trio.socket.socketpair()
+    with c, d:
+        server = _tcp_server(trio.SocketStream(c))
+        release, ended = trio.Event(), trio.Event()
+
+        async def hold() -> None:
+            async with server.send_lock:
+                await release.wait()
+
+        async def end() -> None:
+            await server.protocol_send(RawData(b""))
+            ended.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(hold)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(end)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not ended.is_set()
+            release.set()
+        assert ended.is_set() and _events(server) == []
+
+
+async def test_reads_without_a_read_timeout_enter_no_scope_and_with_one_keep_hypercorns(monkeypatch):
+    # hypercorn entered fail_after(read_timeout or inf) around every read: a scope (and a context manager)
+    # per request that can never fire when there is no read timeout, as in our config.
+    real, timeouts = trio.fail_after, []
+    monkeypatch.setattr(trio, "fail_after", lambda seconds: timeouts.append(seconds) or real(seconds))
+    for read_timeout in (None, 30):
+        a, b = trio.socket.socketpair()
+        with b:
+            server = _tcp_server(trio.SocketStream(a), read_timeout)
+            await b.send(b"GET / HTTP/1.1\r\n\r\n")
+            b.shutdown(trio.socket.SHUT_WR)
+            await server._read_data()
+            await server.stream.aclose()
+        assert _events(server) == [("RawData", b"GET / HTTP/1.1\r\n\r\n"), ("RawData", b""), ("Closed", None)]
+    assert timeouts == [30, 30]  # only hypercorn's loop, with a read timeout: one per read
