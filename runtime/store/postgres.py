@@ -764,9 +764,13 @@ class PostgresStore(Store):
         try:
             rows = await _query_on_loop(conn, text.encode(conn.encoding))  # a module global: tests trace it
         except psycopg.DatabaseError:
-            raise  # the statement's own error (the connection is fine, in autocommit, outside any transaction)
+            # The statement's own error leaves the connection fine (autocommit, outside any transaction); a lost
+            # one (libpq's status BAD) is closed now, and the next read opens a new one.
+            if conn.raw.closed:
+                self._forget_reader(holder)
+            raise
         except BaseException:
-            # Cancelled with the query on the wire, or the connection lost: its state is unknown, close it.
+            # Cancelled with the query on the wire: the connection's state is unknown, close it.
             self._forget_reader(holder)
             raise
         return fn(_ReplayConnection(conn.host_id, sql, params, rows))

@@ -202,6 +202,21 @@ async def test_an_error_of_an_inline_one_statement_read_is_raised_and_the_connec
         assert await store.read(functools.partial(run_sql, sql="SELECT 2 / 1"), inline=True) == [(2,)]
 
 
+async def test_an_inline_read_on_a_lost_connection_fails_and_the_next_read_opens_a_new_one(pg_url):
+    read = functools.partial(thread_title, thread_id="thr_l")
+    async with PostgresStore.open(pg_url, lambda events: None, read_pool=1) as store:
+        outside(pg_url, THREAD_ROW, ("thr_l",))
+        assert await store.read(read, inline=True) == ("thr_l", None)
+        (conn,) = store._all_readers
+        outside(pg_url, "SELECT pg_terminate_backend(%s)", (conn.raw.info.backend_pid,))
+        with pytest.raises(psycopg.OperationalError):
+            await store.read(read, inline=True)
+        # Closed and out of the pool at once, not handed to the next read.
+        assert conn.raw.closed and store._all_readers == set() and store._idle_readers == []
+        assert await store.read(read, inline=True) == ("thr_l", None)
+        assert len(store._all_readers) == 1 and outside_transactions(store)
+
+
 async def test_an_inline_read_cancelled_on_the_wire_closes_its_connection_and_the_next_read_answers(pg_url):
     read = functools.partial(thread_title, thread_id="thr_x")
     async with PostgresStore.open(pg_url, lambda events: None, read_pool=1) as store:
