@@ -15,8 +15,12 @@ Workloads (latencies in ms as seen by the calling trio task, p50 over N):
   client-side, BEGIN and COMMIT in the same query: one round trip); the store's batch also locks the thread's
   lease row and sends a NOTIFY in it. The notes give the earlier workload (INSERT ... SELECT FROM unnest(text
   arrays) + COMMIT, three round trips: not what the store does) and executemany.
-- select_pk: one row by primary key. PostgreSQL: a store read (``snapshot_read``: BEGIN REPEATABLE READ READ
-  ONLY, the SELECT, ROLLBACK, on the store's connection adapter); the notes give a plain psycopg SELECT + COMMIT.
+- select_pk: one row by primary key. PostgreSQL: a store read (``PostgresStore.read`` of a one-statement read
+  function, ``inline=True`` as the store's callers pass for a point read: one simple query awaited on the event
+  loop, docs/design.md "One-statement reads"), on a PostgresStore of its own (a second database of the cluster,
+  the store's schema). The notes give the same read with ``inline=False`` (the function run in a worker thread),
+  the snapshot way (BEGIN REPEATABLE READ READ ONLY, the SELECT, ROLLBACK: what every store read did before,
+  and what a read of several statements still does) and a plain psycopg SELECT + COMMIT.
 - notify: LISTEN/NOTIFY wake-up: another connection commits a NOTIFY, a trio task waiting on the listener
   (its socket in ``trio.lowlevel.wait_readable``, no thread) wakes up; baseline: an in-process wake-up
   from a worker thread (what the SQLite store does: publish after commit, same process)
@@ -143,7 +147,32 @@ async def in_process_wakeups(n: int) -> list[float]:
 
 # ---- psycopg 3 from worker threads ----------------------------------------------------------------------
 
-async def psycopg_workloads(dsn: str, n: dict[str, int]) -> dict[str, list[float]]:
+def event_by_seq(conn: Any, seq: int) -> Any:
+    """A one-statement store read function (records.get_thread_row's shape): one row by primary key."""
+    return conn.execute("SELECT * FROM events WHERE seq = ?", (seq,)).fetchone()
+
+
+async def store_reads(url: str, n: int) -> dict[str, list[float]]:
+    """Reads through the store itself (``PostgresStore.read``, its read pool): rows pg3 and its notes."""
+    import functools
+
+    from runtime.store import EventDraft
+    from runtime.store.postgres import PostgresStore
+
+    async with PostgresStore.open(url, publish=lambda events: None) as store:
+        await store.write(events=[EventDraft("thr_bench", "item.delta", {"delta": " word"}, timestamp=TS)] * 10)
+        read = functools.partial(event_by_seq, seq=7)
+
+        async def inline() -> None:
+            assert (await store.read(read, inline=True))[0] == 7
+
+        async def in_thread() -> None:
+            assert (await store.read(read))[0] == 7
+
+        return {"select_pk": await timed(n, inline), "select_pk_thread": await timed(n, in_thread)}
+
+
+async def psycopg_workloads(dsn: str, n: dict[str, int], store_url: str) -> dict[str, list[float]]:
     import orjson
     import psycopg
 
@@ -168,8 +197,8 @@ async def psycopg_workloads(dsn: str, n: dict[str, int]) -> dict[str, list[float
         store_cursor.nextset()
         assert len(store_cursor.fetchall()) == 100
 
-    def select_pk_store() -> None:
-        # A store read (PostgresStore.read's worker thread): one REPEATABLE READ READ ONLY snapshot.
+    def select_pk_snapshot() -> None:
+        # The snapshot way of a store read (PostgresStore._read_sync): one REPEATABLE READ READ ONLY transaction.
         row = snapshot_read(store_conn, lambda c: c.execute("SELECT * FROM events WHERE seq = ?", (7,)).fetchone())
         assert row[0] == 7
 
@@ -205,7 +234,8 @@ async def psycopg_workloads(dsn: str, n: dict[str, int]) -> dict[str, list[float
                 "batch100": await timed(n["batch100"], run(batch100_store)),
                 "batch100_unnest": await timed(n["batch100"], run(batch100)),
                 "batch100_executemany": await timed(n["batch100"], run(batch100_executemany)),
-                "select_pk": await timed(n["select_pk"], run(select_pk_store)),
+                **await store_reads(store_url, n["select_pk"]),
+                "select_pk_snapshot": await timed(n["select_pk"], run(select_pk_snapshot)),
                 "select_pk_plain": await timed(n["select_pk"], run(select_pk)),
                 "notify": await psycopg_notify_wakeups(dsn, n["notify"]),
                 "notify_thread": await psycopg_notify_thread_wakeups(dsn, n["notify"])}
@@ -346,7 +376,7 @@ def measure(quick: bool, purepy: bool = False) -> dict[str, Any]:
         dsn = cluster.dsn(db)
         result: dict[str, Any] = {"n": n, "async_probe": psycopg_async_on_trio(dsn)}
         result["sqlite"] = trio.run(sqlite_workloads, Path(tmp) / "bench.sqlite3", n)
-        result["psycopg"] = trio.run(psycopg_workloads, dsn, n)
+        result["psycopg"] = trio.run(psycopg_workloads, dsn, n, cluster.url(cluster.create_database()))
         if purepy:
             result["purepy"] = trio.run(purepy_workloads, cluster, db, n)
     return result
@@ -377,9 +407,12 @@ def bench_pg(sz) -> list:
                   f"{p50_ms(p['batch100_executemany']):.2f} ms"),
         Row("pg3", "PG SELECT by pk p50 (store read)", "SQLite, thread", p50_ms(s["select_pk"]),
             p50_ms(p["select_pk"]), "ms", 2.0, False,
-            notes=f"p99 {p99_ms(p['select_pk']):.3f} vs {p99_ms(s['select_pk']):.3f} ms; a store read "
-                  f"(snapshot_read: BEGIN REPEATABLE READ READ ONLY, SELECT, ROLLBACK: 3 round trips); a plain "
-                  f"psycopg SELECT + COMMIT (also 3): p50 {p50_ms(p['select_pk_plain']):.3f} ms"),
+            notes=f"p99 {p99_ms(p['select_pk']):.3f} vs {p99_ms(s['select_pk']):.3f} ms; a store read of one "
+                  f"statement, inline (one query awaited on the loop); the same read not inline (its function "
+                  f"in a worker thread): p50 {p50_ms(p['select_pk_thread']):.3f} ms; the snapshot way (BEGIN "
+                  f"REPEATABLE READ READ ONLY, SELECT, ROLLBACK in a thread: every read before issue 16's third "
+                  f"pass, a read of several statements now): p50 {p50_ms(p['select_pk_snapshot']):.3f} ms; a plain "
+                  f"psycopg SELECT + COMMIT: p50 {p50_ms(p['select_pk_plain']):.3f} ms"),
         Row("pg4", "PG NOTIFY wake-up p50 (wait_readable)", "in-process wake", p50_ms(s["notify"]),
             p50_ms(p["notify"]), "ms", 0.0, False, absolute_target=10.0,
             notes=f"p99 {p99_ms(p['notify']):.2f} ms; a thread blocked in conn.notifies(): "
@@ -391,7 +424,7 @@ def main(argv: list[str]) -> int:
     got = measure("--quick" in argv, purepy="--purepy" in argv)
     print(f"psycopg AsyncConnection on trio: {got['async_probe']}")
     for name in ("insert_commit", "batch100", "batch100_unnest", "batch100_executemany", "select_pk",
-                 "select_pk_plain", "notify", "notify_thread"):
+                 "select_pk_thread", "select_pk_snapshot", "select_pk_plain", "notify", "notify_thread"):
         cells = [f"{name:14}"]
         for side in ("sqlite", "psycopg", "purepy"):
             if side in got and name in got[side]:

@@ -10,9 +10,11 @@ What differs, and why:
   its async API does not run on trio). Shared code (engine, history, sessions, idempotency, records) passes
   ``fn(conn)`` functions written for sqlite3; they get a ``PgConnection`` adapter that takes ``?``
   placeholders, returns rows indexable by name and by position, and maps bytes to BYTEA.
-- Every read runs in a worker thread (``inline=`` is ignored: a network round trip must never block the
-  event loop), in one ``REPEATABLE READ READ ONLY`` transaction (a snapshot, as a SQLite read transaction),
-  on one of a small pool of read connections behind ``read_limiter``.
+- A read runs on one of a small pool of read connections behind ``read_limiter``, on one snapshot: a read
+  function of several statements in one ``REPEATABLE READ READ ONLY`` transaction (as a SQLite read
+  transaction) in a worker thread; one seen running a single statement in autocommit mode, one round trip,
+  awaited on the event loop without a thread when ``inline`` (``PostgresStore.read``). A blocking libpq call
+  never runs on the loop.
 - A transaction that writes events of a thread first locks the thread's lease row (created with epoch 0 and
   no owner if missing), then takes seqs from the sequence (docs/design.md "seq on PostgreSQL": a thread's
   seqs become visible in order). A lane with ``fence = (thread_id, epoch)`` has that lock taken at its epoch
@@ -89,10 +91,12 @@ NOTIFY_THREADS = "SELECT pg_notify(?, thread_id) FROM unnest(CAST(? AS text[])) 
 # events): their rows as one JSON array of arrays (bound client-side ~10x cheaper than six text arrays or a
 # statement per row: docs/design.md "PostgreSQL driver"), inserted in array order (ORDER BY
 # the ordinality: each row's seq is taken as it leaves the sort, so seqs follow the array and RETURNING gives
-# them in that order).
+# them in that order). As jsonb, parsed once: each ``->>`` of a json (text) element parses it again, six times a
+# row (issue 16 third pass, EXPLAIN ANALYZE of 100 rows: server execution 0.54 -> 0.26-0.30 ms).
 INSERT_EVENT_ROWS = ("INSERT INTO events (thread_id, turn_id, item_id, event, timestamp, payload)"
                      " SELECT r.e->>0, r.e->>1, r.e->>2, r.e->>3, r.e->>4, r.e->>5"
-                     " FROM json_array_elements(CAST(? AS json)) WITH ORDINALITY AS r (e, n) ORDER BY r.n RETURNING seq")
+                     " FROM jsonb_array_elements(CAST(? AS jsonb)) WITH ORDINALITY AS r (e, n)"
+                     " ORDER BY r.n RETURNING seq")
 
 
 class PgRow(tuple):
@@ -237,9 +241,14 @@ class PgConnection:
         self.host_id = host_id
         self.locked: set[str] = set()
         self.written: set[str] = set()
+        self.statements = 0  # ``execute``/``executemany`` calls of shared code (PostgresStore._read_sync counts)
+        self.encoding = raw.info.encoding
+        # Binds a one-statement read's parameters client-side (PostgresStore._read_one_statement).
+        self.client_cursor = psycopg.ClientCursor(raw)
 
     # -- sqlite3-like surface ---------------------------------------------------------------------------
     def execute(self, sql: str, params: Sequence[Any] | None = None) -> PgCursor:
+        self.statements += 1
         query, as_bytes = translate(sql)
         if params is None and not as_bytes and "%" not in query:
             # No parameters: sent as it is (simple protocol), so SAVEPOINT/BEGIN/COMMIT are never prepared.
@@ -247,6 +256,7 @@ class PgConnection:
         return PgCursor(self.raw.execute(query, _params(params, as_bytes)))  # type: ignore[arg-type]
 
     def executemany(self, sql: str, seq: Sequence[Sequence[Any]]) -> PgCursor:
+        self.statements += 2  # never a one-statement read (several statements, whatever their number)
         query, as_bytes = translate(sql)
         cursor = self.raw.cursor()
         cursor.executemany(query, [_params(p, as_bytes) for p in seq])  # type: ignore[arg-type]
@@ -318,6 +328,142 @@ def snapshot_read(conn: PgConnection, fn: Callable[[Any], Any]) -> Any:
             conn.raw.execute("ROLLBACK")
 
 
+# ---- one-statement reads (PostgresStore.read) ----------------------------------------------------------
+
+class _NotOneStatement(BaseException):
+    """A read function asked its connection for more than the one statement the one-statement path serves:
+    the read runs again the snapshot way. A BaseException, like trio's Cancelled, so a read function's own
+    ``except Exception`` never swallows it."""
+
+
+class _Captured(BaseException):
+    """A read function's first statement, recorded (and the function stopped) by _CAPTURE."""
+
+    def __init__(self, sql: str, params: Sequence[Any] | None) -> None:
+        super().__init__(sql)
+        self.sql, self.params = sql, params
+
+
+class _CaptureConnection:
+    """What a read function gets first: its first ``execute`` is recorded and stops it; anything else it asks
+    of the connection sends the read the snapshot way."""
+
+    def execute(self, sql: str, params: Sequence[Any] | None = None) -> Any:
+        raise _Captured(sql, params)
+
+    def __getattr__(self, name: str) -> Any:
+        raise _NotOneStatement(name)
+
+
+_CAPTURE = _CaptureConnection()
+
+
+class _Rows:
+    """A statement's rows as PgCursor gives them (``fetchone``, ``fetchall``, ``rowcount``, iteration), and
+    the names of its result's columns."""
+
+    def __init__(self, rows: list[Any] | None, rowcount: int, columns: tuple[str, ...] = ()) -> None:
+        self.columns = columns
+        self._rows = rows or []
+        self._next = 0
+        self.rowcount = rowcount
+
+    def fetchone(self) -> Any:
+        if self._next >= len(self._rows):
+            return None
+        self._next += 1
+        return self._rows[self._next - 1]
+
+    def fetchall(self) -> list[Any]:
+        rows = self._rows[self._next:] if self._next else self._rows
+        self._next = len(self._rows)
+        return rows
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.fetchall())
+
+
+class _ReplayConnection:
+    """What a read function gets the second time: its (same) first statement returns the rows already read;
+    a second statement, or anything else of the connection, raises _NotOneStatement."""
+
+    def __init__(self, host_id: str | None, sql: str, params: Sequence[Any] | None, rows: _Rows) -> None:
+        self.host_id = host_id
+        self._sql, self._params, self._rows = sql, params, rows
+
+    def execute(self, sql: str, params: Sequence[Any] | None = None) -> Any:
+        rows, self._rows = self._rows, None
+        if rows is None or sql != self._sql or list(params or ()) != list(self._params or ()):
+            raise _NotOneStatement("a second statement")
+        return rows
+
+    def __getattr__(self, name: str) -> Any:
+        raise _NotOneStatement(name)
+
+
+class _FirstStatement:
+    """What a one-statement read function gets in a worker thread: its first ``execute`` runs on the read
+    connection (autocommit: one statement, one snapshot); a second, or anything else of the connection,
+    raises _NotOneStatement."""
+
+    def __init__(self, conn: PgConnection) -> None:
+        self.host_id = conn.host_id
+        self._conn: PgConnection | None = conn
+
+    def execute(self, sql: str, params: Sequence[Any] | None = None) -> Any:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            raise _NotOneStatement("a second statement")
+        return conn.execute(sql, params)
+
+    def __getattr__(self, name: str) -> Any:
+        raise _NotOneStatement(name)
+
+
+def _read_key(fn: Callable[[Any], Any]) -> Any:
+    """What ``read`` knows a read function by: its code (partials and bound methods unwrapped), so every call
+    of it, whatever its arguments, goes the same way. None (never learned: the snapshot way) without one."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    return getattr(getattr(fn, "__func__", fn), "__code__", None)
+
+
+_OK = (psycopg.pq.ExecStatus.TUPLES_OK, psycopg.pq.ExecStatus.COMMAND_OK)
+
+
+async def _query_on_loop(conn: PgConnection, query: bytes) -> _Rows:
+    """One simple-protocol query on ``conn`` (autocommit, outside any transaction), awaited on the event loop:
+    libpq's non-blocking calls (psycopg connects its connections non-blocking) with trio's
+    ``wait_writable``/``wait_readable`` on the socket, as the listener waits for notifications
+    (runtime/cluster/listener.py). Its rows are loaded with the connection's own loaders (NUMERIC as int).
+    A cancellation can come at each wait; the caller then closes the connection."""
+    await trio.lowlevel.checkpoint_if_cancelled()
+    pg = conn.raw.pgconn
+    sock = pg.socket
+    pg.send_query(query)
+    while pg.flush():  # the query did not fit the socket's buffer: the rest when it can take more
+        await trio.lowlevel.wait_writable(sock)
+    results = []
+    while True:
+        while pg.is_busy():
+            await trio.lowlevel.wait_readable(sock)
+            pg.consume_input()
+        result = pg.get_result()
+        if result is None:
+            break
+        results.append(result)
+    for result in results:
+        if result.status not in _OK:
+            raise psycopg.errors.error_from_result(result, encoding=conn.raw.info.encoding)
+    result = results[-1]
+    if result.status != psycopg.pq.ExecStatus.TUPLES_OK:
+        return _Rows(None, result.command_tuples if result.command_tuples is not None else -1)
+    loader = psycopg.adapt.Transformer(conn.raw)
+    loader.set_pgresult(result)
+    columns = tuple(result.fname(i).decode() for i in range(result.nfields))  # type: ignore[union-attr]
+    return _Rows(loader.load_rows(0, result.ntuples, _row_class(columns)), result.ntuples, columns)
+
+
 def redact_url(url: str) -> str:
     """The store's URL for messages and logs: never its password (``postgresql://user@host:port/db``)."""
     try:
@@ -356,6 +502,9 @@ class PostgresStore(Store):
         self._read_limiter = trio.CapacityLimiter(read_pool)
         self._idle_readers: list[PgConnection] = []
         self._all_readers: set[PgConnection] = set()
+        # Per read function (its code, so bounded by the program's read functions): True when its first read
+        # ran one statement (``read``: the one-statement path), False when it needed more.
+        self._one_statement_reads: dict[Any, bool] = {}
 
     @classmethod
     def open(cls, url: str, publish: Callable[[list[Event]], None], write_queue: int = 4096,  # type: ignore[override]
@@ -559,30 +708,108 @@ class PostgresStore(Store):
     # ---- reads -----------------------------------------------------------------------------------------
 
     async def read(self, fn: Callable[[Any], Any], *, inline: bool = False) -> Any:
-        """``fn(conn)`` in one REPEATABLE READ READ ONLY transaction (one snapshot for all its SELECTs) on a
-        pooled read connection, always in a worker thread (``inline`` is accepted and ignored: a round trip
-        must never block the loop). A cancellation waits for the worker thread to finish (trio never
-        abandons it), and the connection goes back to the pool outside any transaction."""
+        """``fn(conn)`` on a pooled read connection, seeing one snapshot of the database, and never leaving a
+        transaction open on that connection (docs/design.md, "One-statement reads").
+
+        The snapshot way: one REPEATABLE READ READ ONLY transaction (BEGIN, ``fn``'s statements, ROLLBACK: at
+        least three round trips) in a worker thread. The first read of each read function (by its code) goes
+        that way and counts its statements. A function that ran ONE statement needs no transaction:
+        PostgreSQL runs a single statement in autocommit mode on one snapshot. Its later reads take a
+        one-statement path, one round trip:
+        - ``inline`` (the caller's promise that its work is small, as on SQLite): ``fn`` runs up to its first
+          ``execute`` (that call is recorded and stops it), the statement goes to the server as one simple
+          query with its parameters bound client-side, awaited on the event loop with ``wait_readable`` (no
+          worker thread), then ``fn`` runs again from the start against the rows, on the loop;
+        - otherwise ``fn`` runs in a worker thread as before, its first statement in autocommit.
+        If it asks for a second statement this time (or anything else of the connection), it is stopped there
+        and runs again, whole, the snapshot way, and goes that way from then on. So a read function may run
+        more than once: read functions are pure functions of the database and their arguments. The read
+        connections default to read-only transactions, so no statement of any path can write.
+
+        A cancellation while the statement is on the wire closes that connection (the server ends the query
+        when it finds the client gone; the next read opens a new connection); a cancellation while a worker
+        thread runs waits for the thread (trio never abandons it), which ends its transaction itself."""
+        key = _read_key(fn)
+        one_statement = self._one_statement_reads.get(key)
         async with self._read_limiter:
             conn = self._idle_readers.pop() if self._idle_readers else None
             holder = [conn]
             try:
-                return await trio.to_thread.run_sync(self._read_sync, holder, fn)
+                if one_statement and inline:
+                    try:
+                        return await self._read_one_statement(holder, fn)
+                    except _NotOneStatement:  # it needs more this time: the snapshot way, from now on
+                        self._one_statement_reads[key] = False
+                        one_statement = False
+                return await trio.to_thread.run_sync(self._read_sync, holder, fn, key, one_statement)
             finally:
                 if holder[0] is not None:
                     self._idle_readers.append(holder[0])
 
-    def _read_sync(self, holder: list[PgConnection | None], fn: Callable[[Any], Any]) -> Any:
+    async def _read_one_statement(self, holder: list[PgConnection | None], fn: Callable[[Any], Any]) -> Any:
+        """The inline one-statement path of ``read`` (raises _NotOneStatement when ``fn`` is not such a read)."""
+        try:
+            fn(_CAPTURE)
+        except _Captured as captured:
+            sql, params = captured.sql, captured.params
+        else:  # no statement at all (or one it swallowed): the snapshot way decides
+            raise _NotOneStatement("no statement")
+        conn = holder[0]
+        if conn is None or conn.raw.closed or conn.in_transaction:
+            if conn is not None:
+                self._forget_reader(holder)
+            holder[0] = conn = await trio.to_thread.run_sync(self._new_reader)
+        query, as_bytes = client_query(sql)
+        text = conn.client_cursor.mogrify(query, _params(params, as_bytes))
+        try:
+            rows = await _query_on_loop(conn, text.encode(conn.encoding))  # a module global: tests trace it
+        except psycopg.DatabaseError:
+            # The statement's own error leaves the connection fine (autocommit, outside any transaction); a lost
+            # one (libpq's status BAD) is closed now, and the next read opens a new one.
+            if conn.raw.closed:
+                self._forget_reader(holder)
+            raise
+        except BaseException:
+            # Cancelled with the query on the wire: the connection's state is unknown, close it.
+            self._forget_reader(holder)
+            raise
+        return fn(_ReplayConnection(conn.host_id, sql, params, rows))
+
+    def _new_reader(self) -> PgConnection:
+        """A read connection: its transactions (also a single statement's, autocommit) are read-only."""
+        conn = connect(self.url, self.host_id)
+        try:
+            conn.raw.execute("SET default_transaction_read_only = on")
+        except BaseException:
+            conn.close()
+            raise
+        self._all_readers.add(conn)
+        return conn
+
+    def _read_sync(self, holder: list[PgConnection | None], fn: Callable[[Any], Any], key: Any,
+                   one_statement: bool | None) -> Any:
+        """A read in the worker thread (``read``): ``one_statement`` True, ``fn``'s first statement in
+        autocommit, and the snapshot way if it asks for a second; else the snapshot way, where ``fn``'s first
+        read (``one_statement`` None) records whether it ran one statement."""
         conn = holder[0]
         if conn is not None and conn.raw.closed:
             self._forget_reader(holder)
             conn = None
         if conn is None:
-            conn = connect(self.url, self.host_id)
-            holder[0] = conn
-            self._all_readers.add(conn)
+            holder[0] = conn = self._new_reader()
         try:
-            return snapshot_read(conn, fn)
+            if one_statement:
+                if conn.in_transaction:  # never expected; a stale snapshot must not outlive whatever left it
+                    conn.raw.execute("ROLLBACK")
+                try:
+                    return fn(_FirstStatement(conn))
+                except _NotOneStatement:  # it needs more this time: the snapshot way, from now on
+                    self._one_statement_reads[key] = False
+            conn.statements = 0
+            result = snapshot_read(conn, fn)
+            if one_statement is None and key is not None:  # a concurrent first read that needed more wins
+                self._one_statement_reads.setdefault(key, conn.statements == 1)
+            return result
         except psycopg.OperationalError:
             if conn.raw.broken or conn.raw.closed:  # lost: the next read opens a new one
                 self._forget_reader(holder)

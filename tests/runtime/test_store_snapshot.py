@@ -122,7 +122,7 @@ async def test_an_inline_read_cancelled_before_it_starts_runs_nothing(rt):
     assert outside_transactions(rt)
 
 
-@pytest.mark.sqlite_only(reason="PostgreSQL has no inline reads (every read hops to a worker thread)")
+@pytest.mark.sqlite_only(reason="PostgreSQL has no inline connection (an inline read is a query on the loop)")
 async def test_a_busy_inline_read_rolls_back_and_runs_again_in_a_worker_thread(rt):
     await rt.create_thread()
     inline_conn, thread_conn = read_connections(rt)
@@ -144,7 +144,7 @@ async def test_a_busy_inline_read_rolls_back_and_runs_again_in_a_worker_thread(r
     assert await rt.store.read(lambda conn: conn.execute(THREAD_COUNT).fetchone()[0], inline=True) == 2
 
 
-@pytest.mark.sqlite_only(reason="PostgreSQL has no inline reads (every read hops to a worker thread)")
+@pytest.mark.sqlite_only(reason="PostgreSQL has no inline connection (an inline read is a query on the loop)")
 async def test_an_inline_read_error_other_than_busy_is_raised_not_retried(rt):
     calls = []
 

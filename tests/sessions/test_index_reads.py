@@ -5,8 +5,9 @@ it into Python for every listed row, on the event loop for a plain listing. The 
 statement the store's read connections run and checks the columns each SELECT returns: search may still
 match in SQL (``WHERE search_text LIKE``), but no row may carry the text back. On SQLite the trace
 callback gives the statements with their values bound, and each runs again on a connection of its own
-for its columns; on PostgreSQL the read connections' adapter (PgConnection.execute) is wrapped, and the
-columns are those of the very result the read got.
+for its columns; on PostgreSQL the read connections' adapter (PgConnection.execute) and the one-statement
+reads' query (``_query_on_loop``, its values bound client-side) are wrapped, and the columns are those of the
+very result the read got.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Iterator
 
 import pytest
 
+from runtime.store import postgres
 from runtime.store.postgres import PgConnection
 
 from .conftest import LIMIT, run_turn
@@ -48,7 +50,15 @@ def traced_reads(rt) -> Iterator[list[Traced]]:
                     statements.append((bind(sql, params), columns))
                 return cursor
 
+            original_on_loop = postgres._query_on_loop
+
+            async def on_loop(conn, query):
+                rows = await original_on_loop(conn, query)
+                statements.append((query.decode(), list(rows.columns)))
+                return rows
+
             patch.setattr(PgConnection, "execute", execute)
+            patch.setattr(postgres, "_query_on_loop", on_loop)
             yield statements
         return
     connections = (rt.store._iconn, rt.store._rconn)
