@@ -33,8 +33,8 @@ from ..errors import EngineTimeout, NotFound, StorageError
 from ..idempotency import Claim
 from ..store import DatabaseError, EventDraft, Store
 from .docs import (
-    COMMIT_TIMEOUT, SafetyWriter, encode, index_metadata, index_row, index_text, link_thread, raise_named,
-    upsert_index,
+    COMMIT_TIMEOUT, ResumeSource, SafetyWriter, encode, index_metadata, index_row, index_text, link_thread,
+    raise_named, resume_source, upsert_index,
 )
 from .files import BACKUP_SUFFIX, Change, SessionFiles, parse_document, validate_session_id
 
@@ -369,6 +369,9 @@ class FileDocs:
 
     async def load_for_resume(self, session_id: str) -> tuple[dict[str, Any], bytes | None]:
         return await trio.to_thread.run_sync(self._load_for_resume, session_id)
+
+    async def resume_source(self, session_id: str) -> ResumeSource:
+        return await trio.to_thread.run_sync(lambda: resume_source(self.files.load_existing(session_id)))
 
     async def exists(self, session_id: str, action: str) -> bool:
         return await trio.to_thread.run_sync(self.files.exists, session_id, action)
