@@ -195,9 +195,8 @@ def upsert_index(conn: sqlite3.Connection, doc: dict[str, Any], size: int, mtime
     migrated by ``runtime.store.migrations``; the next start re-indexes a file whose size or mtime
     disagrees with its row. ``search_text`` as ``str`` is the portable form (PostgreSQL casts bytes to
     hex text); SQLite stores bytes and str alike."""
-    meta = doc["metadata"]
     if search_text is None:
-        search_text = index_text(meta["title"], doc["messages"])
+        search_text = index_text(doc["metadata"]["title"], doc["messages"])
     conn.execute(
         "INSERT INTO sessions (id, title, created_at, updated_at, message_count, total_tokens, model, workspace,"
         " mode, archived, revision, size, file_mtime_ns, search_text)"
@@ -207,10 +206,21 @@ def upsert_index(conn: sqlite3.Connection, doc: dict[str, Any], size: int, mtime
         " total_tokens = excluded.total_tokens, model = excluded.model, workspace = excluded.workspace,"
         " mode = excluded.mode, archived = excluded.archived, revision = excluded.revision, size = excluded.size,"
         " file_mtime_ns = excluded.file_mtime_ns, search_text = excluded.search_text",
-        (meta["id"], meta["title"], meta["created_at"], meta["updated_at"], len(doc["messages"]),
-         str(meta.get("total_tokens", 0)), meta.get("model"), meta.get("workspace"), meta.get("mode"),
-         int(bool(meta.get("archived", False))), meta["revision"], size, mtime_ns, search_text),
+        (*index_values(doc, size, mtime_ns).values(), search_text),
     )
+
+
+def index_values(doc: dict[str, Any], size: int, mtime_ns: int) -> dict[str, Any]:
+    """The ``sessions`` index row of ``doc`` as ``upsert_index`` writes it (every column but the search
+    text, in its column order), so also what an ``index_row`` read of it gives back."""
+    meta = doc["metadata"]
+    return {
+        "id": meta["id"], "title": meta["title"], "created_at": meta["created_at"], "updated_at": meta["updated_at"],
+        "message_count": len(doc["messages"]), "total_tokens": str(meta.get("total_tokens", 0)),
+        "model": meta.get("model"), "workspace": meta.get("workspace"), "mode": meta.get("mode"),
+        "archived": int(bool(meta.get("archived", False))), "revision": meta["revision"], "size": size,
+        "file_mtime_ns": mtime_ns,
+    }
 
 
 def link_thread(conn: Any, thread_id: str, session_id: str) -> None:
