@@ -87,10 +87,17 @@ def dumps_sliced(value: Any) -> bytes:
     elements per orjson call, and a dict (a session document) one entry at a time, with
     ``let_others_run`` in between. One orjson call on a freshly decoded 12 MB session held the GIL
     ~15-20 ms (most of it turning its strings into UTF-8); a batch takes ~1.5 ms. Only the final join
-    is one call, a plain copy."""
+    is one call, a plain copy (``bytes.join`` lets go of the GIL while it copies a megabyte or more)."""
+    return b"".join(dumps_parts(value))
+
+
+def dumps_parts(value: Any) -> list[bytes | memoryview]:
+    """``dumps_sliced(value)`` as the pieces it joins (their concatenation is those bytes), for a
+    consumer that writes them one by one and so never needs one 12 MB buffer (a resumed thread's base
+    messages go to SQLite by incremental blob I/O: runtime.core ``create_thread``)."""
     parts: list[Any] = []
     _slices(value, parts, top=True)
-    return b"".join(parts)
+    return parts
 
 
 def _slices(value: Any, parts: list[Any], top: bool) -> None:

@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import logging
 import re
+import sqlite3
 import time
 from typing import Any, AsyncIterator, Callable
 
@@ -41,6 +42,34 @@ THREAD_FIELDS = ("model", "workspace", "mode", "system_prompt", "title", "archiv
 
 
 THREAD_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}\Z")
+
+
+# Stands for the base messages' value in a thread's INSERT when they come in pieces (``write_base``).
+BASE_PIECES = "<base messages in pieces>"
+
+
+def write_base(conn: Any, insert: tuple[str, tuple[Any, ...]], pieces: list[bytes | memoryview]) -> None:
+    """Run ``insert``, whose base messages (``BASE_PIECES`` in its SQL, the list ``pieces`` among its
+    parameters) are the pieces of ``codec.dumps_parts``, in the writer thread.
+
+    On SQLite the row gets a zero-filled TEXT of the pieces' total length, and the pieces are written
+    into it by incremental blob I/O, which writes a TEXT value's bytes as they are. Binding 12 MB as a
+    parameter copies it with the GIL held (the sqlite3 module binds with SQLITE_TRANSIENT: a malloc and
+    a memcpy, page faults included), and joining the pieces first was one more 12 MB buffer; ``Blob.write``
+    lets go of the GIL while SQLite copies (row 14c of ``make bench``: /health while a 12.7 MB session is
+    resumed). The pieces are then dropped here, so their memory is freed in the writer thread, not on
+    the event loop. Elsewhere (PostgreSQL) they are joined here and bound as bytes."""
+    sql, params = insert
+    if isinstance(conn, sqlite3.Connection):
+        cursor = conn.execute(sql.replace(BASE_PIECES, "CAST(zeroblob(?) AS TEXT)"),
+                              [sum(map(len, pieces)) if value is pieces else value for value in params])
+        with conn.blobopen("threads", "base_messages", cursor.lastrowid) as blob:
+            for piece in pieces:
+                blob.write(piece)
+        pieces.clear()
+        return
+    conn.execute(sql.replace(BASE_PIECES, "CAST(? AS TEXT)"),
+                 [b"".join(pieces) if value is pieces else value for value in params])
 
 
 def validate_thread_id(thread_id: object) -> str:
@@ -192,11 +221,13 @@ class Runtime:
                             mode: str | None = None, system_prompt: str | None = None, title: str | None = None,
                             archived: bool = False, base_messages: list[dict[str, Any]] | None = None,
                             base_tokens: int = 0, session_id: str | None = None,
-                            base_messages_json: bytes | None = None, thread_id: str | None = None,
+                            base_messages_json: bytes | list[bytes | memoryview] | None = None,
+                            thread_id: str | None = None,
                             claim: Claim | None = None, answer: Any = None,
                             approval_policy: str | None = None) -> dict[str, Any]:
-        """``base_messages_json``: the base messages already encoded (``codec.dumps_sliced``) by a caller
-        that did it in a worker thread (resume); otherwise ``base_messages`` are encoded here, on the loop.
+        """``base_messages_json``: the base messages already encoded by a caller that did it in a worker
+        thread: bytes, or the pieces of ``codec.dumps_parts`` (resume), which are never joined on SQLite
+        (``write_base``); otherwise ``base_messages`` are encoded here, on the loop.
 
         ``thread_id``: the caller's id (InvalidInput unless it matches the session id pattern; Conflict
         if a thread has it: checked inside the insert's own write, so two creates of one id cannot both
@@ -215,22 +246,31 @@ class Runtime:
             "title": title, "system_prompt": system_prompt, "latest_turn_id": None, "session_id": session_id,
             "forked_from": None, "approval_policy": policy, "allowed_tools": [],
         }
-        statements = [(
+        pieces = base_messages_json if isinstance(base_messages_json, list) else None
+        insert = (
             "INSERT INTO threads (id, created_at, updated_at, model, workspace, mode, archived, title,"
             " system_prompt, session_id, base_messages, base_tokens, approval_policy)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, CAST(? AS TEXT), ?, ?)",
-            # UTF-8 bytes that become TEXT inside SQLite, in the writer thread.
+            f" VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, {'CAST(? AS TEXT)' if pieces is None else BASE_PIECES}, ?, ?)",
+            # UTF-8 bytes that become TEXT inside SQLite, in the writer thread (pieces: see write_base).
             (thread_id, now, now, record["model"], workspace, record["mode"], int(bool(archived)), title,
-             system_prompt, session_id, base_messages_json, base_tokens, policy),
-        ), *record_claim(claim, self._as_answer(record) if answer is None else answer)]
+             system_prompt, session_id, base_messages_json, base_tokens, policy))
+        claimed = record_claim(claim, self._as_answer(record) if answer is None else answer)
 
         def refuse_taken(conn: Any) -> None:
             # A refusal (not an IntegrityError turned 500): the write undoes only itself (see WriteRequest.fn).
             if conn.execute("SELECT 1 FROM threads WHERE id = ?", (thread_id,)).fetchone() is not None:
                 raise Conflict(f"Thread '{thread_id}' already exists; choose another id")
 
+        def insert_with_pieces(conn: Any) -> None:
+            if given:
+                refuse_taken(conn)
+            assert pieces is not None
+            write_base(conn, insert, pieces)
+
         request = self.store.submit(WriteRequest(
-            statements, [EventDraft(thread_id, "thread.started", {"thread": record})], refuse_taken if given else None,
+            [insert, *claimed] if pieces is None else claimed,
+            [EventDraft(thread_id, "thread.started", {"thread": record})],
+            insert_with_pieces if pieces is not None else refuse_taken if given else None,
             action="create a thread"))
         if claim is not None:
             claim.pending = request

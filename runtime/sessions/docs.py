@@ -18,6 +18,7 @@ here is portable (``?`` placeholders, ``ON CONFLICT ... DO UPDATE``; docs/design
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import functools
 import sqlite3
 import threading
@@ -77,6 +78,9 @@ class SessionDocs(Protocol):
 
     async def load_for_resume(self, session_id: str) -> tuple[dict[str, Any], bytes | None]:
         """``load`` and the messages encoded for ``threads.base_messages``, off the event loop."""
+
+    async def resume_source(self, session_id: str) -> "ResumeSource":
+        """What resume takes of the stored document (``resume_source``), made in a worker thread."""
 
     async def exists(self, session_id: str, action: str) -> bool:
         """Whether the session exists; a failure to tell is a StorageError naming ``action``."""
@@ -143,6 +147,27 @@ def index_text(title: str, messages: list[dict[str, Any]]) -> bytes:
     return b"\n".join(parts)
 
 
+@dataclasses.dataclass
+class ResumeSource:
+    """What resume takes of a session: its metadata, system prompt, message count and the messages
+    encoded for ``threads.base_messages`` (the pieces of ``codec.dumps_parts``; None for no messages)."""
+
+    metadata: dict[str, Any]
+    system_prompt: str | None
+    message_count: int
+    base_json: list[bytes | memoryview] | None
+
+
+def resume_source(doc: dict[str, Any]) -> ResumeSource:
+    """Called in the worker thread that loaded ``doc``: the messages are encoded there, in pieces that are
+    never joined (runtime.core ``write_base``), and the decoded messages die there with ``doc``. Returned
+    to the event loop, they were freed on it when resume returned: ~7 ms with the GIL held for a 12.7 MB
+    session (thousands of dicts and strings; py-spy under row 14c of ``make bench``)."""
+    messages = doc["messages"]
+    return ResumeSource(doc["metadata"], doc.get("system_prompt"), len(messages),
+                        codec.dumps_parts(messages) if messages else None)
+
+
 class Document(dict):
     """A session document that keeps the bytes it was saved as, so that PUT's response, which repeats
     the whole session, reuses the stored bytes instead of encoding 12 MB again on the event loop."""
@@ -170,9 +195,8 @@ def upsert_index(conn: sqlite3.Connection, doc: dict[str, Any], size: int, mtime
     migrated by ``runtime.store.migrations``; the next start re-indexes a file whose size or mtime
     disagrees with its row. ``search_text`` as ``str`` is the portable form (PostgreSQL casts bytes to
     hex text); SQLite stores bytes and str alike."""
-    meta = doc["metadata"]
     if search_text is None:
-        search_text = index_text(meta["title"], doc["messages"])
+        search_text = index_text(doc["metadata"]["title"], doc["messages"])
     conn.execute(
         "INSERT INTO sessions (id, title, created_at, updated_at, message_count, total_tokens, model, workspace,"
         " mode, archived, revision, size, file_mtime_ns, search_text)"
@@ -182,10 +206,21 @@ def upsert_index(conn: sqlite3.Connection, doc: dict[str, Any], size: int, mtime
         " total_tokens = excluded.total_tokens, model = excluded.model, workspace = excluded.workspace,"
         " mode = excluded.mode, archived = excluded.archived, revision = excluded.revision, size = excluded.size,"
         " file_mtime_ns = excluded.file_mtime_ns, search_text = excluded.search_text",
-        (meta["id"], meta["title"], meta["created_at"], meta["updated_at"], len(doc["messages"]),
-         str(meta.get("total_tokens", 0)), meta.get("model"), meta.get("workspace"), meta.get("mode"),
-         int(bool(meta.get("archived", False))), meta["revision"], size, mtime_ns, search_text),
+        (*index_values(doc, size, mtime_ns).values(), search_text),
     )
+
+
+def index_values(doc: dict[str, Any], size: int, mtime_ns: int) -> dict[str, Any]:
+    """The ``sessions`` index row of ``doc`` as ``upsert_index`` writes it (every column but the search
+    text, in its column order), so also what an ``index_row`` read of it gives back."""
+    meta = doc["metadata"]
+    return {
+        "id": meta["id"], "title": meta["title"], "created_at": meta["created_at"], "updated_at": meta["updated_at"],
+        "message_count": len(doc["messages"]), "total_tokens": str(meta.get("total_tokens", 0)),
+        "model": meta.get("model"), "workspace": meta.get("workspace"), "mode": meta.get("mode"),
+        "archived": int(bool(meta.get("archived", False))), "revision": meta["revision"], "size": size,
+        "file_mtime_ns": mtime_ns,
+    }
 
 
 def link_thread(conn: Any, thread_id: str, session_id: str) -> None:
@@ -318,6 +353,12 @@ class StoreDocs:
             return doc, codec.dumps_sliced(doc["messages"]) if doc["messages"] else None
 
         return await trio.to_thread.run_sync(load)
+
+    async def resume_source(self, session_id: str) -> ResumeSource:
+        # The document's bytes are handed to the worker thread in a list it empties, so they are freed
+        # there, not on the event loop (a 12 MB buffer).
+        held = [(await self.read_document(session_id))[0]]
+        return await trio.to_thread.run_sync(lambda: resume_source(parse_document(session_id, held.pop())))
 
     async def exists(self, session_id: str, action: str) -> bool:
         def query(conn: sqlite3.Connection) -> bool:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import itertools
 import json
 import logging
 import os
@@ -59,6 +60,19 @@ def validate_session_id(session_id: object) -> str:
             f"Invalid session id {shown}: use 1-128 letters, digits, '_' or '-', starting with a letter or digit"
         )
     return session_id
+
+
+# A change's token (``new_token``): 16 random hex digits drawn once per process, then a counter. uuid4 drew
+# 16 bytes from the kernel for every change, on the event loop: a system call that hands the GIL over
+# and waits to get it back (~0.1-0.2 ms per save under row 3 of ``make bench``, cProfile). Tokens stay
+# unique across restarts (another prefix; a journal row can outlive its process) and within one.
+_TOKEN_PREFIX = os.urandom(8).hex()
+_TOKEN_COUNT = itertools.count()
+
+
+def new_token() -> str:
+    """A token no other change has had: 32 hex digits, like the uuid4 hex it replaces."""
+    return f"{_TOKEN_PREFIX}{next(_TOKEN_COUNT):016x}"
 
 
 def is_work_file(name: str) -> bool:
@@ -236,7 +250,7 @@ class SessionFiles:
 
     def change(self, session_id: str) -> Change:
         """A new change of ``session_id`` (names only; nothing touches the disk)."""
-        return Change(validate_session_id(session_id), uuid.uuid4().hex, self.directory)
+        return Change(validate_session_id(session_id), new_token(), self.directory)
 
     def stage(self, change: Change, data: bytes, action: str, *, replacing: bool) -> Change:
         """Step 1, outside the store's writer: write and fsync the new content, keep the previous file

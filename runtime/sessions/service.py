@@ -437,21 +437,21 @@ class SessionService:
         validate_session_id(session_id)
         deadline = trio.current_time() + timeout
         async with self._locked(session_id, deadline):
-            doc, base_json = await self.docs.load_for_resume(session_id)
-            meta = doc["metadata"]
-            messages = doc["messages"]
+            # Decoded, checked and encoded again in a worker thread, where the decoded messages also die.
+            source = await self.docs.resume_source(session_id)
+            meta = source.metadata
             total = meta.get("total_tokens", 0)
             thread_id = new_id("thr")
             result = {
-                "thread_id": thread_id, "session_id": session_id, "message_count": len(messages),
-                "summary": f"Resumed {len(messages)} message(s) from session '{meta['title']}'",
+                "thread_id": thread_id, "session_id": session_id, "message_count": source.message_count,
+                "summary": f"Resumed {source.message_count} message(s) from session '{meta['title']}'",
             }
             with trio.CancelScope(shield=True):  # one bounded store write; the caller always learns its id
                 await self._rt.create_thread(
                     model=model or meta.get("model"), mode=mode or meta.get("mode"), workspace=meta.get("workspace"),
-                    system_prompt=doc.get("system_prompt"), title=meta["title"], base_messages=messages,
+                    system_prompt=source.system_prompt, title=meta["title"],
                     base_tokens=total if isinstance(total, int) else 0, session_id=session_id,
-                    base_messages_json=base_json, thread_id=thread_id, claim=claim, answer=result)
+                    base_messages_json=source.base_json, thread_id=thread_id, claim=claim, answer=result)
         return result
 
     # ---- export / import (portable sessions) ----------------------------------------------

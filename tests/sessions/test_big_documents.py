@@ -74,6 +74,7 @@ def big_codecs(monkeypatch):
 
     monkeypatch.setattr(codec, "dumps", spy("codec.dumps", codec.dumps))
     monkeypatch.setattr(codec, "dumps_sliced", spy("codec.dumps_sliced", codec.dumps_sliced))
+    monkeypatch.setattr(codec, "dumps_parts", spy("codec.dumps_parts", codec.dumps_parts))
     monkeypatch.setattr(codec, "loads", spy("codec.loads", codec.loads))
     monkeypatch.setattr(json, "dumps", spy("json.dumps", json.dumps))
     monkeypatch.setattr(json, "loads", spy("json.loads", json.loads))
@@ -175,8 +176,9 @@ async def test_a_big_session_resumes_whole_and_its_thread_reads_leave_the_base_m
     big_codecs.clear()
     resumed = await http.post("/v1/sessions/big/resume-thread", json={})
     assert resumed.status_code == 201, resumed.text
-    # Decoded and encoded again for threads.base_messages, both in the worker thread, never on the loop.
-    assert big_codecs == ["codec.loads", "codec.dumps_sliced"]
+    # Decoded and encoded again for threads.base_messages (in pieces, never joined: runtime.core write_base),
+    # both in the worker thread, never on the loop.
+    assert big_codecs == ["codec.loads", "codec.dumps_parts"]
     new_tid = resumed.json()["thread_id"]
     assert resumed.json()["message_count"] == 200
 

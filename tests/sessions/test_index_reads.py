@@ -115,6 +115,10 @@ async def test_listing_searching_and_saving_fetch_no_search_text(rt):
     assert [m["id"] for m in found] == [with_needle]  # matched in the message text, not the title
     assert saved["session"]["metadata"]["revision"] == 2
     for name, selects in operations.items():
+        if name == "save in place" and rt.sessions.storage == "files":
+            # The index row its previous save committed is kept (test_save_costs.py): no read at all.
+            assert selects == [], selects
+            continue
         assert selects, f"{name}: no read of the session index was traced"
         for sql, columns in selects:
             assert "search_text" not in columns, f"{name} fetched the search text: {sql}"

@@ -187,3 +187,83 @@ def test_the_search_text_is_lower_cased_exactly_as_str_lower_does():
         ["Café TITLE".lower(), *(text_of(m).lower() for m in messages)]).encode("utf-8")
     with pytest.raises(UnicodeEncodeError):  # a lone surrogate fails as ``encode`` does
         session_docs.lower_utf8("A\ud800b")
+
+
+def _logged_reads(rt, monkeypatch) -> list[tuple[str, bool]]:
+    """(function name, inline) of every store read from here on."""
+    reads, read = [], rt.store.read
+
+    async def logged(fn, *, inline=False):
+        reads.append((getattr(fn, "func", fn).__name__, inline))
+        return await read(fn, inline=inline)
+
+    monkeypatch.setattr(rt.store, "read", logged)
+    return reads
+
+
+@pytest.mark.files_only
+async def test_a_save_in_place_takes_the_index_row_it_committed_instead_of_reading_it_on_the_loop(rt, monkeypatch):
+    """The inline read of the index row was three SQLite calls on the event loop per save, each handing the
+    GIL to a worker thread and waiting to get it back (row 3 of ``make bench``). The row a save committed is
+    the database's until the session's next change, which drops it first."""
+    tid = (await rt.create_thread())["id"]
+    await run_turn(rt, tid, "hello there")
+    await rt.sessions.save(thread_id=tid, session_id="s", timeout=LIMIT)
+    reads = _logged_reads(rt, monkeypatch)
+    for revision in (2, 3):
+        saved = await rt.sessions.save(thread_id=tid, session_id="s", timeout=LIMIT)
+        assert saved["session"]["metadata"]["revision"] == revision
+    assert ("index_row", True) not in reads, reads
+    monkeypatch.undo()
+    assert [(s["id"], s["revision"]) for s in await rt.sessions.list(limit=10)] == [("s", 3)]
+    assert (await rt.sessions.get("s"))["metadata"]["revision"] == 3
+
+
+@pytest.mark.files_only
+async def test_after_a_failed_save_and_a_file_changed_behind_the_index_a_save_reads_what_is_stored(rt, monkeypatch):
+    """The kept index row never outlives a change that did not commit, and the file is still compared
+    with it: a save after a failed one, and after the file changed on disk, counts from what is stored."""
+    from runtime.errors import StorageError
+    from runtime.sessions import filedocs
+
+    tid = (await rt.create_thread())["id"]
+    await run_turn(rt, tid, "hello there")
+    await rt.sessions.save(thread_id=tid, session_id="s", timeout=LIMIT)
+    journal = filedocs._journal
+
+    def failing(conn, change, retired):
+        raise StorageError("disk I/O error")
+
+    monkeypatch.setattr(filedocs, "_journal", failing)
+    with pytest.raises(StorageError):
+        await rt.sessions.save(thread_id=tid, session_id="s", timeout=LIMIT)
+    monkeypatch.setattr(filedocs, "_journal", journal)
+    assert (await rt.sessions.save(thread_id=tid, session_id="s", timeout=LIMIT))["session"]["metadata"]["revision"] == 2
+
+    path = rt.config.sessions_dir / "s.json"
+    doc = json.loads(path.read_bytes())
+    doc["metadata"].update(revision=7, title="edited by hand")
+    path.write_bytes(json.dumps(doc, indent=1).encode())
+    saved = (await rt.sessions.save(thread_id=tid, session_id="s", timeout=LIMIT))["session"]["metadata"]
+    assert (saved["revision"], saved["title"]) == (8, "edited by hand")
+    listed = await rt.sessions.list(limit=10)
+    assert [(s["id"], s["revision"], s["title"]) for s in listed] == [("s", 8, "edited by hand")]
+
+
+@pytest.mark.files_only
+async def test_a_change_names_itself_without_asking_the_kernel_for_randomness(rt, monkeypatch):
+    """uuid4 read 16 bytes from the kernel for every change's token, on the event loop (a system call that
+    hands the GIL over and waits for it back). Tokens are still unique, 32 hex digits, one prefix per
+    process (so unique across restarts too)."""
+    import os
+
+    from runtime.sessions import files as session_files
+
+    calls = []
+    urandom = os.urandom
+    monkeypatch.setattr(os, "urandom", lambda n: calls.append(n) or urandom(n))
+    changes = [rt.sessions.files.change("s") for _ in range(1000)]
+    assert calls == []
+    tokens = {change.token for change in changes}
+    assert len(tokens) == 1000 and all(len(t) == 32 and int(t, 16) >= 0 for t in tokens)
+    assert {t[:16] for t in tokens} == {session_files._TOKEN_PREFIX}
