@@ -44,6 +44,11 @@ def frame(event: Event | EncodedEvents) -> bytes:
     return _encode(_frame_text(event))
 
 
+# The characters ``_quote`` leaves as they are, ASCII only (it also leaves the rest above 0x1f but quotes and
+# backslashes): a string of only these is quoted by adding the quotes.
+_BARE = bytes(c for c in range(0x20, 0x7F) if c not in b'"\\')
+
+
 def render_stored(thread_id: str, rows: list[tuple]) -> bytes:
     """The frames of stored events of ``thread_id`` (rows of records.ENCODED_COLUMNS), byte for byte what
     ``frame`` makes of each, in one pass (runs in the store reader's worker thread). The writers store a payload as
@@ -62,8 +67,16 @@ def render_stored(thread_id: str, rows: list[tuple]) -> bytes:
     thread = ',"thread_id":' + _quote(thread_id)
     # The fields ``middle`` was made of (None: not made yet; no stored event is None).
     last_turn = last_item = last_event = middle = None
+    # Checked once for the whole page instead of three times per event: no payload has a backslash-u escape or
+    # a line break (any hit sends the page through the checks per event), and no timestamp has a character
+    # outside ``_BARE`` (the writers' ISO 8601 never has), so each is quoted by adding the quotes. Issue 16 third
+    # pass (callgrind): render's instructions per event 6.4k -> 5.1k.
+    payloads = "".join([row[5] for row in rows])
+    plain = "\\u" not in payloads and "\n" not in payloads and "\r" not in payloads
+    stamps = "".join([row[1] for row in rows])
+    bare_stamps = stamps.isascii() and not stamps.encode("ascii").translate(None, _BARE)
     for seq, timestamp, turn_id, item_id, event, payload in rows:
-        if "\\u" in payload or "\n" in payload or "\r" in payload:
+        if not plain and ("\\u" in payload or "\n" in payload or "\r" in payload):
             append(_frame_text(Event(seq, timestamp, thread_id, turn_id, item_id, event, json.loads(payload))))
             continue
         if item_id != last_item or event != last_event or turn_id != last_turn:
@@ -71,7 +84,9 @@ def render_stored(thread_id: str, rows: list[tuple]) -> bytes:
             middle = (thread + ("" if turn_id is None else ',"turn_id":' + _quote(turn_id))
                       + ("" if item_id is None else ',"item_id":' + _quote(item_id))
                       + ',"event":' + _quote(event) + ',"payload":')
-        append(f'id: {seq}\nevent: {event}\ndata: {{"seq":{seq},"timestamp":{_quote(timestamp)}{middle}{payload}}}\n\n')
+        seq = str(seq)  # once, not once for each of its two places
+        stamp = timestamp if bare_stamps else _quote(timestamp)[1:-1]
+        append(f'id: {seq}\nevent: {event}\ndata: {{"seq":{seq},"timestamp":"{stamp}"{middle}{payload}}}\n\n')
     return _encode("".join(parts))
 
 

@@ -187,3 +187,38 @@ async def test_live_and_replayed_frames_are_the_same_bytes_as_the_stdlib_frames(
     assert live[0] == replayed == expected
     assert "d\u00e9j\u00e0".encode() in expected and b"\\u0001" in expected
     assert (await client.health())["status"] == "ok"
+
+
+# Timestamps for render_stored's page check (issue 16 third pass): the writers' ISO 8601, then one with each kind
+# of character json's quoting escapes or that lies outside the bare set (quote, backslash, control, DEL,
+# non-ASCII, a lone surrogate), each in a page of plain ones.
+PLAIN_STAMP = "2030-01-01T00:00:00.000Z"
+ODD_STAMPS = ['2030"01', "2030\\01", "2030\x0101", "2030\n01", "2030\x7f01", "2030-\u00e9", f"2030{HIGH}", " ", ""]
+
+
+def _rows(stamps: list[str], payloads: list[str]) -> list[tuple]:
+    return [(seq, stamp, "turn_x" if seq % 2 else None, "item_x", "item.delta", payload)
+            for seq, (stamp, payload) in enumerate(zip(stamps, payloads), start=1)]
+
+
+def _frames_one_by_one(rows: list[tuple]) -> bytes:
+    return b"".join(frame(Event(seq, stamp, "thr_x", turn_id, item_id, event, json.loads(payload)))
+                    for seq, stamp, turn_id, item_id, event, payload in rows)
+
+
+def test_a_page_whose_timestamps_need_quoting_renders_each_as_its_own_frame():
+    """render_stored checks a page's timestamps and payloads once; a page with one timestamp json quotes otherwise
+    than by adding quotes, or one escaped payload, still gives every event exactly its own frame."""
+    from web.sse import render_stored
+
+    plain = encode_payload({"delta": " w"})[1]  # the stored text
+    for odd in ODD_STAMPS:
+        rows = _rows([PLAIN_STAMP, odd, PLAIN_STAMP], [plain] * 3)
+        assert render_stored("thr_x", rows) == _frames_one_by_one(rows), odd
+    # Stored texts the envelope's encoder would not write: an escape, or a line break (JSON whitespace).
+    for odd in (json.dumps({"t": "\u00e9"}), '{"t":\n"a"}', '{"t":\r"a"}'):
+        rows = _rows([PLAIN_STAMP] * 3, [plain, odd, plain])
+        assert render_stored("thr_x", rows) == _frames_one_by_one(rows), odd
+    rows = _rows([PLAIN_STAMP] * 3, [plain] * 3)
+    data = render_stored("thr_x", rows)
+    assert data == _frames_one_by_one(rows) and data.count(f'"timestamp":"{PLAIN_STAMP}"'.encode()) == 3
