@@ -147,7 +147,6 @@ class Runtime:
             await runtime.sessions.open()
             async with trio.open_nursery() as nursery:
                 await nursery.start(manager.run)
-                bus.nursery = nursery  # event streams read their next replay page ahead in it (EventStream)
                 if getattr(store, "kind", "sqlite") == "postgresql":
                     await runtime._start_cluster(nursery)
                 # MCP servers: each a supervised task in this nursery; their tools join the built-ins

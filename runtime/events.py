@@ -46,10 +46,6 @@ class EventBus:
         self.polled = False
         self._wakes: dict[str, trio.Event] = {}
         self._polled_streams = 0
-        # Where EventStreams read their next replay page ahead (``_Prefetch``): the Runtime's nursery, set by
-        # Runtime.open. None (a bus without a runtime): pages are read only when asked for.
-        self.nursery: trio.Nursery | None = None
-        self.prefetches = 0  # prefetch tasks running (each one page read at most)
 
     @property
     def subscriber_count(self) -> int:
@@ -76,11 +72,6 @@ class EventBus:
     async def wait_for_subscribers(self, predicate) -> None:
         """Wait until ``predicate(subscriber_count)`` holds (lets shutdown and tests wait without polling)."""
         while not predicate(self.subscriber_count):
-            await self._changed.wait()
-
-    async def wait_for_prefetches(self, predicate) -> None:
-        """Wait until ``predicate(prefetches)`` holds (prefetch tasks running; tests wait without polling)."""
-        while not predicate(self.prefetches):
             await self._changed.wait()
 
     def _notify(self) -> None:
@@ -156,20 +147,6 @@ class EventBus:
         return EventStream(self, store, thread_id, since_seq, render)
 
 
-class _Prefetch:
-    """One replay page being read ahead for an EventStream: the page after ``since_seq`` (``page``: None until
-    read, or when the read failed or was cancelled: the stream then reads that page itself, and meets the
-    failure there). ``done`` is set when the read ended either way."""
-
-    __slots__ = ("since_seq", "page", "done", "scope")
-
-    def __init__(self, since_seq: int) -> None:
-        self.since_seq = since_seq
-        self.page: list | None = None
-        self.done = trio.Event()
-        self.scope = trio.CancelScope()
-
-
 class EventStream:
     """Every event of one thread with ``seq > since_seq``: stored ones, then live ones.
 
@@ -192,70 +169,7 @@ class EventStream:
         self._pending: collections.deque[Event] = collections.deque()
         self._replaying = True
         self._ended = False
-        self._prefetch: _Prefetch | None = None
         self.catch_ups = 0
-
-    async def _read_replay_page(self) -> list:
-        """The stored page after ``last_seq``: the one read ahead if there is one (``_prefetch``), else read now.
-        A full page starts the read of the page after it, so the store reads page N+1 in its worker thread while
-        the consumer sends page N (issue 16: the loop waited for each page's read about half of a replay's time).
-        Cancel-safe: a cancelled wait leaves the read ahead running for the next call; nothing moves until a page
-        is returned."""
-        ahead = self._prefetch
-        page = None
-        if ahead is not None:
-            if ahead.since_seq == self.last_seq:
-                await ahead.done.wait()
-                page = ahead.page
-            else:  # (cannot happen: the position moves only through the pages read)
-                ahead.scope.cancel()
-            self._prefetch = None
-        if page is None:
-            page = await self._store.read(functools.partial(
-                self._read_page, thread_id=self.thread_id, since_seq=self.last_seq))
-        if self._count(page) == records.EVENT_PAGE:
-            self._start_prefetch(page[0].seq if type(page[0]) is records.EncodedEvents else page[-1].seq)
-        return page
-
-    @staticmethod
-    def _count(page: list) -> int:
-        return page[0].count if page and type(page[0]) is records.EncodedEvents else len(page)
-
-    def _start_prefetch(self, since_seq: int) -> None:
-        """Read the page after ``since_seq`` in a task of the bus's nursery (the Runtime's). Why there: the
-        stream's consumer is an async generator (web/sse.py) that may hold no nursery across its yields, and a
-        system task could outlive the store; the Runtime's nursery closes only after every task in it ended,
-        and the store only after that, so a read ahead never meets a closed store. What it leaves behind: one
-        task reading one page (bounded by that read; a worker thread is never abandoned), which ``close``
-        cancels and which then drops its page; at most two pages are held per stream, this one and the one
-        being sent."""
-        nursery = self._bus.nursery
-        if nursery is None:
-            return
-        ahead = _Prefetch(since_seq)
-        try:
-            nursery.start_soon(self._run_prefetch, ahead)
-        except RuntimeError:  # the runtime is closing: read the page when asked for
-            return
-        self._prefetch = ahead
-        self._bus.prefetches += 1  # counted from here: the task exists (its ``finally`` uncounts it)
-        self._bus._notify()
-
-    async def _run_prefetch(self, ahead: _Prefetch) -> None:
-        bus = self._bus
-        try:
-            with ahead.scope:
-                ahead.page = await self._store.read(functools.partial(
-                    self._read_page, thread_id=self.thread_id, since_seq=ahead.since_seq))
-        except Exception:
-            # The stream reads this page itself and meets the error there, with its own consumer to tell.
-            ahead.page = None
-        finally:
-            if ahead.scope.cancel_called:
-                ahead.page = None  # closed: nobody takes it
-            bus.prefetches -= 1
-            bus._notify()
-            ahead.done.set()
 
     async def next(self) -> Event:
         while True:
@@ -264,9 +178,11 @@ class EventStream:
             if self._ended:
                 raise StopAsyncIteration
             if self._replaying:
-                page = await self._read_replay_page()
+                page = await self._store.read(functools.partial(
+                    self._read_page, thread_id=self.thread_id, since_seq=self.last_seq))
                 self._pending.extend(page)
-                if self._count(page) < records.EVENT_PAGE:
+                read = page[0].count if page and type(page[0]) is records.EncodedEvents else len(page)
+                if read < records.EVENT_PAGE:
                     self._replaying = False
                     deleted = self._bus.deleted(self.thread_id)
                     if deleted is not None and not page:  # gone while catching up: its last event, then the end
@@ -314,9 +230,6 @@ class EventStream:
     def close(self) -> None:
         self._bus.detach(self._sub)
         self._sub.overflowed = False
-        ahead, self._prefetch = self._prefetch, None
-        if ahead is not None:
-            ahead.scope.cancel()  # its task ends when its read does, and drops the page
 
     def __aiter__(self) -> "EventStream":
         return self

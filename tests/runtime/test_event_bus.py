@@ -8,9 +8,7 @@ import contextlib
 import functools
 import json
 
-import pytest
 import trio
-import trio.testing
 
 from runtime.store import EventDraft, records
 from web.sse import CHUNK_BYTES, StreamRegistry, frame
@@ -302,96 +300,3 @@ async def test_a_replay_longer_than_a_page_is_sent_in_page_chunks_and_hands_over
     # The stored history went out a page per chunk, not an event per chunk.
     assert len(chunks) <= 4 + 30
     assert rt.bus.subscriber_count == 0
-
-
-async def _write_old_events(rt, thread_id: str, count: int) -> None:
-    for start in range(0, count, 400):
-        await rt.store.write(events=[EventDraft(thread_id, "test.old", {"n": n})
-                                     for n in range(start, min(count, start + 400))])
-
-
-def _skip_polled(rt) -> None:
-    if rt.bus.polled:
-        pytest.skip("a cluster's PolledStream reads each page when asked (no read ahead)")
-
-
-def _record_page_reads(rt, monkeypatch) -> list[int]:
-    """The ``since_seq`` of every replay page read of the store, in the order they were asked for."""
-    reads: list[int] = []
-    read = rt.store.read
-
-    async def counting_read(fn, **kwargs):
-        if isinstance(fn, functools.partial) and fn.func is records.encoded_events_after:
-            reads.append(fn.keywords["since_seq"])
-        return await read(fn, **kwargs)
-
-    monkeypatch.setattr(rt.store, "read", counting_read)
-    return reads
-
-
-async def test_a_replay_reads_the_next_page_while_its_consumer_still_holds_the_current_one(rt, thread_id, monkeypatch):
-    """Issue 16: the store reads page N+1 while page N is sent (one page ahead, never more), and every page is
-    read once: the pages read ahead are the ones handed out, in order, with no gap and no duplicate."""
-    from web.sse import render_stored
-
-    _skip_polled(rt)
-    await _write_old_events(rt, thread_id, 2 * records.EVENT_PAGE + 3)
-    expected = [e.seq for e in await stored_events(rt, thread_id)]
-    reads = _record_page_reads(rt, monkeypatch)
-    with trio.fail_after(REAL_LIMIT):
-        async with contextlib.aclosing(await rt.subscribe(thread_id, 0, render=render_stored)) as stream:
-            first = await stream.next()
-            # The consumer holds page 1 and asks for nothing more: page 2 is read anyway, and only page 2.
-            await rt.bus.wait_for_prefetches(lambda n: n == 0)
-            assert (first.count, first.seq) == (records.EVENT_PAGE, expected[records.EVENT_PAGE - 1])
-            assert reads == [0, first.seq] and stream.last_seq == first.seq
-            second = await stream.next()  # the page read ahead; page 3 (the last, short) is read ahead now
-            await rt.bus.wait_for_prefetches(lambda n: n == 0)
-            assert reads == [0, first.seq, second.seq]
-            third = await stream.next()
-            assert (second.count, third.count) == (records.EVENT_PAGE, len(expected) - 2 * records.EVENT_PAGE)
-            # A short page ends the replay: nothing more is read ahead.
-            assert reads == [0, first.seq, second.seq] and rt.bus.prefetches == 0 and stream._prefetch is None
-
-    body = first.data + second.data + third.data
-    assert [int(line[4:]) for line in body.split(b"\n") if line.startswith(b"id: ")] == expected
-
-
-async def test_a_client_leaving_mid_replay_leaves_no_read_ahead_task_thread_or_page_behind(rt, thread_id, monkeypatch):
-    """A stream closed while its next page is being read ahead (here: waiting for the store's read connection)
-    cancels that read: its task ends at once, holds no page and no worker thread, and the store and the bus
-    serve the next replay in full."""
-    from web.sse import StreamRegistry, render_stored
-
-    _skip_polled(rt)
-    await _write_old_events(rt, thread_id, 2 * records.EVENT_PAGE + 3)
-    expected = [e.seq for e in await stored_events(rt, thread_id)]
-    limiter = rt.store._read_limiter
-    holders = [object() for _ in range(int(limiter.total_tokens))]
-    tasks_before = set(rt.bus.nursery.child_tasks)
-    with trio.fail_after(REAL_LIMIT):
-        frames = StreamRegistry().frames(await rt.subscribe(thread_id, 0, render=render_stored), REAL_LIMIT)
-        first = await frames.__anext__()
-        for holder in holders:  # every read connection busy: the read ahead (not started yet) has to wait
-            limiter.acquire_on_behalf_of_nowait(holder)
-        try:
-            await trio.testing.wait_all_tasks_blocked()
-            assert rt.bus.prefetches == 1 and len(rt.bus.nursery.child_tasks) == len(tasks_before) + 1
-            await frames.aclose()  # the client went away
-            await trio.testing.wait_all_tasks_blocked()
-            # Gone while every read connection is still busy: it did not wait for one.
-            assert rt.bus.prefetches == 0 and set(rt.bus.nursery.child_tasks) == tasks_before
-            assert rt.bus.subscriber_count == 0
-        finally:
-            for holder in holders:
-                limiter.release_on_behalf_of(holder)
-    assert limiter.borrowed_tokens == 0  # no worker thread holds a read connection
-    assert first.count(b"\nevent: ") == records.EVENT_PAGE
-
-    # The store and the bus are whole: a new replay gets every event once, in order.
-    with trio.fail_after(REAL_LIMIT):
-        async with contextlib.aclosing(await rt.subscribe(thread_id, 0, render=render_stored)) as stream:
-            pages = [await stream.next() for _ in range(3)]
-    body = b"".join(page.data for page in pages)
-    assert [int(line[4:]) for line in body.split(b"\n") if line.startswith(b"id: ")] == expected
-    await rt.bus.wait_for_prefetches(lambda n: n == 0)
