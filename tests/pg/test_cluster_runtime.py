@@ -27,13 +27,6 @@ TTL = 1.5
 WAIT = 30
 
 
-@pytest.fixture
-def pg_url(pg_cluster) -> str:
-    name = pg_cluster.create_database()
-    yield pg_cluster.url(name)
-    pg_cluster.drop_database(name)
-
-
 @contextlib.asynccontextmanager
 async def host(tmp_path: Path, url: str, host_id: str, **overrides: Any) -> AsyncIterator[Runtime]:
     overrides.setdefault("lease_ttl", TTL)

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import AsyncIterator
 
 import httpx
-import pytest
 import trio
 
 from runtime import RuntimeConfig
@@ -24,13 +23,6 @@ TOKEN = "cluster-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 TTL = 1.5  # lease ttl (seconds): expiry within the test, renewal every 0.5 s
 WAIT = 30  # bound on every wait (real time)
-
-
-@pytest.fixture
-def pg_url(pg_cluster) -> str:
-    name = pg_cluster.create_database()
-    yield pg_cluster.url(name)
-    pg_cluster.drop_database(name)
 
 
 @contextlib.asynccontextmanager

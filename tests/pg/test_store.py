@@ -20,15 +20,6 @@ from runtime.store.postgres import NOTIFY_CHANNEL, PostgresStore
 WAIT_LIMIT = 30.0
 
 
-@pytest.fixture
-def pg_url(pg_cluster):
-    name = pg_cluster.create_database()
-    try:
-        yield pg_cluster.url(name)
-    finally:
-        pg_cluster.drop_database(name)
-
-
 def thread_row(tid: str) -> tuple[str, tuple]:
     return ("INSERT INTO threads (id, created_at, updated_at, model, mode) VALUES (?, 't', 't', 'm', 'default')", (tid,))
 

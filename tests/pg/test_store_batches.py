@@ -22,15 +22,6 @@ from .test_store import rows, set_lease, thread_row
 CREATORS = 16
 
 
-@pytest.fixture
-def pg_url(pg_cluster):
-    name = pg_cluster.create_database()
-    try:
-        yield pg_cluster.url(name)
-    finally:
-        pg_cluster.drop_database(name)
-
-
 class CountWriterStatements:
     """Counts the statements (each one round trip) the store's writer connection sends, by wrapping
     ``psycopg.Cursor.execute`` (``Connection.execute`` and ``ClientCursor`` go through it)."""

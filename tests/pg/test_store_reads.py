@@ -32,15 +32,6 @@ SNAPSHOT_BEGIN = ("Query", '"BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"')
 ROLLBACK = ("Query", '"ROLLBACK"')
 
 
-@pytest.fixture
-def pg_url(pg_cluster):
-    name = pg_cluster.create_database()
-    try:
-        yield pg_cluster.url(name)
-    finally:
-        pg_cluster.drop_database(name)
-
-
 def outside(url: str, sql: str, params: tuple = ()) -> Any:
     with psycopg.connect(url, autocommit=True) as conn:
         cursor = conn.execute(sql, params)
