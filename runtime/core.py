@@ -58,8 +58,13 @@ def write_base(conn: Any, insert: tuple[str, tuple[Any, ...]], pieces: list[byte
     a memcpy, page faults included), and joining the pieces first was one more 12 MB buffer; ``Blob.write``
     lets go of the GIL while SQLite copies (row 14c of ``make bench``: /health while a 12.7 MB session is
     resumed). The pieces are then dropped here, so their memory is freed in the writer thread, not on
-    the event loop. Elsewhere (PostgreSQL) they are joined here and bound as bytes."""
+    the event loop. Elsewhere (PostgreSQL) they are joined here and bound as bytes, and kept: its writer may
+    apply a failed batch again, one request per savepoint. The SQLite writer never runs a request twice; if
+    anything ever did, the emptied pieces raise here (the request fails, its transaction is undone) instead
+    of storing an empty value."""
     sql, params = insert
+    if not pieces:  # written (and dropped) already: a second run would store an empty value, never valid JSON
+        raise RuntimeError("a thread's base messages were already written by this request")
     if isinstance(conn, sqlite3.Connection):
         cursor = conn.execute(sql.replace(BASE_PIECES, "CAST(zeroblob(?) AS TEXT)"),
                               [sum(map(len, pieces)) if value is pieces else value for value in params])

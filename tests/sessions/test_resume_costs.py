@@ -105,3 +105,22 @@ async def test_a_resume_frees_the_decoded_messages_in_its_worker_thread_not_on_t
     assert len(Tracked.freed_in) == MESSAGES and loop_thread not in Tracked.freed_in, set(Tracked.freed_in)
     state = await rt.store.read(functools.partial(records.engine_state, thread_id=resumed["thread_id"]))
     assert state["base_messages"] == session_document("long")["messages"]
+
+
+@pytest.mark.files_only  # a function of the writer's connection alone: one run is enough
+def test_base_message_pieces_written_once_refuse_a_second_write_instead_of_storing_nothing(tmp_path):
+    """write_base drops the pieces after the blob write (freed in the writer thread); a second run of the same
+    request must fail, never store the emptied (zero-length, not JSON) value."""
+    from runtime.core import BASE_PIECES, write_base
+
+    conn = sqlite3.connect(tmp_path / "t.sqlite3", isolation_level=None)
+    conn.execute("CREATE TABLE threads (id TEXT PRIMARY KEY, base_messages TEXT)")
+    messages = session_document("s")["messages"]
+    pieces = codec.dumps_parts(messages)
+    insert = (f"INSERT INTO threads (id, base_messages) VALUES (?, {BASE_PIECES})", ("t1", pieces))
+    write_base(conn, insert, pieces)
+    assert codec.loads(conn.execute("SELECT base_messages FROM threads WHERE id = 't1'").fetchone()[0]) == messages
+    again = (f"INSERT INTO threads (id, base_messages) VALUES (?, {BASE_PIECES})", ("t2", pieces))
+    with pytest.raises(RuntimeError, match="already written"):
+        write_base(conn, again, pieces)
+    assert conn.execute("SELECT count(*) FROM threads WHERE id = 't2'").fetchone()[0] == 0
