@@ -6,10 +6,13 @@ import datetime as _dt
 import uuid
 
 
+def _stamp(moment: _dt.datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
 def utc_now() -> str:
     """RFC 3339 UTC with milliseconds, e.g. ``2026-11-25T12:00:00.123Z`` (sorts as text)."""
-    now = _dt.datetime.now(_dt.timezone.utc)
-    return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
+    return _stamp(_dt.datetime.now(_dt.timezone.utc))
 
 
 def new_id(prefix: str) -> str:
@@ -17,10 +20,12 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
 
 
-def utc_after(seconds: float) -> str:
-    """``utc_now()`` plus ``seconds``, in the same sortable format (an expiry to compare as text)."""
-    then = _dt.datetime.now(_dt.timezone.utc) + _dt.timedelta(seconds=seconds)
-    return then.strftime("%Y-%m-%dT%H:%M:%S.") + f"{then.microsecond // 1000:03d}Z"
+def utc_after(seconds: float, start: str | None = None) -> str:
+    """``start`` (a ``utc_now()`` stamp; default: now) plus ``seconds``, in the same sortable format (an
+    expiry to compare as text). A record's expiry counted from its own creation stamp passes that stamp:
+    reading the clock again could put it a millisecond later."""
+    base = _dt.datetime.now(_dt.timezone.utc) if start is None else parse_utc(start)
+    return _stamp(base + _dt.timedelta(seconds=seconds))
 
 
 def parse_utc(stamp: str) -> _dt.datetime:

@@ -926,7 +926,9 @@ class Engine:
                              "approval_id": record["id"], "decision": "allow" if status == "allowed" else "deny",
                              "decided_by": "policy"}, turn.id, item.id, now)])
             return None if status == "allowed" else "denied by policy"
-        record = self._approval_row(turn, item, name, tool_input, now, utc_after(self._config_approval_timeout()))
+        # The expiry is the creation stamp plus the timeout, exactly (not a second reading of the clock).
+        record = self._approval_row(turn, item, name, tool_input, now,
+                                    utc_after(self._config_approval_timeout(), start=now))
         item.status = "awaiting_approval"
         self._submit(f"request approval of tool '{name}' in turn '{turn.id}'", statements=[
             self._insert_approval(record),

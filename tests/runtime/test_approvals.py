@@ -226,6 +226,36 @@ async def test_an_unanswered_approval_expires_as_a_denial(open_runtime, tools, a
         assert tools.runs["wait"] == 0
 
 
+async def test_an_approvals_expiry_is_its_creation_stamp_plus_the_timeout_however_the_clock_moves(opener, tools,
+                                                                                                  monkeypatch):
+    """The wall clock moves 7 ms at every reading: an expiry read from the clock again would come out 7 ms
+    late (an e2e test once saw 0.501 s for a 0.5 s timeout)."""
+    import datetime as real
+    import types
+
+    from runtime import clock
+
+    class Ticking(real.datetime):
+        at = real.datetime(2026, 12, 3, 12, 0, 0, tzinfo=real.timezone.utc)
+
+        @classmethod
+        def now(cls, tz=None):
+            cls.at += real.timedelta(milliseconds=7)
+            return cls.at
+
+    monkeypatch.setattr(clock, "_dt", types.SimpleNamespace(datetime=Ticking, timezone=real.timezone,
+                                                             timedelta=real.timedelta))
+    async with opener() as rt:
+        tid = (await rt.create_thread())["id"]
+        await rt.start_turn(tid, '/tool write_note {"name": "n1", "text": "hi"}')
+        requested = await wait_for(rt, tid, "approval.requested")
+        (pending,) = await approvals(rt, tid, "pending")
+        assert requested.payload["expires_at"] == pending["expires_at"]
+        assert clock.parse_utc(pending["expires_at"]) - clock.parse_utc(pending["created_at"]) == \
+            real.timedelta(seconds=300)  # the default approval timeout, to the millisecond
+        await rt.decide_approval(tid, pending["id"], "deny")
+
+
 async def test_interrupting_a_turn_that_waits_cancels_its_approval(opener, tools):
     async with opener() as rt:
         tid = (await rt.create_thread())["id"]
