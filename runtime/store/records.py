@@ -6,15 +6,13 @@ Every function here is synchronous and takes a connection: callers run them thro
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import gc
 import json
 import re
 import sqlite3
 
 import orjson
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from .. import codec
 from ..errors import InvalidInput
@@ -297,29 +295,8 @@ BOUNDARY_CHUNK = 256
 STDLIB_LINE = "s"
 
 
-@contextlib.contextmanager
-def _collector_paused() -> Iterator[None]:
-    """CPython's cyclic garbage collector off for the block (back on after it, if it was on).
-
-    For a decode whose every new container stays alive (a boundary state's messages: a dict and a list per
-    message, 40,000 for 20,000 messages). With the collector on, every 700 of them start a young-generation
-    pass that can free none of them (~85 passes for 20,000 messages), and the growth they add starts a full
-    pass over the whole heap on about every second start of a huge thread: 30-50 ms of a ~20 ms start on a
-    busy machine (bench row 16d, gc.callbacks; issue 16 second pass). Paused, one young pass looks at them once
-    afterwards; full passes still come when the heap has grown by a quarter, as always. No cycle is freed
-    meanwhile (reference counting frees everything else); the process-wide switch is only off for the
-    decode (~10 ms), and another thread's pause overlapping this one just ends early."""
-    was_on = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_on:
-            gc.enable()
-
-
 def _boundary_messages(data: bytes) -> list[dict[str, Any]]:
-    with _collector_paused():
+    with codec.collector_paused():  # every container it makes stays alive: see codec.collector_paused
         return _decode_boundary(data)
 
 

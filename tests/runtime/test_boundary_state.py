@@ -146,7 +146,7 @@ def test_boundary_messages_are_read_back_exactly(tmp_path):
 
 def test_the_collector_is_paused_while_a_boundary_state_is_decoded_and_restored_after():
     """Decoding a boundary state starts no garbage collection pass (every container it makes stays alive: see
-    records._collector_paused), and leaves the collector as it found it, after an error too."""
+    codec.collector_paused), and leaves the collector as it found it, after an error too."""
     import gc
 
     messages = tuple({"role": "user" if i % 2 == 0 else "assistant", "content": [{"type": "text", "text": f"m{i}"}]}
