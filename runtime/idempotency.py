@@ -74,12 +74,14 @@ class Claim:
         self.body = self.encode(result)
         if self.headers_of is not None:
             self.headers = {**self.headers, **self.headers_of(result)}
+        # The expiry is the creation stamp plus the ttl exactly: one reading of the clock, not two.
+        created = utc_now()
         return ("INSERT INTO idempotency (key, fingerprint, status, headers, body, created_at, expires_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET fingerprint = excluded.fingerprint,"
                 " status = excluded.status, headers = excluded.headers, body = excluded.body,"
                 " created_at = excluded.created_at, expires_at = excluded.expires_at",
                 (self.key, self.fingerprint, self.status, json.dumps(self.headers) if self.headers else NO_HEADERS,
-                 self.body, utc_now(), utc_after(self.ttl)))
+                 self.body, created, utc_after(self.ttl, start=created)))
 
     def statements(self, result: Any) -> list[tuple[str, tuple[Any, ...]]]:
         """A bounded purge of expired records, then ``statement(result)``; the purge's "now" is the record's

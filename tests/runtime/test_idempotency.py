@@ -114,6 +114,46 @@ async def test_each_new_record_purges_a_bounded_batch_of_expired_ones(open_runti
     assert len(_rows(tmp_path, "SELECT id FROM threads")) == PURGE_BATCH + 4
 
 
+async def test_a_records_expiry_is_its_creation_stamp_plus_the_ttl_however_the_clock_moves(rt, tmp_path,
+                                                                                              monkeypatch):
+    """The wall clock moves 7 ms at every reading: an expiry read from the clock a second time would come
+    out 7 ms late (a record kept 24 h and 7 ms)."""
+    import datetime as real
+    import types
+
+    from runtime import clock
+
+    class Ticking(real.datetime):
+        at = real.datetime(2026, 12, 3, 12, 0, 0, tzinfo=real.timezone.utc)
+
+        @classmethod
+        def now(cls, tz=None):
+            cls.at += real.timedelta(milliseconds=7)
+            return cls.at
+
+    monkeypatch.setattr(clock, "_dt", types.SimpleNamespace(datetime=Ticking, timezone=real.timezone,
+                                                             timedelta=real.timedelta))
+    await keyed_create(rt, "k", "ticking")
+    ((created, expires),) = _rows(tmp_path, "SELECT created_at, expires_at FROM idempotency WHERE key = 'k'")
+    assert clock.parse_utc(expires) - clock.parse_utc(created) == real.timedelta(seconds=rt.idempotency.ttl)
+
+
+def test_a_stamp_parses_back_to_the_moment_it_was_made_and_other_text_is_refused():
+    """parse_utc's fast path (fromisoformat for exactly utc_now's format) and its strict fallback."""
+    import datetime as real
+
+    from runtime import clock
+
+    moment = real.datetime(2026, 12, 3, 12, 0, 5, 42_000, tzinfo=real.timezone.utc)
+    assert clock.parse_utc("2026-12-03T12:00:05.042Z") == moment
+    assert clock.parse_utc("2026-12-03T12:00:05.042Z").utcoffset() == real.timedelta(0)
+    assert clock.parse_utc("2026-12-03T12:00:05.042000Z") == moment  # the fallback's %f takes 6 digits too
+    for wrong in ("2026-12-03T12:00:05Z", "2026-12-03T12:00:05.042+00:00", "2026-12-03 12:00:05.042",
+                  "2026-12-03T12:00:05.04Z0"):
+        with pytest.raises(ValueError):
+            clock.parse_utc(wrong)
+
+
 async def test_a_request_cancelled_while_its_write_is_queued_keeps_its_key_in_progress_until_it_commits(rt, tmp_path):
     with held_writer(rt) as release:
         async with trio.open_nursery() as nursery:
