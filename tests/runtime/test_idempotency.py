@@ -154,6 +154,61 @@ def test_a_stamp_parses_back_to_the_moment_it_was_made_and_other_text_is_refused
             clock.parse_utc(wrong)
 
 
+@pytest.mark.sqlite_only(reason="PostgreSQL has no inline connection: its lookup is always awaited")
+async def test_a_lookup_on_sqlite_is_one_select_on_the_spot_and_leaves_no_snapshot_behind(rt, tmp_path):
+    """web/idempotency.py reads a keyed request's stored answer with ``lookup_now``: one SELECT on the loop's
+    own connection (no BEGIN/ROLLBACK around it), no schedule point. Nothing of it outlives the call: a
+    record committed afterwards by another connection is seen, and a checkpoint can empty the WAL."""
+    body, _ = await keyed_create(rt, "k", "first")
+    traced: list[str] = []
+    rt.store._iconn.set_trace_callback(traced.append)
+    try:
+        with trio.testing.assert_no_checkpoints():
+            stored = rt.idempotency.lookup_now("k", "create first")
+            missing = rt.idempotency.lookup_now("other", "create first")
+    finally:
+        rt.store._iconn.set_trace_callback(None)
+    assert (stored.status, stored.body, missing) == (201, body, None)
+    assert len(traced) == 2 and all(sql.startswith("SELECT fingerprint, status") for sql in traced), traced
+    assert not rt.store._iconn.in_transaction
+    _rows(tmp_path, "INSERT INTO idempotency VALUES ('later', 'fp', 201, '{}', x'7b7d', '2000-01-01',"
+          " '2999-01-01')")
+    assert rt.idempotency.lookup_now("later", "fp").body == b"{}"
+    outside = sqlite3.connect(tmp_path / "runtime.sqlite3", isolation_level=None)
+    try:
+        outside.execute("PRAGMA busy_timeout=0")
+        busy, _, _ = outside.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    finally:
+        outside.close()
+    assert busy == 0  # no reader holds a snapshot of the log
+
+
+@pytest.mark.sqlite_only(reason="PostgreSQL has no inline connection: its lookup is always awaited")
+async def test_a_lookup_that_cannot_answer_on_the_spot_says_so_and_the_awaited_lookup_answers(rt, monkeypatch):
+    """SQLite busy on the loop's connection, or an answer too big to read there: ``lookup_now`` answers
+    NOT_READ (it never raises the busy error nor blocks), and ``lookup`` reads it in a worker thread."""
+    from runtime import idempotency
+
+    small, _ = await keyed_create(rt, "small", "s")
+    with rt.idempotency.hold("big", "fp") as slot:
+        claim = slot.claim(201, lambda result: b"x" * (idempotency.INLINE_BODY_MAX + 1))
+        await rt.create_thread(title="big", claim=claim)
+    assert rt.idempotency.lookup_now("big", "fp") is idempotency.NOT_READ
+    assert (await rt.idempotency.lookup("big", "fp")).body == claim.body
+
+    real = idempotency._stored_head
+
+    def busy_inline(conn: sqlite3.Connection, **kwargs: Any) -> Any:
+        if conn is rt.store._iconn:
+            raise sqlite3.OperationalError("database is locked")
+        return real(conn, **kwargs)
+
+    monkeypatch.setattr(idempotency, "_stored_head", busy_inline)
+    assert rt.idempotency.lookup_now("small", "create s") is idempotency.NOT_READ
+    assert (await rt.idempotency.lookup("small", "create s")).body == small
+    assert not rt.store._iconn.in_transaction
+
+
 async def test_a_request_cancelled_while_its_write_is_queued_keeps_its_key_in_progress_until_it_commits(rt, tmp_path):
     with held_writer(rt) as release:
         async with trio.open_nursery() as nursery:
