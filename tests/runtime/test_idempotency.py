@@ -139,7 +139,8 @@ async def test_a_records_expiry_is_its_creation_stamp_plus_the_ttl_however_the_c
 
 
 def test_a_stamp_parses_back_to_the_moment_it_was_made_and_other_text_is_refused():
-    """parse_utc's fast path (fromisoformat for exactly utc_now's format) and its strict fallback."""
+    """The stamp's text, parse_utc's fast path (fromisoformat for exactly utc_now's format) and its strict
+    fallback."""
     import datetime as real
 
     from runtime import clock
@@ -148,6 +149,10 @@ def test_a_stamp_parses_back_to_the_moment_it_was_made_and_other_text_is_refused
     assert clock.parse_utc("2026-12-03T12:00:05.042Z") == moment
     assert clock.parse_utc("2026-12-03T12:00:05.042Z").utcoffset() == real.timedelta(0)
     assert clock.parse_utc("2026-12-03T12:00:05.042000Z") == moment  # the fallback's %f takes 6 digits too
+    # Fixed width, so stamps sort as text, for every moment (strftime's %Y gives "999" for the year 999).
+    for when in (moment, real.datetime(999, 1, 2, 3, 4, 5, 999_999, tzinfo=real.timezone.utc),
+                 real.datetime(9999, 12, 31, 23, 59, 59, 0, tzinfo=real.timezone.utc)):
+        assert clock._stamp(when) == when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
     for wrong in ("2026-12-03T12:00:05Z", "2026-12-03T12:00:05.042+00:00", "2026-12-03 12:00:05.042",
                   "2026-12-03T12:00:05.04Z0"):
         with pytest.raises(ValueError):
