@@ -26,8 +26,11 @@ import json
 import sqlite3
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
+import trio
+
 from .clock import utc_after, utc_now
 from .errors import IdempotencyKeyInProgress, IdempotencyKeyReused
+from .store import NOT_INLINE
 
 if TYPE_CHECKING:
     from .store import Store
@@ -74,12 +77,14 @@ class Claim:
         self.body = self.encode(result)
         if self.headers_of is not None:
             self.headers = {**self.headers, **self.headers_of(result)}
+        # The expiry is the creation stamp plus the ttl exactly: one reading of the clock, not two.
+        created = utc_now()
         return ("INSERT INTO idempotency (key, fingerprint, status, headers, body, created_at, expires_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET fingerprint = excluded.fingerprint,"
                 " status = excluded.status, headers = excluded.headers, body = excluded.body,"
                 " created_at = excluded.created_at, expires_at = excluded.expires_at",
                 (self.key, self.fingerprint, self.status, json.dumps(self.headers) if self.headers else NO_HEADERS,
-                 self.body, utc_now(), utc_after(self.ttl)))
+                 self.body, created, utc_after(self.ttl, start=created)))
 
     def statements(self, result: Any) -> list[tuple[str, tuple[Any, ...]]]:
         """A bounded purge of expired records, then ``statement(result)``; the purge's "now" is the record's
@@ -174,19 +179,44 @@ class Idempotency:
     async def lookup(self, key: str, fingerprint: str) -> Stored | None:
         """The unexpired stored answer for ``key``, or None. IdempotencyKeyReused when the key answered a
         different request. Expired records are ignored here (and purged by later records' writes)."""
+        found = self.lookup_now(key, fingerprint)
+        if found is not NOT_READ:
+            await trio.lowlevel.checkpoint()
+            return found
         row = await self._store.read(functools.partial(_stored_head, key=key, now=utc_now()), inline=True)
-        if row is None:
+        stored = _answer(row, key, fingerprint)
+        if stored is not NOT_READ:
+            return stored
+        body = await self._store.read(functools.partial(_stored_body, key=key))
+        if body is None:  # expired and purged between the two reads: as if it had not been found
             return None
-        if row["fingerprint"] != fingerprint:
-            raise IdempotencyKeyReused(f"Idempotency-Key '{key}' was already used for a different request "
-                                       f"(method, path or body); use a new key for a new request")
-        if row["size"] <= INLINE_BODY_MAX:
-            body = row["body"]
-        else:
-            body = await self._store.read(functools.partial(_stored_body, key=key))
-            if body is None:  # expired and purged between the two reads: as if it had not been found
-                return None
         return Stored(row["status"], json.loads(row["headers"]), bytes(body))
+
+    def lookup_now(self, key: str, fingerprint: str) -> Stored | None | Any:
+        """``lookup`` without a schedule point, for a caller whose next step is one (web/idempotency.py: the
+        keyed request's change follows), one trio reschedule less per keyed request: ``NOT_READ`` when it
+        cannot answer synchronously (PostgreSQL, SQLite busy, an answer too big to read on the loop); then
+        await ``lookup``. One statement on the loop's own SQLite connection, no transaction around it
+        (``Store.read_inline``). Synchronous: a cancellation cannot reach it, and it changes nothing."""
+        row = self._store.read_inline(functools.partial(_stored_head, key=key, now=utc_now()), one_statement=True)
+        return NOT_READ if row is NOT_INLINE else _answer(row, key, fingerprint)
+
+
+# What Idempotency.lookup_now answers when it could not read (await Idempotency.lookup instead).
+NOT_READ: Any = object()
+
+
+def _answer(row: Any, key: str, fingerprint: str) -> Stored | None | Any:
+    """The stored answer of a ``_stored_head`` row (None: no record), or ``NOT_READ`` when its body is too big
+    to have come with the row. IdempotencyKeyReused when the record answered a different request."""
+    if row is None:
+        return None
+    if row["fingerprint"] != fingerprint:
+        raise IdempotencyKeyReused(f"Idempotency-Key '{key}' was already used for a different request "
+                                   f"(method, path or body); use a new key for a new request")
+    if row["size"] > INLINE_BODY_MAX:
+        return NOT_READ
+    return Stored(row["status"], json.loads(row["headers"]), bytes(row["body"]))
 
 
 def _stored_head(conn: sqlite3.Connection, key: str, now: str) -> sqlite3.Row | None:

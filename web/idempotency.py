@@ -26,7 +26,7 @@ from quart import Response, g, jsonify, request
 
 from runtime import codec
 from runtime.errors import InvalidInput
-from runtime.idempotency import Claim, Stored
+from runtime.idempotency import NOT_READ, Claim, Stored
 
 from .api import runtime
 
@@ -84,7 +84,10 @@ def idempotent(view: Callable) -> Callable:
             return await view(*args, **kwargs)
         service = runtime().idempotency
         with service.hold(key, fingerprint(request.method, request.path, request.query_string, body)) as slot:
-            stored = await service.lookup(key, slot.fingerprint)
+            # Read on the spot when it can (SQLite): the route's change that follows is the schedule point.
+            stored = service.lookup_now(key, slot.fingerprint)
+            if stored is NOT_READ:
+                stored = await service.lookup(key, slot.fingerprint)
             if stored is not None:
                 return replay(stored)
             g.idempotency_slot = slot

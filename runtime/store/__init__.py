@@ -18,7 +18,7 @@ from typing import Any, Callable
 import psycopg
 
 from .sqlite import (
-    MAX_BATCH, OUTCOME_UNKNOWN, PUBLISH_SLICE, RESTART_ERROR, STREAMED_KINDS, Event, EventDraft, Statement,
+    MAX_BATCH, NOT_INLINE, OUTCOME_UNKNOWN, PUBLISH_SLICE, RESTART_ERROR, STREAMED_KINDS, Event, EventDraft, Statement,
     Store, WithEvents, WriteLane, WriteRequest, append_event, is_disk_full, read_snapshot, recover_thread,
     encode_payload, row_to_event, storage_error,
 )

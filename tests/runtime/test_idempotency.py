@@ -114,6 +114,106 @@ async def test_each_new_record_purges_a_bounded_batch_of_expired_ones(open_runti
     assert len(_rows(tmp_path, "SELECT id FROM threads")) == PURGE_BATCH + 4
 
 
+async def test_a_records_expiry_is_its_creation_stamp_plus_the_ttl_however_the_clock_moves(rt, tmp_path,
+                                                                                              monkeypatch):
+    """The wall clock moves 7 ms at every reading: an expiry read from the clock a second time would come
+    out 7 ms late (a record kept 24 h and 7 ms)."""
+    import datetime as real
+    import types
+
+    from runtime import clock
+
+    class Ticking(real.datetime):
+        at = real.datetime(2026, 12, 3, 12, 0, 0, tzinfo=real.timezone.utc)
+
+        @classmethod
+        def now(cls, tz=None):
+            cls.at += real.timedelta(milliseconds=7)
+            return cls.at
+
+    monkeypatch.setattr(clock, "_dt", types.SimpleNamespace(datetime=Ticking, timezone=real.timezone,
+                                                             timedelta=real.timedelta))
+    await keyed_create(rt, "k", "ticking")
+    ((created, expires),) = _rows(tmp_path, "SELECT created_at, expires_at FROM idempotency WHERE key = 'k'")
+    assert clock.parse_utc(expires) - clock.parse_utc(created) == real.timedelta(seconds=rt.idempotency.ttl)
+
+
+def test_a_stamp_parses_back_to_the_moment_it_was_made_and_other_text_is_refused():
+    """The stamp's text, parse_utc's fast path (fromisoformat for exactly utc_now's format) and its strict
+    fallback."""
+    import datetime as real
+
+    from runtime import clock
+
+    moment = real.datetime(2026, 12, 3, 12, 0, 5, 42_000, tzinfo=real.timezone.utc)
+    assert clock.parse_utc("2026-12-03T12:00:05.042Z") == moment
+    assert clock.parse_utc("2026-12-03T12:00:05.042Z").utcoffset() == real.timedelta(0)
+    assert clock.parse_utc("2026-12-03T12:00:05.042000Z") == moment  # the fallback's %f takes 6 digits too
+    # Fixed width, so stamps sort as text, for every moment (strftime's %Y gives "999" for the year 999).
+    for when in (moment, real.datetime(999, 1, 2, 3, 4, 5, 999_999, tzinfo=real.timezone.utc),
+                 real.datetime(9999, 12, 31, 23, 59, 59, 0, tzinfo=real.timezone.utc)):
+        assert clock._stamp(when) == when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    for wrong in ("2026-12-03T12:00:05Z", "2026-12-03T12:00:05.042+00:00", "2026-12-03 12:00:05.042",
+                  "2026-12-03T12:00:05.04Z0"):
+        with pytest.raises(ValueError):
+            clock.parse_utc(wrong)
+
+
+@pytest.mark.sqlite_only(reason="PostgreSQL has no inline connection: its lookup is always awaited")
+async def test_a_lookup_on_sqlite_is_one_select_on_the_spot_and_leaves_no_snapshot_behind(rt, tmp_path):
+    """web/idempotency.py reads a keyed request's stored answer with ``lookup_now``: one SELECT on the loop's
+    own connection (no BEGIN/ROLLBACK around it), no schedule point. Nothing of it outlives the call: a
+    record committed afterwards by another connection is seen, and a checkpoint can empty the WAL."""
+    body, _ = await keyed_create(rt, "k", "first")
+    traced: list[str] = []
+    rt.store._iconn.set_trace_callback(traced.append)
+    try:
+        with trio.testing.assert_no_checkpoints():
+            stored = rt.idempotency.lookup_now("k", "create first")
+            missing = rt.idempotency.lookup_now("other", "create first")
+    finally:
+        rt.store._iconn.set_trace_callback(None)
+    assert (stored.status, stored.body, missing) == (201, body, None)
+    assert len(traced) == 2 and all(sql.startswith("SELECT fingerprint, status") for sql in traced), traced
+    assert not rt.store._iconn.in_transaction
+    _rows(tmp_path, "INSERT INTO idempotency VALUES ('later', 'fp', 201, '{}', x'7b7d', '2000-01-01',"
+          " '2999-01-01')")
+    assert rt.idempotency.lookup_now("later", "fp").body == b"{}"
+    outside = sqlite3.connect(tmp_path / "runtime.sqlite3", isolation_level=None)
+    try:
+        outside.execute("PRAGMA busy_timeout=0")
+        busy, _, _ = outside.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    finally:
+        outside.close()
+    assert busy == 0  # no reader holds a snapshot of the log
+
+
+@pytest.mark.sqlite_only(reason="PostgreSQL has no inline connection: its lookup is always awaited")
+async def test_a_lookup_that_cannot_answer_on_the_spot_says_so_and_the_awaited_lookup_answers(rt, monkeypatch):
+    """SQLite busy on the loop's connection, or an answer too big to read there: ``lookup_now`` answers
+    NOT_READ (it never raises the busy error nor blocks), and ``lookup`` reads it in a worker thread."""
+    from runtime import idempotency
+
+    small, _ = await keyed_create(rt, "small", "s")
+    with rt.idempotency.hold("big", "fp") as slot:
+        claim = slot.claim(201, lambda result: b"x" * (idempotency.INLINE_BODY_MAX + 1))
+        await rt.create_thread(title="big", claim=claim)
+    assert rt.idempotency.lookup_now("big", "fp") is idempotency.NOT_READ
+    assert (await rt.idempotency.lookup("big", "fp")).body == claim.body
+
+    real = idempotency._stored_head
+
+    def busy_inline(conn: sqlite3.Connection, **kwargs: Any) -> Any:
+        if conn is rt.store._iconn:
+            raise sqlite3.OperationalError("database is locked")
+        return real(conn, **kwargs)
+
+    monkeypatch.setattr(idempotency, "_stored_head", busy_inline)
+    assert rt.idempotency.lookup_now("small", "create s") is idempotency.NOT_READ
+    assert (await rt.idempotency.lookup("small", "create s")).body == small
+    assert not rt.store._iconn.in_transaction
+
+
 async def test_a_request_cancelled_while_its_write_is_queued_keeps_its_key_in_progress_until_it_commits(rt, tmp_path):
     with held_writer(rt) as release:
         async with trio.open_nursery() as nursery:
