@@ -10,6 +10,7 @@ import io
 import json
 
 import pytest
+import trio
 
 from runtime.sessions import docs as session_docs
 from runtime.sessions.docs import INDEX_TEXT_SLICE, index_text
@@ -296,3 +297,29 @@ async def test_a_save_that_keeps_the_search_text_leaves_the_trigram_index_alone(
     assert [s["id"] for s in await rt.sessions.list(limit=10, search="zebra cross")] == ["s"]
     assert [s["id"] for s in await rt.sessions.list(limit=10, search="hello the")] == ["s"]
 
+
+@pytest.mark.files_only
+async def test_a_save_in_place_checks_its_file_in_the_staging_thread_not_in_a_hop_of_its_own(rt, monkeypatch):
+    """With the index row it committed, a save without If-Match reads and compares the file in its staging
+    thread (before it writes anything) instead of a worker-thread job of its own before the engine snapshot:
+    two jobs per save, not three (row 3 of ``make bench``). With If-Match the file is read before the
+    check, as before; a file changed behind the index is the other test's (above)."""
+    tid = (await rt.create_thread())["id"]
+    await run_turn(rt, tid, "hello there")
+    await rt.sessions.save(thread_id=tid, session_id="s", timeout=LIMIT)
+    jobs, run_sync = [], trio.to_thread.run_sync
+
+    async def counted(fn, *args, **kwargs):
+        jobs.append(getattr(fn, "__name__", repr(fn)))
+        return await run_sync(fn, *args, **kwargs)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", counted)
+    saved = await rt.sessions.save(thread_id=tid, session_id="s", timeout=LIMIT)
+    assert saved["session"]["metadata"]["revision"] == 2
+    assert jobs.count("load") == 0 and jobs.count("stage") == 1, jobs
+    jobs.clear()
+    saved = await rt.sessions.save(thread_id=tid, session_id="s", if_match=2, timeout=LIMIT)
+    assert saved["session"]["metadata"]["revision"] == 3
+    assert jobs.count("load") == 1 and jobs.count("stage") == 1, jobs
+    monkeypatch.undo()
+    assert (await rt.sessions.get("s"))["metadata"]["revision"] == 3
