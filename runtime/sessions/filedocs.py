@@ -265,22 +265,10 @@ class FileDocs:
                 state["begun"] = True
             return fn(conn)
 
-        # The undo file is dropped by the writer right after the COMMIT (``after_commit``): a worker-thread
-        # job of its own per change cost the loop ~75 us and two thread wake-ups (row 3 of ``make bench``).
-        finished: dict[str, Any] = {}
-
-        def finish() -> None:
-            try:
-                self.files.finish(change)
-            except StorageError as exc:
-                finished["error"] = exc
-            else:
-                finished["done"] = True
-
         failure: Exception | None = None
         with trio.move_on_after(self.commit_timeout) as bound:
             try:
-                await self._store.write(fn=guarded, events=events, after_commit=finish)
+                await self._store.write(fn=guarded, events=events)
             except Exception as exc:  # any failure of the request: the journal below says what happened
                 failure = exc
         if bound.cancelled_caught:
@@ -299,13 +287,7 @@ class FileDocs:
                 raise_named(failure, action, session_id)
             log.error("the store reported %r for a change of session '%s' that committed", failure, session_id)
         self._retired.difference_update(retired)
-        if "done" in finished:
-            self._retired.add(change.token)
-            return
         try:
-            if "error" in finished:
-                raise finished["error"]
-            # Committed although the store reported a failure (settled above): drop it here.
             await trio.to_thread.run_sync(self.files.finish, change)
         except StorageError as exc:
             log.warning("%s; it is removed before the session's next change", exc.message)

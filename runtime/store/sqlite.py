@@ -180,10 +180,6 @@ class WriteRequest:
     committed: list[Event] = dataclasses.field(default_factory=list)
     # Failed without running because an earlier write of its lane had failed (nothing of it happened).
     skipped: bool = False
-    # Runs in the writer thread once the request has committed, before anyone waiting on it wakes; never
-    # raises (it keeps its own errors). A session change drops its undo file here instead of in a worker
-    # thread job of its own (issue 16, row 3 of ``make bench``).
-    after_commit: Callable[[], None] | None = None
 
 
 def is_disk_full(exc: BaseException) -> bool:
@@ -335,17 +331,14 @@ class Store:
         *,
         action: str = "write to the store",
         fn_events: bool = False,
-        after_commit: Callable[[], None] | None = None,
     ) -> tuple[Any, list[Event]]:
         """Queue a write and wait until it committed; returns ``(fn result, committed events)``.
 
         Raises StorageError (StorageFull for a full disk) naming ``action`` when it did not commit;
         nothing of it is then in the store. A cancellation after queuing does not undo the write:
         callers that must know the outcome wait under a shield (see ``write_shielded``).
-        ``after_commit``: called in the writer thread once the write committed (``WriteRequest``).
         """
-        request = self.submit(WriteRequest(statements, events, fn, action=action, fn_events=fn_events,
-                                           after_commit=after_commit))
+        request = self.submit(WriteRequest(statements, events, fn, action=action, fn_events=fn_events))
         await request.done.wait()
         assert request.result is not None
         return request.result.unwrap(), request.committed
@@ -431,13 +424,6 @@ class Store:
                     self._fail(request, storage_error(request.action, exc, "the store's writer failed"))
                 self._drop_connection()
                 pending = []
-        for request in batch:
-            # Committed (a request whose transaction failed or was undone holds an Error): its follow-up.
-            if request.after_commit is not None and isinstance(request.result, outcome.Value):
-                try:
-                    request.after_commit()
-                except Exception:  # it keeps its own errors; a bug must not stop the writer
-                    log.exception("a write's after-commit step failed")
 
     def _apply_transaction(self, requests: list[WriteRequest]) -> list[WriteRequest]:
         """One transaction, each request in its own savepoint. Returns the requests not attempted

@@ -17,7 +17,7 @@ from runtime.sessions.docs import INDEX_TEXT_SLICE, index_text
 from runtime.sessions.files import FileSystem
 from runtime.transcript import text_of
 from tests import support
-from tests.sessions.conftest import LIMIT, run_turn, sessions_dir, temp_files
+from tests.sessions.conftest import LIMIT, run_turn
 from web.routes import sessions as session_routes
 
 
@@ -317,58 +317,9 @@ async def test_a_save_in_place_checks_its_file_in_the_staging_thread_not_in_a_ho
     saved = await rt.sessions.save(thread_id=tid, session_id="s", timeout=LIMIT)
     assert saved["session"]["metadata"]["revision"] == 2
     assert jobs.count("load") == 0 and jobs.count("stage") == 1, jobs
-    assert jobs.count("finish") == 0, jobs  # the writer drops the undo file after its COMMIT (below)
     jobs.clear()
     saved = await rt.sessions.save(thread_id=tid, session_id="s", if_match=2, timeout=LIMIT)
     assert saved["session"]["metadata"]["revision"] == 3
     assert jobs.count("load") == 1 and jobs.count("stage") == 1, jobs
     monkeypatch.undo()
     assert (await rt.sessions.get("s"))["metadata"]["revision"] == 3
-
-
-@pytest.mark.files_only
-async def test_the_writer_drops_a_committed_changes_undo_file_right_after_its_commit(rt, monkeypatch):
-    """A committed change's undo file goes in the writer thread, after the COMMIT and before the request
-    is answered (``WriteRequest.after_commit``), not in a worker-thread job of its own: one job less per
-    save and delete. A change whose transaction did not commit keeps the old file (put back by the settle)."""
-    import threading
-
-    from runtime.errors import StorageError
-    from runtime.sessions import filedocs
-
-    tid = (await rt.create_thread())["id"]
-    await run_turn(rt, tid, "hello there")
-    await rt.sessions.save(thread_id=tid, session_id="s", timeout=LIMIT)
-    files, finish, finished_in = rt.sessions.files, rt.sessions.files.finish, []
-
-    def spied(change):
-        finished_in.append(threading.current_thread().name)
-        return finish(change)
-
-    monkeypatch.setattr(files, "finish", spied)
-    jobs, run_sync = [], trio.to_thread.run_sync
-
-    async def counted(fn, *args, **kwargs):
-        jobs.append(getattr(fn, "__name__", repr(fn)))
-        return await run_sync(fn, *args, **kwargs)
-
-    monkeypatch.setattr(trio.to_thread, "run_sync", counted)
-    saved = await rt.sessions.save(thread_id=tid, session_id="s", timeout=LIMIT)
-    assert saved["session"]["metadata"]["revision"] == 2
-    assert len(finished_in) == 1 and "_apply_batch" in finished_in[0], finished_in  # the writer's job
-    assert "spied" not in jobs and "finish" not in jobs, jobs
-    assert temp_files(sessions_dir(rt)) == []  # no undo or temp file once answered
-
-    journal = filedocs._journal
-    monkeypatch.setattr(filedocs, "_journal", lambda conn, change, retired: (_ for _ in ()).throw(
-        StorageError("disk I/O error")))
-    with pytest.raises(StorageError):
-        await rt.sessions.save(thread_id=tid, session_id="s", timeout=LIMIT)
-    monkeypatch.setattr(filedocs, "_journal", journal)
-    assert len(finished_in) == 1  # not committed: no after-commit step
-    assert temp_files(sessions_dir(rt)) == []
-    await rt.sessions.delete("s", timeout=LIMIT)
-    assert len(finished_in) == 2 and "_apply_batch" in finished_in[1]
-    assert temp_files(sessions_dir(rt)) == [] and not (rt.config.sessions_dir / "s.json").exists()
-    monkeypatch.undo()
-    assert [s["id"] for s in await rt.sessions.list(limit=10)] == []
