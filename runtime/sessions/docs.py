@@ -67,8 +67,10 @@ class SessionDocs(Protocol):
         """Called under the session's lock before every change: finish what an earlier change of it
         left unknown (a timed-out commit), so two changes of one session never overlap."""
 
-    async def metadata(self, session_id: str) -> dict[str, Any] | None:
-        """The stored session's metadata (None: no such session)."""
+    async def metadata(self, session_id: str, *, confirm: bool = True) -> dict[str, Any] | None:
+        """The stored session's metadata (None: no such session). ``confirm=False``: the storage may
+        answer from what it last committed and check it at the commit, which raises ``Stale`` (having
+        changed nothing) when the stored session differs; the caller then asks again, confirmed."""
 
     async def read_document(self, session_id: str) -> tuple[bytes, int]:
         """The stored document's bytes, sent as they are, and its revision. NotFound if none."""
@@ -166,6 +168,11 @@ def resume_source(doc: dict[str, Any]) -> ResumeSource:
     messages = doc["messages"]
     return ResumeSource(doc["metadata"], doc.get("system_prompt"), len(messages),
                         codec.dumps_parts(messages) if messages else None)
+
+
+class Stale(Exception):
+    """A commit found the stored session other than the unconfirmed metadata it was built from
+    (``SessionDocs.metadata(confirm=False)``); raised before anything was written."""
 
 
 class Document(dict):
@@ -329,7 +336,7 @@ class StoreDocs:
         raise StorageError(f"Failed to change session '{session_id}': the store has not finished an earlier "
                            f"change of it")
 
-    async def metadata(self, session_id: str) -> dict[str, Any] | None:
+    async def metadata(self, session_id: str, *, confirm: bool = True) -> dict[str, Any] | None:
         row = await self._store.read(functools.partial(index_row, session_id=session_id), inline=True)
         return index_metadata(row) if row is not None else None
 

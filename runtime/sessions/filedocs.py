@@ -34,7 +34,7 @@ from ..idempotency import Claim
 from ..store import DatabaseError, EventDraft, Store
 from .docs import (
     COMMIT_TIMEOUT, ResumeSource, SafetyWriter, encode, index_metadata, index_row, index_text, index_values,
-    link_thread, raise_named, resume_source, upsert_index,
+    Stale, link_thread, raise_named, resume_source, upsert_index,
 )
 from .files import BACKUP_SUFFIX, Change, SessionFiles, parse_document, validate_session_id
 
@@ -61,6 +61,11 @@ class FileDocs:
         # read it instead of the database on the event loop: three SQLite calls, each handing the GIL to
         # a worker thread and waiting to get it back (issue 16, row 3 of ``make bench``).
         self._rows: dict[str, dict[str, Any]] = {}
+        # Sessions whose ``metadata`` came from ``_rows`` without reading the file, with the (size, mtime)
+        # the file must still have: the save's staging thread reads and compares it before it writes
+        # anything (``Stale`` when it differs), instead of a worker-thread hop of its own before the engine
+        # snapshot (issue 16, row 3 of ``make bench``). Set and taken under the session's lock.
+        self._unconfirmed: dict[str, tuple[int, int]] = {}
 
     # ---- startup ---------------------------------------------------------------------------
 
@@ -134,6 +139,7 @@ class FileDocs:
     async def before_change(self, session_id: str, deadline: float) -> None:
         """Under the session's lock: wait for a staging thread an earlier request abandoned, and settle
         the session's earlier change if it may have left work files (``_settle``)."""
+        self._unconfirmed.pop(session_id, None)  # a check left by a save that never reached its commit
         staging = self._staging.get(session_id)
         if staging is not None:
             with trio.move_on_at(deadline):
@@ -165,6 +171,8 @@ class FileDocs:
         """
         session_id = doc["metadata"]["id"]
         self._rows.pop(session_id, None)  # known again only once this change committed (below)
+        # (size, mtime) the file must still have (``metadata`` took the kept row without reading it).
+        expected = self._unconfirmed.pop(session_id, None)
         change = self.files.change(session_id)
         # The staging thread can be abandoned (a stuck disk): ``guard`` makes "the thread finished" and
         # "the request gave up" one decision, so exactly one of them cleans up.
@@ -177,6 +185,12 @@ class FileDocs:
 
         def stage() -> tuple[Change, str]:
             try:
+                if expected is not None:
+                    # Read as ``metadata`` would have, so a file that cannot be read fails the same way
+                    # ("Failed to load session"), and nothing is written yet.
+                    found = self.files.read(session_id)
+                    if found is None or (len(found[0]), found[1].st_mtime_ns) != expected:
+                        raise Stale(session_id)
                 data = encode(doc)
                 staged = self.files.stage(change, data, action, replacing=replacing)
                 # The file goes in place here, not in the writer's transaction: the writer ran every save's
@@ -206,6 +220,8 @@ class FileDocs:
                     staged, search_text = await trio.to_thread.run_sync(stage, abandon_on_cancel=True)
                 except Exception as exc:
                     failure = exc
+            if isinstance(failure, Stale):
+                raise failure  # raised before the stage wrote anything: nothing to settle
             if failure is not None:
                 await self._settle_change(change)  # not committed: puts back a file the stage may have replaced
                 raise failure
@@ -321,12 +337,23 @@ class FileDocs:
             self._retired.update(await trio.to_thread.run_sync(settle))
             self._unsettled.discard(session_id)
 
-    async def metadata(self, session_id: str) -> dict[str, Any] | None:
+    async def metadata(self, session_id: str, *, confirm: bool = True) -> dict[str, Any] | None:
         """The stored session's metadata, or None when there is none. The file is always read, so any
         I/O failure is reported exactly as a full load would; it is parsed only when its size or mtime
         differ from what the index recorded at the last commit (a 10 MB session parses in ~80 ms). The
-        index row is the one this process last committed or read (``_rows``) when it has it."""
+        index row is the one this process last committed or read (``_rows``) when it has it.
+
+        ``confirm=False`` (a save without If-Match): with the row kept, its metadata is returned at once,
+        and the file is read and compared in the save's own staging thread, before it writes anything;
+        if the file differs there, the commit raises ``Stale`` having changed nothing, and the save asks
+        again with ``confirm=True``. One worker-thread hop less per save (issue 16, row 3)."""
         row = self._rows.get(session_id)
+        if row is not None and not confirm:
+            self._unconfirmed[session_id] = (row["size"], row["file_mtime_ns"])
+            meta = index_metadata(row)
+            meta.setdefault("archived", False)
+            return meta
+        self._unconfirmed.pop(session_id, None)
         if row is None:
             found = await self._store.read(functools.partial(index_row, session_id=session_id), inline=True)
             if found is not None:

@@ -34,8 +34,8 @@ from ..errors import Conflict, InvalidInput, NotFound, PreconditionFailed
 from ..idempotency import Claim
 from . import portable
 from .docs import (
-    COMMIT_TIMEOUT, INDEX_COLUMNS, STORAGE_KINDS, Document, SafetyWriter, SessionDocs, StoreDocs, index_metadata,
-    upsert_index,
+    COMMIT_TIMEOUT, INDEX_COLUMNS, STORAGE_KINDS, Document, SafetyWriter, SessionDocs, Stale, StoreDocs,
+    index_metadata, upsert_index,
 )
 from .filedocs import FileDocs
 from .files import SESSION_SCHEMA_VERSION, SessionFiles, validate_session_id
@@ -255,37 +255,52 @@ class SessionService:
         async with self._locked(target, deadline):
             existing = None
             if session_id is not None:
-                existing = await self.docs.metadata(session_id)
+                # Without If-Match the files storage may answer from the index row it committed last and
+                # check the file in the commit's staging thread (one worker-thread hop less per save);
+                # a file changed behind it makes the commit raise Stale, and the save starts over below.
+                existing = await self.docs.metadata(session_id, confirm=if_match is not None)
             _check_if_match(target, existing["revision"] if existing else None, if_match)
             snapshot = await self._rt.get_session_snapshot(
                 thread_id, wait_for_idle=wait_for_idle, timeout=max(0.0, deadline - trio.current_time()))
-            now = utc_now()
-            messages = list(snapshot.messages)
-            if existing is not None:
-                created_at, title, revision, archived = (existing["created_at"], existing["title"],
-                                                         existing["revision"] + 1, existing["archived"])
-            else:
-                created_at, revision, archived = now, 1, False
-                title = derive_title(snapshot.title or "") or derive_title(first_user_text(messages)) or UNTITLED
-            doc = Document({
-                "schema_version": SESSION_SCHEMA_VERSION,
-                "metadata": {
-                    "id": target, "title": title, "created_at": created_at, "updated_at": now,
-                    "message_count": len(messages), "total_tokens": snapshot.total_tokens,
-                    "model": snapshot.model, "workspace": snapshot.workspace, "mode": snapshot.mode,
-                    "archived": archived, "revision": revision, "thread_id": thread_id,
-                },
-                "messages": messages,
-                "system_prompt": snapshot.system_prompt,
-            })
-            # ``session`` is the saved document itself (its ``schema_version`` too); ``session.encoded`` holds
-            # the file's bytes (set by the commit's staging), which the HTTP layer sends as they are.
-            result = {"session_id": target, "thread_id": thread_id, "turn_in_progress": snapshot.turn_in_progress,
-                      "session": doc}
-            await self._commit(doc, action="save", thread_id=thread_id, event={
-                "session_id": target, "revision": revision, "message_count": len(messages),
-                "turn_in_progress": snapshot.turn_in_progress, "created": existing is None,
-            }, replacing=existing is not None, claim=claim, answer=result)
+            try:
+                return await self._save_snapshot(target, thread_id, snapshot, existing, claim)
+            except Stale:
+                # Nothing was written: this is still the wait phase. The stored session, read and checked.
+                existing = await self.docs.metadata(target)
+                _check_if_match(target, existing["revision"] if existing else None, if_match)
+                return await self._save_snapshot(target, thread_id, snapshot, existing, claim)
+
+    async def _save_snapshot(self, target: str, thread_id: str, snapshot: ops.SessionSnapshot,
+                             existing: dict[str, Any] | None, claim: Claim | None) -> dict[str, Any]:
+        """``save``'s document from the engine's ``snapshot`` and the stored session's metadata
+        (``existing``; None: a new session), and its commit."""
+        now = utc_now()
+        messages = list(snapshot.messages)
+        if existing is not None:
+            created_at, title, revision, archived = (existing["created_at"], existing["title"],
+                                                     existing["revision"] + 1, existing["archived"])
+        else:
+            created_at, revision, archived = now, 1, False
+            title = derive_title(snapshot.title or "") or derive_title(first_user_text(messages)) or UNTITLED
+        doc = Document({
+            "schema_version": SESSION_SCHEMA_VERSION,
+            "metadata": {
+                "id": target, "title": title, "created_at": created_at, "updated_at": now,
+                "message_count": len(messages), "total_tokens": snapshot.total_tokens,
+                "model": snapshot.model, "workspace": snapshot.workspace, "mode": snapshot.mode,
+                "archived": archived, "revision": revision, "thread_id": thread_id,
+            },
+            "messages": messages,
+            "system_prompt": snapshot.system_prompt,
+        })
+        # ``session`` is the saved document itself (its ``schema_version`` too); ``session.encoded`` holds
+        # the file's bytes (set by the commit's staging), which the HTTP layer sends as they are.
+        result = {"session_id": target, "thread_id": thread_id, "turn_in_progress": snapshot.turn_in_progress,
+                  "session": doc}
+        await self._commit(doc, action="save", thread_id=thread_id, event={
+            "session_id": target, "revision": revision, "message_count": len(messages),
+            "turn_in_progress": snapshot.turn_in_progress, "created": existing is None,
+        }, replacing=existing is not None, claim=claim, answer=result)
         return result
 
     # ---- POST: rebuild from stored items ---------------------------------------------------

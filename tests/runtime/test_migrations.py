@@ -46,7 +46,7 @@ async def test_sqlite_migration_9_from_version_8_keeps_the_data_and_adds_the_ind
         assert len(snapshot.messages) == 50 and snapshot.total_tokens == 75
 
     conn = sqlite3.connect(tmp_path / "runtime.sqlite3")
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == migrations.SCHEMA_VERSION == 9
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == migrations.SCHEMA_VERSION == 10
     indexes = {row[1] for row in conn.execute("PRAGMA index_list(items)")}
     assert "items_by_turn" in indexes
     columns = [row[1] for row in conn.execute("PRAGMA table_info(thread_states)")]

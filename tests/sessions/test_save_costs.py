@@ -10,6 +10,7 @@ import io
 import json
 
 import pytest
+import trio
 
 from runtime.sessions import docs as session_docs
 from runtime.sessions.docs import INDEX_TEXT_SLICE, index_text
@@ -267,3 +268,58 @@ async def test_a_change_names_itself_without_asking_the_kernel_for_randomness(rt
     tokens = {change.token for change in changes}
     assert len(tokens) == 1000 and all(len(t) == 32 and int(t, 16) >= 0 for t in tokens)
     assert {t[:16] for t in tokens} == {session_files._TOKEN_PREFIX}
+
+
+async def test_a_save_that_keeps_the_search_text_leaves_the_trigram_index_alone(rt):
+    """Migration 10: the update trigger re-tokenizes a row only when its text changed; every save's upsert
+    sets the column, so a save in place re-indexed an unchanged text in the single writer (row 3 of
+    ``make bench``). FTS5 writes a new segment (and bumps its structure record) for each row it indexes,
+    so its data table is compared. A changed text is still re-indexed and found."""
+    if support.on_postgresql():
+        pytest.skip("SQLite's trigram index (PostgreSQL's pg_trgm index has no trigger)")
+    tid = (await rt.create_thread())["id"]
+    await run_turn(rt, tid, "hello there")
+    await rt.sessions.save(thread_id=tid, session_id="s", timeout=LIMIT)
+
+    async def fts_data() -> list[tuple]:
+        return await rt.store.read(lambda conn: [tuple(row) for row in conn.execute(
+            "SELECT id, block FROM sessions_search_data ORDER BY id")])
+
+    before = await fts_data()
+    for revision in (2, 3):  # the same messages and title: the same search text
+        saved = await rt.sessions.save(thread_id=tid, session_id="s", timeout=LIMIT)
+        assert saved["session"]["metadata"]["revision"] == revision
+    assert await fts_data() == before
+
+    await run_turn(rt, tid, "zebra crossing")  # a new message: a new text, re-indexed
+    await rt.sessions.save(thread_id=tid, session_id="s", timeout=LIMIT)
+    assert await fts_data() != before
+    assert [s["id"] for s in await rt.sessions.list(limit=10, search="zebra cross")] == ["s"]
+    assert [s["id"] for s in await rt.sessions.list(limit=10, search="hello the")] == ["s"]
+
+
+@pytest.mark.files_only
+async def test_a_save_in_place_checks_its_file_in_the_staging_thread_not_in_a_hop_of_its_own(rt, monkeypatch):
+    """With the index row it committed, a save without If-Match reads and compares the file in its staging
+    thread (before it writes anything) instead of a worker-thread job of its own before the engine snapshot:
+    two jobs per save, not three (row 3 of ``make bench``). With If-Match the file is read before the
+    check, as before; a file changed behind the index is the other test's (above)."""
+    tid = (await rt.create_thread())["id"]
+    await run_turn(rt, tid, "hello there")
+    await rt.sessions.save(thread_id=tid, session_id="s", timeout=LIMIT)
+    jobs, run_sync = [], trio.to_thread.run_sync
+
+    async def counted(fn, *args, **kwargs):
+        jobs.append(getattr(fn, "__name__", repr(fn)))
+        return await run_sync(fn, *args, **kwargs)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", counted)
+    saved = await rt.sessions.save(thread_id=tid, session_id="s", timeout=LIMIT)
+    assert saved["session"]["metadata"]["revision"] == 2
+    assert jobs.count("load") == 0 and jobs.count("stage") == 1, jobs
+    jobs.clear()
+    saved = await rt.sessions.save(thread_id=tid, session_id="s", if_match=2, timeout=LIMIT)
+    assert saved["session"]["metadata"]["revision"] == 3
+    assert jobs.count("load") == 1 and jobs.count("stage") == 1, jobs
+    monkeypatch.undo()
+    assert (await rt.sessions.get("s"))["metadata"]["revision"] == 3
