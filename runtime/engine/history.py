@@ -20,7 +20,7 @@ import json
 import sqlite3
 from typing import Any, Sequence
 
-from ..clock import new_id
+from ..clock import new_ids
 from ..errors import Conflict, NotFound
 from ..idempotency import Claim
 from ..store import Event, EventDraft, WithEvents, append_event, records
@@ -141,25 +141,26 @@ def fork(conn: sqlite3.Connection, *, thread_id: str, through_turn_id: str | Non
         (new_thread_id, now, now, title if title is not None else source["title"], json.dumps(forked_from), thread_id))
     turns = conn.execute("SELECT * FROM turns WHERE thread_id = ? AND rewound = 0 AND ord <= ? ORDER BY ord",
                          (thread_id, last_ord)).fetchall()
-    new_ids = {row["id"]: new_id("turn") for row in turns}
+    copies = dict(zip((row["id"] for row in turns), new_ids("turn", len(turns))))
     for row in turns:
         conn.execute(
             "INSERT INTO turns (id, thread_id, ord, status, input_summary, created_at, started_at, ended_at,"
             " duration_ms, input_tokens, output_tokens, error, steer_count, rewound, retry_of)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?)",
-            (new_ids[row["id"]], new_thread_id, row["ord"], row["status"], row["input_summary"], row["created_at"],
+            (copies[row["id"]], new_thread_id, row["ord"], row["status"], row["input_summary"], row["created_at"],
              row["started_at"], row["ended_at"], row["duration_ms"], row["input_tokens"], row["output_tokens"],
-             row["error"], row["steer_count"], new_ids.get(row["retry_of"])))
+             row["error"], row["steer_count"], copies.get(row["retry_of"])))
     if turns:
         items = conn.execute(
             "SELECT * FROM items WHERE thread_id = ? AND turn_id IN (SELECT value FROM json_each(?)) ORDER BY ord",
-            (thread_id, json.dumps(list(new_ids)))).fetchall()
+            (thread_id, json.dumps(list(copies)))).fetchall()
         conn.executemany(
             "INSERT INTO items (id, turn_id, thread_id, ord, kind, status, summary, detail, metadata, started_at,"
             " ended_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [(new_id("item"), new_ids[row["turn_id"]], new_thread_id, row["ord"], row["kind"], row["status"],
-              row["summary"], row["detail"], row["metadata"], row["started_at"], row["ended_at"]) for row in items])
-        conn.execute("UPDATE threads SET latest_turn_id = ? WHERE id = ?", (new_ids[through_turn_id], new_thread_id))
+            [(item_id, copies[row["turn_id"]], new_thread_id, row["ord"], row["kind"], row["status"],
+              row["summary"], row["detail"], row["metadata"], row["started_at"], row["ended_at"])
+             for item_id, row in zip(new_ids("item", len(items)), items)])
+        conn.execute("UPDATE threads SET latest_turn_id = ? WHERE id = ?", (copies[through_turn_id], new_thread_id))
     record = records.thread_record(_thread_row(conn, new_thread_id))
     appended = [
         append_event(conn, EventDraft(new_thread_id, "thread.started", {"thread": record, "forked_from": forked_from},
@@ -167,7 +168,7 @@ def fork(conn: sqlite3.Connection, *, thread_id: str, through_turn_id: str | Non
         append_event(conn, EventDraft(thread_id, "thread.forked",
                                       {"thread_id": new_thread_id, "through_turn_id": through_turn_id}, timestamp=now)),
     ]
-    change = Change({"thread": record, "forked_from": forked_from, "turn_ids": [new_ids[row["id"]] for row in turns]})
+    change = Change({"thread": record, "forked_from": forked_from, "turn_ids": list(copies.values())})
     return _finish(conn, change, claim, appended)
 
 

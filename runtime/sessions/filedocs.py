@@ -41,6 +41,38 @@ from .files import BACKUP_SUFFIX, Change, SessionFiles, parse_document, validate
 log = logging.getLogger(__name__)
 
 
+# A document at least this long (encoded) gets its search text made in a thread of its own while the file is
+# written and fsynced (``_SearchText``); below it, the staging thread makes it afterwards, since another
+# thread job costs a small save more than it overlaps (row 3 of ``make bench`` is thread hand-offs).
+PARALLEL_SEARCH_TEXT_BYTES = 1024 * 1024
+
+
+class _SearchText:
+    """``index_text`` of a document, made in a worker thread started at once (trio's thread cache) while
+    the caller, the staging thread, writes and fsyncs the file: those calls let go of the GIL, so the two
+    overlap. For the 10.6 MB session of bench row 9 the text took ~9 ms and the file steps ~7 ms, one
+    after the other. ``result`` waits for it (it reads the document only, and ends: no cancel point);
+    the document is not changed while it runs (a save's document is its own)."""
+
+    def __init__(self, doc: dict[str, Any]) -> None:
+        self._done = threading.Event()
+        self._outcome: Any = None
+        title, messages = doc["metadata"]["title"], doc["messages"]
+
+        def deliver(result: Any) -> None:
+            self._outcome = result
+            self._done.set()
+
+        trio.lowlevel.start_thread_soon(lambda: index_text(title, messages), deliver, name="session search text")
+
+    def wait(self) -> None:
+        self._done.wait()
+
+    def result(self) -> bytes:
+        self._done.wait()
+        return self._outcome.unwrap()
+
+
 class FileDocs:
     def __init__(self, store: Store, files: SessionFiles) -> None:
         self._store = store
@@ -183,7 +215,7 @@ class FileDocs:
         # files were removed, so this change's COMMIT may forget their journal rows (``_journal``).
         retired = tuple(self._retired)
 
-        def stage() -> tuple[Change, str]:
+        def stage() -> tuple[Change, bytes]:
             try:
                 if expected is not None:
                     # Read as ``metadata`` would have, so a file that cannot be read fails the same way
@@ -192,12 +224,23 @@ class FileDocs:
                     if found is None or (len(found[0]), found[1].st_mtime_ns) != expected:
                         raise Stale(session_id)
                 data = encode(doc)
-                staged = self.files.stage(change, data, action, replacing=replacing)
-                # The file goes in place here, not in the writer's transaction: the writer ran every save's
-                # replace + directory fsync one after the other (~5 ms each under row 3's load, the writer
-                # busy all the time); from many staging threads the kernel commits them together. The
-                # COMMIT still comes after the rename is durable, and the journal still decides.
-                self.files.publish(staged, action)
+                # A big document's search text is made in a thread of its own while this one writes and
+                # fsyncs the file (see ``_SearchText``); a small one's here, after the file steps.
+                search = _SearchText(doc) if len(data) >= PARALLEL_SEARCH_TEXT_BYTES else None
+                try:
+                    staged = self.files.stage(change, data, action, replacing=replacing)
+                    # The file goes in place here, not in the writer's transaction: the writer ran every
+                    # save's replace + directory fsync one after the other (~5 ms each under row 3's load,
+                    # the writer busy all the time); from many staging threads the kernel commits them
+                    # together. The COMMIT still comes after the rename is durable, and the journal still
+                    # decides.
+                    self.files.publish(staged, action)
+                except BaseException:
+                    if search is not None:
+                        search.wait()  # never left running behind a failed stage
+                    raise
+                if search is not None:
+                    return staged, search.result()
                 return staged, index_text(doc["metadata"]["title"], doc["messages"])
             finally:
                 with guard:

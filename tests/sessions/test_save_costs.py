@@ -6,13 +6,17 @@ a small document's search text is made. Counted, never timed; results are compar
 from __future__ import annotations
 
 import builtins
+import errno
 import io
 import json
+import threading
 
 import pytest
 import trio
 
+from runtime import StorageFull
 from runtime.sessions import docs as session_docs
+from runtime.sessions import filedocs
 from runtime.sessions.docs import INDEX_TEXT_SLICE, index_text
 from runtime.sessions.files import FileSystem
 from runtime.transcript import text_of
@@ -323,3 +327,66 @@ async def test_a_save_in_place_checks_its_file_in_the_staging_thread_not_in_a_ho
     assert jobs.count("load") == 1 and jobs.count("stage") == 1, jobs
     monkeypatch.undo()
     assert (await rt.sessions.get("s"))["metadata"]["revision"] == 3
+
+
+def _big_document(session_id: str) -> bytes:
+    """A session document of ~1.3 MB (over PARALLEL_SEARCH_TEXT_BYTES), one message with a findable word."""
+    messages = _messages(400, "Grüße " * 500)
+    messages[123]["content"][0]["text"] += " NeedleWord"
+    return json.dumps({"schema_version": 1, "metadata": {
+        "id": session_id, "title": "Big", "created_at": "2030-01-01T00:00:00.000Z", "updated_at": "2030-01-01T00:00:00.000Z",
+        "message_count": len(messages), "total_tokens": 0, "model": "scripted", "workspace": None, "mode": "default",
+        "archived": False, "revision": 1}, "messages": messages, "system_prompt": None}).encode()
+
+
+@pytest.mark.files_only
+async def test_a_big_documents_search_text_is_made_while_its_file_is_written(rt, monkeypatch):
+    """Bench row 9 (a 10.6 MB save): the search text (~9 ms) and writing + fsyncing the file (~7 ms) ran one
+    after the other in the staging thread. Now a big document's text is made in a thread of its own from the
+    start: here the temp file's fsync waits until the text is being made, which never happened before the
+    fsync (the wait ran out). A small document's text is still made by the staging thread itself."""
+    assert len(_big_document("big")) >= filedocs.PARALLEL_SEARCH_TEXT_BYTES
+    making, seen = threading.Event(), {}
+    real_index_text, real_fsync = filedocs.index_text, rt.sessions.files.fs.fsync_file
+
+    def spy_index_text(title, messages):
+        seen.setdefault("text", []).append(threading.get_ident())
+        making.set()
+        return real_index_text(title, messages)
+
+    def fsync_file(f):
+        seen.setdefault("fsync", []).append(threading.get_ident())
+        if seen.get("wait", True):
+            seen["overlapped"] = making.wait(timeout=LIMIT)
+        real_fsync(f)
+
+    monkeypatch.setattr(filedocs, "index_text", spy_index_text)
+    monkeypatch.setattr(rt.sessions.files.fs, "fsync_file", fsync_file)
+    await rt.sessions.import_document(_big_document("big"), timeout=LIMIT)
+    assert seen["overlapped"] and seen["text"][0] != seen["fsync"][0]
+    assert [row["id"] for row in await rt.sessions.list(limit=10, search="needleword")] == ["big"]
+
+    seen.clear()
+    seen["wait"] = False
+    thread = (await rt.create_thread())["id"]
+    await run_turn(rt, thread, "a small one")
+    await rt.sessions.save(thread_id=thread, session_id="small", timeout=LIMIT)
+    assert seen["text"] == seen["fsync"]  # one thread for both: no extra thread job for a small save
+    assert [row["id"] for row in await rt.sessions.list(limit=10, search="small one")] == ["small"]
+
+
+@pytest.mark.files_only
+async def test_a_big_save_whose_file_fails_reports_the_disk_error_and_changes_nothing(rt, monkeypatch):
+    """The search text's thread of a big save runs beside the file steps; when they fail, the failure is the
+    one reported and nothing is left (the staging thread waits for the text's thread before it raises)."""
+    def enospc(f):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(rt.sessions.files.fs, "fsync_file", enospc)
+    with pytest.raises(StorageFull, match="no space left on device"):
+        await rt.sessions.import_document(_big_document("big"), timeout=LIMIT)
+    assert await rt.sessions.list(limit=10) == []
+    assert sorted(p.name for p in rt.config.sessions_dir.iterdir()) == []
+    monkeypatch.undo()
+    await rt.sessions.import_document(_big_document("big"), timeout=LIMIT)
+    assert [row["id"] for row in await rt.sessions.list(limit=10, search="needleword")] == ["big"]
