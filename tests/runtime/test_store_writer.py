@@ -51,3 +51,19 @@ async def test_a_write_nobody_waits_on_makes_no_event_and_a_late_waiter_finds_it
         late = WriteRequest()
         late.finish()
         assert late.done.is_set()
+
+
+async def test_throttle_waits_while_the_backlog_exceeds_the_write_queue_and_not_otherwise(tmp_path):
+    async with Store.open(tmp_path / "db.sqlite3", lambda events: None, write_queue=2) as store:
+        await store.write(statements=[THREAD])
+
+        def delta(n: int) -> WriteRequest:
+            return store.submit(WriteRequest(events=[EventDraft("thr_w", "item.delta", {"n": n})], action="stream"))
+
+        within = [delta(n) for n in range(2)]  # the writer has not run yet: a backlog of 2, not above 2
+        await store.throttle()
+        assert not any(r.done.is_set() for r in within)  # returned without waiting for the writer
+        over = [delta(n) for n in range(2, 5)]  # a backlog of 5 (the first two may be taken meanwhile)
+        await store.throttle()
+        assert all(r.done.is_set() for r in within + over)  # waited until the writer took its batch
+        await store.throttle()  # nothing queued: returns at once
