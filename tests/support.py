@@ -252,3 +252,23 @@ class InFlight:
                 if self.count == 0:
                     return
                 await self.changed.wait()
+
+
+def clock_ticking(monkeypatch: Any, *, milliseconds: int) -> None:
+    """runtime.clock's wall clock moves ``milliseconds`` at every reading (from 2026-12-03 12:00 UTC), so a
+    value that reads the clock twice where it should read it once comes out late by that much."""
+    import datetime as real
+    import types
+
+    from runtime import clock
+
+    class Ticking(real.datetime):
+        at = real.datetime(2026, 12, 3, 12, 0, 0, tzinfo=real.timezone.utc)
+
+        @classmethod
+        def now(cls, tz=None):
+            cls.at += real.timedelta(milliseconds=milliseconds)
+            return cls.at
+
+    monkeypatch.setattr(clock, "_dt", types.SimpleNamespace(datetime=Ticking, timezone=real.timezone,
+                                                             timedelta=real.timedelta))

@@ -23,6 +23,7 @@ import trio.testing
 from runtime import Conflict, InvalidInput, NotFound
 from runtime.models.base import ModelRequest, TextDelta, ToolCall, ToolOutcome, ToolResult, ToolSpec, Usage
 from runtime.store import OUTCOME_UNKNOWN
+from tests.support import clock_ticking
 
 from .helpers import collect_events, crash_image, run_turn, stored_events, wait_turn_end
 
@@ -231,20 +232,10 @@ async def test_an_approvals_expiry_is_its_creation_stamp_plus_the_timeout_howeve
     """The wall clock moves 7 ms at every reading: an expiry read from the clock again would come out 7 ms
     late (an e2e test once saw 0.501 s for a 0.5 s timeout)."""
     import datetime as real
-    import types
 
     from runtime import clock
 
-    class Ticking(real.datetime):
-        at = real.datetime(2026, 12, 3, 12, 0, 0, tzinfo=real.timezone.utc)
-
-        @classmethod
-        def now(cls, tz=None):
-            cls.at += real.timedelta(milliseconds=7)
-            return cls.at
-
-    monkeypatch.setattr(clock, "_dt", types.SimpleNamespace(datetime=Ticking, timezone=real.timezone,
-                                                             timedelta=real.timedelta))
+    clock_ticking(monkeypatch, milliseconds=7)
     async with opener() as rt:
         tid = (await rt.create_thread())["id"]
         await rt.start_turn(tid, '/tool write_note {"name": "n1", "text": "hi"}')

@@ -18,7 +18,7 @@ from runtime.idempotency import PURGE_BATCH, Claim
 from tests.cancellation.harness import check_invariants
 from tests.faults.harness import FaultRun, every_step
 from tests.faults.seam import FaultPlan
-from tests.support import held_writer, open_runtime
+from tests.support import clock_ticking, held_writer, open_runtime
 
 
 # The test's PostgreSQL database when it runs on that backend (set by the autouse fixture below), else None.
@@ -119,20 +119,10 @@ async def test_a_records_expiry_is_its_creation_stamp_plus_the_ttl_however_the_c
     """The wall clock moves 7 ms at every reading: an expiry read from the clock a second time would come
     out 7 ms late (a record kept 24 h and 7 ms)."""
     import datetime as real
-    import types
 
     from runtime import clock
 
-    class Ticking(real.datetime):
-        at = real.datetime(2026, 12, 3, 12, 0, 0, tzinfo=real.timezone.utc)
-
-        @classmethod
-        def now(cls, tz=None):
-            cls.at += real.timedelta(milliseconds=7)
-            return cls.at
-
-    monkeypatch.setattr(clock, "_dt", types.SimpleNamespace(datetime=Ticking, timezone=real.timezone,
-                                                             timedelta=real.timedelta))
+    clock_ticking(monkeypatch, milliseconds=7)
     await keyed_create(rt, "k", "ticking")
     ((created, expires),) = _rows(tmp_path, "SELECT created_at, expires_at FROM idempotency WHERE key = 'k'")
     assert clock.parse_utc(expires) - clock.parse_utc(created) == real.timedelta(seconds=rt.idempotency.ttl)
