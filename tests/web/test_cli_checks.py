@@ -44,15 +44,6 @@ def started(monkeypatch, tmp_path):
     return run
 
 
-@pytest.fixture(autouse=True)
-def keep_gc_thresholds():
-    """``main`` sets the collector's thresholds of the process it runs in (web/cli.py ``tune_gc``): here
-    that is pytest's, whose other tests keep CPython's."""
-    before = gc.get_threshold()
-    yield
-    gc.set_threshold(*before)
-
-
 def refused(started, capsys, *flags: str) -> str:
     with pytest.raises(SystemExit) as exited:
         started(*flags)
