@@ -26,8 +26,6 @@ import json
 import sqlite3
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-import trio
-
 from .clock import utc_after, utc_now
 from .errors import IdempotencyKeyInProgress, IdempotencyKeyReused
 from .store import NOT_INLINE
@@ -178,11 +176,9 @@ class Idempotency:
 
     async def lookup(self, key: str, fingerprint: str) -> Stored | None:
         """The unexpired stored answer for ``key``, or None. IdempotencyKeyReused when the key answered a
-        different request. Expired records are ignored here (and purged by later records' writes)."""
-        found = self.lookup_now(key, fingerprint)
-        if found is not NOT_READ:
-            await trio.lowlevel.checkpoint()
-            return found
+        different request. Expired records are ignored here (and purged by later records' writes). Read the
+        awaited way (``Store.read``); a caller that can take the answer without a schedule point tries
+        ``lookup_now`` first and comes here only when it did not read (it is not tried again here)."""
         row = await self._store.read(functools.partial(_stored_head, key=key, now=utc_now()), inline=True)
         stored = _answer(row, key, fingerprint)
         if stored is not NOT_READ:
