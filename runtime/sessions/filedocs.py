@@ -393,9 +393,7 @@ class FileDocs:
         row = self._rows.get(session_id)
         if row is not None and not confirm:
             self._unconfirmed[session_id] = (row["size"], row["file_mtime_ns"])
-            meta = index_metadata(row)
-            meta.setdefault("archived", False)
-            return meta
+            return index_metadata(row)  # it always has "archived" (a parsed file's metadata may not)
         self._unconfirmed.pop(session_id, None)
         if row is None:
             found = await self._store.read(functools.partial(index_row, session_id=session_id), inline=True)
