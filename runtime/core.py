@@ -12,7 +12,6 @@ import dataclasses
 import functools
 import logging
 import re
-import sqlite3
 import time
 from typing import Any, AsyncIterator, Callable
 
@@ -31,6 +30,7 @@ from .models.base import ModelBackend
 from .models.scripted import ScriptedModel
 from .sessions import SessionService
 from .store import EventDraft, Store, WriteRequest, is_postgres_url, open_store, records
+from .store.records import BASE_PIECES, write_base
 from .threads_detail import DetailCache
 from .version import __version__
 
@@ -42,39 +42,6 @@ THREAD_FIELDS = ("model", "workspace", "mode", "system_prompt", "title", "archiv
 
 
 THREAD_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}\Z")
-
-
-# Stands for the base messages' value in a thread's INSERT when they come in pieces (``write_base``).
-BASE_PIECES = "<base messages in pieces>"
-
-
-def write_base(conn: Any, insert: tuple[str, tuple[Any, ...]], pieces: list[bytes | memoryview]) -> None:
-    """Run ``insert``, whose base messages (``BASE_PIECES`` in its SQL, the list ``pieces`` among its
-    parameters) are the pieces of ``codec.dumps_parts``, in the writer thread.
-
-    On SQLite the row gets a zero-filled TEXT of the pieces' total length, and the pieces are written
-    into it by incremental blob I/O, which writes a TEXT value's bytes as they are. Binding 12 MB as a
-    parameter copies it with the GIL held (the sqlite3 module binds with SQLITE_TRANSIENT: a malloc and
-    a memcpy, page faults included), and joining the pieces first was one more 12 MB buffer; ``Blob.write``
-    lets go of the GIL while SQLite copies (row 14c of ``make bench``: /health while a 12.7 MB session is
-    resumed). The pieces are then dropped here, so their memory is freed in the writer thread, not on
-    the event loop. Elsewhere (PostgreSQL) they are joined here and bound as bytes, and kept: its writer may
-    apply a failed batch again, one request per savepoint. The SQLite writer never runs a request twice; if
-    anything ever did, the emptied pieces raise here (the request fails, its transaction is undone) instead
-    of storing an empty value."""
-    sql, params = insert
-    if not pieces:  # written (and dropped) already: a second run would store an empty value, never valid JSON
-        raise RuntimeError("a thread's base messages were already written by this request")
-    if isinstance(conn, sqlite3.Connection):
-        cursor = conn.execute(sql.replace(BASE_PIECES, "CAST(zeroblob(?) AS TEXT)"),
-                              [sum(map(len, pieces)) if value is pieces else value for value in params])
-        with conn.blobopen("threads", "base_messages", cursor.lastrowid) as blob:
-            for piece in pieces:
-                blob.write(piece)
-        pieces.clear()
-        return
-    conn.execute(sql.replace(BASE_PIECES, "CAST(? AS TEXT)"),
-                 [b"".join(pieces) if value is pieces else value for value in params])
 
 
 def validate_thread_id(thread_id: object) -> str:

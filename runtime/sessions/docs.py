@@ -162,7 +162,7 @@ class ResumeSource:
 
 def resume_source(doc: dict[str, Any]) -> ResumeSource:
     """Called in the worker thread that loaded ``doc``: the messages are encoded there, in pieces that are
-    never joined (runtime.core ``write_base``), and the decoded messages die there with ``doc``. Returned
+    never joined (runtime.store.records ``write_base``), and the decoded messages die there with ``doc``. Returned
     to the event loop, they were freed on it when resume returned: ~7 ms with the GIL held for a 12.7 MB
     session (thousands of dicts and strings; py-spy under row 14c of ``make bench``)."""
     messages = doc["messages"]

@@ -176,7 +176,7 @@ async def test_a_big_session_resumes_whole_and_its_thread_reads_leave_the_base_m
     big_codecs.clear()
     resumed = await http.post("/v1/sessions/big/resume-thread", json={})
     assert resumed.status_code == 201, resumed.text
-    # Decoded and encoded again for threads.base_messages (in pieces, never joined: runtime.core write_base),
+    # Decoded and encoded again for threads.base_messages (in pieces, never joined: runtime.store.records write_base),
     # both in the worker thread, never on the loop.
     assert big_codecs == ["codec.loads", "codec.dumps_parts"]
     new_tid = resumed.json()["thread_id"]

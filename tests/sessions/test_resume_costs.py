@@ -111,7 +111,7 @@ async def test_a_resume_frees_the_decoded_messages_in_its_worker_thread_not_on_t
 def test_base_message_pieces_written_once_refuse_a_second_write_instead_of_storing_nothing(tmp_path):
     """write_base drops the pieces after the blob write (freed in the writer thread); a second run of the same
     request must fail, never store the emptied (zero-length, not JSON) value."""
-    from runtime.core import BASE_PIECES, write_base
+    from runtime.store.records import BASE_PIECES, write_base
 
     conn = sqlite3.connect(tmp_path / "t.sqlite3", isolation_level=None)
     conn.execute("CREATE TABLE threads (id TEXT PRIMARY KEY, base_messages TEXT)")
