@@ -23,10 +23,15 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Any
 
+import h11
+import hypercorn.protocol as hypercorn_protocol
 import trio
 from hypercorn.config import Config as HyperConfig
 from hypercorn.events import Closed, Event, RawData
+from hypercorn.protocol.events import Body, Response
+from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio import run as hypercorn_run
 from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 
@@ -156,20 +161,94 @@ class BoundedTCPServer(TCPServer):
         await self.protocol.handle(Closed())
 
 
+# The largest response body whose head waits to go out with it (see HeadWithBody): one write of head and
+# body instead of two; a larger body is written on its own, not copied to join its head.
+HEAD_WITH_BODY_MAX = SEND_SLICE
+
+
+def _body_length(headers: list[tuple[bytes, bytes]]) -> int:
+    """The Content-Length of a response's headers, or 0 when it has none (a stream) or it is not a number."""
+    for name, value in headers:
+        if name.lower() == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return 0
+    return 0
+
+
+class HeadWithBody(H11Protocol):
+    """hypercorn's HTTP/1.1 protocol, writing a response's head and its body in one write when the body has
+    a known length of at most ``HEAD_WITH_BODY_MAX``.
+
+    Why: hypercorn writes the head when the app starts its response and the body when the app sends it, two
+    socket writes for every JSON answer. Each write is a system call, a TCP segment and often one more
+    wake-up of the client, and here one more bounded write (lock, shielded scope, checkpoint): with this,
+    ``GET /health`` costs one write instead of two (issue 16, the floor). Only a head that announces a
+    Content-Length waits: its body follows at once (the app has it whole, Quart sends it right after the
+    start). A stream (SSE, no Content-Length) has its head written at once, as before, so a client sees the
+    stream open before its first event. Any other event (the end of a HEAD answer's empty body, the stream
+    closing after an app error) writes a waiting head first, so the order on the wire never changes.
+
+    What a cancel leaves behind: a head that was waiting is dropped with the connection, as the client got
+    nothing of that response (before, it could get the head alone)."""
+
+    _head: bytes | None = None
+    _hold_head = False
+
+    async def stream_send(self, event: Any) -> None:
+        if self._head is not None and not isinstance(event, Body):
+            head, self._head = self._head, None
+            await self.send(RawData(data=head))
+        self._hold_head = (isinstance(event, Response) and event.status_code >= 200
+                           and 0 < _body_length(event.headers) <= HEAD_WITH_BODY_MAX)
+        try:
+            await super().stream_send(event)
+        finally:
+            self._hold_head = False
+
+    async def _send_h11_event(self, event: Any) -> None:
+        if self._hold_head and isinstance(event, h11.Response):
+            self._hold_head = False
+            try:
+                self._head = self.connection.send(event)
+            except h11.LocalProtocolError:  # as hypercorn's: nothing to write once the client erred
+                if self.connection.their_state != h11.ERROR:
+                    raise
+            return
+        head, self._head = self._head, None
+        if head is None:
+            await super()._send_h11_event(event)
+            return
+        try:
+            data = self.connection.send(event) or b""
+        except h11.LocalProtocolError:
+            if self.connection.their_state != h11.ERROR:
+                raise
+            data = b""
+        await self.send(RawData(data=head + data))
+
+
 def _peer(server: TCPServer) -> str:
     client = getattr(server.protocol, "client", None)
     return f"{client[0]}:{client[1]}" if client else "a client"
 
 
 def install() -> None:
-    """Make hypercorn's trio worker build its connections with ``BoundedTCPServer``.
+    """Make hypercorn's trio worker build its connections with ``BoundedTCPServer``, and their HTTP/1.1
+    protocol with ``HeadWithBody``.
 
     ``hypercorn.trio.run.worker_serve`` creates each connection's handler from its module global
-    ``TCPServer`` and offers no parameter for it; this points that global at the subclass. Refuses
-    (instead of silently serving unbounded) if hypercorn's layout is not the one this was written for."""
-    if hypercorn_run.TCPServer is BoundedTCPServer:
-        return
-    if hypercorn_run.TCPServer is not TCPServer or not hasattr(TCPServer, "protocol_send"):
-        raise RuntimeError("hypercorn's trio worker changed (hypercorn.trio.run.TCPServer): writes to clients "
-                           "cannot be bounded; check web/server.py against the installed hypercorn")
-    hypercorn_run.TCPServer = BoundedTCPServer
+    ``TCPServer``, and ``hypercorn.protocol.ProtocolWrapper`` its protocol from the global ``H11Protocol``;
+    neither offers a parameter, so this points those globals at the subclasses. Refuses (instead of silently
+    serving unbounded) if hypercorn's layout is not the one this was written for."""
+    if hypercorn_run.TCPServer is not BoundedTCPServer:
+        if hypercorn_run.TCPServer is not TCPServer or not hasattr(TCPServer, "protocol_send"):
+            raise RuntimeError("hypercorn's trio worker changed (hypercorn.trio.run.TCPServer): writes to "
+                               "clients cannot be bounded; check web/server.py against the installed hypercorn")
+        hypercorn_run.TCPServer = BoundedTCPServer
+    if hypercorn_protocol.H11Protocol is not HeadWithBody:
+        if hypercorn_protocol.H11Protocol is not H11Protocol or not hasattr(H11Protocol, "_send_h11_event"):
+            raise RuntimeError("hypercorn's protocol wrapper changed (hypercorn.protocol.H11Protocol); check "
+                               "web/server.py against the installed hypercorn")
+        hypercorn_protocol.H11Protocol = HeadWithBody
