@@ -165,6 +165,8 @@ class EventStream:
         # Stored events as one records.EncodedEvents per page (``render``'s bytes), or as Events; live ones are Events.
         self._read_page = records.events_after if render is None else functools.partial(
             records.encoded_events_after, render=render)
+        # A page shorter than this is the last one stored: the replay is over.
+        self._page_size = records.EVENT_PAGE if render is None else records.REPLAY_PAGE
         self._sub = bus.attach(thread_id)
         self._pending: collections.deque[Event] = collections.deque()
         self._replaying = True
@@ -182,7 +184,7 @@ class EventStream:
                     self._read_page, thread_id=self.thread_id, since_seq=self.last_seq))
                 self._pending.extend(page)
                 read = page[0].count if page and type(page[0]) is records.EncodedEvents else len(page)
-                if read < records.EVENT_PAGE:
+                if read < self._page_size:
                     self._replaying = False
                     deleted = self._bus.deleted(self.thread_id)
                     if deleted is not None and not page:  # gone while catching up: its last event, then the end

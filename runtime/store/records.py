@@ -33,6 +33,12 @@ LIVE_ITEMS = ("SELECT * FROM items WHERE thread_id = ? AND turn_id NOT IN"
               " (SELECT id FROM turns WHERE thread_id = ? AND rewound = 1) ORDER BY ord")
 # Replay reads the log in pages of this many events, so a long history never sits in memory at once.
 EVENT_PAGE = 500
+# The same for a replay whose pages are rendered to bytes in the reader's thread (``encoded_events_after``: an
+# SSE replay, ~320 bytes of frames per event, so ~640 KB a page). Each page costs a thread hop, a read
+# transaction and one pass through the web stack and its socket writes, ~250 us of the server's CPU whatever
+# its size: at 500 events that was ~0.5 us of the ~2.4 us per replayed event (issue 16 fifth pass, bench row
+# 16b, /proc CPU per event of the server: 2.31-2.40 us at 500, 2.02-2.14 at 1,000 to 3,000).
+REPLAY_PAGE = 2000
 # GET /v1/threads/{id} returns a page of turns (issue 16: a 10,000-turn thread as cheap to read as a small one):
 # the latest TURNS_PAGE by default, at most MAX_TURNS_PAGE when asked (``turns_limit`` is clamped to 1..max,
 # as ``limit`` is on lists). 20 turns (40 items of a plain chat) fill a screen or two of the dashboard; bench
@@ -224,7 +230,7 @@ _ENCODED_PAGE = (f"SELECT {', '.join(ENCODED_COLUMNS)} FROM events WHERE thread_
 
 def encoded_events_after(conn: sqlite3.Connection, thread_id: str, since_seq: int,
                          render: Render,
-                         limit: int = EVENT_PAGE) -> list[EncodedEvents]:
+                         limit: int = REPLAY_PAGE) -> list[EncodedEvents]:
     """``events_after`` as one EncodedEvents (none when no event follows ``since_seq``), rendered in the reader's
     worker thread from the raw rows (ENCODED_COLUMNS; the payload as stored text, not decoded): a replay
     turns a page into bytes in one pass instead of decoding and encoding every event (issue 16)."""

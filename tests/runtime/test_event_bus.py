@@ -265,15 +265,62 @@ async def test_a_replayed_page_of_runs_of_events_sharing_fields_is_byte_for_byte
     assert {e["thread_id"] for e in envelopes} == {thread_id}
 
 
+async def test_a_rendered_replay_reads_replay_pages_and_goes_live_after_the_first_short_one(rt, thread_id):
+    """An SSE replay (pages rendered to bytes) reads records.REPLAY_PAGE events a page, more than a decoded
+    replay's EVENT_PAGE: each page costs a thread hop, a read transaction and a pass through the web stack
+    (issue 16 fifth pass). The first page shorter than REPLAY_PAGE is the last one stored, even when it is
+    longer than EVENT_PAGE: the stream then takes live events from the bus without reading the store again."""
+    from runtime.store import Event
+    from web.sse import render_stored
+
+    assert records.REPLAY_PAGE > records.EVENT_PAGE
+    stored = 2 * records.REPLAY_PAGE + records.EVENT_PAGE + 7  # + thread.started: a last page > EVENT_PAGE
+    for start in range(0, stored, 1000):
+        await rt.store.write(events=[EventDraft(thread_id, "test.old", {"n": n})
+                                     for n in range(start, min(stored, start + 1000))])
+    last = (await stored_events(rt, thread_id))[-1].seq
+    rendered: list[int] = []
+
+    def render(tid: str, rows: list[tuple]) -> bytes:
+        rendered.append(len(rows))
+        return render_stored(tid, rows)
+
+    reads = 0
+    read = rt.store.read
+
+    async def counted_read(fn, **kwargs):
+        nonlocal reads
+        reads += 1
+        return await read(fn, **kwargs)
+
+    rt.store.read = counted_read
+    try:
+        with trio.fail_after(REAL_LIMIT):
+            async with contextlib.aclosing(await rt.subscribe(thread_id, 0, render=render)) as stream:
+                reads = 0  # the pages' reads only (subscribing looks the thread up)
+                pages = []
+                while stream.last_seq < last:
+                    pages.append(await stream.next())
+                assert rendered == [p.count for p in pages] == [records.REPLAY_PAGE] * 2 + [records.EVENT_PAGE + 8]
+                assert reads == 3
+                _, live = await rt.store.write(events=[EventDraft(thread_id, "test.new", {"n": 0})])
+                event = await stream.next()
+    finally:
+        del rt.store.read
+    assert event.seq == live[0].seq
+    if not rt.bus.polled:  # a polled stream (PostgreSQL) reads every event from the table, live ones too
+        assert type(event) is Event and reads == 3
+
+
 async def test_a_replay_longer_than_a_page_is_sent_in_page_chunks_and_hands_over_to_live_events(rt, thread_id):
     """A replay reads the store a page at a time (never the whole history), sends each page in one chunk,
     and events appended while it replays come once each, in order, after the stored ones."""
     from web.sse import StreamRegistry, render_stored
 
-    stored = 3 * records.EVENT_PAGE + 7
-    for start in range(0, stored, 400):
+    stored = 3 * records.REPLAY_PAGE + 7
+    for start in range(0, stored, 1000):
         await rt.store.write(events=[EventDraft(thread_id, "test.old", {"n": n})
-                                     for n in range(start, min(stored, start + 400))])
+                                     for n in range(start, min(stored, start + 1000))])
     expected = [e.seq for e in await stored_events(rt, thread_id)]
     registry = StreamRegistry()
     stream = await rt.subscribe(thread_id, 0, render=render_stored)
@@ -284,7 +331,7 @@ async def test_a_replay_longer_than_a_page_is_sent_in_page_chunks_and_hands_over
         async with contextlib.aclosing(frames):
             async for chunk in frames:
                 chunks.append(chunk)
-                assert len(stream._pending) <= records.EVENT_PAGE  # one page in memory at most
+                assert len(stream._pending) <= 1  # one page (records.REPLAY_PAGE events) in memory at most
                 if len(chunks) == 2:  # mid-replay: more than a page of history still to read
                     _, live = await rt.store.write(events=[EventDraft(thread_id, "test.new", {"n": n})
                                                            for n in range(30)])
