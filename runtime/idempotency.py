@@ -15,6 +15,9 @@ race: a request that gave up (cancelled, timed out) while the write carrying its
 not yet committed keeps its key "in progress" until that write is done, and an op it queued that its
 engine has not taken yet is dropped by the engine (``Claim.abandoned``). So a retry never runs beside
 a change that may still commit: it waits for it (409) and then replays it, or it runs alone.
+
+Expired records are deleted by purge writes of their own, one queued at a time, each spending the
+allowance of the records claimed since the previous one (``Idempotency.claimed``).
 """
 
 from __future__ import annotations
@@ -27,17 +30,20 @@ import sqlite3
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from .clock import utc_after, utc_now
-from .errors import IdempotencyKeyInProgress, IdempotencyKeyReused
-from .store import NOT_INLINE
+from .errors import IdempotencyKeyInProgress, IdempotencyKeyReused, StorageError
+from .store import NOT_INLINE, WriteRequest
 
 if TYPE_CHECKING:
     from .store import Store
 
 # How long an answer is kept (API.md: 24 hours). RuntimeConfig.idempotency_ttl overrides it (tests).
 IDEMPOTENCY_TTL = 24 * 3600.0
-# Expired records deleted by each new record's transaction at most. Every record deletes up to this
-# many, so expired rows drain faster than they are made and no write pays for a big backlog at once.
+# Expired records each new record may delete at most (its allowance, spent by ``Idempotency``'s purge
+# writes). Every record allows up to this many, so expired rows drain faster than they are made.
 PURGE_BATCH = 16
+# Records whose allowance one purge write spends at most (PURGE_BATCH * this rows): no write pays for a
+# big backlog at once; what is left is spent by the next purge.
+PURGE_RECORDS_MAX = 64
 # A stored answer bigger than this is read in a worker thread, not on the event loop (a replayed PUT of
 # a 12 MB session); below it the inline read is cheaper than the thread hop (see Store.read).
 INLINE_BODY_MAX = 256 * 1024
@@ -84,29 +90,21 @@ class Claim:
                 (self.key, self.fingerprint, self.status, json.dumps(self.headers) if self.headers else NO_HEADERS,
                  self.body, created, utc_after(self.ttl, start=created)))
 
-    def statements(self, result: Any) -> list[tuple[str, tuple[Any, ...]]]:
-        """A bounded purge of expired records, then ``statement(result)``; the purge's "now" is the record's
-        ``created_at`` (one clock reading, formatted once, for both)."""
-        record = self.statement(result)
-        return [purge_statement(record[1][5]), record]
-
     def record(self, conn: sqlite3.Connection, result: Any) -> None:
-        """Store the answer inside a writer-thread ``fn`` (the change's own transaction), and purge a
-        bounded batch of expired records in the same transaction."""
-        for statement in self.statements(result):
-            conn.execute(*statement)
+        """Store the answer inside a writer-thread ``fn`` (the change's own transaction)."""
+        conn.execute(*self.statement(result))
 
 
-def purge_statement(now: str | None = None) -> tuple[str, tuple[Any, ...]]:
-    """Delete at most PURGE_BATCH records expired at ``now`` (default: the clock's now; oldest first, by the
+def purge_statement(now: str | None = None, limit: int = PURGE_BATCH) -> tuple[str, tuple[Any, ...]]:
+    """Delete at most ``limit`` records expired at ``now`` (default: the clock's now; oldest first, by the
     expiry index)."""
-    return PURGE, (utc_now() if now is None else now, PURGE_BATCH)
+    return PURGE, (utc_now() if now is None else now, limit)
 
 
 def record_claim(claim: Claim | None, result: Any) -> list[tuple[str, tuple[Any, ...]]]:
-    """The statements to add to a change's write: none without a claim; with one, a bounded purge of
-    expired records and the claim's own record (``Claim.statements``)."""
-    return [] if claim is None else claim.statements(result)
+    """The statements to add to a change's write: none without a claim; with one, the claim's record
+    (``Claim.statement``). Expired records are purged by writes of their own (``Idempotency.claimed``)."""
+    return [] if claim is None else [claim.statement(result)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,11 +124,14 @@ class Slot:
     fingerprint: str
     ttl: float
     made: Claim | None = None
+    service: "Idempotency | None" = None
 
     def claim(self, status: int, encode: Callable[[Any], bytes], headers: dict[str, str] | None = None,
               headers_of: Callable[[Any], dict[str, str]] | None = None) -> Claim:
         self.made = Claim(self.key, self.fingerprint, status, encode, dict(headers or {}), self.ttl,
                           headers_of=headers_of)
+        if self.service is not None:
+            self.service.claimed()
         return self.made
 
 
@@ -144,6 +145,32 @@ class Idempotency:
         # Keys whose request ended while the write carrying its claim was still queued: in progress
         # until that write is done. Only requests that gave up mid-write leave an entry here.
         self._settling: dict[str, Claim] = {}
+        # The last purge write queued (``claimed``), and the records claimed since whose allowance of
+        # PURGE_BATCH deletions no purge has spent yet.
+        self._purge: WriteRequest | None = None
+        self._owed = 0
+
+    def claimed(self) -> None:
+        """A record is coming (a Claim was made): its allowance of PURGE_BATCH expired records joins the
+        debt, and unless a purge write is still queued, one is queued now that spends it (at most
+        PURGE_RECORDS_MAX records' worth; the rest waits for the next one).
+
+        One purge write at a time, not a DELETE in every record's transaction: 50 keyed creates at once
+        share the purge of their writer batch (row 15 of the benchmarks, docs/design.md "Idempotency").
+        The purge is a write of its own: whether it commits, fails or runs before or after the record,
+        nothing anyone can read changes (a lookup ignores an expired record), so it is all-or-nothing
+        with nothing to undo. Synchronous (``Store.submit``): no schedule point, so a cancellation never
+        lands between the debt's update and the queued purge."""
+        self._owed += 1
+        if self._purge is not None and not self._purge.finished:
+            return
+        spent = min(self._owed, PURGE_RECORDS_MAX)
+        try:
+            self._purge = self._store.submit(WriteRequest(
+                [purge_statement(limit=PURGE_BATCH * spent)], action="purge expired idempotency records"))
+        except StorageError:  # the store is closed: the record's own write fails the same way
+            return
+        self._owed -= spent
 
     def in_progress(self, key: str) -> bool:
         if key in self._running:
@@ -160,7 +187,7 @@ class Idempotency:
         if self.in_progress(key):
             raise IdempotencyKeyInProgress(f"A request with Idempotency-Key '{key}' is still in progress; "
                                            f"retry once it has finished")
-        slot = self._running[key] = Slot(key, fingerprint, self.ttl)
+        slot = self._running[key] = Slot(key, fingerprint, self.ttl, service=self)
         finished = False
         try:
             yield slot

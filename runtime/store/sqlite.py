@@ -198,6 +198,11 @@ class WriteRequest:
                 self._done.set()
         return self._done
 
+    @property
+    def finished(self) -> bool:
+        """The writer is done with the request (``done`` is set, without making its trio.Event)."""
+        return self._finished
+
     def finish(self) -> None:
         """The writer is done with the request: ``done`` is set now, or made set when first asked for."""
         self._finished = True

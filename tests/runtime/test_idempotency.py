@@ -103,7 +103,8 @@ async def test_each_new_record_purges_a_bounded_batch_of_expired_ones(open_runti
     async with open_runtime(idempotency_ttl=0) as rt:
         for i in range(PURGE_BATCH + 3):
             await keyed_create(rt, f"k{i}", f"t{i}")
-        # Each record deleted the expired ones before it (at most PURGE_BATCH): only the last is left.
+        # Each record's purge (queued with its claim, one at a time) deleted the expired ones before it (at
+        # most PURGE_BATCH): only the last is left.
         assert _rows(tmp_path, "SELECT key FROM idempotency") == [(f"k{PURGE_BATCH + 2}",)]
         _rows(tmp_path, "INSERT INTO idempotency VALUES (?, 'fp', 201, '{}', ?, '2000-01-01', '2000-01-01')",
               many=[(f"old{i}", b"\x00") for i in range(PURGE_BATCH + 5)])
@@ -112,6 +113,65 @@ async def test_each_new_record_purges_a_bounded_batch_of_expired_ones(open_runti
         left = {key for (key,) in _rows(tmp_path, "SELECT key FROM idempotency")}
         assert left == {f"old{i}" for i in range(PURGE_BATCH, PURGE_BATCH + 5)} | {f"k{PURGE_BATCH + 2}", "new"}
     assert len(_rows(tmp_path, "SELECT id FROM threads")) == PURGE_BATCH + 4
+
+
+async def test_records_queued_together_share_one_purge_and_its_allowance_is_kept_for_the_next(open_runtime,
+                                                                                              tmp_path):
+    """Three keyed creates queued behind a held writer: the first claim queued a purge, the other two found
+    it still queued and added their allowance to the debt instead of a DELETE each (row 15: one purge per
+    writer batch, not one per record). The next record's purge spends all three allowances and its own."""
+    async with open_runtime() as rt:
+        _rows(tmp_path, "INSERT INTO idempotency VALUES (?, 'fp', 201, '{}', ?, '2000-01-01', '2000-01-01')",
+              many=[(f"old{i:02}", b"\x00") for i in range(3 * PURGE_BATCH - 8)])
+        claims: list[Claim] = []
+
+        async def create(i: int) -> None:
+            with rt.idempotency.hold(f"k{i}", "fp") as slot:
+                assert await rt.idempotency.lookup(f"k{i}", "fp") is None
+                claims.append(slot.claim(201, codec.dumps))
+                await rt.create_thread(title=f"t{i}", claim=claims[-1])
+
+        with held_writer(rt) as release:
+            async with trio.open_nursery() as nursery:
+                for i in range(3):
+                    nursery.start_soon(create, i)
+                while len(claims) < 3 or not all(c.pending for c in claims):
+                    await trio.testing.wait_all_tasks_blocked()
+                release.set()
+        old = "SELECT COUNT(*) FROM idempotency WHERE key LIKE ?"
+        assert _rows(tmp_path, old, "old%") == [(2 * PURGE_BATCH - 8,)]  # one purge: one record's allowance
+        await keyed_create(rt, "k3", "t3")
+        assert _rows(tmp_path, old, "old%") == [(0,)]  # four records' allowance: every expired row
+        assert _rows(tmp_path, "SELECT COUNT(*) FROM idempotency") == [(4,)]
+
+
+def test_one_purge_write_at_a_time_spends_a_bounded_allowance_and_keeps_the_rest():
+    """``Idempotency.claimed`` against a store that only queues: a claim made while a purge is queued adds
+    its allowance to the debt; one purge spends PURGE_RECORDS_MAX records' worth at most."""
+    from runtime.idempotency import PURGE_RECORDS_MAX, Idempotency
+    from runtime.store import WriteRequest
+
+    class Queue:
+        def __init__(self) -> None:
+            self.queued: list[WriteRequest] = []
+
+        def submit(self, request: WriteRequest) -> WriteRequest:
+            self.queued.append(request)
+            return request
+
+    store = Queue()
+    service = Idempotency(store)  # type: ignore[arg-type]
+    limits = lambda: [request.statements[0][1][1] for request in store.queued]  # noqa: E731
+    service.claimed()
+    for _ in range(PURGE_RECORDS_MAX + 9):
+        service.claimed()  # the first purge is still queued
+    assert limits() == [PURGE_BATCH]
+    store.queued[-1].finish()
+    service.claimed()
+    assert limits() == [PURGE_BATCH, PURGE_BATCH * PURGE_RECORDS_MAX]
+    store.queued[-1].finish()
+    service.claimed()
+    assert limits() == [PURGE_BATCH, PURGE_BATCH * PURGE_RECORDS_MAX, PURGE_BATCH * 11]
 
 
 async def test_a_records_expiry_is_its_creation_stamp_plus_the_ttl_however_the_clock_moves(rt, tmp_path,
