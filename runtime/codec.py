@@ -93,6 +93,20 @@ def dumps_sliced(value: Any) -> bytes:
     return b"".join(dumps_parts(value))
 
 
+def dumps_sliced_span(value: Any, key: str) -> tuple[bytes, tuple[int, int] | None]:
+    """``dumps_sliced(value)`` and where the value of ``value[key]`` lies in those bytes (start, end), for a
+    dict ``value`` encoded an entry at a time; None when it has no such entry or went whole to orjson.
+    A session save compares its messages' bytes with the previous file's (runtime/sessions/filedocs.py)."""
+    parts: list[Any] = []
+    spans: dict[str, tuple[int, int]] = {}
+    _slices(value, parts, top=True, spans=spans)
+    span = spans.get(key)
+    if span is None:
+        return b"".join(parts), None
+    start = sum(len(part) for part in parts[:span[0]])
+    return b"".join(parts), (start, start + sum(len(part) for part in parts[span[0]:span[1]]))
+
+
 def dumps_parts(value: Any) -> list[bytes | memoryview]:
     """``dumps_sliced(value)`` as the pieces it joins (their concatenation is those bytes), for a
     consumer that writes them one by one and so never needs one 12 MB buffer (a resumed thread's base
@@ -102,7 +116,7 @@ def dumps_parts(value: Any) -> list[bytes | memoryview]:
     return parts
 
 
-def _slices(value: Any, parts: list[Any], top: bool) -> None:
+def _slices(value: Any, parts: list[Any], top: bool, spans: dict[str, tuple[int, int]] | None = None) -> None:
     if isinstance(value, list) and len(value) > ARRAY_BATCH:
         for start in range(0, len(value), ARRAY_BATCH):
             let_others_run()
@@ -112,7 +126,10 @@ def _slices(value: Any, parts: list[Any], top: bool) -> None:
     elif top and isinstance(value, dict) and value and all(type(key) is str for key in value):
         for n, (key, item) in enumerate(value.items()):
             parts += (b"," if n else b"{", dumps(key), b":")
+            first = len(parts)
             _slices(item, parts, top=False)
+            if spans is not None:
+                spans[key] = (first, len(parts))  # the parts of this entry's value
         parts.append(b"}")
     else:
         parts.append(dumps(value))

@@ -190,31 +190,54 @@ def encode(doc: dict[str, Any]) -> bytes:
     return data
 
 
+def encode_with_messages_span(doc: dict[str, Any]) -> tuple[bytes, tuple[int, int] | None]:
+    """``encode(doc)``, and where the messages lie in those bytes (start, end; None when unknown)."""
+    data, span = codec.dumps_sliced_span(doc, "messages")
+    if isinstance(doc, Document):
+        doc.encoded = data
+    return data, span
+
+
+# ``upsert_index``'s ``search_text`` for a change whose caller knows the stored search text is already the
+# document's (``FileDocs``: the messages' bytes and the title equal those of the file it last committed).
+KEEP_TEXT: Any = object()
+
+
 def upsert_index(conn: sqlite3.Connection, doc: dict[str, Any], size: int, mtime_ns: int,
                  search_text: bytes | str | None = None) -> None:
     """Insert or replace the ``sessions`` index row of session ``doc`` (a checked session document)
-    whose stored bytes are ``size`` long (a file's mtime ``mtime_ns``; 0 for a document in the store);
-    ``search_text`` defaults to the title and message text the search reads.
+    whose stored bytes are ``size`` long (a file's mtime ``mtime_ns``; 0 for a document in the store),
+    and its ``session_texts`` row; ``search_text`` defaults to the title and message text the search reads.
+    ``KEEP_TEXT``: the stored text is already this document's, and its row is not touched (a 10 MB text
+    saved again unchanged cost the writer ~9 ms while it lived in the ``sessions`` row: SQLite migration 11).
 
     The SessionService calls it in the same store transaction that stores the document, so the row
     and the document never disagree after a commit. Public for tools that write session files outside a
     server (bench/datagen.py): they must call it in one transaction with their writes, on a database
     migrated by ``runtime.store.migrations``; the next start re-indexes a file whose size or mtime
     disagrees with its row. ``search_text`` as ``str`` is the portable form (PostgreSQL casts bytes to
-    hex text); SQLite stores bytes and str alike."""
+    hex text); SQLite stores bytes and str alike. The ``sessions`` row goes first: the trigram index's
+    triggers on ``session_texts`` read its rowid."""
     if search_text is None:
         search_text = index_text(doc["metadata"]["title"], doc["messages"])
+    values = index_values(doc, size, mtime_ns)
     conn.execute(
         "INSERT INTO sessions (id, title, created_at, updated_at, message_count, total_tokens, model, workspace,"
-        " mode, archived, revision, size, file_mtime_ns, search_text)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, CAST(? AS TEXT))"
+        " mode, archived, revision, size, file_mtime_ns)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
         " ON CONFLICT (id) DO UPDATE SET title = excluded.title, created_at = excluded.created_at,"
         " updated_at = excluded.updated_at, message_count = excluded.message_count,"
         " total_tokens = excluded.total_tokens, model = excluded.model, workspace = excluded.workspace,"
         " mode = excluded.mode, archived = excluded.archived, revision = excluded.revision, size = excluded.size,"
-        " file_mtime_ns = excluded.file_mtime_ns, search_text = excluded.search_text",
-        (*index_values(doc, size, mtime_ns).values(), search_text),
+        " file_mtime_ns = excluded.file_mtime_ns",
+        tuple(values.values()),
     )
+    if search_text is not KEEP_TEXT:
+        conn.execute(
+            "INSERT INTO session_texts (id, search_text) VALUES (?, CAST(? AS TEXT))"
+            " ON CONFLICT (id) DO UPDATE SET search_text = excluded.search_text",
+            (values["id"], search_text),
+        )
 
 
 def index_values(doc: dict[str, Any], size: int, mtime_ns: int) -> dict[str, Any]:

@@ -33,8 +33,8 @@ from ..errors import EngineTimeout, NotFound, StorageError
 from ..idempotency import Claim
 from ..store import DatabaseError, EventDraft, Store
 from .docs import (
-    COMMIT_TIMEOUT, ResumeSource, SafetyWriter, encode, index_metadata, index_row, index_text, index_values,
-    Stale, link_thread, raise_named, resume_source, upsert_index,
+    COMMIT_TIMEOUT, KEEP_TEXT, ResumeSource, SafetyWriter, encode, encode_with_messages_span, index_metadata,
+    index_row, index_text, index_values, Stale, link_thread, raise_named, resume_source, upsert_index,
 )
 from .files import BACKUP_SUFFIX, Change, SessionFiles, parse_document, validate_session_id
 
@@ -73,6 +73,19 @@ class _SearchText:
         return self._outcome.unwrap()
 
 
+def _same_text(kept: tuple[int, int, str, int, int] | None, expected: tuple[int, int] | None,
+               found: tuple[bytes, Any] | None, doc: dict[str, Any], data: bytes,
+               span: tuple[int, int] | None) -> bool:
+    """Whether ``doc``'s search text is the one stored for the file this process last committed
+    (``FileDocs._texts``): the file read (``found``) is that file, by its size and mtime, and the title
+    and the messages' bytes are the same (one memcmp, ~0.5 ms for 10 MB)."""
+    if kept is None or expected is None or found is None or span is None or kept[:2] != expected:
+        return False
+    size, mtime_ns, title, start, end = kept
+    return (title == doc["metadata"]["title"] and end - start == span[1] - span[0]
+            and found[0].startswith(memoryview(data)[span[0]:span[1]], start))
+
+
 class FileDocs:
     def __init__(self, store: Store, files: SessionFiles) -> None:
         self._store = store
@@ -98,6 +111,13 @@ class FileDocs:
         # anything (``Stale`` when it differs), instead of a worker-thread hop of its own before the engine
         # snapshot (issue 16, row 3 of ``make bench``). Set and taken under the session's lock.
         self._unconfirmed: dict[str, tuple[int, int]] = {}
+        # What the search text of the file this process last committed for a session was made of: the file's
+        # (size, mtime), its title, and where its messages lie in its bytes. Kept and dropped with ``_rows``.
+        # A save that reads that very file (a save without If-Match checks it in its staging thread) and
+        # finds the same title and the same messages' bytes neither makes the search text (~9 ms for 10 MB)
+        # nor writes it (``KEEP_TEXT``; issue 16, bench row 9). Equal bytes are equal messages, so the
+        # stored text, made from that file's document or kept the same way, is already the new document's.
+        self._texts: dict[str, tuple[int, int, str, int, int]] = {}
 
     # ---- startup ---------------------------------------------------------------------------
 
@@ -203,6 +223,7 @@ class FileDocs:
         """
         session_id = doc["metadata"]["id"]
         self._rows.pop(session_id, None)  # known again only once this change committed (below)
+        kept_text = self._texts.pop(session_id, None)
         # (size, mtime) the file must still have (``metadata`` took the kept row without reading it).
         expected = self._unconfirmed.pop(session_id, None)
         change = self.files.change(session_id)
@@ -214,19 +235,26 @@ class FileDocs:
         # Captured before staging: the staging thread's directory fsyncs come after these changes' undo
         # files were removed, so this change's COMMIT may forget their journal rows (``_journal``).
         retired = tuple(self._retired)
+        spans: dict[str, tuple[int, int] | None] = {}  # where the stage found the new file's messages
 
         def stage() -> tuple[Change, bytes]:
             try:
+                found = None
                 if expected is not None:
                     # Read as ``metadata`` would have, so a file that cannot be read fails the same way
                     # ("Failed to load session"), and nothing is written yet.
                     found = self.files.read(session_id)
                     if found is None or (len(found[0]), found[1].st_mtime_ns) != expected:
                         raise Stale(session_id)
-                data = encode(doc)
-                # A big document's search text is made in a thread of its own while this one writes and
-                # fsyncs the file (see ``_SearchText``); a small one's here, after the file steps.
-                search = _SearchText(doc) if len(data) >= PARALLEL_SEARCH_TEXT_BYTES else None
+                data, span = encode_with_messages_span(doc)
+                spans["messages"] = span
+                if _same_text(kept_text, expected, found, doc, data, span):
+                    search, same = None, True
+                else:
+                    # A big document's search text is made in a thread of its own while this one writes
+                    # and fsyncs the file (see ``_SearchText``); a small one's here, after the file steps.
+                    search = _SearchText(doc) if len(data) >= PARALLEL_SEARCH_TEXT_BYTES else None
+                    same = False
                 try:
                     staged = self.files.stage(change, data, action, replacing=replacing)
                     # The file goes in place here, not in the writer's transaction: the writer ran every
@@ -239,6 +267,8 @@ class FileDocs:
                     if search is not None:
                         search.wait()  # never left running behind a failed stage
                     raise
+                if same:
+                    return staged, KEEP_TEXT
                 if search is not None:
                     return staged, search.result()
                 return staged, index_text(doc["metadata"]["title"], doc["messages"])
@@ -288,6 +318,9 @@ class FileDocs:
 
             await self._apply(staged, commit, events, retired, action)
             self._rows[session_id] = index_values(doc, staged.size, staged.mtime_ns)
+            span = spans.get("messages")
+            if span is not None:
+                self._texts[session_id] = (staged.size, staged.mtime_ns, doc["metadata"]["title"], *span)
 
     async def _apply(self, change: Change, fn: Any, events: list[EventDraft], retired: tuple[str, ...],
                      action: str) -> None:
@@ -465,6 +498,7 @@ class FileDocs:
         change = dataclasses.replace(self.files.change(session_id), undo=BACKUP_SUFFIX)
         retired = tuple(self._retired)
         self._rows.pop(session_id, None)
+        self._texts.pop(session_id, None)
 
         def commit(conn: sqlite3.Connection) -> None:
             conn.execute("DELETE FROM sessions WHERE id = ?", (session_id,))

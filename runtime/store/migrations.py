@@ -221,6 +221,39 @@ MIGRATIONS: tuple[str, ...] = (
             substr(new.search_text, 32769, 1) = '' THEN new.search_text ELSE char(64976, 64977, 64978) END);
     END;
     """,
+    # 11: the search text in a table of its own (issue 16, bench row 9: a 10.6 MB session saved in place).
+    # In the ``sessions`` row, every save's UPDATE of that row (revision, updated_at, size, mtime) read the
+    # whole old text back through its overflow pages to build the new record, even when the text was not
+    # changed: ~9 ms of the writer for 10 MB (an UPDATE of one small column of such a row costs the same).
+    # Now the row is small, and a save whose text did not change does not touch ``session_texts`` at all
+    # (runtime/sessions/filedocs.py). The trigram index keeps its rowids (the ``sessions`` row's): its
+    # triggers move to ``session_texts`` and find that rowid by id, so the ``sessions`` row is written first;
+    # a deleted ``sessions`` row takes its text along (and leaves the trigram index as before).
+    """
+    CREATE TABLE session_texts (
+        id TEXT PRIMARY KEY,
+        search_text TEXT NOT NULL
+    );
+    INSERT INTO session_texts (id, search_text) SELECT id, search_text FROM sessions;
+    DROP TRIGGER sessions_search_insert;
+    DROP TRIGGER sessions_search_update;
+    ALTER TABLE sessions DROP COLUMN search_text;
+    CREATE TRIGGER session_texts_insert AFTER INSERT ON session_texts BEGIN
+        INSERT INTO sessions_search (rowid, search_text) VALUES ((SELECT rowid FROM sessions WHERE id = new.id),
+            CASE WHEN substr(new.search_text, 32769, 1) = '' THEN new.search_text
+            ELSE char(64976, 64977, 64978) END);
+    END;
+    CREATE TRIGGER session_texts_update AFTER UPDATE OF search_text ON session_texts
+        WHEN old.search_text IS NOT new.search_text BEGIN
+        DELETE FROM sessions_search WHERE rowid = (SELECT rowid FROM sessions WHERE id = old.id);
+        INSERT INTO sessions_search (rowid, search_text) VALUES ((SELECT rowid FROM sessions WHERE id = new.id),
+            CASE WHEN substr(new.search_text, 32769, 1) = '' THEN new.search_text
+            ELSE char(64976, 64977, 64978) END);
+    END;
+    CREATE TRIGGER sessions_texts_delete AFTER DELETE ON sessions BEGIN
+        DELETE FROM session_texts WHERE id = old.id;
+    END;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -435,6 +468,26 @@ PG_MIGRATIONS: tuple[str, ...] = (
         total_tokens BIGINT NOT NULL,
         messages TEXT COLLATE "C" NOT NULL
     );
+    """,
+    # 4: SQLite migration 11 (issue 16, bench row 9): the search text in a table of its own, so the shared
+    # SQL is the same on both stores (PostgreSQL itself leaves an unchanged TOASTed column alone in an
+    # UPDATE). Its trigram index moves with it; where pg_trgm is missing, search scans as before. A deleted
+    # ``sessions`` row takes its text along (ON DELETE CASCADE).
+    """
+    CREATE TABLE session_texts (
+        id TEXT COLLATE "C" PRIMARY KEY REFERENCES sessions (id) ON DELETE CASCADE,
+        search_text TEXT COLLATE "C" NOT NULL
+    );
+    INSERT INTO session_texts (id, search_text) SELECT id, search_text FROM sessions;
+    DROP INDEX IF EXISTS sessions_search;
+    ALTER TABLE sessions DROP COLUMN search_text;
+    DO $$
+    BEGIN
+        IF EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'pg_trgm') THEN
+            CREATE INDEX session_texts_search ON session_texts USING gin (search_text gin_trgm_ops);
+        END IF;
+    END
+    $$;
     """,
 )
 

@@ -55,7 +55,11 @@ async def test_a_failed_commit_of_a_save_keeps_the_previous_file(tmp_path, stora
     async with faulty_runtime(data_dir, plan) as rt:
         tid = await thread_with_history(rt, "hello there")
         await rt.sessions.save(thread_id=tid, session_id=SESSION, timeout=LIMIT)
-        plan.arm(None, "sqlite_full")  # a clean save, to find the step of its COMMIT
+        # A clean save of new messages (its search text is written: a save that keeps it runs fewer
+        # statements), to find the step of its COMMIT.
+        await rt.start_turn(tid, "a turn", timeout=LIMIT)
+        await rt.get_session_snapshot(tid, wait_for_idle=True, timeout=LIMIT)
+        plan.arm(None, "sqlite_full")
         await rt.sessions.save(thread_id=tid, session_id=SESSION, timeout=LIMIT)
         plan.disarm()
         commit_at = step_of(plan, "sqlite:COMMIT")

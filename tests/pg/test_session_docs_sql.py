@@ -23,14 +23,17 @@ from runtime.sessions import SessionService
 from runtime.sessions.files import encode_document
 from runtime.store.postgres import PgConnection, connect
 
-# The PostgreSQL form of the tables the sessions write (SQLite: runtime/store/migrations.py 1 and 7).
+# The PostgreSQL form of the tables the sessions write (SQLite: runtime/store/migrations.py 1, 7 and 11).
 SCHEMA = """
 CREATE TABLE threads (id TEXT PRIMARY KEY, session_id TEXT);
 CREATE TABLE sessions (
     id TEXT PRIMARY KEY, title TEXT NOT NULL, created_at TEXT NOT NULL, updated_at TEXT NOT NULL,
     message_count INTEGER NOT NULL, total_tokens TEXT NOT NULL, model TEXT, workspace TEXT, mode TEXT,
     archived INTEGER NOT NULL DEFAULT 0, revision INTEGER NOT NULL, size INTEGER NOT NULL,
-    file_mtime_ns BIGINT NOT NULL, search_text TEXT NOT NULL
+    file_mtime_ns BIGINT NOT NULL
+);
+CREATE TABLE session_texts (
+    id TEXT PRIMARY KEY REFERENCES sessions (id) ON DELETE CASCADE, search_text TEXT NOT NULL
 );
 CREATE TABLE session_docs (
     id TEXT PRIMARY KEY, revision BIGINT NOT NULL, document BYTEA NOT NULL, size BIGINT NOT NULL,
@@ -137,7 +140,7 @@ async def test_store_docs_sql_runs_on_postgresql_with_the_same_results(service):
 
     # Start-up: an index row without a document (indexed while the data kept files) is dropped.
     conn.execute("INSERT INTO sessions SELECT 'orphan', title, created_at, updated_at, message_count, total_tokens,"
-                 " model, workspace, mode, archived, revision, size, file_mtime_ns, search_text FROM sessions"
+                 " model, workspace, mode, archived, revision, size, file_mtime_ns FROM sessions"
                  " WHERE id = 's-a'")
     await sessions.open()
     assert sorted(m["id"] for m in await sessions.list(limit=10)) == ["s-a", "s-c"]

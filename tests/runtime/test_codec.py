@@ -257,6 +257,21 @@ def test_dumps_sliced_writes_what_dumps_writes(value):
     assert json.loads(codec.dumps_sliced(value)) == json.loads(stdlib_bytes(value))
 
 
+@pytest.mark.parametrize("value", [
+    big_document(messages=700), big_document(messages=3), {"messages": [{"n": 2**70, "é": "ü"}] * 600, "k": 1},
+    {"messages": []}, {"a": 1}, {1: "int key", "messages": [1] * 600}, [1, 2],
+], ids=["batched", "small", "fallback-batches", "empty-messages", "no-messages", "int-key-top", "list"])
+def test_dumps_sliced_span_says_where_the_value_of_a_key_lies(value):
+    """Bench row 9: a save compares its messages' bytes with the previous file's, so the span must be
+    exactly ``dumps(value["messages"])`` inside ``dumps(value)``, or None when it is not known."""
+    data, span = codec.dumps_sliced_span(value, "messages")
+    assert data == codec.dumps(value)
+    if isinstance(value, dict) and "messages" in value and all(type(key) is str for key in value):
+        assert span is not None and data[span[0]:span[1]] == codec.dumps(value["messages"])
+    else:
+        assert span is None
+
+
 def test_dumps_sliced_hands_the_gil_over_between_batches(monkeypatch):
     calls: list[str] = []
     monkeypatch.setattr(codec, "let_others_run", lambda: calls.append("yield"))

@@ -46,7 +46,7 @@ async def test_sqlite_migration_9_from_version_8_keeps_the_data_and_adds_the_ind
         assert len(snapshot.messages) == 50 and snapshot.total_tokens == 75
 
     conn = sqlite3.connect(tmp_path / "runtime.sqlite3")
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == migrations.SCHEMA_VERSION == 10
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == migrations.SCHEMA_VERSION == 11
     indexes = {row[1] for row in conn.execute("PRAGMA index_list(items)")}
     assert "items_by_turn" in indexes
     columns = [row[1] for row in conn.execute("PRAGMA table_info(thread_states)")]
@@ -78,7 +78,7 @@ def test_postgresql_migration_3_from_version_2_keeps_the_data_and_adds_the_index
             ids = _old_thread(Qmark(), 3)
             migrations.migrate_pg(conn)
             assert conn.execute("SELECT version FROM trio_runtime_schema").fetchone()[0] == \
-                migrations.PG_SCHEMA_VERSION == 3
+                migrations.PG_SCHEMA_VERSION == 4
             assert conn.execute("SELECT indexname FROM pg_indexes WHERE tablename = 'items' AND indexname ="
                                 " 'items_by_turn'").fetchone() is not None
             columns = [row[0] for row in conn.execute(
@@ -88,6 +88,6 @@ def test_postgresql_migration_3_from_version_2_keeps_the_data_and_adds_the_index
             assert [row[0] for row in conn.execute("SELECT id FROM turns ORDER BY ord")] == ids
             assert conn.execute("SELECT COUNT(*) FROM items").fetchone()[0] == 6
             migrations.migrate_pg(conn)  # again: nothing to do
-            assert conn.execute("SELECT version FROM trio_runtime_schema").fetchone()[0] == 3
+            assert conn.execute("SELECT version FROM trio_runtime_schema").fetchone()[0] == migrations.PG_SCHEMA_VERSION
     finally:
         pg_cluster.drop_database(name)

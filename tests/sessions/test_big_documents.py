@@ -75,6 +75,8 @@ def big_codecs(monkeypatch):
     monkeypatch.setattr(codec, "dumps", spy("codec.dumps", codec.dumps))
     monkeypatch.setattr(codec, "dumps_sliced", spy("codec.dumps_sliced", codec.dumps_sliced))
     monkeypatch.setattr(codec, "dumps_parts", spy("codec.dumps_parts", codec.dumps_parts))
+    # dumps_sliced that also says where the messages lie (a save in the files storage): one encoding all the same
+    monkeypatch.setattr(codec, "dumps_sliced_span", spy("codec.dumps_sliced", codec.dumps_sliced_span))
     monkeypatch.setattr(codec, "loads", spy("codec.loads", codec.loads))
     monkeypatch.setattr(json, "dumps", spy("json.dumps", json.dumps))
     monkeypatch.setattr(json, "loads", spy("json.loads", json.loads))
@@ -202,7 +204,7 @@ async def test_search_text_is_stored_as_text_and_matches_any_case(server, client
     tid = await saved_thread(client)
     assert (await http.put("/v1/sessions", json={"thread_id": tid, "session_id": "big"})).status_code == 200
     with support.store_connection(server.data_dir) as db:
-        kind, text = db.execute(f"SELECT {typeof('search_text')}, search_text FROM sessions WHERE id = 'big'").fetchone()
+        kind, text = db.execute(f"SELECT {typeof('search_text')}, search_text FROM session_texts WHERE id = 'big'").fetchone()
     assert kind == "text"
     title = derive_title(TEXT)  # whitespace collapsed, cut to 50 characters
     assert text == "\n".join([title, TEXT, REPLY]).lower()

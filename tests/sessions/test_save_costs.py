@@ -390,3 +390,70 @@ async def test_a_big_save_whose_file_fails_reports_the_disk_error_and_changes_no
     monkeypatch.undo()
     await rt.sessions.import_document(_big_document("big"), timeout=LIMIT)
     assert [row["id"] for row in await rt.sessions.list(limit=10, search="needleword")] == ["big"]
+
+
+@pytest.mark.files_only
+async def test_a_save_with_the_same_title_and_messages_neither_makes_nor_writes_its_search_text(rt, monkeypatch):
+    """Bench row 9 (a 10.6 MB session saved in place): the search text was made (~9 ms) and written again by
+    every save, and its row's UPDATE read the whole old text back (~9 ms). Now a save without If-Match whose
+    file is the one this process committed, with the same title and the same messages' bytes, keeps the
+    stored text (``KEEP_TEXT``: ``session_texts`` is not written). Any other save makes and writes it, and
+    search follows every change."""
+    tid = (await rt.create_thread())["id"]
+    await run_turn(rt, tid, "hello there")
+    made, written = [], []
+    real_index_text, real_upsert = filedocs.index_text, filedocs.upsert_index
+
+    def spy_index_text(title, messages):
+        made.append(title)
+        return real_index_text(title, messages)
+
+    def spy_upsert(conn, doc, size, mtime_ns, search_text=None):
+        written.append(search_text is not session_docs.KEEP_TEXT)
+        return real_upsert(conn, doc, size, mtime_ns, search_text)
+
+    monkeypatch.setattr(filedocs, "index_text", spy_index_text)
+    monkeypatch.setattr(filedocs, "upsert_index", spy_upsert)
+
+    async def save(**kw) -> None:
+        made.clear()
+        written.clear()
+        await rt.sessions.save(thread_id=tid, session_id="s", timeout=LIMIT, **kw)
+
+    async def found(text: str) -> list[str]:
+        return [s["id"] for s in await rt.sessions.list(limit=10, search=text)]
+
+    async def stored_text() -> str:
+        return await rt.store.read(lambda conn: conn.execute(
+            "SELECT search_text FROM session_texts WHERE id = 's'").fetchone()[0])
+
+    await save()
+    assert made and written == [True]  # a new session
+    for _ in range(2):
+        await save()
+        assert made == [] and written == [False]
+    assert await found("hello the") == ["s"]
+
+    await run_turn(rt, tid, "zebra crossing")  # new messages: a new text
+    await save()
+    assert made and written == [True]
+    assert await found("zebra cross") == ["s"]
+
+    made.clear()
+    await rt.sessions.patch("s", title="Quarterly plans", timeout=LIMIT)  # a new title: the PATCH makes its text
+    assert made == ["Quarterly plans"]
+    await save()  # the PATCH's file, title and messages: its text is kept
+    assert made == [] and written == [False]
+    assert await found("quarterly plans") == ["s"] and await found("zebra cross") == ["s"]
+    text = await stored_text()
+    assert text.startswith("quarterly plans\n") and "zebra crossing" in text
+
+    await save(if_match=6)  # with If-Match the staging thread does not read the file: made as before
+    assert made and written == [True]
+
+    # A file changed behind the index: the save starts over from the file and makes the text again.
+    path = rt.config.sessions_dir / "s.json"
+    path.write_bytes(path.read_bytes().replace(b"zebra crossing", b"zebra CROSSING"))
+    await save()
+    assert made and written == [True]
+    assert await found("zebra cross") == ["s"]

@@ -20,7 +20,7 @@ from tests import support
 from .conftest import LIMIT, run_turn
 
 # The search of the runtime before issue 16, verbatim: the reference every answer must equal.
-ORACLE_SQL = ("SELECT id FROM sessions WHERE {archived} search_text LIKE ? ESCAPE '\\'"
+ORACLE_SQL = ("SELECT id FROM sessions JOIN session_texts USING (id) WHERE {archived} search_text LIKE ? ESCAPE '\\'"
               " ORDER BY {order} LIMIT ?")
 ORDERS = {"recent": "updated_at DESC, id", "name": "LOWER(title) ASC, id", "size": "size DESC, id"}
 
@@ -224,16 +224,21 @@ async def test_search_finds_sessions_indexed_at_start(open_rt, data_dir, fake_no
 # The SQLite schema version that adds the search index (found by content, not by number, so the test
 # holds wherever the migration lands among others).
 SEARCH_VERSION = next(n for n, script in enumerate(MIGRATIONS, 1) if "CREATE VIRTUAL TABLE sessions_search" in script)
+# The one that moves the search text to a table of its own.
+TEXTS_VERSION = next(n for n, script in enumerate(MIGRATIONS, 1) if "CREATE TABLE session_texts" in script)
 SESSION_COLUMNS = ("id, title, created_at, updated_at, message_count, total_tokens, model, workspace, mode, archived,"
                    " revision, size, file_mtime_ns, search_text")
 
 
 @pytest.mark.store_only
 @pytest.mark.skipif(support.on_postgresql(), reason="SQLite's migration; tests/pg covers PostgreSQL's")
-async def test_the_migration_indexes_sessions_saved_before_it(open_rt, data_dir, tmp_path, fake_now):
-    """A data dir at the schema version before the index (sessions saved before it existed) opens at the
+@pytest.mark.parametrize("before", ["the index", "the text table"])
+async def test_the_migration_indexes_sessions_saved_before_it(open_rt, data_dir, tmp_path, fake_now, before):
+    """A data dir at the schema version before the index (sessions saved before it existed), or before
+    the search text moved to ``session_texts`` (SQLite migration 11, issue 16 bench row 9), opens at the
     current version with every session indexed: search answers as the scan did, and FTS5's own check
     finds the index whole."""
+    version_before = (SEARCH_VERSION if before == "the index" else TEXTS_VERSION) - 1
     import sqlite3
 
     async with open_rt() as rt:
@@ -242,16 +247,18 @@ async def test_the_migration_indexes_sessions_saved_before_it(open_rt, data_dir,
     old_dir.mkdir()
     conn = sqlite3.connect(old_dir / "runtime.sqlite3", isolation_level=None)
     try:
-        for version in range(1, SEARCH_VERSION):
+        for version in range(1, version_before + 1):
             for statement in statements(MIGRATIONS[version - 1]):
                 conn.execute(statement)
-        conn.execute(f"PRAGMA user_version = {SEARCH_VERSION - 1}")
+        conn.execute(f"PRAGMA user_version = {version_before}")
         conn.execute("ATTACH DATABASE ? AS saved", (str(data_dir / "runtime.sqlite3"),))
-        conn.execute(f"INSERT INTO sessions ({SESSION_COLUMNS}) SELECT {SESSION_COLUMNS} FROM saved.sessions")
+        conn.execute(f"INSERT INTO sessions ({SESSION_COLUMNS}) SELECT {SESSION_COLUMNS}"
+                     " FROM saved.sessions JOIN saved.session_texts USING (id)")
         conn.execute("INSERT INTO session_docs SELECT * FROM saved.session_docs")
         conn.execute("DETACH DATABASE saved")
         assert conn.execute("SELECT COUNT(*) FROM sessions").fetchone()[0] == len(nul_free(CORPUS))
-        assert conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'sessions_search'").fetchone() is None
+        has_index = conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'sessions_search'").fetchone()
+        assert (has_index is None) == (before == "the index")
     finally:
         conn.close()
 
@@ -262,7 +269,11 @@ async def test_the_migration_indexes_sessions_saved_before_it(open_rt, data_dir,
     try:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION >= SEARCH_VERSION
         triggers = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")}
-        assert {"sessions_search_insert", "sessions_search_delete", "sessions_search_update"} <= triggers
+        assert {"session_texts_insert", "sessions_search_delete", "session_texts_update",
+                "sessions_texts_delete"} <= triggers
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(sessions)")}
+        assert "search_text" not in columns
+        assert conn.execute("SELECT COUNT(*) FROM session_texts").fetchone()[0] == len(nul_free(CORPUS))
         conn.execute("INSERT INTO sessions_search (sessions_search) VALUES ('integrity-check')")
         indexed = conn.execute("SELECT COUNT(*) FROM sessions_search WHERE sessions_search MATCH '\"udg\"'")
         assert indexed.fetchone()[0] == 1  # "budget"
