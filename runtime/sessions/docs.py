@@ -216,8 +216,8 @@ def upsert_index(conn: sqlite3.Connection, doc: dict[str, Any], size: int, mtime
     server (bench/datagen.py): they must call it in one transaction with their writes, on a database
     migrated by ``runtime.store.migrations``; the next start re-indexes a file whose size or mtime
     disagrees with its row. ``search_text`` as ``str`` is the portable form (PostgreSQL casts bytes to
-    hex text); SQLite stores bytes and str alike. The ``sessions`` row goes first: the trigram index's
-    triggers on ``session_texts`` read its rowid."""
+    hex text); SQLite stores bytes and str alike. The ``sessions`` row goes first: on SQLite the text's
+    row is keyed by its rowid."""
     if search_text is None:
         search_text = index_text(doc["metadata"]["title"], doc["messages"])
     values = index_values(doc, size, mtime_ns)
@@ -232,7 +232,15 @@ def upsert_index(conn: sqlite3.Connection, doc: dict[str, Any], size: int, mtime
         " file_mtime_ns = excluded.file_mtime_ns",
         tuple(values.values()),
     )
-    if search_text is not KEEP_TEXT:
+    if search_text is KEEP_TEXT:
+        return
+    if isinstance(conn, sqlite3.Connection):  # keyed by the sessions row's rowid (SQLite migration 11)
+        conn.execute(
+            "INSERT INTO session_texts (session_rowid, search_text) SELECT rowid, CAST(? AS TEXT) FROM sessions"
+            " WHERE id = ? ON CONFLICT (session_rowid) DO UPDATE SET search_text = excluded.search_text",
+            (search_text, values["id"]),
+        )
+    else:  # by the session id (PG migration 4)
         conn.execute(
             "INSERT INTO session_texts (id, search_text) VALUES (?, CAST(? AS TEXT))"
             " ON CONFLICT (id) DO UPDATE SET search_text = excluded.search_text",

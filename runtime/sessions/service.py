@@ -357,7 +357,7 @@ class SessionService:
             where.append("archived = 1")
         elif not include_archived:
             where.append("archived = 0")
-        match = None
+        match, texts = None, ""
         if search:
             # SQLite: the trigram index narrows the rows, the LIKE checks each (the answers are the scan's);
             # PostgreSQL's pg_trgm index serves the LIKE itself (PG migrations 2 and 4).
@@ -365,18 +365,18 @@ class SessionService:
             if on_sqlite:
                 match = _trigram_match(search)
             if match is not None:
-                where.append("rowid IN (SELECT rowid FROM sessions_search WHERE sessions_search MATCH ?)")
+                where.append("sessions.rowid IN (SELECT rowid FROM sessions_search WHERE sessions_search MATCH ?)")
                 params.append(match)
-            # The text lives in ``session_texts`` (SQLite migration 11, PG migration 4). SQLite reads it for
-            # each row the query reaches (the candidates, or the listing's index walked in order until
-            # ``limit`` match); PostgreSQL finds the matching ids with its trigram index of that table.
+            # The text lives in ``session_texts`` (SQLite migration 11, PG migration 4). SQLite joins it by
+            # rowid to each row the query reaches (the candidates, or the listing's index walked in order
+            # until ``limit`` match); PostgreSQL finds the matching ids with its trigram index of that table.
             if on_sqlite:
-                where.append("(SELECT search_text FROM session_texts WHERE session_texts.id = sessions.id)"
-                             " LIKE ? ESCAPE '\\'")
+                texts = " JOIN session_texts ON session_rowid = sessions.rowid"
+                where.append("search_text LIKE ? ESCAPE '\\'")
             else:
                 where.append("id IN (SELECT id FROM session_texts WHERE search_text LIKE ? ESCAPE '\\')")
             params.append(_like_pattern(search))
-        sql = (f"SELECT {INDEX_COLUMNS} FROM sessions {'WHERE ' + ' AND '.join(where) if where else ''}"
+        sql = (f"SELECT {INDEX_COLUMNS} FROM sessions{texts} {'WHERE ' + ' AND '.join(where) if where else ''}"
                f" ORDER BY {SORTS[sort]} LIMIT ?")
         params.append(limit)
         # With few candidates, fetch them by rowid and sort them, instead of walking the sessions_by_update

@@ -204,7 +204,9 @@ async def test_search_text_is_stored_as_text_and_matches_any_case(server, client
     tid = await saved_thread(client)
     assert (await http.put("/v1/sessions", json={"thread_id": tid, "session_id": "big"})).status_code == 200
     with support.store_connection(server.data_dir) as db:
-        kind, text = db.execute(f"SELECT {typeof('search_text')}, search_text FROM session_texts WHERE id = 'big'").fetchone()
+        # Keyed by the session id on PostgreSQL, by the sessions row's rowid on SQLite (migrations 4 and 11).
+        key = "id = 'big'" if support.on_postgresql() else "session_rowid = (SELECT rowid FROM sessions WHERE id = 'big')"
+        kind, text = db.execute(f"SELECT {typeof('search_text')}, search_text FROM session_texts WHERE {key}").fetchone()
     assert kind == "text"
     title = derive_title(TEXT)  # whitespace collapsed, cut to 50 characters
     assert text == "\n".join([title, TEXT, REPLY]).lower()

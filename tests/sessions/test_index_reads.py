@@ -123,8 +123,8 @@ async def test_listing_searching_and_saving_fetch_no_search_text(rt):
         for sql, columns in selects:
             assert "search_text" not in columns, f"{name} fetched the search text: {sql}"
     # The search still filters in SQL.
-    assert any("search_text LIKE '%needle%'" in sql or "search_text FROM session_texts WHERE session_texts.id ="
-               " sessions.id) LIKE '%needle%'" in sql for sql, _ in operations["search"])
+    assert any("search_text LIKE '%needle%'" in sql or "search_text FROM session_texts WHERE session_rowid ="
+               " sessions.rowid) LIKE '%needle%'" in sql for sql, _ in operations["search"])
 
 
 def thread_selects(rt, statements: list[Traced]) -> list[Traced]:

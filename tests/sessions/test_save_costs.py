@@ -425,7 +425,8 @@ async def test_a_save_with_the_same_title_and_messages_neither_makes_nor_writes_
 
     async def stored_text() -> str:
         return await rt.store.read(lambda conn: conn.execute(
-            "SELECT search_text FROM session_texts WHERE id = 's'").fetchone()[0])
+            "SELECT search_text FROM session_texts WHERE session_rowid = (SELECT rowid FROM sessions WHERE id = 's')"
+        ).fetchone()[0])
 
     await save()
     assert made and written == [True]  # a new session

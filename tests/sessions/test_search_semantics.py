@@ -20,8 +20,10 @@ from tests import support
 from .conftest import LIMIT, run_turn
 
 # The search of the runtime before issue 16, verbatim: the reference every answer must equal.
-ORACLE_SQL = ("SELECT id FROM sessions JOIN session_texts USING (id) WHERE {archived} search_text LIKE ? ESCAPE '\\'"
-              " ORDER BY {order} LIMIT ?")
+# (The text is in ``session_texts`` since SQLite migration 11 / PG migration 4: by rowid on SQLite, by id on PG.)
+ORACLE_SQL = ("SELECT id FROM sessions JOIN session_texts " + (
+    "USING (id)" if support.on_postgresql() else "ON session_rowid = sessions.rowid")
+    + " WHERE {archived} search_text LIKE ? ESCAPE '\\' ORDER BY {order} LIMIT ?")
 ORDERS = {"recent": "updated_at DESC, id", "name": "LOWER(title) ASC, id", "size": "size DESC, id"}
 
 
@@ -253,7 +255,7 @@ async def test_the_migration_indexes_sessions_saved_before_it(open_rt, data_dir,
         conn.execute(f"PRAGMA user_version = {version_before}")
         conn.execute("ATTACH DATABASE ? AS saved", (str(data_dir / "runtime.sqlite3"),))
         conn.execute(f"INSERT INTO sessions ({SESSION_COLUMNS}) SELECT {SESSION_COLUMNS}"
-                     " FROM saved.sessions JOIN saved.session_texts USING (id)")
+                     " FROM saved.sessions JOIN saved.session_texts ON session_rowid = saved.sessions.rowid")
         conn.execute("INSERT INTO session_docs SELECT * FROM saved.session_docs")
         conn.execute("DETACH DATABASE saved")
         assert conn.execute("SELECT COUNT(*) FROM sessions").fetchone()[0] == len(nul_free(CORPUS))
