@@ -154,3 +154,32 @@ async def test_thread_reads_on_the_event_loop_fetch_no_base_messages(rt):
     # The engine's restore still reads them: the resumed thread's next turn sees the session's messages.
     snapshot = await rt.get_session_snapshot(resumed, timeout=LIMIT)
     assert [m["content"][0]["text"] for m in snapshot.messages] == ["hello there", "You said: hello there"]
+
+
+async def test_a_search_reads_each_text_by_the_sessions_rowid(rt, monkeypatch):
+    """SQLite migration 11 (issue 16, bench row 9): the search text is in ``session_texts``, keyed by the
+    ``sessions`` row's rowid, and a search joins it by that key: one lookup by rowid per row it reaches,
+    whichever plan runs (a scan of a short query, few trigram candidates, many). Keyed by the session id, a
+    second B-tree descent per row made a search of row 8's 10,000 sessions 1.3-1.8x as slow."""
+    if rt.store.kind != "sqlite":
+        pytest.skip("SQLite's layout (PostgreSQL keys the text by id and finds the matching ids by its index)")
+    import runtime.sessions.service as service
+
+    tid = (await rt.create_thread())["id"]
+    await run_turn(rt, tid, "the haystack has a needle in it")
+    await rt.sessions.save(thread_id=tid, session_id="with-needle", timeout=LIMIT)
+
+    async def plan_of(search: str) -> str:
+        with traced_reads(rt) as statements:
+            found = await rt.sessions.list(limit=50, search=search)
+        assert [m["id"] for m in found] == ["with-needle"]
+        (sql,) = [sql for sql, _ in statements if "session_texts" in sql and sql.lstrip().startswith("SELECT")]
+        return await rt.store.read(lambda conn: "\n".join(
+            row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql)))
+
+    for search in ("ne", "needle"):  # a scan; few candidates
+        assert "SEARCH session_texts USING INTEGER PRIMARY KEY (rowid=?)" in await plan_of(search)
+    monkeypatch.setattr(service, "FEW_CANDIDATES", 0)  # many candidates: the listing's index in order
+    plan = await plan_of("needle")
+    assert "SEARCH session_texts USING INTEGER PRIMARY KEY (rowid=?)" in plan
+    assert "sessions_by_update" in plan
