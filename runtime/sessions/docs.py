@@ -235,10 +235,13 @@ def upsert_index(conn: sqlite3.Connection, doc: dict[str, Any], size: int, mtime
     if search_text is KEEP_TEXT:
         return
     if isinstance(conn, sqlite3.Connection):  # keyed by the sessions row's rowid (SQLite migration 11)
+        # The rowid read first, then the text as a VALUES upsert: as ``INSERT ... SELECT rowid, ? FROM
+        # sessions`` a 10 MB text took ~40 ms instead of ~24 ms (SQLite copies a SELECT's values once more).
+        (rowid,) = conn.execute("SELECT rowid FROM sessions WHERE id = ?", (values["id"],)).fetchone()
         conn.execute(
-            "INSERT INTO session_texts (session_rowid, search_text) SELECT rowid, CAST(? AS TEXT) FROM sessions"
-            " WHERE id = ? ON CONFLICT (session_rowid) DO UPDATE SET search_text = excluded.search_text",
-            (search_text, values["id"]),
+            "INSERT INTO session_texts (session_rowid, search_text) VALUES (?, CAST(? AS TEXT))"
+            " ON CONFLICT (session_rowid) DO UPDATE SET search_text = excluded.search_text",
+            (rowid, search_text),
         )
     else:  # by the session id (PG migration 4)
         conn.execute(
