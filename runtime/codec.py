@@ -100,11 +100,11 @@ def dumps_sliced_span(value: Any, key: str) -> tuple[bytes, tuple[int, int] | No
     parts: list[Any] = []
     spans: dict[str, tuple[int, int]] = {}
     _slices(value, parts, top=True, spans=spans)
-    span = spans.get(key)
+    data, span = b"".join(parts), spans.get(key)
     if span is None:
-        return b"".join(parts), None
+        return data, None
     start = sum(len(part) for part in parts[:span[0]])
-    return b"".join(parts), (start, start + sum(len(part) for part in parts[span[0]:span[1]]))
+    return data, (start, start + sum(len(part) for part in parts[span[0]:span[1]]))
 
 
 def dumps_parts(value: Any) -> list[bytes | memoryview]:

@@ -31,7 +31,7 @@ from ..errors import EngineTimeout, NotFound, StorageError
 from ..idempotency import Claim
 from ..store import DatabaseError, EventDraft, Store
 from ..transcript import text_of
-from .files import encode_document, parse_document
+from .files import encode_document_with_span, parse_document
 
 # The commit phase is shielded; this bounds it so a wedged disk or store cannot hold a request forever.
 COMMIT_TIMEOUT = 60.0
@@ -184,15 +184,12 @@ class Document(dict):
 
 def encode(doc: dict[str, Any]) -> bytes:
     """The document's stored bytes (runs in a worker thread); a ``Document`` keeps them."""
-    data = encode_document(doc)
-    if isinstance(doc, Document):
-        doc.encoded = data
-    return data
+    return encode_with_messages_span(doc)[0]
 
 
 def encode_with_messages_span(doc: dict[str, Any]) -> tuple[bytes, tuple[int, int] | None]:
     """``encode(doc)``, and where the messages lie in those bytes (start, end; None when unknown)."""
-    data, span = codec.dumps_sliced_span(doc, "messages")
+    data, span = encode_document_with_span(doc)
     if isinstance(doc, Document):
         doc.encoded = data
     return data, span

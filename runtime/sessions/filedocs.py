@@ -235,9 +235,9 @@ class FileDocs:
         # Captured before staging: the staging thread's directory fsyncs come after these changes' undo
         # files were removed, so this change's COMMIT may forget their journal rows (``_journal``).
         retired = tuple(self._retired)
-        spans: dict[str, tuple[int, int] | None] = {}  # where the stage found the new file's messages
 
-        def stage() -> tuple[Change, bytes]:
+        def stage() -> tuple[Change, Any, tuple[int, int] | None]:
+            """The staged change, its search text (or KEEP_TEXT) and where the new file's messages lie."""
             try:
                 found = None
                 if expected is not None:
@@ -247,7 +247,6 @@ class FileDocs:
                     if found is None or (len(found[0]), found[1].st_mtime_ns) != expected:
                         raise Stale(session_id)
                 data, span = encode_with_messages_span(doc)
-                spans["messages"] = span
                 if _same_text(kept_text, expected, found, doc, data, span):
                     search, same = None, True
                 else:
@@ -268,10 +267,10 @@ class FileDocs:
                         search.wait()  # never left running behind a failed stage
                     raise
                 if same:
-                    return staged, KEEP_TEXT
+                    return staged, KEEP_TEXT, span
                 if search is not None:
-                    return staged, search.result()
-                return staged, index_text(doc["metadata"]["title"], doc["messages"])
+                    return staged, search.result(), span
+                return staged, index_text(doc["metadata"]["title"], doc["messages"]), span
             finally:
                 with guard:
                     flags["done"] = True
@@ -290,7 +289,7 @@ class FileDocs:
                 # Abandonable: if the disk is stuck, give up (nothing was committed) and let the
                 # thread clean up after itself when it finishes (it puts the undo file back).
                 try:
-                    staged, search_text = await trio.to_thread.run_sync(stage, abandon_on_cancel=True)
+                    staged, search_text, span = await trio.to_thread.run_sync(stage, abandon_on_cancel=True)
                 except Exception as exc:
                     failure = exc
             if isinstance(failure, Stale):
@@ -318,7 +317,6 @@ class FileDocs:
 
             await self._apply(staged, commit, events, retired, action)
             self._rows[session_id] = index_values(doc, staged.size, staged.mtime_ns)
-            span = spans.get("messages")
             if span is not None:
                 self._texts[session_id] = (staged.size, staged.mtime_ns, doc["metadata"]["title"], *span)
 
