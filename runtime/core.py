@@ -136,6 +136,13 @@ class Runtime:
                     # bounded because every engine's final write is bounded (final_write_seconds).
                     with trio.CancelScope(shield=True):
                         await manager.aclose()
+                        # Undo files of committed session changes still being dropped: a few unlinks,
+                        # bounded like a commit; any left are dropped at the next start (the journal says so).
+                        with trio.move_on_after(runtime.sessions.commit_timeout) as waited:
+                            await runtime.sessions.cleaned()
+                        if waited.cancelled_caught:
+                            log.warning("undo files of committed session changes were not all dropped within"
+                                        " %g s; the next start drops them", runtime.sessions.commit_timeout)
                     if getattr(runtime, "cluster", None) is not None:
                         runtime.cluster.close()  # after the engines released their leases
                     # After the turns ended (their MCP calls are cancelled): stop every server; each

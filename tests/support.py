@@ -36,6 +36,12 @@ E2E_LIMIT = 20.0
 CLIENT_TLS = ssl.create_default_context()
 
 
+def worker_limiters(rt: Runtime) -> list[trio.CapacityLimiter]:
+    """Every limiter a worker thread of ``rt`` holds a token of while it runs: trio's default one (first),
+    the store's reads, and the sessions' own (the undo files' thread, runtime/sessions/undo.py)."""
+    return [trio.to_thread.current_default_thread_limiter(), rt.store.read_limiter, *rt.sessions.thread_limiters]
+
+
 class ThreadGuard(trio.abc.Instrument):
     """Keeps a MockClock from autojumping while a thread holds a token of a watched limiter.
 
@@ -163,7 +169,7 @@ async def open_runtime(data_dir: Path, **overrides) -> AsyncIterator[Runtime]:
     try:
         async with Runtime.open(config) as rt:
             if guard is not None:
-                guard.limiters.append(rt.store.read_limiter)
+                guard.limiters.extend(worker_limiters(rt)[1:])
             yield rt
     finally:
         if guard is not None:

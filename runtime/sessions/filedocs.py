@@ -4,7 +4,7 @@ the all-or-nothing change protocol of runtime/sessions/files.py driven against t
 Every change has a *commit* phase run under a shield: stage the new file beside the old one (kept as an
 undo file) and put it in place, then one request to the store's writer writes the index row, the thread
 link, the ``session.saved`` event and a journal row in one transaction; after it the undo file is
-dropped, or, when the transaction did not commit, put back (a delete moves its file aside inside that
+dropped (after the answer: runtime/sessions/undo.py), or, when the transaction did not commit, put back (a delete moves its file aside inside that
 transaction). A cancellation (timeout, client disconnect,
 shutdown) arriving meanwhile waits for it to finish; a kill -9 at any point is settled at the next start
 from the journal. So every outcome is "nothing changed" or "the whole save is durable and linked"
@@ -37,6 +37,7 @@ from .docs import (
     index_row, index_text, index_values, Stale, link_thread, raise_named, resume_source, upsert_index,
 )
 from .files import BACKUP_SUFFIX, Change, SessionFiles, parse_document, validate_session_id
+from .undo import UndoFiles
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,8 @@ class FileDocs:
         # nor writes it (``KEEP_TEXT``; issue 16, bench row 9). Equal bytes are equal messages, so the
         # stored text, made from that file's document or kept the same way, is already the new document's.
         self._texts: dict[str, tuple[int, int, str, int, int]] = {}
+        # Undo files of committed changes, dropped after the change answered (runtime/sessions/undo.py).
+        self.undo_files = UndoFiles(files, self._undo_files_dropped)
 
     # ---- startup ---------------------------------------------------------------------------
 
@@ -322,8 +325,9 @@ class FileDocs:
 
     async def _apply(self, change: Change, fn: Any, events: list[EventDraft], retired: tuple[str, ...],
                      action: str) -> None:
-        """Run a change's writer request, then settle the change: committed, its undo file goes;
-        not committed, the previous file comes back; the journal decides either way. Called
+        """Run a change's writer request, then settle the change: committed, its undo file is queued for
+        removal after the answer (``UndoFiles``); not committed, the previous file comes back; the journal
+        decides either way. Called
         shielded; the writer wait has its own bound (commit_timeout). Past it, a request the writer
         has not begun is refused when the writer reaches it (nothing was saved); one it has begun has
         an unknown outcome: nothing is undone (the writer may still commit), and the session is
@@ -361,13 +365,23 @@ class FileDocs:
                 raise_named(failure, action, session_id)
             log.error("the store reported %r for a change of session '%s' that committed", failure, session_id)
         self._retired.difference_update(retired)
-        try:
-            await trio.to_thread.run_sync(self.files.finish, change)
-        except StorageError as exc:
-            log.warning("%s; it is removed before the session's next change", exc.message)
-            self._unsettled.add(session_id)
-        else:
-            self._retired.add(change.token)
+        # Committed: the change answers now, and its undo file is dropped meanwhile (``UndoFiles``).
+        self.undo_files.drop(change)
+
+    def _undo_files_dropped(self, results: list[tuple[Change, StorageError | None]]) -> None:
+        """``UndoFiles``'s booking, on the event loop: a dropped undo file's token is retired (a later change's
+        COMMIT forgets its journal row); a session whose undo file could not be dropped is settled before
+        its next change."""
+        for change, error in results:
+            if error is None:
+                self._retired.add(change.token)
+            else:
+                log.warning("%s; it is removed before the session's next change", error.message)
+                self._unsettled.add(change.session_id)
+
+    async def cleaned(self) -> None:
+        """Until every committed change's undo file was dropped (``UndoFiles.cleaned``; the caller bounds it)."""
+        await self.undo_files.cleaned()
 
     async def _settle_change(self, change: Change) -> bool:
         """Settle one change whose writer request has finished: True when the journal says it committed.

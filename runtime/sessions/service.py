@@ -172,6 +172,18 @@ class SessionService:
             raise AttributeError(f"sessions are kept in the {self.storage}, not in files")
         return self.docs
 
+    async def cleaned(self) -> None:
+        """Until no committed change's undo file is left to drop (files only: runtime/sessions/undo.py). The
+        runtime waits for it, bounded, before it closes; unbounded here."""
+        if isinstance(self.docs, FileDocs):
+            await self.docs.cleaned()
+
+    @property
+    def thread_limiters(self) -> tuple[trio.CapacityLimiter, ...]:
+        """Limiters of the worker threads the sessions start outside trio's default one (the undo files'
+        thread): tests on a MockClock watch them, so time never jumps while one works."""
+        return (self.docs.undo_files.limiter,) if isinstance(self.docs, FileDocs) else ()
+
     @property
     def commit_timeout(self) -> float:
         """Bounds each shielded commit phase (a wedged disk or store cannot hold a request forever)."""

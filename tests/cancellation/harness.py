@@ -33,6 +33,7 @@ from runtime.errors import RuntimeFailure
 from runtime.idempotency import Claim
 from runtime.models.base import ModelRequest, TextDelta
 from runtime.models.scripted import ScriptedModel
+from runtime.sessions.undo import wait_for_undo_files
 from runtime.transcript import build_messages
 from tests import support
 
@@ -320,7 +321,9 @@ class State:
 
 
 def capture(data_dir: Path) -> State:
-    """Everything durable, read with a separate connection (what a restart would see)."""
+    """Everything durable, read with a separate connection (what a restart would see). A change answers
+    before its undo file is dropped (runtime/sessions/undo.py): that removal is waited for first."""
+    wait_for_undo_files()
     sessions_dir = data_dir / "sessions"
     files, temps = {}, []
     for entry in sorted(sessions_dir.iterdir()) if sessions_dir.exists() else ():  # none: sessions in the store
@@ -388,7 +391,7 @@ async def settle(rt: Runtime) -> None:
     A task waiting for a worker thread counts as blocked, so "every task blocked" alone can come while
     the writer still commits (an engine op a cancelled requester left behind may be one write into a
     chain of them): each round also waits until the writer waits for work and no worker thread runs."""
-    limiters = (trio.to_thread.current_default_thread_limiter(), rt.store.read_limiter)
+    limiters = support.worker_limiters(rt)
     for _ in range(2):
         await rt.store.write()
         while True:
@@ -404,7 +407,7 @@ async def quiesce(server: Server) -> None:
     every task is blocked, no worker thread runs and the writer waits for work; or the server closed."""
     rt = server.rt
     assert rt is not None
-    limiters = (trio.to_thread.current_default_thread_limiter(), rt.store.read_limiter)
+    limiters = support.worker_limiters(rt)
     while not server.closed.is_set():
         await trio.testing.wait_all_tasks_blocked(cushion=0.002)
         stats = rt.store._write_rx.statistics()

@@ -9,7 +9,7 @@ import pytest
 import trio
 
 from tests.conftest import E2E_LIMIT, start_server
-from tests.support import ThreadGuard
+from tests.support import ThreadGuard, worker_limiters
 from tests.e2e.helpers import collect_until
 from web.client import ApiError, AsyncClient, SseParser
 
@@ -106,7 +106,7 @@ async def test_keepalive_comment_on_a_quiet_stream(nursery, tmp_path, autojump_c
     guard = ThreadGuard(autojump_clock)
     trio.lowlevel.add_instrument(guard)  # stays for the whole run: the server's shutdown uses threads too
     live = await start_server(nursery, tmp_path / "d", sse_keepalive=KEEPALIVE)
-    guard.limiters.append(live.runtime.store.read_limiter)
+    guard.limiters.extend(worker_limiters(live.runtime)[1:])
     async with live.client() as c:
         thread = await c.create_thread()
         lines: list[tuple[float, str]] = []  # (virtual seconds since the stream opened, line)

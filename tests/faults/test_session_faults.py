@@ -7,7 +7,9 @@ EROFS. The operations and how each run is judged: tests/faults/session_cases.py.
 this suite was built on, the order of file operations (the fsyncs a kill -9 cannot see), failures
 while settling, and the short every-step runs (two fault kinds per operation, a kill before every
 step of the file-changing operations). The full runs are in tests/reliability/test_disk_faults.py.
-Run with ``-s`` to see each case's N.
+Run with ``-s`` to see each case's N. A change answers once it committed, and a worker thread drops its
+undo file after that (runtime/sessions/undo.py): ``rt.sessions.cleaned()`` before a fault plan is armed
+or disarmed keeps that removal inside the steps of the change it belongs to.
 """
 
 from __future__ import annotations
@@ -59,17 +61,21 @@ async def test_a_failed_commit_of_a_save_keeps_the_previous_file(tmp_path, stora
         # statements), to find the step of its COMMIT.
         await rt.start_turn(tid, "a turn", timeout=LIMIT)
         await rt.get_session_snapshot(tid, wait_for_idle=True, timeout=LIMIT)
+        await rt.sessions.cleaned()
         plan.arm(None, "sqlite_full")
         await rt.sessions.save(thread_id=tid, session_id=SESSION, timeout=LIMIT)
+        await rt.sessions.cleaned()
         plan.disarm()
         commit_at = step_of(plan, "sqlite:COMMIT")
         await rt.start_turn(tid, "one more turn", timeout=LIMIT)
         await rt.get_session_snapshot(tid, wait_for_idle=True, timeout=LIMIT)
         before = capture(data_dir)
 
+        await rt.sessions.cleaned()
         plan.arm(commit_at, "sqlite_full")
         with pytest.raises(StorageFull) as info:
             await rt.sessions.save(thread_id=tid, session_id=SESSION, timeout=LIMIT)
+        await rt.sessions.cleaned()
         plan.disarm()
         assert plan.fired == "sqlite:COMMIT"
 
@@ -89,15 +95,19 @@ async def test_a_failed_commit_of_a_delete_keeps_the_file(tmp_path, storage):
         tid = await thread_with_history(rt, "hello there")
         for session_id in ("probe", "doomed"):
             await rt.sessions.save(thread_id=tid, session_id=session_id, timeout=LIMIT)
+        await rt.sessions.cleaned()
         plan.arm(None, "sqlite_ioerr")
         await rt.sessions.delete("probe", timeout=LIMIT)
+        await rt.sessions.cleaned()
         plan.disarm()
         commit_at = step_of(plan, "sqlite:COMMIT")
         before = capture(data_dir)
 
+        await rt.sessions.cleaned()
         plan.arm(commit_at, "sqlite_ioerr")
         with pytest.raises(StorageError) as info:
             await rt.sessions.delete("doomed", timeout=LIMIT)
+        await rt.sessions.cleaned()
         plan.disarm()
         assert plan.fired == "sqlite:COMMIT" and not isinstance(info.value, StorageFull)
 
@@ -122,9 +132,11 @@ async def test_a_failed_safety_file_of_a_restore_names_the_restore(tmp_path):
         await rt.get_session_snapshot(tid, wait_for_idle=True, timeout=LIMIT)
         before = capture(data_dir)
 
+        await rt.sessions.cleaned()
         plan.arm(2, "enospc")  # step 1 reads 'kept'; step 2 writes the safety file's data
         with pytest.raises(StorageFull) as info:
             await rt.restore_thread(tid, SESSION, timeout=LIMIT)
+        await rt.sessions.cleaned()
         plan.disarm()
         assert plan.fired == "file:write_data"
 
@@ -168,8 +180,10 @@ async def test_every_change_writes_fsyncs_replaces_fsyncs_the_directory_then_com
                                                            session_id="imported", timeout=LIMIT)),
             ("DELETE", lambda: rt.sessions.delete(SESSION, timeout=LIMIT)),
         ):
+            await rt.sessions.cleaned()
             plan.arm(None, "eio")
             await action()
+            await rt.sessions.cleaned()
             plan.disarm()
             orders[name] = _file_order(plan)
         assert orders == {
@@ -199,6 +213,7 @@ async def test_a_rollback_restores_durably_before_dropping_its_undo_file(tmp_pat
             ("create", lambda: rt.sessions.save(thread_id=tid, session_id="fresh", timeout=LIMIT)),
             ("delete", lambda: rt.sessions.delete(SESSION, timeout=LIMIT)),
         ):
+            await rt.sessions.cleaned()
             plan.arm(None, "sqlite_full")
             with contextlib.suppress(StorageError):
                 await action()
@@ -209,9 +224,11 @@ async def test_a_rollback_restores_durably_before_dropping_its_undo_file(tmp_pat
             elif name == "delete":
                 await rt.sessions.save(thread_id=tid, session_id=SESSION, timeout=LIMIT)
             before = capture(data_dir)
+            await rt.sessions.cleaned()
             plan.arm(commit_at, "sqlite_full")
             with pytest.raises(StorageFull):
                 await action()
+            await rt.sessions.cleaned()
             plan.disarm()
             orders[name] = _file_order(plan)[_file_order(plan).index("sqlite:COMMIT"):]
             assert_unchanged(before, await check_invariants(rt, data_dir))
@@ -234,8 +251,10 @@ async def test_a_rollback_that_fails_is_finished_before_the_next_change_and_at_r
         async with faulty_runtime(data_dir, plan) as rt:
             tid = await thread_with_history(rt, "hello there")
             await rt.sessions.save(thread_id=tid, session_id=SESSION, timeout=LIMIT)
+            await rt.sessions.cleaned()
             plan.arm(None, "sqlite_full")
             saved = await rt.sessions.save(thread_id=tid, session_id=SESSION, timeout=LIMIT)
+            await rt.sessions.cleaned()
             plan.disarm()
             revision = saved["session"]["metadata"]["revision"]
             commit_at = step_of(plan, "sqlite:COMMIT")
@@ -249,9 +268,11 @@ async def test_a_rollback_that_fails_is_finished_before_the_next_change_and_at_r
                 real_replace(self, src, dst)
 
             fs.replace = replace.__get__(fs)
+            await rt.sessions.cleaned()
             plan.arm(commit_at, "sqlite_full")
             with pytest.raises(StorageFull, match="Failed to save session 'kept': database or disk is full"):
                 await rt.sessions.save(thread_id=tid, session_id=SESSION, timeout=LIMIT)
+            await rt.sessions.cleaned()
             plan.disarm()
             del fs.replace
             stuck = capture(data_dir)
@@ -351,12 +372,14 @@ async def test_a_change_whose_commit_outlives_the_bound_is_settled_from_the_jour
         tid = await thread_with_history(rt, "hello there")
         await rt.sessions.save(thread_id=tid, session_id=SESSION, timeout=LIMIT)
         rt.sessions.commit_timeout = 0.3
+        await rt.sessions.cleaned()
         plan.arm(None, "eio")
         with trio.fail_after(30):
             with pytest.raises(StorageError, match="did not finish within 0.3 s; the change is kept or undone"):
                 await rt.sessions.save(thread_id=tid, session_id=SESSION, timeout=LIMIT)
         assert entered.is_set() and rt.sessions._unsettled == {SESSION}
         release.set()
+        await rt.sessions.cleaned()
         plan.disarm()
         rt.sessions.commit_timeout = LIMIT
         again = await rt.sessions.save(thread_id=tid, session_id=SESSION, timeout=LIMIT)
@@ -388,11 +411,13 @@ async def test_a_change_in_the_store_whose_commit_outlives_the_bound_is_waited_f
             tid = await thread_with_history(rt, "hello there")
             await rt.sessions.save(thread_id=tid, session_id=SESSION, timeout=LIMIT)
             rt.sessions.commit_timeout = 0.3
+            await rt.sessions.cleaned()
             plan.arm(None, "sqlite_ioerr")
             with trio.fail_after(30):
                 with pytest.raises(StorageError, match="did not finish within 0.3 s; the change is saved whole or not"):
                     await rt.sessions.save(thread_id=tid, session_id=SESSION, timeout=LIMIT)
             assert entered.is_set() and rt.sessions._unsettled == {SESSION}
+            await rt.sessions.cleaned()
             plan.disarm()
             rt.sessions.commit_timeout = LIMIT
             results: list[dict] = []

@@ -18,6 +18,7 @@ import trio
 import trio.testing
 
 from runtime import Runtime
+from runtime.sessions.undo import wait_for_undo_files
 from runtime.store import records
 from tests import support
 
@@ -81,7 +82,9 @@ def stored_documents(data_dir: Path) -> dict[str, bytes]:
 def dir_snapshot(directory: Path) -> dict[str, Any]:
     """Every entry of ``directory`` (recursively): file name -> bytes, directory name -> nested dict. For
     the sessions directory with session_storage=store, the documents kept in the store are its files (so
-    "nothing changed" and "nothing saved" read the same in both storages); a missing directory is empty."""
+    "nothing changed" and "nothing saved" read the same in both storages); a missing directory is empty.
+    A change answers before its undo file is dropped (runtime/sessions/undo.py): that is waited for first."""
+    wait_for_undo_files()
     result: dict[str, Any] = {}
     if directory.name == "sessions" and support.SESSION_STORAGE == "store":
         result.update(stored_documents(directory.parent))
@@ -93,6 +96,7 @@ def dir_snapshot(directory: Path) -> dict[str, Any]:
 
 
 def temp_files(directory: Path) -> list[str]:
+    wait_for_undo_files()  # a change answers before its undo file is dropped (runtime/sessions/undo.py)
     if not directory.exists():
         return []
     return sorted(entry.name for entry in directory.iterdir() if entry.name.startswith("."))
