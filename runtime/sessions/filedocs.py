@@ -24,7 +24,7 @@ import json
 import logging
 import sqlite3
 import threading
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Generator
 
 import trio
 
@@ -37,6 +37,7 @@ from .docs import (
     index_row, index_text, index_values, Stale, link_thread, raise_named, resume_source, upsert_index,
 )
 from .files import BACKUP_SUFFIX, Change, SessionFiles, parse_document, validate_session_id
+from .staging import Stager
 from .undo import UndoFiles
 
 log = logging.getLogger(__name__)
@@ -121,6 +122,8 @@ class FileDocs:
         self._texts: dict[str, tuple[int, int, str, int, int]] = {}
         # Undo files of committed changes, dropped after the change answered (runtime/sessions/undo.py).
         self.undo_files = UndoFiles(files, self._undo_files_dropped)
+        # Saves' files are staged in groups by one worker thread at a time (runtime/sessions/staging.py).
+        self.stager = Stager(files)
 
     # ---- startup ---------------------------------------------------------------------------
 
@@ -239,9 +242,13 @@ class FileDocs:
         # files were removed, so this change's COMMIT may forget their journal rows (``_journal``).
         retired = tuple(self._retired)
 
-        def stage() -> tuple[Change, Any, tuple[int, int] | None]:
-            """The staged change, its search text (or KEEP_TEXT) and where the new file's messages lie."""
+        def stage() -> Generator[None, None, tuple[Change, Any, tuple[int, int] | None]]:
+            """The staged change, its search text (or KEEP_TEXT) and where the new file's messages lie; run by
+            the group stager (runtime/sessions/staging.py), whose directory fsyncs are at its ``yield``s."""
             try:
+                with guard:
+                    if flags["abandoned"]:  # the request gave up while this waited in the queue: write nothing
+                        raise StorageError(f"Failed to {action} session '{session_id}': the request gave up")
                 found = None
                 if expected is not None:
                     # Read as ``metadata`` would have, so a file that cannot be read fails the same way
@@ -258,13 +265,12 @@ class FileDocs:
                     search = _SearchText(doc) if len(data) >= PARALLEL_SEARCH_TEXT_BYTES else None
                     same = False
                 try:
-                    staged = self.files.stage(change, data, action, replacing=replacing)
                     # The file goes in place here, not in the writer's transaction: the writer ran every
                     # save's replace + directory fsync one after the other (~5 ms each under row 3's load,
-                    # the writer busy all the time); from many staging threads the kernel commits them
-                    # together. The COMMIT still comes after the rename is durable, and the journal still
-                    # decides.
-                    self.files.publish(staged, action)
+                    # the writer busy all the time); a group of changes staged together shares its
+                    # directory fsyncs. The COMMIT still comes after the rename is durable, and the journal
+                    # still decides.
+                    staged = yield from self.files.stage_steps(change, data, action, replacing=replacing)
                 except BaseException:
                     if search is not None:
                         search.wait()  # never left running behind a failed stage
@@ -292,7 +298,7 @@ class FileDocs:
                 # Abandonable: if the disk is stuck, give up (nothing was committed) and let the
                 # thread clean up after itself when it finishes (it puts the undo file back).
                 try:
-                    staged, search_text, span = await trio.to_thread.run_sync(stage, abandon_on_cancel=True)
+                    staged, search_text, span = await self.stager.run(stage())
                 except Exception as exc:
                     failure = exc
             if isinstance(failure, Stale):

@@ -180,9 +180,9 @@ class SessionService:
 
     @property
     def thread_limiters(self) -> tuple[trio.CapacityLimiter, ...]:
-        """Limiters of the worker threads the sessions start outside trio's default one (the undo files'
-        thread): tests on a MockClock watch them, so time never jumps while one works."""
-        return (self.docs.undo_files.limiter,) if isinstance(self.docs, FileDocs) else ()
+        """Limiters of the worker threads the sessions start outside trio's default one (the staging and the
+        undo files' threads): tests on a MockClock watch them, so time never jumps while one works."""
+        return (self.docs.stager.limiter, self.docs.undo_files.limiter) if isinstance(self.docs, FileDocs) else ()
 
     @property
     def commit_timeout(self) -> float:

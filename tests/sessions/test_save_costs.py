@@ -305,8 +305,8 @@ async def test_a_save_that_keeps_the_search_text_leaves_the_trigram_index_alone(
 @pytest.mark.files_only
 async def test_a_save_in_place_checks_its_file_in_the_staging_thread_not_in_a_hop_of_its_own(rt, monkeypatch):
     """With the index row it committed, a save without If-Match reads and compares the file in its staging
-    thread (before it writes anything) instead of a worker-thread job of its own before the engine snapshot:
-    two jobs per save, not three (row 3 of ``make bench``). With If-Match the file is read before the
+    (before it writes anything) instead of a worker-thread job of its own before the engine snapshot
+    (row 3 of ``make bench``). With If-Match the file is read before the
     check, as before; a file changed behind the index is the other test's (above)."""
     tid = (await rt.create_thread())["id"]
     await run_turn(rt, tid, "hello there")
@@ -317,7 +317,15 @@ async def test_a_save_in_place_checks_its_file_in_the_staging_thread_not_in_a_ho
         jobs.append(getattr(fn, "__name__", repr(fn)))
         return await run_sync(fn, *args, **kwargs)
 
+    stager = rt.sessions._file_docs.stager
+    staged = stager.run
+
+    async def counted_stage(steps):
+        jobs.append("stage")  # the save's staging, run by the group stager (runtime/sessions/staging.py)
+        return await staged(steps)
+
     monkeypatch.setattr(trio.to_thread, "run_sync", counted)
+    monkeypatch.setattr(stager, "run", counted_stage)
     saved = await rt.sessions.save(thread_id=tid, session_id="s", timeout=LIMIT)
     assert saved["session"]["metadata"]["revision"] == 2
     assert jobs.count("load") == 0 and jobs.count("stage") == 1, jobs
