@@ -187,8 +187,15 @@ class BoundedTCPServer(TCPServer):
         if self.config.read_timeout is not None or getattr(self.config, "send_bounds", None) is None:
             await super()._read_data()
             return
+        # A plain socket is waited on before it is read: on a keep-alive connection the next request is
+        # never there yet right after an answer, so reading first cost every request one more system call
+        # (a recv that fails with EAGAIN) and an exception raised and caught inside trio (issue 16, the
+        # floor). TLS streams read as they are (their bytes may be buffered already).
+        socket = self.stream.socket if isinstance(self.stream, trio.SocketStream) else None
         while True:
             try:
+                if socket is not None and socket.fileno() != -1:  # closed: receive_some says so, below
+                    await trio.lowlevel.wait_readable(socket)
                 data = await self.stream.receive_some(MAX_RECV)
             except (trio.ClosedResourceError, trio.BrokenResourceError):
                 break

@@ -375,3 +375,33 @@ async def test_reads_without_a_read_timeout_enter_no_scope_and_with_one_keep_hyp
             await server.stream.aclose()
         assert _events(server) == [("RawData", b"GET / HTTP/1.1\r\n\r\n"), ("RawData", b""), ("Closed", None)]
     assert timeouts == [30, 30]  # only hypercorn's loop, with a read timeout: one per read
+
+
+async def test_a_keep_alive_connection_is_read_only_once_it_has_bytes(monkeypatch):
+    # The next request of a keep-alive connection is never there right after an answer: reading first was one
+    # recv that failed with EAGAIN (and an exception inside trio) per request. The read loop waits until the
+    # socket is readable, so every read it makes finds bytes (or the end): checked with a real select().
+    import select
+
+    ready_at_read: list[bool] = []
+    receive_some = trio.SocketStream.receive_some
+
+    async def recording(stream, max_bytes=None):
+        ready_at_read.append(bool(select.select([stream.socket.fileno()], [], [], 0)[0]))
+        return await receive_some(stream, max_bytes)
+
+    monkeypatch.setattr(trio.SocketStream, "receive_some", recording)
+    a, b = trio.socket.socketpair()
+    with b:
+        server = _tcp_server(trio.SocketStream(a))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server._read_data)
+            for request in (b"GET /1 HTTP/1.1\r\n\r\n", b"GET /2 HTTP/1.1\r\n\r\n"):
+                await trio.testing.wait_all_tasks_blocked()  # the loop waits for the next request
+                await b.send(request)
+            await trio.testing.wait_all_tasks_blocked()
+            b.shutdown(trio.socket.SHUT_WR)
+        await server.stream.aclose()
+    assert _events(server) == [("RawData", b"GET /1 HTTP/1.1\r\n\r\n"), ("RawData", b"GET /2 HTTP/1.1\r\n\r\n"),
+                               ("RawData", b""), ("Closed", None)]
+    assert ready_at_read == [True, True, True]
