@@ -242,7 +242,7 @@ class FileDocs:
         # files were removed, so this change's COMMIT may forget their journal rows (``_journal``).
         retired = tuple(self._retired)
 
-        def stage() -> Generator[None, None, tuple[Change, Any, tuple[int, int] | None]]:
+        def stage() -> Generator[str, None, tuple[Change, Any, tuple[int, int] | None]]:
             """The staged change, its search text (or KEEP_TEXT) and where the new file's messages lie; run by
             the group stager (runtime/sessions/staging.py), whose directory fsyncs are at its ``yield``s."""
             try:

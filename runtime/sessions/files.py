@@ -46,6 +46,28 @@ TEMP_SUFFIX = ".tmp"
 BACKUP_SUFFIX = ".bak"
 ABSENT_SUFFIX = ".new"
 WORK_SUFFIXES = (TEMP_SUFFIX, BACKUP_SUFFIX, ABSENT_SUFFIX)
+
+# What the steps of a change staged in a group (``SessionFiles.stage_steps``) wait for before they go on.
+WRITTEN = "written"  # every change of the group has written its temp file
+FSYNC_DIR = "fsync_dir"  # the directory fsynced once for the whole group
+
+
+def run_steps(steps: Generator[str, None, Any], directory: Path | None = None,
+              fs: "FileSystem | None" = None) -> Any:
+    """Run the steps of one change alone: each ``FSYNC_DIR`` fsyncs ``directory`` (a failure is thrown in)."""
+    try:
+        wanted = next(steps)
+        while True:
+            if wanted == FSYNC_DIR:
+                assert fs is not None and directory is not None
+                try:
+                    fs.fsync_dir(directory)
+                except Exception as exc:
+                    wanted = steps.throw(exc)
+                    continue
+            wanted = next(steps)
+    except StopIteration as stop:
+        return stop.value
 # errno values that mean "the disk is full" (StorageFull, HTTP 507) rather than "the disk failed".
 FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
@@ -98,9 +120,16 @@ class FileSystem:
         returns the temp path. On failure the temp file is removed."""
         if tmp is None:
             tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex}{TEMP_SUFFIX}")
+        return run_steps(self.stage_steps(tmp, data))
+
+    def stage_steps(self, tmp: Path, data: bytes) -> Generator[str, None, Path]:
+        """``stage`` as steps: it yields ``WRITTEN`` between the write and the fsync, so that a group of
+        changes (runtime/sessions/staging.py) writes every temp file before it fsyncs any: the first fsync's
+        journal commit then writes them all, where write, fsync, write, fsync waited for one commit each."""
         try:
             with open(tmp, "xb", buffering=0) as f:
                 self.write_data(f, data)
+                yield WRITTEN
                 self.fsync_file(f)
         except BaseException:
             self.discard(tmp)
@@ -270,21 +299,24 @@ class SessionFiles:
             raise storage_error(action, change.session_id, exc) from exc
 
     def stage_steps(self, change: Change, data: bytes, action: str, *,
-                    replacing: bool) -> Generator[None, None, Change]:
+                    replacing: bool) -> Generator[str, None, Change]:
         """``stage`` then ``publish``, as the steps of a group of changes staged together
-        (runtime/sessions/staging.py): each ``yield`` is where the directory is fsynced, once for the whole
-        group, after every change of it took its step; a failed fsync is thrown in at the ``yield``. The
-        same file operations in the same order as ``stage`` + ``publish``, and the same cleanup."""
+        (runtime/sessions/staging.py). It yields what the group does before it goes on: ``WRITTEN`` (every
+        change's temp file written, before any is fsynced) and ``FSYNC_DIR`` twice (the directory fsynced
+        once for the whole group; a failed fsync is thrown in there). The same file operations in the same
+        order as ``stage`` + ``publish``, and the same cleanup."""
         try:
-            change = self._write_and_keep(change, data, replacing)
+            change = dataclasses.replace(change, undo=BACKUP_SUFFIX if replacing else ABSENT_SUFFIX)
+            yield from self.fs.stage_steps(change.tmp, data)
+            self._keep(change)
             try:
-                yield  # the directory fsync: the undo file is durable before the session's file can change
+                yield FSYNC_DIR  # the undo file is durable before the session's file can change
             except BaseException:
                 self._unstage(change)
                 raise
             staged = self._stat(change)
             self.fs.replace(staged.tmp, staged.path)
-            yield  # the directory fsync: the rename is durable before the COMMIT
+            yield FSYNC_DIR  # the rename is durable before the COMMIT
         except OSError as exc:
             raise storage_error(action, change.session_id, exc) from exc
         return staged
@@ -293,15 +325,19 @@ class SessionFiles:
         """The temp file written and fsynced, and the undo file linked; on failure neither is left."""
         change = dataclasses.replace(change, undo=BACKUP_SUFFIX if replacing else ABSENT_SUFFIX)
         self.fs.stage(change.path, data, change.tmp)
+        self._keep(change)
+        return change
+
+    def _keep(self, change: Change) -> None:
+        """Link the undo file of a change whose temp file is staged; on failure neither file is left."""
         try:
-            if replacing:
+            if change.undo == BACKUP_SUFFIX:
                 self.fs.link(change.path, change.backup)
             else:
                 self.fs.link(change.tmp, change.absent)
         except BaseException:
             self._unstage(change)
             raise
-        return change
 
     def _unstage(self, change: Change) -> None:
         self.fs.discard(change.undo_path)

@@ -1,12 +1,14 @@
 """Staging session files in groups: one worker thread at a time stages every change queued so far, and
-the group shares its two directory fsyncs.
+the group shares its directory fsyncs.
 
 A save's staging (runtime/sessions/filedocs.py, ``FileDocs.commit``) writes and fsyncs its temp file, links
 its undo file, fsyncs the directory, renames the file into place and fsyncs the directory again, all before
-its COMMIT. Each change's staging is a generator (``SessionFiles.stage_steps``) that stops where the
-directory is to be fsynced; ``Stager`` runs every change of a group up to that point, fsyncs the directory
-once, runs them on to the next one, fsyncs once more, and lets each finish. Every change still has its own
-file operations in the same order, and each one's COMMIT still comes after its rename is durable.
+its COMMIT. Each change's staging is a generator (``SessionFiles.stage_steps``) that stops where it waits for
+the group: ``WRITTEN`` after its temp file is written (every change of the group writes its file before any
+is fsynced: the first fsync's journal commit then writes them all, where write, fsync, write, fsync waited
+for one commit each), and ``FSYNC_DIR`` where the directory is fsynced, once for the whole group. Every
+change still has its own file operations in the same order, and each one's COMMIT still comes after its
+rename is durable.
 
 Why (issue 16, sixth pass, bench row 3: 50 clients saving in place): a worker thread per save meant ~10
 threads at once on two vCPUs handing the GIL back and forth after each of ~20 system calls, plus each
@@ -30,9 +32,11 @@ import outcome
 import trio
 
 from .batches import BatchThread
-from .files import SessionFiles
+from .files import FSYNC_DIR, SessionFiles
 
-Steps = Generator[None, None, Any]
+Steps = Generator[str, None, Any]
+# More rounds than any change's steps have (WRITTEN, FSYNC_DIR, FSYNC_DIR, the end).
+MAX_STEPS = 8
 Deliver = Callable[[outcome.Outcome], None]
 
 
@@ -62,41 +66,43 @@ class Stager:
         return box[0].unwrap()
 
     def _run_group(self, group: list[tuple[Steps, Deliver]]) -> list[None]:
-        """In the worker thread: every change to its first fsync point, one directory fsync, on to the next,
-        one more fsync, then to its end. Each change is delivered as soon as it ended."""
-        waiting = self._advance(group)
-        for _ in range(2):
+        """In the worker thread: every change of the group up to what it waits for (``WRITTEN``: every temp
+        file written; ``FSYNC_DIR``: one directory fsync for all), then on, until each has ended. Changes
+        move in step: they all yield the same things in the same order."""
+        waiting = self._advance([(steps, deliver, None) for steps, deliver in group])
+        for _ in range(MAX_STEPS):
             if not waiting:
-                break
-            try:
-                self._files.fs.fsync_dir(self._files.directory)
-            except Exception as exc:  # each change hears it where it waits, and cleans up
-                waiting = self._advance(waiting, exc)
-            else:
-                waiting = self._advance(waiting)
-        for steps, deliver in waiting:  # a generator with more fsync points than two: a bug, never staged
+                return []
+            thrown: Exception | None = None
+            if any(wanted == FSYNC_DIR for _, _, wanted in waiting):
+                try:
+                    self._files.fs.fsync_dir(self._files.directory)
+                except Exception as exc:  # each change hears it where it waits, and cleans up
+                    thrown = exc
+            waiting = self._advance(waiting, thrown)
+        for steps, deliver, _ in waiting:  # more steps than any change has: a bug; never left running
             steps.close()
-            deliver(outcome.Error(RuntimeError("a session change asked for a third directory fsync")))
+            deliver(outcome.Error(RuntimeError("a session change staged in a group did not end")))
         return []
 
     @staticmethod
-    def _advance(group: list[tuple[Steps, Deliver]],
-                 thrown: BaseException | None = None) -> list[tuple[Steps, Deliver]]:
-        """Run each change to its next fsync point (throwing ``thrown`` in, if any); deliver those that
-        ended; return those that wait."""
+    def _advance(group: list[tuple[Steps, Deliver, str | None]],
+                 thrown: Exception | None = None) -> list[tuple[Steps, Deliver, str | None]]:
+        """Run each change to what it waits for next (throwing ``thrown`` into those that waited for the
+        directory fsync); deliver those that ended; return the others with what they wait for."""
         waiting = []
-        for steps, deliver in group:
+        for steps, deliver, wanted in group:
             try:
-                if thrown is None:
-                    next(steps)
-                else:  # an exception of its own each (its traceback and cause are the change's)
-                    steps.throw(_copy(thrown))
+                if thrown is not None and wanted == FSYNC_DIR:  # an exception of its own each
+                    wanted = steps.throw(_copy(thrown))
+                else:
+                    wanted = next(steps)
             except StopIteration as stop:
                 deliver(outcome.Value(stop.value))
             except BaseException as exc:
                 deliver(outcome.Error(exc))
             else:
-                waiting.append((steps, deliver))
+                waiting.append((steps, deliver, wanted))
         return waiting
 
 

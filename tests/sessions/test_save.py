@@ -498,7 +498,7 @@ async def test_invalid_session_ids_are_invalid_input_before_any_file_access(rt, 
     touched = []
     if rt.sessions.storage == "files":
         fs = rt.sessions.files.fs
-        for name in ("read_bytes", "stage", "publish", "remove"):
+        for name in ("read_bytes", "stage", "stage_steps", "write_data", "link", "replace", "publish", "remove"):
             monkeypatch.setattr(fs, name, lambda *a, _n=name: touched.append(_n))
     for bad in INVALID_IDS:
         with pytest.raises(InvalidInput, match="Invalid session id"):

@@ -30,12 +30,15 @@ class GatedFs:
         self.fail_write_of: str | None = None
         self.fail_fsync_dir_at: int | None = None  # the n-th directory fsync from now (1-based)
         self.writes: list[str] = []
+        self.order: list[str] = []  # write_data, fsync_file and fsync_dir, in the order they ran
         fs.write_data = self.write_data
         fs.fsync_dir = self.fsync_dir
+        fs.fsync_file = self.fsync_file
 
     def write_data(self, f, data):
         session = f.name.split("/")[-1].split(".")[1]  # .<id>.<token>.tmp
         self.writes.append(session)
+        self.order.append(f"write {session}")
         if session == self.hold_session:
             self.hold_session = None
             self.entered.set()
@@ -44,14 +47,19 @@ class GatedFs:
             raise OSError(errno.ENOSPC, "No space left on device")
         FileSystem.write_data(self.fs, f, data)
 
+    def fsync_file(self, f):
+        self.order.append(f"fsync {f.name.split('/')[-1].split('.')[1]}")
+        FileSystem.fsync_file(self.fs, f)
+
     def fsync_dir(self, directory):
+        self.order.append("fsync_dir")
         self.fsync_dirs += 1
         if self.fail_fsync_dir_at is not None and self.fsync_dirs == self.fail_fsync_dir_at:
             raise OSError(errno.EIO, "Input/output error")
         FileSystem.fsync_dir(self.fs, directory)
 
     def undo(self) -> None:
-        del self.fs.write_data, self.fs.fsync_dir
+        del self.fs.write_data, self.fs.fsync_dir, self.fs.fsync_file
 
 
 async def _sessions(rt, n: int) -> list[str]:
@@ -98,6 +106,11 @@ async def test_saves_queued_meanwhile_are_staged_as_one_group_with_two_directory
     assert all(r["session"]["metadata"]["revision"] == 2 for r in results.values()), results
     # s0 alone (two fsyncs), then s1-s3 together (two more); one thread per save would have made eight.
     assert gate.fsync_dirs == 4
+    # The group wrote every temp file before it fsynced any (one journal commit for them all).
+    assert gate.order[:4] == ["write s0", "fsync s0", "fsync_dir", "fsync_dir"], gate.order
+    group = gate.order[4:]
+    assert sorted(group[:3]) == ["write s1", "write s2", "write s3"], gate.order
+    assert sorted(group[3:6]) == ["fsync s1", "fsync s2", "fsync s3"] and group[6:] == ["fsync_dir"] * 2, gate.order
     assert sorted(gate.writes) == ["s0", "s1", "s2", "s3"]
     assert sorted(dir_snapshot(sessions_dir(rt))) == [f"s{i}.json" for i in range(4)]
     for i in range(4):
