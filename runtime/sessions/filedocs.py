@@ -2,11 +2,12 @@
 the all-or-nothing change protocol of runtime/sessions/files.py driven against the store.
 
 Every change has a *commit* phase run under a shield: stage the new file beside the old one (kept as an
-undo file) and put it in place, then one request to the store's writer writes the index row, the thread
-link, the ``session.saved`` event and a journal row in one transaction; after it the undo file is
-dropped (after the answer: runtime/sessions/undo.py), or, when the transaction did not commit, put back (a delete moves its file aside inside that
-transaction). A cancellation (timeout, client disconnect,
-shutdown) arriving meanwhile waits for it to finish; a kill -9 at any point is settled at the next start
+undo file) and put it in place (saves that arrive together are staged as one group:
+runtime/sessions/staging.py), then one request to the store's writer writes the index row, the thread
+link, the ``session.saved`` event and a journal row in one transaction; after it the undo file is dropped
+(after the answer: runtime/sessions/undo.py), or, when the transaction did not commit, put back (a delete
+moves its file aside inside that transaction). A cancellation (timeout, client disconnect, shutdown)
+arriving meanwhile waits for it to finish; a kill -9 at any point is settled at the next start
 from the journal. So every outcome is "nothing changed" or "the whole save is durable and linked"
 (docs/design.md, "Sessions").
 
@@ -220,8 +221,8 @@ class FileDocs:
 
         Encoding the document, writing + fsyncing the temp file, keeping the previous file as an undo
         file and putting the new one in place (``replacing``: over the previous one; the directory fsynced
-        after each) run in a worker thread of their own, so saves of different sessions overlap (and the
-        event loop never encodes a 10 MB document). Then one writer request writes index row, thread
+        after each) run in the group stager's worker thread, with every save queued meanwhile sharing
+        its directory fsyncs (runtime/sessions/staging.py; the event loop never encodes a 10 MB document). Then one writer request writes index row, thread
         link and journal row; ``_apply`` settles what follows (the journal decides: not committed, the
         undo file goes back). Raises StorageError (StorageFull for a full disk) naming
         ``action`` when nothing was saved. ``claim``: the request's idempotency record of ``answer``,
@@ -333,8 +334,7 @@ class FileDocs:
                      action: str) -> None:
         """Run a change's writer request, then settle the change: committed, its undo file is queued for
         removal after the answer (``UndoFiles``); not committed, the previous file comes back; the journal
-        decides either way. Called
-        shielded; the writer wait has its own bound (commit_timeout). Past it, a request the writer
+        decides either way. Called shielded; the writer wait has its own bound (commit_timeout). Past it, a request the writer
         has not begun is refused when the writer reaches it (nothing was saved); one it has begun has
         an unknown outcome: nothing is undone (the writer may still commit), and the session is
         settled before its next change."""

@@ -73,10 +73,8 @@ async def _sessions(rt, n: int) -> list[str]:
     return tids
 
 
-async def _save_all_while_s0_is_held(rt, gate: GatedFs, tids: list[str]) -> dict[str, object]:
-    """Save s0 (its write held until the others queued), then s1.. while it is held; each save's result or
-    error, by session."""
-    results: dict[str, object] = {}
+def _saver(rt, tids: list[str], results: dict[str, object]):
+    """``save(i)``: save thread i as session s<i>; its result, or its StorageError, goes in ``results``."""
 
     async def save(i: int) -> None:
         try:
@@ -84,6 +82,14 @@ async def _save_all_while_s0_is_held(rt, gate: GatedFs, tids: list[str]) -> dict
         except StorageError as exc:
             results[f"s{i}"] = exc
 
+    return save
+
+
+async def _save_all_while_s0_is_held(rt, gate: GatedFs, tids: list[str]) -> dict[str, object]:
+    """Save s0 (its write held until the others queued), then s1.. while it is held; each save's result or
+    error, by session."""
+    results: dict[str, object] = {}
+    save = _saver(rt, tids, results)
     gate.hold_session = "s0"
     async with trio.open_nursery() as nursery:
         nursery.start_soon(save, 0)
@@ -167,12 +173,7 @@ async def test_a_save_that_gave_up_while_queued_writes_nothing(rt):
     rt.sessions.commit_timeout = 0.5
     gate.hold_session = "s0"
     results: dict[str, object] = {}
-
-    async def save(i: int) -> None:
-        try:
-            results[f"s{i}"] = await rt.sessions.save(thread_id=tids[i], session_id=f"s{i}", timeout=LIMIT)
-        except StorageError as exc:
-            results[f"s{i}"] = exc
+    save = _saver(rt, tids, results)
 
     try:
         with trio.fail_after(LIMIT):

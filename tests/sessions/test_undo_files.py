@@ -38,6 +38,14 @@ def _blocking_discard(fs, release: threading.Event, entered: list):
     return discard
 
 
+def _hold_undo_removals(rt):
+    """The runtime's FileSystem with undo file removals held (``_blocking_discard``): (fs, the sessions
+    directory, the release Event, the list of removals entered)."""
+    fs, release, entered = rt.sessions.files.fs, threading.Event(), []
+    fs.discard = _blocking_discard(fs, release, entered)
+    return fs, sessions_dir(rt), release, entered
+
+
 async def test_a_save_answers_once_it_committed_and_its_undo_file_goes_after(rt):
     """The undo file (a link to the previous file) matters only until the COMMIT decided; after it the journal
     says to drop it, here or at the next start. So the save answers while the undo file is still there (its
@@ -46,9 +54,7 @@ async def test_a_save_answers_once_it_committed_and_its_undo_file_goes_after(rt)
     tid = await _thread(rt)
     await rt.sessions.save(thread_id=tid, session_id="s", timeout=LIMIT)
     await rt.sessions.cleaned()
-    fs, directory = rt.sessions.files.fs, sessions_dir(rt)
-    release, entered = threading.Event(), []
-    fs.discard = _blocking_discard(fs, release, entered)
+    fs, directory, release, entered = _hold_undo_removals(rt)
     try:
         with trio.fail_after(LIMIT / 2):
             saved = await rt.sessions.save(thread_id=tid, session_id="s", timeout=LIMIT)
@@ -77,9 +83,7 @@ async def test_undo_files_queued_meanwhile_go_in_the_thread_already_running(rt):
     for i, tid in enumerate(tids):
         await rt.sessions.save(thread_id=tid, session_id=f"s{i}", timeout=LIMIT)
     await rt.sessions.cleaned()
-    fs, directory = rt.sessions.files.fs, sessions_dir(rt)
-    release, entered = threading.Event(), []
-    fs.discard = _blocking_discard(fs, release, entered)
+    fs, directory, release, entered = _hold_undo_removals(rt)
     try:
         with trio.fail_after(LIMIT / 2):
             for i, tid in enumerate(tids):  # the first one's removal holds the thread; three more queue
