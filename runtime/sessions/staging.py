@@ -37,73 +37,89 @@ from .files import FSYNC_DIR, SessionFiles
 Steps = Generator[str, None, Any]
 # More rounds than any change's steps have (WRITTEN, FSYNC_DIR, FSYNC_DIR, the end).
 MAX_STEPS = 8
-Deliver = Callable[[outcome.Outcome], None]
+# A staged change's steps, what to call on the event loop with its outcome, and that loop's token.
+Job = tuple[Steps, Callable[[outcome.Outcome], None], trio.lowlevel.TrioToken]
 
 
 class Stager:
     def __init__(self, files: SessionFiles) -> None:
         self._files = files
-        self._thread: BatchThread[tuple[Steps, Deliver], None] = BatchThread(
-            self._run_group, lambda _: None, "session staging")
+        self._thread: BatchThread[Job, None] = BatchThread(self._run_group, lambda _: None, "session staging")
         self.limiter: trio.CapacityLimiter = self._thread.limiter
 
     async def run(self, steps: Steps) -> Any:
         """Stage ``steps`` with the group it joins and return its result (raise its error). Cancellable:
         a caller that stops waiting is told nothing more; ``steps`` runs to its end all the same."""
         done, box = trio.Event(), []
-        token = trio.lowlevel.current_trio_token()
 
-        def deliver(result: outcome.Outcome) -> None:  # in the worker thread, once the change is staged
-            def on_loop() -> None:
-                box.append(result)
-                done.set()
+        def on_loop(result: outcome.Outcome) -> None:
+            box.append(result)
+            done.set()
 
-            with contextlib.suppress(trio.RunFinishedError):
-                token.run_sync_soon(on_loop)
-
-        self._thread.submit((steps, deliver))
+        self._thread.submit((steps, on_loop, trio.lowlevel.current_trio_token()))
         await done.wait()
         return box[0].unwrap()
 
-    def _run_group(self, group: list[tuple[Steps, Deliver]]) -> list[None]:
+    def _run_group(self, group: list[Job]) -> list[None]:
         """In the worker thread: every change of the group up to what it waits for (``WRITTEN``: every temp
         file written; ``FSYNC_DIR``: one directory fsync for all), then on, until each has ended. Changes
-        move in step: they all yield the same things in the same order."""
-        waiting = self._advance([(steps, deliver, None) for steps, deliver in group])
+        move in step: they all yield the same things in the same order. The changes that ended in a round
+        are told in one hand-off to the event loop (one wake-up, not one per change)."""
+        waiting = self._advance([(job, None) for job in group])
         for _ in range(MAX_STEPS):
             if not waiting:
                 return []
             thrown: Exception | None = None
-            if any(wanted == FSYNC_DIR for _, _, wanted in waiting):
+            if any(wanted == FSYNC_DIR for _, wanted in waiting):
                 try:
                     self._files.fs.fsync_dir(self._files.directory)
                 except Exception as exc:  # each change hears it where it waits, and cleans up
                     thrown = exc
             waiting = self._advance(waiting, thrown)
-        for steps, deliver, _ in waiting:  # more steps than any change has: a bug; never left running
+        ended = []
+        for (steps, on_loop, token), _ in waiting:  # more steps than any change has: a bug; never left running
             steps.close()
-            deliver(outcome.Error(RuntimeError("a session change staged in a group did not end")))
+            ended.append(((steps, on_loop, token), outcome.Error(
+                RuntimeError("a session change staged in a group did not end"))))
+        _tell(ended)
         return []
 
     @staticmethod
-    def _advance(group: list[tuple[Steps, Deliver, str | None]],
-                 thrown: Exception | None = None) -> list[tuple[Steps, Deliver, str | None]]:
+    def _advance(group: list[tuple[Job, str | None]],
+                 thrown: Exception | None = None) -> list[tuple[Job, str | None]]:
         """Run each change to what it waits for next (throwing ``thrown`` into those that waited for the
-        directory fsync); deliver those that ended; return the others with what they wait for."""
-        waiting = []
-        for steps, deliver, wanted in group:
+        directory fsync); tell those that ended; return the others with what they wait for."""
+        waiting, ended = [], []
+        for job, wanted in group:
+            steps = job[0]
             try:
                 if thrown is not None and wanted == FSYNC_DIR:  # an exception of its own each
                     wanted = steps.throw(_copy(thrown))
                 else:
                     wanted = next(steps)
             except StopIteration as stop:
-                deliver(outcome.Value(stop.value))
+                ended.append((job, outcome.Value(stop.value)))
             except BaseException as exc:
-                deliver(outcome.Error(exc))
+                ended.append((job, outcome.Error(exc)))
             else:
-                waiting.append((steps, deliver, wanted))
+                waiting.append((job, wanted))
+        _tell(ended)
         return waiting
+
+
+def _tell(ended: list[tuple[Job, outcome.Outcome]]) -> None:
+    """Hand the outcomes of ended changes to their event loops, one ``run_sync_soon`` per loop. A loop that
+    has ended hears nothing (its requests are gone; what they staged is settled as after a kill)."""
+    by_token: dict[trio.lowlevel.TrioToken, list[tuple[Callable[[outcome.Outcome], None], outcome.Outcome]]] = {}
+    for (_, on_loop, token), result in ended:
+        by_token.setdefault(token, []).append((on_loop, result))
+    for token, calls in by_token.items():
+        def call_all(calls=calls) -> None:
+            for on_loop, result in calls:
+                on_loop(result)
+
+        with contextlib.suppress(trio.RunFinishedError):
+            token.run_sync_soon(call_all)
 
 
 def _copy(exc: Exception) -> Exception:

@@ -102,13 +102,24 @@ async def _save_all_while_s0_is_held(rt, gate: GatedFs, tids: list[str]) -> dict
     return results
 
 
-async def test_saves_queued_meanwhile_are_staged_as_one_group_with_two_directory_fsyncs(rt):
+async def test_saves_queued_meanwhile_are_staged_as_one_group_with_two_directory_fsyncs(rt, monkeypatch):
     tids = await _sessions(rt, 4)
     gate = GatedFs(rt.sessions.files.fs)
+    handoffs = []  # the staging thread's hand-offs to the event loop
+    run_sync_soon = trio.lowlevel.TrioToken.run_sync_soon
+
+    def counted(token, *args, **kwargs):
+        if threading.current_thread().name == "session staging":
+            handoffs.append(args[0])
+        return run_sync_soon(token, *args, **kwargs)
+
+    monkeypatch.setattr(trio.lowlevel.TrioToken, "run_sync_soon", counted)
     try:
         results = await _save_all_while_s0_is_held(rt, gate, tids)
     finally:
         gate.undo()
+        monkeypatch.undo()
+    assert len(handoffs) == 2  # one per group: s0's, then s1-s3's together
     assert all(r["session"]["metadata"]["revision"] == 2 for r in results.values()), results
     # s0 alone (two fsyncs), then s1-s3 together (two more); one thread per save would have made eight.
     assert gate.fsync_dirs == 4
