@@ -226,12 +226,13 @@ async def test_no_purge_write_is_queued_while_no_record_can_have_expired(rt, tmp
     await keyed_create(rt, "k3", "t3")
     assert len(purges) == 2
     assert sorted(_rows(tmp_path, "SELECT key FROM idempotency")) == [("k0",), ("k1",), ("k2",), ("k3",)]
-    await keyed_create(rt, "k4", "t4")  # the earliest expiry is k0's now, a ttl away
-    assert len(purges) == 2
-    ahead[0] += rt.idempotency.ttl + 60
-    await keyed_create(rt, "k5", "t5")  # k0..k4 have expired
+    await keyed_create(rt, "k4", "t4")  # the last purge deleted some: this one looks again, finds none
+    await keyed_create(rt, "k5", "t5")  # and the earliest expiry is k0's, a ttl away
     assert len(purges) == 3
-    assert _rows(tmp_path, "SELECT key FROM idempotency") == [("k5",)]
+    ahead[0] += rt.idempotency.ttl + 60
+    await keyed_create(rt, "k6", "t6")  # k0..k5 have expired
+    assert len(purges) == 4
+    assert _rows(tmp_path, "SELECT key FROM idempotency") == [("k6",)]
 
 
 async def test_a_records_expiry_is_its_creation_stamp_plus_the_ttl_however_the_clock_moves(rt, tmp_path,
