@@ -17,19 +17,23 @@ engine has not taken yet is dropped by the engine (``Claim.abandoned``). So a re
 a change that may still commit: it waits for it (409) and then replays it, or it runs alone.
 
 Expired records are deleted by purge writes of their own, one queued at a time, each spending the
-allowance of the records claimed since the previous one (``Idempotency.claimed``).
+allowance of the records claimed since the previous one (``Idempotency.claimed``); on SQLite only once a
+record can have expired (each purge finds the earliest expiry left).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import functools
 import json
 import sqlite3
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from .clock import utc_after, utc_now
+import outcome
+
+from .clock import parse_utc, utc_after, utc_moment, utc_now
 from .errors import IdempotencyKeyInProgress, IdempotencyKeyReused, StorageError
 from .store import NOT_INLINE, WriteRequest
 
@@ -101,6 +105,18 @@ def purge_statement(now: str | None = None, limit: int = PURGE_BATCH) -> tuple[s
     return PURGE, (utc_now() if now is None else now, limit)
 
 
+def purge_and_find_earliest(conn: sqlite3.Connection, now: str, limit: int) -> str | None:
+    """The purge write's ``fn`` on SQLite: delete at most ``limit`` records expired at ``now`` (oldest first);
+    when it deleted none, answer the earliest expiry left (None: no record), one step down the expiry
+    index, else ``now`` (purge again: under a steady load records expire as steadily as they were made, and
+    such a purge costs the writer what it did before, with no extra statement). Every record
+    committed later is this process's own (one process owns the file), which expires no earlier than the
+    service's start plus the ttl: so until the earlier of the two, no purge can delete anything."""
+    if conn.execute(*purge_statement(now, limit)).rowcount:
+        return now  # more may be expiring right behind (records expire as steadily as they were made)
+    return conn.execute("SELECT min(expires_at) FROM idempotency").fetchone()[0]
+
+
 def record_claim(claim: Claim | None, result: Any) -> list[tuple[str, tuple[Any, ...]]]:
     """The statements to add to a change's write: none without a claim; with one, the claim's record
     (``Claim.statement``). Expired records are purged by writes of their own (``Idempotency.claimed``)."""
@@ -149,6 +165,15 @@ class Idempotency:
         # PURGE_BATCH deletions no purge has spent yet.
         self._purge: WriteRequest | None = None
         self._owed = 0
+        # SQLite only (one process owns the file): no record stored or still to come expires before this
+        # moment, so a purge before it could delete nothing and none is queued. None (unknown, at first):
+        # every claim may purge. Learned from each purge write that committed (the earliest expiry left
+        # after its DELETE, ``purge_and_find_earliest``), and never later than this service's start plus
+        # the ttl, before which none of its own records expire. On PostgreSQL other hosts add records with
+        # ttls of their own: every claim's purge runs there, as before.
+        self._learns = getattr(store, "kind", None) == "sqlite"
+        self._quiet_until: datetime.datetime | None = None
+        self._own_floor = utc_moment() + datetime.timedelta(seconds=ttl)
 
     def claimed(self) -> None:
         """A record is coming (a Claim was made): its allowance of PURGE_BATCH expired records joins the
@@ -157,17 +182,35 @@ class Idempotency:
 
         One purge write at a time, not a DELETE in every record's transaction: 50 keyed creates at once
         share the purge of their writer batch (row 15 of the benchmarks, docs/design.md "Idempotency").
+        On SQLite none at all while no record can have expired (``_quiet_until``): the debt waits, and the
+        first purge after that moment spends it (at most PURGE_RECORDS_MAX records' worth at a time).
         The purge is a write of its own: whether it commits, fails or runs before or after the record,
         nothing anyone can read changes (a lookup ignores an expired record), so it is all-or-nothing
         with nothing to undo. Synchronous (``Store.submit``): no schedule point, so a cancellation never
         lands between the debt's update and the queued purge."""
         self._owed += 1
-        if self._purge is not None and not self._purge.finished:
-            return
+        purge = self._purge
+        if purge is not None:
+            if not purge.finished:
+                return
+            self._purge = None
+            if self._learns and isinstance(purge.result, outcome.Value):
+                earliest = purge.result.value
+                self._quiet_until = self._own_floor if earliest is None else min(parse_utc(earliest),
+                                                                                 self._own_floor)
+        if self._quiet_until is not None and utc_moment() < self._quiet_until:
+            return  # nothing stored can have expired yet: the debt waits for the first purge that can delete
+        now = utc_now()
         spent = min(self._owed, PURGE_RECORDS_MAX)
         try:
-            self._purge = self._store.submit(WriteRequest(
-                [purge_statement(limit=PURGE_BATCH * spent)], action="purge expired idempotency records"))
+            if self._learns:
+                request = WriteRequest(fn=functools.partial(purge_and_find_earliest, now=now,
+                                                            limit=PURGE_BATCH * spent),
+                                       action="purge expired idempotency records")
+            else:
+                request = WriteRequest([purge_statement(now, PURGE_BATCH * spent)],
+                                       action="purge expired idempotency records")
+            self._purge = self._store.submit(request)
         except StorageError:  # the store is closed: the record's own write fails the same way
             return
         self._owed -= spent

@@ -13,7 +13,7 @@ import pytest
 import trio
 import trio.testing
 
-from runtime import EngineUnavailable, IdempotencyKeyInProgress, IdempotencyKeyReused, Runtime, codec
+from runtime import EngineUnavailable, IdempotencyKeyInProgress, IdempotencyKeyReused, Runtime, clock, codec
 from runtime.idempotency import PURGE_BATCH, Claim
 from tests.cancellation.harness import check_invariants
 from tests.faults.harness import FaultRun, every_step
@@ -172,6 +172,67 @@ def test_one_purge_write_at_a_time_spends_a_bounded_allowance_and_keeps_the_rest
     store.queued[-1].finish()
     service.claimed()
     assert limits() == [PURGE_BATCH, PURGE_BATCH * PURGE_RECORDS_MAX, PURGE_BATCH * 11]
+
+
+def clock_ahead(monkeypatch: Any) -> list[float]:
+    """runtime.clock's wall clock runs the given number of seconds ahead of the real one (the list's one
+    item, 0 at first; set it to jump)."""
+    import datetime as real
+    import types
+
+    from runtime import clock
+
+    ahead = [0.0]
+
+    class Ahead(real.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return real.datetime.now(tz) + real.timedelta(seconds=ahead[0])
+
+    monkeypatch.setattr(clock, "_dt", types.SimpleNamespace(datetime=Ahead, timezone=real.timezone,
+                                                             timedelta=real.timedelta))
+    return ahead
+
+
+def purges_queued(rt: Runtime) -> list[Any]:
+    """The purge writes queued from now on (the store's ``submit`` watched)."""
+    queued: list[Any] = []
+    submit = rt.store.submit
+
+    def watching(request):
+        if request.action == "purge expired idempotency records":
+            queued.append(request)
+        return submit(request)
+
+    rt.store.submit = watching  # type: ignore[method-assign]
+    return queued
+
+
+async def test_no_purge_write_is_queued_while_no_record_can_have_expired(rt, tmp_path, monkeypatch, store_url):
+    """SQLite (one process owns the file): the first claim's purge finds the earliest expiry stored; until
+    that moment, or until this process's own first records can expire (its start plus the ttl), no purge
+    write is queued (row 15: a keyed create's writer batch no longer carries a DELETE that can delete
+    nothing). Once the clock passes it, the next claim's purge deletes the expired records as before."""
+    if store_url is not None:
+        pytest.skip("several hosts write the PostgreSQL table: every claim's purge runs there, as before")
+    ahead = clock_ahead(monkeypatch)
+    _rows(tmp_path, "INSERT INTO idempotency VALUES ('old', 'fp', 201, '{}', ?, ?, ?)",
+          many=[(b"\x00", clock.utc_now(), clock.utc_after(3600))])
+    purges = purges_queued(rt)
+    for i in range(3):
+        await keyed_create(rt, f"k{i}", f"t{i}")
+    assert len(purges) == 1  # the first one: what is stored was not known yet
+    ahead[0] = 3600 + 1  # "old" has expired, the records made meanwhile not
+    await keyed_create(rt, "k3", "t3")
+    assert len(purges) == 2
+    assert sorted(_rows(tmp_path, "SELECT key FROM idempotency")) == [("k0",), ("k1",), ("k2",), ("k3",)]
+    await keyed_create(rt, "k4", "t4")  # the last purge deleted some: this one looks again, finds none
+    await keyed_create(rt, "k5", "t5")  # and the earliest expiry is k0's, a ttl away
+    assert len(purges) == 3
+    ahead[0] += rt.idempotency.ttl + 60
+    await keyed_create(rt, "k6", "t6")  # k0..k5 have expired
+    assert len(purges) == 4
+    assert _rows(tmp_path, "SELECT key FROM idempotency") == [("k6",)]
 
 
 async def test_a_records_expiry_is_its_creation_stamp_plus_the_ttl_however_the_clock_moves(rt, tmp_path,
