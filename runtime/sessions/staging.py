@@ -12,9 +12,10 @@ rename is durable.
 
 Why (issue 16, sixth pass, bench row 3: 50 clients saving in place): a worker thread per save meant ~10
 threads at once on two vCPUs handing the GIL back and forth after each of ~20 system calls, plus each
-thread's start and hand-off back: 72 context switches and ~1.7 ms of server CPU per save. Grouped: ~14
-context switches and ~1.15 ms, 645-669 -> 742-761 PUT/s in turns. More than one group thread at a time
-measured worse (2: 695-715, 3: 696 PUT/s).
+thread's start and hand-off back: 72 context switches and ~1.7 ms of server CPU per save. Grouped (a
+first version): ~14 context switches and ~1.15 ms, 645-669 -> 742-761 PUT/s in turns; more than one group
+thread at a time measured worse (2: 695-715, 3: 696 PUT/s). With every temp file written before any is
+fsynced, three full bench runs gave 724-873 PUT/s (docs/design.md, Sessions, "Groups").
 
 Failures stay each change's own: a change whose step raises is reported alone (its generator cleaned up
 after itself, as ``stage`` does); a failed directory fsync is thrown into every change waiting on it, and
