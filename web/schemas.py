@@ -479,10 +479,15 @@ def required_fields(cls: type) -> list[str]:
 
 
 def _constrained(schema: dict[str, Any], extra: dict[str, Any] | None) -> dict[str, Any]:
-    """``schema`` of a field plus its documented constraints (which apply to its non-null values)."""
+    """``schema`` of a field plus its documented constraints (which apply to its non-null values). ``pattern``
+    applies to strings only, but ``enum`` to every value: a field that may be null lists null among its values
+    (the fuzz test found PATCH accepting ``"approval_policy": null``, "unchanged", against an enum without it)."""
     if not extra:
         return schema
-    if schema.get("type") in ("string", ["string", "null"]):
+    if schema.get("type") == "string":
+        return {**schema, **extra}
+    if schema.get("type") == ["string", "null"]:
+        extra = {**extra, "enum": [*extra["enum"], None]} if "enum" in extra else extra
         return {**schema, **extra}
     return schema
 

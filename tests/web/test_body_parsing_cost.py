@@ -61,3 +61,19 @@ def test_provided_gives_the_set_fields_with_the_parsed_values_themselves():
     # No deep copy: the parsed JSON's own containers (dataclasses.asdict copied each one).
     assert got["env"] is body.env and got["args"] is body.args
     assert schemas.provided(schemas.parse_body(schemas.UpdateThreadBody, {"title": "t"})) == {"title": "t"}
+
+
+def test_a_nullable_field_with_an_enum_lists_null_among_its_values():
+    # PATCH /v1/threads/{id} takes "approval_policy": null as "unchanged" (like every other field); its schema
+    # must say so, or a client validating against /openapi.json refuses what the server accepts (the long
+    # schemathesis run found it: "schema-violating request accepted").
+    from web.schemas import CreateThreadBody, DecideApprovalBody, UpdateThreadBody, json_schema
+
+    components: dict = {}
+    for body in (UpdateThreadBody, CreateThreadBody, DecideApprovalBody):
+        json_schema(body, components)
+    for name in ("UpdateThreadBody", "CreateThreadBody"):
+        field = components[name]["properties"]["approval_policy"]
+        assert field["type"] == ["string", "null"] and field["enum"] == ["ask", "auto", "deny", None], field
+    decision = components["DecideApprovalBody"]["properties"]["decision"]
+    assert decision == {"type": "string", "enum": ["allow", "deny"]}  # not nullable: no null
