@@ -52,7 +52,8 @@ class BatchThread(Generic[Item, Result]):
         self.limiter = trio.CapacityLimiter(math.inf)
 
     def submit(self, item: Item) -> None:
-        """Queue ``item``; start the thread unless one is working (it takes ``item`` before it ends)."""
+        """Queue ``item``; start the thread unless one is working (it takes ``item`` before it ends). If no
+        thread can be started, raises, and ``item`` is not queued (the next submit tries again)."""
         with self._lock:
             self._queue.append(item)
             if self._running:
@@ -76,7 +77,16 @@ class BatchThread(Generic[Item, Result]):
             with contextlib.suppress(trio.RunFinishedError):
                 token.run_sync_soon(report, result)
 
-        trio.lowlevel.start_thread_soon(self._drain, deliver, name=self._name)
+        try:
+            trio.lowlevel.start_thread_soon(self._drain, deliver, name=self._name)
+        except BaseException:  # no thread (e.g. the process is out of threads): never left "running"
+            with self._lock:
+                self._running = False
+                self._queue.clear()  # only ``item``: the queue is empty whenever no thread works it
+                self._idle.notify_all()
+            self.limiter.release_on_behalf_of(borrower)
+            ended.set()
+            raise
 
     def _drain(self) -> list[Result]:
         results: list[Result] = []

@@ -36,14 +36,20 @@ class UndoFiles:
 
     def __init__(self, files: SessionFiles, dropped: Callable[[list[Dropped]], None]) -> None:
         self._files = files
+        self._dropped = dropped
         self._thread: BatchThread[Change, Dropped] = BatchThread(self._remove, dropped, "session undo files")
         self.limiter: trio.CapacityLimiter = self._thread.limiter
         _ALL.add(self)
 
     def drop(self, change: Change) -> None:
         """Queue ``change``'s undo file (the change committed). No schedule point: the caller cannot be
-        cancelled between its commit and this."""
-        self._thread.submit(change)
+        cancelled between its commit and this. If no thread can be started, the change is reported as not
+        dropped (its session is settled before its next change): the change itself committed."""
+        try:
+            self._thread.submit(change)
+        except Exception as exc:
+            self._dropped([(change, StorageError(
+                f"Failed to clean up after changing session '{change.session_id}': {exc!r}"))])
 
     def _remove(self, changes: list[Change]) -> list[Dropped]:
         """In the worker thread: drop each undo file; a failure is that change's alone."""

@@ -150,3 +150,48 @@ async def test_a_stop_waits_for_a_stuck_removal_only_as_long_as_a_commit_and_the
             assert (await again.sessions.get("s"))["metadata"]["revision"] == 2
     finally:
         release.set()
+
+
+async def test_no_thread_to_start_fails_that_save_or_cleanup_alone_and_the_next_ones_work(rt, monkeypatch):
+    """The process cannot start a thread (out of threads): the save that needed the staging thread fails
+    having written nothing; one that committed but could not start the undo file's thread has its session
+    settled before its next change. Neither queue is left waiting for a thread that never came."""
+    tid = await _thread(rt)
+    await rt.sessions.save(thread_id=tid, session_id="s", timeout=LIMIT)
+    await rt.sessions.cleaned()
+    directory = sessions_dir(rt)
+    real = trio.lowlevel.start_thread_soon
+
+    def no_thread(*args, **kwargs):
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(trio.lowlevel, "start_thread_soon", no_thread)
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        await rt.sessions.save(thread_id=tid, session_id="s", timeout=LIMIT)
+    monkeypatch.setattr(trio.lowlevel, "start_thread_soon", real)
+    assert (await rt.sessions.get("s"))["metadata"]["revision"] == 1
+    assert sorted(p.name for p in directory.iterdir()) == ["s.json"]
+    with trio.fail_after(LIMIT / 2):
+        saved = await rt.sessions.save(thread_id=tid, session_id="s", timeout=LIMIT)  # the staging queue works
+    assert saved["session"]["metadata"]["revision"] == 2
+    await rt.sessions.cleaned()
+
+    calls = []
+
+    def no_undo_thread(fn, deliver, *, name=None):
+        if name == "session undo files":
+            calls.append(name)
+            raise RuntimeError("can't start new thread")
+        return real(fn, deliver, name=name)
+
+    monkeypatch.setattr(trio.lowlevel, "start_thread_soon", no_undo_thread)
+    saved = await rt.sessions.save(thread_id=tid, session_id="s", timeout=LIMIT)  # committed all the same
+    monkeypatch.setattr(trio.lowlevel, "start_thread_soon", real)
+    assert calls and saved["session"]["metadata"]["revision"] == 3
+    assert rt.sessions._unsettled == {"s"} and len(_undo_names(directory)) == 1
+    with trio.fail_after(LIMIT / 2):
+        await rt.sessions.cleaned()  # nothing left running
+        again = await rt.sessions.save(thread_id=tid, session_id="s", timeout=LIMIT)
+    await rt.sessions.cleaned()
+    assert again["session"]["metadata"]["revision"] == 4 and rt.sessions._unsettled == set()
+    assert sorted(p.name for p in directory.iterdir()) == ["s.json"]
