@@ -222,11 +222,12 @@ class FileDocs:
         Encoding the document, writing + fsyncing the temp file, keeping the previous file as an undo
         file and putting the new one in place (``replacing``: over the previous one; the directory fsynced
         after each) run in the group stager's worker thread, with every save queued meanwhile sharing
-        its directory fsyncs (runtime/sessions/staging.py; the event loop never encodes a 10 MB document). Then one writer request writes index row, thread
-        link and journal row; ``_apply`` settles what follows (the journal decides: not committed, the
-        undo file goes back). Raises StorageError (StorageFull for a full disk) naming
-        ``action`` when nothing was saved. ``claim``: the request's idempotency record of ``answer``,
-        written by that same writer request (so it commits with the change or not at all).
+        its directory fsyncs (runtime/sessions/staging.py; the event loop never encodes a 10 MB
+        document). Then one writer request writes index row, thread link and journal row; ``_apply``
+        settles what follows (the journal decides: not committed, the undo file goes back). Raises
+        StorageError (StorageFull for a full disk) naming ``action`` when nothing was saved. ``claim``:
+        the request's idempotency record of ``answer``, written by that same writer request (so it
+        commits with the change or not at all).
         """
         session_id = doc["metadata"]["id"]
         self._rows.pop(session_id, None)  # known again only once this change committed (below)
@@ -334,10 +335,10 @@ class FileDocs:
                      action: str) -> None:
         """Run a change's writer request, then settle the change: committed, its undo file is queued for
         removal after the answer (``UndoFiles``); not committed, the previous file comes back; the journal
-        decides either way. Called shielded; the writer wait has its own bound (commit_timeout). Past it, a request the writer
-        has not begun is refused when the writer reaches it (nothing was saved); one it has begun has
-        an unknown outcome: nothing is undone (the writer may still commit), and the session is
-        settled before its next change."""
+        decides either way. Called shielded; the writer wait has its own bound (commit_timeout). Past it,
+        a request the writer has not begun is refused when the writer reaches it (nothing was saved); one
+        it has begun has an unknown outcome: nothing is undone (the writer may still commit), and the
+        session is settled before its next change."""
         session_id = change.session_id
         # "The writer began the request" and "the request gave up" are one decision (see above).
         guard, state = threading.Lock(), {"begun": False, "gave_up": False}

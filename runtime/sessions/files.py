@@ -52,22 +52,18 @@ WRITTEN = "written"  # every change of the group has written its temp file
 FSYNC_DIR = "fsync_dir"  # the directory fsynced once for the whole group
 
 
-def run_steps(steps: Generator[str, None, Any], directory: Path | None = None,
-              fs: "FileSystem | None" = None) -> Any:
-    """Run the steps of one change alone: each ``FSYNC_DIR`` fsyncs ``directory`` (a failure is thrown in)."""
+def run_steps(steps: Generator[str, None, Any]) -> Any:
+    """Run the steps of one file write alone (``FileSystem.stage_steps``: nothing to wait for at ``WRITTEN``)."""
     try:
-        wanted = next(steps)
         while True:
-            if wanted == FSYNC_DIR:
-                assert fs is not None and directory is not None
-                try:
-                    fs.fsync_dir(directory)
-                except Exception as exc:
-                    wanted = steps.throw(exc)
-                    continue
             wanted = next(steps)
+            if wanted != WRITTEN:  # a directory fsync is the group's (runtime/sessions/staging.py)
+                steps.close()
+                raise RuntimeError(f"run_steps cannot do {wanted!r}")
     except StopIteration as stop:
         return stop.value
+
+
 # errno values that mean "the disk is full" (StorageFull, HTTP 507) rather than "the disk failed".
 FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
