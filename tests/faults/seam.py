@@ -51,10 +51,11 @@ class FaultPlan:
     armed: bool = False
     counts: dict[str, int] = dataclasses.field(default_factory=lambda: {"sqlite": 0, "file": 0})
     fired: str | None = None  # the step that failed, once it did
+    fired_sql: str | None = None  # the SQL statement that failed, when the step was one
     log: list[str] = dataclasses.field(default_factory=list)
 
     def arm(self, fail_at: int | None, kind: str | None = None, *, rollback: bool | None = None) -> None:
-        self.fail_at, self.fired, self.armed = fail_at, None, True
+        self.fail_at, self.fired, self.fired_sql, self.armed = fail_at, None, None, True
         self.counts = {"sqlite": 0, "file": 0}
         self.log = []
         if kind is not None:
@@ -102,6 +103,7 @@ class FaultPlan:
                 if plan.sql_only_writes and not self.writer:
                     return super().execute(sql, parameters)
                 if plan.step("sqlite", verb):
+                    plan.fired_sql = sql
                     message, code = SQLITE_FAULTS[plan.kind]
                     if (verb == "COMMIT" or plan.rollback) and self.in_transaction:
                         super().execute("ROLLBACK")  # what SQLite does by itself on SQLITE_FULL/IOERR

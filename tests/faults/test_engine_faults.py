@@ -432,7 +432,10 @@ def _check_turn(before: State, after: State, ctx: Ctx, run: FaultRun) -> bool:
     turn = new[0]
     assert run.value is None or run.value["id"] == turn["id"]
     items = sorted((i for i in after.items.values() if i["turn_id"] == turn["id"]), key=lambda i: i["ord"])
-    if run.fired is None:
+    if run.fired is None or ctx.memo.get("absorbed"):
+        # No fault, or one the writer absorbed: a multi-row INSERT of one-event requests (no savepoint) that
+        # SQLite undid alone is applied again one request at a time (runtime/store/sqlite.py), and the plan
+        # fires once, so every write committed. Then the turn is whole, as in a clean run.
         assert turn["status"] == "completed"
         assert [(i["kind"], i["status"], i["detail"]) for i in items] == [
             ("user_message", "completed", TURN_PROMPT), ("agent_reasoning", "completed", "pondering it deeply"),
@@ -793,6 +796,11 @@ async def test_a_fault_at_every_step_changes_all_or_nothing(tmp_path, case: Case
         async def judge(run: FaultRun) -> None:
             assert run.k == ctx.k
             where = f"{case.name}, {kind} at step k={run.k} ({run.fired})"
+            # A multi-row INSERT that failed alone, with the transaction kept (no rollback), is run again row
+            # by row: nothing is lost, and nothing fails (checked in full by the case, as a clean run).
+            ctx.memo["absorbed"] = (not rollback and plan.fired_sql is not None
+                                    and plan.fired_sql.lstrip().upper().startswith("INSERT")
+                                    and "), (" in plan.fired_sql)
             try:
                 # The store writes again (the plan fires once per run). Asking the thread for a snapshot
                 # restores a successor engine if the fault retired one, once its turn was ended.
