@@ -223,6 +223,11 @@ class Change:
         return self._work(self.undo)
 
 
+def _with_undo(change: Change, replacing: bool) -> Change:
+    """``change`` with the undo file it makes: a backup of the file it replaces, else the "absent" marker."""
+    return dataclasses.replace(change, undo=BACKUP_SUFFIX if replacing else ABSENT_SUFFIX)
+
+
 class SessionFiles:
     def __init__(self, directory: Path, fs: FileSystem | None = None) -> None:
         self.directory = directory
@@ -302,7 +307,7 @@ class SessionFiles:
         once for the whole group; a failed fsync is thrown in there). The same file operations in the same
         order as ``stage`` + ``publish``, and the same cleanup."""
         try:
-            change = dataclasses.replace(change, undo=BACKUP_SUFFIX if replacing else ABSENT_SUFFIX)
+            change = _with_undo(change, replacing)
             yield from self.fs.stage_steps(change.tmp, data)
             self._keep(change)
             try:
@@ -319,7 +324,7 @@ class SessionFiles:
 
     def _write_and_keep(self, change: Change, data: bytes, replacing: bool) -> Change:
         """The temp file written and fsynced, and the undo file linked; on failure neither is left."""
-        change = dataclasses.replace(change, undo=BACKUP_SUFFIX if replacing else ABSENT_SUFFIX)
+        change = _with_undo(change, replacing)
         self.fs.stage(change.path, data, change.tmp)
         self._keep(change)
         return change
@@ -327,7 +332,7 @@ class SessionFiles:
     def _keep(self, change: Change) -> None:
         """Link the undo file of a change whose temp file is staged; on failure neither file is left."""
         try:
-            if change.undo == BACKUP_SUFFIX:
+            if change.undo == BACKUP_SUFFIX:  # the previous file, kept (``_with_undo``)
                 self.fs.link(change.path, change.backup)
             else:
                 self.fs.link(change.tmp, change.absent)
