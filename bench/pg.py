@@ -10,10 +10,11 @@ so native on trio) when it is installed; it is not a dependency (docs/design.md,
 Workloads (latencies in ms as seen by the calling trio task, p50 over N):
 - insert_commit: one event row INSERT + COMMIT (durable: fsync on, synchronous_commit on; SQLite WAL with
   synchronous=FULL as the store runs it)
-- batch100: 100 event rows in one transaction + COMMIT. PostgreSQL: what the store's writer sends for a run of
-  100 event writes (runtime/store/postgres.py INSERT_EVENT_ROWS: the rows as one JSON parameter, bound
-  client-side, BEGIN and COMMIT in the same query: one round trip); the store's batch also locks the thread's
-  lease row and sends a NOTIFY in it. The notes give the earlier workload (INSERT ... SELECT FROM unnest(text
+- batch100: 100 event rows in one transaction + COMMIT, each side as its store's writer does a run of 100 event
+  writes. SQLite: one multi-row INSERT (runtime/store/sqlite.py ``_append_lone``). PostgreSQL: the rows as one
+  JSON parameter, bound client-side, to the INSERT prepared on the writer's session (runtime/store/postgres.py
+  EXECUTE_EVENT_ROWS), BEGIN and COMMIT in the same query: one round trip; the store's batch also locks the
+  thread's lease row and sends a NOTIFY in it. The notes give the earlier workload (INSERT ... SELECT FROM unnest(text
   arrays) + COMMIT, three round trips: not what the store does) and executemany.
 - select_pk: one row by primary key. PostgreSQL: a store read (``PostgresStore.read`` of a one-statement read
   function, ``inline=True`` as the store's callers pass for a point read: one simple query awaited on the event
@@ -43,6 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `python -m bench.pg` from elsewhere
     sys.path.insert(0, str(ROOT))
 
+from runtime.store.sqlite import _insert_rows_sql  # noqa: E402
 from tests.support_pg import PgCluster, PgUnavailable, start_cluster  # noqa: E402
 
 PAYLOAD = json.dumps({"delta": " word", "kind": "agent_message"})
@@ -104,9 +106,14 @@ async def sqlite_workloads(path: Path, n: dict[str, int]) -> dict[str, list[floa
         conn.execute(sql, EVENT_ROW)
         conn.execute("COMMIT")
 
+    rows_sql = _insert_rows_sql(100)
+
     def batch100() -> None:
+        # The store writer's run of 100 event writes (runtime/store/sqlite.py ``_append_lone``, since commit
+        # 03c07b3): one multi-row INSERT. Before issue 16's seventh pass this side still ran executemany of
+        # 100 one-row INSERTs (~0.06 ms more), which the store no longer does.
         conn.execute("BEGIN")
-        conn.executemany(sql, [EVENT_ROW] * 100)
+        conn.execute(rows_sql, [value for _ in range(100) for value in EVENT_ROW])
         conn.execute("COMMIT")
 
     def select_pk() -> None:
@@ -176,7 +183,7 @@ async def psycopg_workloads(dsn: str, n: dict[str, int], store_url: str) -> dict
     import orjson
     import psycopg
 
-    from runtime.store.postgres import INSERT_EVENT_ROWS, client_query, connect, snapshot_read
+    from runtime.store.postgres import EXECUTE_EVENT_ROWS, client_query, connect, snapshot_read
 
     conn = psycopg.connect(dsn)
     conn.execute(PG_DDL)
@@ -185,13 +192,15 @@ async def psycopg_workloads(dsn: str, n: dict[str, int], store_url: str) -> dict
     sql = INSERT_SQL.format(", ".join(["%s"] * 6))
     # The store's own connection and paths (runtime/store/postgres.py): what rows pg2 and pg3 time.
     store_conn = connect(dsn)
+    store_conn.prepare_event_rows()  # as the store's writer session does when it opens
     store_cursor = psycopg.ClientCursor(store_conn.raw)
-    rows_query, _ = client_query(INSERT_EVENT_ROWS)
+    rows_query, _ = client_query(EXECUTE_EVENT_ROWS)
 
     def batch100_store() -> None:
         # The store writer's batch (PostgresStore._apply_transaction) for a run of 100 event writes: the rows
-        # encoded as one JSON parameter, bound client-side, one INSERT, BEGIN and COMMIT in the same query
-        # (one round trip). The store's batch also locks the thread's lease row and sends a NOTIFY in it.
+        # encoded as one JSON parameter, bound client-side, one EXECUTE of the INSERT prepared on the session,
+        # BEGIN and COMMIT in the same query (one round trip). The store's batch also locks the thread's lease
+        # row and sends a NOTIFY in it.
         rows = orjson.dumps([EVENT_ROW] * 100).decode()
         store_cursor.execute(f"BEGIN;\n{store_cursor.mogrify(rows_query, (rows,))};\nCOMMIT")
         store_cursor.nextset()

@@ -14,7 +14,7 @@ import pytest
 from runtime import StorageError
 from runtime.errors import LeaseLost
 from runtime.store import EventDraft, WriteLane, WriteRequest
-from runtime.store.postgres import PostgresStore
+from runtime.store.postgres import EVENT_ROWS_STATEMENT, PostgresStore
 
 from .test_store import rows, set_lease, thread_row
 
@@ -166,8 +166,10 @@ async def test_a_run_of_event_writes_is_one_insert_and_each_seq_is_its_stored_ro
         assert len(counter.queries) == 1
         script = counter.queries[0]
         # Before: one INSERT per event (83) and a fence check per request (82); now one INSERT per run of
-        # event-only requests and per request with statements, and one fence per lease.
-        assert script.count("INSERT INTO events") == 3
+        # event-only requests and per request with statements, and one fence per lease. Several events go
+        # by the statement prepared on the writer's session (EXECUTE), a lone one by its own INSERT.
+        assert script.count(f"EXECUTE {EVENT_ROWS_STATEMENT} (") == 2
+        assert script.count("INSERT INTO events") == 1
         assert script.count("FROM thread_leases WHERE thread_id") == 2 + 1  # two fences + the seq rule's lock
     committed = [event for request in requests for event in request.committed]
     assert [e.event for e in committed] == ["item.delta"] * (2 * DELTAS) + ["item.completed", "turn.completed",
@@ -203,3 +205,31 @@ async def test_a_failing_request_in_a_run_of_event_writes_fails_alone(pg_url):
     # The stored rows are exactly the published events: the failed attempt's seqs are a gap, never rows.
     assert rows(pg_url, "SELECT seq, event FROM events ORDER BY seq") == [(e.seq, e.event) for e in published]
     assert published[2].seq < later[0].seq
+
+
+async def test_the_run_insert_is_prepared_once_per_writer_session_and_again_on_a_new_one(pg_url, monkeypatch):
+    # EXECUTE_EVENT_ROWS needs its PREPARE on the session it runs on: done when the store opens (before this
+    # counter), and again by a new writer connection (the old one was lost or dropped) before its first batch.
+    # Without that the batch's query would fail and the batch would run again the slow way, one savepoint
+    # per request.
+    async with PostgresStore.open(pg_url, lambda events: None) as store:
+        counter = CountWriterQueries(monkeypatch, store)
+
+        async def run_of(n: int, tag: str) -> None:
+            requests = [store.submit(WriteRequest(events=[EventDraft("thr_p", "item.delta", {"n": i})],
+                                                  action=f"{tag} {i}")) for i in range(n)]
+            for request in requests:
+                await request.done.wait()
+            assert [request.result.unwrap() for request in requests] == [None] * n
+
+        await run_of(5, "first")
+        await run_of(5, "second")
+        store._drop_connection()  # as after a lost connection: the next batch opens a new session
+        await run_of(5, "third")
+        prepares = [q for q in counter.queries if q.startswith(f"PREPARE {EVENT_ROWS_STATEMENT} ")]
+        executes = [q for q in counter.queries if f"EXECUTE {EVENT_ROWS_STATEMENT} (" in q]
+        assert len(prepares) == 1 and len(executes) == 3
+        assert counter.queries.index(prepares[0]) < counter.queries.index(executes[2])
+        assert not [q for q in counter.queries if "SAVEPOINT" in q]  # no batch fell back to the slow way
+    assert [n for (n,) in rows(pg_url, "SELECT CAST(payload AS jsonb)->>'n' FROM events ORDER BY seq")] == \
+        [str(i) for i in range(5)] * 3
