@@ -19,6 +19,12 @@ def utc_now() -> str:
     return _stamp(_dt.datetime.now(_dt.timezone.utc))
 
 
+def utc_stamp(moment: _dt.datetime) -> str:
+    """``moment`` (an aware UTC datetime, e.g. ``utc_moment()``) as ``utc_now`` formats it: for two stamps of
+    one clock reading (a record's creation and its expiry) without parsing the first back."""
+    return _stamp(moment)
+
+
 def utc_moment() -> _dt.datetime:
     """The wall clock's now as an aware datetime, without formatting a stamp (0.2 us against ``utc_now``'s
     1 us): for comparing with a parsed stamp (``parse_utc``) on every keyed request."""
