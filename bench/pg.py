@@ -13,9 +13,11 @@ Workloads (latencies in ms as seen by the calling trio task, p50 over N):
 - batch100: 100 event rows in one transaction + COMMIT, each side as its store's writer does a run of 100 event
   writes. SQLite: one multi-row INSERT (runtime/store/sqlite.py ``_append_lone``). PostgreSQL: the rows as one
   JSON parameter, bound client-side, to the INSERT prepared on the writer's session (runtime/store/postgres.py
-  EXECUTE_EVENT_ROWS), BEGIN and COMMIT in the same query: one round trip; the store's batch also locks the
-  thread's lease row and sends a NOTIFY in it. The notes give the earlier workload (INSERT ... SELECT FROM unnest(text
-  arrays) + COMMIT, three round trips: not what the store does) and executemany.
+  EXECUTE_EVENT_ROWS), BEGIN and COMMIT in the same query: one round trip, awaited on the event loop as the store's
+  writer awaits a plain batch (``PostgresStore._apply_batch_async``, no worker thread); the store's batch also
+  locks the thread's lease row and sends a NOTIFY in it. The notes give the same query from a worker thread (the
+  writer before issue 16's seventh pass), the earlier workload (INSERT ... SELECT FROM unnest(text arrays) +
+  COMMIT, three round trips: not what the store does) and executemany.
 - select_pk: one row by primary key. PostgreSQL: a store read (``PostgresStore.read`` of a one-statement read
   function, ``inline=True`` as the store's callers pass for a point read: one simple query awaited on the event
   loop, docs/design.md "One-statement reads"), on a PostgresStore of its own (a second database of the cluster,
@@ -183,7 +185,7 @@ async def psycopg_workloads(dsn: str, n: dict[str, int], store_url: str) -> dict
     import orjson
     import psycopg
 
-    from runtime.store.postgres import EXECUTE_EVENT_ROWS, client_query, connect, snapshot_read
+    from runtime.store.postgres import EXECUTE_EVENT_ROWS, _script_on_loop, client_query, connect, snapshot_read
 
     conn = psycopg.connect(dsn)
     conn.execute(PG_DDL)
@@ -196,13 +198,23 @@ async def psycopg_workloads(dsn: str, n: dict[str, int], store_url: str) -> dict
     store_cursor = psycopg.ClientCursor(store_conn.raw)
     rows_query, _ = client_query(EXECUTE_EVENT_ROWS)
 
-    def batch100_store() -> None:
-        # The store writer's batch (PostgresStore._apply_transaction) for a run of 100 event writes: the rows
+    def batch100_query() -> str:
+        # The store writer's batch (runtime/store/postgres.py _plan_batch) for a run of 100 event writes: the rows
         # encoded as one JSON parameter, bound client-side, one EXECUTE of the INSERT prepared on the session,
         # BEGIN and COMMIT in the same query (one round trip). The store's batch also locks the thread's lease
         # row and sends a NOTIFY in it.
         rows = orjson.dumps([EVENT_ROW] * 100).decode()
-        store_cursor.execute(f"BEGIN;\n{store_cursor.mogrify(rows_query, (rows,))};\nCOMMIT")
+        return f"BEGIN;\n{store_cursor.mogrify(rows_query, (rows,))};\nCOMMIT"
+
+    async def batch100_store() -> None:
+        # As the store's writer sends it since issue 16's seventh pass (PostgresStore._apply_batch_async):
+        # built and awaited on the event loop, no worker thread.
+        results = await _script_on_loop(store_conn, batch100_query().encode())
+        assert len(results[1]) == 100
+
+    def batch100_store_thread() -> None:
+        # The same query from a worker thread: how the writer sent it before.
+        store_cursor.execute(batch100_query())
         store_cursor.nextset()
         assert len(store_cursor.fetchall()) == 100
 
@@ -240,7 +252,8 @@ async def psycopg_workloads(dsn: str, n: dict[str, int], store_url: str) -> dict
 
     try:
         return {"insert_commit": await timed(n["insert_commit"], run(insert_commit)),
-                "batch100": await timed(n["batch100"], run(batch100_store)),
+                "batch100": await timed(n["batch100"], batch100_store),
+                "batch100_thread": await timed(n["batch100"], run(batch100_store_thread)),
                 "batch100_unnest": await timed(n["batch100"], run(batch100)),
                 "batch100_executemany": await timed(n["batch100"], run(batch100_executemany)),
                 **await store_reads(store_url, n["select_pk"]),
@@ -410,7 +423,9 @@ def bench_pg(sz) -> list:
         Row("pg2", "PG 100-row batch (store's run INSERT)+COMMIT p50", "SQLite FULL, thread", p50_ms(s["batch100"]),
             p50_ms(p["batch100"]), "ms", 2.0, False,
             notes=f"p99 {p99_ms(p['batch100']):.2f} vs {p99_ms(s['batch100']):.2f} ms; the store writer's INSERT "
-                  f"of a run of events (rows as one JSON parameter) with BEGIN and COMMIT in one query; before "
+                  f"of a run of events (rows as one JSON parameter, the prepared INSERT) with BEGIN and COMMIT in "
+                  f"one query awaited on the event loop; the same query from a worker thread (the writer before "
+                  f"issue 16's seventh pass): p50 {p50_ms(p['batch100_thread']):.2f} ms; before "
                   f"issue 16's second pass: INSERT ... SELECT FROM unnest(text arrays) + COMMIT p50 "
                   f"{p50_ms(p['batch100_unnest']):.2f} ms; executemany (pipeline): p50 "
                   f"{p50_ms(p['batch100_executemany']):.2f} ms"),
@@ -432,7 +447,7 @@ def bench_pg(sz) -> list:
 def main(argv: list[str]) -> int:
     got = measure("--quick" in argv, purepy="--purepy" in argv)
     print(f"psycopg AsyncConnection on trio: {got['async_probe']}")
-    for name in ("insert_commit", "batch100", "batch100_unnest", "batch100_executemany", "select_pk",
+    for name in ("insert_commit", "batch100", "batch100_thread", "batch100_unnest", "batch100_executemany", "select_pk",
                  "select_pk_thread", "select_pk_snapshot", "select_pk_plain", "notify", "notify_thread"):
         cells = [f"{name:14}"]
         for side in ("sqlite", "psycopg", "purepy"):

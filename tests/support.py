@@ -38,8 +38,10 @@ CLIENT_TLS = ssl.create_default_context()
 
 def worker_limiters(rt: Runtime) -> list[trio.CapacityLimiter]:
     """Every limiter a worker thread of ``rt`` holds a token of while it runs: trio's default one (first),
-    the store's reads, and the sessions' own (the undo files' thread, runtime/sessions/undo.py)."""
-    return [trio.to_thread.current_default_thread_limiter(), rt.store.read_limiter, *rt.sessions.thread_limiters]
+    the store's reads, the store's writer while it awaits the database on the loop (PostgreSQL), and the
+    sessions' own (the undo files' thread, runtime/sessions/undo.py)."""
+    return [trio.to_thread.current_default_thread_limiter(), rt.store.read_limiter, rt.store.write_limiter,
+            *rt.sessions.thread_limiters]
 
 
 class ThreadGuard(trio.abc.Instrument):

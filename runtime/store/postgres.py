@@ -482,6 +482,39 @@ async def _query_on_loop(conn: PgConnection, query: bytes) -> _Rows:
     return _Rows(loader.load_rows(0, result.ntuples, _row_class(columns)), result.ntuples, columns)
 
 
+async def _script_on_loop(conn: PgConnection, query: bytes) -> list[list[Any] | None]:
+    """A plain write batch's one query (``_plan_batch``: several statements) awaited on the event loop as
+    ``_query_on_loop`` awaits a read: every statement's rows (None for one without a result set), in order.
+    Raises the first failed statement's error after reading every result, so the connection is left at the
+    transaction status that failure leaves (INERROR before the COMMIT, IDLE after a failed COMMIT)."""
+    pg = conn.raw.pgconn
+    sock = pg.socket
+    pg.send_query(query)
+    while pg.flush():  # the query did not fit the socket's buffer: the rest when it can take more
+        await trio.lowlevel.wait_writable(sock)
+    results = []
+    while True:
+        while pg.is_busy():
+            await trio.lowlevel.wait_readable(sock)
+            pg.consume_input()
+        result = pg.get_result()
+        if result is None:
+            break
+        results.append(result)
+    for result in results:
+        if result.status not in _OK:
+            raise psycopg.errors.error_from_result(result, encoding=conn.raw.info.encoding)
+    loader = psycopg.adapt.Transformer(conn.raw)
+    out: list[list[Any] | None] = []
+    for result in results:
+        if result.status != psycopg.pq.ExecStatus.TUPLES_OK:
+            out.append(None)
+            continue
+        loader.set_pgresult(result)
+        out.append(loader.load_rows(0, result.ntuples, tuple))
+    return out
+
+
 def redact_url(url: str) -> str:
     """The store's URL for messages and logs: never its password (``postgresql://user@host:port/db``)."""
     try:
@@ -501,6 +534,106 @@ def connect(url: str, host_id: str | None = None) -> PgConnection:
     raw = psycopg.connect(url, autocommit=True, row_factory=_row_factory, **timeout)  # type: ignore[arg-type]
     raw.adapters.register_loader("numeric", _NumericLoader)
     return PgConnection(raw, host_id)
+
+
+def _plain_batch(requests: Sequence[WriteRequest]) -> bool:
+    """Plain data writes only (statements and events, no ``fn``), none on a failed lane: the batch can go as
+    one query (``PostgresStore._apply_transaction``)."""
+    return all(request.fn is None and (request.lane is None or request.lane.failed is None) for request in requests)
+
+
+class _BatchPlan:
+    """A plain batch's one query (``_plan_batch``) and where each request's events come back in its results."""
+
+    def __init__(self, query: str, inserts: list[list[tuple[int, int]]], payloads: list[list[bytes | None]]) -> None:
+        self.query = query
+        # Per request, per event: (index of its INSERT's result in the query's results, row in that result).
+        self.inserts = inserts
+        self.payloads = payloads  # each event's payload JSON, for its Event (encoded once)
+
+    def settle(self, requests: Sequence[WriteRequest], results: Sequence[Any]) -> None:
+        """The query committed: each request's result, and its events with the seqs the INSERTs returned
+        (``results``: one entry per statement, its rows or None)."""
+        for request, places, datas in zip(requests, self.inserts, self.payloads):
+            request.result = outcome.Value(None)
+            request.committed = [Event(results[index][row][0], draft.timestamp, draft.thread_id, draft.turn_id,
+                                       draft.item_id, draft.event, draft.payload, data)
+                                 for (index, row), draft, data in zip(places, request.events, datas)]
+
+
+def _plan_batch(conn: PgConnection, requests: Sequence[WriteRequest]) -> _BatchPlan:
+    """The one query of a plain batch (see ``PostgresStore._apply_transaction``), its parameters bound
+    client-side: ``BEGIN``, the lease-row locks of every thread it writes events of (one statement, before
+    any seq: the seq rule), then for each request its fence, its statements and its event INSERTs, the
+    NOTIFY, ``COMMIT``. Pure computation (no I/O): raises when a request's data cannot be bound."""
+    cursor = conn.client_cursor
+    script = ["BEGIN"]
+    inserts: list[list[tuple[int, int]]] = []
+    payloads: list[list[bytes | None]] = []
+    fenced: set[tuple[str, int]] = set()
+
+    def add(sql: str, params: Sequence[Any]) -> int:
+        query, as_bytes = client_query(sql)
+        script.append(cursor.mogrify(query, _params(params, as_bytes)))
+        return len(script) - 1
+
+    def add_fence(request: WriteRequest) -> None:
+        # Once per lease and transaction: the first check locks the row at its epoch until COMMIT, so
+        # another check of the same (thread, epoch) in this transaction could not fail.
+        fence = request.lane.fence if request.lane is not None else None
+        if fence is not None and fence not in fenced:
+            fenced.add(fence)
+            lost = f"the lease of thread {fence[0]} (epoch {fence[1]}) is lost"
+            add(FENCE_OR_FAIL, (fence[0], fence[1], lost))
+
+    def add_events(run: Sequence[WriteRequest]) -> None:
+        # The events of ``run`` (in request order) in one INSERT (the prepared INSERT_EVENT_ROWS) when there
+        # are several and their columns encode as JSON (orjson refuses a str holding a lone surrogate: then
+        # one INSERT per event, as before).
+        encoded = [[encode_payload(draft.payload) for draft in request.events] for request in run]
+        columns = [[draft.thread_id, draft.turn_id, draft.item_id, draft.event, draft.timestamp, text]
+                   for request, texts in zip(run, encoded) for draft, (_, text) in zip(request.events, texts)]
+        rows: str | None = None
+        if len(columns) > 1:
+            try:
+                rows = orjson.dumps(columns).decode()
+            except TypeError:
+                rows = None
+        position = add(EXECUTE_EVENT_ROWS, (rows,)) if rows is not None else 0
+        offset = 0
+        for request, texts in zip(run, encoded):
+            payloads.append([data for data, _ in texts])
+            if rows is not None:
+                inserts.append([(position, offset + k) for k in range(len(texts))])
+            else:
+                inserts.append([(add(INSERT_EVENT, column), 0) for column in columns[offset:offset + len(texts)]])
+            offset += len(texts)
+
+    # The seq rule for every thread the batch writes events of, in one statement, first: the rows are
+    # locked (in thread id order) before any seq is taken, and held to COMMIT.
+    threads = sorted({draft.thread_id for request in requests for draft in request.events})
+    if threads:
+        add(LOCK_LEASE_ROWS, (threads, threads))
+    index = 0
+    while index < len(requests):
+        # A run of requests that only append events (an engine's streamed deltas): their fences, then
+        # all their events in one statement (issue 16: a statement per event cost the server a parse,
+        # a plan and a fence check each). Any other request: its fence, statements, then its events.
+        end = index + 1
+        if not requests[index].statements:
+            while end < len(requests) and not requests[end].statements:
+                end += 1
+        run = requests[index:end]
+        for request in run:
+            add_fence(request)
+            for sql, params in request.statements:
+                add(sql, params)
+        add_events(run)
+        index = end
+    if threads:
+        add(NOTIFY_THREADS, (NOTIFY_CHANNEL, threads))
+    script.append("COMMIT")
+    return _BatchPlan(";\n".join(script), inserts, payloads)
 
 
 class PostgresStore(Store):
@@ -608,9 +741,12 @@ class PostgresStore(Store):
         the batch fails, as a failed COMMIT on SQLite.
 
         The shared way costs ~5 round trips per request (SAVEPOINT, statements, lease lock, event INSERT,
-        RELEASE), each a wait on the socket in the writer thread: 16 thread creations were 83, now 1."""
-        if not all(request.fn is None and (request.lane is None or request.lane.failed is None)
-                   for request in requests):
+        RELEASE), each a wait on the socket in the writer thread: 16 thread creations were 83, now 1.
+
+        This runs in the writer thread. A plain batch on an open, idle, prepared session goes the same way
+        but awaited on the event loop (``_apply_batch_async``); this method takes it when the session must
+        be opened first, and after a failure there."""
+        if not _plain_batch(requests):
             return super()._apply_transaction(requests)
         try:
             conn = self._writer_connection()
@@ -620,106 +756,98 @@ class PostgresStore(Store):
             for request in requests:
                 self._fail(request, storage_error(request.action, exc, "the store could not begin a transaction"))
             return []
-        cursor = psycopg.ClientCursor(conn.raw)
-        script = ["BEGIN"]
-        # Where each request's events come back: (index of the INSERT's result in the script, row in it).
-        inserts: list[list[tuple[int, int]]] = []
-        payloads: list[list[bytes | None]] = []  # each event's payload JSON, for its Event (encoded once)
-        fenced: set[tuple[str, int]] = set()
-
-        def add(sql: str, params: Sequence[Any]) -> int:
-            query, as_bytes = client_query(sql)
-            script.append(cursor.mogrify(query, _params(params, as_bytes)))
-            return len(script) - 1
-
-        def add_fence(request: WriteRequest) -> None:
-            # Once per lease and transaction: the first check locks the row at its epoch until COMMIT, so
-            # another check of the same (thread, epoch) in this transaction could not fail.
-            fence = request.lane.fence if request.lane is not None else None
-            if fence is not None and fence not in fenced:
-                fenced.add(fence)
-                lost = f"the lease of thread {fence[0]} (epoch {fence[1]}) is lost"
-                add(FENCE_OR_FAIL, (fence[0], fence[1], lost))
-
-        def add_events(run: Sequence[WriteRequest]) -> None:
-            # The events of ``run`` (in request order) in one INSERT (INSERT_EVENT_ROWS) when there are several
-            # and their columns encode as JSON (orjson refuses a str holding a lone surrogate: then one INSERT
-            # per event, as before).
-            encoded = [[encode_payload(draft.payload) for draft in request.events] for request in run]
-            columns = [[draft.thread_id, draft.turn_id, draft.item_id, draft.event, draft.timestamp, text]
-                       for request, texts in zip(run, encoded) for draft, (_, text) in zip(request.events, texts)]
-            rows: str | None = None
-            if len(columns) > 1:
-                try:
-                    rows = orjson.dumps(columns).decode()
-                except TypeError:
-                    rows = None
-            position = add(EXECUTE_EVENT_ROWS, (rows,)) if rows is not None else 0
-            offset = 0
-            for request, texts in zip(run, encoded):
-                payloads.append([data for data, _ in texts])
-                if rows is not None:
-                    inserts.append([(position, offset + k) for k in range(len(texts))])
-                else:
-                    inserts.append([(add(INSERT_EVENT, column), 0) for column in columns[offset:offset + len(texts)]])
-                offset += len(texts)
-
-        sent = False
         try:
-            # The seq rule for every thread the batch writes events of, in one statement, first: the rows are
-            # locked (in thread id order) before any seq is taken, and held to COMMIT.
-            threads = sorted({draft.thread_id for request in requests for draft in request.events})
-            if threads:
-                add(LOCK_LEASE_ROWS, (threads, threads))
-            index = 0
-            while index < len(requests):
-                # A run of requests that only append events (an engine's streamed deltas): their fences, then
-                # all their events in one statement (issue 16: a statement per event cost the server a parse,
-                # a plan and a fence check each). Any other request: its fence, statements, then its events.
-                end = index + 1
-                if not requests[index].statements:
-                    while end < len(requests) and not requests[end].statements:
-                        end += 1
-                run = requests[index:end]
-                for request in run:
-                    add_fence(request)
-                    for sql, params in request.statements:
-                        add(sql, params)
-                add_events(run)
-                index = end
-            if threads:
-                add(NOTIFY_THREADS, (NOTIFY_CHANNEL, threads))
-            script.append("COMMIT")
-            sent = True
-            cursor.execute(";\n".join(script))
+            plan = _plan_batch(conn, requests)
+        except Exception as exc:  # one request's data could not be bound (never sent)
+            return self._after_failed_query(requests, exc, sent=False)
+        cursor = psycopg.ClientCursor(conn.raw)
+        try:
+            cursor.execute(plan.query)
         except Exception as exc:  # a storage error, a fence that did not hold, one request's bad data
-            status = conn.raw.info.transaction_status
-            if not sent or status == _TXN.INERROR:
-                # Stopped before its COMMIT (or never sent): nothing of it stays; applied the shared way, a
-                # failure stays with its request (a lost fence: LeaseLost for that lane's write only).
-                log.info("a batch of %d write(s) failed in one query (%s); applying it one request at a time",
-                         len(requests), exc)
-                self._abort()
-                return super()._apply_transaction(requests)
-            # The COMMIT itself failed (the transaction is over: IDLE), or the connection was lost and the
-            # outcome is unknown: never run again; every request fails, as a failed COMMIT on SQLite.
-            log.error("store commit failed: %s", exc)
-            self._abort()
-            for request in requests:
-                self._fail(request, storage_error(request.action, exc, "the store could not commit"))
-            return []
+            return self._after_failed_query(requests, exc, sent=True)
         # Committed. The seqs, from the results of the event INSERTs (one result per statement, in order).
         results: list[Any] = []
         while True:
             results.append(cursor.fetchall() if cursor.description is not None else None)
             if not cursor.nextset():
                 break
-        for request, places, datas in zip(requests, inserts, payloads):
-            request.result = outcome.Value(None)
-            request.committed = [Event(results[index][row][0], draft.timestamp, draft.thread_id, draft.turn_id,
-                                       draft.item_id, draft.event, draft.payload, data)
-                                 for (index, row), draft, data in zip(places, request.events, datas)]
+        plan.settle(requests, results)
         return []
+
+    def _after_failed_query(self, requests: list[WriteRequest], exc: Exception, sent: bool) -> list[WriteRequest]:
+        """A plain batch's one query failed (or could not be built): in the writer thread. Stopped before its
+        COMMIT (INERROR; or never sent, IDLE with no transaction begun): nothing of it stays; rolled back and
+        applied the shared way, where a failure stays with its request (a lost fence: LeaseLost for that
+        lane's write only). The COMMIT itself failed (IDLE after it), or the connection was lost and the
+        outcome is unknown: never run again; every request fails, as a failed COMMIT on SQLite. Returns the
+        requests not attempted (``_apply_transaction``'s contract)."""
+        conn = self._wconn
+        status = conn.raw.info.transaction_status if conn is not None else _TXN.UNKNOWN
+        if not sent or status == _TXN.INERROR:
+            log.info("a batch of %d write(s) failed in one query (%s); applying it one request at a time",
+                     len(requests), exc)
+            self._abort()
+            return super()._apply_transaction(requests)
+        log.error("store commit failed: %s", exc)
+        self._abort()
+        for request in requests:
+            self._fail(request, storage_error(request.action, exc, "the store could not commit"))
+        return []
+
+    async def _apply_batch_async(self, batch: list[WriteRequest]) -> None:
+        """A plain batch (``_plain_batch``) on a writer session that is open and idle goes as its one query
+        awaited on the event loop (``_script_on_loop``: libpq's non-blocking calls and trio's waits on the
+        socket, as one-statement reads do), not through a worker thread: no two thread hand-offs per batch,
+        and the writer thread does not take the GIL back and forth with the loop while the server answers
+        (bench row pg2). Everything else, and every failure (the rollback, the shared way, a new connection:
+        blocking calls), goes to the writer thread as before. The writer task is shielded, so no
+        cancellation lands mid-query; the wait is bounded as the thread's is (the server runs the query to
+        its end; a stalled lock holder is ended by its ``idle_in_transaction_session_timeout``)."""
+        conn = self._wconn
+        if (conn is None or conn.raw.closed or not conn.event_rows_prepared or conn.in_transaction
+                or not _plain_batch(batch)):
+            await trio.to_thread.run_sync(self._apply_batch, batch)
+            return
+        try:
+            plan = _plan_batch(conn, batch)
+            query = plan.query.encode(conn.encoding)
+        except Exception:  # bad data: the thread path binds it again and applies the batch the shared way
+            await trio.to_thread.run_sync(self._apply_batch, batch)
+            return
+        token = object()
+        self._write_limiter.acquire_on_behalf_of_nowait(token)  # never waits: one writer task
+        try:
+            results = await _script_on_loop(conn, query)
+        except Exception as exc:
+            failure: Exception | None = exc
+        else:
+            failure = None
+        finally:
+            self._write_limiter.release_on_behalf_of(token)
+        if failure is not None:
+            await trio.to_thread.run_sync(self._recover_batch, batch, failure)
+            return
+        try:
+            plan.settle(batch, results)
+        except Exception as exc:  # a bug, not the database (the batch committed): as the thread path fails it
+            log.exception("the store's writer failed unexpectedly; failing %d write(s)", len(batch))
+            for request in batch:
+                self._fail(request, storage_error(request.action, exc, "the store's writer failed"))
+
+    def _recover_batch(self, batch: list[WriteRequest], exc: Exception) -> None:
+        """``_apply_batch_async``'s query failed: in the writer thread, what ``_apply_transaction`` does after
+        a failed query, then the usual path for any request a lost transaction left unattempted."""
+        try:
+            pending = self._after_failed_query(batch, exc, sent=True)
+        except Exception as error:  # not an SQL error (a bug): fail what is left, start clean
+            log.exception("the store's writer failed unexpectedly; failing %d write(s)", len(batch))
+            for request in batch:
+                if request.result is None:
+                    self._fail(request, storage_error(request.action, error, "the store's writer failed"))
+            self._drop_connection()
+            return
+        if pending:
+            self._apply_batch(pending)
 
     def _before_commit(self, conn: Any) -> None:
         if conn.written:  # one round trip for every thread of the batch

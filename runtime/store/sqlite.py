@@ -278,6 +278,7 @@ class Store:
         self._queued = 0
         self._batch_done = trio.Event()
         self._read_limiter = trio.CapacityLimiter(1)
+        self._write_limiter = trio.CapacityLimiter(1)  # see write_limiter
         self._wconn: sqlite3.Connection | None = None
         self._rconn: sqlite3.Connection | None = None
         self._iconn: sqlite3.Connection | None = None  # inline reads, on the event loop's thread only
@@ -415,7 +416,7 @@ class Store:
                         break
                 self._queued -= len(batch)
                 # Never raises: every storage failure becomes the result of the requests it touched.
-                await trio.to_thread.run_sync(self._apply_batch, batch)
+                await self._apply_batch_async(batch)
                 while batch:
                     # A big batch is published in slices so other tasks (snapshots, replies) run in
                     # between; order is kept, and the slice cannot be cancelled. Each slice's requests
@@ -438,6 +439,11 @@ class Store:
                         await trio.lowlevel.cancel_shielded_checkpoint()
                 self._batch_done.set()
                 self._batch_done = trio.Event()
+
+    async def _apply_batch_async(self, batch: list[WriteRequest]) -> None:
+        """Apply ``batch`` (``_apply_batch``) from the writer task: in a worker thread, as SQLite's calls block
+        (the PostgreSQL store awaits a plain batch's one query on the loop instead). Never raises."""
+        await trio.to_thread.run_sync(self._apply_batch, batch)
 
     @staticmethod
     def _notify_lane(request: WriteRequest) -> None:
@@ -656,6 +662,13 @@ class Store:
     def read_limiter(self) -> trio.CapacityLimiter:
         """The limiter store reads hop through (tests that drive a MockClock watch it)."""
         return self._read_limiter
+
+    @property
+    def write_limiter(self) -> trio.CapacityLimiter:
+        """Held while the writer waits on the database other than in a worker thread (PostgreSQL's batch
+        query awaited on the loop); a worker thread holds trio's default limiter instead. Tests that drive a
+        MockClock watch it: virtual time must not jump past a query the database is still answering."""
+        return self._write_limiter
 
     async def read(self, fn: Callable[[sqlite3.Connection], Any], *, inline: bool = False) -> Any:
         """Run ``fn(conn)`` on the read connection in a worker thread (one hop), inside one read

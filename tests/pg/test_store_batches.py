@@ -14,6 +14,7 @@ import pytest
 from runtime import StorageError
 from runtime.errors import LeaseLost
 from runtime.store import EventDraft, WriteLane, WriteRequest
+from runtime.store import postgres
 from runtime.store.postgres import EVENT_ROWS_STATEMENT, PostgresStore
 
 from .test_store import rows, set_lease, thread_row
@@ -24,11 +25,14 @@ CREATORS = 16
 
 class CountWriterStatements:
     """Counts the statements (each one round trip) the store's writer connection sends, by wrapping
-    ``psycopg.Cursor.execute`` (``Connection.execute`` and ``ClientCursor`` go through it)."""
+    ``psycopg.Cursor.execute`` (``Connection.execute`` and ``ClientCursor`` go through it: the writer thread)
+    and ``_script_on_loop`` (a plain batch's query awaited on the event loop); ``on_loop`` counts the latter."""
 
     def __init__(self, monkeypatch, store: PostgresStore) -> None:
         self.sent: list[str] = []
+        self.on_loop = 0
         original = psycopg.Cursor.execute
+        original_on_loop = postgres._script_on_loop
         lock = threading.Lock()
 
         def execute(cursor, query, *args, **kwargs):
@@ -37,7 +41,19 @@ class CountWriterStatements:
                     self.sent.append(str(query).split(None, 1)[0].upper())
             return original(cursor, query, *args, **kwargs)
 
+        async def script_on_loop(conn, query):
+            if conn is store._wconn:
+                with lock:
+                    self.on_loop += 1
+                    self.sent.append(query.decode().split(None, 1)[0].upper())
+                    self.seen(query.decode())
+            return await original_on_loop(conn, query)
+
         monkeypatch.setattr(psycopg.Cursor, "execute", execute)
+        monkeypatch.setattr(postgres, "_script_on_loop", script_on_loop)
+
+    def seen(self, query: str) -> None:
+        """A query sent on the loop (CountWriterQueries keeps its text)."""
 
 
 def create(tid: str) -> WriteRequest:
@@ -56,6 +72,7 @@ async def test_a_batch_of_thread_creations_is_one_query(pg_url, monkeypatch):
         assert [request.result.unwrap() for request in requests] == [None] * CREATORS
         # Was ~5 per request (SAVEPOINT, INSERT, lease lock, event INSERT, RELEASE) + BEGIN, NOTIFY, COMMIT.
         assert counter.sent == ["BEGIN;"]  # BEGIN; ...; COMMIT: one query, one round trip
+        assert counter.on_loop == 1  # awaited on the event loop, not through the writer thread
     seqs = [request.committed[0].seq for request in requests]
     assert seqs == sorted(seqs) and len(set(seqs)) == CREATORS
     assert [(e.thread_id, e.event) for e in published] == [(f"thr_{i:02d}", "thread.started") for i in range(CREATORS)]
@@ -125,14 +142,18 @@ class CountWriterQueries(CountWriterStatements):
 
     def __init__(self, monkeypatch, store: PostgresStore) -> None:
         self.queries: list[str] = []
-        original = psycopg.Cursor.execute
+        super().__init__(monkeypatch, store)
+        counted = psycopg.Cursor.execute
 
         def execute(cursor, query, *args, **kwargs):
             if store._wconn is not None and cursor.connection is store._wconn.raw:
                 self.queries.append(str(query))
-            return original(cursor, query, *args, **kwargs)
+            return counted(cursor, query, *args, **kwargs)
 
         monkeypatch.setattr(psycopg.Cursor, "execute", execute)
+
+    def seen(self, query: str) -> None:
+        self.queries.append(query)
 
 
 # Streamed deltas of two engines folded into one batch, and text that JSON, SQL literals and psycopg's
@@ -233,3 +254,65 @@ async def test_the_run_insert_is_prepared_once_per_writer_session_and_again_on_a
         assert not [q for q in counter.queries if "SAVEPOINT" in q]  # no batch fell back to the slow way
     assert [n for (n,) in rows(pg_url, "SELECT CAST(payload AS jsonb)->>'n' FROM events ORDER BY seq")] == \
         [str(i) for i in range(5)] * 3
+
+
+# The plain batch's query awaited on the event loop (PostgresStore._apply_batch_async): a failure there is
+# handled as in the writer thread, by the writer thread.
+
+def _run_of(store: PostgresStore, tid: str, names: list[str]) -> list[WriteRequest]:
+    return [store.submit(WriteRequest(events=[EventDraft(tid, name, {"n": name})], action=f"append {name}"))
+            for name in names]
+
+
+async def _settled(requests: list[WriteRequest]) -> None:
+    for request in requests:
+        await request.done.wait()
+
+
+async def test_a_writer_session_killed_between_batches_fails_the_next_batch_on_the_loop_and_the_one_after_works(
+        pg_url, monkeypatch):
+    published: list = []
+    async with PostgresStore.open(pg_url, published.extend) as store:
+        counter = CountWriterStatements(monkeypatch, store)
+        first = _run_of(store, "thr_l", ["a", "b"])
+        await _settled(first)
+        assert [r.result.unwrap() for r in first] == [None, None] and counter.on_loop == 1
+        with psycopg.connect(pg_url, autocommit=True) as admin:  # the server ends the writer's session
+            admin.execute("SELECT pg_terminate_backend(%s)", (store._wconn.raw.info.backend_pid,))
+        lost = _run_of(store, "thr_l", ["c", "d"])
+        await _settled(lost)
+        assert counter.on_loop == 2  # sent on the loop: the client cannot know the session is gone before
+        for request in lost:  # the outcome of a query on a lost connection is unknown: never run again
+            with pytest.raises(StorageError, match="could not commit"):
+                request.result.unwrap()
+            assert request.committed == []
+        after = _run_of(store, "thr_l", ["e", "f"])
+        await _settled(after)
+        assert [r.result.unwrap() for r in after] == [None, None]
+    assert [e.event for e in published] == ["a", "b", "e", "f"]
+    assert rows(pg_url, "SELECT event FROM events WHERE thread_id = 'thr_l' ORDER BY seq") == \
+        [("a",), ("b",), ("e",), ("f",)]
+
+
+async def test_a_batch_whose_commit_fails_on_the_loop_fails_whole_and_publishes_nothing(pg_url, monkeypatch):
+    # A deferred constraint trigger runs at COMMIT: the COMMIT itself fails, after every statement ran.
+    published: list = []
+    async with PostgresStore.open(pg_url, published.extend) as store:
+        with psycopg.connect(pg_url, autocommit=True) as admin:
+            admin.execute("""CREATE FUNCTION refuse_at_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+                BEGIN IF NEW.event = 'refused' THEN RAISE EXCEPTION 'refused at commit'; END IF; RETURN NULL; END $$""")
+            admin.execute("CREATE CONSTRAINT TRIGGER refuse AFTER INSERT ON events DEFERRABLE INITIALLY DEFERRED"
+                          " FOR EACH ROW EXECUTE FUNCTION refuse_at_commit()")
+        counter = CountWriterStatements(monkeypatch, store)
+        batch = _run_of(store, "thr_c", ["kept?", "refused", "kept too?"])
+        await _settled(batch)
+        assert counter.on_loop == 1
+        for request in batch:
+            with pytest.raises(StorageError, match="could not commit"):
+                request.result.unwrap()
+            assert request.committed == []
+        after = _run_of(store, "thr_c", ["x", "y"])
+        await _settled(after)
+        assert [r.result.unwrap() for r in after] == [None, None]
+    assert [e.event for e in published] == ["x", "y"]
+    assert rows(pg_url, "SELECT event FROM events WHERE thread_id = 'thr_c' ORDER BY seq") == [("x",), ("y",)]
