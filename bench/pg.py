@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `python -m bench.pg` from elsewhere
     sys.path.insert(0, str(ROOT))
 
-from runtime.store.sqlite import _insert_rows_sql  # noqa: E402
+from runtime.store import insert_rows_sql  # noqa: E402
 from tests.support_pg import PgCluster, PgUnavailable, start_cluster  # noqa: E402
 
 PAYLOAD = json.dumps({"delta": " word", "kind": "agent_message"})
@@ -108,7 +108,7 @@ async def sqlite_workloads(path: Path, n: dict[str, int]) -> dict[str, list[floa
         conn.execute(sql, EVENT_ROW)
         conn.execute("COMMIT")
 
-    rows_sql = _insert_rows_sql(100)
+    rows_sql = insert_rows_sql(100)
 
     def batch100() -> None:
         # The store writer's run of 100 event writes (runtime/store/sqlite.py ``_append_lone``, since commit
@@ -185,7 +185,7 @@ async def psycopg_workloads(dsn: str, n: dict[str, int], store_url: str) -> dict
     import orjson
     import psycopg
 
-    from runtime.store.postgres import EXECUTE_EVENT_ROWS, _script_on_loop, client_query, connect, snapshot_read
+    from runtime.store.postgres import EXECUTE_EVENT_ROWS, client_query, connect, script_on_loop, snapshot_read
 
     conn = psycopg.connect(dsn)
     conn.execute(PG_DDL)
@@ -209,7 +209,7 @@ async def psycopg_workloads(dsn: str, n: dict[str, int], store_url: str) -> dict
     async def batch100_store() -> None:
         # As the store's writer sends it since issue 16's seventh pass (PostgresStore._apply_batch_async):
         # built and awaited on the event loop, no worker thread.
-        results = await _script_on_loop(store_conn, batch100_query().encode())
+        results = await script_on_loop(store_conn, batch100_query().encode())
         assert len(results[1]) == 100
 
     def batch100_store_thread() -> None:

@@ -20,7 +20,7 @@ import psycopg
 from .sqlite import (
     MAX_BATCH, NOT_INLINE, OUTCOME_UNKNOWN, PUBLISH_SLICE, RESTART_ERROR, STREAMED_KINDS, Event, EventDraft, Statement,
     Store, WithEvents, WriteLane, WriteRequest, append_event, is_disk_full, read_snapshot, recover_thread,
-    encode_payload, row_to_event, storage_error,
+    encode_payload, insert_rows_sql, row_to_event, storage_error,
 )
 
 # What a storage failure raised inside a store transaction is, on either backend: catch this in shared code
@@ -48,6 +48,7 @@ def open_store(config: Any, publish: Callable[[list[Event]], None]):
 __all__ = [
     "MAX_BATCH", "OUTCOME_UNKNOWN", "PUBLISH_SLICE", "RESTART_ERROR", "STREAMED_KINDS", "DatabaseError", "Event",
     "EventDraft", "Statement", "Store", "WithEvents", "WriteLane", "WriteRequest", "append_event", "encode_payload",
+    "insert_rows_sql",
     "is_disk_full", "is_postgres_url", "open_store", "read_snapshot", "recover_thread", "row_to_event",
     "storage_error",
 ]

@@ -482,7 +482,7 @@ async def _query_on_loop(conn: PgConnection, query: bytes) -> _Rows:
     return _Rows(loader.load_rows(0, result.ntuples, _row_class(columns)), result.ntuples, columns)
 
 
-async def _script_on_loop(conn: PgConnection, query: bytes) -> list[list[Any] | None]:
+async def script_on_loop(conn: PgConnection, query: bytes) -> list[list[Any] | None]:
     """A plain write batch's one query (``_plan_batch``: several statements) awaited on the event loop as
     ``_query_on_loop`` awaits a read: every statement's rows (None for one without a result set), in order.
     Raises the first failed statement's error after reading every result, so the connection is left at the
@@ -796,7 +796,7 @@ class PostgresStore(Store):
 
     async def _apply_batch_async(self, batch: list[WriteRequest]) -> None:
         """A plain batch (``_plain_batch``) on a writer session that is open and idle goes as its one query
-        awaited on the event loop (``_script_on_loop``: libpq's non-blocking calls and trio's waits on the
+        awaited on the event loop (``script_on_loop``: libpq's non-blocking calls and trio's waits on the
         socket, as one-statement reads do), not through a worker thread: no two thread hand-offs per batch,
         and the writer thread does not take the GIL back and forth with the loop while the server answers
         (bench row pg2). Everything else, and every failure (the rollback, the shared way, a new connection:
@@ -817,7 +817,7 @@ class PostgresStore(Store):
         token = object()
         self._write_limiter.acquire_on_behalf_of_nowait(token)  # never waits: one writer task
         try:
-            results = await _script_on_loop(conn, query)
+            results = await script_on_loop(conn, query)
         except Exception as exc:
             failure: Exception | None = exc
         else:

@@ -834,7 +834,7 @@ def _lone_event(request: WriteRequest) -> bool:
 
 
 @functools.lru_cache(maxsize=ROWS_PER_INSERT)
-def _insert_rows_sql(rows: int) -> str:
+def insert_rows_sql(rows: int) -> str:
     """``INSERT INTO events`` of ``rows`` rows (the same text for the same count: sqlite3's statement cache)."""
     return ("INSERT INTO events (thread_id, turn_id, item_id, event, timestamp, payload) VALUES "
             + ", ".join(["(?, ?, ?, ?, ?, ?)"] * rows))
@@ -853,7 +853,7 @@ def _append_lone(conn: sqlite3.Connection, run: Sequence[WriteRequest]) -> None:
     params: list[Any] = []
     for draft, (_, text) in zip(drafts, encoded):
         params += (draft.thread_id, draft.turn_id, draft.item_id, draft.event, draft.timestamp, text)
-    last = conn.execute(_insert_rows_sql(len(run)), params).lastrowid
+    last = conn.execute(insert_rows_sql(len(run)), params).lastrowid
     assert last is not None
     seq = last - len(run)
     for request, draft, (data, _) in zip(run, drafts, encoded):

@@ -26,13 +26,13 @@ CREATORS = 16
 class CountWriterStatements:
     """Counts the statements (each one round trip) the store's writer connection sends, by wrapping
     ``psycopg.Cursor.execute`` (``Connection.execute`` and ``ClientCursor`` go through it: the writer thread)
-    and ``_script_on_loop`` (a plain batch's query awaited on the event loop); ``on_loop`` counts the latter."""
+    and ``script_on_loop`` (a plain batch's query awaited on the event loop); ``on_loop`` counts the latter."""
 
     def __init__(self, monkeypatch, store: PostgresStore) -> None:
         self.sent: list[str] = []
         self.on_loop = 0
         original = psycopg.Cursor.execute
-        original_on_loop = postgres._script_on_loop
+        original_on_loop = postgres.script_on_loop
         lock = threading.Lock()
 
         def execute(cursor, query, *args, **kwargs):
@@ -50,7 +50,7 @@ class CountWriterStatements:
             return await original_on_loop(conn, query)
 
         monkeypatch.setattr(psycopg.Cursor, "execute", execute)
-        monkeypatch.setattr(postgres, "_script_on_loop", script_on_loop)
+        monkeypatch.setattr(postgres, "script_on_loop", script_on_loop)
 
     def seen(self, query: str) -> None:
         """A query sent on the loop (CountWriterQueries keeps its text)."""
@@ -247,10 +247,10 @@ async def test_the_run_insert_is_prepared_once_per_writer_session_and_again_on_a
         await run_of(5, "second")
         store._drop_connection()  # as after a lost connection: the next batch opens a new session
         await run_of(5, "third")
-        prepares = [q for q in counter.queries if q.startswith(f"PREPARE {EVENT_ROWS_STATEMENT} ")]
-        executes = [q for q in counter.queries if f"EXECUTE {EVENT_ROWS_STATEMENT} (" in q]
+        prepares = [at for at, q in enumerate(counter.queries) if q.startswith(f"PREPARE {EVENT_ROWS_STATEMENT} ")]
+        executes = [at for at, q in enumerate(counter.queries) if f"EXECUTE {EVENT_ROWS_STATEMENT} (" in q]
         assert len(prepares) == 1 and len(executes) == 3
-        assert counter.queries.index(prepares[0]) < counter.queries.index(executes[2])
+        assert executes[1] < prepares[0] < executes[2]  # the new session prepared before its first batch
         assert not [q for q in counter.queries if "SAVEPOINT" in q]  # no batch fell back to the slow way
     assert [n for (n,) in rows(pg_url, "SELECT CAST(payload AS jsonb)->>'n' FROM events ORDER BY seq")] == \
         [str(i) for i in range(5)] * 3
