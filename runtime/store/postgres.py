@@ -449,13 +449,13 @@ def _read_key(fn: Callable[[Any], Any]) -> Any:
 _OK = (psycopg.pq.ExecStatus.TUPLES_OK, psycopg.pq.ExecStatus.COMMAND_OK)
 
 
-async def _query_on_loop(conn: PgConnection, query: bytes) -> _Rows:
-    """One simple-protocol query on ``conn`` (autocommit, outside any transaction), awaited on the event loop:
-    libpq's non-blocking calls (psycopg connects its connections non-blocking) with trio's
+async def _results_on_loop(conn: PgConnection, query: bytes) -> list[Any]:
+    """Send ``query`` (simple protocol: one or more statements) on ``conn`` and read every result, awaited on
+    the event loop: libpq's non-blocking calls (psycopg connects its connections non-blocking) with trio's
     ``wait_writable``/``wait_readable`` on the socket, as the listener waits for notifications
-    (runtime/cluster/listener.py). Its rows are loaded with the connection's own loaders (NUMERIC as int).
-    A cancellation can come at each wait; the caller then closes the connection."""
-    await trio.lowlevel.checkpoint_if_cancelled()
+    (runtime/cluster/listener.py). Raises the first failed statement's error after reading every result, so
+    the connection is left at the transaction status that failure leaves (INERROR before a COMMIT, IDLE after
+    a failed COMMIT). A cancellation can come at each wait; the caller then closes the connection."""
     pg = conn.raw.pgconn
     sock = pg.socket
     pg.send_query(query)
@@ -473,7 +473,14 @@ async def _query_on_loop(conn: PgConnection, query: bytes) -> _Rows:
     for result in results:
         if result.status not in _OK:
             raise psycopg.errors.error_from_result(result, encoding=conn.raw.info.encoding)
-    result = results[-1]
+    return results
+
+
+async def _query_on_loop(conn: PgConnection, query: bytes) -> _Rows:
+    """One simple-protocol query on ``conn`` (autocommit, outside any transaction), awaited on the event loop
+    (``_results_on_loop``). Its rows are loaded with the connection's own loaders (NUMERIC as int)."""
+    await trio.lowlevel.checkpoint_if_cancelled()
+    result = (await _results_on_loop(conn, query))[-1]
     if result.status != psycopg.pq.ExecStatus.TUPLES_OK:
         return _Rows(None, result.command_tuples if result.command_tuples is not None else -1)
     loader = psycopg.adapt.Transformer(conn.raw)
@@ -483,27 +490,10 @@ async def _query_on_loop(conn: PgConnection, query: bytes) -> _Rows:
 
 
 async def script_on_loop(conn: PgConnection, query: bytes) -> list[list[Any] | None]:
-    """A plain write batch's one query (``_plan_batch``: several statements) awaited on the event loop as
-    ``_query_on_loop`` awaits a read: every statement's rows (None for one without a result set), in order.
-    Raises the first failed statement's error after reading every result, so the connection is left at the
-    transaction status that failure leaves (INERROR before the COMMIT, IDLE after a failed COMMIT)."""
-    pg = conn.raw.pgconn
-    sock = pg.socket
-    pg.send_query(query)
-    while pg.flush():  # the query did not fit the socket's buffer: the rest when it can take more
-        await trio.lowlevel.wait_writable(sock)
-    results = []
-    while True:
-        while pg.is_busy():
-            await trio.lowlevel.wait_readable(sock)
-            pg.consume_input()
-        result = pg.get_result()
-        if result is None:
-            break
-        results.append(result)
-    for result in results:
-        if result.status not in _OK:
-            raise psycopg.errors.error_from_result(result, encoding=conn.raw.info.encoding)
+    """A plain write batch's one query (``_plan_batch``: several statements) awaited on the event loop as a
+    read is (``_results_on_loop``): every statement's rows (None for one without a result set), in order.
+    Raises the first failed statement's error after reading every result (see ``_results_on_loop``)."""
+    results = await _results_on_loop(conn, query)
     loader = psycopg.adapt.Transformer(conn.raw)
     out: list[list[Any] | None] = []
     for result in results:
